@@ -1,0 +1,205 @@
+"""Task bundles on disk: `adapter_config.json` + `adapter_model.safetensors` (see adapters_store/README.md).
+
+`read_bundle` parses a bundle once into a `TaskSpec` and validated per-method `TaskWeights`;
+`write_bundle` is its inverse and names the version by content hash. HF PEFT bundles are
+translated on the way in by `service.engine.peft_import`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import Tensor
+
+import service.methods  # noqa: F401  (registers every method)
+from service.engine.spec import BackboneInfo, TaskSpec
+from service.errors import BundleError, NoMatchingModuleError
+from service.methods.base import REGISTRY, TaskWeights
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+FORMAT = "adaptserve/1"
+INPUT_KINDS = ("single", "pair")
+
+
+def read_config(bundle_dir: Path) -> dict[str, Any]:
+    p = bundle_dir / CONFIG
+    try:
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"bundle {bundle_dir.name!r} has no {CONFIG}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{CONFIG} is not valid UTF-8 JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise BundleError(f"{CONFIG} must hold a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def read_tensors(bundle_dir: Path) -> dict[str, Tensor]:
+    p = bundle_dir / WEIGHTS
+    if not p.is_file():
+        raise BundleError(f"bundle {bundle_dir.name!r} has no {WEIGHTS}")
+    try:
+        return load_file(str(p), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BundleError(f"{WEIGHTS} is not a readable safetensors file: {e}") from None
+
+
+def parse(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: BackboneInfo, name: str) -> tuple[TaskSpec, dict[str, TaskWeights]]:
+    """Validate a native config + tensors against the backbone; report every problem at once."""
+    problems: list[str] = []
+    if cfg.get("format") != FORMAT:
+        problems.append(f"'format' must be {FORMAT!r}, got {cfg.get('format')!r}")
+    methods_cfg = cfg.get("methods")
+    if not isinstance(methods_cfg, dict) or not methods_cfg:
+        raise BundleError(f"task {name!r}: 'methods' must be a non-empty object naming at least one method")
+    unknown = [m for m in methods_cfg if m not in REGISTRY]
+    if unknown:
+        problems.append(f"unknown method(s) {unknown}; known: {sorted(REGISTRY)}")
+    labels = cfg.get("labels")
+    if not (isinstance(labels, list) and len(labels) >= 2 and all(isinstance(x, str) and x for x in labels)):
+        problems.append("'labels' must list at least 2 non-empty label names")
+        labels = []
+    elif len(set(labels)) != len(labels):
+        problems.append(f"'labels' has duplicates: {labels}")
+    kind = cfg.get("input_kind", "single")
+    if kind not in INPUT_KINDS:
+        problems.append(f"'input_kind' must be one of {INPUT_KINDS}, got {kind!r}")
+    max_length = cfg.get("max_length", 128)
+    if not isinstance(max_length, int) or not 2 <= max_length <= backbone.max_positions:
+        problems.append(f"'max_length' must be an integer in [2, {backbone.max_positions}], got {max_length!r}")
+    fp = (cfg.get("backbone") or {}).get("fingerprint")
+    if fp is not None and fp != backbone.fingerprint:
+        problems.append(
+            f"trained on backbone {str(fp)[:19]}..., but this service runs {backbone.fingerprint[:19]}...: "
+            "task weights only make sense on the backbone they were trained on"
+        )
+    known_prefixes = tuple(f"{m}." for m in REGISTRY)
+    stray = sorted(k for k in tensors if not k.startswith(known_prefixes))
+    if stray:
+        problems.append(f"tensors belonging to no method: {stray[:5]}{' ...' if len(stray) > 5 else ''}")
+    for m in methods_cfg:
+        if m in REGISTRY and not isinstance(methods_cfg[m], dict):
+            problems.append(f"method section {m!r} must be an object")
+    if problems:
+        raise BundleError(f"task {name!r}: " + "; ".join(problems))
+
+    weights: dict[str, TaskWeights] = {}
+    for m in sorted(methods_cfg, key=lambda m: REGISTRY[m].order):
+        own = {k: v for k, v in tensors.items() if k.startswith(m + ".")}
+        try:
+            weights[m] = REGISTRY[m].parse(methods_cfg[m], own, backbone)
+        except BundleError as e:
+            problems.append(str(e))
+    if "head" in weights and labels and weights["head"].num_labels != len(labels):  # type: ignore[attr-defined]
+        problems.append(f"head has {weights['head'].num_labels} outputs but {len(labels)} labels are named")  # type: ignore[attr-defined]
+    if problems:
+        raise BundleError(f"task {name!r}: " + "; ".join(problems))
+    _check_lengths(weights, max_length, backbone, name)
+    spec = TaskSpec(
+        name=name,
+        labels=tuple(labels),
+        input_kind=kind,
+        max_length=max_length,
+        methods=tuple(weights),
+        backbone_fingerprint=fp,
+        metadata={k: cfg[k] for k in ("training", "metrics", "created") if k in cfg},
+    )
+    return spec, weights
+
+
+def _check_lengths(weights: Mapping[str, TaskWeights], max_length: int, backbone: BackboneInfo, name: str) -> None:
+    """Virtual tokens (soft prompt, prefix) share the position table with the text."""
+    extra = sum(getattr(w, "positions_used", 0) for w in weights.values())
+    if max_length + extra > backbone.max_positions:
+        raise BundleError(
+            f"task {name!r}: max_length {max_length} + {extra} virtual tokens exceeds the backbone's "
+            f"{backbone.max_positions} positions"
+        )
+
+
+def read_bundle(bundle_dir: Path, backbone: BackboneInfo, name: str) -> tuple[TaskSpec, dict[str, TaskWeights]]:
+    cfg = read_config(bundle_dir)
+    tensors = read_tensors(bundle_dir)
+    if "peft_type" in cfg:
+        from service.engine.peft_import import from_peft
+
+        cfg, tensors = from_peft(cfg, tensors, backbone, name)
+    return parse(cfg, tensors, backbone, name)
+
+
+def bundle_bytes(spec_cfg: Mapping[str, Any], weights: Mapping[str, TaskWeights]) -> tuple[bytes, bytes]:
+    """Serialise (config JSON, safetensors) deterministically."""
+    tensors: dict[str, Tensor] = {}
+    for w in weights.values():
+        tensors.update({k: t.detach().to("cpu").contiguous() for k, t in w.tensors().items()})
+    cfg = dict(spec_cfg)
+    cfg["format"] = FORMAT
+    cfg["methods"] = {m: w.config() for m, w in weights.items()}
+    return json.dumps(cfg, indent=2, sort_keys=True).encode(), save(tensors)
+
+
+def content_version(config_bytes: bytes, weights_bytes: bytes) -> str:
+    """A version id is the content hash of the bundle (first 16 hex digits of sha256)."""
+    h = hashlib.sha256()
+    h.update(hashlib.sha256(config_bytes).digest())
+    h.update(hashlib.sha256(weights_bytes).digest())
+    return h.hexdigest()[:16]
+
+
+def write_bundle_files(target: Path, config_bytes: bytes, weights_bytes: bytes) -> None:
+    """Write a bundle directory atomically: temp dir, fsync every file, rename into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        for fname, data in ((CONFIG, config_bytes), (WEIGHTS, weights_bytes)):
+            with open(tmp / fname, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        if target.exists():  # same content hash: identical bundle already published
+            return
+        os.rename(tmp, target)
+        dfd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    finally:
+        if tmp.exists():
+            for p in tmp.iterdir():
+                p.unlink()
+            tmp.rmdir()
+
+
+def write_bundle(store: Path, name: str, spec_cfg: Mapping[str, Any], weights: Mapping[str, TaskWeights], activate: bool = True) -> str:
+    """Publish a task version into a local store and (optionally) make it the active one."""
+    cfg_b, w_b = bundle_bytes(spec_cfg, weights)
+    version = content_version(cfg_b, w_b)
+    write_bundle_files(store / name / version, cfg_b, w_b)
+    if activate:
+        set_active(store, name, version)
+    return version
+
+
+def set_active(store: Path, name: str, version: str) -> None:
+    """Point `<store>/<task>/ACTIVE` at a version, atomically (write temp, fsync, rename)."""
+    d = store / name
+    tmp = d / f".ACTIVE.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(version + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, d / "ACTIVE")
+
+
+__all__ = [
+    "CONFIG", "WEIGHTS", "FORMAT", "read_bundle", "parse", "write_bundle", "bundle_bytes", "content_version",
+    "set_active", "NoMatchingModuleError",
+]

@@ -1,0 +1,151 @@
+"""The shared encoder forward, written once over any supported family's frozen weights.
+
+The encoder never sees a request or a task name: it sees token tensors and a `Plan`, the list of
+per-method batch tables (`MethodBatch`) for this batch. Each hook point asks every method in the
+plan; rows of tasks without that method get zeros from the method's tables.
+
+It is driven layer by layer (`embed`, then `layer(i)` for each i) so that the engine can read
+intermediate states (early exit) and drop rows between layers (`State.select`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from service.engine.families import Family
+from service.methods.base import MethodBatch
+
+
+@dataclass
+class Plan:
+    """The per-method tables of one batch (already restricted to the batch's rows)."""
+
+    batches: tuple[MethodBatch, ...] = ()
+
+    def select(self, rows: Tensor) -> "Plan":
+        return Plan(tuple(b.select(rows) for b in self.batches))
+
+
+@dataclass
+class State:
+    """Hidden states between layers. Row b of every tensor belongs to the same input."""
+
+    hidden: Tensor  # [B, S, H]
+    keep: Tensor  # [B, S] bool: real (prompt or text) positions
+    text_start: Tensor  # [B] long: index of the first text token (after any soft prompt)
+    text_len: Tensor  # [B] long: number of text tokens
+    plan: Plan
+
+    def select(self, rows: Tensor) -> "State":
+        """Keep only `rows` (in that order): early-exit compaction."""
+        return State(
+            hidden=self.hidden.index_select(0, rows),
+            keep=self.keep.index_select(0, rows),
+            text_start=self.text_start.index_select(0, rows),
+            text_len=self.text_len.index_select(0, rows),
+            plan=self.plan.select(rows),
+        )
+
+
+class Encoder:
+    def __init__(self, family: Family):
+        self.f = family
+        self.num_layers = len(family.layers)
+        self.head_dim = family.hidden_size // family.num_heads
+
+    # -- embeddings ------------------------------------------------------------------------
+    def embed(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None, plan: Plan) -> State:
+        """Token (and soft-prompt) embeddings. input_ids [B, T], right-padded."""
+        e = self.f.embeddings
+        words = e.word(input_ids)  # [B, T, E]
+        bsz, t = input_ids.shape
+        text_len = attention_mask.sum(dim=1)  # [B]
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+
+        prompts = [p for p in (b.prompt() for b in plan.batches) if p is not None]
+        if prompts:
+            # One soft-prompt method per batch (a task has at most one); rows without a prompt
+            # have length 0. Row b becomes [prompt_b (P_b), text (T)], right-padded to Pmax + T.
+            (prompt, plen), = prompts  # prompt [B, Pmax, E], plen [B]
+            pmax = prompt.shape[1]
+            s = pmax + t
+            j = torch.arange(s, device=input_ids.device).unsqueeze(0)  # [1, S]
+            in_prompt = j < plen.unsqueeze(1)  # [B, S]
+            # index into cat(prompt, words) along dim 1
+            src = torch.where(in_prompt, j, pmax + (j - plen.unsqueeze(1)))
+            src = src.clamp(0, s - 1)
+            stacked = torch.cat([prompt.to(words.dtype), words], dim=1)  # [B, Pmax + T, E]
+            words = stacked.gather(1, src.unsqueeze(-1).expand(-1, -1, stacked.shape[-1]))  # [B, S, E]
+            tt_src = (j - plen.unsqueeze(1)).clamp(0, t - 1)
+            token_type_ids = torch.where(in_prompt, 0, token_type_ids.gather(1, tt_src))
+            keep = j < (plen + text_len).unsqueeze(1)
+            text_start = plen.long()
+        else:
+            s = t
+            keep = attention_mask.bool()
+            text_start = torch.zeros(bsz, dtype=torch.long, device=input_ids.device)
+
+        pos = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(bsz, -1)  # [B, S]
+        shifts = [x for x in (b.position_shift() for b in plan.batches) if x is not None]
+        for shift in shifts:  # prefix tuning as PEFT runs it: text positions start after the prefix
+            pos = pos + shift.unsqueeze(1)
+        x = words + e.position(pos + e.position_offset)
+        if e.token_type is not None:
+            x = x + e.token_type(token_type_ids)
+        x = e.norm(x)
+        if e.project is not None:
+            x = e.project(x)
+        return State(hidden=x, keep=keep, text_start=text_start, text_len=text_len.long(), plan=plan)
+
+    # -- one layer ---------------------------------------------------------------------------
+    def _linear(self, i: int, site: str, x: Tensor, plan: Plan) -> Tensor:
+        y = self.f.layers[i].site(site)(x)
+        for b in plan.batches:
+            d = b.linear_delta(i, site, x)
+            if d is not None:
+                y = y + d
+        return y
+
+    def layer(self, i: int, st: State) -> State:
+        """Run layer position i over the batch: post-LN attention block, then post-LN FFN block."""
+        L, plan, h = self.f.layers[i], st.plan, st.hidden
+        bsz, s, hid = h.shape
+        nh, hd = self.f.num_heads, self.head_dim
+
+        def heads(t: Tensor) -> Tensor:  # [B, S, H] -> [B, nh, S, hd]
+            return t.view(bsz, -1, nh, hd).transpose(1, 2)
+
+        q = heads(self._linear(i, "query", h, plan))
+        k = heads(self._linear(i, "key", h, plan))
+        v = heads(self._linear(i, "value", h, plan))
+        keep = st.keep  # [B, S]
+        for b in plan.batches:
+            pre = b.kv_prefix(i)
+            if pre is not None:  # prepend per-row prefixes, padding masked out
+                pk, pv, pkeep = pre
+                k = torch.cat([pk.to(k.dtype), k], dim=2)
+                v = torch.cat([pv.to(v.dtype), v], dim=2)
+                keep = torch.cat([pkeep, keep], dim=1)
+        # softmax(q k^T / sqrt(d) + mask) v, with masked keys excluded exactly
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])  # [B, nh, S, hd]
+        ctx = ctx.transpose(1, 2).reshape(bsz, s, hid)
+        a = self._linear(i, "attn_out", ctx, plan)
+        for b in plan.batches:
+            a = b.after_sublayer(i, "attn", a)
+        h = L.attn_norm(a + h)
+        f = self.f.activation(self._linear(i, "ffn_in", h, plan))
+        f = self._linear(i, "ffn_out", f, plan)
+        for b in plan.batches:
+            f = b.after_sublayer(i, "ffn", f)
+        h = L.ffn_norm(f + h)
+        return replace(st, hidden=h)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None, plan: Plan) -> State:
+        st = self.embed(input_ids, attention_mask, token_type_ids, plan)
+        for i in range(self.num_layers):
+            st = self.layer(i, st)
+        return st

@@ -1,0 +1,161 @@
+"""The batched multi-task engine: many tasks' rows, one forward of the shared backbone.
+
+`classify` takes rows that may each belong to a different task (and method), tokenises them
+per task, builds the per-method batch tables (`Plan`) from the distinct tasks present, runs the
+encoder once, and applies each row's own head.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from service.engine.backbone import Backbone
+from service.engine.bundle import read_bundle
+from service.engine.encoder import Plan, State
+from service.engine.task import Task, disk_bytes
+from service.engine.types import ClassifyItem, Prediction, TaskKey
+from service.methods.base import REGISTRY
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """Token tensors for one forward and the task of each row."""
+
+    input_ids: Tensor  # [B, T]
+    attention_mask: Tensor  # [B, T]
+    token_type_ids: Tensor | None  # [B, T]
+    tasks: list[Task]  # distinct tasks, in first-seen order
+    row_part: Tensor  # [B] index into tasks
+
+
+class Engine:
+    def __init__(self, backbone: Backbone):
+        self.backbone = backbone
+        self._tok_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
+
+    # -- tasks ---------------------------------------------------------------------------------
+    def load_task(self, bundle_dir: Path, key: TaskKey) -> Task:
+        """Read, validate and place one task version on the device (blocking; thread-safe)."""
+        spec, weights = read_bundle(Path(bundle_dir), self.backbone.info, key.name)
+        return Task(key=key, spec=spec, weights=weights, backbone=self.backbone.info, bytes_on_disk=disk_bytes(Path(bundle_dir)))
+
+    # -- batching ------------------------------------------------------------------------------
+    def tokenize(self, items: Sequence[ClassifyItem]) -> Batch:
+        """Tokenise each row with its own task's max_length, then right-pad to one length."""
+        tasks: list[Task] = []
+        index: dict[int, int] = {}
+        row_part = []
+        for it in items:
+            j = index.setdefault(id(it.task), len(tasks))
+            if j == len(tasks):
+                tasks.append(it.task)
+            row_part.append(j)
+        ids: list[list[int] | None] = [None] * len(items)
+        types: list[list[int] | None] = [None] * len(items)
+        tok = self.backbone.tokenizer
+        with self._tok_lock:
+            for j, task in enumerate(tasks):
+                rows = [r for r, p in enumerate(row_part) if p == j]
+                texts = [items[r].text for r in rows]
+                pairs = [items[r].text_pair for r in rows] if task.input_kind == "pair" else None
+                # Longer inputs are truncated to the task's max_length (documented per task);
+                # the HTTP layer refuses over-long *characters* before we get here.
+                enc = tok(texts, pairs, truncation=True, max_length=task.spec.max_length)
+                for k, r in enumerate(rows):
+                    ids[r] = enc["input_ids"][k]
+                    types[r] = enc["token_type_ids"][k] if "token_type_ids" in enc else None
+        t = max(len(x) for x in ids)  # type: ignore[arg-type]
+        pad = tok.pad_token_id or 0
+        input_ids = torch.full((len(items), t), pad, dtype=torch.long)
+        mask = torch.zeros((len(items), t), dtype=torch.long)
+        has_types = self.backbone.family.embeddings.token_type is not None
+        tt = torch.zeros((len(items), t), dtype=torch.long) if has_types else None
+        for r, x in enumerate(ids):
+            input_ids[r, : len(x)] = torch.tensor(x)
+            mask[r, : len(x)] = 1
+            if tt is not None and types[r] is not None:
+                tt[r, : len(x)] = torch.tensor(types[r])
+        dev = self.backbone.device
+        return Batch(
+            input_ids=input_ids.to(dev),
+            attention_mask=mask.to(dev),
+            token_type_ids=None if tt is None else tt.to(dev),
+            tasks=tasks,
+            row_part=torch.tensor(row_part, dtype=torch.long, device=dev),
+        )
+
+    def plan(self, tasks: Sequence[Task], row_part: Tensor) -> tuple[Plan, object]:
+        """Per-method tables for the tasks of one batch; the head batch is returned apart."""
+        batches = []
+        head = None
+        for name, method in sorted(REGISTRY.items(), key=lambda kv: kv[1].order):
+            parts = [t.weights.get(name) for t in tasks]
+            b = method.batch(parts, row_part)
+            if b is None:
+                continue
+            if name == "head":
+                head = b
+            else:
+                batches.append(b)
+        return Plan(tuple(batches)), head
+
+    # -- forward -------------------------------------------------------------------------------
+    def encode(self, batch: Batch) -> tuple[State, object]:
+        plan, head = self.plan(batch.tasks, batch.row_part)
+        st = self.backbone.encoder.forward(batch.input_ids, batch.attention_mask, batch.token_type_ids, plan)
+        return st, head
+
+    def logits(self, batch: Batch) -> list[Tensor]:
+        """Per row: its task's logits (fp32, on CPU)."""
+        with torch.inference_mode():
+            st, head = self.encode(batch)
+            if head is None:
+                raise RuntimeError("no task in this batch has a classification head")
+            out = head.logits(st.hidden, st.keep, st.text_start, st.text_len, self._pooler(), st.plan)
+        return [z.float().cpu() for z in out]
+
+    def _pooler(self):
+        return self.backbone.family.pooler
+
+    def classify(self, items: Sequence[ClassifyItem]) -> list[Prediction]:
+        """One batched forward over rows of any tasks; blocking (run it in a worker thread)."""
+        if not items:
+            return []
+        batch = self.tokenize(items)
+        rows = self.logits(batch)
+        preds = []
+        for it, z in zip(items, rows):
+            p = torch.softmax(z, dim=-1)
+            labels = it.task.labels
+            best = int(p.argmax())
+            preds.append(
+                Prediction(
+                    label=labels[best],
+                    score=float(p[best]),
+                    scores={lab: float(v) for lab, v in zip(labels, p)},
+                    version=it.task.key.version,
+                    logits=tuple(float(v) for v in z),
+                )
+            )
+        return preds
+
+    def warmup(self) -> None:
+        """One real forward through the backbone (readiness means this has succeeded)."""
+        tok = self.backbone.tokenizer
+        enc = tok(["warm up"], return_tensors="pt")
+        dev = self.backbone.device
+        with torch.inference_mode():
+            self.backbone.encoder.forward(
+                enc["input_ids"].to(dev),
+                enc["attention_mask"].to(dev),
+                enc["token_type_ids"].to(dev) if "token_type_ids" in enc and self.backbone.family.embeddings.token_type is not None else None,
+                Plan(),
+            )

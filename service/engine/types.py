@@ -1,0 +1,45 @@
+"""Typed values that cross the boundary between the engine and the rest of the service.
+
+The backbone never sees these: it sees tensors and a per-row slot mapping. The scheduler, the
+cache and the HTTP layer only see these.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, order=True)
+class TaskKey:
+    """One identity per task version: the task name plus the content hash of its bundle.
+
+    Used everywhere a task version is named (cache keys, metric labels, logs), so that two
+    versions of one task can never be confused and names are never matched by substring.
+    """
+
+    name: str
+    version: str
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class ClassifyItem:
+    """One input row: which loaded task answers it and the text (or text pair) to classify."""
+
+    task: Any  # service.engine.task.Task (kept as Any to avoid an import cycle)
+    text: str
+    text_pair: str | None = None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The answer for one row."""
+
+    label: str
+    score: float
+    scores: dict[str, float]
+    version: str
+    logits: tuple[float, ...] = field(default=(), repr=False)
+    exit_layer: int | None = None

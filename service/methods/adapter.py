@@ -1,0 +1,124 @@
+"""Bottleneck adapters: `h + up(act(down(h)))` on a sub-layer's output, before its residual + LN.
+
+* Houlsby et al. (2019): after the attention output projection *and* after the FFN.
+* Pfeiffer et al. (2021): after the FFN only (half the parameters, about the same accuracy).
+The bottleneck size is given directly or as hidden_size / reduction_factor (16 is Pfeiffer's
+default). Batched like LoRA: per-(layer, site) slot tables, zero-padded to the largest bottleneck.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from torch import Tensor
+from transformers.activations import ACT2FN
+
+from service.engine.spec import BackboneInfo
+from service.methods import slots
+from service.methods.base import Method, MethodBatch, Problems, TaskWeights, register, take
+from service.methods.slots import SlotTable
+
+PLACEMENTS = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",)}
+ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "tanh")
+_KEY = re.compile(r"^adapter\.(\d+)\.(attn|ffn)\.(down|up)\.(weight|bias)$")
+
+
+@dataclass(frozen=True)
+class AdapterWeights(TaskWeights):
+    method = "adapter"
+    kind: str
+    bottleneck: int
+    activation: str
+    # (layer, site) -> (down_w [m, H], down_b [m], up_w [H, m], up_b [H])
+    blocks: dict[tuple[int, str], tuple[Tensor, Tensor, Tensor, Tensor]]
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {}
+        for (layer, site), (dw, db, uw, ub) in sorted(self.blocks.items()):
+            p = f"adapter.{layer}.{site}"
+            out.update({f"{p}.down.weight": dw, f"{p}.down.bias": db, f"{p}.up.weight": uw, f"{p}.up.bias": ub})
+        return out
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "bottleneck": self.bottleneck, "activation": self.activation}
+
+
+class AdapterBatch(MethodBatch):
+    def __init__(self, parts: Sequence[AdapterWeights | None], row_part: Tensor):
+        self.parts = parts
+        self.row_part = row_part
+        # One table set per activation present (almost always one).
+        self.acts = sorted({p.activation for p in parts if p is not None})
+        self._tables: dict[tuple[int, str, str], SlotTable | None] = {}
+
+    def _table(self, layer: int, site: str, act: str) -> SlotTable | None:
+        key = (layer, site, act)
+        if key not in self._tables:
+            per_part = [
+                p.blocks.get((layer, site)) if p is not None and p.activation == act else None for p in self.parts
+            ]
+            self._tables[key] = slots.build(per_part, self.row_part)
+        return self._tables[key]
+
+    def after_sublayer(self, layer: int, site: str, h: Tensor) -> Tensor:
+        for act in self.acts:
+            t = self._table(layer, site, act)
+            if t is not None:  # rows in slot 0 get up(act(0)) with zero weights: no change
+                z = ACT2FN[act](slots.linear(h, t, 0, 1))  # [B, T, m]
+                h = h + slots.linear(z, t, 2, 3)  # [B, T, H]
+        return h
+
+    def select(self, rows: Tensor) -> "AdapterBatch":
+        out = AdapterBatch(self.parts, self.row_part.index_select(0, rows))
+        out._tables = {k: None if v is None else v.select(rows) for k, v in self._tables.items()}
+        return out
+
+
+@register
+class Adapter(Method):
+    name = "adapter"
+    order = 20
+
+    def parse(self, section: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: BackboneInfo) -> AdapterWeights:
+        problems = Problems("adapter")
+        kind = section.get("kind", "pfeiffer")
+        if kind not in PLACEMENTS:
+            problems.add(f"'kind' must be one of {sorted(PLACEMENTS)}, got {kind!r}")
+        act = section.get("activation", "relu")
+        if act not in ACTIVATIONS:
+            problems.add(f"'activation' must be one of {ACTIVATIONS}, got {act!r}")
+        m = section.get("bottleneck")
+        if m is None and isinstance(section.get("reduction_factor"), int) and section["reduction_factor"] > 0:
+            m = backbone.hidden_size // section["reduction_factor"]
+        if not isinstance(m, int) or m < 1:
+            problems.add(f"'bottleneck' (or 'reduction_factor') must give a positive size, got {m!r}")
+        problems.raise_if_any()
+        for k in tensors:
+            g = _KEY.match(k)
+            if not g:
+                problems.add(f"unrecognised adapter tensor {k!r} (expected adapter.<layer>.<attn|ffn>.<down|up>.<weight|bias>)")
+            elif int(g.group(1)) >= backbone.num_layers:
+                problems.add(f"adapter tensor {k!r} is for layer {g.group(1)}, but the backbone has {backbone.num_layers} layers")
+            elif g.group(2) not in PLACEMENTS[kind]:
+                problems.add(f"adapter tensor {k!r} is at site {g.group(2)!r}, which a {kind} adapter does not use")
+        h = backbone.hidden_size
+        blocks = {}
+        for layer in range(backbone.num_layers):
+            for site in PLACEMENTS[kind]:
+                p = f"adapter.{layer}.{site}"
+                got = (
+                    take(tensors, f"{p}.down.weight", (m, h), problems),
+                    take(tensors, f"{p}.down.bias", (m,), problems),
+                    take(tensors, f"{p}.up.weight", (h, m), problems),
+                    take(tensors, f"{p}.up.bias", (h,), problems),
+                )
+                if all(t is not None for t in got):
+                    blocks[(layer, site)] = tuple(t.to(device=backbone.device, dtype=backbone.dtype).contiguous() for t in got)
+        problems.raise_if_any()
+        return AdapterWeights(kind=kind, bottleneck=m, activation=act, blocks=blocks)
+
+    def batch(self, parts: Sequence[TaskWeights | None], row_part: Tensor) -> AdapterBatch | None:
+        if all(p is None for p in parts):
+            return None
+        return AdapterBatch(parts, row_part)  # type: ignore[arg-type]

@@ -1,0 +1,123 @@
+"""Classification heads: pool the final hidden states, then a per-task linear classifier.
+
+Pooling (stored per task):
+* ``cls``    - the first position's hidden state,
+* ``pooler`` - the backbone's own BERT pooler, tanh(W h_0 + b), as `BertForSequenceClassification`,
+* ``mean``   - the mean over the text tokens (how all-MiniLM-L6-v2 was trained to embed sentences).
+An optional task-owned ``dense`` + tanh layer precedes the classifier (RoBERTa's head shape).
+
+Heads differ in label count, so the batch is grouped by task: one small matmul per task present.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from service.engine.spec import BackboneInfo
+from service.methods.base import Method, MethodBatch, Problems, TaskWeights, register, take
+from service.methods.lora import POOLER
+
+POOLINGS = ("cls", "pooler", "mean")
+
+
+@dataclass(frozen=True)
+class HeadWeights(TaskWeights):
+    method = "head"
+    pooling: str
+    out_w: Tensor  # [labels, H]
+    out_b: Tensor  # [labels]
+    dense_w: Tensor | None = None  # [H, H]
+    dense_b: Tensor | None = None
+
+    @property
+    def num_labels(self) -> int:
+        return self.out_w.shape[0]
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {"head.out.weight": self.out_w, "head.out.bias": self.out_b}
+        if self.dense_w is not None:
+            out.update({"head.dense.weight": self.dense_w, "head.dense.bias": self.dense_b})
+        return out
+
+    def config(self) -> dict[str, Any]:
+        return {"pooling": self.pooling, "dense": self.dense_w is not None, "num_labels": self.num_labels}
+
+
+def pool(hidden: Tensor, keep: Tensor, text_start: Tensor, text_len: Tensor, how: str) -> Tensor:
+    """[B, S, H] -> [B, H]. `cls`/`pooler` read position 0 (as HF and PEFT do, even behind a soft
+    prompt); `mean` averages the text tokens only, never prompt or padding positions."""
+    if how == "mean":
+        j = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        w = ((j >= text_start.unsqueeze(1)) & (j < (text_start + text_len).unsqueeze(1))).to(hidden.dtype)
+        return (hidden * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
+    return hidden[:, 0]
+
+
+class HeadBatch(MethodBatch):
+    def __init__(self, parts: Sequence[HeadWeights | None], row_part: Tensor):
+        self.parts = parts
+        self.row_part = row_part
+
+    def select(self, rows: Tensor) -> "HeadBatch":
+        return HeadBatch(self.parts, self.row_part.index_select(0, rows))
+
+    def logits(self, hidden: Tensor, keep: Tensor, text_start: Tensor, text_len: Tensor, pooler, plan) -> list[Tensor | None]:
+        """Per row: that row's task logits [labels] (None for rows whose task has no head)."""
+        out: list[Tensor | None] = [None] * hidden.shape[0]
+        for j, p in enumerate(self.parts):
+            if p is None:
+                continue
+            rows = (self.row_part == j).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            x = pool(hidden[rows], keep[rows], text_start[rows], text_len[rows], p.pooling)  # [n, H]
+            if p.pooling == "pooler":
+                y = pooler(x)
+                for b in plan.batches:
+                    d = b.select(rows).linear_delta(*POOLER, x)
+                    if d is not None:
+                        y = y + d
+                x = torch.tanh(y)
+            if p.dense_w is not None:
+                x = torch.tanh(x @ p.dense_w.T + p.dense_b)
+            z = x @ p.out_w.T + p.out_b  # [n, labels]
+            for r, zr in zip(rows.tolist(), z):
+                out[r] = zr
+        return out
+
+
+@register
+class Head(Method):
+    name = "head"
+    order = 90
+
+    def parse(self, section: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: BackboneInfo) -> HeadWeights:
+        problems = Problems("head")
+        pooling = section.get("pooling", "cls")
+        if pooling not in POOLINGS:
+            problems.add(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
+        if pooling == "pooler" and not backbone.has_pooler:
+            problems.add("pooling 'pooler' needs a backbone with a pooler layer; this one has none (use 'cls' or 'mean')")
+        h = backbone.hidden_size
+        w = tensors.get("head.out.weight")
+        n = w.shape[0] if w is not None and w.dim() == 2 else section.get("num_labels", 0)
+        if not isinstance(n, int) or n < 2:
+            problems.add(f"a classification head needs at least 2 labels, found {n}")
+            n = 2
+        out_w = take(tensors, "head.out.weight", (n, h), problems)
+        out_b = take(tensors, "head.out.bias", (n,), problems)
+        dense_w = dense_b = None
+        if section.get("dense") or "head.dense.weight" in tensors:
+            dense_w = take(tensors, "head.dense.weight", (h, h), problems)
+            dense_b = take(tensors, "head.dense.bias", (h,), problems)
+        problems.raise_if_any()
+        cast = lambda t: None if t is None else t.to(device=backbone.device, dtype=backbone.dtype).contiguous()  # noqa: E731
+        return HeadWeights(pooling=pooling, out_w=cast(out_w), out_b=cast(out_b), dense_w=cast(dense_w), dense_b=cast(dense_b))
+
+    def batch(self, parts: Sequence[TaskWeights | None], row_part: Tensor) -> HeadBatch | None:
+        if all(p is None for p in parts):
+            return None
+        return HeadBatch(parts, row_part)  # type: ignore[arg-type]

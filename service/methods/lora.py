@@ -1,0 +1,144 @@
+"""LoRA: a low-rank update on frozen linears, `y = x W^T + scale * (x A^T) B^T` (Hu et al., 2021).
+
+Batched across tasks without merging: for each (layer, site) the batch stacks the A and B of the
+tasks present into tables indexed by a per-row slot (slot 0 is all zeros for rows whose task has
+no LoRA there), pads ranks to the largest in the batch, and computes every row's delta with two
+`bmm`s. One task in the batch skips the gather and uses plain matmuls.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from torch import Tensor
+
+from service.engine.families import SITES
+from service.engine.spec import BackboneInfo
+from service.methods import slots
+from service.methods.base import Method, MethodBatch, Problems, TaskWeights, register, take
+from service.methods.slots import SlotTable
+
+# The BERT pooler (dense + tanh on the first token) can carry LoRA too when a PEFT bundle targets
+# "dense"; it lives outside the layer stack, at this pseudo layer index.
+POOLER = (-1, "pooler")
+_KEY = re.compile(r"^lora\.(-?\d+)\.(\w+)\.(A|B)$")
+
+
+@dataclass(frozen=True)
+class LoraWeights(TaskWeights):
+    method = "lora"
+    r: int
+    alpha: float
+    use_rslora: bool
+    # (layer, site) -> (A [r, in], B [out, r])
+    pairs: dict[tuple[int, str], tuple[Tensor, Tensor]]
+
+    @property
+    def scale(self) -> float:
+        # rsLoRA (Kalajdzievski, 2023) scales by alpha / sqrt(r); classic LoRA by alpha / r.
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {}
+        for (layer, site), (a, b) in sorted(self.pairs.items()):
+            out[f"lora.{layer}.{site}.A"] = a
+            out[f"lora.{layer}.{site}.B"] = b
+        return out
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "r": self.r,
+            "alpha": self.alpha,
+            "use_rslora": self.use_rslora,
+            "targets": sorted({site for _, site in self.pairs}),
+            "layers": sorted({layer for layer, _ in self.pairs if layer >= 0}),
+        }
+
+
+class LoraBatch(MethodBatch):
+    def __init__(self, parts: Sequence[LoraWeights | None], row_part: Tensor):
+        self.parts = parts
+        self.row_part = row_part  # [B] index into parts
+        self._tables: dict[tuple[int, str], SlotTable | None] = {}
+
+    def _table(self, key: tuple[int, str]) -> SlotTable | None:
+        """Tables (A [S, r, in], B [S, out, r] with the scale folded in) for one site, built once."""
+        if key not in self._tables:
+            per_part = [
+                None if p is None or key not in p.pairs else (p.pairs[key][0], p.pairs[key][1] * p.scale)
+                for p in self.parts
+            ]
+            self._tables[key] = slots.build(per_part, self.row_part)
+        return self._tables[key]
+
+    def linear_delta(self, layer: int, site: str, x: Tensor) -> Tensor | None:
+        t = self._table((layer, site))
+        if t is None:
+            return None
+        lead = x.shape[:-1]
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, T, in]
+        y = slots.linear(slots.linear(x3, t, 0), t, 1)  # (x A^T) B^T per row: [B, T, out]
+        return y.reshape(*lead, y.shape[-1])
+
+    def select(self, rows: Tensor) -> "LoraBatch":
+        out = LoraBatch(self.parts, self.row_part.index_select(0, rows))
+        out._tables = {k: None if v is None else v.select(rows) for k, v in self._tables.items()}
+        return out
+
+
+@register
+class Lora(Method):
+    name = "lora"
+    order = 10
+
+    def parse(self, section: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: BackboneInfo) -> LoraWeights:
+        problems = Problems("lora")
+        r = section.get("r")
+        alpha = section.get("alpha", r)
+        if not isinstance(r, int) or r < 1:
+            problems.add(f"'r' must be a positive integer, got {r!r}")
+        if not isinstance(alpha, (int, float)) or alpha <= 0:
+            problems.add(f"'alpha' must be a positive number, got {alpha!r}")
+        problems.raise_if_any()
+        pairs: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
+        keys = sorted({k.rsplit(".", 1)[0] for k in tensors if k.startswith("lora.")})
+        for k in tensors:
+            if k.startswith("lora.") and not _KEY.match(k):
+                problems.add(f"unrecognised LoRA tensor {k!r} (expected lora.<layer>.<site>.A|B)")
+        for base in keys:
+            m = _KEY.match(base + ".A")
+            if not m:
+                continue
+            layer, site = int(m.group(1)), m.group(2)
+            if (layer, site) == POOLER:
+                if not backbone.has_pooler:
+                    problems.add("LoRA targets the pooler but the backbone has none")
+                    continue
+                fin, fout = backbone.hidden_size, backbone.hidden_size
+            else:
+                if site not in SITES:
+                    problems.add(f"LoRA site {site!r} is not one of {', '.join(SITES)}")
+                    continue
+                if not 0 <= layer < backbone.num_layers:
+                    problems.add(f"LoRA on layer {layer}, but the backbone has {backbone.num_layers} layers")
+                    continue
+                fin, fout = backbone.site_shape(site)
+            a = take(tensors, f"{base}.A", (r, fin), problems)
+            b = take(tensors, f"{base}.B", (fout, r), problems)
+            if a is not None and b is not None:
+                pairs[(layer, site)] = (_to(a, backbone), _to(b, backbone))
+        if not keys:
+            problems.add("the bundle declares LoRA but has no lora.* tensors: it would change nothing")
+        problems.raise_if_any()
+        return LoraWeights(r=r, alpha=float(alpha), use_rslora=bool(section.get("use_rslora", False)), pairs=pairs)
+
+    def batch(self, parts: Sequence[TaskWeights | None], row_part: Tensor) -> LoraBatch | None:
+        if all(p is None for p in parts):
+            return None
+        return LoraBatch(parts, row_part)  # type: ignore[arg-type]
+
+
+def _to(t: Tensor, backbone: BackboneInfo) -> Tensor:
+    return t.to(device=backbone.device, dtype=backbone.dtype).contiguous()

@@ -1,0 +1,109 @@
+"""Prefix tuning (Li & Liang, 2021): per-layer key/value prefixes of length P prepended in
+self-attention. The stored tensors are the *projected* keys and values (what HF PEFT saves after
+running its reparameterisation MLP), so serving needs no MLP.
+
+Following PEFT on BERT-family encoders, where the prefix travels as `past_key_values`, the text
+positions start after the prefix (position ids offset by P) unless `shift_positions` is false.
+In a batch, rows are padded to the longest prefix and the padding is masked out of attention.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from service.engine.spec import BackboneInfo
+from service.methods import slots
+from service.methods.base import Method, MethodBatch, Problems, TaskWeights, register, take
+from service.methods.prompt import MAX_VIRTUAL_TOKENS
+
+
+@dataclass(frozen=True)
+class PrefixWeights(TaskWeights):
+    method = "prefix"
+    keys: Tensor  # [L, P, H]
+    values: Tensor  # [L, P, H]
+    num_heads: int  # the backbone's, to split H into heads
+    shift_positions: bool = True
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def positions_used(self) -> int:
+        return self.num_virtual_tokens if self.shift_positions else 0
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"prefix.keys": self.keys, "prefix.values": self.values}
+
+    def config(self) -> dict[str, Any]:
+        return {"num_virtual_tokens": self.num_virtual_tokens, "shift_positions": self.shift_positions}
+
+
+class PrefixBatch(MethodBatch):
+    def __init__(self, parts: Sequence[PrefixWeights | None], row_part: Tensor, num_heads: int):
+        self.parts = parts
+        self.row_part = row_part
+        self.num_heads = num_heads
+        self.table = slots.build([None if p is None else (p.keys, p.values) for p in parts], row_part)
+        dev = row_part.device
+        plen = torch.tensor([0 if p is None else p.num_virtual_tokens for p in parts], device=dev)
+        shift = torch.tensor([p.positions_used if p is not None else 0 for p in parts], device=dev)
+        self.plen = plen.index_select(0, row_part)  # [B]
+        self.shift = shift.index_select(0, row_part)  # [B]
+        pmax = self.table.tables[0].shape[2]
+        self.keep = torch.arange(pmax, device=dev).unsqueeze(0) < self.plen.unsqueeze(1)  # [B, Pmax]
+        self._rows: tuple[Tensor, Tensor] | None = None
+
+    def position_shift(self) -> Tensor | None:
+        return self.shift if bool(self.shift.any()) else None
+
+    def kv_prefix(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        if self._rows is None:
+            self._rows = (self.table.rows(0), self.table.rows(1))  # [B, L, Pmax, H] each
+        k, v = self._rows
+        bsz, _, pmax, hid = k.shape
+        nh = self.num_heads
+
+        def heads(t: Tensor) -> Tensor:  # [B, Pmax, H] -> [B, nh, Pmax, hd]
+            return t.view(bsz, pmax, nh, hid // nh).transpose(1, 2)
+
+        return heads(k[:, layer]), heads(v[:, layer]), self.keep
+
+    def select(self, rows: Tensor) -> "PrefixBatch":
+        return PrefixBatch(self.parts, self.row_part.index_select(0, rows), self.num_heads)
+
+
+@register
+class Prefix(Method):
+    name = "prefix"
+    order = 40
+
+    def parse(self, section: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: BackboneInfo) -> PrefixWeights:
+        problems = Problems("prefix")
+        p = section.get("num_virtual_tokens")
+        if not isinstance(p, int) or not 1 <= p <= MAX_VIRTUAL_TOKENS:
+            problems.add(f"'num_virtual_tokens' must be an integer in [1, {MAX_VIRTUAL_TOKENS}], got {p!r}")
+            problems.raise_if_any()
+        extra = sorted(set(tensors) - {"prefix.keys", "prefix.values"})
+        if extra:
+            problems.add(f"unrecognised prefix tensors {extra}")
+        for name in ("prefix.keys", "prefix.values"):
+            t = tensors.get(name)
+            if t is not None and t.dim() == 3 and t.shape[0] != backbone.num_layers:
+                problems.add(f"tensor {name!r} has prefixes for {t.shape[0]} layers, but the backbone has {backbone.num_layers}")
+        shape = (backbone.num_layers, p, backbone.hidden_size)
+        k = take(tensors, "prefix.keys", shape, problems)
+        v = take(tensors, "prefix.values", shape, problems)
+        problems.raise_if_any()
+        cast = lambda t: t.to(device=backbone.device, dtype=backbone.dtype).contiguous()  # noqa: E731
+        return PrefixWeights(keys=cast(k), values=cast(v), num_heads=backbone.num_heads, shift_positions=bool(section.get("shift_positions", True)))
+
+    def batch(self, parts: Sequence[TaskWeights | None], row_part: Tensor) -> PrefixBatch | None:
+        if all(p is None for p in parts):
+            return None
+        num_heads = next(p for p in parts if p is not None).num_heads
+        return PrefixBatch(parts, row_part, num_heads)  # type: ignore[arg-type]

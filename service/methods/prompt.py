@@ -1,0 +1,78 @@
+"""Soft prompts (prompt tuning, Lester et al., 2021): P trainable input embeddings prepended to
+the token embeddings. Position and token-type embeddings are added on top, as HF PEFT does.
+
+In a batch each row gets its own task's prompt; rows are laid out as [prompt_b, text_b, pad] and
+padded to the longest prompt (see `Encoder.embed`); rows without a prompt have length 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from service.engine.spec import BackboneInfo
+from service.methods import slots
+from service.methods.base import Method, MethodBatch, Problems, TaskWeights, register, take
+
+MAX_VIRTUAL_TOKENS = 256  # a server limit: longer prompts cost more than they have been shown to help
+
+
+@dataclass(frozen=True)
+class PromptWeights(TaskWeights):
+    method = "prompt"
+    embeddings: Tensor  # [P, E]
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.embeddings.shape[0]
+
+    @property
+    def positions_used(self) -> int:
+        return self.num_virtual_tokens
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"prompt.embeddings": self.embeddings}
+
+    def config(self) -> dict[str, Any]:
+        return {"num_virtual_tokens": self.num_virtual_tokens}
+
+
+class PromptBatch(MethodBatch):
+    def __init__(self, parts: Sequence[PromptWeights | None], row_part: Tensor):
+        self.parts = parts
+        self.row_part = row_part
+        self.table = slots.build([None if p is None else (p.embeddings,) for p in parts], row_part)
+        lengths = torch.tensor([0 if p is None else p.num_virtual_tokens for p in parts], device=row_part.device)
+        self.lengths = lengths.index_select(0, row_part)  # [B]
+
+    def prompt(self) -> tuple[Tensor, Tensor]:
+        return self.table.rows(0), self.lengths  # [B, Pmax, E], [B]
+
+    def select(self, rows: Tensor) -> "PromptBatch":
+        return PromptBatch(self.parts, self.row_part.index_select(0, rows))
+
+
+@register
+class Prompt(Method):
+    name = "prompt"
+    order = 30
+
+    def parse(self, section: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: BackboneInfo) -> PromptWeights:
+        problems = Problems("prompt")
+        p = section.get("num_virtual_tokens")
+        if not isinstance(p, int) or not 1 <= p <= MAX_VIRTUAL_TOKENS:
+            problems.add(f"'num_virtual_tokens' must be an integer in [1, {MAX_VIRTUAL_TOKENS}], got {p!r}")
+            problems.raise_if_any()
+        extra = sorted(set(tensors) - {"prompt.embeddings"})
+        if extra:
+            problems.add(f"unrecognised prompt tensors {extra}")
+        emb = take(tensors, "prompt.embeddings", (p, backbone.embedding_size), problems)
+        problems.raise_if_any()
+        return PromptWeights(embeddings=emb.to(device=backbone.device, dtype=backbone.dtype).contiguous())
+
+    def batch(self, parts: Sequence[TaskWeights | None], row_part: Tensor) -> PromptBatch | None:
+        if all(p is None for p in parts):
+            return None
+        return PromptBatch(parts, row_part)  # type: ignore[arg-type]

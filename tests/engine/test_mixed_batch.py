@@ -1,0 +1,105 @@
+"""Mixed batch == each task alone: the property everything else rests on."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.engine.engine import Engine
+from service.engine.types import ClassifyItem, TaskKey
+from tests.factories import FAMILIES, WORDS, publish, random_head, random_method, tiny_backbone
+
+METHODS = ("lora", "adapter", "prefix", "prompt")
+ATOL = 1e-5  # fp32
+
+
+def _texts(n: int, seed: int) -> list[str]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        k = int(torch.randint(1, 12, (1,), generator=g))
+        idx = torch.randint(0, len(WORDS), (k,), generator=g).tolist()
+        out.append(" ".join(WORDS[i] for i in idx))
+    return out
+
+
+def _tasks(engine: Engine, store, per_method: int = 2, seed: int = 0):
+    """per_method tasks of every method (different ranks / lengths / label counts) + combos."""
+    info = engine.backbone.info
+    g = torch.Generator().manual_seed(seed)
+    specs = []
+    for m in METHODS:
+        for v in range(per_method):
+            specs.append((f"{m}-{v}", {m: random_method(m, info, g, v)}))
+    specs.append(("lora-prefix", {"lora": random_method("lora", info, g, 1), "prefix": random_method("prefix", info, g, 1)}))
+    specs.append(("head-only", {}))
+    tasks = []
+    for i, (name, w) in enumerate(specs):
+        n_labels = 2 + i % 3
+        pooling = ("cls", "mean", "pooler")[i % 3] if info.has_pooler else ("cls", "mean")[i % 2]
+        w = {**w, "head": random_head(info, g, labels=n_labels, pooling=pooling, dense=i % 4 == 1)}
+        v = publish(store, name, w, [f"l{k}" for k in range(n_labels)], fingerprint=info.fingerprint)
+        tasks.append(engine.load_task(store / name / v, TaskKey(name, v)))
+    return tasks
+
+
+def _check_mixed_equals_alone(engine: Engine, tasks) -> float:
+    texts = _texts(2 * len(tasks), seed=1)
+    items = [ClassifyItem(tasks[i % len(tasks)], texts[i]) for i in range(len(texts))]
+    # shuffle so rows of one task are not adjacent
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(2)).tolist()
+    items = [items[i] for i in order]
+    mixed = engine.logits(engine.tokenize(items))
+    worst = 0.0
+    for it, z in zip(items, mixed):
+        alone = engine.logits(engine.tokenize([it]))[0]
+        assert alone.shape == z.shape == (len(it.task.labels),)
+        worst = max(worst, float((alone - z).abs().max()))
+    return worst
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_methods_equal_alone_tiny(family, tmp_path):
+    engine = Engine(tiny_backbone(family, tmp_path))
+    tasks = _tasks(engine, tmp_path / "store")
+    assert _check_mixed_equals_alone(engine, tasks) <= ATOL
+
+
+def test_tasks_change_the_output(tmp_path):
+    """Guard against a silent no-op: every method moves the logits away from head-only."""
+    engine = Engine(tiny_backbone("bert", tmp_path))
+    tasks = _tasks(engine, tmp_path / "store")
+    text = "the movie was very good"
+    by_name = {t.key.name: t for t in tasks}
+    for m in METHODS:
+        t = by_name[f"{m}-0"]
+        with_m = engine.logits(engine.tokenize([ClassifyItem(t, text)]))[0]
+        # same head, method weights removed
+        from service.engine.task import Task
+
+        bare = Task(key=TaskKey("bare", "0"), spec=t.spec, weights={"head": t.weights["head"]}, backbone=t.backbone)
+        without = engine.logits(engine.tokenize([ClassifyItem(bare, text)]))[0]
+        assert float((with_m - without).abs().max()) > 1e-4, m  # float noise is ~1e-6
+
+
+def test_mixed_methods_equal_alone_minilm(minilm_engine, tmp_path):
+    tasks = _tasks(minilm_engine, tmp_path / "store", per_method=2)
+    assert _check_mixed_equals_alone(minilm_engine, tasks) <= ATOL
+
+
+def test_albert_positions_keep_their_own_weights(tmp_path):
+    """ALBERT shares layer weights across depth; task weights stay per position."""
+    engine = Engine(tiny_backbone("albert", tmp_path))
+    info = engine.backbone.info
+    assert engine.backbone.family.layers[0].query is engine.backbone.family.layers[1].query
+    g = torch.Generator().manual_seed(0)
+    from tests.factories import random_lora
+
+    head = random_head(info, g)
+    only0 = random_lora(info, g, layers=[0])
+    only1 = type(only0)(r=only0.r, alpha=only0.alpha, use_rslora=False, pairs={(1, s): ab for (_, s), ab in only0.pairs.items()})
+    out = []
+    for name, lw in (("at0", only0), ("at1", only1)):
+        v = publish(tmp_path / "s", name, {"lora": lw, "head": head}, ["a", "b"])
+        t = engine.load_task(tmp_path / "s" / name / v, TaskKey(name, v))
+        out.append(engine.logits(engine.tokenize([ClassifyItem(t, "good movie")]))[0])
+    assert float((out[0] - out[1]).abs().max()) > 1e-4
