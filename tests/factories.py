@@ -49,9 +49,9 @@ def save_tiny_backbone(family: str, out: Path, seed: int = 0) -> Path:
     model = T.AutoModel.from_config(tiny_config(family))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    vocab = out / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tok = T.BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True, model_max_length=64)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    # transformers 5's BertTokenizerFast takes the vocabulary as a dict (vocab_file= is ignored)
+    tok = T.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True, model_max_length=64)
     tok.save_pretrained(out)
     return out
 

@@ -15,12 +15,14 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
+from transformers.activations import ACT2FN
 
 from service.engine.spec import BackboneInfo
 from service.methods.base import Method, MethodBatch, Problems, TaskWeights, register, take
 from service.methods.lora import POOLER
 
 POOLINGS = ("cls", "pooler", "mean")
+DENSE_ACTIVATIONS = ("tanh", "relu", "gelu")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class HeadWeights(TaskWeights):
     out_b: Tensor  # [labels]
     dense_w: Tensor | None = None  # [H, H]
     dense_b: Tensor | None = None
+    dense_activation: str = "tanh"  # RoBERTa: tanh; DistilBERT's pre_classifier: relu; ELECTRA: gelu
 
     @property
     def num_labels(self) -> int:
@@ -43,7 +46,10 @@ class HeadWeights(TaskWeights):
         return out
 
     def config(self) -> dict[str, Any]:
-        return {"pooling": self.pooling, "dense": self.dense_w is not None, "num_labels": self.num_labels}
+        cfg = {"pooling": self.pooling, "dense": self.dense_w is not None, "num_labels": self.num_labels}
+        if self.dense_w is not None:
+            cfg["dense_activation"] = self.dense_activation
+        return cfg
 
 
 def pool(hidden: Tensor, keep: Tensor, text_start: Tensor, text_len: Tensor, how: str) -> Tensor:
@@ -82,7 +88,7 @@ class HeadBatch(MethodBatch):
                         y = y + d
                 x = torch.tanh(y)
             if p.dense_w is not None:
-                x = torch.tanh(x @ p.dense_w.T + p.dense_b)
+                x = ACT2FN[p.dense_activation](x @ p.dense_w.T + p.dense_b)
             z = x @ p.out_w.T + p.out_b  # [n, labels]
             for r, zr in zip(rows.tolist(), z):
                 out[r] = zr
@@ -113,9 +119,12 @@ class Head(Method):
         if section.get("dense") or "head.dense.weight" in tensors:
             dense_w = take(tensors, "head.dense.weight", (h, h), problems)
             dense_b = take(tensors, "head.dense.bias", (h,), problems)
+        act = section.get("dense_activation", "tanh")
+        if act not in DENSE_ACTIVATIONS:
+            problems.add(f"'dense_activation' must be one of {DENSE_ACTIVATIONS}, got {act!r}")
         problems.raise_if_any()
         cast = lambda t: None if t is None else t.to(device=backbone.device, dtype=backbone.dtype).contiguous()  # noqa: E731
-        return HeadWeights(pooling=pooling, out_w=cast(out_w), out_b=cast(out_b), dense_w=cast(dense_w), dense_b=cast(dense_b))
+        return HeadWeights(pooling=pooling, out_w=cast(out_w), out_b=cast(out_b), dense_w=cast(dense_w), dense_b=cast(dense_b), dense_activation=act)
 
     def batch(self, parts: Sequence[TaskWeights | None], row_part: Tensor) -> HeadBatch | None:
         if all(p is None for p in parts):

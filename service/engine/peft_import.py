@@ -1,0 +1,167 @@
+"""Translate an HF PEFT bundle (LoRA, prefix tuning, prompt tuning) into the native format.
+
+PEFT keeps the whole model's module paths in its tensor names and a PEFT-shaped config; serving
+needs neither. We keep the few fields that change the math (as LoRAX does), map every module path
+onto (layer position, canonical site) through the backbone family, and refuse what we cannot
+reproduce exactly instead of serving something subtly different.
+
+Labels are not part of PEFT's format: an optional ``"adaptserve": {"labels": [...],
+"input_kind": ..., "max_length": ...}`` section in adapter_config.json supplies them (PEFT ignores
+unknown keys); without it labels are named LABEL_0..LABEL_{n-1}.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch import Tensor
+
+from service.engine.bundle import FORMAT
+from service.engine.spec import BackboneInfo
+from service.errors import BundleError, NoMatchingModuleError
+from service.methods.lora import POOLER
+
+# PEFT names LoRA tensors "base_model.model.<path>" and prompt-learning heads "base_model.<path>".
+_PREFIXES = ("base_model.model.", "base_model.")
+_DENSE_ACT = {"roberta": "tanh", "xlm-roberta": "tanh", "camembert": "tanh", "electra": "gelu", "distilbert": "relu"}
+
+
+def _strip(key: str) -> str:
+    for p in _PREFIXES:
+        if key.startswith(p):
+            return key[len(p):]
+    return key
+
+
+def _module_site(module: str, backbone: BackboneInfo) -> tuple[int | None, str] | None:
+    """'bert.encoder.layer.0.attention.self.query' -> (0, 'query'), whatever the model prefix."""
+    parts = module.split(".")
+    for i in range(len(parts)):
+        hit = backbone.peft_paths.get(".".join(parts[i:]))
+        if hit is not None:
+            return hit
+    if parts[-2:] == ["pooler", "dense"] or parts[-1:] == ["pooler"]:
+        return POOLER
+    return None
+
+
+def _head(tensors: Mapping[str, Tensor], backbone: BackboneInfo) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    names = {_strip(k): v for k, v in tensors.items()}
+    if "classifier.out_proj.weight" in names:
+        out, dense, pooling = "classifier.out_proj", "classifier.dense", "cls"
+    elif "pre_classifier.weight" in names:  # DistilBERT: pre_classifier -> ReLU -> classifier
+        out, dense, pooling = "classifier", "pre_classifier", "cls"
+    elif backbone.model_type == "distilbert":
+        raise BundleError(
+            "DistilBERT's classifier reads a pre_classifier layer that this PEFT bundle does not carry: "
+            "save it with modules_to_save=['pre_classifier', 'classifier']"
+        )
+    elif "classifier.weight" in names:
+        out, dense = "classifier", None
+        pooling = "pooler" if backbone.has_pooler else "cls"
+    else:
+        raise BundleError(
+            "PEFT bundle has no classifier weights: save it from a *ForSequenceClassification model "
+            "with the classifier in modules_to_save (task_type SEQ_CLS)"
+        )
+    section: dict[str, Any] = {"pooling": pooling, "dense": dense is not None}
+    t = {"head.out.weight": names[f"{out}.weight"], "head.out.bias": names.get(f"{out}.bias")}
+    if dense is not None:
+        section["dense_activation"] = _DENSE_ACT.get(backbone.model_type, "tanh")
+        t["head.dense.weight"] = names.get(f"{dense}.weight")
+        t["head.dense.bias"] = names.get(f"{dense}.bias")
+    return section, {k: v for k, v in t.items() if v is not None}
+
+
+def _lora(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: BackboneInfo) -> tuple[dict, dict]:
+    problems = []
+    if cfg.get("use_dora"):
+        problems.append("DoRA (use_dora) is not supported")
+    if cfg.get("bias", "none") != "none":
+        problems.append(f"LoRA bias={cfg.get('bias')!r} trains backbone biases; only bias='none' is supported")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        problems.append("per-module rank_pattern / alpha_pattern are not supported")
+    if problems:
+        raise BundleError("PEFT LoRA bundle: " + "; ".join(problems))
+    out: dict[str, Tensor] = {}
+    unmatched = []
+    for key, t in tensors.items():
+        k = _strip(key)
+        for ab in ("A", "B"):
+            marker = f".lora_{ab}."
+            if marker in k:
+                module = k.split(marker)[0]
+                hit = _module_site(module, backbone)
+                if hit is None:
+                    unmatched.append(module)
+                    continue
+                layer, site = hit
+                layers = range(backbone.num_layers) if layer is None else [layer]  # ALBERT: shared module
+                for i in layers:
+                    out[f"lora.{i}.{site}.{ab}"] = t
+    if unmatched:
+        raise NoMatchingModuleError(
+            f"PEFT LoRA targets modules that do not exist in this {backbone.model_type} backbone: "
+            f"{sorted(set(unmatched))[:5]}"
+        )
+    if not out:
+        raise NoMatchingModuleError(
+            f"PEFT LoRA bundle targets {cfg.get('target_modules')!r} but holds no LoRA tensors for this backbone"
+        )
+    section = {"r": cfg.get("r"), "alpha": cfg.get("lora_alpha", cfg.get("r")), "use_rslora": bool(cfg.get("use_rslora"))}
+    return section, out
+
+
+def _virtual(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: BackboneInfo, method: str) -> tuple[dict, dict]:
+    names = {_strip(k): v for k, v in tensors.items()}
+    emb = names.get("prompt_embeddings")
+    if emb is None:
+        raise BundleError(f"PEFT {method} bundle has no 'prompt_embeddings' tensor")
+    p = cfg.get("num_virtual_tokens")
+    if cfg.get("num_transformer_submodules", 1) not in (1, None):
+        raise BundleError("PEFT bundles for encoder-decoder models are not supported")
+    if emb.dim() != 2 or emb.shape[0] != p:
+        raise BundleError(f"PEFT {method} 'prompt_embeddings' has shape {list(emb.shape)}, expected [{p}, ...]")
+    if method == "prompt":
+        return {"num_virtual_tokens": p}, {"prompt.embeddings": emb}
+    L, H = backbone.num_layers, backbone.hidden_size
+    if emb.shape[1] != 2 * L * H:
+        layers = emb.shape[1] / (2 * H)
+        raise BundleError(
+            f"PEFT prefix 'prompt_embeddings' has width {emb.shape[1]} (= {layers:g} layers x 2 x {H}); "
+            f"this backbone needs {2 * L * H} ({L} layers x 2 x {H})"
+        )
+    # [P, L * 2 * H] -> [P, L, 2, H]: for layer l, index 2l is the key prefix and 2l+1 the value (PEFT's split(2)).
+    kv = emb.view(p, L, 2, H).permute(2, 1, 0, 3)  # [2, L, P, H]
+    return {"num_virtual_tokens": p, "shift_positions": True}, {"prefix.keys": kv[0].contiguous(), "prefix.values": kv[1].contiguous()}
+
+
+def from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: BackboneInfo, name: str) -> tuple[dict, dict]:
+    """(PEFT config, PEFT tensors) -> (native config, native tensors); `bundle.parse` validates the rest."""
+    peft_type = str(cfg.get("peft_type", "")).upper()
+    if cfg.get("task_type") not in (None, "SEQ_CLS"):
+        raise BundleError(f"task {name!r}: PEFT task_type {cfg.get('task_type')!r} is not supported; use SEQ_CLS")
+    kinds = {"LORA": "lora", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
+    if peft_type not in kinds:
+        raise BundleError(f"task {name!r}: PEFT type {peft_type!r} is not supported (supported: {', '.join(kinds)})")
+    method = kinds[peft_type]
+    try:
+        if method == "lora":
+            section, native = _lora(cfg, tensors, backbone)
+        else:
+            section, native = _virtual(cfg, tensors, backbone, method)
+        head_section, head = _head(tensors, backbone)
+    except BundleError as e:
+        raise type(e)(f"task {name!r}: {e}") from None
+    extra = dict(cfg.get("adaptserve") or {})
+    n = head["head.out.weight"].shape[0]
+    out_cfg = {
+        "format": FORMAT,
+        "labels": extra.get("labels") or [f"LABEL_{i}" for i in range(n)],
+        "input_kind": extra.get("input_kind", "single"),
+        "max_length": extra.get("max_length", min(128, backbone.max_positions - int(cfg.get("num_virtual_tokens") or 0))),
+        "methods": {method: section, "head": head_section},
+        "peft": {"peft_type": peft_type, "base_model_name_or_path": cfg.get("base_model_name_or_path")},
+    }
+    if extra.get("backbone_fingerprint"):
+        out_cfg["backbone"] = {"fingerprint": extra["backbone_fingerprint"]}
+    return out_cfg, {**native, **head}
