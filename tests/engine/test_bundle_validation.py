@@ -1,0 +1,156 @@
+"""Malformed bundles of every method are refused with an error that names the problem."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from service.engine.bundle import CONFIG, WEIGHTS
+from service.engine.engine import Engine
+from service.engine.types import TaskKey
+from service.errors import BundleError, NoMatchingModuleError
+from tests.factories import publish, random_head, random_method, tiny_backbone
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    return Engine(tiny_backbone("bert", tmp_path_factory.mktemp("bb")))
+
+
+def _bundle(engine: Engine, root: Path, method: str) -> Path:
+    info = engine.backbone.info
+    g = torch.Generator().manual_seed(0)
+    w = {"head": random_head(info, g)}
+    if method != "head":
+        w[method] = random_method(method, info, g, 0)
+    v = publish(root, "t", w, ["neg", "pos"], fingerprint=info.fingerprint)
+    return root / "t" / v
+
+
+def _edit(bundle: Path, cfg_fn=None, tensors_fn=None) -> None:
+    if cfg_fn:
+        cfg = json.loads((bundle / CONFIG).read_text())
+        cfg_fn(cfg)
+        (bundle / CONFIG).write_text(json.dumps(cfg))
+    if tensors_fn:
+        t = load_file(str(bundle / WEIGHTS))
+        tensors_fn(t)
+        save_file(t, str(bundle / WEIGHTS))
+
+
+def _set(d: dict, path: str, value) -> None:
+    *head, last = path.split(".")
+    for k in head:
+        d = d[k]
+    d[last] = value
+
+
+L = 2  # tiny backbone layers
+H = 32
+CASES = [
+    # (method, config edit, tensor edit, expected message fragment)
+    ("lora", None, lambda t: t.__setitem__("lora.0.query.A", torch.zeros(3, H)), "has shape [3, 32], expected [2, 32]"),
+    ("lora", None, lambda t: t.pop("lora.1.query.B"), "missing tensor 'lora.1.query.B'"),
+    ("lora", None, lambda t: t.__setitem__("lora.5.query.A", torch.zeros(2, H)), "layer 5, but the backbone has 2 layers"),
+    ("lora", None, lambda t: t.__setitem__("lora.0.pooler_out.A", torch.zeros(2, H)), "not one of"),
+    ("lora", None, lambda t: [t.pop(k) for k in list(t) if k.startswith("lora.")], "would change nothing"),
+    ("lora", lambda c: _set(c, "methods.lora.r", 0), None, "'r' must be a positive integer"),
+    ("lora", None, lambda t: t["lora.0.query.A"].__setitem__((0, 0), float("nan")), "NaN or Inf"),
+    ("adapter", None, lambda t: t.__setitem__("adapter.0.ffn.up.weight", torch.zeros(H, 3)), "expected [32, 4]"),
+    ("adapter", None, lambda t: t.pop("adapter.1.attn.down.bias"), "missing tensor 'adapter.1.attn.down.bias'"),
+    ("adapter", None, lambda t: t.__setitem__("adapter.4.ffn.up.bias", torch.zeros(H)), "for layer 4, but the backbone has 2 layers"),
+    ("adapter", lambda c: _set(c, "methods.adapter.kind", "pfeiffer"), None, "which a pfeiffer adapter does not use"),
+    ("adapter", lambda c: _set(c, "methods.adapter.activation", "swish2"), None, "'activation' must be one of"),
+    ("prefix", None, lambda t: t.__setitem__("prefix.keys", torch.zeros(L + 1, 2, H)), "prefixes for 3 layers, but the backbone has 2"),
+    ("prefix", None, lambda t: t.pop("prefix.values"), "missing tensor 'prefix.values'"),
+    ("prefix", None, lambda t: t.__setitem__("prefix.values", torch.zeros(L, 2, H + 1)), "expected [2, 2, 32]"),
+    ("prefix", lambda c: _set(c, "methods.prefix.num_virtual_tokens", 1000), None, "'num_virtual_tokens' must be an integer in [1, 256]"),
+    ("prefix", lambda c: _set(c, "max_length", 64), None, "virtual tokens exceeds the backbone's 64 positions"),
+    ("prompt", None, lambda t: t.__setitem__("prompt.embeddings", torch.zeros(3, H + 2)), "expected [3, 32]"),
+    ("prompt", None, lambda t: t.pop("prompt.embeddings"), "missing tensor 'prompt.embeddings'"),
+    ("prompt", lambda c: _set(c, "max_length", 63), None, "virtual tokens exceeds"),
+    ("head", lambda c: _set(c, "labels", ["a", "b", "c"]), None, "head has 2 outputs but 3 labels are named"),
+    ("head", None, lambda t: t.pop("head.out.bias"), "missing tensor 'head.out.bias'"),
+    ("head", lambda c: _set(c, "methods.head.pooling", "max"), None, "pooling 'max' is not one of"),
+    ("head", lambda c: _set(c, "methods.bitfit", {}), None, "unknown method(s) ['bitfit']"),
+    ("head", None, lambda t: t.__setitem__("lora.0.query.A", torch.zeros(2, H)), "tensors belonging to no method"),
+    ("head", lambda c: _set(c, "backbone.fingerprint", "sha256:" + "0" * 64), None, "task weights only make sense on the backbone"),
+    ("head", lambda c: _set(c, "labels", ["a", "a"]), None, "'labels' has duplicates"),
+    ("head", lambda c: _set(c, "input_kind", "triple"), None, "'input_kind' must be one of"),
+    ("head", lambda c: c.pop("methods"), None, "'methods' must be a non-empty object"),
+]
+
+
+@pytest.mark.parametrize("method,cfg_fn,tensors_fn,message", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_malformed_bundle_is_refused(engine, tmp_path, method, cfg_fn, tensors_fn, message):
+    b = _bundle(engine, tmp_path, method)
+    engine.load_task(b, TaskKey("t", "ok"))  # the unedited bundle is fine
+    _edit(b, cfg_fn, tensors_fn)
+    with pytest.raises(BundleError) as e:
+        engine.load_task(b, TaskKey("t", "bad"))
+    assert message in str(e.value)
+
+
+def test_every_problem_reported_at_once(engine, tmp_path):
+    b = _bundle(engine, tmp_path, "lora")
+    _edit(b, lambda c: _set(c, "labels", ["x"]), lambda t: t.pop("lora.0.query.B"))
+    with pytest.raises(BundleError) as e:
+        engine.load_task(b, TaskKey("t", "bad"))
+    assert "at least 2" in str(e.value) and "lora.0.query.B" in str(e.value)
+    b = _bundle(engine, tmp_path / "2", "lora")
+    _edit(b, None, lambda t: (t.pop("lora.0.query.B"), t.__setitem__("lora.1.query.A", torch.zeros(9, H))))
+    with pytest.raises(BundleError) as e:
+        engine.load_task(b, TaskKey("t", "bad"))
+    assert "lora.0.query.B" in str(e.value) and "lora.1.query.A" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda b: (b / CONFIG).write_text("{not json"), "not valid UTF-8 JSON"),
+        (lambda b: (b / CONFIG).unlink(), "has no adapter_config.json"),
+        (lambda b: (b / WEIGHTS).write_bytes(b"\x80\x03pickle"), "not a readable safetensors file"),
+        (lambda b: (b / WEIGHTS).unlink(), "has no adapter_model.safetensors"),
+        (lambda b: (b / CONFIG).write_text("[1, 2]"), "must hold a JSON object"),
+    ],
+)
+def test_damaged_files(engine, tmp_path, damage, message):
+    b = _bundle(engine, tmp_path, "lora")
+    damage(b)
+    with pytest.raises(BundleError) as e:
+        engine.load_task(b, TaskKey("t", "bad"))
+    assert message in str(e.value)
+
+
+def test_peft_lora_matching_no_module_is_an_error(engine, tmp_path):
+    """A PEFT LoRA whose targets match nothing in this backbone must not load as a no-op."""
+    d = tmp_path / "peft"
+    d.mkdir()
+    (d / CONFIG).write_text(json.dumps({"peft_type": "LORA", "task_type": "SEQ_CLS", "r": 2, "lora_alpha": 4,
+                                        "target_modules": ["c_attn"]}))
+    save_file(
+        {
+            "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": torch.zeros(2, H),
+            "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight": torch.zeros(H, 2),
+            "base_model.model.classifier.weight": torch.zeros(2, H),
+            "base_model.model.classifier.bias": torch.zeros(2),
+        },
+        str(d / WEIGHTS),
+    )
+    with pytest.raises(NoMatchingModuleError) as e:
+        engine.load_task(d, TaskKey("t", "bad"))
+    assert "do not exist in this bert backbone" in str(e.value)
+
+
+def test_peft_prefix_with_wrong_layer_count(engine, tmp_path):
+    d = tmp_path / "peft"
+    d.mkdir()
+    (d / CONFIG).write_text(json.dumps({"peft_type": "PREFIX_TUNING", "task_type": "SEQ_CLS", "num_virtual_tokens": 4}))
+    save_file({"prompt_embeddings": torch.zeros(4, 3 * 2 * H), "base_model.classifier.weight": torch.zeros(2, H),
+               "base_model.classifier.bias": torch.zeros(2)}, str(d / WEIGHTS))
+    with pytest.raises(BundleError) as e:
+        engine.load_task(d, TaskKey("t", "bad"))
+    assert "3 layers x 2 x 32" in str(e.value) and "(2 layers x 2 x 32)" in str(e.value)
