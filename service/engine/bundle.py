@@ -100,6 +100,12 @@ def parse(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Backb
             problems.append(str(e))
     if "head" in weights and labels and weights["head"].num_labels != len(labels):  # type: ignore[attr-defined]
         problems.append(f"head has {weights['head'].num_labels} outputs but {len(labels)} labels are named")  # type: ignore[attr-defined]
+    if "exits" in weights and labels:
+        n = next(iter(weights["exits"].layers.values()))[0].shape[0]  # type: ignore[attr-defined]
+        if n != len(labels):
+            problems.append(f"exit classifiers have {n} outputs but {len(labels)} labels are named")
+    if "exits" in weights and "head" not in weights:
+        problems.append("early exit needs the task's head: the last layer is answered by it")
     if problems:
         raise BundleError(f"task {name!r}: " + "; ".join(problems))
     _check_lengths(weights, max_length, backbone, name)
@@ -139,7 +145,7 @@ def bundle_bytes(spec_cfg: Mapping[str, Any], weights: Mapping[str, TaskWeights]
     """Serialise (config JSON, safetensors) deterministically."""
     tensors: dict[str, Tensor] = {}
     for w in weights.values():
-        tensors.update({k: t.detach().to("cpu").contiguous() for k, t in w.tensors().items()})
+        tensors.update({k: t.detach().to("cpu").clone() for k, t in w.tensors().items()})  # clone: no shared storage
     cfg = dict(spec_cfg)
     cfg["format"] = FORMAT
     cfg["methods"] = {m: w.config() for m, w in weights.items()}

@@ -21,6 +21,8 @@ from service.engine.encoder import Plan, State
 from service.engine.task import Task, disk_bytes
 from service.engine.types import ClassifyItem, Prediction, TaskKey
 from service.methods.base import REGISTRY
+from service.methods.exits import ExitBatch, ExitPolicy
+from service.methods.head import HeadBatch
 
 log = logging.getLogger(__name__)
 
@@ -92,35 +94,75 @@ class Engine:
             row_part=torch.tensor(row_part, dtype=torch.long, device=dev),
         )
 
-    def plan(self, tasks: Sequence[Task], row_part: Tensor) -> tuple[Plan, object]:
+    def plan(self, tasks: Sequence[Task], row_part: Tensor) -> tuple[Plan, HeadBatch | None]:
         """Per-method tables for the tasks of one batch; the head batch is returned apart."""
         batches = []
-        head = None
         for name, method in sorted(REGISTRY.items(), key=lambda kv: kv[1].order):
-            parts = [t.weights.get(name) for t in tasks]
-            b = method.batch(parts, row_part)
-            if b is None:
+            if method.stage != "encoder":
                 continue
-            if name == "head":
-                head = b
-            else:
+            b = method.batch([t.weights.get(name) for t in tasks], row_part)
+            if b is not None:
                 batches.append(b)
-        return Plan(tuple(batches)), head
+        head = REGISTRY["head"].batch([t.weights.get("head") for t in tasks], row_part)
+        return Plan(tuple(batches)), head  # type: ignore[return-value]
+
+    def _exit_batch(self, batch: Batch, policies: Sequence[ExitPolicy | None] | None) -> ExitBatch | None:
+        parts = [t.weights.get("exits") for t in batch.tasks]
+        if all(p is None for p in parts):
+            return None
+        rows: list[ExitPolicy | None] = []
+        for r, j in enumerate(batch.row_part.tolist()):
+            ew = parts[j]
+            override = policies[r] if policies is not None else None
+            rows.append(None if ew is None else (override or ew.policy))  # type: ignore[union-attr]
+        return REGISTRY["exits"].batch_rows(parts, batch.row_part, rows)  # type: ignore[attr-defined]
 
     # -- forward -------------------------------------------------------------------------------
-    def encode(self, batch: Batch) -> tuple[State, object]:
+    def encode(self, batch: Batch) -> tuple[State, HeadBatch | None]:
+        """Full-depth forward (no early exit): final states and the head batch."""
         plan, head = self.plan(batch.tasks, batch.row_part)
         st = self.backbone.encoder.forward(batch.input_ids, batch.attention_mask, batch.token_type_ids, plan)
         return st, head
 
-    def logits(self, batch: Batch) -> list[Tensor]:
+    def run(self, batch: Batch, policies: Sequence[ExitPolicy | None] | None = None) -> list[tuple[Tensor, int]]:
+        """Per row: (its task's logits, the 1-based layer that answered).
+
+        Rows of tasks with early-exit classifiers may leave after any layer; they are then removed
+        from the batch (compaction), so later layers really run on fewer rows. Everything else
+        runs to the last layer and is answered by its task's head.
+        """
+        enc = self.backbone.encoder
+        n_layers = enc.num_layers
+        plan, head = self.plan(batch.tasks, batch.row_part)
+        if head is None:
+            raise RuntimeError("no task in this batch has a classification head")
+        exits = self._exit_batch(batch, policies)
+        out: list[tuple[Tensor, int] | None] = [None] * batch.input_ids.shape[0]
+        alive = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)  # original row ids
+        st = enc.embed(batch.input_ids, batch.attention_mask, batch.token_type_ids, plan)
+        for i in range(n_layers):
+            st = enc.layer(i, st)
+            if exits is None or i == n_layers - 1:
+                continue
+            leave, logits = exits.decide(i, st.hidden, st.keep, st.text_start, st.text_len)
+            if not bool(leave.any()):
+                continue
+            for r, z in logits.items():
+                out[int(alive[r])] = (z, i + 1)
+            stay = (~leave).nonzero().squeeze(1).to(alive.device)
+            if stay.numel() == 0:
+                break
+            alive, st, head, exits = alive[stay], st.select(stay), head.select(stay), exits.select(stay)
+        else:
+            final = head.logits(st.hidden, st.keep, st.text_start, st.text_len, self._pooler(), st.plan)
+            for r, z in enumerate(final):
+                out[int(alive[r])] = (z, n_layers)
+        return [(z.float().cpu(), layer) for z, layer in out]  # type: ignore[misc]
+
+    def logits(self, batch: Batch, policies: Sequence[ExitPolicy | None] | None = None) -> list[Tensor]:
         """Per row: its task's logits (fp32, on CPU)."""
         with torch.inference_mode():
-            st, head = self.encode(batch)
-            if head is None:
-                raise RuntimeError("no task in this batch has a classification head")
-            out = head.logits(st.hidden, st.keep, st.text_start, st.text_len, self._pooler(), st.plan)
-        return [z.float().cpu() for z in out]
+            return [z for z, _ in self.run(batch, policies)]
 
     def _pooler(self):
         return self.backbone.family.pooler
@@ -130,9 +172,11 @@ class Engine:
         if not items:
             return []
         batch = self.tokenize(items)
-        rows = self.logits(batch)
+        policies = [it.exit_policy for it in items]
+        with torch.inference_mode():
+            rows = self.run(batch, policies if any(p is not None for p in policies) else None)
         preds = []
-        for it, z in zip(items, rows):
+        for it, (z, layer) in zip(items, rows):
             p = torch.softmax(z, dim=-1)
             labels = it.task.labels
             best = int(p.argmax())
@@ -143,6 +187,7 @@ class Engine:
                     scores={lab: float(v) for lab, v in zip(labels, p)},
                     version=it.task.key.version,
                     logits=tuple(float(v) for v in z),
+                    exit_layer=layer,
                 )
             )
         return preds

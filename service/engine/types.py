@@ -31,6 +31,8 @@ class ClassifyItem:
     task: Any  # service.engine.task.Task (kept as Any to avoid an import cycle)
     text: str
     text_pair: str | None = None
+    # Per-request early-exit override (service.methods.exits.ExitPolicy); None = the task's default.
+    exit_policy: Any = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,203 @@
+"""Early exit: an internal classifier after every layer but the last, plus a learned confidence
+predictor per exit, so easy inputs leave the encoder early.
+
+* internal classifier at layer l: pool the layer's hidden states the way the task head does, then
+  a linear layer to the task's labels (DeeBERT / PABEE "off-ramps");
+* confidence predictor at layer l (BERxiT's learning-to-exit module): a one-hidden-layer MLP over
+  [pooled hidden ; exit logits] whose sigmoid estimates P(this exit's answer is right).
+
+Policies, per task (stored default) and overridable per request:
+* ``confidence`` (default): exit when the predicted correctness >= threshold;
+* ``entropy`` (DeeBERT): exit when the entropy of the exit's softmax <= threshold;
+* ``patience`` (PABEE): exit when `patience` consecutive exits agree on the argmax;
+* ``off``: run every layer; output is exactly the no-exit path.
+The final layer is always answered by the task's ordinary head.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from service.engine.spec import BackboneInfo
+from service.methods.base import Method, MethodBatch, Problems, TaskWeights, register, take, trainable
+from service.methods.head import POOLINGS, pool
+
+POLICIES = ("confidence", "entropy", "patience", "off")
+# Defaults where no calibration is stored: 0.9 correctness, entropy 0.3 nats (DeeBERT's sweeps use
+# 0.1..0.7 on 2-class tasks), patience 2 (PABEE's best on GLUE small tasks was 6 of 12 layers; 2 of 6
+# scales that to our depth).
+DEFAULT_THRESHOLDS = {"confidence": 0.9, "entropy": 0.3, "patience": 2.0, "off": 0.0}
+_KEY = re.compile(r"^exits\.(\d+)\.(out|conf1|conf2)\.(weight|bias)$")
+CONF_HIDDEN = 64  # the confidence MLP's width; BERxiT uses a single hidden layer of this order
+
+
+@dataclass(frozen=True)
+class ExitPolicy:
+    name: str = "confidence"
+    threshold: float = DEFAULT_THRESHOLDS["confidence"]
+
+    def __post_init__(self):
+        if self.name not in POLICIES:
+            raise ValueError(f"early-exit policy must be one of {POLICIES}, got {self.name!r}")
+        if self.name == "patience" and (self.threshold < 1 or self.threshold != int(self.threshold)):
+            raise ValueError(f"patience must be a positive whole number, got {self.threshold!r}")
+
+
+@dataclass(frozen=True)
+class ExitWeights(TaskWeights):
+    method = "exits"
+    pooling: str
+    # layer -> (out_w [n, H], out_b [n], conf1_w [k, H + n], conf1_b [k], conf2_w [1, k], conf2_b [1])
+    layers: dict[int, tuple[Tensor, ...]]
+    policy: ExitPolicy = field(default_factory=ExitPolicy)
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {}
+        for layer, (ow, ob, c1w, c1b, c2w, c2b) in sorted(self.layers.items()):
+            p = f"exits.{layer}"
+            out.update({f"{p}.out.weight": ow, f"{p}.out.bias": ob, f"{p}.conf1.weight": c1w,
+                        f"{p}.conf1.bias": c1b, f"{p}.conf2.weight": c2w, f"{p}.conf2.bias": c2b})
+        return out
+
+    def config(self) -> dict[str, Any]:
+        return {"pooling": self.pooling, "layers": sorted(self.layers), "policy": self.policy.name,
+                "threshold": self.policy.threshold, "calibration": self.calibration}
+
+    @classmethod
+    def init(cls, info: BackboneInfo, *, num_labels: int, pooling: str = "cls", hidden: int = CONF_HIDDEN,
+             generator: torch.Generator | None = None) -> "ExitWeights":
+        """Fresh trainable exits for layers 0..L-2 (N(0, 0.02) weights, zero biases, as BERT heads)."""
+        h, n = info.hidden_size, num_labels
+        normal = lambda *s: torch.empty(*s).normal_(0.0, 0.02, generator=generator)  # noqa: E731
+        layers = {
+            layer: tuple(trainable(t, info) for t in (normal(n, h), torch.zeros(n), normal(hidden, h + n),
+                                                      torch.zeros(hidden), normal(1, hidden), torch.zeros(1)))
+            for layer in range(info.num_layers - 1)
+        }
+        return cls(pooling=pooling, layers=layers)
+
+    def exit_logits(self, layer: int, pooled: Tensor) -> Tensor:
+        ow, ob = self.layers[layer][:2]
+        return pooled @ ow.T + ob  # [n_rows, labels]
+
+    def confidence(self, layer: int, pooled: Tensor, logits: Tensor) -> Tensor:
+        """Predicted probability that the exit's argmax is right: [n_rows]."""
+        _, _, c1w, c1b, c2w, c2b = self.layers[layer]
+        z = torch.relu(torch.cat([pooled, logits], dim=-1) @ c1w.T + c1b)
+        return torch.sigmoid(z @ c2w.T + c2b).squeeze(-1)
+
+
+class ExitBatch(MethodBatch):
+    """Per-row exit decisions. Carries per-row policy and PABEE's agreement counters so that
+    compaction (`select`) keeps them aligned with the surviving rows."""
+
+    def __init__(self, parts: Sequence[ExitWeights | None], row_part: Tensor, policy: list[ExitPolicy | None],
+                 prev: Tensor | None = None, streak: Tensor | None = None):
+        self.parts = parts
+        self.row_part = row_part
+        self.policy = policy  # per row; None = this row cannot exit early
+        b = row_part.shape[0]
+        self.prev = prev if prev is not None else torch.full((b,), -1, dtype=torch.long, device=row_part.device)
+        self.streak = streak if streak is not None else torch.zeros(b, dtype=torch.long, device=row_part.device)
+
+    def active(self) -> bool:
+        return any(p is not None and p.name != "off" for p in self.policy)
+
+    def select(self, rows: Tensor) -> "ExitBatch":
+        idx = rows.tolist()
+        return ExitBatch(self.parts, self.row_part.index_select(0, rows), [self.policy[i] for i in idx],
+                         self.prev.index_select(0, rows), self.streak.index_select(0, rows))
+
+    def decide(self, layer: int, hidden: Tensor, keep: Tensor, text_start: Tensor, text_len: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
+        """After `layer`: which rows exit ([B] bool) and their exit logits {row: [labels]}."""
+        bsz = hidden.shape[0]
+        exit_now = torch.zeros(bsz, dtype=torch.bool)
+        logits: dict[int, Tensor] = {}
+        for j, p in enumerate(self.parts):
+            if p is None or layer not in p.layers:
+                continue
+            rows = [r for r in (self.row_part == j).nonzero().squeeze(1).tolist()
+                    if self.policy[r] is not None and self.policy[r].name != "off"]
+            if not rows:
+                continue
+            ri = torch.tensor(rows, device=hidden.device)
+            pooled = pool(hidden[ri], keep[ri], text_start[ri], text_len[ri], p.pooling)
+            z = p.exit_logits(layer, pooled)  # [n, labels]
+            conf = p.confidence(layer, pooled, z)
+            prob = torch.softmax(z.float(), dim=-1)
+            entropy = -(prob * prob.clamp_min(1e-12).log()).sum(-1)
+            top = z.argmax(-1)
+            for k, r in enumerate(rows):
+                pol = self.policy[r]
+                if pol.name == "confidence":
+                    go = float(conf[k]) >= pol.threshold
+                elif pol.name == "entropy":
+                    go = float(entropy[k]) <= pol.threshold
+                else:  # patience: consecutive exits agreeing on the argmax
+                    same = int(self.prev[r]) == int(top[k])
+                    self.streak[r] = self.streak[r] + 1 if same else 1
+                    self.prev[r] = top[k]
+                    go = int(self.streak[r]) >= pol.threshold
+                if go:
+                    exit_now[r] = True
+                    logits[r] = z[k]
+        return exit_now, logits
+
+
+@register
+class Exits(Method):
+    name = "exits"
+    order = 95
+    stage = "output"
+
+    def parse(self, section: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: BackboneInfo) -> ExitWeights:
+        problems = Problems("exits")
+        pooling = section.get("pooling", "cls")
+        if pooling not in POOLINGS:
+            problems.add(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
+        try:
+            policy = ExitPolicy(section.get("policy", "confidence"),
+                                float(section.get("threshold", DEFAULT_THRESHOLDS.get(section.get("policy", "confidence"), 0.9))))
+        except (ValueError, TypeError) as e:
+            problems.add(str(e))
+            policy = ExitPolicy()
+        layers_found = sorted({int(m.group(1)) for m in map(_KEY.match, tensors) if m})
+        for k in tensors:
+            if not _KEY.match(k):
+                problems.add(f"unrecognised exits tensor {k!r}")
+        bad = [x for x in layers_found if x >= backbone.num_layers - 1]
+        if bad:
+            problems.add(f"exit classifiers for layers {bad}, but only layers 0..{backbone.num_layers - 2} can exit early "
+                         f"(the last layer is answered by the head)")
+        w = tensors.get(f"exits.{layers_found[0]}.out.weight") if layers_found else None
+        if w is None or w.dim() != 2:
+            problems.add("no exit classifier tensors (exits.<layer>.out.weight)")
+            problems.raise_if_any()
+        n, h = w.shape[0], backbone.hidden_size
+        c1 = tensors.get(f"exits.{layers_found[0]}.conf1.weight")
+        k = c1.shape[0] if c1 is not None and c1.dim() == 2 else CONF_HIDDEN
+        layers = {}
+        for layer in layers_found:
+            if layer in bad:
+                continue
+            p = f"exits.{layer}"
+            got = (take(tensors, f"{p}.out.weight", (n, h), problems), take(tensors, f"{p}.out.bias", (n,), problems),
+                   take(tensors, f"{p}.conf1.weight", (k, h + n), problems), take(tensors, f"{p}.conf1.bias", (k,), problems),
+                   take(tensors, f"{p}.conf2.weight", (1, k), problems), take(tensors, f"{p}.conf2.bias", (1,), problems))
+            if all(t is not None for t in got):
+                layers[layer] = tuple(t.to(device=backbone.device, dtype=backbone.dtype).contiguous() for t in got)
+        problems.raise_if_any()
+        return ExitWeights(pooling=pooling, layers=layers, policy=policy, calibration=dict(section.get("calibration") or {}))
+
+    def batch(self, parts: Sequence[TaskWeights | None], row_part: Tensor) -> ExitBatch | None:
+        raise NotImplementedError("exits are batched by Engine with per-row policies (Exits.batch_rows)")
+
+    def batch_rows(self, parts: Sequence[ExitWeights | None], row_part: Tensor, policies: list[ExitPolicy | None]) -> ExitBatch | None:
+        if all(p is None for p in parts) or all(p is None or p.name == "off" for p in policies):
+            return None
+        return ExitBatch(parts, row_part, policies)

@@ -1,0 +1,144 @@
+"""Early exit in mixed batches: off == no-exit path, exit logits == that layer's classifier,
+compaction keeps rows and tasks aligned."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.engine.engine import Engine
+from service.engine.types import ClassifyItem, TaskKey
+from service.methods.exits import ExitPolicy, ExitWeights
+from service.methods.head import pool
+from tests.factories import publish, random_head, random_method, tiny_backbone
+from tests.engine.test_mixed_batch import _texts
+
+
+def random_exits(info, g, labels: int, pooling: str = "cls", scale: float = 1.0) -> ExitWeights:
+    h, k = info.hidden_size, 8
+    r = lambda *s: torch.randn(*s, generator=g) * scale  # noqa: E731
+    layers = {layer: (r(labels, h), r(labels), r(k, h + labels), r(k), r(1, k), r(1)) for layer in range(info.num_layers - 1)}
+    return ExitWeights(pooling=pooling, layers=layers)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ee")
+    from service.engine.backbone import load_backbone
+    from tests.factories import save_tiny_backbone
+
+    # 4 layers so rows can leave at 1, 2 or 3
+    import transformers as T
+
+    path = save_tiny_backbone("bert", tmp / "bb")
+    cfg = T.AutoConfig.from_pretrained(path)
+    cfg.num_hidden_layers = 4
+    torch.manual_seed(1)
+    T.AutoModel.from_config(cfg).save_pretrained(path)
+    engine = Engine(load_backbone(path, device="cpu", dtype="float32"))
+    info = engine.backbone.info
+    g = torch.Generator().manual_seed(0)
+    tasks = []
+    for i, (method, with_exits) in enumerate([("lora", True), ("adapter", False), ("prefix", True), ("prompt", True), ("lora", False)]):
+        n = 2 + i % 2
+        w = {method: random_method(method, info, g, i), "head": random_head(info, g, labels=n)}
+        if with_exits:
+            w["exits"] = random_exits(info, g, n, pooling=("cls", "mean")[i % 2])
+        name = f"t{i}"
+        v = publish(tmp / "store", name, w, [f"l{k}" for k in range(n)])
+        tasks.append(engine.load_task(tmp / "store" / name / v, TaskKey(name, v)))
+    return engine, tasks
+
+
+def _items(tasks, n=20, policy=None):
+    texts = _texts(n, seed=5)
+    return [ClassifyItem(tasks[i % len(tasks)], texts[i], exit_policy=policy) for i in range(n)]
+
+
+def test_exits_round_trip_through_the_bundle(setup):
+    engine, tasks = setup
+    assert "exits" in tasks[0].weights and "exits" not in tasks[1].weights
+    assert sorted(tasks[0].weights["exits"].layers) == [0, 1, 2]
+
+
+def test_policy_off_equals_no_exit_path_exactly(setup):
+    engine, tasks = setup
+    items = _items(tasks)
+    batch = engine.tokenize(items)
+    with torch.inference_mode():
+        off = engine.run(batch, [ExitPolicy("off")] * len(items))
+        st, head = engine.encode(batch)
+        ref = head.logits(st.hidden, st.keep, st.text_start, st.text_len, engine._pooler(), st.plan)
+    for (z, layer), r in zip(off, ref):
+        assert layer == engine.backbone.encoder.num_layers
+        assert torch.equal(z, r.float())
+
+
+@pytest.mark.parametrize("policy", [ExitPolicy("entropy", 0.6), ExitPolicy("patience", 2), ExitPolicy("confidence", 0.5)])
+def test_exit_logits_are_that_layers_classifier(setup, policy):
+    engine, tasks = setup
+    items = _items(tasks, policy=policy)
+    batch = engine.tokenize(items)
+    with torch.inference_mode():
+        got = engine.run(batch, [policy] * len(items))
+        # reference: full-depth hidden states of every layer, exit classifier applied by hand
+        plan, _ = engine.plan(batch.tasks, batch.row_part)
+        enc = engine.backbone.encoder
+        st = enc.embed(batch.input_ids, batch.attention_mask, batch.token_type_ids, plan)
+        states = []
+        for i in range(enc.num_layers):
+            st = enc.layer(i, st)
+            states.append(st)
+    layers_seen = set()
+    for r, (it, (z, layer)) in enumerate(zip(items, got)):
+        ew = it.task.weights.get("exits")
+        if ew is None:
+            assert layer == enc.num_layers  # tasks without exit heads run to the end
+            continue
+        layers_seen.add(layer)
+        if layer == enc.num_layers:
+            continue
+        s = states[layer - 1]
+        pooled = pool(s.hidden[r:r + 1], s.keep[r:r + 1], s.text_start[r:r + 1], s.text_len[r:r + 1], ew.pooling)
+        torch.testing.assert_close(z, ew.exit_logits(layer - 1, pooled)[0], atol=1e-5, rtol=0)
+    assert len(layers_seen) >= 2, f"policy {policy} should spread exits over layers, saw {layers_seen}"
+
+
+@pytest.mark.parametrize("policy", [ExitPolicy("entropy", 0.6), ExitPolicy("patience", 2)])
+def test_compaction_keeps_rows_and_tasks_aligned(setup, policy):
+    """Mixed batch with exiting and non-exiting tasks == every row alone (same exit layer too)."""
+    engine, tasks = setup
+    items = _items(tasks, n=25, policy=policy)
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(3)).tolist()
+    items = [items[i] for i in order]
+    mixed = engine.classify(items)
+    exits_seen = set()
+    for it, p in zip(items, mixed):
+        alone = engine.classify([it])[0]
+        assert p.exit_layer == alone.exit_layer
+        assert p.version == it.task.key.version and len(p.scores) == len(it.task.labels)
+        torch.testing.assert_close(torch.tensor(p.logits), torch.tensor(alone.logits), atol=1e-5, rtol=0)
+        exits_seen.add(p.exit_layer)
+    assert len(exits_seen) >= 2
+
+
+def test_bad_exit_bundle_is_refused(setup, tmp_path):
+    engine, tasks = setup
+    info = engine.backbone.info
+    g = torch.Generator().manual_seed(0)
+    ex = random_exits(info, g, 2)
+    bad = ExitWeights(pooling="cls", layers={**ex.layers, 3: ex.layers[0]})  # the last layer cannot exit early
+    v = publish(tmp_path, "bad", {"head": random_head(info, g), "exits": bad}, ["a", "b"])
+    from service.errors import BundleError
+
+    with pytest.raises(BundleError, match="only layers 0..2 can exit early"):
+        engine.load_task(tmp_path / "bad" / v, TaskKey("bad", v))
+    v = publish(tmp_path, "bad2", {"head": random_head(info, g, labels=3), "exits": ex}, ["a", "b", "c"])
+    with pytest.raises(BundleError, match="exit classifiers have 2 outputs but 3 labels"):
+        engine.load_task(tmp_path / "bad2" / v, TaskKey("bad2", v))
+
+
+def test_policy_validation():
+    with pytest.raises(ValueError, match="one of"):
+        ExitPolicy("sometimes")
+    with pytest.raises(ValueError, match="whole number"):
+        ExitPolicy("patience", 1.5)
