@@ -11,16 +11,19 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import torch
 from torch import Tensor
 from transformers.activations import ACT2FN
 
 from service.engine.spec import BackboneInfo
 from service.methods import slots
-from service.methods.base import Method, MethodBatch, Problems, TaskWeights, register, take
+from service.methods.base import Method, MethodBatch, Problems, TaskWeights, register, take, trainable
 from service.methods.slots import SlotTable
 
 PLACEMENTS = {"houlsby": ("attn", "ffn"), "pfeiffer": ("ffn",)}
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "tanh")
+# Houlsby et al. (2019), section 3.6: weights drawn from a zero-mean normal with std 1e-2.
+INIT_STD = 1e-2
 _KEY = re.compile(r"^adapter\.(\d+)\.(attn|ffn)\.(down|up)\.(weight|bias)$")
 
 
@@ -39,6 +42,34 @@ class AdapterWeights(TaskWeights):
             p = f"adapter.{layer}.{site}"
             out.update({f"{p}.down.weight": dw, f"{p}.down.bias": db, f"{p}.up.weight": uw, f"{p}.up.bias": ub})
         return out
+
+    @classmethod
+    def init(
+        cls,
+        info: BackboneInfo,
+        *,
+        kind: str,
+        bottleneck: int,
+        activation: str = "relu",
+        generator: torch.Generator | None = None,
+    ) -> "AdapterWeights":
+        """Fresh trainable weights: down ~ N(0, 1e-2) and up, biases zero. Houlsby draws both
+        projections from the small normal (near-identity); a zero `up` makes the start exactly
+        the identity, as LoRA's zero B does, while `down` still gets gradients from step 2."""
+        if kind not in PLACEMENTS:
+            raise ValueError(f"adapter kind must be one of {sorted(PLACEMENTS)}, got {kind!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"adapter activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if not isinstance(bottleneck, int) or bottleneck < 1:
+            raise ValueError(f"adapter bottleneck must be a positive integer, got {bottleneck!r}")
+        h, m = info.hidden_size, bottleneck
+        blocks = {}
+        for layer in range(info.num_layers):
+            for site in PLACEMENTS[kind]:
+                down = torch.empty(m, h).normal_(0.0, INIT_STD, generator=generator)
+                zeros = (torch.zeros(m), torch.zeros(h, m), torch.zeros(h))
+                blocks[(layer, site)] = tuple(trainable(t, info) for t in (down, *zeros))
+        return cls(kind=kind, bottleneck=m, activation=activation, blocks=blocks)
 
     def config(self) -> dict[str, Any]:
         return {"kind": self.kind, "bottleneck": self.bottleneck, "activation": self.activation}

@@ -75,6 +75,9 @@ class Method:
     name: ClassVar[str]
     # Order in which methods apply when one task combines several (e.g. LoRA + head).
     order: ClassVar[int] = 50
+    # "encoder": hooks into the shared forward (a MethodBatch in the Plan); "output": reads the
+    # encoder's states to produce answers (heads, early-exit classifiers), batched by the engine.
+    stage: ClassVar[str] = "encoder"
 
     def parse(
         self, section: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: BackboneInfo
@@ -137,3 +140,9 @@ def take(tensors: Mapping[str, Tensor], name: str, shape: tuple[int, ...], probl
         problems.add(f"tensor {name!r} contains NaN or Inf")
         return None
     return t
+
+
+def trainable(t: Tensor, backbone: BackboneInfo) -> Tensor:
+    """Fresh weights for training (each method's `init`): a leaf tensor on the engine's device and
+    dtype that collects gradients. Serving never calls this; parsed weights stay plain tensors."""
+    return t.to(device=backbone.device, dtype=backbone.dtype).requires_grad_(True)

@@ -18,11 +18,13 @@ from torch import Tensor
 from transformers.activations import ACT2FN
 
 from service.engine.spec import BackboneInfo
-from service.methods.base import Method, MethodBatch, Problems, TaskWeights, register, take
+from service.methods.base import Method, MethodBatch, Problems, TaskWeights, register, take, trainable
 from service.methods.lora import POOLER
 
 POOLINGS = ("cls", "pooler", "mean")
 DENSE_ACTIVATIONS = ("tanh", "relu", "gelu")
+# BERT's initializer_range: classifier weights ~ N(0, 0.02), bias 0 (`BertPreTrainedModel._init_weights`).
+INIT_STD = 0.02
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,39 @@ class HeadWeights(TaskWeights):
         if self.dense_w is not None:
             out.update({"head.dense.weight": self.dense_w, "head.dense.bias": self.dense_b})
         return out
+
+    @classmethod
+    def init(
+        cls,
+        info: BackboneInfo,
+        *,
+        num_labels: int,
+        pooling: str = "cls",
+        dense: bool = False,
+        dense_activation: str = "tanh",
+        generator: torch.Generator | None = None,
+    ) -> "HeadWeights":
+        """Fresh trainable weights: every matrix ~ N(0, 0.02), biases zero (BERT's classifier init)."""
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        if pooling == "pooler" and not info.has_pooler:
+            raise ValueError("pooling 'pooler' needs a backbone with a pooler layer; this one has none (use 'cls' or 'mean')")
+        if dense_activation not in DENSE_ACTIVATIONS:
+            raise ValueError(f"dense_activation must be one of {DENSE_ACTIVATIONS}, got {dense_activation!r}")
+        if not isinstance(num_labels, int) or num_labels < 2:
+            raise ValueError(f"a classification head needs at least 2 labels, got {num_labels!r}")
+        h = info.hidden_size
+        normal = lambda *shape: torch.empty(*shape).normal_(0.0, INIT_STD, generator=generator)  # noqa: E731
+        dense_w = trainable(normal(h, h), info) if dense else None
+        dense_b = trainable(torch.zeros(h), info) if dense else None
+        return cls(
+            pooling=pooling,
+            out_w=trainable(normal(num_labels, h), info),
+            out_b=trainable(torch.zeros(num_labels), info),
+            dense_w=dense_w,
+            dense_b=dense_b,
+            dense_activation=dense_activation,
+        )
 
     def config(self) -> dict[str, Any]:
         cfg = {"pooling": self.pooling, "dense": self.dense_w is not None, "num_labels": self.num_labels}
@@ -99,6 +134,7 @@ class HeadBatch(MethodBatch):
 class Head(Method):
     name = "head"
     order = 90
+    stage = "output"
 
     def parse(self, section: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: BackboneInfo) -> HeadWeights:
         problems = Problems("head")

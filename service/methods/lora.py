@@ -12,12 +12,13 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import torch
 from torch import Tensor
 
 from service.engine.families import SITES
 from service.engine.spec import BackboneInfo
 from service.methods import slots
-from service.methods.base import Method, MethodBatch, Problems, TaskWeights, register, take
+from service.methods.base import Method, MethodBatch, Problems, TaskWeights, register, take, trainable
 from service.methods.slots import SlotTable
 
 # The BERT pooler (dense + tanh on the first token) can carry LoRA too when a PEFT bundle targets
@@ -46,6 +47,37 @@ class LoraWeights(TaskWeights):
             out[f"lora.{layer}.{site}.A"] = a
             out[f"lora.{layer}.{site}.B"] = b
         return out
+
+    @classmethod
+    def init(
+        cls,
+        info: BackboneInfo,
+        *,
+        r: int,
+        alpha: float,
+        targets: Sequence[str],
+        layers: Sequence[int] | None = None,
+        use_rslora: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> "LoraWeights":
+        """Fresh trainable weights (leaf tensors, requires_grad): A kaiming-uniform(a=sqrt(5)) and
+        B zeros, as HF PEFT initialises LoRA, so the update starts at exactly zero."""
+        if not isinstance(r, int) or r < 1:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
+        if not alpha > 0:
+            raise ValueError(f"LoRA alpha must be positive, got {alpha!r}")
+        bad = [t for t in targets if t not in SITES]
+        if bad or not targets:
+            raise ValueError(f"LoRA targets must be a non-empty subset of {', '.join(SITES)}; got {list(targets)}")
+        layers = range(info.num_layers) if layers is None else layers
+        pairs = {}
+        for layer in layers:
+            for site in targets:
+                fin, fout = info.site_shape(site)
+                a = torch.nn.init.kaiming_uniform_(torch.empty(r, fin), a=math.sqrt(5), generator=generator)
+                b = torch.zeros(fout, r)
+                pairs[(layer, site)] = (trainable(a, info), trainable(b, info))
+        return cls(r=r, alpha=float(alpha), use_rslora=use_rslora, pairs=pairs)
 
     def config(self) -> dict[str, Any]:
         return {

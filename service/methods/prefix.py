@@ -9,15 +9,18 @@ In a batch, rows are padded to the longest prefix and the padding is masked out 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from service.engine.spec import BackboneInfo
 from service.methods import slots
-from service.methods.base import Method, MethodBatch, Problems, TaskWeights, register, take
-from service.methods.prompt import MAX_VIRTUAL_TOKENS
+from service.methods.base import Method, MethodBatch, Problems, TaskWeights, register, take, trainable
+from service.methods.prompt import MAX_VIRTUAL_TOKENS, sample_token_ids
+
+if TYPE_CHECKING:
+    from service.engine.backbone import Backbone
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,41 @@ class PrefixWeights(TaskWeights):
     @property
     def positions_used(self) -> int:
         return self.num_virtual_tokens if self.shift_positions else 0
+
+    @classmethod
+    def init(
+        cls,
+        backbone: "Backbone",
+        *,
+        num_virtual_tokens: int,
+        shift_positions: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> "PrefixWeights":
+        """Fresh trainable prefixes: the keys and values the frozen backbone itself computes, layer
+        by layer, for a sequence of random common vocabulary tokens, i.e. the prefix starts as if
+        those words had been prepended to every input.
+
+        Li & Liang (2021) report that initialising from real words' activations trains better than
+        random initialisation, and that optimising the prefix directly was unstable for them without
+        a reparameterising MLP. Random normal keys/values are off the scale of real ones (large:
+        they swamp attention; small: they only dilute it); starting on the backbone's own scale,
+        the prefix trains directly in the serving format, with no MLP to fold away afterwards."""
+        if not isinstance(num_virtual_tokens, int) or not 1 <= num_virtual_tokens <= MAX_VIRTUAL_TOKENS:
+            raise ValueError(f"prefix length must be an integer in [1, {MAX_VIRTUAL_TOKENS}], got {num_virtual_tokens!r}")
+        from service.engine.encoder import Plan  # the encoder imports the method contract
+
+        info, layers, enc = backbone.info, backbone.family.layers, backbone.encoder
+        ids = sample_token_ids(backbone.tokenizer, num_virtual_tokens, generator).to(info.device).unsqueeze(0)  # [1, P]
+        keys, values = [], []
+        with torch.no_grad():
+            st = enc.embed(ids, torch.ones_like(ids), None, Plan())
+            for i in range(enc.num_layers):  # the keys/values layer i attends over: [P, H] each
+                keys.append(layers[i].key(st.hidden)[0])
+                values.append(layers[i].value(st.hidden)[0])
+                st = enc.layer(i, st)
+        k, v = torch.stack(keys), torch.stack(values)  # [L, P, H]
+        return cls(keys=trainable(k, info), values=trainable(v, info), num_heads=info.num_heads,
+                   shift_positions=shift_positions)
 
     def tensors(self) -> dict[str, Tensor]:
         return {"prefix.keys": self.keys, "prefix.values": self.values}

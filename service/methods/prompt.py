@@ -7,16 +7,42 @@ padded to the longest prompt (see `Encoder.embed`); rows without a prompt have l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from service.engine.spec import BackboneInfo
 from service.methods import slots
-from service.methods.base import Method, MethodBatch, Problems, TaskWeights, register, take
+from service.methods.base import Method, MethodBatch, Problems, TaskWeights, register, take, trainable
+
+if TYPE_CHECKING:
+    from service.engine.backbone import Backbone
 
 MAX_VIRTUAL_TOKENS = 256  # a server limit: longer prompts cost more than they have been shown to help
+# Lester et al. (2021) initialise prompts from "the 5,000 most common tokens" of the vocabulary.
+COMMON_TOKENS = 5000
+
+
+def sample_token_ids(tokenizer, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """n ids drawn (with replacement) from the vocabulary's first COMMON_TOKENS whole-word tokens.
+
+    WordPiece and BPE vocabularies number their tokens roughly by frequency (BERT's words start
+    at "the"; BPE ids follow merge order), so the first whole-word, alphabetic, non-special ids
+    stand in for "most common" without a corpus. [n] long, on the CPU."""
+    special = set(tokenizer.all_special_ids)
+    words = []
+    for tid in range(len(tokenizer)):
+        piece = tokenizer.convert_ids_to_tokens(tid)
+        word = piece.lstrip("\u0120\u2581")  # BPE / SentencePiece word-start markers
+        if tid not in special and len(word) > 1 and word.isalpha() and not piece.startswith(("##", "[", "<")):
+            words.append(tid)
+            if len(words) == COMMON_TOKENS:
+                break
+    if not words:
+        raise ValueError("the tokenizer has no whole-word tokens to initialise virtual tokens from")
+    pick = torch.randint(len(words), (n,), generator=generator)
+    return torch.tensor(words, dtype=torch.long)[pick]
 
 
 @dataclass(frozen=True)
@@ -31,6 +57,17 @@ class PromptWeights(TaskWeights):
     @property
     def positions_used(self) -> int:
         return self.num_virtual_tokens
+
+    @classmethod
+    def init(cls, backbone: "Backbone", *, num_virtual_tokens: int, generator: torch.Generator | None = None) -> "PromptWeights":
+        """Fresh trainable prompt: the input embeddings of random common vocabulary tokens
+        (Lester et al., 2021, "sampled vocab" init), so it starts inside the embedding manifold."""
+        if not isinstance(num_virtual_tokens, int) or not 1 <= num_virtual_tokens <= MAX_VIRTUAL_TOKENS:
+            raise ValueError(f"prompt length must be an integer in [1, {MAX_VIRTUAL_TOKENS}], got {num_virtual_tokens!r}")
+        ids = sample_token_ids(backbone.tokenizer, num_virtual_tokens, generator)
+        table = backbone.family.embeddings.word.weight  # [V, E]
+        emb = table.detach().index_select(0, ids.to(table.device)).clone()  # [P, E]
+        return cls(embeddings=trainable(emb, backbone.info))
 
     def tensors(self) -> dict[str, Tensor]:
         return {"prompt.embeddings": self.embeddings}

@@ -1,0 +1,116 @@
+"""POST /v1/tasks/{task}/classify: check the request, find the task, queue its rows, answer.
+
+The handler never touches weights or runs a forward: the store names the version, the task
+cache loads it, the scheduler batches its rows with everyone else's."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Coroutine, Sequence, TypeVar
+
+from fastapi import APIRouter, Request
+
+from service.api.deps import error_responses, service_state
+from service.api.schemas import ClassifyRequest, ClassifyResponse, PredictionOut, TextPair
+from service.engine.types import ClassifyItem, TaskKey
+from service.errors import ClientDisconnected, DeadlineExceeded, InvalidInput, PayloadTooLarge
+from service.settings import Settings
+from service.state import TaskLike
+
+T = TypeVar("T")
+
+router = APIRouter()
+
+
+@router.post(
+    "/v1/tasks/{task}/classify",
+    response_model=ClassifyResponse,
+    responses=error_responses(400, 404, 413, 422, 429, 503, 504),
+    summary="Classify texts (or text pairs) with one task",
+)
+async def classify(task: str, body: ClassifyRequest, request: Request) -> ClassifyResponse:
+    state = service_state(request)
+    settings = state.settings
+    runtime = state.require_runtime()
+    timeout_s = settings.request_timeout_s
+    if body.timeout_ms is not None:
+        timeout_s = min(timeout_s, body.timeout_ms / 1000.0)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+
+    # A stat and a read of a tiny ACTIVE file; cheap enough to stay on the loop for a local disk.
+    key = state.store.resolve(task)
+    _check_limits(body.inputs, settings)
+
+    async def answer() -> ClassifyResponse:
+        try:
+            loaded = await asyncio.wait_for(runtime.cache.get(key), timeout=max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"task {key} did not load within the request's deadline") from None
+        items = _to_items(loaded, key, body.inputs)
+        predictions = await runtime.scheduler.submit(items, deadline)
+        return ClassifyResponse(
+            task=key.name,
+            version=key.version,
+            predictions=[
+                PredictionOut(label=p.label, score=p.score, scores=p.scores, version=p.version, exit_layer=p.exit_layer)
+                for p in predictions
+            ],
+        )
+
+    return await _unless_disconnected(request, answer())
+
+
+def _check_limits(inputs: Sequence[str | TextPair], settings: Settings) -> None:
+    if len(inputs) > settings.max_inputs_per_request:
+        raise PayloadTooLarge(
+            f"{len(inputs)} inputs in one request; the limit is {settings.max_inputs_per_request} (split the request)"
+        )
+    for index, item in enumerate(inputs):
+        for text in item if isinstance(item, tuple) else (item,):
+            if len(text) > settings.max_chars_per_input:
+                raise PayloadTooLarge(
+                    f"inputs[{index}] has {len(text)} characters; the limit is {settings.max_chars_per_input}"
+                )
+
+
+def _to_items(task: TaskLike, key: TaskKey, inputs: Sequence[str | TextPair]) -> list[ClassifyItem]:
+    pair_task = task.input_kind == "pair"
+    items = []
+    for index, item in enumerate(inputs):
+        if isinstance(item, tuple) != pair_task:
+            if pair_task:
+                raise InvalidInput(
+                    f"task {key.name!r} classifies text pairs: inputs[{index}] must be [text, text_pair], not a string"
+                )
+            raise InvalidInput(
+                f"task {key.name!r} classifies single texts: inputs[{index}] must be a string, not a pair"
+            )
+        text, text_pair = item if isinstance(item, tuple) else (item, None)
+        items.append(ClassifyItem(task=task, text=text, text_pair=text_pair))
+    return items
+
+
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run `work`, cancelling it if the client disconnects first (its queued rows are then
+    dropped before their forward)."""
+    work_task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({work_task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not work_task.done():
+            work_task.cancel()
+    if not work_task.done() or work_task.cancelled():
+        raise ClientDisconnected("client disconnected before its predictions were ready")
+    return work_task.result()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body has been read, so the next ASGI message is http.disconnect, whenever it comes.
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:
+        # A server that cannot report disconnects: never cancel; the work's deadline still holds.
+        await asyncio.Event().wait()

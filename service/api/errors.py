@@ -1,0 +1,76 @@
+"""The one place errors become HTTP responses: `{"error": message, "error_type": type}`.
+
+AdaptserveError carries its own status; FastAPI's validation errors become 422 (400 when the body
+is not JSON at all); Starlette's routing errors keep their status. Anything else is a bug: logged
+with its traceback and answered with a bare 500.
+"""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import AdaptserveError
+
+log = logging.getLogger(__name__)
+
+_HTTP_ERROR_TYPES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+_MAX_LISTED_PROBLEMS = 5  # a body with 64 bad inputs should not produce a 64-line message
+
+
+def error_response(status: int, message: str, error_type: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
+
+
+async def _adaptserve_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AdaptserveError)
+    if exc.status_code >= 500:
+        log.warning("%s %s -> %d %s: %s", request.method, request.url.path, exc.status_code, exc.error_type, exc.message)
+    return error_response(exc.status_code, exc.message, exc.error_type, exc.headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    problems = list(exc.errors())
+    for problem in problems:
+        if problem.get("type") == "json_invalid":
+            detail = (problem.get("ctx") or {}).get("error", "")
+            return error_response(400, f"request body is not valid JSON: {detail}".rstrip(": "), "bad_request")
+    lines = [_describe(problem) for problem in problems[:_MAX_LISTED_PROBLEMS]]
+    if len(problems) > _MAX_LISTED_PROBLEMS:
+        lines.append(f"and {len(problems) - _MAX_LISTED_PROBLEMS} more problems")
+    return error_response(422, "; ".join(lines) or "invalid request", "validation_error")
+
+
+def _describe(problem: dict) -> str:
+    """`body.inputs.0: Input should be a valid string`, with pydantic's own wording."""
+    where = ".".join(str(part) for part in problem.get("loc", ()))
+    message = str(problem.get("msg", "invalid value")).removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    error_type = _HTTP_ERROR_TYPES.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, str(exc.detail), error_type, getattr(exc, "headers", None))
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal server error", "internal_error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(AdaptserveError, _adaptserve_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected_error)

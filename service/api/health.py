@@ -1,0 +1,50 @@
+"""Probes and metrics: GET /healthz (alive), GET /readyz (ready to classify), GET /metrics."""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from service.api.deps import service_state
+from service.api.schemas import Health, Readiness
+
+router = APIRouter()
+
+
+@router.get("/healthz", response_model=Health, responses={503: {"model": Health}}, summary="Liveness")
+async def healthz(request: Request) -> Any:
+    state = service_state(request)
+    if state.startup_error is not None:  # the server will never get ready: let the orchestrator restart it
+        return JSONResponse(Health(status="failed", error=state.startup_error).model_dump(), status_code=503)
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, summary="Readiness")
+async def readyz(request: Request) -> Any:
+    state = service_state(request)
+    if state.ready:
+        backbone = state.runtime.engine.backbone  # type: ignore[union-attr]
+        return Readiness(status="ready", backbone=_describe_backbone(backbone))
+    if state.stopping:
+        status, error = "stopping", None
+    elif state.startup_error is not None:
+        status, error = "failed", state.startup_error
+    else:
+        status, error = "starting", None
+    return JSONResponse(Readiness(status=status, error=error).model_dump(), status_code=503)
+
+
+def _describe_backbone(backbone: Any) -> dict[str, Any]:
+    described = {}
+    for field in ("name", "fingerprint", "num_params", "device", "dtype"):
+        value = getattr(backbone, field, None)
+        # torch.device / torch.dtype are not JSON: show them as `cuda:0`, `torch.float16`.
+        described[field] = value if value is None or isinstance(value, (str, int, float)) else str(value)
+    return described
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    text, content_type = service_state(request).metrics.render()
+    return Response(content=text, media_type=content_type)

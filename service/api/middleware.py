@@ -1,0 +1,106 @@
+"""Pure ASGI middleware: the request body limit and per-task request metrics.
+
+Pure ASGI (not BaseHTTPMiddleware) so neither adds a task per request nor hides the
+`http.disconnect` message that the classify route listens for.
+"""
+from __future__ import annotations
+
+import re
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.errors import error_response
+from service.metrics import UNKNOWN_TASK
+from service.state import ServiceState
+
+CLASSIFY_PATH = re.compile(r"^/v1/tasks/(?P<task>[^/]+)/classify/?$")
+
+
+class BodyLimitMiddleware:
+    """413 for a body over `max_bytes`, judged by Content-Length and by the bytes actually read.
+
+    The body is read here in full (it is bounded) and replayed to the app, so an over-long
+    chunked body is refused before any of it is parsed.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            try:
+                declared_bytes = int(declared)
+            except ValueError:
+                await error_response(400, "invalid Content-Length header", "bad_request")(scope, receive, send)
+                return
+            if declared_bytes > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # client left mid-body: nobody to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: wait for http.disconnect as usual
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(
+            413, f"request body larger than {self.max_bytes} bytes", "payload_too_large", {"Connection": "close"}
+        )
+        await response(scope, receive, send)
+
+
+class RequestMetricsMiddleware:
+    """Counts classify requests by task name and status and times them, whatever answered them
+    (route, validation, body limit, error handler)."""
+
+    def __init__(self, app: ASGIApp, state: ServiceState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = CLASSIFY_PATH.match(scope.get("path", "")) if scope["type"] == "http" else None
+        if match is None:
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # unless a response starts, the request failed
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            name = match["task"]
+            # Only names that exist in the store become labels: clients cannot add series.
+            label = name if self.state.store.has_task(name) else UNKNOWN_TASK
+            self.state.metrics.observe_request(label, status, time.perf_counter() - started)

@@ -1,0 +1,112 @@
+"""The app factory: settings in, a FastAPI app out; the engine is built in the lifespan.
+
+Startup runs in the background so /healthz answers while the backbone loads: load backbone ->
+build Engine -> one warmup forward -> start the scheduler -> ready (/readyz turns 200). Shutdown
+stops taking requests and drains the scheduler. Tests pass their own engine and skip the loading.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import AsyncIterator
+
+from fastapi import FastAPI
+
+from service import __version__
+from service.api import router
+from service.api.errors import install_error_handlers
+from service.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from service.cache import TaskCache
+from service.metrics import Metrics
+from service.scheduler import Scheduler
+from service.settings import Settings
+from service.state import EngineLike, Runtime, ServiceState
+from service.store import LocalStore
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, engine: EngineLike | None = None) -> FastAPI:
+    """Build the app. Without `engine`, the lifespan loads the backbone named by `settings` and
+    builds `service.engine.engine.Engine` on it. Raises ConfigurationError for a bad store."""
+    settings = settings if settings is not None else Settings()
+    state = ServiceState(settings=settings, store=LocalStore(settings.store), metrics=Metrics())
+    state.metrics.watch(
+        cache_stats=lambda: state.runtime.cache.stats if state.runtime else None,
+        queue_depth=lambda: state.runtime.scheduler.queue_depth if state.runtime else 0,
+        ready=lambda: state.ready,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        startup = asyncio.create_task(_start(state, engine), name="adaptserve-startup")
+        try:
+            yield
+        finally:
+            await _stop(state, startup)
+
+    app = FastAPI(
+        title="adaptserve",
+        version=__version__,
+        description="Text classification with many parameter-efficient tasks over one frozen backbone.",
+        lifespan=lifespan,
+    )
+    app.state.service = state
+    install_error_handlers(app)
+    app.include_router(router)
+    # Added last = outermost: metrics see the body limit's 413s too.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.body_limit_bytes)
+    app.add_middleware(RequestMetricsMiddleware, state=state)
+    return app
+
+
+def _build_engine(settings: Settings) -> EngineLike:
+    # Imported here: torch and the model code load only when a real engine is wanted.
+    from service.engine.backbone import load_backbone
+    from service.engine.engine import Engine
+
+    backbone = load_backbone(settings.backbone, device=settings.device, dtype=settings.dtype)
+    return Engine(backbone)
+
+
+async def _start(state: ServiceState, engine: EngineLike | None) -> None:
+    settings = state.settings
+    try:
+        if engine is None:
+            log.info("loading backbone %s", settings.backbone or "(bundled all-MiniLM-L6-v2)")
+            engine = await asyncio.to_thread(_build_engine, settings)
+        await asyncio.to_thread(engine.warmup)
+        ready_engine = engine
+
+        def load(key):  # runs in a cache loader thread
+            return ready_engine.load_task(state.store.bundle_dir(key), key)
+
+        cache = TaskCache(load, settings.cache_max_bytes)
+        scheduler = Scheduler(
+            engine.classify,
+            max_batch_size=settings.max_batch_size,
+            max_wait_s=settings.max_wait_s,
+            max_queue=settings.max_queue,
+            on_batch=state.metrics.observe_batch,
+        )
+        await scheduler.start()
+    except asyncio.CancelledError:
+        raise
+    except Exception as err:
+        state.startup_error = f"{type(err).__name__}: {err}"
+        log.exception("startup failed; the server stays alive but never gets ready")
+        return
+    state.runtime = Runtime(engine=engine, cache=cache, scheduler=scheduler)
+    log.info("ready: backbone %s", getattr(engine.backbone, "name", "?"))
+
+
+async def _stop(state: ServiceState, startup: asyncio.Task[None]) -> None:
+    state.stopping = True
+    if not startup.done():
+        startup.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await startup
+    if state.runtime is not None:
+        await state.runtime.scheduler.stop()
+        log.info("scheduler drained; stopped")

@@ -1,0 +1,134 @@
+"""`adaptserve` console entry point.
+
+    adaptserve serve [--store DIR] [--backbone DIR] [--port N] ...   run the HTTP server
+    adaptserve train ...                                             training.cli.main(argv)
+    adaptserve evaluate ...                                          training.cli.evaluate_main(argv)
+
+`serve` flags mirror `Settings` fields and override `ADAPTSERVE_*` env vars. `train` and
+`evaluate` belong to the `training` package and are imported only when asked for, so serving
+never imports training code.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Callable, Sequence
+
+from pydantic import ValidationError
+
+from service import __version__
+
+# Subcommands owned by other packages: name -> (module, function, help). The function gets the
+# remaining argv and returns an exit code (or None for 0).
+EXTERNAL_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "train": ("training.cli", "main", "train a task and publish its bundle to the store"),
+    "evaluate": ("training.cli", "evaluate_main", "evaluate a stored task on a dataset"),
+}
+
+# `serve` flags: (flag, Settings field, type, help). Defaults live in Settings, not here.
+_SERVE_FLAGS: list[tuple[str, str, Callable[[str], object], str]] = [
+    ("--store", "store", str, "task store directory"),
+    ("--backbone", "backbone", str, "backbone model directory (default: bundled all-MiniLM-L6-v2)"),
+    ("--device", "device", str, "auto, cpu, cuda or cuda:N"),
+    ("--dtype", "dtype", str, "auto, float32, float16 or bfloat16"),
+    ("--host", "host", str, "interface to bind"),
+    ("--port", "port", int, "TCP port (0 picks a free one)"),
+    ("--max-batch-size", "max_batch_size", int, "most rows in one forward"),
+    ("--max-wait-ms", "max_wait_ms", float, "how long a batch waits to fill"),
+    ("--max-queue", "max_queue", int, "rows that may wait before requests get 429"),
+    ("--request-timeout-s", "request_timeout_s", float, "deadline of a classify request"),
+    ("--max-inputs-per-request", "max_inputs_per_request", int, "most inputs in one request"),
+    ("--max-chars-per-input", "max_chars_per_input", int, "most characters in one text"),
+    ("--max-body-bytes", "max_body_bytes", int, "largest request body"),
+    ("--cache-max-bytes", "cache_max_bytes", int, "byte budget of resident tasks"),
+    ("--log-level", "log_level", str, "critical, error, warning, info or debug"),
+    ("--redis-url", "redis_url", str, "Redis registry URL (not used yet)"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adaptserve", description="Serve, train and evaluate adaptserve tasks.")
+    parser.add_argument("--version", action="version", version=f"adaptserve {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve = commands.add_parser(
+        "serve", help="run the HTTP server", description="Run the HTTP server (one uvicorn worker). "
+        "Every flag overrides the matching ADAPTSERVE_* env var."
+    )
+    for flag, field, kind, help_text in _SERVE_FLAGS:
+        serve.add_argument(flag, dest=field, type=kind, default=None, help=f"{help_text} [ADAPTSERVE_{field.upper()}]")
+    for name, (_, _, help_text) in EXTERNAL_COMMANDS.items():
+        # Listed for --help only: their arguments are parsed by their own package (see main()).
+        commands.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EXTERNAL_COMMANDS:
+        return _run_external(argv[0], argv[1:])
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    raise AssertionError(f"unhandled command {args.command!r}")  # argparse rejects unknown ones
+
+
+def serve(args: argparse.Namespace) -> int:
+    from service.errors import ConfigurationError
+    from service.settings import Settings, describe_validation_error
+
+    overrides = {field: getattr(args, field) for _, field, _, _ in _SERVE_FLAGS if getattr(args, field) is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as err:
+        print(f"adaptserve serve: invalid settings:\n{describe_validation_error(err)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import uvicorn
+
+    from service.app import create_app
+
+    try:
+        app = create_app(settings)
+    except ConfigurationError as err:
+        print(f"adaptserve serve: {err.message}", file=sys.stderr)
+        return 2
+    # One worker: the engine holds the backbone and the task cache in this process; more
+    # processes would each load their own copy. Scale out with more replicas instead.
+    uvicorn.run(app, host=settings.host, port=settings.port, workers=1, log_level=settings.log_level, lifespan="on")
+    return 0
+
+
+def _run_external(command: str, argv: list[str]) -> int:
+    module_name, function_name, _ = EXTERNAL_COMMANDS[command]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        # Only a missing `training` package is "not installed"; a missing dependency inside it
+        # is a real error and keeps its traceback.
+        if err.name not in _parents(module_name):
+            raise
+        print(
+            f"adaptserve {command}: the training code ({module_name}) is not available; "
+            "install adaptserve with its `training` package to use this command",
+            file=sys.stderr,
+        )
+        return 2
+    function = getattr(module, function_name, None)
+    if function is None:
+        print(f"adaptserve {command}: {module_name} has no {function_name}()", file=sys.stderr)
+        return 2
+    result = function(argv)
+    return int(result or 0)
+
+
+def _parents(module_name: str) -> set[str]:
+    """`a.b.c` -> {"a", "a.b", "a.b.c"}."""
+    parts = module_name.split(".")
+    return {".".join(parts[: i + 1]) for i in range(len(parts))}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The service's error hierarchy, mapped once to an HTTP status and a JSON body.
+
+Every error a client can cause is an `AdaptserveError` with its own `status_code` and
+`error_type`; `service.api.errors` turns them into `{"error": message, "error_type": type}`.
+Anything else that escapes a request is a bug and becomes a logged 500.
+"""
+from __future__ import annotations
+
+
+class AdaptserveError(Exception):
+    """Base class: a message for the client plus the HTTP status and a stable `error_type`."""
+
+    status_code: int = 500
+    error_type: str = "internal_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = dict(headers or {})
+
+
+class BadRequest(AdaptserveError):
+    """The request cannot be parsed (for example, a body that is not JSON)."""
+
+    status_code = 400
+    error_type = "bad_request"
+
+
+class InvalidInput(BadRequest):
+    """The request parses but asks for something that cannot be done (e.g. a pair for a single-text task)."""
+
+    status_code = 422
+    error_type = "invalid_input"
+
+
+class InvalidTaskName(InvalidInput):
+    """A task name that does not match the safe pattern; such a name never reaches a path."""
+
+    error_type = "invalid_task_name"
+
+
+class TaskNotFound(AdaptserveError):
+    status_code = 404
+    error_type = "task_not_found"
+
+
+class PayloadTooLarge(AdaptserveError):
+    """Body, number of inputs or length of one input over the server's limits."""
+
+    status_code = 413
+    error_type = "payload_too_large"
+
+
+class Overloaded(AdaptserveError):
+    """The scheduler's queue is full; the client should retry after `retry_after_s`."""
+
+    status_code = 429
+    error_type = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(AdaptserveError):
+    status_code = 504
+    error_type = "deadline_exceeded"
+
+
+class ServiceUnavailable(AdaptserveError):
+    """The server cannot take requests right now (still starting, or shutting down)."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+
+
+class NotReady(ServiceUnavailable):
+    error_type = "not_ready"
+
+
+class ShuttingDown(ServiceUnavailable):
+    error_type = "shutting_down"
+
+
+class TaskUnavailable(ServiceUnavailable):
+    """A stored task exists but cannot be served: its bundle fails to load, or the store
+    cannot tell which version is active. Terminal for this request; a later request retries."""
+
+    error_type = "task_unavailable"
+
+
+class InferenceFailed(AdaptserveError):
+    """The batched forward raised. Every request in that batch gets this; other batches don't."""
+
+    status_code = 500
+    error_type = "inference_failed"
+
+
+class BundleError(AdaptserveError):
+    """A task bundle (adapter_config.json + weights) is malformed or does not fit the backbone.
+
+    422 when the bundle is the thing being uploaded; a stored bundle that fails at request time
+    is reported as `TaskUnavailable` (503) by the task cache instead.
+    """
+
+    status_code = 422
+    error_type = "invalid_bundle"
+
+
+class NoMatchingModuleError(BundleError):
+    """An adapter names target modules the backbone does not have: an error, never a warning."""
+
+    error_type = "no_matching_module"
+
+
+class ConfigurationError(AdaptserveError):
+    """The server is misconfigured (bad store directory, bad settings). Raised at startup."""
+
+    error_type = "configuration_error"
+
+
+class ClientDisconnected(AdaptserveError):
+    """The client went away before its answer was ready (nginx's 499; nobody reads the body)."""
+
+    status_code = 499
+    error_type = "client_closed_request"

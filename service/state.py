@@ -1,0 +1,69 @@
+"""What the HTTP layer shares: settings, store, metrics, and the runtime that exists once the
+engine is up. Kept apart from the app factory so routes can import it without a cycle."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+from service.cache import TaskCache
+from service.engine.types import ClassifyItem, Prediction, TaskKey
+from service.errors import NotReady, ShuttingDown
+from service.metrics import Metrics
+from service.scheduler import Scheduler
+from service.settings import Settings
+from service.store import LocalStore
+
+
+class TaskLike(Protocol):
+    """What the service needs of a loaded task (`service.engine.task.Task`)."""
+
+    key: TaskKey
+    nbytes: int
+    labels: list[str]
+    input_kind: str  # "single" | "pair"
+
+    def info(self) -> dict[str, Any]: ...
+
+
+class EngineLike(Protocol):
+    """What the service needs of the engine (`service.engine.engine.Engine`); the seam tests fake."""
+
+    backbone: Any  # .name, .fingerprint, .num_params, .device, .dtype
+
+    def load_task(self, bundle_dir: Path, key: TaskKey) -> TaskLike: ...
+    def classify(self, items: Sequence[ClassifyItem]) -> list[Prediction]: ...
+    def warmup(self) -> None: ...
+
+
+@dataclass
+class Runtime:
+    """The parts that exist only once the backbone is loaded and warmed up."""
+
+    engine: EngineLike
+    cache: TaskCache[TaskLike]
+    scheduler: Scheduler
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    store: LocalStore
+    metrics: Metrics
+    runtime: Runtime | None = None
+    startup_error: str | None = None  # why the backbone or warmup failed; the server never gets ready
+    stopping: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return self.runtime is not None and not self.stopping
+
+    def require_runtime(self) -> Runtime:
+        """The runtime, or the 503 that explains why there is none yet."""
+        if self.stopping:
+            raise ShuttingDown("server is shutting down")
+        if self.runtime is None:
+            if self.startup_error is not None:
+                raise NotReady(f"server failed to start: {self.startup_error}")
+            raise NotReady("server is starting: the backbone is loading")
+        return self.runtime

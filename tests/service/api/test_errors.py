@@ -1,0 +1,92 @@
+"""Every way a client can get a request wrong, and the status and error_type it gets back.
+
+Nothing a client sends may produce a 500; every error body has the same two fields.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+CLASSIFY = "/v1/tasks/sentiment/classify"
+NLI = "/v1/tasks/nli/classify"
+JSON = {"content-type": "application/json"}
+
+CASES: list[tuple[str, str, str, dict[str, Any], int, str]] = [
+    # id, method, path, request kwargs, status, error_type
+    ("unknown task", "POST", "/v1/tasks/nope/classify", {"json": {"inputs": ["x"]}}, 404, "task_not_found"),
+    ("unsafe task name", "POST", "/v1/tasks/Bad!/classify", {"json": {"inputs": ["x"]}}, 422, "invalid_task_name"),
+    ("dot-dot task name", "POST", "/v1/tasks/%2E%2E/classify", {"json": {"inputs": ["x"]}}, 422, "invalid_task_name"),
+    ("task info unknown", "GET", "/v1/tasks/nope", {}, 404, "task_not_found"),
+    ("task info unsafe", "GET", "/v1/tasks/UPPER", {}, 422, "invalid_task_name"),
+    ("empty inputs", "POST", CLASSIFY, {"json": {"inputs": []}}, 422, "validation_error"),
+    ("missing inputs", "POST", CLASSIFY, {"json": {}}, 422, "validation_error"),
+    ("inputs not a list", "POST", CLASSIFY, {"json": {"inputs": "text"}}, 422, "validation_error"),
+    ("input is a number", "POST", CLASSIFY, {"json": {"inputs": [3]}}, 422, "validation_error"),
+    ("input is null", "POST", CLASSIFY, {"json": {"inputs": [None]}}, 422, "validation_error"),
+    ("triple instead of pair", "POST", NLI, {"json": {"inputs": [["a", "b", "c"]]}}, 422, "validation_error"),
+    ("one-element pair", "POST", NLI, {"json": {"inputs": [["a"]]}}, 422, "validation_error"),
+    ("unknown field", "POST", CLASSIFY, {"json": {"inputs": ["x"], "input": ["x"]}}, 422, "validation_error"),
+    ("zero timeout", "POST", CLASSIFY, {"json": {"inputs": ["x"], "timeout_ms": 0}}, 422, "validation_error"),
+    ("negative timeout", "POST", CLASSIFY, {"json": {"inputs": ["x"], "timeout_ms": -5}}, 422, "validation_error"),
+    ("timeout not a number", "POST", CLASSIFY, {"json": {"inputs": ["x"], "timeout_ms": "soon"}}, 422, "validation_error"),
+    ("body is a list", "POST", CLASSIFY, {"json": ["x"]}, 422, "validation_error"),
+    ("no body", "POST", CLASSIFY, {}, 422, "validation_error"),
+    ("lone surrogate", "POST", CLASSIFY, {"content": b'{"inputs": ["\\ud800"]}', "headers": JSON}, 422, "validation_error"),
+    ("not JSON", "POST", CLASSIFY, {"content": b"{inputs: [", "headers": JSON}, 400, "bad_request"),
+    ("JSON without content type", "POST", CLASSIFY, {"content": b'{"inputs": ["x"]}'}, 422, "validation_error"),
+    ("pair for a single-text task", "POST", CLASSIFY, {"json": {"inputs": [["a", "b"]]}}, 422, "invalid_input"),
+    ("string for a pair task", "POST", NLI, {"json": {"inputs": [["a", "b"], "c"]}}, 422, "invalid_input"),
+    ("too many inputs", "POST", CLASSIFY, {"json": {"inputs": ["x"] * 5}}, 413, "payload_too_large"),
+    ("over-long text", "POST", CLASSIFY, {"json": {"inputs": ["ok", "x" * 51]}}, 413, "payload_too_large"),
+    ("over-long second text", "POST", NLI, {"json": {"inputs": [["ok", "x" * 51]]}}, 413, "payload_too_large"),
+    ("body over the limit", "POST", CLASSIFY, {"json": {"inputs": ["x" * 5000]}}, 413, "payload_too_large"),
+    ("chunked body over the limit", "POST", CLASSIFY, {"content": iter([b"{" + b" " * 3000, b" " * 3000 + b"}"]), "headers": JSON}, 413, "payload_too_large"),
+    ("bundle is not JSON", "POST", "/v1/tasks/broken/classify", {"json": {"inputs": ["x"]}}, 503, "task_unavailable"),
+    ("no active version", "POST", "/v1/tasks/ambiguous/classify", {"json": {"inputs": ["x"]}}, 503, "task_unavailable"),
+    ("task info of a broken bundle", "GET", "/v1/tasks/broken", {}, 503, "task_unavailable"),
+    ("unknown route", "GET", "/v2/whatever", {}, 404, "not_found"),
+    ("wrong method", "GET", CLASSIFY, {}, 405, "method_not_allowed"),
+]
+
+
+@pytest.mark.parametrize(
+    "method, path, kwargs, status, error_type", [case[1:] for case in CASES], ids=[case[0] for case in CASES]
+)
+def test_bad_request(client: TestClient, method: str, path: str, kwargs: dict, status: int, error_type: str) -> None:
+    response = client.request(method, path, **kwargs)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error", "error_type"}
+    assert body["error_type"] == error_type
+    assert body["error"]
+
+
+@pytest.mark.parametrize(
+    "path, body, fragment",
+    [
+        (CLASSIFY, {"inputs": [["a", "b"]]}, "task 'sentiment' classifies single texts: inputs[0] must be a string"),
+        (NLI, {"inputs": [["a", "b"], "c"]}, "task 'nli' classifies text pairs: inputs[1] must be [text, text_pair]"),
+        (CLASSIFY, {"inputs": ["x"] * 5}, "5 inputs in one request; the limit is 4"),
+        (CLASSIFY, {"inputs": ["ok", "x" * 51]}, "inputs[1] has 51 characters; the limit is 50"),
+        (CLASSIFY, {"inputs": []}, "body.inputs"),
+        ("/v1/tasks/ambiguous/classify", {"inputs": ["x"]}, "no ACTIVE file"),
+        ("/v1/tasks/broken/classify", {"inputs": ["x"]}, "cannot read adapter_config.json"),
+    ],
+)
+def test_error_messages_say_what_to_fix(client: TestClient, path: str, body: dict, fragment: str) -> None:
+    assert fragment in client.post(path, json=body).json()["error"]
+
+
+def test_a_genuine_bug_is_a_logged_500_with_the_same_body_shape(client: TestClient, caplog) -> None:
+    response = client.post("/v1/tasks/buggy/classify", json={"inputs": ["x"]})
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal server error", "error_type": "internal_error"}
+    assert any("unhandled error" in record.message for record in caplog.records)
+
+
+def test_a_failing_forward_is_inference_failed(client: TestClient) -> None:
+    response = client.post(CLASSIFY, json={"inputs": ["boom"]})
+    assert response.status_code == 500 and response.json()["error_type"] == "inference_failed"
+    assert client.post(CLASSIFY, json={"inputs": ["fine"]}).status_code == 200  # the server survived

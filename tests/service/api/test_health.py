@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from tests.fakes import FakeEngine
+from tests.service.api.harness import make_app, wait_ready
+
+
+def test_ready_server(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok", "error": None}
+    ready = client.get("/readyz").json()
+    assert ready["status"] == "ready"
+    assert ready["backbone"]["name"] == "fake-minilm" and ready["backbone"]["fingerprint"] == "fake0000"
+
+
+def test_not_ready_until_warmup_is_done(store: Path) -> None:
+    engine = FakeEngine()
+    engine.warmup_gate = threading.Event()
+    with TestClient(make_app(store, engine)) as client:
+        assert client.get("/healthz").status_code == 200  # alive while loading
+        starting = client.get("/readyz")
+        assert starting.status_code == 503 and starting.json()["status"] == "starting"
+        refused = client.post("/v1/tasks/sentiment/classify", json={"inputs": ["x"]})
+        assert refused.status_code == 503 and refused.json()["error_type"] == "not_ready"
+        engine.warmup_gate.set()
+        wait_ready(client)
+        assert engine.warmed
+        assert client.post("/v1/tasks/sentiment/classify", json={"inputs": ["x"]}).status_code == 200
+
+
+def test_a_failed_startup_is_reported_by_both_probes(store: Path) -> None:
+    engine = FakeEngine(warmup_error=RuntimeError("CUDA out of memory"))
+    with TestClient(make_app(store, engine)) as client:
+        wait_failed = lambda: client.get("/healthz").status_code == 503  # noqa: E731
+        for _ in range(1000):
+            if wait_failed():
+                break
+        health = client.get("/healthz").json()
+        assert health["status"] == "failed" and "CUDA out of memory" in health["error"]
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["status"] == "failed"
+        response = client.post("/v1/tasks/sentiment/classify", json={"inputs": ["x"]})
+        assert response.status_code == 503 and "CUDA out of memory" in response.json()["error"]
+
+
+def test_metrics_count_requests_by_task_and_status(client: TestClient) -> None:
+    client.post("/v1/tasks/sentiment/classify", json={"inputs": ["a", "b"]})
+    client.post("/v1/tasks/sentiment/classify", json={"inputs": ["c"]})
+    client.post("/v1/tasks/sentiment/classify", json={"inputs": []})
+    client.post("/v1/tasks/no-such-task/classify", json={"inputs": ["x"]})
+    client.post("/v1/tasks/made-up-1/classify", json={"inputs": ["x"] * 2000})  # 413 from the body limit
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert 'adaptserve_requests_total{status="200",task="sentiment"} 2.0' in text
+    assert 'adaptserve_requests_total{status="422",task="sentiment"} 1.0' in text
+    # Unknown names share one label: clients cannot create series.
+    assert 'adaptserve_requests_total{status="404",task="_unknown"} 1.0' in text
+    assert 'adaptserve_requests_total{status="413",task="_unknown"} 1.0' in text
+    assert "no-such-task" not in text and "made-up-1" not in text
+    assert 'adaptserve_request_duration_seconds_count{task="sentiment"} 3.0' in text
+    assert "adaptserve_batch_size_count 2.0" in text
+    assert "adaptserve_cache_hits_total 1.0" in text
+    assert "adaptserve_cache_misses_total 1.0" in text
+    assert "adaptserve_cache_loads_total 1.0" in text
+    assert "adaptserve_cache_bytes 1000.0" in text
+    assert "adaptserve_queue_depth 0.0" in text
+    assert "adaptserve_ready 1.0" in text
+
+
+def test_each_app_has_its_own_metrics(store: Path) -> None:
+    with TestClient(make_app(store, FakeEngine())) as first, TestClient(make_app(store, FakeEngine())) as second:
+        wait_ready(first)
+        wait_ready(second)
+        first.post("/v1/tasks/sentiment/classify", json={"inputs": ["x"]})
+        assert 'task="sentiment"' in first.get("/metrics").text
+        assert 'task="sentiment"' not in second.get("/metrics").text

@@ -1,0 +1,140 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+
+import pytest
+
+from service.cache import TaskCache
+from service.engine.types import TaskKey
+from service.errors import BundleError, TaskUnavailable
+from tests.aio import async_test, wait_until
+
+A, B, C = TaskKey("a", "v1"), TaskKey("b", "v1"), TaskKey("c", "v1")
+
+
+@dataclass(eq=False)
+class Loaded:
+    key: TaskKey
+    nbytes: int
+
+
+class Loader:
+    """Counts loads; optionally blocks on a gate or fails."""
+
+    def __init__(self, nbytes: int = 40) -> None:
+        self.nbytes = nbytes
+        self.calls: list[TaskKey] = []
+        self.gate: threading.Event | None = None
+        self.error: Exception | None = None
+
+    def __call__(self, key: TaskKey) -> Loaded:
+        self.calls.append(key)
+        if self.gate is not None:
+            assert self.gate.wait(5), "gate never opened"
+        if self.error is not None:
+            raise self.error
+        return Loaded(key, self.nbytes)
+
+
+@async_test
+async def test_evicts_least_recently_used_beyond_the_byte_budget() -> None:
+    cache = TaskCache(Loader(nbytes=40), max_bytes=100)
+    await cache.get(A)
+    await cache.get(B)
+    await cache.get(A)  # A is now more recent than B
+    await cache.get(C)  # 120 bytes > 100: evict B
+    assert cache.keys() == [A, C]
+    stats = cache.stats
+    assert (stats.hits, stats.misses, stats.loads, stats.evictions) == (1, 3, 3, 1)
+    assert (stats.bytes, stats.entries) == (80, 2)
+
+
+@async_test
+async def test_evicted_task_stays_usable_by_its_holders() -> None:
+    cache = TaskCache(Loader(nbytes=60), max_bytes=100)
+    held = await cache.get(A)
+    await cache.get(B)  # evicts A
+    assert A not in cache and cache.peek(A) is None
+    assert held.key == A  # a batch holding A keeps a live object
+    assert await cache.get(A) is not held  # a new request reloads it
+
+
+@async_test
+async def test_task_larger_than_the_whole_budget_is_unavailable_and_not_cached() -> None:
+    cache = TaskCache(Loader(nbytes=101), max_bytes=100)
+    with pytest.raises(TaskUnavailable, match="CACHE_MAX_BYTES"):
+        await cache.get(A)
+    assert cache.keys() == [] and cache.stats.bytes == 0 and cache.stats.load_failures == 1
+
+
+@async_test
+async def test_concurrent_first_requests_share_one_load() -> None:
+    loader = Loader()
+    loader.gate = threading.Event()
+    cache = TaskCache(loader, max_bytes=1000)
+    waiters = [asyncio.ensure_future(cache.get(A)) for _ in range(10)]
+    await wait_until(lambda: len(loader.calls) == 1)
+    loader.gate.set()
+    results = await asyncio.gather(*waiters)
+    assert all(result is results[0] for result in results)
+    assert loader.calls == [A]
+    assert (cache.stats.misses, cache.stats.loads, cache.stats.hits) == (10, 1, 0)
+
+
+@async_test
+async def test_load_failure_reaches_every_waiter_and_is_retried_later() -> None:
+    loader = Loader()
+    loader.gate = threading.Event()
+    loader.error = BundleError("adapter_config.json: r must be positive")
+    cache = TaskCache(loader, max_bytes=1000)
+    waiters = [asyncio.ensure_future(cache.get(A)) for _ in range(5)]
+    await wait_until(lambda: len(loader.calls) == 1)
+    loader.gate.set()
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    for result in results:
+        assert isinstance(result, TaskUnavailable)
+        assert "r must be positive" in result.message and "a@v1" in result.message
+    assert loader.calls == [A] and cache.stats.load_failures == 1 and A not in cache
+
+    loader.error = None  # the bundle was fixed on disk
+    assert (await cache.get(A)).key == A
+    assert loader.calls == [A, A]
+
+
+@async_test
+async def test_unexpected_loader_errors_pass_through_unchanged() -> None:
+    loader = Loader()
+    loader.error = ValueError("a bug")
+    cache = TaskCache(loader, max_bytes=1000)
+    with pytest.raises(ValueError, match="a bug"):
+        await cache.get(A)
+
+
+@async_test
+async def test_a_waiter_giving_up_does_not_cancel_the_shared_load() -> None:
+    loader = Loader()
+    loader.gate = threading.Event()
+    cache = TaskCache(loader, max_bytes=1000)
+    impatient = asyncio.ensure_future(cache.get(A))
+    patient = asyncio.ensure_future(cache.get(A))
+    await wait_until(lambda: len(loader.calls) == 1)
+    impatient.cancel()
+    loader.gate.set()
+    assert (await patient).key == A
+    assert impatient.cancelled() and A in cache and loader.calls == [A]
+
+
+@async_test
+async def test_load_completes_into_the_cache_even_if_every_waiter_left() -> None:
+    loader = Loader()
+    loader.gate = threading.Event()
+    cache = TaskCache(loader, max_bytes=1000)
+    waiter = asyncio.ensure_future(cache.get(A))
+    await wait_until(lambda: len(loader.calls) == 1)
+    waiter.cancel()
+    loader.gate.set()
+    await wait_until(lambda: A in cache)
+    assert await cache.get(A) is cache.peek(A)
+    assert loader.calls == [A]

@@ -1,0 +1,228 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Sequence
+
+import pytest
+
+from service.engine.types import ClassifyItem, Prediction, TaskKey
+from service.errors import DeadlineExceeded, InferenceFailed, InvalidInput, Overloaded, ShuttingDown
+from service.scheduler import Scheduler
+from tests.aio import async_test, wait_until
+from tests.fakes import FakeTask
+
+TASK = FakeTask(TaskKey("t", "v1"), ["x"])
+FAR = 1e9  # a deadline that never passes
+
+
+class Echo:
+    """A forward that labels each row with its own text and records batches."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.gate: threading.Event | None = None
+        self.in_forward = threading.Event()
+        self.wrong_count = False
+
+    def __call__(self, items: Sequence[ClassifyItem]) -> list[Prediction]:
+        self.in_forward.set()
+        if self.gate is not None:
+            assert self.gate.wait(5), "gate never opened"
+        texts = [item.text for item in items]
+        self.batches.append(texts)
+        if "boom" in texts:
+            raise RuntimeError("boom")
+        if "bad" in texts:
+            raise InvalidInput("the engine refused this row")
+        predictions = [Prediction(label=text, score=1.0, scores={text: 1.0}, version="v1") for text in texts]
+        return predictions[:-1] if self.wrong_count else predictions
+
+    def seen(self) -> set[str]:
+        return {text for batch in self.batches for text in batch}
+
+
+def rows(*texts: str) -> list[ClassifyItem]:
+    return [ClassifyItem(task=TASK, text=text) for text in texts]
+
+
+def labels(predictions: list[Prediction]) -> list[str]:
+    return [p.label for p in predictions]
+
+
+async def started(echo: Echo, **kwargs) -> Scheduler:
+    options = dict(max_batch_size=32, max_wait_s=0.0, max_queue=1024) | kwargs
+    scheduler = Scheduler(echo, **options)
+    await scheduler.start()
+    return scheduler
+
+
+async def blocked_in_forward(scheduler: Scheduler, echo: Echo, *texts: str) -> asyncio.Future:
+    """Submit one request (default: one row, "first") and hold its forward at the gate."""
+    echo.gate = threading.Event()
+    first = asyncio.ensure_future(scheduler.submit(rows(*(texts or ("first",))), FAR))
+    await wait_until(echo.in_forward.is_set)
+    return first
+
+
+@async_test
+async def test_full_batches_go_without_waiting() -> None:
+    echo = Echo()
+    scheduler = await started(echo, max_batch_size=4, max_wait_s=60.0)  # a wait the test would notice
+    result = await scheduler.submit(rows(*"abcdefgh"), FAR)
+    assert labels(result) == list("abcdefgh")
+    assert echo.batches == [list("abcd"), list("efgh")]
+    await scheduler.stop()
+
+
+@async_test
+async def test_a_partial_batch_goes_after_max_wait() -> None:
+    echo = Echo()
+    scheduler = await started(echo, max_batch_size=4, max_wait_s=0.01)
+    result = await scheduler.submit(rows(*"abcdefghij"), FAR)  # spans three batches
+    assert labels(result) == list("abcdefghij")
+    assert echo.batches == [list("abcd"), list("efgh"), list("ij")]
+    await scheduler.stop()
+
+
+@async_test
+async def test_concurrent_requests_share_a_batch_and_get_their_own_rows() -> None:
+    echo = Echo()
+    scheduler = await started(echo, max_batch_size=6, max_wait_s=60.0)  # only a full batch can go
+    one, two, three = await asyncio.gather(
+        scheduler.submit(rows("a", "b"), FAR),
+        scheduler.submit(rows("c"), FAR),
+        scheduler.submit(rows("d", "e", "f"), FAR),
+    )
+    assert (labels(one), labels(two), labels(three)) == (["a", "b"], ["c"], ["d", "e", "f"])
+    assert echo.batches == [list("abcdef")]
+    await scheduler.stop()
+
+
+@async_test
+async def test_batch_observer_sees_every_forward() -> None:
+    seen: list[int] = []
+    echo = Echo()
+    scheduler = await started(echo, max_batch_size=3, on_batch=lambda n, seconds: seen.append(n))
+    await scheduler.submit(rows(*"abcde"), FAR)
+    assert seen == [3, 2]
+    await scheduler.stop()
+
+
+@async_test
+async def test_rows_past_their_deadline_fail_and_never_run() -> None:
+    echo = Echo()
+    scheduler = await started(echo)
+    first = await blocked_in_forward(scheduler, echo)
+    loop = asyncio.get_running_loop()
+    with pytest.raises(DeadlineExceeded):
+        await scheduler.submit(rows("late"), loop.time() + 0.02)
+    with pytest.raises(DeadlineExceeded):
+        await scheduler.submit(rows("already-late"), loop.time() - 1.0)
+    echo.gate.set()
+    assert labels(await first) == ["first"]
+    assert labels(await scheduler.submit(rows("after"), FAR)) == ["after"]
+    assert "late" not in echo.seen() and "already-late" not in echo.seen()
+    assert scheduler.queue_depth == 0
+    await scheduler.stop()
+
+
+@async_test
+async def test_cancelled_requests_are_dropped_before_their_forward() -> None:
+    echo = Echo()
+    scheduler = await started(echo)
+    first = await blocked_in_forward(scheduler, echo)
+    gone = asyncio.ensure_future(scheduler.submit(rows("gone", "gone-too"), FAR))
+    await wait_until(lambda: scheduler.queue_depth == 2)
+    gone.cancel()
+    await asyncio.gather(gone, return_exceptions=True)  # let the cancellation land
+    echo.gate.set()
+    await first
+    assert labels(await scheduler.submit(rows("after"), FAR)) == ["after"]
+    assert gone.cancelled()
+    assert echo.seen() == {"first", "after"}
+    await scheduler.stop()
+
+
+@async_test
+async def test_a_failing_forward_fails_only_its_own_batch() -> None:
+    echo = Echo()
+    scheduler = await started(echo, max_batch_size=1)
+    bad, good = await asyncio.gather(
+        scheduler.submit(rows("boom"), FAR), scheduler.submit(rows("fine"), FAR), return_exceptions=True
+    )
+    assert isinstance(bad, InferenceFailed) and "boom" in bad.message
+    assert labels(good) == ["fine"]
+    assert labels(await scheduler.submit(rows("later"), FAR)) == ["later"]  # the loop survived
+    await scheduler.stop()
+
+
+@async_test
+async def test_requests_sharing_a_failing_batch_all_fail() -> None:
+    echo = Echo()
+    scheduler = await started(echo, max_batch_size=2, max_wait_s=60.0)  # only a full batch can go
+    results = await asyncio.gather(
+        scheduler.submit(rows("boom"), FAR), scheduler.submit(rows("fine"), FAR), return_exceptions=True
+    )
+    assert all(isinstance(result, InferenceFailed) for result in results)
+    await scheduler.stop()
+
+
+@async_test
+async def test_engine_errors_of_the_service_hierarchy_keep_their_type() -> None:
+    echo = Echo()
+    scheduler = await started(echo)
+    with pytest.raises(InvalidInput, match="refused"):
+        await scheduler.submit(rows("bad"), FAR)
+    await scheduler.stop()
+
+
+@async_test
+async def test_an_engine_returning_the_wrong_number_of_rows_fails_the_batch() -> None:
+    echo = Echo()
+    echo.wrong_count = True
+    scheduler = await started(echo)
+    with pytest.raises(InferenceFailed, match="1 predictions for 2 rows"):
+        await scheduler.submit(rows("a", "b"), FAR)
+    await scheduler.stop()
+
+
+@async_test
+async def test_a_full_queue_refuses_whole_requests_with_retry_after() -> None:
+    echo = Echo()
+    scheduler = await started(echo, max_batch_size=1, max_queue=3)
+    first = await blocked_in_forward(scheduler, echo)  # its row has left the queue
+    queued = asyncio.ensure_future(scheduler.submit(rows("a", "b", "c"), FAR))
+    await wait_until(lambda: scheduler.queue_depth == 3)
+    with pytest.raises(Overloaded) as refused:
+        await scheduler.submit(rows("d"), FAR)
+    assert refused.value.status_code == 429 and refused.value.headers["Retry-After"] == "1"
+    echo.gate.set()
+    assert labels(await first) == ["first"] and labels(await queued) == ["a", "b", "c"]
+    assert "d" not in echo.seen()
+    await scheduler.stop()
+
+
+@async_test
+async def test_stop_drains_queued_and_in_flight_work_then_refuses_new_requests() -> None:
+    echo = Echo()
+    scheduler = await started(echo, max_batch_size=2, max_wait_s=60.0)
+    first = await blocked_in_forward(scheduler, echo, "first", "second")  # a full batch goes at once
+    queued = [asyncio.ensure_future(scheduler.submit(rows(text), FAR)) for text in "abc"]
+    await wait_until(lambda: scheduler.queue_depth == 3)
+    stopping = asyncio.ensure_future(scheduler.stop())
+    await asyncio.sleep(0)
+    with pytest.raises(ShuttingDown):
+        await scheduler.submit(rows("late"), FAR)
+    echo.gate.set()
+    await stopping  # returns only once everything queued has run (max_wait ignored while stopping)
+    assert labels(await first) == ["first", "second"]
+    assert [labels(result) for result in await asyncio.gather(*queued)] == [["a"], ["b"], ["c"]]
+    assert not scheduler.running
+
+
+@async_test
+async def test_submit_before_start_is_refused() -> None:
+    scheduler = Scheduler(Echo(), max_batch_size=1, max_wait_s=0, max_queue=1)
+    with pytest.raises(ShuttingDown, match="not running"):
+        await scheduler.submit(rows("a"), FAR)

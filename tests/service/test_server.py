@@ -1,0 +1,96 @@
+"""The app under a real uvicorn on a free loopback port, spoken to over real HTTP and sockets."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from service.app import create_app
+from service.settings import Settings
+from tests.fakes import FakeEngine, write_task
+
+
+class Served(NamedTuple):
+    url: str
+    app: FastAPI
+    engine: FakeEngine
+
+
+def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    give_up = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < give_up, "condition not met in time"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    write_task(tmp_path, "sentiment", "v1")
+    engine = FakeEngine()
+    app = create_app(Settings(store=tmp_path, max_body_bytes=4096, max_batch_size=1), engine=engine)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{url}/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    eventually(ready, timeout_s=10)
+    yield Served(url, app, engine)
+    if engine.gate is not None:
+        engine.gate.set()
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+def test_real_server_round_trip(served: Served) -> None:
+    with httpx.Client(base_url=served.url) as client:
+        response = client.post("/v1/tasks/sentiment/classify", json={"inputs": ["hello"]})
+        assert response.status_code == 200 and response.json()["predictions"][0]["version"] == "v1"
+        too_big = client.post("/v1/tasks/sentiment/classify", content=b"x" * 10_000, headers={"content-type": "application/json"})
+        assert too_big.status_code == 413 and too_big.json()["error_type"] == "payload_too_large"
+        assert 'adaptserve_requests_total{status="200",task="sentiment"} 1.0' in client.get("/metrics").text
+
+
+def test_a_closed_connection_drops_the_request_before_its_forward(served: Served) -> None:
+    engine, state = served.engine, served.app.state.service
+    with httpx.Client(base_url=served.url, timeout=10) as client:
+        client.post("/v1/tasks/sentiment/classify", json={"inputs": ["warm"]})  # load the task first
+        engine.gate = threading.Event()
+        engine.in_forward.clear()
+        first: list[httpx.Response] = []
+        holder = threading.Thread(
+            target=lambda: first.append(client.post("/v1/tasks/sentiment/classify", json={"inputs": ["first"]}))
+        )
+        holder.start()
+        eventually(engine.in_forward.is_set)
+
+        body = b'{"inputs": ["gone"]}'
+        host, port = served.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as raw:
+            raw.sendall(
+                b"POST /v1/tasks/sentiment/classify HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+            )
+            eventually(lambda: state.runtime.scheduler.queue_depth == 1)
+        # The socket is closed: uvicorn reports http.disconnect and the route cancels its work.
+        eventually(lambda: 'status="499"' in client.get("/metrics").text)
+        engine.gate.set()
+        holder.join(timeout=10)
+        assert first[0].status_code == 200
+        assert client.post("/v1/tasks/sentiment/classify", json={"inputs": ["after"]}).status_code == 200
+    assert "gone" not in engine.seen_texts()

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.engine.types import TaskKey
+from service.errors import ConfigurationError, InvalidTaskName, TaskNotFound, TaskUnavailable
+from service.store import LocalStore, TaskListing, validate_task_name
+from tests.fakes import write_task
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalStore:
+    write_task(tmp_path, "single", "v1")
+    write_task(tmp_path, "chosen", "v1")
+    write_task(tmp_path, "chosen", "v2", active=True)
+    write_task(tmp_path, "ambiguous", "v1")
+    write_task(tmp_path, "ambiguous", "v2")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "dangling").mkdir()
+    (tmp_path / "dangling" / "ACTIVE").write_text("v9")
+    (tmp_path / "escape").mkdir()
+    (tmp_path / "escape" / "ACTIVE").write_text("../single/v1")
+    (tmp_path / "notes.txt").write_text("a file, not a task")
+    (tmp_path / "Not_A_Task").mkdir()
+    return LocalStore(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "A", "Upper", "../etc", "a/b", ".hidden", "-dash", "_under", "a b", "é", "x" * 65, "a\x00b", "a\\b"],
+)
+def test_unsafe_task_names_are_refused(store: LocalStore, name: str) -> None:
+    with pytest.raises(InvalidTaskName):
+        validate_task_name(name)
+    with pytest.raises(InvalidTaskName):
+        store.resolve(name)
+
+
+@pytest.mark.parametrize("name", ["a", "0", "sst2", "mnli-m", "task_1.v2", "x" * 64])
+def test_safe_task_names_pass(name: str) -> None:
+    assert validate_task_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "task, expected",
+    [
+        ("single", TaskKey("single", "v1")),  # the only version, no ACTIVE
+        ("chosen", TaskKey("chosen", "v2")),  # ACTIVE wins over the other version
+    ],
+)
+def test_resolve_active_version(store: LocalStore, task: str, expected: TaskKey) -> None:
+    assert store.resolve(task) == expected
+    assert store.bundle_dir(expected) == store.root / task / expected.version
+
+
+@pytest.mark.parametrize(
+    "task, error, message",
+    [
+        ("missing", TaskNotFound, "not found"),
+        ("ambiguous", TaskUnavailable, "2 versions (v1, v2) and no ACTIVE"),
+        ("empty", TaskUnavailable, "no versions"),
+        ("dangling", TaskUnavailable, "'v9', which is not in the store"),
+        ("escape", TaskUnavailable, "invalid version id"),
+    ],
+)
+def test_resolve_errors(store: LocalStore, task: str, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        store.resolve(task)
+
+
+def test_bundle_dir_refuses_unsafe_or_missing_versions(store: LocalStore) -> None:
+    with pytest.raises(TaskUnavailable):
+        store.bundle_dir(TaskKey("single", "../chosen"))
+    with pytest.raises(TaskUnavailable):
+        store.bundle_dir(TaskKey("single", "v7"))
+    with pytest.raises(InvalidTaskName):
+        store.bundle_dir(TaskKey("../single", "v1"))
+
+
+def test_list_tasks_reports_broken_tasks_without_failing(store: LocalStore) -> None:
+    listings = {listing.name: listing for listing in store.list_tasks()}
+    assert sorted(listings) == ["ambiguous", "chosen", "dangling", "empty", "escape", "single"]
+    assert listings["chosen"] == TaskListing("chosen", "v2")
+    assert listings["single"] == TaskListing("single", "v1")
+    assert listings["ambiguous"].version is None and "ACTIVE" in (listings["ambiguous"].error or "")
+
+
+def test_writing_active_switches_version_without_restart(store: LocalStore) -> None:
+    (store.root / "ambiguous" / "ACTIVE").write_text("v1")
+    assert store.resolve("ambiguous") == TaskKey("ambiguous", "v1")
+    (store.root / "ambiguous" / "ACTIVE").write_text("v2")
+    assert store.resolve("ambiguous") == TaskKey("ambiguous", "v2")
+
+
+def test_has_task(store: LocalStore) -> None:
+    assert store.has_task("single")
+    assert not store.has_task("missing")
+    assert not store.has_task("../single")
+    assert not store.has_task("notes.txt")  # a valid name, but a file
+
+
+def test_store_root_must_be_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="not a directory"):
+        LocalStore(tmp_path / "nope")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigurationError):
+        LocalStore(tmp_path / "file")
