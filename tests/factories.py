@@ -124,3 +124,30 @@ def publish(store: Path, name: str, weights: dict, labels: list[str], input_kind
     if fingerprint:
         cfg["backbone"] = {"fingerprint": fingerprint}
     return write_bundle(store, name, cfg, weights)
+
+
+def save_tiny_lm(kind: str, out: Path, seed: int = 0) -> Path:
+    """A tiny random LM with its head: kind "mlm" (BertForMaskedLM) or "causal" (LlamaForCausalLM)."""
+    torch.manual_seed(seed)
+    vocab = 5 + len(WORDS)
+    if kind == "mlm":
+        model = T.BertForMaskedLM(T.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                              intermediate_size=64, max_position_embeddings=80))
+    elif kind == "causal":
+        model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                num_key_value_heads=2, intermediate_size=64, max_position_embeddings=80,
+                                                pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=True))
+    else:
+        raise ValueError(kind)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    T.BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True, model_max_length=64).save_pretrained(out)
+    return out
+
+
+def verbalizer_task(tokenizer, label_words: dict[str, list[str]]):
+    from service.methods.verbalizer import VerbalizerWeights
+
+    ids = tuple(tuple(tokenizer.convert_tokens_to_ids(w) for w in ws) for ws in label_words.values())
+    return VerbalizerWeights(words=tuple(tuple(ws) for ws in label_words.values()), token_ids=ids)

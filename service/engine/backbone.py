@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
-from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.activations import ACT2FN
 
+from service.engine.decoder import Decoder
 from service.engine.encoder import Encoder
 from service.engine.families import Family, family_of
 from service.engine.spec import BackboneInfo
@@ -67,8 +71,9 @@ class Backbone:
     model: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
     family: Family
-    encoder: Encoder
+    encoder: Encoder | Decoder  # the shared forward, whatever the family
     info: BackboneInfo
+    lm_head: Callable[[torch.Tensor], torch.Tensor] | None = None  # hidden [n, H] -> vocab logits [n, V]
 
     @property
     def fingerprint(self) -> str:
@@ -87,22 +92,54 @@ class Backbone:
         return self.info.dtype
 
 
+def _auto_class(path: Path):
+    """AutoModel for plain encoders; the LM classes when the checkpoint carries an LM head, so
+    prompt tasks (template + verbalizer) can score words with the model's own head."""
+    try:
+        archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"backbone config.json in {str(path)!r} is unreadable: {e}") from None
+    if any(a.endswith("ForCausalLM") for a in archs):
+        return AutoModelForCausalLM
+    if any(a.endswith("ForMaskedLM") for a in archs):
+        return AutoModelForMaskedLM
+    return AutoModel
+
+
+def _lm_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """hidden [n, H] -> vocabulary logits [n, V] through the checkpoint's own LM head, if any."""
+    for name in ("cls", "lm_head", "predictions"):  # BERT, RoBERTa / causal LMs, ALBERT
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    if hasattr(model, "vocab_projector"):  # DistilBERT
+        act = ACT2FN[model.config.activation]
+        return lambda h: model.vocab_projector(model.vocab_layer_norm(act(model.vocab_transform(h))))
+    return None
+
+
 def load_backbone(path: str | Path | None = None, device: str = "auto", dtype: str = "auto") -> Backbone:
-    """Load an encoder folder (config + weights + tokenizer), freeze it, put it in inference mode."""
+    """Load a model folder (config + weights + tokenizer) or a .gguf file, freeze it, put it in
+    inference mode. Encoders (BERT family) and Llama-family causal LMs are supported."""
     path = Path(path) if path else default_backbone_path()
+    if path.suffix == ".gguf":
+        from service.engine.gguf import convert_gguf
+
+        path = convert_gguf(path)
     if not (path / "config.json").is_file():
         raise ValueError(f"backbone folder {str(path)!r} has no config.json: expected a local Hugging Face model folder")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    model = AutoModel.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
-    model.eval().requires_grad_(False)
-    fp = fingerprint(model)  # on the fp32 weights as stored
-    model.to(device=dev, dtype=dt)
+    full = _auto_class(path).from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+    full.eval().requires_grad_(False)
+    fp = fingerprint(full)  # on the fp32 weights as stored
+    full.to(device=dev, dtype=dt)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    model = full.base_model if full is not full.base_model else full
     fam = family_of(model)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    cfg = model.config
+    n_params = sum(p.numel() for p in full.parameters())
+    n_bytes = sum(p.numel() * p.element_size() for p in full.parameters())
+    lm_head = _lm_head(full) if full is not model else None
     info = BackboneInfo(
         model_type=fam.model_type,
         num_layers=len(fam.layers),
@@ -118,9 +155,14 @@ def load_backbone(path: str | Path | None = None, device: str = "auto", dtype: s
         num_params=n_params,
         num_bytes=n_bytes,
         peft_paths=fam.peft_paths,
+        site_shapes=fam.layers[0].site_shapes(),
+        kind=fam.kind,
+        vocab_size=fam.embeddings.word.num_embeddings,
+        has_lm_head=lm_head is not None,
     )
-    name = getattr(cfg, "_name_or_path", "") or path.name
+    name = "sentence-transformers/all-MiniLM-L6-v2 (bundled)" if path == default_backbone_path() else path.name
     log.info("backbone %s (%s, %d layers, %.1fM params) on %s/%s, %s", name, fam.model_type, info.num_layers,
              n_params / 1e6, dev, dt, fp[:19])
+    forward = Decoder(fam) if fam.kind == "decoder" else Encoder(fam)
     return Backbone(name=os.fspath(name), path=path, model=model, tokenizer=tokenizer, family=fam,
-                    encoder=Encoder(fam), info=info)
+                    encoder=forward, info=info, lm_head=lm_head)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 import service.methods  # noqa: F401  (registers every method)
 from service.engine.spec import BackboneInfo, TaskSpec
+from service.engine.template import Template, TemplateError
 from service.errors import BundleError, NoMatchingModuleError
 from service.methods.base import REGISTRY, TaskWeights
 
@@ -108,6 +109,19 @@ def parse(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Backb
         problems.append("early exit needs the task's head: the last layer is answered by it")
     if problems:
         raise BundleError(f"task {name!r}: " + "; ".join(problems))
+    template = None
+    if cfg.get("template") is not None:
+        try:
+            template = Template.parse(cfg["template"], pair=kind == "pair", needs_mask="verbalizer" in weights,
+                                      causal=backbone.kind == "decoder")
+        except TemplateError as e:
+            raise BundleError(f"task {name!r}: {e}") from None
+    elif "verbalizer" in weights:
+        raise BundleError(f"task {name!r}: a verbalizer needs a 'template' with a {{mask}} slot")
+    if "verbalizer" in weights and labels and weights["verbalizer"].num_labels != len(labels):  # type: ignore[attr-defined]
+        raise BundleError(f"task {name!r}: the verbalizer maps {weights['verbalizer'].num_labels} labels but {len(labels)} are named")  # type: ignore[attr-defined]
+    if "head" not in weights and "verbalizer" not in weights:
+        raise BundleError(f"task {name!r}: a task needs an output: a 'head' or a 'verbalizer'")
     _check_lengths(weights, max_length, backbone, name)
     spec = TaskSpec(
         name=name,
@@ -116,6 +130,7 @@ def parse(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Backb
         max_length=max_length,
         methods=tuple(weights),
         backbone_fingerprint=fp,
+        template=template,
         metadata={k: cfg[k] for k in ("training", "metrics", "created") if k in cfg},
     )
     return spec, weights

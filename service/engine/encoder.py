@@ -60,35 +60,8 @@ class Encoder:
     def embed(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None, plan: Plan) -> State:
         """Token (and soft-prompt) embeddings. input_ids [B, T], right-padded."""
         e = self.f.embeddings
-        words = e.word(input_ids)  # [B, T, E]
-        bsz, t = input_ids.shape
-        text_len = attention_mask.sum(dim=1)  # [B]
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-
-        prompts = [p for p in (b.prompt() for b in plan.batches) if p is not None]
-        if prompts:
-            # One soft-prompt method per batch (a task has at most one); rows without a prompt
-            # have length 0. Row b becomes [prompt_b (P_b), text (T)], right-padded to Pmax + T.
-            (prompt, plen), = prompts  # prompt [B, Pmax, E], plen [B]
-            pmax = prompt.shape[1]
-            s = pmax + t
-            j = torch.arange(s, device=input_ids.device).unsqueeze(0)  # [1, S]
-            in_prompt = j < plen.unsqueeze(1)  # [B, S]
-            # index into cat(prompt, words) along dim 1
-            src = torch.where(in_prompt, j, pmax + (j - plen.unsqueeze(1)))
-            src = src.clamp(0, s - 1)
-            stacked = torch.cat([prompt.to(words.dtype), words], dim=1)  # [B, Pmax + T, E]
-            words = stacked.gather(1, src.unsqueeze(-1).expand(-1, -1, stacked.shape[-1]))  # [B, S, E]
-            tt_src = (j - plen.unsqueeze(1)).clamp(0, t - 1)
-            token_type_ids = torch.where(in_prompt, 0, token_type_ids.gather(1, tt_src))
-            keep = j < (plen + text_len).unsqueeze(1)
-            text_start = plen.long()
-        else:
-            s = t
-            keep = attention_mask.bool()
-            text_start = torch.zeros(bsz, dtype=torch.long, device=input_ids.device)
-
+        words, keep, token_type_ids, text_start, text_len = assemble(e.word(input_ids), attention_mask, token_type_ids, plan)
+        bsz, s = keep.shape
         pos = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(bsz, -1)  # [B, S]
         shifts = [x for x in (b.position_shift() for b in plan.batches) if x is not None]
         for shift in shifts:  # prefix tuning as PEFT runs it: text positions start after the prefix
@@ -99,7 +72,11 @@ class Encoder:
         x = e.norm(x)
         if e.project is not None:
             x = e.project(x)
-        return State(hidden=x, keep=keep, text_start=text_start, text_len=text_len.long(), plan=plan)
+        return State(hidden=x, keep=keep, text_start=text_start, text_len=text_len, plan=plan)
+
+    def finish(self, st: State) -> State:
+        """After the last layer (decoders apply their final norm here)."""
+        return st
 
     # -- one layer ---------------------------------------------------------------------------
     def _linear(self, i: int, site: str, x: Tensor, plan: Plan) -> Tensor:
@@ -148,4 +125,31 @@ class Encoder:
         st = self.embed(input_ids, attention_mask, token_type_ids, plan)
         for i in range(self.num_layers):
             st = self.layer(i, st)
-        return st
+        return self.finish(st)
+
+
+def assemble(words: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None, plan: Plan):
+    """Prepend each row's soft prompt (if any) to its word embeddings.
+
+    Row b becomes [prompt_b (P_b), text (T)], right-padded to Pmax + T; rows without a prompt have
+    P_b = 0. Returns (embeddings [B, S, E], keep [B, S], token types [B, S], text_start [B], text_len [B]).
+    """
+    bsz, t = attention_mask.shape
+    dev = attention_mask.device
+    text_len = attention_mask.sum(dim=1).long()  # [B]
+    if token_type_ids is None:
+        token_type_ids = torch.zeros_like(attention_mask)
+    prompts = [p for p in (b.prompt() for b in plan.batches) if p is not None]
+    if not prompts:
+        return words, attention_mask.bool(), token_type_ids, torch.zeros(bsz, dtype=torch.long, device=dev), text_len
+    (prompt, plen), = prompts  # a task has at most one soft prompt: [B, Pmax, E], [B]
+    pmax = prompt.shape[1]
+    s = pmax + t
+    j = torch.arange(s, device=dev).unsqueeze(0)  # [1, S]
+    in_prompt = j < plen.unsqueeze(1)  # [B, S]
+    src = torch.where(in_prompt, j, pmax + (j - plen.unsqueeze(1))).clamp(0, s - 1)  # index into cat(prompt, words)
+    stacked = torch.cat([prompt.to(words.dtype), words], dim=1)  # [B, Pmax + T, E]
+    words = stacked.gather(1, src.unsqueeze(-1).expand(-1, -1, stacked.shape[-1]))  # [B, S, E]
+    tt = torch.where(in_prompt, 0, token_type_ids.gather(1, (j - plen.unsqueeze(1)).clamp(0, t - 1)))
+    keep = j < (plen + text_len).unsqueeze(1)
+    return words, keep, tt, plen.long(), text_len

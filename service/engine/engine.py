@@ -23,6 +23,7 @@ from service.engine.types import ClassifyItem, Prediction, TaskKey
 from service.methods.base import REGISTRY
 from service.methods.exits import ExitBatch, ExitPolicy
 from service.methods.head import HeadBatch
+from service.methods.verbalizer import VerbalizerBatch
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class Batch:
     token_type_ids: Tensor | None  # [B, T]
     tasks: list[Task]  # distinct tasks, in first-seen order
     row_part: Tensor  # [B] index into tasks
+    answer_pos: Tensor | None = None  # [B] token index a verbalizer reads (template tasks), else None
 
 
 class Engine:
@@ -62,10 +64,17 @@ class Engine:
             row_part.append(j)
         ids: list[list[int] | None] = [None] * len(items)
         types: list[list[int] | None] = [None] * len(items)
+        answer = [0] * len(items)
         tok = self.backbone.tokenizer
+        causal = self.backbone.info.kind == "decoder"
         with self._tok_lock:
             for j, task in enumerate(tasks):
                 rows = [r for r, p in enumerate(row_part) if p == j]
+                template = task.spec.template
+                if template is not None:  # prompt tasks: template pieces + truncated inputs
+                    for r in rows:
+                        ids[r], answer[r] = template.encode(tok, items[r].text, items[r].text_pair, task.spec.max_length, causal)
+                    continue
                 texts = [items[r].text for r in rows]
                 pairs = [items[r].text_pair for r in rows] if task.input_kind == "pair" else None
                 # Longer inputs are truncated to the task's max_length (documented per task);
@@ -75,7 +84,7 @@ class Engine:
                     ids[r] = enc["input_ids"][k]
                     types[r] = enc["token_type_ids"][k] if "token_type_ids" in enc else None
         t = max(len(x) for x in ids)  # type: ignore[arg-type]
-        pad = tok.pad_token_id or 0
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         input_ids = torch.full((len(items), t), pad, dtype=torch.long)
         mask = torch.zeros((len(items), t), dtype=torch.long)
         has_types = self.backbone.family.embeddings.token_type is not None
@@ -92,9 +101,10 @@ class Engine:
             token_type_ids=None if tt is None else tt.to(dev),
             tasks=tasks,
             row_part=torch.tensor(row_part, dtype=torch.long, device=dev),
+            answer_pos=torch.tensor(answer, dtype=torch.long, device=dev),
         )
 
-    def plan(self, tasks: Sequence[Task], row_part: Tensor) -> tuple[Plan, HeadBatch | None]:
+    def plan(self, tasks: Sequence[Task], row_part: Tensor) -> tuple[Plan, "Outputs"]:
         """Per-method tables for the tasks of one batch; the head batch is returned apart."""
         batches = []
         for name, method in sorted(REGISTRY.items(), key=lambda kv: kv[1].order):
@@ -103,8 +113,11 @@ class Engine:
             b = method.batch([t.weights.get(name) for t in tasks], row_part)
             if b is not None:
                 batches.append(b)
-        head = REGISTRY["head"].batch([t.weights.get("head") for t in tasks], row_part)
-        return Plan(tuple(batches)), head  # type: ignore[return-value]
+        head = Outputs(
+            REGISTRY["head"].batch([t.weights.get("head") for t in tasks], row_part),  # type: ignore[arg-type]
+            REGISTRY["verbalizer"].batch([t.weights.get("verbalizer") for t in tasks], row_part),  # type: ignore[arg-type]
+        )
+        return Plan(tuple(batches)), head
 
     def _exit_batch(self, batch: Batch, policies: Sequence[ExitPolicy | None] | None) -> ExitBatch | None:
         parts = [t.weights.get("exits") for t in batch.tasks]
@@ -118,11 +131,18 @@ class Engine:
         return REGISTRY["exits"].batch_rows(parts, batch.row_part, rows)  # type: ignore[attr-defined]
 
     # -- forward -------------------------------------------------------------------------------
-    def encode(self, batch: Batch) -> tuple[State, HeadBatch | None]:
-        """Full-depth forward (no early exit): final states and the head batch."""
-        plan, head = self.plan(batch.tasks, batch.row_part)
+    def encode(self, batch: Batch) -> tuple[State, "Outputs"]:
+        """Full-depth forward (no early exit): final states and the batch's output stage."""
+        plan, outputs = self.plan(batch.tasks, batch.row_part)
+        outputs.answer = batch.answer_pos
         st = self.backbone.encoder.forward(batch.input_ids, batch.attention_mask, batch.token_type_ids, plan)
-        return st, head
+        return st, outputs
+
+    def full_depth_logits(self, batch: Batch) -> list[Tensor]:
+        """Per row: its task's logits through every layer, differentiable (training uses this:
+        the same modules the service runs, gradients flowing into the task tensors)."""
+        st, outputs = self.encode(batch)
+        return outputs.logits(st, self._pooler(), self.backbone.lm_head)
 
     def run(self, batch: Batch, policies: Sequence[ExitPolicy | None] | None = None) -> list[tuple[Tensor, int]]:
         """Per row: (its task's logits, the 1-based layer that answered).
@@ -134,8 +154,9 @@ class Engine:
         enc = self.backbone.encoder
         n_layers = enc.num_layers
         plan, head = self.plan(batch.tasks, batch.row_part)
-        if head is None:
-            raise RuntimeError("no task in this batch has a classification head")
+        if head.head is None and head.verbalizer is None:
+            raise RuntimeError("no task in this batch has a classification head or verbalizer")
+        head.answer = batch.answer_pos
         exits = self._exit_batch(batch, policies)
         out: list[tuple[Tensor, int] | None] = [None] * batch.input_ids.shape[0]
         alive = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)  # original row ids
@@ -154,7 +175,8 @@ class Engine:
                 break
             alive, st, head, exits = alive[stay], st.select(stay), head.select(stay), exits.select(stay)
         else:
-            final = head.logits(st.hidden, st.keep, st.text_start, st.text_len, self._pooler(), st.plan)
+            st = enc.finish(st)
+            final = head.logits(st, self._pooler(), self.backbone.lm_head)
             for r, z in enumerate(final):
                 out[int(alive[r])] = (z, n_layers)
         return [(z.float().cpu(), layer) for z, layer in out]  # type: ignore[misc]
@@ -204,3 +226,31 @@ class Engine:
                 enc["token_type_ids"].to(dev) if "token_type_ids" in enc and self.backbone.family.embeddings.token_type is not None else None,
                 Plan(),
             )
+
+
+class Outputs:
+    """The output stage of one batch: per-task heads and/or verbalizers, compacted together."""
+
+    def __init__(self, head: HeadBatch | None, verbalizer: VerbalizerBatch | None, answer: Tensor | None = None):
+        self.head = head
+        self.verbalizer = verbalizer
+        self.answer = answer  # [B] answer positions (relative to the text start)
+
+    def select(self, rows: Tensor) -> "Outputs":
+        return Outputs(
+            None if self.head is None else self.head.select(rows),
+            None if self.verbalizer is None else self.verbalizer.select(rows),
+            None if self.answer is None else self.answer.index_select(0, rows),
+        )
+
+    def logits(self, st: State, pooler, lm_head) -> list[Tensor]:
+        n = st.hidden.shape[0]
+        out: list[Tensor | None] = [None] * n
+        if self.head is not None:
+            out = self.head.logits(st.hidden, st.keep, st.text_start, st.text_len, pooler, st.plan)
+        if self.verbalizer is not None:
+            answer = st.text_start + (self.answer if self.answer is not None else torch.zeros_like(st.text_start))
+            for r, z in enumerate(self.verbalizer.logits(st.hidden, answer, lm_head)):
+                if z is not None:
+                    out[r] = z
+        return out  # type: ignore[return-value]

@@ -36,9 +36,14 @@ class LayerModules:
     ffn_in: nn.Linear
     ffn_out: nn.Linear
     ffn_norm: nn.LayerNorm
+    ffn_gate: nn.Linear | None = None  # gated FFNs (Llama: down(silu(gate(x)) * up(x)))
 
     def site(self, name: str) -> nn.Linear:
         return getattr(self, name)
+
+    def site_shapes(self) -> dict[str, tuple[int, int]]:
+        names = SITES + (("ffn_gate",) if self.ffn_gate is not None else ())
+        return {n: (self.site(n).in_features, self.site(n).out_features) for n in names}
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,10 @@ class Family:
     pooler: nn.Linear | None  # BERT-style pooler (dense + tanh on the first token), if the checkpoint has one
     # PEFT module paths -> (layer position or None for all positions, site); used to import PEFT bundles.
     peft_paths: dict[str, tuple[int | None, str]]
+    kind: str = "encoder"  # "encoder": post-LN, bidirectional; "decoder": pre-norm, causal (Llama)
+    num_kv_heads: int = 0  # grouped-query attention (decoders); 0 = same as num_heads
+    final_norm: nn.Module | None = None  # decoders normalise the last layer's output
+    rotary: nn.Module | None = None  # decoders: rotary position embedding module
 
 
 def _bert_like(model: nn.Module, model_type: str) -> Family:
@@ -236,7 +245,46 @@ def _albert(model: nn.Module) -> Family:
     )
 
 
-SUPPORTED = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert")
+def _llama(model: nn.Module) -> Family:
+    """Llama-family causal LMs (SmolLM2, Llama, Mistral without sliding window): pre-RMSNorm,
+    rotary positions, grouped-query attention, SiLU-gated FFN."""
+    cfg = model.config
+    layers = []
+    paths: dict[str, tuple[int | None, str]] = {}
+    for i, layer in enumerate(model.layers):
+        att, mlp = layer.self_attn, layer.mlp
+        layers.append(
+            LayerModules(
+                query=att.q_proj, key=att.k_proj, value=att.v_proj, attn_out=att.o_proj,
+                attn_norm=layer.input_layernorm, ffn_in=mlp.up_proj, ffn_out=mlp.down_proj,
+                ffn_norm=layer.post_attention_layernorm, ffn_gate=mlp.gate_proj,
+            )
+        )
+        base = f"layers.{i}"
+        for name, site in (("self_attn.q_proj", "query"), ("self_attn.k_proj", "key"), ("self_attn.v_proj", "value"),
+                           ("self_attn.o_proj", "attn_out"), ("mlp.up_proj", "ffn_in"), ("mlp.down_proj", "ffn_out"),
+                           ("mlp.gate_proj", "ffn_gate")):
+            paths[f"{base}.{name}"] = (i, site)
+    return Family(
+        model_type=cfg.model_type,
+        embeddings=EmbeddingModules(word=model.embed_tokens, position=None, token_type=None, norm=None,  # type: ignore[arg-type]
+                                    project=None, position_offset=0),
+        layers=tuple(layers),
+        activation=ACT2FN[cfg.hidden_act],
+        num_heads=cfg.num_attention_heads,
+        hidden_size=cfg.hidden_size,
+        embedding_size=cfg.hidden_size,
+        max_positions=cfg.max_position_embeddings,
+        pooler=None,
+        peft_paths=paths,
+        kind="decoder",
+        num_kv_heads=cfg.num_key_value_heads,
+        final_norm=model.norm,
+        rotary=model.rotary_emb,
+    )
+
+
+SUPPORTED = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "albert", "llama", "mistral", "qwen2")
 
 
 def family_of(model: nn.Module) -> Family:
@@ -248,6 +296,8 @@ def family_of(model: nn.Module) -> Family:
         return _distilbert(model)
     if model_type == "albert":
         return _albert(model)
+    if model_type in ("llama", "mistral", "qwen2"):
+        return _llama(model)
     raise ValueError(
         f"backbone model_type {model_type!r} is not supported; supported encoder families: "
         + ", ".join(SUPPORTED)

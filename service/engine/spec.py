@@ -36,10 +36,19 @@ class BackboneInfo:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    # canonical site -> (in_features, out_features), read off the loaded modules
+    site_shapes: dict[str, tuple[int, int]] = field(default_factory=dict, compare=False)
+    kind: str = "encoder"  # "encoder" (bidirectional, BERT family) or "decoder" (causal LM)
+    vocab_size: int = 0
+    has_lm_head: bool = False
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return tuple(self.site_shapes)
+
     def site_shape(self, site: str) -> tuple[int, int]:
         """(in_features, out_features) of a canonical linear site."""
-        h, f = self.hidden_size, self.intermediate_size
-        return {"ffn_in": (h, f), "ffn_out": (f, h)}.get(site, (h, h))
+        return self.site_shapes[site]
 
 
 @dataclass(frozen=True)
@@ -52,4 +61,5 @@ class TaskSpec:
     max_length: int
     methods: tuple[str, ...]  # registered method names, in application order
     backbone_fingerprint: str | None
+    template: Any = None  # service.engine.template.Template for prompt tasks, else None
     metadata: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)

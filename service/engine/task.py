@@ -1,9 +1,12 @@
 """A loaded, validated, device-resident task version."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from service.engine.spec import BackboneInfo, TaskSpec
 from service.engine.types import TaskKey
@@ -25,6 +28,11 @@ class Task:
     @property
     def input_kind(self) -> str:
         return self.spec.input_kind
+
+    @property
+    def has_exits(self) -> bool:
+        """Whether the task has early-exit classifiers (so a per-request exit policy applies)."""
+        return "exits" in self.weights
 
     @property
     def nbytes(self) -> int:
@@ -50,6 +58,28 @@ class Task:
             "resident_bytes": self.nbytes,
             **self.spec.metadata,
         }
+
+
+    def to(self, device: torch.device | str) -> "Task":
+        """The same task version with every weight tensor on `device` (the task cache's host tier
+        keeps evicted tasks as CPU copies and promotes them back without re-reading the store).
+        Tensors already on `device` are shared, not copied."""
+        weights = {m: _move(w, torch.device(device)) for m, w in self.weights.items()}
+        return dataclasses.replace(self, weights=weights)
+
+
+def _move(value: Any, device: torch.device) -> Any:
+    """Every tensor inside a (frozen) weights dataclass, dict, tuple or list moved to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _move(getattr(value, f.name), device)
+                                             for f in dataclasses.fields(value) if f.init})
+    if isinstance(value, dict):
+        return {k: _move(v, device) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_move(v, device) for v in value)
+    return value
 
 
 def disk_bytes(bundle_dir: Path) -> int:

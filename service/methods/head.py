@@ -21,7 +21,7 @@ from service.engine.spec import BackboneInfo
 from service.methods.base import Method, MethodBatch, Problems, TaskWeights, register, take, trainable
 from service.methods.lora import POOLER
 
-POOLINGS = ("cls", "pooler", "mean")
+POOLINGS = ("cls", "pooler", "mean", "last")
 DENSE_ACTIVATIONS = ("tanh", "relu", "gelu")
 # BERT's initializer_range: classifier weights ~ N(0, 0.02), bias 0 (`BertPreTrainedModel._init_weights`).
 INIT_STD = 0.02
@@ -90,6 +90,8 @@ class HeadWeights(TaskWeights):
 def pool(hidden: Tensor, keep: Tensor, text_start: Tensor, text_len: Tensor, how: str) -> Tensor:
     """[B, S, H] -> [B, H]. `cls`/`pooler` read position 0 (as HF and PEFT do, even behind a soft
     prompt); `mean` averages the text tokens only, never prompt or padding positions."""
+    if how == "last":  # causal LMs: the last text token has seen the whole input
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), text_start + text_len - 1]
     if how == "mean":
         j = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         w = ((j >= text_start.unsqueeze(1)) & (j < (text_start + text_len).unsqueeze(1))).to(hidden.dtype)

@@ -15,7 +15,6 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from service.engine.families import SITES
 from service.engine.spec import BackboneInfo
 from service.methods import slots
 from service.methods.base import Method, MethodBatch, Problems, TaskWeights, register, take, trainable
@@ -66,9 +65,9 @@ class LoraWeights(TaskWeights):
             raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
         if not alpha > 0:
             raise ValueError(f"LoRA alpha must be positive, got {alpha!r}")
-        bad = [t for t in targets if t not in SITES]
+        bad = [t for t in targets if t not in info.sites]
         if bad or not targets:
-            raise ValueError(f"LoRA targets must be a non-empty subset of {', '.join(SITES)}; got {list(targets)}")
+            raise ValueError(f"LoRA targets must be a non-empty subset of {', '.join(info.sites)}; got {list(targets)}")
         layers = range(info.num_layers) if layers is None else layers
         pairs = {}
         for layer in layers:
@@ -150,8 +149,8 @@ class Lora(Method):
                     continue
                 fin, fout = backbone.hidden_size, backbone.hidden_size
             else:
-                if site not in SITES:
-                    problems.add(f"LoRA site {site!r} is not one of {', '.join(SITES)}")
+                if site not in backbone.sites:
+                    problems.add(f"LoRA site {site!r} is not one of {', '.join(backbone.sites)}")
                     continue
                 if not 0 <= layer < backbone.num_layers:
                     problems.add(f"LoRA on layer {layer}, but the backbone has {backbone.num_layers} layers")

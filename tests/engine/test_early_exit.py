@@ -66,8 +66,7 @@ def test_policy_off_equals_no_exit_path_exactly(setup):
     batch = engine.tokenize(items)
     with torch.inference_mode():
         off = engine.run(batch, [ExitPolicy("off")] * len(items))
-        st, head = engine.encode(batch)
-        ref = head.logits(st.hidden, st.keep, st.text_start, st.text_len, engine._pooler(), st.plan)
+        ref = engine.full_depth_logits(batch)
     for (z, layer), r in zip(off, ref):
         assert layer == engine.backbone.encoder.num_layers
         assert torch.equal(z, r.float())

@@ -1,0 +1,121 @@
+"""Prompt templates: `{text} It was {mask} .`, pairs `{text} ? {mask} , {text_pair}`.
+
+A template is parsed once into literal pieces and slots. Encoding tokenises each piece on its own,
+truncates only the inputs (longest first) so the template and the answer slot always survive, adds
+the tokenizer's special tokens, and reports the answer position: the `{mask}` token for a masked
+LM, the last token for a causal LM (which predicts the next word, so `{mask}` must end the
+template there).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_SLOT = re.compile(r"\{(\w*)\}")
+SLOTS = ("text", "text_pair", "mask")
+
+
+class TemplateError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Template:
+    source: str
+    parts: tuple[tuple[str, str], ...]  # ("lit", "It was") | ("slot", "text")
+
+    @property
+    def slots(self) -> set[str]:
+        return {v for k, v in self.parts if k == "slot"}
+
+    @classmethod
+    def parse(cls, source: str, *, pair: bool, needs_mask: bool, causal: bool) -> "Template":
+        if not isinstance(source, str) or not source.strip():
+            raise TemplateError("a template must be a non-empty string such as '{text} It was {mask} .'")
+        parts: list[tuple[str, str]] = []
+        pos = 0
+        for m in _SLOT.finditer(source):
+            if m.start() > pos:
+                parts.append(("lit", source[pos:m.start()]))
+            if m.group(1) not in SLOTS:
+                raise TemplateError(f"unknown placeholder {{{m.group(1)}}} in template {source!r}; use {{text}}, {{text_pair}}, {{mask}}")
+            parts.append(("slot", m.group(1)))
+            pos = m.end()
+        if pos < len(source):
+            parts.append(("lit", source[pos:]))
+        t = cls(source, tuple(parts))
+        names = [v for k, v in parts if k == "slot"]
+        problems = []
+        if "text" not in names:
+            problems.append("it has no {text}")
+        if pair and "text_pair" not in names:
+            problems.append("a pair task needs {text_pair}")
+        if not pair and "text_pair" in names:
+            problems.append("{text_pair} appears but the task takes single texts")
+        if needs_mask and "mask" not in names:
+            problems.append("scoring label words needs a {mask} where the word goes")
+        if any(names.count(s) > 1 for s in SLOTS):
+            problems.append("each placeholder may appear once")
+        if causal and "mask" in names and (parts[-1] != ("slot", "mask")) and not (
+            len(parts) >= 2 and parts[-2] == ("slot", "mask") and not parts[-1][1].strip()
+        ):
+            problems.append("for a causal LM {mask} must end the template (the model predicts the next word)")
+        if problems:
+            raise TemplateError(f"template {source!r}: " + "; ".join(problems))
+        return t
+
+    def encode(self, tokenizer, text: str, text_pair: str | None, max_length: int, causal: bool) -> tuple[list[int], int]:
+        """(token ids with special tokens, answer position)."""
+        mask_id = tokenizer.mask_token_id if not causal else None
+        pieces: list[tuple[str, list[int]]] = []
+        for n, (kind, value) in enumerate(self.parts):
+            if kind == "lit":
+                # WordPiece ignores spacing; byte-level BPE needs the leading space (" great"), but a
+                # space right before the answer would become a token of its own.
+                before_answer = n + 1 == len(self.parts) or self.parts[n + 1] == ("slot", "mask")
+                lit = value.strip() if not causal else (value.rstrip() if before_answer else value)
+                if lit:
+                    pieces.append(("lit", tokenizer.encode(lit, add_special_tokens=False)))
+            elif value == "mask":
+                if causal:
+                    break  # the next token is the answer
+                pieces.append(("mask", [mask_id]))
+            else:
+                src = text if value == "text" else (text_pair or "")
+                pieces.append((value, tokenizer.encode(src, add_special_tokens=False)))
+        head, tail = special_frame(tokenizer)
+        specials = len(head) + len(tail)
+        budget = max_length - specials - sum(len(ids) for k, ids in pieces if k in ("lit", "mask"))
+        if budget < 1:
+            raise TemplateError(f"template {self.source!r} leaves no room for the input within max_length {max_length}")
+        inputs = [i for i, (k, _) in enumerate(pieces) if k in ("text", "text_pair")]
+        while sum(len(pieces[i][1]) for i in inputs) > budget:  # longest first, one token at a time
+            i = max(inputs, key=lambda i: len(pieces[i][1]))
+            pieces[i] = (pieces[i][0], pieces[i][1][:-1])
+        body = [t for _, ids in pieces for t in ids]
+        ids = head + body + tail
+        if causal:
+            # the answer is read at the last template token; drop trailing specials (e.g. EOS)
+            last = len(ids) - 1
+            while last > 0 and ids[last] in tokenizer.all_special_ids and ids[last] not in body[-1:]:
+                last -= 1
+            return ids[: last + 1], last
+        return ids, ids.index(mask_id)
+
+
+def special_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens a tokenizer puts before and after a single sequence ([CLS] .. [SEP],
+    <s> .. </s>, BOS ..), read off an encoding of a plain word."""
+    cached = getattr(tokenizer, "_adaptserve_frame", None)
+    if cached is not None:
+        return cached
+    plain = tokenizer.encode("hello", add_special_tokens=False)
+    full = tokenizer.encode("hello", add_special_tokens=True)
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain:
+            frame = (full[:i], full[i + len(plain):])
+            break
+    else:
+        frame = ([], [])
+    tokenizer._adaptserve_frame = frame
+    return frame

@@ -1,0 +1,103 @@
+"""Prompt tasks: template + verbalizer through the model's own LM head, masked and causal."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+from service.engine.backbone import load_backbone
+from service.engine.bundle import write_bundle
+from service.engine.engine import Engine
+from service.engine.template import Template, TemplateError
+from service.engine.types import ClassifyItem, TaskKey
+from service.errors import BundleError
+from tests.factories import random_method, save_tiny_lm, verbalizer_task
+
+WORDS = {"negative": ["bad", "terrible"], "positive": ["good"]}
+
+
+@pytest.fixture(scope="module", params=["mlm", "causal"])
+def lm(request, tmp_path_factory):
+    path = save_tiny_lm(request.param, tmp_path_factory.mktemp(request.param) / "lm")
+    return request.param, path, Engine(load_backbone(path, device="cpu", dtype="float32"))
+
+
+def _publish(engine, store, name, template, extra=None, pair=False):
+    w = {"verbalizer": verbalizer_task(engine.backbone.tokenizer, WORDS), **(extra or {})}
+    cfg = {"labels": list(WORDS), "input_kind": "pair" if pair else "single", "max_length": 24, "template": template,
+           "backbone": {"fingerprint": engine.backbone.fingerprint}}
+    v = write_bundle(store, name, cfg, w)
+    return engine.load_task(store / name / v, TaskKey(name, v))
+
+
+def test_served_equals_hf_lm_head(lm, tmp_path):
+    kind, path, engine = lm
+    template = "{text} it was {mask}" if kind == "causal" else "{text} . it was {mask} ."
+    task = _publish(engine, tmp_path, "sent", template)
+    text = "the movie was very good and fun"
+    got = engine.logits(engine.tokenize([ClassifyItem(task, text)]))[0]
+    ids, pos = task.spec.template.encode(engine.backbone.tokenizer, text, None, 24, kind == "causal")
+    cls = T.AutoModelForMaskedLM if kind == "mlm" else T.AutoModelForCausalLM
+    ref_model = cls.from_pretrained(str(path)).eval()
+    with torch.no_grad():
+        vocab = ref_model(input_ids=torch.tensor([ids])).logits[0, pos]
+    tok = engine.backbone.tokenizer
+    if kind == "mlm":
+        assert ids[pos] == tok.mask_token_id
+    want = torch.stack([vocab[[tok.convert_tokens_to_ids(w) for w in ws]].mean() for ws in WORDS.values()])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_prompt_tasks_mix_with_lora_and_soft_prompts(lm, tmp_path):
+    kind, _, engine = lm
+    info = engine.backbone.info
+    g = torch.Generator().manual_seed(0)
+    template = "{text} it was {mask}" if kind == "causal" else "{text} it was {mask} ."
+    tasks = [
+        _publish(engine, tmp_path, "plain", template),
+        _publish(engine, tmp_path, "lora", template, {"lora": random_method("lora", info, g, 2)}),
+        _publish(engine, tmp_path, "prompt", template, {"prompt": random_method("prompt", info, g, 0)}),
+        _publish(engine, tmp_path, "prompt2", template, {"prompt": random_method("prompt", info, g, 2)}),
+    ]
+    texts = ["good movie", "the plot was long and boring and bad", "ok", "really fun day in the park"]
+    items = [ClassifyItem(tasks[i % 4], texts[(i * 3) % 4]) for i in range(8)]
+    mixed = engine.logits(engine.tokenize(items))
+    for it, z in zip(items, mixed):
+        torch.testing.assert_close(z, engine.logits(engine.tokenize([it]))[0], atol=1e-5, rtol=0)
+    assert float((mixed[0] - mixed[1]).abs().max()) > 0 or items[0].text != items[1].text
+
+
+def test_truncation_keeps_template_and_answer(lm):
+    kind, _, engine = lm
+    tok = engine.backbone.tokenizer
+    t = Template.parse("{text} it was {mask}", pair=False, needs_mask=True, causal=kind == "causal")
+    ids, pos = t.encode(tok, " ".join(["good"] * 100), None, 16, kind == "causal")
+    assert len(ids) <= 16
+    if kind == "mlm":
+        assert ids[pos] == tok.mask_token_id
+    assert tok.convert_tokens_to_ids("was") in ids
+
+
+@pytest.mark.parametrize(
+    "template,pair,causal,message",
+    [
+        ("It was {mask}.", False, False, "it has no {text}"),
+        ("{text} It was.", False, False, "needs a {mask}"),
+        ("{text} {mask} {text_pair}", False, False, "{text_pair} appears"),
+        ("{text} ? {mask}", True, False, "a pair task needs {text_pair}"),
+        ("{text} It was {mask} .", False, True, "must end the template"),
+        ("{text} {label}", False, False, "unknown placeholder {label}"),
+        ("{text} {mask} {mask}", False, False, "each placeholder may appear once"),
+    ],
+)
+def test_bad_templates(template, pair, causal, message):
+    with pytest.raises(TemplateError, match=message.replace("{", r"\{").replace("}", r"\}").replace("?", r"\?")):
+        Template.parse(template, pair=pair, needs_mask=True, causal=causal)
+
+
+def test_verbalizer_refused_without_lm_head(tmp_path):
+    from tests.factories import tiny_backbone
+
+    engine = Engine(tiny_backbone("bert", tmp_path))
+    with pytest.raises(BundleError, match="no LM head"):
+        _publish(engine, tmp_path / "s", "x", "{text} it was {mask}")
