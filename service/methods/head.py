@@ -36,6 +36,9 @@ class HeadWeights(TaskWeights):
     dense_w: Tensor | None = None  # [H, H]
     dense_b: Tensor | None = None
     dense_activation: str = "tanh"  # RoBERTa: tanh; DistilBERT's pre_classifier: relu; ELECTRA: gelu
+    # L2-normalise the pooled vector first: with unit-norm rows in out_w the logits are cosine
+    # similarities (times out_w's scale), which is how zero-shot label-description tasks score.
+    normalize: bool = False
 
     @property
     def num_labels(self) -> int:
@@ -84,6 +87,8 @@ class HeadWeights(TaskWeights):
         cfg = {"pooling": self.pooling, "dense": self.dense_w is not None, "num_labels": self.num_labels}
         if self.dense_w is not None:
             cfg["dense_activation"] = self.dense_activation
+        if self.normalize:
+            cfg["normalize"] = True
         return cfg
 
 
@@ -117,6 +122,8 @@ class HeadBatch(MethodBatch):
             if rows.numel() == 0:
                 continue
             x = pool(hidden[rows], keep[rows], text_start[rows], text_len[rows], p.pooling)  # [n, H]
+            if p.normalize:
+                x = torch.nn.functional.normalize(x, dim=-1)
             if p.pooling == "pooler":
                 y = pooler(x)
                 for b in plan.batches:
@@ -162,7 +169,8 @@ class Head(Method):
             problems.add(f"'dense_activation' must be one of {DENSE_ACTIVATIONS}, got {act!r}")
         problems.raise_if_any()
         cast = lambda t: None if t is None else t.to(device=backbone.device, dtype=backbone.dtype).contiguous()  # noqa: E731
-        return HeadWeights(pooling=pooling, out_w=cast(out_w), out_b=cast(out_b), dense_w=cast(dense_w), dense_b=cast(dense_b), dense_activation=act)
+        return HeadWeights(pooling=pooling, out_w=cast(out_w), out_b=cast(out_b), dense_w=cast(dense_w), dense_b=cast(dense_b), dense_activation=act,
+                           normalize=bool(section.get("normalize", False)))
 
     def batch(self, parts: Sequence[TaskWeights | None], row_part: Tensor) -> HeadBatch | None:
         if all(p is None for p in parts):

@@ -1,0 +1,205 @@
+"""`adaptserve train` / `adaptserve evaluate`: the happy paths end to end, and every bad input
+ending in one line on stderr and a non-zero exit, never a traceback."""
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from dataclasses import dataclass, field
+
+import pytest
+
+from service.engine.engine import Engine
+from training.cli import evaluate_main, main
+from training.data import load_splits
+from training.evaluate import load_published
+from training.publish import save_to_store
+from training.report import format_metrics
+from training.trainer import evaluate, train
+from tests.training.conftest import tiny_config
+
+FAST = ["--max-steps", "1", "--batch-size", "8", "--max-length", "24", "--no-progress"]
+
+
+def _error_line(capsys, prog: str) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"{prog}: error: "), err
+    return last
+
+
+# -- train: bad inputs ---------------------------------------------------------------------------------
+@dataclass
+class Bad:
+    id: str
+    args: list[str]  # {train}/{dev}/{tmp}/{backbone} are filled in
+    expected: str
+    files: dict[str, str] = field(default_factory=dict)  # extra files in tmp: name -> content
+    status: int = 1
+
+
+TRAIN_OK = "--data {train} --dev {dev} --backbone {backbone} --store {tmp}/store"
+BAD_TRAIN = [
+    Bad("missing file", ["--task", "t", "--method", "lora", "--data", "{tmp}/nope.csv", "--dev", "{dev}", "--store", "{tmp}/s"],
+        "nope.csv: file not found"),
+    Bad("a directory", ["--task", "t", "--method", "lora", "--data", "{tmp}/d.csv", "--dev", "{dev}", "--store", "{tmp}/s"],
+        "d.csv: is a directory", files={"d.csv/": ""}),
+    Bad("unknown extension", ["--task", "t", "--method", "lora", "--data", "{tmp}/t.txt", "--dev", "{dev}", "--store", "{tmp}/s"],
+        "cannot tell the format from extension '.txt'; name the file .csv / .tsv / .jsonl / .ndjson or pass --format one of",
+        files={"t.txt": "text,label\na,pos\nb,neg\n"}),
+    Bad("empty file", ["--task", "t", "--method", "lora", "--data", "{tmp}/empty.csv", "--dev", "{dev}", "--store", "{tmp}/s"],
+        "empty.csv: file is empty", files={"empty.csv": ""}),
+    Bad("unknown label column", ["--task", "t", "--method", "lora", *TRAIN_OK.split(), "--label-column", "gold"],
+        "no column 'gold' (the file has columns: text, label); pass --label-column to use another column"),
+    Bad("unknown text column", ["--task", "t", "--method", "lora", *TRAIN_OK.split(), "--text-column", "sentence"],
+        "no column 'sentence'"),
+    Bad("dev label missing from train", ["--task", "t", "--method", "lora", "--data", "{train}", "--dev", "{tmp}/dev3.csv", "--store", "{tmp}/s"],
+        "label not in the training labels (neg, pos): 'meh'", files={"dev3.csv": "text,label\ngood,pos\nok,meh\n"}),
+    Bad("single class", ["--task", "t", "--method", "lora", "--data", "{tmp}/one.csv", "--dev", "{dev}", "--store", "{tmp}/s"],
+        "every training row (2) has label 'pos'", files={"one.csv": "text,label\ngood,pos\nfun,pos\n"}),
+    Bad("not utf-8", ["--task", "t", "--method", "lora", "--data", "{tmp}/latin.csv", "--dev", "{dev}", "--store", "{tmp}/s"],
+        "not valid UTF-8", files={"latin.csv": "text,label\ncaf\udce9,pos\nbad,neg\n"}),
+    Bad("pairs in train only", ["--task", "t", "--method", "lora", "--data", "{tmp}/p.csv", "--dev", "{dev}", "--store", "{tmp}/s"],
+        "disagree on sentence pairs", files={"p.csv": "text,text_pair,label\na,b,pos\nc,d,neg\n"}),
+    Bad("bad task name", ["--task", "Bad Name", "--method", "lora", *TRAIN_OK.split()], "invalid task name 'Bad Name'"),
+    Bad("option of another method", ["--task", "t", "--method", "adapter", "--lora-r", "4", *TRAIN_OK.split()],
+        "--lora-r applies to --method lora, not --method adapter"),
+    Bad("unknown lora site", ["--task", "t", "--method", "lora", "--lora-targets", "query,qkv", *TRAIN_OK.split()],
+        "--lora-targets must name sites among query,key,value,attn_out,ffn_in,ffn_out"),
+    Bad("zero epochs", ["--task", "t", "--method", "head", "--epochs", "0", *TRAIN_OK.split()], "--epochs must be an integer >= 1"),
+    Bad("full into a store", ["--task", "t", "--method", "full", *TRAIN_OK.split()], "pass --publish-full DIR"),
+    Bad("publish-full for lora", ["--task", "t", "--method", "lora", "--data", "{train}", "--dev", "{dev}", "--publish-full", "{tmp}/f"],
+        "--publish-full is for --method full"),
+    Bad("not a backbone", ["--task", "t", "--method", "lora", "--data", "{train}", "--dev", "{dev}", "--backbone", "{tmp}", "--store", "{tmp}/s"],
+        "has no config.json"),
+    Bad("prompt too long", ["--task", "t", "--method", "prompt", "--prompt-length", "60", *TRAIN_OK.split(), "--max-length", "24"],
+        "--max-length 24 + 60 virtual tokens exceeds the backbone's 64 positions"),
+    Bad("pooler on a backbone without one", ["--task", "t", "--method", "head", "--pooling", "pooler", *TRAIN_OK.split(),
+                                              "--backbone", "{tmp}/distil", "--max-length", "24"], "needs a backbone with a pooler"),
+    Bad("nothing listening at --publish", ["--task", "t", "--method", "head", "--data", "{train}", "--dev", "{dev}",
+                                           "--backbone", "{backbone}", "--publish", "http://127.0.0.1:9", *FAST], "cannot reach http://127.0.0.1:9"),
+    Bad("no output given", ["--task", "t", "--method", "lora", "--data", "{train}", "--dev", "{dev}"],
+        "one of the arguments --store --publish --publish-full --no-publish is required", status=2),
+    Bad("unknown method", ["--task", "t", "--method", "bitfit", *TRAIN_OK.split()], "argument --method: invalid choice", status=2),
+]
+
+
+@pytest.mark.parametrize("case", BAD_TRAIN, ids=[c.id for c in BAD_TRAIN])
+def test_train_bad_input(case, csvs, tiny_dir, tmp_path, capsys):
+    for name, content in case.files.items():
+        if name.endswith("/"):
+            (tmp_path / name).mkdir()
+        else:
+            (tmp_path / name).write_bytes(content.encode("utf-8", "surrogateescape"))
+    if "{tmp}/distil" in case.args:
+        from tests.factories import save_tiny_backbone
+
+        save_tiny_backbone("distilbert", tmp_path / "distil")
+    fill = dict(train=csvs["train"], dev=csvs["dev"], tmp=tmp_path, backbone=tiny_dir)
+    args = [a.format(**fill) for a in case.args]
+    if case.status == 2:  # argparse's own usage errors
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        assert exit_.value.code == 2 and case.expected in capsys.readouterr().err
+        return
+    assert main(args) == case.status
+    assert case.expected in _error_line(capsys, "adaptserve train")
+
+
+# -- train: the happy paths ----------------------------------------------------------------------------
+def test_train_cli_publishes_a_servable_task(csvs, tiny, tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run.json"
+    rc = main(["--task", "cli-task", "--data", str(csvs["train"]), "--dev", str(csvs["dev"]), "--test", str(csvs["test"]),
+               "--method", "adapter", "--adapter-kind", "houlsby", "--adapter-bottleneck", "4", "--backbone", str(tiny_dir),
+               "--store", str(tmp_path / "store"), "--json", str(out), *FAST])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    assert "training summary" in stdout and "per class (test)" in stdout and "published cli-task@" in stdout
+    summary = json.loads(out.read_text())
+    assert summary["training"]["hyperparameters"]["adapter"]["kind"] == "houlsby"
+    task = load_published(Engine(tiny), tmp_path / "store", "cli-task")
+    assert task.key.version == summary["published"]["version"]
+    assert task.weights["adapter"].bottleneck == 4
+
+
+def test_full_cli_writes_backbone_and_head(csvs, tiny_dir, tmp_path, capsys):
+    rc = main(["--task", "full-task", "--data", str(csvs["train"]), "--dev", str(csvs["dev"]), "--method", "full",
+               "--backbone", str(tiny_dir), "--publish-full", str(tmp_path / "full"), *FAST])
+    assert rc == 0
+    assert "adaptserve serve --backbone" in capsys.readouterr().out
+    assert (tmp_path / "full" / "backbone" / "config.json").is_file()
+    rc = evaluate_main(["--task", "full-task", "--store", str(tmp_path / "full" / "store"), "--data", str(csvs["dev"]),
+                        "--backbone", str(tmp_path / "full" / "backbone"), "--no-progress"])
+    assert rc == 0 and "accuracy=" in capsys.readouterr().out
+
+
+# -- evaluate ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def published(tiny, csvs, tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    splits = load_splits(csvs["train"], csvs["dev"], csvs["test"])
+    result = train(splits, tiny_config("lora", max_steps=4), name="ev", backbone=tiny, progress=False)
+    save_to_store(result, store)
+    return store, result, splits
+
+
+def test_evaluate_scores_through_the_serving_path(published, csvs, tiny_dir, tmp_path, capsys):
+    store, result, splits = published
+    out = tmp_path / "m.json"
+    rc = evaluate_main(["--task", "ev", "--store", str(store), "--data", str(csvs["test"]), "--backbone", str(tiny_dir),
+                        "--batch-size", "5", "--json", str(out), "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    # the served scores equal the trainer's own on the same file (same weights, same math)
+    expected = evaluate(result.engine, result.task, splits.test)
+    assert format_metrics(expected) in printed
+    saved = json.loads(out.read_text())
+    assert saved["accuracy"] == expected.accuracy and saved["macro_f1"] == expected.macro_f1 and saved["n"] == 16
+
+
+BAD_EVAL = [
+    Bad("unknown task", ["--task", "nope", "--store", "{store}", "--data", "{test}"], "task 'nope' not found"),
+    Bad("not a store", ["--task", "ev", "--store", "{tmp}/none", "--data", "{test}"], "is not a directory"),
+    Bad("label the task does not know", ["--task", "ev", "--store", "{store}", "--data", "{tmp}/x.csv"],
+        "label not in the training labels (neg, pos): 'meh'", files={"x.csv": "text,label\ngood,pos\nok,meh\n"}),
+    Bad("pairs for a single-text task", ["--task", "ev", "--store", "{store}", "--data", "{tmp}/p.csv"],
+        "task 'ev' classifies single texts, but the file has a pair column", files={"p.csv": "text,text_pair,label\na,b,pos\n"}),
+    Bad("missing data", ["--task", "ev", "--store", "{store}", "--data", "{tmp}/nope.csv"], "file not found"),
+    Bad("unknown version", ["--task", "ev", "--store", "{store}", "--data", "{test}", "--version", "v9"], "has no version 'v9'"),
+    Bad("other backbone", ["--task", "ev", "--store", "{store}", "--data", "{test}", "--backbone", "{tmp}/other"],
+        "trained on backbone"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_EVAL, ids=[c.id for c in BAD_EVAL])
+def test_evaluate_bad_input(case, published, csvs, tiny_dir, tmp_path, capsys):
+    for name, content in case.files.items():
+        (tmp_path / name).write_text(content)
+    if "{tmp}/other" in case.args:
+        from tests.factories import save_tiny_backbone
+
+        save_tiny_backbone("bert", tmp_path / "other", seed=1)
+    fill = dict(store=published[0], test=csvs["test"], tmp=tmp_path)
+    args = [a.format(**fill) for a in case.args]
+    if "--backbone" not in args:
+        args += ["--backbone", str(tiny_dir)]
+    assert evaluate_main(args + ["--no-progress"]) == case.status
+    assert case.expected in _error_line(capsys, "adaptserve evaluate")
+
+
+@pytest.mark.parametrize("entry", ["python -m training", "adaptserve"])
+def test_entry_points_run_evaluate(entry, published, csvs, tiny_dir, monkeypatch, capsys):
+    """`python -m training evaluate ...` and `adaptserve evaluate ...` (service.cli) reach evaluate_main."""
+    args = ["evaluate", "--task", "ev", "--store", str(published[0]), "--data", str(csvs["dev"]),
+            "--backbone", str(tiny_dir), "--no-progress"]
+    if entry == "adaptserve":
+        from service.cli import main as adaptserve
+
+        assert adaptserve(args) == 0
+    else:
+        monkeypatch.setattr(sys, "argv", ["python -m training", *args])
+        with pytest.raises(SystemExit) as exit_:
+            runpy.run_module("training", run_name="__main__")
+        assert exit_.value.code == 0
+    assert "ev@" in capsys.readouterr().out

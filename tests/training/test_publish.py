@@ -1,0 +1,157 @@
+"""The HTTP publish client against a real server on a free loopback port (the service's upload
+endpoint does not exist yet, so a stand-in records what it is sent and answers as configured)."""
+from __future__ import annotations
+
+import email.parser
+import json
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator
+
+import pytest
+
+from service.engine.bundle import CONFIG, WEIGHTS, content_version
+from training.publish import PublishError, upload
+
+
+@dataclass
+class Stand:
+    url: str
+    status: int = 201
+    body: dict | str = field(default_factory=dict)
+    requests: list[dict] = field(default_factory=list)
+
+
+@pytest.fixture
+def stand() -> Iterator[Stand]:
+    state = Stand(url="")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            raw = self.rfile.read(int(self.headers["Content-Length"]))
+            msg = email.parser.BytesParser().parsebytes(
+                f"Content-Type: {self.headers['Content-Type']}\r\n\r\n".encode() + raw
+            )
+            files = {p.get_param("name", header="content-disposition"): p.get_payload(decode=True) for p in msg.get_payload()}
+            state.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "files": files})
+            body = state.body if isinstance(state.body, str) else json.dumps(state.body)
+            self.send_response(state.status)
+            self.send_header("Content-Type", "application/json" if isinstance(state.body, dict) else "text/plain")
+            self.send_header("Content-Length", str(len(body.encode())))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+CFG, WTS = b'{"labels": ["a", "b"]}', b"\x00weights"
+
+
+def test_upload_sends_both_files_with_the_token(stand, monkeypatch):
+    monkeypatch.delenv("ADAPTSERVE_ADMIN_TOKEN", raising=False)
+    stand.body = {"task": "sst2", "version": "abc123"}
+    got = upload(stand.url + "/", "sst2", CFG, WTS, token="s3cret")
+    assert got.version == "abc123" and got.url == f"{stand.url}/v1/tasks/sst2/versions"
+    (req,) = stand.requests
+    assert req["path"] == "/v1/tasks/sst2/versions" and req["auth"] == "Bearer s3cret"
+    assert req["files"] == {CONFIG: CFG, WEIGHTS: WTS}
+
+
+def test_upload_reads_the_token_from_the_environment(stand, monkeypatch):
+    monkeypatch.setenv("ADAPTSERVE_ADMIN_TOKEN", "from-env")
+    got = upload(stand.url, "sst2", CFG, WTS)
+    assert stand.requests[0]["auth"] == "Bearer from-env"
+    assert got.version == content_version(CFG, WTS)  # the server sent none: the local content hash
+
+
+@pytest.mark.parametrize("status,body,token,expected", [
+    (404, {"detail": "Not Found"}, "t", "the server has no task upload endpoint (404)"),
+    (405, "", "t", "the server has no task upload endpoint (405)"),
+    (404, {"error": "task 'x' is archived", "error_type": "task_archived"}, "t", "404 task 'x' is archived"),
+    (401, {"error": "missing bearer token", "error_type": "unauthorized"}, None, "pass --token or set ADAPTSERVE_ADMIN_TOKEN"),
+    (403, {"error": "bad token", "error_type": "forbidden"}, "t", "not authorised (403: bad token); check the admin token"),
+    (422, {"error": "task 'sst2': head has 3 outputs but 2 labels", "error_type": "invalid_bundle"}, "t",
+     "refused the bundle (422: task 'sst2': head has 3 outputs but 2 labels)"),
+    (500, "boom", "t", "refused the bundle (500: boom)"),
+], ids=["404-route", "405", "404-app", "401", "403", "422", "500"])
+def test_upload_errors_are_one_clear_line(stand, monkeypatch, status, body, token, expected):
+    monkeypatch.delenv("ADAPTSERVE_ADMIN_TOKEN", raising=False)
+    stand.status, stand.body = status, body
+    with pytest.raises(PublishError) as err:
+        upload(stand.url, "sst2", CFG, WTS, token=token)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_upload_to_nothing_listening():
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(PublishError, match=f"cannot reach http://127.0.0.1:{port}"):
+        upload(f"http://127.0.0.1:{port}", "sst2", CFG, WTS, token="t", timeout=5)
+
+
+def test_upload_needs_an_http_url():
+    with pytest.raises(PublishError, match="http:// or https://"):
+        upload("localhost:8000", "sst2", CFG, WTS)
+
+
+def test_publish_to_the_real_service_then_classify(tiny_dir, tiny, csvs, tmp_path):
+    """Train, upload to the real app under uvicorn on a free loopback port, and classify over
+    HTTP: the service answers with the trainer's own probabilities."""
+    import socket
+    import time
+
+    import httpx
+    import torch
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+    from training.data import load_splits
+    from training.publish import publish_http
+    from training.trainer import train
+    from tests.training.conftest import tiny_config
+
+    (tmp_path / "store").mkdir()
+    app = create_app(Settings(store=tmp_path / "store", backbone=tiny_dir, admin_tokens="adm1n", device="cpu",
+                              dtype="float32"))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        give_up = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < give_up, "server did not start"
+            time.sleep(0.02)
+        result = train(load_splits(csvs["train"], csvs["dev"]), tiny_config("lora"), name="via-http", backbone=tiny,
+                       progress=False)
+        with pytest.raises(PublishError, match="not authorised"):
+            publish_http(result, url, token="wrong")
+        sent = publish_http(result, url, token="adm1n")
+        assert sent.response["active"] is True
+        texts = ["good movie", "the plot was boring"]
+        resp = httpx.post(f"{url}/v1/tasks/via-http/classify", json={"inputs": texts},
+                          headers={"Authorization": "Bearer adm1n"}, timeout=30)
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["version"] == sent.version
+        served = torch.tensor([[p["scores"][lab] for lab in ("neg", "pos")] for p in body["predictions"]])
+        torch.testing.assert_close(served, result.logits(texts).softmax(-1), atol=1e-5, rtol=0)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -1,0 +1,106 @@
+"""Served == trained: a task trained here, written as a bundle and loaded by the engine, gives the
+trainer's own logits for the same inputs, for every method (and the full fine-tuning baseline)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from service.engine.backbone import load_backbone
+from service.engine.engine import Engine
+from service.engine.families import SITES
+from service.engine.types import ClassifyItem
+from training.config import AdapterConfig, LoraConfig
+from training.data import data_hash, load_splits
+from training.evaluate import load_published
+from training.publish import PublishError, save_full_result, save_to_store
+from training.trainer import train
+from tests.training.conftest import tiny_config
+
+ATOL = 1e-5  # fp32
+
+CASES = {
+    "lora": dict(),
+    "lora-all-sites": dict(lora=LoraConfig(r=2, alpha=5.0, targets=SITES)),
+    "adapter": dict(),
+    "adapter-houlsby-gelu": dict(adapter=AdapterConfig(kind="houlsby", bottleneck=3, activation="gelu")),
+    "prefix": dict(),
+    "prompt": dict(),
+    "head": dict(),
+    "head-pooler-dense": dict(pooling="pooler", head_dense=True),
+    "lora-cls": dict(pooling="cls"),
+}
+
+
+def served_logits(engine: Engine, task, texts, pairs=None) -> torch.Tensor:
+    pairs = pairs or [None] * len(texts)
+    preds = engine.classify([ClassifyItem(task, t, p) for t, p in zip(texts, pairs)])
+    return torch.tensor([p.logits for p in preds])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_served_equals_trained(case, tiny, csvs, tmp_path):
+    method = case.split("-")[0]
+    splits = load_splits(csvs["train"], csvs["dev"])
+    result = train(splits, tiny_config(method, **CASES[case]), name=f"rt-{case}", backbone=tiny, progress=False)
+    assert result.steps == 2
+    version = save_to_store(result, tmp_path)
+
+    engine = Engine(tiny)  # a fresh engine, as the service would have
+    task = load_published(engine, tmp_path, result.name)
+    assert task.key.version == version and task.spec.methods == tuple(result.weights)
+    texts = list(splits.dev.texts)
+    served = served_logits(engine, task, texts)
+    assert served.shape == (len(texts), 2)
+    torch.testing.assert_close(served, result.logits(texts), atol=ATOL, rtol=0)
+
+
+def test_pair_task_round_trip(tiny, csvs, tmp_path):
+    splits = load_splits(csvs["pair_train"], csvs["pair_dev"])
+    result = train(splits, tiny_config("lora"), name="rt-pairs", backbone=tiny, progress=False)
+    save_to_store(result, tmp_path)
+    task = load_published(Engine(tiny), tmp_path, "rt-pairs")
+    assert task.input_kind == "pair"
+    texts, pairs = list(splits.dev.texts), list(splits.dev.text_pairs)
+    torch.testing.assert_close(served_logits(Engine(tiny), task, texts, pairs), result.logits(texts, pairs), atol=ATOL, rtol=0)
+    # the second text matters: dropping it changes the answer
+    assert not torch.allclose(result.logits(texts, pairs), result.logits(texts, [p + " not" for p in pairs]), atol=1e-4)
+
+
+def test_full_baseline_round_trip(tiny, csvs, tmp_path):
+    splits = load_splits(csvs["train"], csvs["dev"])
+    result = train(splits, tiny_config("full"), name="rt-full", backbone=tiny, progress=False)
+    with pytest.raises(PublishError, match="--publish-full"):
+        save_to_store(result, tmp_path / "store")
+    art = save_full_result(result, tmp_path / "full")
+    tuned = load_backbone(art.backbone_dir, device="cpu", dtype="float32")
+    assert tuned.fingerprint != tiny.fingerprint  # it is a different backbone now
+    engine = Engine(tuned)
+    task = load_published(engine, art.store, "rt-full")
+    texts = list(splits.dev.texts)
+    torch.testing.assert_close(served_logits(engine, task, texts), result.logits(texts), atol=ATOL, rtol=0)
+    # the head is fingerprinted to the tuned backbone: the shared one refuses it
+    from service.errors import BundleError
+
+    with pytest.raises(BundleError, match="trained on backbone"):
+        load_published(Engine(tiny), art.store, "rt-full")
+
+
+def test_bundle_records_how_it_was_trained(tiny, csvs, tmp_path):
+    splits = load_splits(csvs["train"], csvs["dev"], csvs["test"])
+    result = train(splits, tiny_config("lora", seed=7), name="rec", backbone=tiny, progress=False)
+    version = save_to_store(result, tmp_path)
+    cfg = json.loads((tmp_path / "rec" / version / "adapter_config.json").read_text())
+    assert cfg["labels"] == ["neg", "pos"] and cfg["input_kind"] == "single" and cfg["max_length"] == 24
+    assert cfg["backbone"]["fingerprint"] == tiny.fingerprint
+    t = cfg["training"]
+    assert (t["method"], t["seed"], t["lr"], t["steps"]) == ("lora", 7, 5e-4, 2)
+    assert t["hyperparameters"]["lora"] == {"r": 8, "alpha": 8.0, "targets": ["query", "value"]}
+    assert t["data_hash"] == data_hash([csvs["train"], csvs["dev"], csvs["test"]])
+    assert t["data"]["train"] == {"file": "train.csv", "sha256": data_hash(csvs["train"]), "rows": 40}
+    assert t["train_seconds"] > 0
+    assert cfg["metrics"]["dev"]["accuracy"] == result.dev_metrics.accuracy
+    assert set(cfg["metrics"]["dev"]["per_class"]) == {"neg", "pos"}
+    assert cfg["metrics"]["test"]["n"] == 16
+    assert (tmp_path / "rec" / "ACTIVE").read_text().strip() == version

@@ -1,0 +1,333 @@
+"""`adaptserve train` and `adaptserve evaluate` (also `python -m training train|evaluate`).
+
+    adaptserve train --task sst2 --data train.csv --dev dev.csv [--test test.csv] --method lora \\
+        [--lora-r 8 --lora-alpha 8 --lora-targets query,value] --store adapters_store
+    adaptserve evaluate --task sst2 --store adapters_store --data test.csv
+
+Every problem a person can cause (a bad file, a bad option, a refused upload) ends the command
+with one line on stderr and exit status 1; argparse's own usage errors exit with 2. Tables go to
+stdout, progress bars and per-epoch lines to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from training.config import (
+    DEFAULT_LR,
+    METHODS,
+    SELECT_METRICS,
+    AdapterConfig,
+    ConfigError,
+    LoraConfig,
+    PrefixConfig,
+    PromptConfig,
+    TrainConfig,
+)
+from training.data import DataError
+
+log = logging.getLogger("training")
+
+# Method options: flag -> (method it belongs to, TrainConfig section, field, type).
+_METHOD_FLAGS: dict[str, tuple[str, str, str, Callable[[str], Any]]] = {
+    "--lora-r": ("lora", "lora", "r", int),
+    "--lora-alpha": ("lora", "lora", "alpha", float),
+    "--lora-targets": ("lora", "lora", "targets", lambda s: tuple(x.strip() for x in s.split(",") if x.strip())),
+    "--adapter-kind": ("adapter", "adapter", "kind", str),
+    "--adapter-bottleneck": ("adapter", "adapter", "bottleneck", int),
+    "--reduction-factor": ("adapter", "adapter", "reduction_factor", int),
+    "--adapter-activation": ("adapter", "adapter", "activation", str),
+    "--prefix-length": ("prefix", "prefix", "length", int),
+    "--prompt-length": ("prompt", "prompt", "length", int),
+}
+
+
+# -- train ---------------------------------------------------------------------------------------------
+def build_train_parser(prog: str = "adaptserve train") -> argparse.ArgumentParser:
+    d = TrainConfig(method="lora")
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Train one task (a parameter-efficient method + a classification head) on a labelled "
+        "CSV/TSV/JSONL file through the serving engine's own forward, choose the best checkpoint on the dev "
+        "file, and publish it as a bundle the service loads.",
+    )
+    g = p.add_argument_group("task and data")
+    g.add_argument("--task", required=True, help="task name (a-z, 0-9, '.', '_', '-'; at most 64 characters)")
+    g.add_argument("--data", required=True, type=Path, help="training file (.csv, .tsv or .jsonl)")
+    g.add_argument("--dev", required=True, type=Path, help="dev file: chooses the checkpoint, stops early")
+    g.add_argument("--test", type=Path, help="test file, scored once with the chosen checkpoint")
+    g.add_argument("--text-column", default="text", help="column with the text [%(default)s]")
+    g.add_argument("--text-pair-column", default=None,
+                   help="second text column for sentence-pair tasks [text_pair if the file has one]")
+    g.add_argument("--label-column", default="label", help="column with the label names [%(default)s]")
+    _data_format_flags(g)
+
+    g = p.add_argument_group("method")
+    g.add_argument("--method", required=True, choices=METHODS,
+                   help="what to train; 'full' fine-tunes a copy of the whole backbone as a baseline")
+    g.add_argument("--lora-r", type=int, help=f"LoRA rank [{d.lora.r}]")
+    g.add_argument("--lora-alpha", type=float, help=f"LoRA scale numerator, scale = alpha / r [{d.lora.alpha:g}]")
+    g.add_argument("--lora-targets", help=f"comma-separated linears to adapt [{','.join(d.lora.targets)}]; "
+                   "any of query,key,value,attn_out,ffn_in,ffn_out")
+    g.add_argument("--adapter-kind", choices=("houlsby", "pfeiffer"), help=f"adapter placement [{d.adapter.kind}]")
+    size = g.add_mutually_exclusive_group()
+    size.add_argument("--adapter-bottleneck", type=int, help="adapter bottleneck size")
+    size.add_argument("--reduction-factor", type=int,
+                      help=f"bottleneck = hidden size / this [{d.adapter.reduction_factor}]")
+    g.add_argument("--adapter-activation", help=f"adapter non-linearity [{d.adapter.activation}]")
+    g.add_argument("--prefix-length", type=int, help=f"prefix tokens per layer [{d.prefix.length}]")
+    g.add_argument("--prompt-length", type=int, help=f"soft-prompt tokens [{d.prompt.length}]")
+    g.add_argument("--pooling", choices=("cls", "mean", "pooler"), default=d.pooling,
+                   help="how the head summarises the text [%(default)s: what MiniLM was trained for]")
+    g.add_argument("--head-dense", action="store_true", help="a dense+tanh layer before the classifier")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="[%(default)s]")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="[%(default)s]")
+    lrs = ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items())
+    g.add_argument("--lr", type=float, help=f"peak learning rate [per method: {lrs}]")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="[%(default)s]")
+    g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="[%(default)s]")
+    g.add_argument("--seed", type=int, default=d.seed, help="fixes the initial weights and data order [%(default)s]")
+    g.add_argument("--max-length", type=int, default=d.max_length, help="tokens per input [%(default)s]")
+    g.add_argument("--patience", type=int, default=d.patience,
+                   help="stop after this many epochs without dev improvement; 0 = never [%(default)s]")
+    g.add_argument("--select-metric", choices=SELECT_METRICS, default=d.select_metric,
+                   help="dev metric that picks the checkpoint [%(default)s]")
+    g.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+
+    g = p.add_argument_group("backbone")
+    g.add_argument("--backbone", type=Path, help="local Hugging Face encoder folder [the bundled all-MiniLM-L6-v2]")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [%(default)s]")
+
+    g = p.add_argument_group("output")
+    out = g.add_mutually_exclusive_group(required=True)
+    out.add_argument("--store", type=Path, help="publish into this local store directory (made active)")
+    out.add_argument("--publish", metavar="URL", help="upload to a running service at URL")
+    out.add_argument("--publish-full", metavar="DIR", type=Path,
+                     help="--method full only: write the tuned backbone to DIR/backbone and its head to DIR/store")
+    out.add_argument("--no-publish", action="store_true", help="train and report only")
+    g.add_argument("--token", help="admin bearer token for --publish [$ADAPTSERVE_ADMIN_TOKEN]")
+    g.add_argument("--json", type=Path, dest="json_out", help="also write the run's summary as JSON here")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Options -> a checked TrainConfig; an option of another method is an error, not ignored."""
+    sections = {"lora": LoraConfig(), "adapter": AdapterConfig(), "prefix": PrefixConfig(), "prompt": PromptConfig()}
+    for flag, (method, section, name, _) in _METHOD_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is None:
+            continue
+        if method != args.method:
+            raise ConfigError(f"{flag} applies to --method {method}, not --method {args.method}")
+        if flag == "--lora-targets":
+            value = _METHOD_FLAGS[flag][3](value)
+        sections[section] = replace(sections[section], **{name: value})
+    return TrainConfig(
+        method=args.method, **sections, pooling=args.pooling, head_dense=args.head_dense, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+        seed=args.seed, max_length=args.max_length, patience=args.patience or None,
+        select_metric=args.select_metric, max_steps=args.max_steps,
+    ).check()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`adaptserve train ...`; returns the exit status."""
+    args = build_train_parser().parse_args(argv)
+    return _guarded("adaptserve train", lambda: _train(args))
+
+
+def _train(args: argparse.Namespace) -> int:
+    from service.store import validate_task_name
+    from training.data import load_splits
+
+    validate_task_name(args.task)
+    config = config_from_args(args)
+    if args.publish_full is not None and config.method != "full":
+        raise ConfigError(f"--publish-full is for --method full; use --store or --publish for {config.method}")
+    if config.method == "full" and (args.store is not None or args.publish is not None):
+        raise ConfigError(
+            "--method full trains a whole new backbone as a baseline, not a task the service can load; "
+            "pass --publish-full DIR to write the tuned backbone and its head, or --no-publish"
+        )
+    splits = load_splits(args.data, args.dev, args.test, **_columns(args))
+    _setup_logging()
+    from training.publish import publish_http, save_full_result, save_to_store
+    from training.report import format_comparison, format_metrics, format_table
+    from training.trainer import train
+
+    backbone = _load_backbone(args.backbone, args.device, "float32")
+    config.check_backbone(backbone.info.max_positions, backbone.info.has_pooler)
+    result = train(splits, config, name=args.task, backbone=backbone, progress=not args.no_progress)
+
+    where = "not published (--no-publish)"
+    published: dict[str, Any] = {}
+    if args.store is not None:
+        version = save_to_store(result, args.store)
+        where = f"published {args.task}@{version} to {args.store / args.task / version} (active)"
+        published = {"store": str(args.store), "version": version}
+    elif args.publish is not None:
+        sent = publish_http(result, args.publish, args.token)
+        where = f"published {args.task}@{sent.version} to {sent.url}"
+        published = {"url": sent.url, "version": sent.version}
+    elif args.publish_full is not None:
+        art = save_full_result(result, args.publish_full)
+        where = (f"wrote the tuned backbone to {art.backbone_dir} and {args.task}@{art.version} to {art.store}; "
+                 f"serve with: adaptserve serve --backbone {art.backbone_dir} --store {art.store}")
+        published = {"backbone": str(art.backbone_dir), "store": str(art.store), "version": art.version}
+
+    bundle_bytes = _bundle_size(result)
+    runs = {"dev": result.dev_metrics} | ({"test": result.test_metrics} if result.test_metrics else {})
+    print(format_table(
+        ["task", "method", "trainable", "% backbone", "bundle bytes", "epochs", "best epoch", "steps", "train s"],
+        [[args.task, config.method, result.trainable_params,
+          100.0 * result.trainable_params / backbone.num_params, bundle_bytes, len(result.history),
+          result.best_epoch, result.steps, result.train_seconds]],
+        title="training summary",
+    ))
+    print()
+    print(format_comparison(runs, name_header="split"))
+    print()
+    last = result.test_metrics or result.dev_metrics
+    print(format_metrics(last, title=f"per class ({'test' if result.test_metrics else 'dev'})"))
+    print()
+    print(where)
+    if args.json_out is not None:
+        summary = {"task": args.task, "method": config.method, "trainable_params": result.trainable_params,
+                   "bundle_bytes": bundle_bytes, "published": published, **result.bundle_config()}
+        args.json_out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def _bundle_size(result) -> int | None:
+    if result.config.method == "full":
+        return None
+    from service.engine.bundle import bundle_bytes
+
+    cfg_b, w_b = bundle_bytes(result.bundle_config(), result.weights)
+    return len(cfg_b) + len(w_b)
+
+
+# -- evaluate ------------------------------------------------------------------------------------------
+def build_evaluate_parser(prog: str = "adaptserve evaluate") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Score a published task on a labelled file through the serving path "
+        "(Engine.load_task + Engine.classify): accuracy, macro-F1 and a per-class table.",
+    )
+    p.add_argument("--task", required=True, help="task name in the store")
+    p.add_argument("--store", required=True, type=Path, help="local store directory")
+    p.add_argument("--data", required=True, type=Path, help="labelled file (.csv, .tsv or .jsonl)")
+    p.add_argument("--version", help="version to score [the task's active version]")
+    p.add_argument("--backbone", type=Path, help="local encoder folder [the bundled all-MiniLM-L6-v2]")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [%(default)s]")
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 [%(default)s, as served]")
+    p.add_argument("--batch-size", type=int, default=64, help="rows per forward [%(default)s]")
+    p.add_argument("--text-column", default="text", help="[%(default)s]")
+    p.add_argument("--text-pair-column", default=None, help="[text_pair if the file has one]")
+    p.add_argument("--label-column", default="label", help="[%(default)s]")
+    _data_format_flags(p)
+    p.add_argument("--json", type=Path, dest="json_out", help="also write the metrics as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    """`adaptserve evaluate ...`; returns the exit status."""
+    args = build_evaluate_parser().parse_args(argv)
+    return _guarded("adaptserve evaluate", lambda: _evaluate(args))
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from service.engine.bundle import read_config
+    from service.engine.engine import Engine
+    from service.store import LocalStore
+    from service.engine.types import TaskKey
+    from training.data import read_eval
+    from training.evaluate import evaluate_served
+    from training.report import format_metrics
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    store = LocalStore(args.store)
+    key = TaskKey(args.task, args.version) if args.version else store.resolve(args.task)
+    bundle = store.bundle_dir(key)
+    labels = read_config(bundle).get("labels")
+    if not isinstance(labels, list):
+        raise DataError(f"task {args.task!r} names no labels in its bundle")
+    data = read_eval(args.data, labels, **_columns(args))
+    _setup_logging()
+    engine = Engine(_load_backbone(args.backbone, args.device, args.dtype))
+    task = engine.load_task(bundle, key)
+    metrics = evaluate_served(engine, task, data, args.batch_size, progress=not args.no_progress)
+    print(format_metrics(metrics, title=f"{key} on {args.data}"))
+    if args.json_out is not None:
+        args.json_out.write_text(json.dumps({"task": str(key), "data": str(args.data), **metrics.as_dict()}, indent=2) + "\n",
+                                 encoding="utf-8")
+    return 0
+
+
+# -- shared --------------------------------------------------------------------------------------------
+def _data_format_flags(g) -> None:
+    g.add_argument("--format", dest="file_format", choices=("csv", "tsv", "jsonl"),
+                   help="file format [from the extension: .csv, .tsv, .jsonl/.ndjson]")
+    g.add_argument("--empty-text", choices=("error", "keep", "skip"), default="error",
+                   help="rows with an empty text: refuse the file, keep them as '', or skip them [%(default)s]")
+
+
+def _columns(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(file_format=args.file_format, text_column=args.text_column, text_pair_column=args.text_pair_column,
+                label_column=args.label_column, empty_text=args.empty_text)
+
+
+_PARAM = re.compile(r"\b(file_format|empty_text|text_column|text_pair_column|label_column)= ?")
+
+
+def _for_cli(message: str) -> str:
+    """training.data names its Python parameters ("pass label_column= ..."); name the flags."""
+    return _PARAM.sub(lambda m: "--format " if m.group(1) == "file_format" else f"--{m.group(1).replace('_', '-')} ", message)
+
+
+def _guarded(prog: str, run: Callable[[], int]) -> int:
+    """Run a command; anything a person can cause becomes one line on stderr and exit status 1."""
+    from service.errors import AdaptserveError
+    from training.publish import PublishError
+
+    try:
+        return run()
+    except DataError as err:
+        message = _for_cli(str(err))
+    except (ConfigError, PublishError) as err:
+        message = str(err)
+    except AdaptserveError as err:  # bad task name, missing task/store, a bundle that does not fit
+        message = err.message
+    except OSError as err:  # a store or output path that cannot be written
+        message = f"{err.filename or ''}: {err.strerror or err}".lstrip(": ")
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _load_backbone(path: Path | None, device: str, dtype: str):
+    from service.engine.backbone import load_backbone
+
+    try:
+        return load_backbone(path, device=device, dtype=dtype)
+    except (ValueError, OSError) as err:  # not a model folder, unsupported family, bad device
+        raise ConfigError(f"--backbone {path or '(bundled MiniLM)'}: {err}") from None
+
+
+def _setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)

@@ -1,0 +1,187 @@
+"""What a training run is asked to do: one validated, frozen `TrainConfig`.
+
+Each method's hyper-parameters live in their own small dataclass; `TrainConfig` holds the loop's
+settings and the section of the chosen method. Defaults that matter say where they come from.
+Every check raises `ConfigError` with a message naming the option, so the CLI can print it as is.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from service.engine.families import SITES
+from service.methods.adapter import ACTIVATIONS, PLACEMENTS
+from service.methods.head import POOLINGS
+from service.methods.prompt import MAX_VIRTUAL_TOKENS
+
+Method = Literal["lora", "adapter", "prefix", "prompt", "head", "full"]
+METHODS: tuple[str, ...] = ("lora", "adapter", "prefix", "prompt", "head", "full")
+SELECT_METRICS = ("accuracy", "macro_f1")
+
+# Learning rates per method, each from the paper or recipe whose method and defaults we follow.
+DEFAULT_LR: dict[str, float] = {
+    "lora": 5e-4,  # Hu et al. (2021), Table 9: RoBERTa-base on SST-2 / most GLUE tasks
+    "adapter": 1e-3,  # inside Houlsby et al.'s (2019) sweep {3e-5, 3e-4, 3e-3}; adapters want ~10x full FT
+    "prefix": 1e-2,  # P-tuning v2 (Liu et al., 2022): 5e-3 .. 1e-2 for BERT-size encoders, no MLP
+    "prompt": 3e-2,  # HF PEFT's prompt-tuning examples with AdamW (Lester et al.: 0.3 with Adafactor, T5)
+    "head": 1e-3,  # a linear probe: Adam's default rate (Kingma & Ba, 2015)
+    "full": 5e-5,  # Devlin et al. (2019) fine-tuning grid {5e-5, 3e-5, 2e-5}; small BERTs like the top
+}
+
+
+class ConfigError(ValueError):
+    """A training option is out of range or does not fit the method / backbone."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 8  # Hu et al. (2021), Table 9 (RoBERTa-base/large GLUE runs)
+    alpha: float = 8.0  # same table: alpha = r, i.e. scale 1
+    targets: tuple[str, ...] = ("query", "value")  # Hu et al. section 7.1: W_q + W_v is best for a budget
+
+    def check(self) -> None:
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"--lora-r must be a positive integer, got {self.r!r}")
+        if not self.alpha > 0:
+            raise ConfigError(f"--lora-alpha must be positive, got {self.alpha!r}")
+        bad = [t for t in self.targets if t not in SITES]
+        if bad or not self.targets:
+            raise ConfigError(f"--lora-targets must name sites among {','.join(SITES)}; got {','.join(self.targets) or 'none'}")
+        if len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"--lora-targets repeats a site: {','.join(self.targets)}")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    kind: str = "pfeiffer"  # Pfeiffer et al. (2021): FFN-only, half Houlsby's parameters, same accuracy
+    bottleneck: int | None = None  # a size; when None, hidden_size // reduction_factor
+    reduction_factor: int = 16  # Pfeiffer et al. (2021) / AdapterHub's default
+    activation: str = "relu"  # AdapterHub's default non-linearity
+
+    def check(self) -> None:
+        if self.kind not in PLACEMENTS:
+            raise ConfigError(f"--adapter-kind must be one of {', '.join(sorted(PLACEMENTS))}, got {self.kind!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"--adapter-activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if self.bottleneck is not None and (not isinstance(self.bottleneck, int) or self.bottleneck < 1):
+            raise ConfigError(f"--adapter-bottleneck must be a positive integer, got {self.bottleneck!r}")
+        if not isinstance(self.reduction_factor, int) or self.reduction_factor < 1:
+            raise ConfigError(f"--reduction-factor must be a positive integer, got {self.reduction_factor!r}")
+
+    def size(self, hidden_size: int) -> int:
+        return self.bottleneck if self.bottleneck is not None else max(1, hidden_size // self.reduction_factor)
+
+
+@dataclass(frozen=True)
+class PrefixConfig:
+    length: int = 20  # P-tuning v2 (Liu et al., 2022): 20 for simple classification tasks
+
+    def check(self) -> None:
+        if not isinstance(self.length, int) or not 1 <= self.length <= MAX_VIRTUAL_TOKENS:
+            raise ConfigError(f"--prefix-length must be an integer in [1, {MAX_VIRTUAL_TOKENS}], got {self.length!r}")
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    length: int = 20  # Lester et al. (2021), Fig. 3: gains flatten past 20 tokens
+
+    def check(self) -> None:
+        if not isinstance(self.length, int) or not 1 <= self.length <= MAX_VIRTUAL_TOKENS:
+            raise ConfigError(f"--prompt-length must be an integer in [1, {MAX_VIRTUAL_TOKENS}], got {self.length!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One run. `lr=None` takes the method's default (`DEFAULT_LR`)."""
+
+    method: str
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    # all-MiniLM-L6-v2 was trained to embed sentences by mean pooling (sentence-transformers);
+    # its BERT pooler was never trained for it, and "cls" is a poorer sentence summary there.
+    pooling: str = "mean"
+    head_dense: bool = False  # a task-owned dense+tanh before the classifier (RoBERTa's head)
+    epochs: int = 3  # Devlin et al. (2019): 2-4 epochs suffice for fine-tuning
+    batch_size: int = 32  # Devlin et al. (2019) grid {16, 32}
+    lr: float | None = None
+    weight_decay: float = 0.01  # BERT / HF Trainer recipes
+    warmup_ratio: float = 0.06  # RoBERTa (Liu et al., 2019) and LoRA's GLUE runs: linear warmup over 6%
+    max_grad_norm: float = 1.0  # HF Trainer's default clipping
+    seed: int = 42
+    max_length: int = 128  # tokens per input; SST-2 sentences are ~25 tokens, AG News ~50
+    patience: int | None = 2  # epochs without dev improvement before stopping; None = never stop early
+    select_metric: str = "accuracy"  # dev metric that chooses the checkpoint
+    max_steps: int | None = None  # stop after this many optimiser steps (smoke tests, budgets)
+    eval_batch_size: int = 64
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+    def method_section(self) -> Any:
+        """This method's own hyper-parameters (None for head-only and full fine-tuning)."""
+        return {"lora": self.lora, "adapter": self.adapter, "prefix": self.prefix, "prompt": self.prompt}.get(self.method)
+
+    def virtual_tokens(self) -> int:
+        """Positions the method takes from the backbone's position table (prompt/prefix)."""
+        return {"prefix": self.prefix.length, "prompt": self.prompt.length}.get(self.method, 0)
+
+    def check(self) -> "TrainConfig":
+        if self.method not in METHODS:
+            raise ConfigError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        section = self.method_section()
+        if section is not None:
+            section.check()
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        for name, low in (("epochs", 1), ("batch_size", 1), ("eval_batch_size", 1), ("max_length", 2)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr!r}")
+        if not 0 <= self.weight_decay < 1:
+            raise ConfigError(f"--weight-decay must be in [0, 1), got {self.weight_decay!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
+            raise ConfigError(f"--patience must be a positive integer, got {self.patience!r}")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ConfigError(f"--max-steps must be a positive integer, got {self.max_steps!r}")
+        if self.select_metric not in SELECT_METRICS:
+            raise ConfigError(f"--select-metric must be one of {', '.join(SELECT_METRICS)}, got {self.select_metric!r}")
+        return self
+
+    def check_backbone(self, max_positions: int, has_pooler: bool) -> None:
+        """The checks that need the backbone: positions left for text, and the pooler."""
+        if self.max_length + self.virtual_tokens() > max_positions:
+            extra = f" + {self.virtual_tokens()} virtual tokens" if self.virtual_tokens() else ""
+            raise ConfigError(
+                f"--max-length {self.max_length}{extra} exceeds the backbone's {max_positions} positions"
+            )
+        if self.pooling == "pooler" and not has_pooler:
+            raise ConfigError("--pooling pooler needs a backbone with a pooler layer; this one has none (use cls or mean)")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """JSON-ready record of everything that shaped the run (for the bundle's `training`)."""
+        out: dict[str, Any] = {
+            "pooling": self.pooling,
+            "head_dense": self.head_dense,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "lr": self.learning_rate,
+            "weight_decay": self.weight_decay,
+            "warmup_ratio": self.warmup_ratio,
+            "max_grad_norm": self.max_grad_norm,
+            "seed": self.seed,
+            "max_length": self.max_length,
+            "patience": self.patience,
+            "select_metric": self.select_metric,
+            "max_steps": self.max_steps,
+        }
+        section = self.method_section()
+        if section is not None:
+            out[self.method] = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(section).items()}
+        return out

@@ -1,0 +1,110 @@
+"""Publishing a trained task: into a local store directory, or to a running service over HTTP.
+
+Both write the same two files `write_bundle` would (`adapter_config.json`,
+`adapter_model.safetensors`), so a task trained here is served exactly as stored.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from service.engine.bundle import CONFIG, WEIGHTS, bundle_bytes, content_version, write_bundle
+from training.full import FullArtifacts, save_full
+from training.trainer import TrainResult
+
+TOKEN_ENV = "ADAPTSERVE_ADMIN_TOKEN"
+# Uploads are a few hundred KB; the server validates the bundle against the backbone before
+# answering, which takes well under a second. 60 s leaves room for a slow link or a busy server.
+DEFAULT_TIMEOUT_S = 60.0
+
+
+class PublishError(RuntimeError):
+    """The task could not be published; the message says why and what to do."""
+
+
+def save_to_store(result: TrainResult, store: str | os.PathLike[str]) -> str:
+    """Write the task's bundle into `<store>/<task>/<version>/` and make it active; the version."""
+    if result.config.method == "full":
+        raise PublishError(
+            "full fine-tuning changes the shared backbone, so it is not a task the service can load "
+            "next to others; it is trained as a baseline. Pass --publish-full DIR to write the tuned "
+            "backbone and its head anyway"
+        )
+    return write_bundle(Path(store), result.name, result.bundle_config(), result.weights)
+
+
+def save_full_result(result: TrainResult, out_dir: str | os.PathLike[str]) -> FullArtifacts:
+    """`--publish-full`: the fine-tuned backbone folder + a head-only store fingerprinted to it."""
+    if result.config.method != "full":
+        raise PublishError(f"--publish-full is for --method full; this task was trained with {result.config.method}")
+    return save_full(Path(out_dir), result.name, result.engine.backbone, result.bundle_config(), result.weights)
+
+
+@dataclass(frozen=True)
+class Published:
+    url: str  # where the version was created
+    version: str  # the server's version id (or the local content hash if it sends none)
+    response: dict
+
+
+def publish_http(result: TrainResult, base_url: str, token: str | None = None, *,
+                 timeout: float = DEFAULT_TIMEOUT_S) -> Published:
+    """POST the bundle to `{base_url}/v1/tasks/{task}/versions` as multipart form data.
+
+    The bearer token comes from `token` or, if None, the ADAPTSERVE_ADMIN_TOKEN environment
+    variable."""
+    if result.config.method == "full":
+        raise PublishError("full fine-tuning is a baseline and is never uploaded to a service (its backbone "
+                           "differs from the one the service runs); use --publish-full DIR to write it locally")
+    cfg_b, w_b = bundle_bytes(result.bundle_config(), result.weights)
+    return upload(base_url, result.name, cfg_b, w_b, token, timeout=timeout)
+
+
+def upload(base_url: str, task: str, config_bytes: bytes, weights_bytes: bytes, token: str | None = None, *,
+           timeout: float = DEFAULT_TIMEOUT_S) -> Published:
+    """Send one bundle's bytes; raises `PublishError` with a one-line reason on any failure."""
+    token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+    base = base_url.rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise PublishError(f"--publish needs an http:// or https:// URL, got {base_url!r}")
+    url = f"{base}/v1/tasks/{task}/versions"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    files = {
+        CONFIG: (CONFIG, config_bytes, "application/json"),
+        WEIGHTS: (WEIGHTS, weights_bytes, "application/octet-stream"),
+    }
+    try:
+        with httpx.Client(timeout=timeout) as client:
+            resp = client.post(url, files=files, headers=headers)
+    except httpx.TimeoutException:
+        raise PublishError(f"{url}: no answer within {timeout:.0f} s") from None
+    except httpx.HTTPError as err:
+        raise PublishError(f"cannot reach {base}: {err}") from None
+    body = _json(resp)
+    if resp.is_success:
+        version = str(body.get("version") or content_version(config_bytes, weights_bytes))
+        return Published(url=url, version=version, response=body)
+    reason = body.get("error") or resp.text.strip()[:200] or resp.reason_phrase
+    if resp.status_code in (401, 403):
+        hint = "pass --token or set ADAPTSERVE_ADMIN_TOKEN" if not token else "check the admin token"
+        raise PublishError(f"{url}: not authorised ({resp.status_code}: {reason}); {hint}")
+    if resp.status_code == 404 and body.get("error_type") not in (None, "not_found"):
+        raise PublishError(f"{url}: {resp.status_code} {reason}")
+    if resp.status_code in (404, 405):
+        raise PublishError(
+            f"{url}: the server has no task upload endpoint ({resp.status_code}); is this an adaptserve "
+            "service with uploads enabled? (or publish into its store directory with --store)"
+        )
+    raise PublishError(f"{url}: the server refused the bundle ({resp.status_code}: {reason})")
+
+
+def _json(resp: httpx.Response) -> dict:
+    try:
+        body = resp.json()
+    except (json.JSONDecodeError, ValueError):
+        return {}
+    return body if isinstance(body, dict) else {}

@@ -1,0 +1,345 @@
+"""The training loop: the serving engine's own forward, plus gradients on the task's tensors.
+
+A batch is a one-task batch of the engine (`Engine.tokenize` -> `Engine.encode` -> the head
+batch's `logits`), exactly the code that serves the task later, run outside inference mode.
+Cross-entropy, AdamW on the task tensors only (the shared backbone stays frozen and is checked
+to receive no gradient), linear warmup then linear decay, early stopping on the dev split with
+the best dev checkpoint kept. A fixed seed fixes the initial weights and the data order.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from service.engine.backbone import Backbone, load_backbone
+from service.engine.engine import Engine
+from service.engine.spec import TaskSpec
+from service.engine.task import Task
+from service.engine.types import ClassifyItem, TaskKey
+from service.methods.base import TaskWeights
+from service.store import TASK_NAME_RE
+from training.config import ConfigError, TrainConfig
+from training.data import LabelledData, Splits, data_hash
+from training.full import trainable_copy
+from training.metrics import Metrics, compute_metrics
+from training.weights import init_weights, parameter_groups, trainable_tensors
+
+log = logging.getLogger(__name__)
+
+TRAINING_VERSION = "training"  # the key version of the in-training task (never stored)
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    epoch: int
+    steps: int  # optimiser steps so far
+    train_loss: float  # mean over this epoch's steps
+    dev: Metrics
+    seconds: float
+    best: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "steps": self.steps, "train_loss": round(self.train_loss, 6),
+                "dev_accuracy": self.dev.accuracy, "dev_macro_f1": self.dev.macro_f1,
+                "seconds": round(self.seconds, 3), "best": self.best}
+
+
+@dataclass
+class TrainResult:
+    """A trained task: its weights (the best dev checkpoint), where they run, and how it went."""
+
+    name: str
+    config: TrainConfig
+    label_names: tuple[str, ...]
+    input_kind: str
+    weights: dict[str, TaskWeights]
+    engine: Engine  # runs the weights; for `full`, over the fine-tuned backbone copy
+    backbone: Backbone  # the frozen shared backbone the task was trained on
+    history: list[EpochRecord]
+    best_epoch: int
+    steps: int
+    train_seconds: float
+    dev_metrics: Metrics
+    test_metrics: Metrics | None
+    data: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> {file, sha256, rows}
+    data_hash: str | None = None  # training.data.data_hash over the split files, train, dev, test
+    created: str = ""  # UTC time training finished (ISO 8601)
+
+    @property
+    def task(self) -> Task:
+        return _task(self.name, self.weights, self.label_names, self.input_kind, self.config, self.engine.backbone)
+
+    @property
+    def trainable_params(self) -> int:
+        n = sum(w.trainable_params() for w in self.weights.values())
+        if self.config.method == "full":
+            n += sum(p.numel() for p in self.engine.backbone.model.parameters())
+        return n
+
+    def logits(self, texts: Sequence[str], pairs: Sequence[str] | None = None, batch_size: int = 64) -> Tensor:
+        """The trainer's own forward on `texts` (no gradient): [N, labels] fp32 on the CPU."""
+        task = self.task
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(texts), batch_size):
+                items = _items(task, texts[i : i + batch_size], None if pairs is None else pairs[i : i + batch_size])
+                out.append(forward(self.engine, items).float().cpu())
+        return torch.cat(out)
+
+    def bundle_config(self) -> dict[str, Any]:
+        """The non-tensor part of the bundle (`write_bundle` adds `format` and `methods`)."""
+        info = self.backbone.info
+        metrics = {"dev": self.dev_metrics.as_dict()}
+        if self.test_metrics is not None:
+            metrics["test"] = self.test_metrics.as_dict()
+        return {
+            "labels": list(self.label_names),
+            "input_kind": self.input_kind,
+            "max_length": self.config.max_length,
+            "backbone": {"fingerprint": info.fingerprint, "name": self.backbone.name, "model_type": info.model_type},
+            "training": {
+                "method": self.config.method,
+                "hyperparameters": self.config.hyperparameters(),
+                "epochs": self.config.epochs,
+                "epochs_run": len(self.history),
+                "best_epoch": self.best_epoch,
+                "steps": self.steps,
+                "lr": self.config.learning_rate,
+                "seed": self.config.seed,
+                "data_hash": self.data_hash,
+                "data": self.data,
+                "train_seconds": round(self.train_seconds, 3),
+                "trainable_params": self.trainable_params,
+                "history": [r.as_dict() for r in self.history],
+                "torch": torch.__version__,
+            },
+            "metrics": metrics,
+            "created": self.created,
+        }
+
+
+# -- the forward both training and evaluation use ----------------------------------------------------
+def forward(engine: Engine, items: Sequence[ClassifyItem]) -> Tensor:
+    """Logits [B, labels] of one batch of one task through the serving engine's code path.
+
+    Unlike `Engine.logits` it runs in whatever grad mode the caller is in, so gradients reach the
+    task tensors (and, for `full`, the copied backbone)."""
+    batch = engine.tokenize(items)
+    return torch.stack(engine.full_depth_logits(batch))  # [B, labels]
+
+
+def evaluate(engine: Engine, task: Task, data: LabelledData, batch_size: int = 64, progress: bool = False,
+             desc: str = "eval") -> Metrics:
+    """Score `task` on `data` with the training forward (no gradient)."""
+    order = by_length(data)
+    preds = [0] * len(data)
+    with torch.no_grad(), tqdm(total=len(data), desc=desc, unit="row", leave=False, disable=not progress) as bar:
+        for i in range(0, len(order), batch_size):
+            rows = order[i : i + batch_size]
+            items = _items(task, [data.texts[r] for r in rows], None if data.text_pairs is None else [data.text_pairs[r] for r in rows])
+            z = forward(engine, items)
+            for r, p in zip(rows, z.argmax(dim=-1).tolist()):
+                preds[r] = p
+            bar.update(len(rows))
+    return compute_metrics(predictions=preds, references=data.label_ids, label_names=data.label_names)
+
+
+# -- the loop ------------------------------------------------------------------------------------------
+def train(splits: Splits, config: TrainConfig, *, name: str, backbone: Backbone | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train one task on `splits.train`, choose the checkpoint on `splits.dev`, score `splits.test`.
+
+    `backbone`: the frozen shared backbone (default: the bundled MiniLM, fp32). Training needs
+    fp32 weights: the task tensors are fp32 and AdamW's updates would underflow in half precision.
+    """
+    config.check()
+    if not TASK_NAME_RE.fullmatch(name):
+        raise ConfigError(f"invalid task name {name!r}: use 1-64 characters of a-z, 0-9, '.', '_' or '-', "
+                          "starting with a letter or digit")
+    if splits.dev is None:
+        raise ConfigError("a dev split is required: it chooses the checkpoint and stops training early")
+    if backbone is None:
+        backbone = load_backbone(None, dtype="float32")
+    if backbone.dtype != torch.float32:
+        raise ConfigError(f"training needs a float32 backbone, got {backbone.dtype} (load it with dtype='float32')")
+    info = backbone.info
+    config.check_backbone(info.max_positions, info.has_pooler)
+    train_data, dev = splits.train, splits.dev
+    labels = train_data.label_names
+    input_kind = "pair" if train_data.has_pairs else "single"
+
+    torch.manual_seed(config.seed)
+    init_gen = torch.Generator().manual_seed(config.seed)
+    order_gen = torch.Generator().manual_seed(config.seed + 1)  # its own stream: init changes never reorder data
+
+    full = config.method == "full"
+    run_backbone = trainable_copy(backbone) if full else backbone
+    engine = Engine(run_backbone)
+    weights = init_weights(config, run_backbone, len(labels), init_gen)
+    task = _task(name, weights, labels, input_kind, config, run_backbone)
+    params = trainable_tensors(weights) + (list(run_backbone.model.parameters()) if full else [])
+    optimiser = torch.optim.AdamW(
+        parameter_groups(weights, run_backbone.model if full else None, config.weight_decay), lr=config.learning_rate
+    )
+    steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
+    total = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _warmup_then_decay(total, config.warmup_ratio))
+    targets = torch.tensor(train_data.label_ids, dtype=torch.long, device=info.device)
+
+    history: list[EpochRecord] = []
+    best_score, best_epoch, best_state = -1.0, 0, None
+    steps, t0 = 0, time.perf_counter()
+    say = _printer(progress)
+    with tqdm(total=total, desc=f"train {name} ({config.method})", unit="step", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for epoch in range(1, config.epochs + 1):
+            e0, losses = time.perf_counter(), []
+            order = torch.randperm(len(train_data), generator=order_gen).tolist()
+            for i in range(0, len(order), config.batch_size):
+                rows = order[i : i + config.batch_size]
+                items = _items(task, [train_data.texts[r] for r in rows],
+                               None if train_data.text_pairs is None else [train_data.text_pairs[r] for r in rows])
+                loss = F.cross_entropy(forward(engine, items), targets[rows])
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                _check_frozen(backbone)
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                lr = scheduler.get_last_lr()[0]  # the rate this step uses
+                optimiser.step()
+                scheduler.step()
+                steps += 1
+                losses.append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
+                if steps >= total:
+                    break
+            dev_m = evaluate(engine, task, dev, config.eval_batch_size, progress, desc=f"dev (epoch {epoch})")
+            score = getattr(dev_m, config.select_metric)
+            improved = score > best_score
+            if improved:
+                best_score, best_epoch, best_state = score, epoch, _snapshot(params)
+            history.append(EpochRecord(epoch, steps, sum(losses) / max(1, len(losses)), dev_m,
+                                       time.perf_counter() - e0, improved))
+            say(f"epoch {epoch}: loss {history[-1].train_loss:.4f}  dev accuracy {dev_m.accuracy:.4f}  "
+                f"macro_f1 {dev_m.macro_f1:.4f}{'  (best)' if improved else ''}")
+            if steps >= total:
+                break
+            if config.patience is not None and epoch - best_epoch >= config.patience:
+                say(f"early stop: dev {config.select_metric} has not improved for {config.patience} epoch(s)")
+                break
+    train_seconds = time.perf_counter() - t0
+    _restore(params, best_state)
+    dev_metrics = history[best_epoch - 1].dev
+    test_metrics = None
+    if splits.test is not None:
+        test_metrics = evaluate(engine, task, splits.test, config.eval_batch_size, progress, desc="test")
+    return TrainResult(
+        name=name, config=config, label_names=labels, input_kind=input_kind, weights=weights, engine=engine,
+        backbone=backbone, history=history, best_epoch=best_epoch, steps=steps, train_seconds=train_seconds,
+        dev_metrics=dev_metrics, test_metrics=test_metrics, data=_describe_data(splits), data_hash=_data_hash(splits),
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+def _task(name: str, weights: dict[str, TaskWeights], labels: Sequence[str], input_kind: str, config: TrainConfig,
+          backbone: Backbone) -> Task:
+    """The in-training task, shaped exactly as `Engine.load_task` would build it from the bundle."""
+    spec = TaskSpec(name=name, labels=tuple(labels), input_kind=input_kind, max_length=config.max_length,  # type: ignore[arg-type]
+                    methods=tuple(weights), backbone_fingerprint=backbone.fingerprint)
+    return Task(key=TaskKey(name, TRAINING_VERSION), spec=spec, weights=weights, backbone=backbone.info)
+
+
+def _items(task: Task, texts: Sequence[str], pairs: Sequence[str] | None) -> list[ClassifyItem]:
+    if pairs is None:
+        return [ClassifyItem(task, t) for t in texts]
+    return [ClassifyItem(task, t, p) for t, p in zip(texts, pairs)]
+
+
+def by_length(data: LabelledData) -> list[int]:
+    """Row indices by text length: batches of similar lengths pad less (answers do not change)."""
+    pairs = data.text_pairs or ("",) * len(data)
+    return sorted(range(len(data)), key=lambda i: len(data.texts[i]) + len(pairs[i]))
+
+
+def _warmup_then_decay(total: int, warmup_ratio: float):
+    """LR factor per step: linear warmup over `warmup_ratio` of the steps, then linear decay.
+    Unlike HF's schedule the first step is not lost at lr 0, and the last is not either."""
+    warmup = round(warmup_ratio * total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def _check_frozen(backbone: Backbone) -> None:
+    """The shared backbone must not learn: no parameter of it may hold a gradient."""
+    leaked = [n for n, p in backbone.model.named_parameters() if p.grad is not None or p.requires_grad]
+    if leaked:
+        raise RuntimeError(f"the shared backbone received gradients ({', '.join(leaked[:3])} ...); it must stay frozen")
+
+
+def _snapshot(params: list[Tensor]) -> list[Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+def _restore(params: list[Tensor], state: list[Tensor] | None) -> None:
+    if state is None:
+        return
+    with torch.no_grad():
+        for p, s in zip(params, state):
+            p.copy_(s)
+
+
+def _split_list(splits: Splits) -> list[tuple[str, LabelledData]]:
+    return [(n, d) for n, d in (("train", splits.train), ("dev", splits.dev), ("test", splits.test)) if d is not None]
+
+
+def _from_file(d: LabelledData) -> bool:
+    return d.source is not None and Path(d.source).is_file()
+
+
+def _describe_data(splits: Splits) -> dict[str, dict[str, Any]]:
+    return {
+        split: {"file": Path(d.source).name if d.source else None,
+                "sha256": data_hash(d.source) if _from_file(d) else _content_hash(d), "rows": len(d)}
+        for split, d in _split_list(splits)
+    }
+
+
+def _data_hash(splits: Splits) -> str:
+    """`data_hash` of the split files (train, dev, test); for in-memory data, of their rows."""
+    parts = [d for _, d in _split_list(splits)]
+    if all(_from_file(d) for d in parts):
+        return data_hash([d.source for d in parts])  # type: ignore[misc]
+    return hashlib.sha256("\n".join(_content_hash(d) for d in parts).encode()).hexdigest()
+
+
+def _content_hash(d: LabelledData) -> str:
+    """For in-memory data (no file): sha256 of the rows as JSON."""
+    rows = [d.texts, d.text_pairs, d.labels]
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
+
+
+def _printer(progress: bool):
+    if progress:
+        return lambda msg: tqdm.write(msg, file=sys.stderr)
+    return log.info
