@@ -1,8 +1,11 @@
 """The app factory: settings in, a FastAPI app out; the engine is built in the lifespan.
 
-Startup runs in the background so /healthz answers while the backbone loads: load backbone ->
-build Engine -> one warmup forward -> start the scheduler -> ready (/readyz turns 200). Shutdown
-stops taking requests and drains the scheduler. Tests pass their own engine and skip the loading.
+create_app opens the store (local directory or S3 bucket) and the registry (the store's own
+files, or Redis), and reads the auth tokens. The lifespan starts following the registry (a Redis
+registry connects in the background and never holds start-up hostage), then starts the engine in
+the background so /healthz answers while the backbone loads: load backbone -> build Engine ->
+one warmup forward -> start the scheduler -> ready (/readyz turns 200). Shutdown stops taking
+requests, drains the scheduler and stops following the registry. Tests pass their own engine.
 """
 from __future__ import annotations
 
@@ -17,12 +20,15 @@ from service import __version__
 from service.api import router
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from service.auth import Tokens, warn_if_disabled
 from service.cache import TaskCache
+from service.hotswap import TaskAdmin
 from service.metrics import Metrics
+from service.registry import open_registry
 from service.scheduler import Scheduler
 from service.settings import Settings
 from service.state import EngineLike, Runtime, ServiceState
-from service.store import LocalStore
+from service.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +37,27 @@ def create_app(settings: Settings | None = None, engine: EngineLike | None = Non
     """Build the app. Without `engine`, the lifespan loads the backbone named by `settings` and
     builds `service.engine.engine.Engine` on it. Raises ConfigurationError for a bad store."""
     settings = settings if settings is not None else Settings()
-    state = ServiceState(settings=settings, store=LocalStore(settings.store), metrics=Metrics())
+    store = open_store(settings)
+    state = ServiceState(
+        settings=settings,
+        store=store,
+        registry=open_registry(settings, store),
+        metrics=Metrics(),
+        tokens=Tokens.from_secrets(settings.admin_tokens, settings.inference_tokens),
+    )
+    state.admin = TaskAdmin(state)
     state.metrics.watch(
         cache_stats=lambda: state.runtime.cache.stats if state.runtime else None,
         queue_depth=lambda: state.runtime.scheduler.queue_depth if state.runtime else 0,
         ready=lambda: state.ready,
+        registry_status=state.registry.status,
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        warn_if_disabled(state.tokens)
+        log.info("task store: %s; registry: %s", store.describe(), state.registry.backend)
+        await state.registry.start()
         startup = asyncio.create_task(_start(state, engine), name="adaptserve-startup")
         try:
             yield
@@ -56,7 +74,9 @@ def create_app(settings: Settings | None = None, engine: EngineLike | None = Non
     install_error_handlers(app)
     app.include_router(router)
     # Added last = outermost: metrics see the body limit's 413s too.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.body_limit_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.body_limit_bytes, upload_max_bytes=settings.upload_limit_bytes
+    )
     app.add_middleware(RequestMetricsMiddleware, state=state)
     return app
 
@@ -82,7 +102,16 @@ async def _start(state: ServiceState, engine: EngineLike | None) -> None:
         def load(key):  # runs in a cache loader thread
             return ready_engine.load_task(state.store.bundle_dir(key), key)
 
-        cache = TaskCache(load, settings.cache_max_bytes)
+        def to_host(task):  # the host tier keeps CPU copies (engine Tasks move with .to)
+            return task.to("cpu") if hasattr(task, "to") else task
+
+        def to_device(task):
+            return task.to(ready_engine.backbone.device) if hasattr(task, "to") else task
+
+        cache = TaskCache(
+            load, settings.cache_max_bytes, host_max_bytes=settings.cache_host_max_bytes,
+            to_host=to_host, to_device=to_device,
+        )
         scheduler = Scheduler(
             engine.classify,
             max_batch_size=settings.max_batch_size,
@@ -109,4 +138,10 @@ async def _stop(state: ServiceState, startup: asyncio.Task[None]) -> None:
             await startup
     if state.runtime is not None:
         await state.runtime.scheduler.stop()
-        log.info("scheduler drained; stopped")
+        log.info("scheduler drained")
+    if state.admin is not None:
+        await state.admin.close()
+    await state.registry.stop()
+    if state.runtime is not None:
+        await state.runtime.cache.close()
+    log.info("stopped")

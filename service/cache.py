@@ -1,11 +1,18 @@
-"""The task cache: loaded tasks kept resident, least recently used evicted beyond a byte budget.
+"""The task cache, in tiers: device (bounded in bytes) -> host memory (bounded in bytes) -> store.
 
-Lives on the event loop (no locks: only the loop touches it); loading runs in a thread. Concurrent
-first requests for one key share one load. A failed load is not remembered: its waiters all get
-the error and the next request tries again, so fixing a bundle on disk needs no restart.
+* A task evicted from the device tier (least recently used beyond `max_bytes`) is copied to CPU
+  tensors and kept in the host tier, up to `host_max_bytes`; a later request promotes it back
+  with a host-to-device copy, without reading or re-validating the store's files.
+* Evicted from the host tier too, it is only in the store, and the next request loads it.
+
+Lives on the event loop (no locks: only the loop touches it); loads, promotions and copies to
+host run in threads. Concurrent first requests for one key share one load or promotion. A
+failed load is not remembered: its waiters all get the error and the next request tries again,
+so fixing a bundle on disk needs no restart.
 
 Evicting only drops the cache's reference. A batch that already holds the Task keeps it alive
-until the batch is done, so eviction never pulls weights out from under a forward.
+until the batch is done, so eviction never pulls weights out from under a forward. Keys are
+`TaskKey(name, version)`: two versions of a task are two entries, so a swap never mixes them.
 """
 from __future__ import annotations
 
@@ -13,12 +20,14 @@ import asyncio
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Generic, Protocol, TypeVar
+from typing import Callable, Generic, Literal, Protocol, TypeVar
 
 from service.engine.types import TaskKey
 from service.errors import BundleError, TaskUnavailable
 
 log = logging.getLogger(__name__)
+
+Location = Literal["device", "host", "store"]
 
 
 class Sized(Protocol):
@@ -32,26 +41,51 @@ T = TypeVar("T", bound=Sized)
 class CacheStats:
     """Counters since the cache was made (read by the metrics collector at scrape time)."""
 
-    hits: int = 0  # get() found the task resident
-    misses: int = 0  # get() did not (it started a load or joined one in flight)
-    loads: int = 0  # loads started; < misses when concurrent requests shared a load
+    hits: int = 0  # get() found the task on the device
+    misses: int = 0  # get() did not (it loaded, promoted, or joined one in flight)
+    loads: int = 0  # loads from the store started; < misses when requests shared a load
     load_failures: int = 0
-    evictions: int = 0
-    bytes: int = 0  # resident bytes now
-    entries: int = 0  # resident tasks now
+    evictions: int = 0  # tasks evicted from the device tier
+    bytes: int = 0  # device tier bytes now
+    entries: int = 0  # device tier tasks now
+    promotions: int = 0  # host -> device, no store read
+    demotions: int = 0  # device -> host copies completed
+    host_evictions: int = 0  # dropped from the host tier (back to store only)
+    host_bytes: int = 0
+    host_entries: int = 0
+
+
+def _same(task: T) -> T:
+    return task
 
 
 class TaskCache(Generic[T]):
-    """`await cache.get(key)` returns the loaded task for `key`, loading it at most once at a time."""
+    """`await cache.get(key)` returns the loaded task for `key` on the device, loading or
+    promoting it at most once at a time."""
 
-    def __init__(self, load: Callable[[TaskKey], T], max_bytes: int) -> None:
-        """`load(key)` is blocking (disk IO, validation) and runs in a worker thread."""
-        if max_bytes < 1:
-            raise ValueError("max_bytes must be positive")
+    def __init__(
+        self,
+        load: Callable[[TaskKey], T],
+        max_bytes: int,
+        *,
+        host_max_bytes: int = 0,
+        to_host: Callable[[T], T] = _same,
+        to_device: Callable[[T], T] = _same,
+    ) -> None:
+        """`load(key)`, `to_host(task)` and `to_device(task)` are blocking and run in threads."""
+        if max_bytes < 1 or host_max_bytes < 0:
+            raise ValueError("max_bytes must be positive and host_max_bytes >= 0")
         self._load = load
+        self._to_host = to_host
+        self._to_device = to_device
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[TaskKey, tuple[T, int]] = OrderedDict()  # LRU first
-        self._pending: dict[TaskKey, asyncio.Task[T]] = {}
+        self.host_max_bytes = host_max_bytes
+        self._entries: OrderedDict[TaskKey, tuple[T, int]] = OrderedDict()  # device tier, LRU first
+        self._host: OrderedDict[TaskKey, tuple[T, int]] = OrderedDict()  # host tier, LRU first
+        # Evicted from the device, copy to host in flight: still whole on the device meanwhile.
+        self._demoting: dict[TaskKey, tuple[T, int]] = {}
+        self._pending: dict[TaskKey, asyncio.Future[T]] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self.stats = CacheStats()
 
     async def get(self, key: TaskKey) -> T:
@@ -63,24 +97,84 @@ class TaskCache(Generic[T]):
         self.stats.misses += 1
         pending = self._pending.get(key)
         if pending is None:
-            pending = asyncio.ensure_future(self._load_and_insert(key))
+            demoting = self._demoting.pop(key, None)
+            if demoting is not None:  # its copy to host is still running: take the device copy back
+                self._insert(key, demoting[0])
+                return demoting[0]
+            host = self._host.pop(key, None)
+            if host is not None:
+                self.stats.host_bytes -= host[1]
+                self.stats.host_entries = len(self._host)
+                pending = asyncio.ensure_future(self._promote(key, host[0]))
+            else:
+                pending = asyncio.ensure_future(self._load_and_insert(key))
             pending.add_done_callback(_retrieve_exception)
             self._pending[key] = pending
         # shield: a waiter that gives up (client gone, deadline) must not cancel the load others share.
         return await asyncio.shield(pending)
 
+    def insert(self, key: TaskKey, task: T) -> None:
+        """Put an already loaded task on the device tier (e.g. the one an upload validated)."""
+        if key in self._entries or key in self._pending:
+            return
+        self._demoting.pop(key, None)
+        if self._host.pop(key, None) is not None:
+            self._count_host()
+        self._insert(key, task)
+
+    def location(self, key: TaskKey) -> Location:
+        if key in self._entries or key in self._demoting:
+            return "device"
+        if key in self._host:
+            return "host"
+        return "store"
+
     def peek(self, key: TaskKey) -> T | None:
-        """The resident task for `key`, without loading it or touching the LRU order."""
-        entry = self._entries.get(key)
-        return None if entry is None else entry[0]
+        """The task for `key` from any tier, without loading it or touching the LRU order."""
+        for tier in (self._entries, self._demoting, self._host):
+            entry = tier.get(key)
+            if entry is not None:
+                return entry[0]
+        return None
 
     def __contains__(self, key: object) -> bool:
         return key in self._entries
 
     def keys(self) -> list[TaskKey]:
-        """Resident keys, least recently used first."""
+        """Device-resident keys, least recently used first."""
         return list(self._entries)
 
+    def host_keys(self) -> list[TaskKey]:
+        return list(self._host)
+
+    def demote(self, key: TaskKey) -> None:
+        """Move `key` from the device to the host tier now (its task was swapped out)."""
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._count_device()
+            self._to_host_tier(key, *entry)
+
+    def drop_task(self, name: str) -> None:
+        """Forget every version of task `name` in every tier (the task was deleted)."""
+        for tier in (self._entries, self._demoting, self._host):
+            for key in [k for k in tier if k.name == name]:
+                del tier[key]
+        self._count_device()
+        self._count_host()
+
+    def drop(self, key: TaskKey) -> None:
+        """Forget one version in every tier (the version was deleted)."""
+        for tier in (self._entries, self._demoting, self._host):
+            tier.pop(key, None)
+        self._count_device()
+        self._count_host()
+
+    async def close(self) -> None:
+        """Wait for copies to host still running (shutdown, tests)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    # -- internals -------------------------------------------------------------------------------
     async def _load_and_insert(self, key: TaskKey) -> T:
         self.stats.loads += 1
         try:
@@ -96,6 +190,21 @@ class TaskCache(Generic[T]):
         finally:
             self._pending.pop(key, None)
 
+    async def _promote(self, key: TaskKey, host_task: T) -> T:
+        try:
+            try:
+                task = await asyncio.to_thread(self._to_device, host_task)
+            except Exception as err:  # noqa: BLE001 - e.g. device out of memory: the store may still do
+                log.warning("promoting task %s from host memory failed (%s); loading it from the store", key, err)
+                self._pending.pop(key, None)
+                return await self._load_and_insert(key)
+            self._insert(key, task)
+            self.stats.promotions += 1
+            log.info("promoted task %s from host memory to the device", key)
+            return task
+        finally:
+            self._pending.pop(key, None)
+
     def _insert(self, key: TaskKey, task: T) -> None:
         size = int(task.nbytes)
         if size > self.max_bytes:
@@ -103,15 +212,56 @@ class TaskCache(Generic[T]):
                 f"task {key} needs {size} bytes resident, more than the whole task cache "
                 f"({self.max_bytes} bytes); raise ADAPTSERVE_CACHE_MAX_BYTES"
             )
+        previous = self._entries.pop(key, None)
         self._entries[key] = (task, size)
-        self.stats.bytes += size
-        while self.stats.bytes > self.max_bytes:
-            old_key, (_, old_size) = self._entries.popitem(last=False)
-            self.stats.bytes -= old_size
-            self.stats.evictions += 1
-            log.info("evicted task %s (%d bytes) from the task cache", old_key, old_size)
+        self.stats.bytes += size - (previous[1] if previous else 0)
         self.stats.entries = len(self._entries)
-        log.info("loaded task %s (%d bytes resident)", key, size)
+        while self.stats.bytes > self.max_bytes:
+            old_key, (old_task, old_size) = self._entries.popitem(last=False)
+            self.stats.bytes -= old_size
+            self.stats.entries = len(self._entries)
+            self.stats.evictions += 1
+            log.info("evicted task %s (%d bytes) from the device tier", old_key, old_size)
+            self._to_host_tier(old_key, old_task, old_size)
+        log.info("task %s resident on the device (%d bytes)", key, size)
+
+    def _to_host_tier(self, key: TaskKey, task: T, size: int) -> None:
+        if size > self.host_max_bytes:
+            return  # no host tier, or the task alone exceeds it: back to the store only
+        self._demoting[key] = (task, size)
+        job = asyncio.ensure_future(self._copy_to_host(key, task, size))
+        self._background.add(job)
+        job.add_done_callback(self._background.discard)
+
+    async def _copy_to_host(self, key: TaskKey, task: T, size: int) -> None:
+        try:
+            host_task = await asyncio.to_thread(self._to_host, task)
+        except Exception as err:  # noqa: BLE001
+            log.warning("copying task %s to host memory failed (%s); it stays in the store only", key, err)
+            if self._demoting.get(key, (None,))[0] is task:
+                del self._demoting[key]
+            return
+        if self._demoting.get(key, (None,))[0] is not task:
+            return  # promoted back (or dropped) while we copied
+        del self._demoting[key]
+        self._host[key] = (host_task, size)
+        self.stats.demotions += 1
+        self.stats.host_bytes += size
+        self.stats.host_entries = len(self._host)
+        while self.stats.host_bytes > self.host_max_bytes:
+            old_key, (_, old_size) = self._host.popitem(last=False)
+            self.stats.host_evictions += 1
+            self.stats.host_bytes -= old_size
+            self.stats.host_entries = len(self._host)
+            log.info("evicted task %s (%d bytes) from the host tier", old_key, old_size)
+
+    def _count_device(self) -> None:
+        self.stats.bytes = sum(size for _, size in self._entries.values())
+        self.stats.entries = len(self._entries)
+
+    def _count_host(self) -> None:
+        self.stats.host_bytes = sum(size for _, size in self._host.values())
+        self.stats.host_entries = len(self._host)
 
 
 def _retrieve_exception(future: asyncio.Future) -> None:

@@ -25,6 +25,8 @@ from service import __version__
 EXTERNAL_COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("training.cli", "main", "train a task and publish its bundle to the store"),
     "evaluate": ("training.cli", "evaluate_main", "evaluate a stored task on a dataset"),
+    "pet": ("training.fewshot_cli", "pet_main", "PET: prompt-tuned teachers label unlabelled data, a student is published"),
+    "zeroshot": ("training.fewshot_cli", "zeroshot_main", "publish a task from a label list, with no training data"),
 }
 
 # `serve` flags: (flag, Settings field, type, help). Defaults live in Settings, not here.
@@ -42,9 +44,11 @@ _SERVE_FLAGS: list[tuple[str, str, Callable[[str], object], str]] = [
     ("--max-inputs-per-request", "max_inputs_per_request", int, "most inputs in one request"),
     ("--max-chars-per-input", "max_chars_per_input", int, "most characters in one text"),
     ("--max-body-bytes", "max_body_bytes", int, "largest request body"),
-    ("--cache-max-bytes", "cache_max_bytes", int, "byte budget of resident tasks"),
+    ("--cache-max-bytes", "cache_max_bytes", int, "byte budget of tasks resident on the device"),
     ("--log-level", "log_level", str, "critical, error, warning, info or debug"),
-    ("--redis-url", "redis_url", str, "Redis registry URL (not used yet)"),
+    ("--redis-url", "redis_url", str, "Redis registry + change feed URL (several replicas)"),
+    ("--store-backend", "store_backend", str, "local or s3"),
+    ("--cache-host-max-bytes", "cache_host_max_bytes", int, "byte budget of tasks kept in host memory"),
 ]
 
 

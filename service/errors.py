@@ -6,6 +6,8 @@ Anything else that escapes a request is a bug and becomes a logged 500.
 """
 from __future__ import annotations
 
+from typing import Any
+
 
 class AdaptserveError(Exception):
     """Base class: a message for the client plus the HTTP status and a stable `error_type`."""
@@ -17,6 +19,40 @@ class AdaptserveError(Exception):
         super().__init__(message)
         self.message = message
         self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        """Fields added to `{"error", "error_type"}` in the response body."""
+        return {}
+
+
+class Unauthorized(AdaptserveError):
+    """No bearer token, a malformed Authorization header, or a token the server does not know."""
+
+    status_code = 401
+    error_type = "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="adaptserve"'})
+
+
+class Forbidden(AdaptserveError):
+    """A valid token whose scope does not cover the route (an inference token on an admin route)."""
+
+    status_code = 403
+    error_type = "forbidden"
+
+
+class Conflict(AdaptserveError):
+    """The request is valid but contradicts the task's state (delete the active version, roll
+    back with nothing to roll back to)."""
+
+    status_code = 409
+    error_type = "conflict"
+
+
+class UnsupportedMediaType(AdaptserveError):
+    status_code = 415
+    error_type = "unsupported_media_type"
 
 
 class BadRequest(AdaptserveError):
@@ -42,6 +78,11 @@ class InvalidTaskName(InvalidInput):
 class TaskNotFound(AdaptserveError):
     status_code = 404
     error_type = "task_not_found"
+
+
+class VersionNotFound(AdaptserveError):
+    status_code = 404
+    error_type = "version_not_found"
 
 
 class PayloadTooLarge(AdaptserveError):
@@ -89,6 +130,22 @@ class TaskUnavailable(ServiceUnavailable):
     error_type = "task_unavailable"
 
 
+class RegistryUnavailable(ServiceUnavailable):
+    """The registry of active versions (Redis) cannot be reached: reads keep serving what this
+    replica knows, writes are refused until it is back."""
+
+    error_type = "registry_unavailable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Retry-After": "1"})
+
+
+class StoreUnavailable(ServiceUnavailable):
+    """The task store (an S3 endpoint) failed or cannot be reached."""
+
+    error_type = "store_unavailable"
+
+
 class InferenceFailed(AdaptserveError):
     """The batched forward raised. Every request in that batch gets this; other batches don't."""
 
@@ -105,6 +162,23 @@ class BundleError(AdaptserveError):
 
     status_code = 422
     error_type = "invalid_bundle"
+
+
+class UploadRejected(BundleError):
+    """An uploaded bundle failed validation; `problems` names every problem found. 413 when any
+    of them is a size limit, else 422. Nothing was stored."""
+
+    error_type = "upload_rejected"
+
+    def __init__(self, problems: list[str], *, too_large: bool = False) -> None:
+        self.problems = list(problems)
+        if too_large:
+            self.status_code = 413
+        count = len(self.problems)
+        super().__init__(f"upload refused, {count} problem{'s' if count != 1 else ''}: " + "; ".join(self.problems))
+
+    def body(self) -> dict[str, Any]:
+        return {"problems": self.problems}
 
 
 class NoMatchingModuleError(BundleError):

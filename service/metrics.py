@@ -6,7 +6,7 @@ from their owners at scrape time instead of being pushed on every change.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -21,6 +21,9 @@ UNKNOWN_TASK = "_unknown"  # label for requests naming a task that is not in the
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Rows per forward: powers of two up to past the largest sensible max_batch_size.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# 1-based encoder layer that answered a row: every layer of 6- and 12-layer encoders (MiniLM,
+# BERT-base), then coarser up to 48 (the deepest common encoders have 24).
+EXIT_LAYER_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 16, 24, 32, 48)
 
 
 class Metrics:
@@ -53,12 +56,25 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.exit_layer = Histogram(
+            "adaptserve_exit_layer",
+            "Encoder layer (1-based) that answered each row of early-exit tasks, by task name.",
+            ["task"],
+            buckets=EXIT_LAYER_BUCKETS,
+            registry=self.registry,
+        )
         self._live = _LiveCollector()
         self.registry.register(self._live)
 
     def observe_request(self, task: str, status: int, seconds: float) -> None:
         self.requests.labels(task=task, status=str(status)).inc()
         self.request_latency.labels(task=task).observe(seconds)
+
+    def observe_exits(self, task: str, layers: "list[int | None]") -> None:
+        histogram = self.exit_layer.labels(task=task)
+        for layer in layers:
+            if layer is not None:
+                histogram.observe(layer)
 
     def observe_batch(self, rows: int, seconds: float) -> None:
         self.batch_size.observe(rows)
@@ -70,11 +86,14 @@ class Metrics:
         cache_stats: Callable[[], CacheStats | None],
         queue_depth: Callable[[], int],
         ready: Callable[[], bool],
+        registry_status: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         """Tell the registry where to read the figures it reports at scrape time."""
         self._live.cache_stats = cache_stats
         self._live.queue_depth = queue_depth
         self._live.ready = ready
+        if registry_status is not None:
+            self._live.registry_status = registry_status
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
@@ -88,6 +107,7 @@ class _LiveCollector(Collector):
         self.cache_stats: Callable[[], CacheStats | None] = lambda: None
         self.queue_depth: Callable[[], int] = lambda: 0
         self.ready: Callable[[], bool] = lambda: False
+        self.registry_status: Callable[[], dict[str, Any]] = lambda: {}
 
     def describe(self) -> list:
         return []  # families are only known at collect time; nothing to check for clashes
@@ -99,10 +119,23 @@ class _LiveCollector(Collector):
             ("adaptserve_cache_misses", stats.misses, "Task lookups that had to load or wait for a load."),
             ("adaptserve_cache_loads", stats.loads, "Task loads started (concurrent misses share one)."),
             ("adaptserve_cache_load_failures", stats.load_failures, "Task loads that failed."),
-            ("adaptserve_cache_evictions", stats.evictions, "Tasks evicted to stay within the byte budget."),
+            ("adaptserve_cache_evictions", stats.evictions, "Tasks evicted from the device tier to stay within its byte budget."),
+            ("adaptserve_cache_promotions", stats.promotions, "Tasks moved back from the host tier to the device (no store read)."),
+            ("adaptserve_cache_demotions", stats.demotions, "Tasks moved from the device to the host tier."),
+            ("adaptserve_cache_host_evictions", stats.host_evictions, "Tasks dropped from the host tier (store only)."),
         ):
             yield CounterMetricFamily(name, doc, value=value)
-        yield GaugeMetricFamily("adaptserve_cache_bytes", "Resident bytes of cached tasks.", value=stats.bytes)
-        yield GaugeMetricFamily("adaptserve_cache_entries", "Cached (resident) tasks.", value=stats.entries)
+        yield GaugeMetricFamily("adaptserve_cache_bytes", "Bytes of tasks resident on the device.", value=stats.bytes)
+        yield GaugeMetricFamily("adaptserve_cache_entries", "Tasks resident on the device.", value=stats.entries)
+        yield GaugeMetricFamily("adaptserve_cache_host_bytes", "Bytes of tasks kept in host memory.", value=stats.host_bytes)
+        yield GaugeMetricFamily("adaptserve_cache_host_entries", "Tasks kept in host memory.", value=stats.host_entries)
+        registry = self.registry_status() or {}
+        if "connected" in registry:
+            yield GaugeMetricFamily(
+                "adaptserve_registry_connected", "1 while the registry (and its change feed) is reachable.",
+                value=int(bool(registry["connected"])),
+            )
+        if "resyncs" in registry:
+            yield CounterMetricFamily("adaptserve_registry_resyncs", "Full resyncs of the registry into memory.", value=registry["resyncs"])
         yield GaugeMetricFamily("adaptserve_queue_depth", "Rows waiting for a forward.", value=self.queue_depth())
         yield GaugeMetricFamily("adaptserve_ready", "1 once the backbone is loaded and warmed up.", value=int(self.ready()))

@@ -6,11 +6,12 @@ Each field says where its default comes from.
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "ADAPTSERVE_"
 
@@ -20,6 +21,16 @@ _MAX_JSON_BYTES_PER_CHAR = 12
 _JSON_OVERHEAD_BYTES = 64 * 1024
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_MiB = 1024 * 1024
+
+# Bearer tokens: `ADAPTSERVE_ADMIN_TOKENS=tok1,tok2` (comma-separated, not JSON: NoDecode), kept
+# as SecretStr so that a repr, a log line or a validation error never shows them.
+Tokens = Annotated[list[SecretStr], NoDecode]
+
+
+def split_tokens(text: str) -> list[str]:
+    """Tokens from a comma- or newline-separated string (an env var or a mounted secret file)."""
+    return [part.strip() for part in re.split(r"[,\n]", text) if part.strip()]
 
 
 def default_store_dir() -> Path:
@@ -127,27 +138,195 @@ class Settings(BaseSettings):
 
     # --- task cache ---------------------------------------------------------------------------
     cache_max_bytes: int = Field(
-        default=256 * 1024 * 1024, ge=1,
-        description="Bytes of resident task weights (sum of `Task.nbytes`), evicting least "
-        "recently used tasks beyond it. Default 256 MiB: a rank-8 LoRA on q,v of MiniLM-L6 is "
-        "~0.3 MB, so about 900 such tasks, or a few fully fine-tuned heads.",
+        default=256 * _MiB, ge=1,
+        description="Device tier: bytes of task weights resident on the engine's device (sum of "
+        "`Task.nbytes`), evicting least recently used tasks beyond it. Default 256 MiB: a rank-8 "
+        "LoRA on q,v of MiniLM-L6 is ~0.3 MB, so about 900 such tasks, or a few fully fine-tuned heads.",
+    )
+    cache_host_max_bytes: int = Field(
+        default=1024 * _MiB, ge=0,
+        description="Host tier: bytes of tasks evicted from the device kept as CPU tensors, so they "
+        "come back with a host-to-device copy instead of a store read and a re-validation. 0 turns "
+        "the tier off. Default 1 GiB: host memory is an order of magnitude cheaper than device "
+        "memory, so four times the device budget.",
+    )
+
+    # --- task store backend -------------------------------------------------------------------
+    store_backend: Literal["local", "s3"] = Field(
+        default="local",
+        description="`local`: bundles under `store` on a filesystem (shared by replicas through a "
+        "volume). `s3`: an S3-compatible bucket with the same layout (needs `pip install adaptserve[s3]`). "
+        "Default local: nothing to configure for one box.",
+    )
+    s3_bucket: str | None = Field(default=None, description="Bucket of the s3 store (required with store_backend=s3).")
+    s3_prefix: str = Field(
+        default="", description="Key prefix inside the bucket, e.g. `adaptserve/` (default: the bucket root)."
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="Endpoint of an S3-compatible server (MinIO, Ceph, moto). Default None: AWS S3. "
+        "Credentials and region come from the standard AWS env vars / config files.",
+    )
+    s3_cache_dir: Path | None = Field(
+        default=None,
+        description="Local directory where bundles fetched from S3 are kept (versions are immutable "
+        "and content-addressed, so a copy never goes stale). Default: `<system temp>/adaptserve-s3-cache`.",
+    )
+    store_pointer_ttl_s: float = Field(
+        default=1.0, ge=0.0,
+        description="s3 store without Redis: how long an ACTIVE pointer read from the bucket is "
+        "reused before it is read again. Default 1 s: bounds both staleness and GETs per second. "
+        "(A local store reads its ACTIVE file on every request: a stat and a tiny read.)",
+    )
+
+    # --- registry of active versions ----------------------------------------------------------
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis registry of active versions + change feed for many replicas, e.g. "
+        "`redis://redis:6379/0`. Default None: the store's ACTIVE and HISTORY.json files are the "
+        "registry (one replica, or replicas that only read).",
+    )
+    redis_prefix: str = Field(
+        default="adaptserve", pattern=r"^[A-Za-z0-9._:-]{1,64}$",
+        description="Prefix of every Redis key, so several deployments can share one Redis.",
+    )
+    redis_timeout_s: float = Field(
+        default=2.0, gt=0.0,
+        description="Connect and command timeout against Redis. Default 2 s: an admin write fails "
+        "with 503 quickly when Redis is away, yet a healthy Redis answers in well under a millisecond.",
+    )
+    redis_reconnect_min_s: float = Field(
+        default=0.1, gt=0.0,
+        description="First wait before reconnecting to Redis; doubled after each failure. Default 0.1 s.",
+    )
+    redis_reconnect_max_s: float = Field(
+        default=5.0, gt=0.0,
+        description="Longest wait between reconnects (exponential backoff with jitter). Default 5 s: "
+        "a replica notices a returning Redis within seconds without hammering a dead one.",
+    )
+    registry_resync_s: float = Field(
+        default=60.0, gt=0.0,
+        description="Full resync of the registry into memory at least this often, besides the one "
+        "after every reconnect: a safety net against any lost change. Default 60 s: one SMEMBERS "
+        "and one MGET a minute per replica.",
+    )
+    registry_history_max: int = Field(
+        default=100, ge=2,
+        description="Activation history entries (and rollback depth) kept per task. Default 100.",
+    )
+    registry_stream_maxlen: int = Field(
+        default=10_000, ge=100,
+        description="Approximate length of the Redis change stream. Default 10000: far more than a "
+        "reconnecting replica could miss; it resyncs fully anyway.",
+    )
+    prefetch_on_activate: bool = Field(
+        default=True,
+        description="Load a task's new active version as soon as the change is seen (own write or "
+        "feed), so its first request does not pay the load. Default true.",
+    )
+
+    # --- uploads ------------------------------------------------------------------------------
+    upload_max_config_bytes: int = Field(
+        default=1 * _MiB, ge=1024,
+        description="Largest adapter_config.json. Default 1 MiB: real configs are a few KB.",
+    )
+    upload_max_weights_bytes: int = Field(
+        default=256 * _MiB, ge=1024,
+        description="Largest adapter_model.safetensors. Default 256 MiB: a rank-64 LoRA on every "
+        "linear of a 24-layer, 1024-wide encoder is ~100 MB in fp32; the task cache holds the rest.",
+    )
+    upload_max_bytes: int | None = Field(
+        default=None, ge=1024,
+        description="Largest upload request body (413 beyond, checked while reading). Default None: "
+        "weights + config limits + 1 MiB of multipart framing.",
+    )
+    upload_max_uncompressed_bytes: int | None = Field(
+        default=None, ge=1024,
+        description="Most bytes an uploaded archive may expand to (zip-bomb guard, counted while "
+        "decompressing, never trusted from headers). Default None: weights + config limits + 1 MiB.",
+    )
+    upload_max_compression_ratio: float = Field(
+        default=200.0, ge=1.0,
+        description="Largest uncompressed/compressed ratio of an archive (or one zip member). "
+        "Default 200: trained fp32 weights compress by ~1.1x and even an all-zero LoRA B by far "
+        "less than 200x, while deflate bombs reach ~1000x.",
+    )
+    upload_max_archive_members: int = Field(
+        default=16, ge=2,
+        description="Most entries (files and directories) in an uploaded archive. Default 16: a bundle "
+        "is 2 files, a PEFT directory 3 with its README.",
+    )
+    upload_max_header_bytes: int = Field(
+        default=1 * _MiB, ge=1024,
+        description="Largest safetensors JSON header. Default 1 MiB: ~100 bytes per tensor entry, so "
+        "room for ~10000 tensors; the safetensors library itself allows 100 MB.",
+    )
+    upload_max_tensors: int = Field(
+        default=4096, ge=1,
+        description="Most tensors in one uploaded safetensors file. Default 4096: LoRA A+B on six "
+        "sites of 48 layers plus heads is under 700.",
+    )
+    upload_require_fingerprint: bool = Field(
+        default=True,
+        description="Refuse native bundles without `backbone.fingerprint` (PEFT bundles may lack "
+        "it). Default true: weights only make sense on the backbone they were trained on.",
+    )
+
+    # --- auth ---------------------------------------------------------------------------------
+    admin_tokens: Tokens = Field(
+        default_factory=list,
+        description="Bearer tokens allowed to upload, activate, roll back and delete tasks (they may "
+        "also classify). Comma-separated. Default none: with no token of either kind configured, "
+        "auth is off and the server says so loudly at start-up.",
+    )
+    inference_tokens: Tokens = Field(
+        default_factory=list,
+        description="Bearer tokens allowed to classify and read task listings. Comma-separated. "
+        "When any token is configured, every /v1 route needs one.",
+    )
+    admin_tokens_file: Path | None = Field(
+        default=None,
+        description="File of admin tokens (comma- or newline-separated), e.g. a mounted Kubernetes "
+        "secret; added to `admin_tokens`.",
+    )
+    inference_tokens_file: Path | None = Field(
+        default=None, description="File of inference tokens, as `admin_tokens_file`."
     )
 
     # --- misc ---------------------------------------------------------------------------------
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         default="info", description="Python and uvicorn log level. Default info, uvicorn's own."
     )
-    redis_url: str | None = Field(
-        default=None,
-        description="Redis registry of active task versions. Not used yet; default None = "
-        "the local store's ACTIVE files are the registry.",
-    )
 
-    @field_validator("backbone", "redis_url", mode="before")
+    @field_validator(
+        "backbone", "redis_url", "s3_bucket", "s3_endpoint_url", "s3_cache_dir", "admin_tokens_file",
+        "inference_tokens_file", mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         # `ADAPTSERVE_BACKBONE=` in an env file means "unset", not the current directory.
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("admin_tokens", "inference_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value: object) -> object:
+        return split_tokens(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _read_token_files(self) -> "Settings":
+        for field in ("admin_tokens", "inference_tokens"):
+            path: Path | None = getattr(self, f"{field}_file")
+            if path is None:
+                continue
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as err:
+                # Name the file, never its contents.
+                raise ValueError(f"{field}_file {str(path)!r} cannot be read: {type(err).__name__}") from None
+            known = {token.get_secret_value() for token in getattr(self, field)}
+            extra = [SecretStr(token) for token in split_tokens(text) if token not in known]
+            setattr(self, field, [*getattr(self, field), *extra])
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -162,8 +341,18 @@ class Settings(BaseSettings):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
         return value
 
+    @field_validator("s3_prefix")
+    @classmethod
+    def _normalise_prefix(cls, value: str) -> str:
+        value = value.strip().strip("/")
+        return f"{value}/" if value else ""
+
     @model_validator(mode="after")
     def _check_limits_agree(self) -> "Settings":
+        if self.store_backend == "s3" and not self.s3_bucket:
+            raise ValueError("store_backend=s3 needs ADAPTSERVE_S3_BUCKET")
+        if self.redis_reconnect_min_s > self.redis_reconnect_max_s:
+            raise ValueError("redis_reconnect_min_s is larger than redis_reconnect_max_s")
         if self.max_queue < self.max_inputs_per_request:
             raise ValueError(
                 f"max_queue ({self.max_queue}) is smaller than max_inputs_per_request "
@@ -178,6 +367,27 @@ class Settings(BaseSettings):
             return self.max_body_bytes
         texts = self.max_inputs_per_request * 2
         return texts * self.max_chars_per_input * _MAX_JSON_BYTES_PER_CHAR + _JSON_OVERHEAD_BYTES
+
+    @property
+    def upload_limit_bytes(self) -> int:
+        """The upload body limit in force: `upload_max_bytes`, or derived from the file limits."""
+        if self.upload_max_bytes is not None:
+            return self.upload_max_bytes
+        return self.upload_max_weights_bytes + self.upload_max_config_bytes + _MiB
+
+    @property
+    def upload_uncompressed_limit_bytes(self) -> int:
+        if self.upload_max_uncompressed_bytes is not None:
+            return self.upload_max_uncompressed_bytes
+        return self.upload_max_weights_bytes + self.upload_max_config_bytes + _MiB
+
+    @property
+    def s3_cache_path(self) -> Path:
+        return self.s3_cache_dir or Path(tempfile.gettempdir()) / "adaptserve-s3-cache"
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.admin_tokens or self.inference_tokens)
 
     @property
     def max_wait_s(self) -> float:

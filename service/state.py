@@ -2,17 +2,22 @@
 engine is up. Kept apart from the app factory so routes can import it without a cycle."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
+from service.auth import Tokens
 from service.cache import TaskCache
 from service.engine.types import ClassifyItem, Prediction, TaskKey
 from service.errors import NotReady, ShuttingDown
 from service.metrics import Metrics
 from service.scheduler import Scheduler
+from service.registry import Registry
 from service.settings import Settings
-from service.store import LocalStore
+from service.store import BundleStore
+
+if TYPE_CHECKING:
+    from service.hotswap import TaskAdmin
 
 
 class TaskLike(Protocol):
@@ -22,6 +27,7 @@ class TaskLike(Protocol):
     nbytes: int
     labels: list[str]
     input_kind: str  # "single" | "pair"
+    has_exits: bool  # early-exit classifiers: a per-request exit policy applies
 
     def info(self) -> dict[str, Any]: ...
 
@@ -48,8 +54,11 @@ class Runtime:
 @dataclass
 class ServiceState:
     settings: Settings
-    store: LocalStore
+    store: BundleStore
+    registry: Registry
     metrics: Metrics
+    tokens: Tokens = field(default_factory=Tokens)
+    admin: "TaskAdmin | None" = None
     runtime: Runtime | None = None
     startup_error: str | None = None  # why the backbone or warmup failed; the server never gets ready
     stopping: bool = False

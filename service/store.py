@@ -1,23 +1,33 @@
-"""The local task store: `<root>/<task>/<version>/{adapter_config.json, adapter_model.safetensors}`.
+"""Task stores: where bundles live, `<root>/<task>/<version>/{adapter_config.json, adapter_model.safetensors}`.
 
-The active version of a task is the id written in `<root>/<task>/ACTIVE`, or, without that file,
-the only version present. Names from requests are checked against a safe pattern before any path
-is built from them, and versions read from disk are checked the same way.
+`BundleStore` holds what every backend shares (which version is active, listings) over a few
+primitives each backend implements; `LocalStore` is a directory, `service.store_s3.S3Store` a
+bucket with the same layout. A version is immutable once published: it is written to a temporary
+place, made durable, then appears under its name in one step.
+
+The active version of a task is the id written in its `ACTIVE` pointer, or, without one, the only
+version present. Names from requests are checked against a safe pattern before any path or key
+is built from them, and versions read back are checked the same way.
 """
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from service.engine.types import TaskKey
-from service.errors import ConfigurationError, InvalidTaskName, TaskNotFound, TaskUnavailable
+from service.errors import ConfigurationError, InvalidTaskName, TaskNotFound, TaskUnavailable, VersionNotFound
 
 TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 # Versions are content hashes or human ids such as `v3`; same alphabet, upper case allowed.
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 ACTIVE_FILE = "ACTIVE"
+HISTORY_FILE = "HISTORY.json"  # the local registry's activation history (service.registry.local)
+POINTERS = (ACTIVE_FILE, HISTORY_FILE)  # the only small files a store keeps beside versions
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
@@ -32,61 +42,95 @@ def validate_task_name(name: str) -> str:
     return name
 
 
+def validate_version(task: str, version: str) -> str:
+    """Return `version` if it is a safe version id, else raise `VersionNotFound` (such a
+    version cannot exist, and the id never reaches a path)."""
+    if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
+        raise VersionNotFound(f"task {task!r} has no version {version!r} (not a valid version id)")
+    return version
+
+
 @dataclass(frozen=True)
 class TaskListing:
-    """One row of `LocalStore.list_tasks()`: a task and its active version, or why it has none."""
+    """One row of `list_tasks()`: a task and its active version, or why it has none."""
 
     name: str
     version: str | None
     error: str | None = None
 
 
-class LocalStore:
-    """Reads task bundles from a directory. Stateless: every call looks at the disk, so writing
-    a new `ACTIVE` file switches versions without a restart."""
+class BundleStore:
+    """What every store backend offers. Subclasses implement the primitives below; the
+    methods after them are shared. All of it is blocking IO: call it from a thread."""
 
-    def __init__(self, root: str | Path) -> None:
-        root = Path(root).expanduser()
-        if not root.is_dir():
-            raise ConfigurationError(
-                f"task store {str(root)!r} is not a directory; set ADAPTSERVE_STORE or --store"
-            )
-        self.root = root.resolve()
+    # Whether reading a pointer is cheap enough to do on the event loop for every request.
+    cheap_pointers: bool = False
 
-    def list_tasks(self) -> list[TaskListing]:
-        """Every task directory with a valid name, sorted, each with its active version or the
-        reason it has none. Never raises for one broken task."""
-        listings = []
-        for entry in sorted(self.root.iterdir()):
-            if not entry.is_dir() or not TASK_NAME_RE.fullmatch(entry.name):
-                continue
-            try:
-                listings.append(TaskListing(entry.name, self.active_version(entry.name)))
-            except TaskUnavailable as err:
-                listings.append(TaskListing(entry.name, None, err.message))
-        return listings
+    # -- primitives ------------------------------------------------------------------------------
+    def task_names(self) -> list[str]:
+        """Every task present (valid names only), sorted."""
+        raise NotImplementedError
 
     def has_task(self, name: str) -> bool:
-        """Whether `name` is a valid name with a directory in the store (no error either way)."""
-        return bool(TASK_NAME_RE.fullmatch(name)) and (self.root / name).is_dir()
+        """Whether `name` is a valid name with something stored under it (never raises)."""
+        raise NotImplementedError
 
     def versions(self, task: str) -> list[str]:
-        """The version ids present for `task`, sorted."""
-        return sorted(
-            entry.name
-            for entry in self._task_dir(task).iterdir()
-            if entry.is_dir() and VERSION_RE.fullmatch(entry.name)
-        )
+        """The complete version ids present for `task`, sorted; TaskNotFound if it has nothing."""
+        raise NotImplementedError
+
+    def has_version(self, task: str, version: str) -> bool:
+        """Whether `version` of `task` is stored (complete)."""
+        return VERSION_RE.fullmatch(version) is not None and version in self.versions(task)
+
+    def read_pointer(self, task: str, pointer: str) -> str | None:
+        """A small text file beside the versions (`ACTIVE`, `HISTORY.json`); None if absent."""
+        raise NotImplementedError
+
+    def write_pointer(self, task: str, pointer: str, text: str) -> None:
+        """Replace a pointer atomically and durably."""
+        raise NotImplementedError
+
+    def fetch(self, key: TaskKey) -> Path:
+        """A local directory holding the bundle of `key` (TaskUnavailable if it is not stored)."""
+        raise NotImplementedError
+
+    def put_version(self, task: str, version: str, config_bytes: bytes, weights_bytes: bytes) -> bool:
+        """Publish a version durably: when this returns, both files are stored under `version`.
+        Returns False when that version was already there (same content, same id)."""
+        raise NotImplementedError
+
+    def delete_version(self, key: TaskKey) -> None:
+        raise NotImplementedError
+
+    def delete_task(self, task: str) -> None:
+        """Remove a task and every version of it."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    # -- shared ----------------------------------------------------------------------------------
+    def list_tasks(self) -> list[TaskListing]:
+        """Every task, sorted, each with its active version or the reason it has none. Never
+        raises for one broken task."""
+        listings = []
+        for name in self.task_names():
+            try:
+                listings.append(TaskListing(name, self.active_version(name)))
+            except (TaskUnavailable, TaskNotFound) as err:
+                listings.append(TaskListing(name, None, err.message))
+        return listings
 
     def active_version(self, task: str) -> str:
-        """The version `task` serves: the id in its ACTIVE file, else its only version."""
-        task_dir = self._task_dir(task)
-        active_file = task_dir / ACTIVE_FILE
-        if active_file.is_file():
-            version = active_file.read_text(encoding="utf-8", errors="replace").strip()
+        """The version `task` serves: the id in its ACTIVE pointer, else its only version."""
+        validate_task_name(task)
+        pointer = self.read_pointer(task, ACTIVE_FILE)
+        if pointer is not None:
+            version = pointer.strip()
             if not VERSION_RE.fullmatch(version):
                 raise TaskUnavailable(f"task {task!r}: ACTIVE names an invalid version id {version!r}")
-            if not (task_dir / version).is_dir():
+            if not self.has_version(task, version):
                 raise TaskUnavailable(f"task {task!r}: ACTIVE names version {version!r}, which is not in the store")
             return version
         versions = self.versions(task)
@@ -105,7 +149,74 @@ class LocalStore:
         return TaskKey(task, self.active_version(task))
 
     def bundle_dir(self, key: TaskKey) -> Path:
-        """The directory holding the bundle of `key`."""
+        """The local directory holding the bundle of `key` (fetched first where it is remote)."""
+        return self.fetch(key)
+
+    def pin_implicit_active(self, task: str) -> None:
+        """Before a second version is added to a task that serves its only version without an
+        ACTIVE pointer, write that pointer: otherwise the task would have two versions and no
+        ACTIVE, which serves nothing, between the new version landing and the registry update."""
+        if not self.has_task(task) or self.read_pointer(task, ACTIVE_FILE) is not None:
+            return
+        versions = self.versions(task)
+        if len(versions) == 1:
+            self.write_pointer(task, ACTIVE_FILE, versions[0] + "\n")
+
+
+class LocalStore(BundleStore):
+    """Bundles in a directory. Stateless: every call looks at the disk, so another process
+    (`adaptserve train --store`) writing a new `ACTIVE` file switches versions without a restart."""
+
+    cheap_pointers = True
+
+    def __init__(self, root: str | Path) -> None:
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise ConfigurationError(
+                f"task store {str(root)!r} is not a directory; set ADAPTSERVE_STORE or --store"
+            )
+        self.root = root.resolve()
+
+    def describe(self) -> str:
+        return f"local:{self.root}"
+
+    def task_names(self) -> list[str]:
+        return sorted(e.name for e in self.root.iterdir() if e.is_dir() and TASK_NAME_RE.fullmatch(e.name))
+
+    def has_task(self, name: str) -> bool:
+        return bool(TASK_NAME_RE.fullmatch(name)) and (self.root / name).is_dir()
+
+    def versions(self, task: str) -> list[str]:
+        return sorted(
+            entry.name
+            for entry in self._task_dir(task).iterdir()
+            if entry.is_dir() and VERSION_RE.fullmatch(entry.name)
+        )
+
+    def has_version(self, task: str, version: str) -> bool:
+        return VERSION_RE.fullmatch(version) is not None and (self._task_dir(task) / version).is_dir()
+
+    def read_pointer(self, task: str, pointer: str) -> str | None:
+        path = self._task_dir(task) / _pointer(pointer)
+        try:
+            return path.read_text(encoding="utf-8", errors="replace")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+
+    def write_pointer(self, task: str, pointer: str, text: str) -> None:
+        task_dir = self._task_dir(task)
+        tmp = task_dir / f".{_pointer(pointer)}.{uuid.uuid4().hex}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, task_dir / pointer)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(task_dir)
+
+    def fetch(self, key: TaskKey) -> Path:
         if not VERSION_RE.fullmatch(key.version):
             raise TaskUnavailable(f"invalid version id {key.version!r} for task {key.name!r}")
         path = self._task_dir(key.name) / key.version
@@ -113,8 +224,62 @@ class LocalStore:
             raise TaskUnavailable(f"task {key.name!r} has no version {key.version!r} in the store")
         return path
 
+    def put_version(self, task: str, version: str, config_bytes: bytes, weights_bytes: bytes) -> bool:
+        from service.engine.bundle import write_bundle_files  # temp dir, fsync each file, rename, fsync dir
+
+        validate_task_name(task)
+        validate_version(task, version)
+        task_dir = self.root / task
+        if not task_dir.is_dir():
+            task_dir.mkdir(exist_ok=True)
+            _fsync_dir(self.root)  # the new task directory's own entry must survive a crash too
+        target = task_dir / version
+        if target.is_dir():
+            return False
+        self.pin_implicit_active(task)
+        write_bundle_files(target, config_bytes, weights_bytes)
+        return True
+
+    def delete_version(self, key: TaskKey) -> None:
+        path = self.fetch(key)
+        # Rename first: the version disappears in one step, then the files go.
+        doomed = path.parent / f".deleted-{key.version}-{uuid.uuid4().hex[:8]}"
+        os.rename(path, doomed)
+        _fsync_dir(path.parent)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def delete_task(self, task: str) -> None:
+        path = self._task_dir(task)
+        doomed = self.root / f".deleted-{task}-{uuid.uuid4().hex[:8]}"
+        os.rename(path, doomed)
+        _fsync_dir(self.root)
+        shutil.rmtree(doomed, ignore_errors=True)
+
     def _task_dir(self, task: str) -> Path:
         path = self.root / validate_task_name(task)
         if not path.is_dir():
             raise TaskNotFound(f"task {task!r} not found")
         return path
+
+
+def _pointer(name: str) -> str:
+    if name not in POINTERS:  # pointer names are constants of this module, never request strings
+        raise ValueError(f"unknown pointer {name!r}")
+    return name
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_store(settings) -> BundleStore:  # settings: service.settings.Settings
+    """The store the settings name: a local directory, or an S3-compatible bucket."""
+    if settings.store_backend == "s3":
+        from service.store_s3 import S3Store
+
+        return S3Store.from_settings(settings)
+    return LocalStore(settings.store)

@@ -36,6 +36,7 @@ class FakeTask:
     labels: list[str]
     input_kind: str = "single"
     nbytes: int = 1000
+    has_exits: bool = False  # early-exit classifiers (config `"exits": true`)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -73,7 +74,7 @@ class FakeEngine:
         labels = config.get("labels")
         if not isinstance(labels, list) or not labels:
             raise BundleError("adapter_config.json has no labels")
-        return FakeTask(key, labels, config.get("input_kind", "single"), self.task_nbytes)
+        return FakeTask(key, labels, config.get("input_kind", "single"), self.task_nbytes, bool(config.get("exits")))
 
     def classify(self, items: Sequence[ClassifyItem]) -> list[Prediction]:
         self.in_forward.set()
@@ -101,6 +102,9 @@ class FakeEngine:
             return {text for batch in self.batches for text in batch}
 
 
+FAKE_LAYERS = 2  # an exit task answers at layer 1 under any policy but `off`, else at the last
+
+
 def _predict(item: ClassifyItem) -> Prediction:
     """Softmax over logits that favour label len(text) % n."""
     labels = item.task.labels
@@ -114,6 +118,8 @@ def _predict(item: ClassifyItem) -> Prediction:
         scores=dict(zip(labels, probs)),
         version=item.task.key.version,
         logits=tuple(logits),
+        exit_layer=1 if item.task.has_exits and item.exit_policy is not None and item.exit_policy.name != "off"
+        else FAKE_LAYERS,
     )
 
 

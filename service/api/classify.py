@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Coroutine, Sequence, TypeVar
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
 from service.api.deps import error_responses, service_state
-from service.api.schemas import ClassifyRequest, ClassifyResponse, PredictionOut, TextPair
+from service.api.schemas import ClassifyRequest, ClassifyResponse, EarlyExit, PredictionOut, TextPair
+from service.auth import require_inference
 from service.engine.types import ClassifyItem, TaskKey
 from service.errors import ClientDisconnected, DeadlineExceeded, InvalidInput, PayloadTooLarge
 from service.settings import Settings
@@ -24,8 +25,9 @@ router = APIRouter()
 @router.post(
     "/v1/tasks/{task}/classify",
     response_model=ClassifyResponse,
-    responses=error_responses(400, 404, 413, 422, 429, 503, 504),
+    responses=error_responses(400, 401, 403, 404, 413, 422, 429, 503, 504),
     summary="Classify texts (or text pairs) with one task",
+    dependencies=[Depends(require_inference)],
 )
 async def classify(task: str, body: ClassifyRequest, request: Request) -> ClassifyResponse:
     state = service_state(request)
@@ -37,8 +39,9 @@ async def classify(task: str, body: ClassifyRequest, request: Request) -> Classi
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
 
-    # A stat and a read of a tiny ACTIVE file; cheap enough to stay on the loop for a local disk.
-    key = state.store.resolve(task)
+    # Resolved once: every row of this request runs on this version, whatever is activated meanwhile
+    # (the batch holds the Task object). In memory with Redis; a stat + tiny read with a local store.
+    key = await state.registry.resolve(task)
     _check_limits(body.inputs, settings)
 
     async def answer() -> ClassifyResponse:
@@ -46,8 +49,10 @@ async def classify(task: str, body: ClassifyRequest, request: Request) -> Classi
             loaded = await asyncio.wait_for(runtime.cache.get(key), timeout=max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
             raise DeadlineExceeded(f"task {key} did not load within the request's deadline") from None
-        items = _to_items(loaded, key, body.inputs)
+        items = _to_items(loaded, key, body.inputs, _exit_policy(loaded, key, body.early_exit))
         predictions = await runtime.scheduler.submit(items, deadline)
+        if getattr(loaded, "has_exits", False):
+            state.metrics.observe_exits(key.name, [p.exit_layer for p in predictions])
         return ClassifyResponse(
             task=key.name,
             version=key.version,
@@ -73,7 +78,28 @@ def _check_limits(inputs: Sequence[str | TextPair], settings: Settings) -> None:
                 )
 
 
-def _to_items(task: TaskLike, key: TaskKey, inputs: Sequence[str | TextPair]) -> list[ClassifyItem]:
+def _exit_policy(task: TaskLike, key: TaskKey, early_exit: EarlyExit | None) -> Any:
+    """The request's early-exit override as an engine `ExitPolicy`, or None for the task's default.
+
+    Asking a task without exit classifiers to exit early is an error, not a silent no-op
+    (`off` is allowed anywhere: it is what such a task does anyway)."""
+    if early_exit is None:
+        return None
+    if early_exit.policy != "off" and not getattr(task, "has_exits", False):
+        raise InvalidInput(
+            f"task {key.name!r} has no early-exit classifiers, so early_exit.policy "
+            f"{early_exit.policy!r} cannot apply (only 'off' can)"
+        )
+    from service.methods.exits import DEFAULT_THRESHOLDS, ExitPolicy  # imports torch: only when asked
+
+    threshold = early_exit.threshold if early_exit.threshold is not None else DEFAULT_THRESHOLDS[early_exit.policy]
+    try:
+        return ExitPolicy(early_exit.policy, float(threshold))
+    except ValueError as err:  # the schema checks the same ranges; this is the engine's last word
+        raise InvalidInput(f"early_exit: {err}") from None
+
+
+def _to_items(task: TaskLike, key: TaskKey, inputs: Sequence[str | TextPair], exit_policy: Any = None) -> list[ClassifyItem]:
     pair_task = task.input_kind == "pair"
     items = []
     for index, item in enumerate(inputs):
@@ -86,7 +112,7 @@ def _to_items(task: TaskLike, key: TaskKey, inputs: Sequence[str | TextPair]) ->
                 f"task {key.name!r} classifies single texts: inputs[{index}] must be a string, not a pair"
             )
         text, text_pair = item if isinstance(item, tuple) else (item, None)
-        items.append(ClassifyItem(task=task, text=text, text_pair=text_pair))
+        items.append(ClassifyItem(task=task, text=text, text_pair=text_pair, exit_policy=exit_policy))
     return items
 
 

@@ -24,18 +24,22 @@ _HTTP_ERROR_TYPES = {
     413: "payload_too_large",
     415: "unsupported_media_type",
 }
-_MAX_LISTED_PROBLEMS = 5  # a body with 64 bad inputs should not produce a 64-line message
+# Problems listed in a validation error message: a body with 64 bad inputs should not produce a
+# 64-line message (upload problems are listed in full under "problems").
+_MAX_LISTED_PROBLEMS = 5
 
 
-def error_response(status: int, message: str, error_type: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
+def error_response(
+    status: int, message: str, error_type: str, headers: dict[str, str] | None = None, extra: dict | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": message, "error_type": error_type, **(extra or {})}, status_code=status, headers=headers)
 
 
 async def _adaptserve_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AdaptserveError)
     if exc.status_code >= 500:
         log.warning("%s %s -> %d %s: %s", request.method, request.url.path, exc.status_code, exc.error_type, exc.message)
-    return error_response(exc.status_code, exc.message, exc.error_type, exc.headers)
+    return error_response(exc.status_code, exc.message, exc.error_type, exc.headers, exc.body())
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -25,14 +25,14 @@ async def readyz(request: Request) -> Any:
     state = service_state(request)
     if state.ready:
         backbone = state.runtime.engine.backbone  # type: ignore[union-attr]
-        return Readiness(status="ready", backbone=_describe_backbone(backbone))
+        return Readiness(status="ready", backbone=_describe_backbone(backbone), registry=state.registry.status())
     if state.stopping:
         status, error = "stopping", None
     elif state.startup_error is not None:
         status, error = "failed", state.startup_error
     else:
         status, error = "starting", None
-    return JSONResponse(Readiness(status=status, error=error).model_dump(), status_code=503)
+    return JSONResponse(Readiness(status=status, error=error, registry=state.registry.status()).model_dump(), status_code=503)
 
 
 def _describe_backbone(backbone: Any) -> dict[str, Any]:

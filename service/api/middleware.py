@@ -11,27 +11,34 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import error_response
+from service.errors import PayloadTooLarge
 from service.metrics import UNKNOWN_TASK
 from service.state import ServiceState
 
 CLASSIFY_PATH = re.compile(r"^/v1/tasks/(?P<task>[^/]+)/classify/?$")
+UPLOAD_PATH = re.compile(r"^/v1/tasks/[^/]+/versions/?$")
 
 
 class BodyLimitMiddleware:
-    """413 for a body over `max_bytes`, judged by Content-Length and by the bytes actually read.
+    """413 for a body over its limit, judged by Content-Length and by the bytes actually read.
 
-    The body is read here in full (it is bounded) and replayed to the app, so an over-long
-    chunked body is refused before any of it is parsed.
+    JSON bodies (limit `max_bytes`) are read here in full and replayed to the app, so an over-long
+    chunked body is refused before any of it is parsed. Uploads (POST .../versions, limit
+    `upload_max_bytes`) are far larger: they stream through to the route, which checks the
+    caller's token before reading them, and the count stops them at the limit.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_max_bytes: int | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.upload_max_bytes = upload_max_bytes if upload_max_bytes is not None else max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        upload = scope.get("method") == "POST" and UPLOAD_PATH.match(scope.get("path", "")) is not None
+        limit = self.upload_max_bytes if upload else self.max_bytes
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             try:
@@ -39,9 +46,12 @@ class BodyLimitMiddleware:
             except ValueError:
                 await error_response(400, "invalid Content-Length header", "bad_request")(scope, receive, send)
                 return
-            if declared_bytes > self.max_bytes:
-                await self._too_large(scope, receive, send)
+            if declared_bytes > limit:
+                await self._too_large(scope, receive, send, limit)
                 return
+        if upload:
+            await self.app(scope, _counting(receive, limit), send)
+            return
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -51,7 +61,7 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await self._too_large(scope, receive, send)
+                await self._too_large(scope, receive, send, self.max_bytes)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -68,11 +78,27 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         response = error_response(
-            413, f"request body larger than {self.max_bytes} bytes", "payload_too_large", {"Connection": "close"}
+            413, f"request body larger than {limit} bytes", "payload_too_large", {"Connection": "close"}
         )
         await response(scope, receive, send)
+
+
+def _counting(receive: Receive, limit: int) -> Receive:
+    """`receive` that raises PayloadTooLarge (413 via the error handlers) once the body passes `limit`."""
+    size = 0
+
+    async def counted() -> Message:
+        nonlocal size
+        message = await receive()
+        if message["type"] == "http.request":
+            size += len(message.get("body", b""))
+            if size > limit:
+                raise PayloadTooLarge(f"request body larger than {limit} bytes")
+        return message
+
+    return counted
 
 
 class RequestMetricsMiddleware:
@@ -102,5 +128,5 @@ class RequestMetricsMiddleware:
         finally:
             name = match["task"]
             # Only names that exist in the store become labels: clients cannot add series.
-            label = name if self.state.store.has_task(name) else UNKNOWN_TASK
+            label = name if self.state.registry.known(name) else UNKNOWN_TASK
             self.state.metrics.observe_request(label, status, time.perf_counter() - started)

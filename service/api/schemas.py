@@ -3,9 +3,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 TextPair = tuple[str, str]
+
+# The early-exit policies of `service.methods.exits.POLICIES`, spelled out so that this module
+# (and every request validation) does not import torch; a test keeps the two lists equal.
+ExitPolicyName = Literal["confidence", "entropy", "patience", "off"]
 
 
 class ErrorBody(BaseModel):
@@ -13,6 +17,36 @@ class ErrorBody(BaseModel):
 
     error: str = Field(description="What went wrong, for a human.")
     error_type: str = Field(description="Stable machine-readable kind, e.g. `task_not_found`.")
+    problems: list[str] | None = Field(default=None, description="Refused uploads: every problem found.")
+
+
+class EarlyExit(BaseModel):
+    """Per-request early exit, overriding the policy stored with the task (exit-head tasks only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: ExitPolicyName = Field(
+        description="`confidence`: leave when the learned confidence >= threshold; `entropy`: when the "
+        "exit's softmax entropy (nats) <= threshold; `patience`: when `threshold` consecutive exits agree; "
+        "`off`: run every layer."
+    )
+    threshold: float | None = Field(
+        default=None, allow_inf_nan=False,
+        description="Policy threshold; default: the policy's own (confidence 0.9, entropy 0.3, patience 2).",
+    )
+
+    @model_validator(mode="after")
+    def _threshold_fits_policy(self) -> "EarlyExit":
+        t = self.threshold
+        if t is None or self.policy == "off":
+            return self
+        if self.policy == "confidence" and not 0.0 <= t <= 1.0:
+            raise ValueError(f"a confidence threshold is a probability in [0, 1], got {t}")
+        if self.policy == "entropy" and t < 0.0:
+            raise ValueError(f"an entropy threshold is >= 0 nats, got {t}")
+        if self.policy == "patience" and (t < 1 or t != int(t)):
+            raise ValueError(f"patience is a whole number of layers >= 1, got {t}")
+        return self
 
 
 class ClassifyRequest(BaseModel):
@@ -29,6 +63,11 @@ class ClassifyRequest(BaseModel):
     timeout_ms: int | None = Field(
         default=None, gt=0, le=3_600_000,
         description="Deadline for this request; capped by the server's `request_timeout_s`.",
+    )
+    early_exit: EarlyExit | None = Field(
+        default=None,
+        description="Override the task's early-exit policy for every input of this request "
+        "(tasks trained with exit classifiers only).",
     )
 
     @field_validator("inputs")
@@ -49,7 +88,9 @@ class PredictionOut(BaseModel):
     score: float = Field(description="Its probability.")
     scores: dict[str, float] = Field(description="Probability of every label.")
     version: str = Field(description="Version of the task that answered.")
-    exit_layer: int | None = Field(default=None, description="Encoder layer the row exited at (early-exit tasks only).")
+    exit_layer: int | None = Field(
+        default=None, description="1-based encoder layer that answered (the last layer unless the row exited early)."
+    )
 
 
 class ClassifyResponse(BaseModel):
@@ -58,13 +99,15 @@ class ClassifyResponse(BaseModel):
     predictions: list[PredictionOut] = Field(description="One per input, in order.")
 
 
-Location = Literal["device", "store"]
+Location = Literal["device", "host", "store"]
+LOCATION_DOC = ("`device`: loaded on the engine's device; `host`: evicted from the device but kept as CPU "
+                "tensors (promoted back without reading the store); `store`: only in the task store.")
 
 
 class TaskSummary(BaseModel):
     name: str
     version: str | None = Field(description="Active version, or null when the store cannot tell (see `error`).")
-    location: Location = Field(description="`device` when loaded and resident in the task cache, else `store`.")
+    location: Location = Field(description=LOCATION_DOC)
     error: str | None = None
 
 
@@ -80,7 +123,44 @@ class TaskInfo(BaseModel):
 
     name: str
     version: str
-    location: Location
+    location: Location = Field(description=LOCATION_DOC)
+
+
+class UploadResponse(BaseModel):
+    task: str
+    version: str = Field(description="The new version's id: the content hash of its two files.")
+    active: bool = Field(description="Whether this version now serves the task.")
+    created: bool = Field(description="False when identical content was already stored (same id).")
+    source: str = Field(description="`files`, `zip` or `tar.gz`.")
+    kind: str = Field(description="`native` (adaptserve bundle) or `peft` (Hugging Face PEFT adapter).")
+
+
+class VersionInfo(BaseModel):
+    version: str
+    active: bool
+    location: Location = Field(description=LOCATION_DOC)
+    uploaded_at: float | None = Field(default=None, description="Unix time of the upload (null if not uploaded through the API).")
+    bytes: int | None = None
+    source: str | None = None
+
+
+class TaskState(BaseModel):
+    """A task's registry state after an admin change, or with its versions."""
+
+    task: str
+    active: str | None = Field(description="The version that serves now.")
+    rollback_to: str | None = Field(description="The version a rollback would activate.")
+    history: list[dict[str, Any]] = Field(description="Activation history, oldest first.")
+
+
+class TaskVersions(TaskState):
+    versions: list[VersionInfo]
+
+
+class Deleted(BaseModel):
+    task: str
+    version: str | None = None
+    deleted: bool = True
 
 
 class Health(BaseModel):
@@ -92,3 +172,6 @@ class Readiness(BaseModel):
     status: Literal["ready", "starting", "stopping", "failed"]
     error: str | None = None
     backbone: dict[str, Any] | None = Field(default=None, description="Name, fingerprint, parameters, device, dtype.")
+    registry: dict[str, Any] | None = Field(
+        default=None, description="Registry backend and whether it is reachable (serving goes on while it is not)."
+    )

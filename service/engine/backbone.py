@@ -121,6 +121,7 @@ def _lm_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] |
 def load_backbone(path: str | Path | None = None, device: str = "auto", dtype: str = "auto") -> Backbone:
     """Load a model folder (config + weights + tokenizer) or a .gguf file, freeze it, put it in
     inference mode. Encoders (BERT family) and Llama-family causal LMs are supported."""
+    bundled = not path
     path = Path(path) if path else default_backbone_path()
     if path.suffix == ".gguf":
         from service.engine.gguf import convert_gguf
@@ -160,7 +161,7 @@ def load_backbone(path: str | Path | None = None, device: str = "auto", dtype: s
         vocab_size=fam.embeddings.word.num_embeddings,
         has_lm_head=lm_head is not None,
     )
-    name = "sentence-transformers/all-MiniLM-L6-v2 (bundled)" if path == default_backbone_path() else path.name
+    name = "sentence-transformers/all-MiniLM-L6-v2 (bundled)" if bundled else path.name
     log.info("backbone %s (%s, %d layers, %.1fM params) on %s/%s, %s", name, fam.model_type, info.num_layers,
              n_params / 1e6, dev, dt, fp[:19])
     forward = Decoder(fam) if fam.kind == "decoder" else Encoder(fam)

@@ -120,6 +120,10 @@ def parse(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Backb
         raise BundleError(f"task {name!r}: a verbalizer needs a 'template' with a {{mask}} slot")
     if "verbalizer" in weights and labels and weights["verbalizer"].num_labels != len(labels):  # type: ignore[attr-defined]
         raise BundleError(f"task {name!r}: the verbalizer maps {weights['verbalizer'].num_labels} labels but {len(labels)} are named")  # type: ignore[attr-defined]
+    if "demos" in weights and "verbalizer" not in weights:
+        raise BundleError(f"task {name!r}: demonstrations are shown with their label words: they need a 'verbalizer' and a 'template'")
+    if "demos" in weights and labels and max(weights["demos"].labels) >= len(labels):  # type: ignore[attr-defined]
+        raise BundleError(f"task {name!r}: a demonstration's label index is out of range for {len(labels)} labels")
     if "head" not in weights and "verbalizer" not in weights:
         raise BundleError(f"task {name!r}: a task needs an output: a 'head' or a 'verbalizer'")
     _check_lengths(weights, max_length, backbone, name)

@@ -20,7 +20,9 @@ from service.engine.bundle import read_bundle
 from service.engine.encoder import Plan, State
 from service.engine.task import Task, disk_bytes
 from service.engine.types import ClassifyItem, Prediction, TaskKey
+from service.errors import BundleError
 from service.methods.base import REGISTRY
+from service.methods.demos import Demo, DemosWeights, SentenceEncoder, bundled_sentence_encoder
 from service.methods.exits import ExitBatch, ExitPolicy
 from service.methods.head import HeadBatch
 from service.methods.verbalizer import VerbalizerBatch
@@ -44,12 +46,43 @@ class Engine:
     def __init__(self, backbone: Backbone):
         self.backbone = backbone
         self._tok_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
+        self._sentences: SentenceEncoder | None = None  # loaded on first use (tasks with demonstrations)
 
     # -- tasks ---------------------------------------------------------------------------------
     def load_task(self, bundle_dir: Path, key: TaskKey) -> Task:
         """Read, validate and place one task version on the device (blocking; thread-safe)."""
         spec, weights = read_bundle(Path(bundle_dir), self.backbone.info, key.name)
+        if "demos" in weights:
+            self._check_demos(weights["demos"], key)  # type: ignore[arg-type]
         return Task(key=key, spec=spec, weights=weights, backbone=self.backbone.info, bytes_on_disk=disk_bytes(Path(bundle_dir)))
+
+    # -- demonstrations (service/methods/demos.py) ----------------------------------------------
+    def sentence_encoder(self) -> SentenceEncoder:
+        """The sentence encoder that picks demonstrations: the bundled all-MiniLM-L6-v2, loaded
+        once (shared by every Engine of the process on this device) on first use."""
+        if self._sentences is None:
+            self._sentences = bundled_sentence_encoder(self.backbone.device)
+        return self._sentences
+
+    def _check_demos(self, demos: DemosWeights, key: TaskKey) -> None:
+        enc = self.sentence_encoder()
+        if demos.encoder != enc.fingerprint:
+            raise BundleError(
+                f"task {key.name!r}: its demonstrations were embedded by sentence encoder {demos.encoder[:19]}..., "
+                f"but this service selects them with {enc.fingerprint[:19]}... ({enc.name}); the vectors are not comparable"
+            )
+
+    def _demonstrations(self, task: Task, items: Sequence[ClassifyItem]) -> list[list[Demo]] | None:
+        """Per item, its demonstrations (one per class, nearest by cosine), or None if the task has none."""
+        demos = task.weights.get("demos")
+        if demos is None:
+            return None
+        verbalizer = task.weights["verbalizer"]
+        texts = [it.text for it in items]
+        pairs = [it.text_pair for it in items]
+        query = self.sentence_encoder().embed(texts, pairs if task.input_kind == "pair" else None)  # [n, E]
+        words = [ids[0] for ids in verbalizer.token_ids]  # type: ignore[attr-defined]  # each label's first word
+        return demos.pick(query, texts, pairs, words)  # type: ignore[attr-defined]
 
     # -- batching ------------------------------------------------------------------------------
     def tokenize(self, items: Sequence[ClassifyItem]) -> Batch:
@@ -72,8 +105,13 @@ class Engine:
                 rows = [r for r, p in enumerate(row_part) if p == j]
                 template = task.spec.template
                 if template is not None:  # prompt tasks: template pieces + truncated inputs
-                    for r in rows:
-                        ids[r], answer[r] = template.encode(tok, items[r].text, items[r].text_pair, task.spec.max_length, causal)
+                    demos = self._demonstrations(task, [items[r] for r in rows])
+                    for k, r in enumerate(rows):
+                        if demos is None:
+                            ids[r], answer[r] = template.encode(tok, items[r].text, items[r].text_pair, task.spec.max_length, causal)
+                        else:  # LM-BFF: the input's prompt plus one labelled example per class
+                            ids[r], answer[r] = template.encode_with_demos(tok, items[r].text, items[r].text_pair, demos[k],
+                                                                           task.spec.max_length, causal)
                     continue
                 texts = [items[r].text for r in rows]
                 pairs = [items[r].text_pair for r in rows] if task.input_kind == "pair" else None
@@ -143,6 +181,20 @@ class Engine:
         the same modules the service runs, gradients flowing into the task tensors)."""
         st, outputs = self.encode(batch)
         return outputs.logits(st, self._pooler(), self.backbone.lm_head)
+
+    def layer_states(self, batch: Batch) -> tuple[list[State], list[Tensor]]:
+        """The full-depth forward, keeping the state after every layer: (states [num_layers], per-row
+        logits of the task head). The logits are exactly `full_depth_logits(batch)`; the states are
+        what `run` shows the exit classifiers after each layer. Differentiable (training uses it)."""
+        plan, outputs = self.plan(batch.tasks, batch.row_part)
+        outputs.answer = batch.answer_pos
+        enc = self.backbone.encoder
+        st = enc.embed(batch.input_ids, batch.attention_mask, batch.token_type_ids, plan)
+        states = []
+        for i in range(enc.num_layers):  # Encoder.forward, layer by layer
+            st = enc.layer(i, st)
+            states.append(st)
+        return states, outputs.logits(enc.finish(st), self._pooler(), self.backbone.lm_head)
 
     def run(self, batch: Batch, policies: Sequence[ExitPolicy | None] | None = None) -> list[tuple[Tensor, int]]:
         """Per row: (its task's logits, the 1-based layer that answered).

@@ -102,6 +102,73 @@ class Template:
             return ids[: last + 1], last
         return ids, ids.index(mask_id)
 
+    def encode_with_demos(self, tokenizer, text: str, text_pair: str | None, demos, max_length: int,
+                          causal: bool) -> tuple[list[int], int]:
+        """(token ids, answer position) of the prompt with demonstrations (LM-BFF, Gao et al., 2021):
+        the input's template, then each demonstration (`service.methods.demos.Demo`) as its own
+        copy of the template with its label word in place of `{mask}`, segments separated by the
+        tokenizer's [SEP] (masked LMs, as LM-BFF) or a newline (causal LMs). A causal LM answers
+        with the token after the input's template, so there the demonstrations come first and the
+        input last (the usual in-context order). Inputs and demonstrations share the max_length
+        budget and are truncated longest first; the template pieces and label words survive."""
+        if not demos:
+            return self.encode(tokenizer, text, text_pair, max_length, causal)
+        if causal:
+            sep = tokenizer.encode("\n", add_special_tokens=False)
+        else:
+            sep = [tokenizer.sep_token_id] if tokenizer.sep_token_id is not None else []
+        own = self._pieces(tokenizer, text, text_pair, causal, None)
+        shown = [self._pieces(tokenizer, d.text, d.text_pair, causal, d.word_id) for d in demos]
+        segments = shown + [own] if causal else [own] + shown
+        pieces: list[tuple[str, list[int]]] = []
+        for i, seg in enumerate(segments):
+            if i:
+                pieces.append(("lit", list(sep)))
+            pieces.extend(seg)
+        head, tail = special_frame(tokenizer)
+        fixed = sum(len(ids) for k, ids in pieces if k in ("lit", "mask"))
+        budget = max_length - len(head) - len(tail) - fixed
+        if budget < len(segments):
+            raise TemplateError(f"template {self.source!r} with {len(demos)} demonstrations leaves no room for the "
+                                f"inputs within max_length {max_length}")
+        inputs = [i for i, (k, _) in enumerate(pieces) if k in ("text", "text_pair")]
+        while sum(len(pieces[i][1]) for i in inputs) > budget:  # longest first, one token at a time
+            i = max(inputs, key=lambda i: len(pieces[i][1]))
+            pieces[i] = (pieces[i][0], pieces[i][1][:-1])
+        body = [t for _, ids in pieces for t in ids]
+        ids = head + body + tail
+        if causal:  # the answer is read at the last template token (see `encode`)
+            last = len(ids) - 1
+            while last > 0 and ids[last] in tokenizer.all_special_ids and ids[last] not in body[-1:]:
+                last -= 1
+            return ids[: last + 1], last
+        return ids, ids.index(tokenizer.mask_token_id)
+
+    def _pieces(self, tokenizer, text: str, text_pair: str | None, causal: bool,
+                fill: int | None) -> list[tuple[str, list[int]]]:
+        """The template's pieces for one segment, tokenised as `encode` does; `fill` puts a label
+        word's token in place of `{mask}` (a demonstration), None keeps the answer slot."""
+        pieces: list[tuple[str, list[int]]] = []
+        for n, (kind, value) in enumerate(self.parts):
+            if kind == "lit":
+                before_answer = n + 1 == len(self.parts) or self.parts[n + 1] == ("slot", "mask")
+                lit = value.strip() if not causal else (value.rstrip() if before_answer else value)
+                if lit:
+                    pieces.append(("lit", tokenizer.encode(lit, add_special_tokens=False)))
+            elif value == "mask":
+                if fill is not None:
+                    pieces.append(("lit", [fill]))
+                    if causal:
+                        break  # a causal template ends at its answer
+                elif causal:
+                    break
+                else:
+                    pieces.append(("mask", [tokenizer.mask_token_id]))
+            else:
+                src = text if value == "text" else (text_pair or "")
+                pieces.append((value, tokenizer.encode(src, add_special_tokens=False)))
+        return pieces
+
 
 def special_frame(tokenizer) -> tuple[list[int], list[int]]:
     """The special tokens a tokenizer puts before and after a single sequence ([CLS] .. [SEP],

@@ -81,6 +81,14 @@ class ExitWeights(TaskWeights):
         }
         return cls(pooling=pooling, layers=layers)
 
+    def threshold_for(self, policy: str) -> float:
+        """The threshold for a request that names only `policy`: this task's calibrated one
+        (`adaptserve train --early-exit` stores one per policy), else `DEFAULT_THRESHOLDS`."""
+        if policy == self.policy.name and policy != "off":
+            return self.policy.threshold
+        stored = (self.calibration.get("policies") or {}).get(policy) or {}
+        return float(stored["threshold"]) if stored.get("threshold") is not None else DEFAULT_THRESHOLDS[policy]
+
     def exit_logits(self, layer: int, pooled: Tensor) -> Tensor:
         ow, ob = self.layers[layer][:2]
         return pooled @ ow.T + ob  # [n_rows, labels]
@@ -92,60 +100,88 @@ class ExitWeights(TaskWeights):
         return torch.sigmoid(z @ c2w.T + c2b).squeeze(-1)
 
 
-class ExitBatch(MethodBatch):
-    """Per-row exit decisions. Carries per-row policy and PABEE's agreement counters so that
-    compaction (`select`) keeps them aligned with the surviving rows."""
+# Policy codes for the per-row tables: the decision is one vectorised comparison per policy.
+_CODES = {"confidence": 1, "entropy": 2, "patience": 3}
 
-    def __init__(self, parts: Sequence[ExitWeights | None], row_part: Tensor, policy: list[ExitPolicy | None],
-                 prev: Tensor | None = None, streak: Tensor | None = None):
+
+class ExitBatch(MethodBatch):
+    """Per-row exit decisions. Carries per-row policy (code + threshold) and PABEE's agreement
+    counters as [B] tensors so that compaction (`select`) keeps them aligned with surviving rows.
+
+    The decision after a layer is vectorised per task present: pool its rows, one exit classifier
+    matmul, and only the statistics its rows' policies need (the confidence MLP, the entropy, the
+    argmax). Measured with the real MiniLM on CPU, the per-row Python loop this replaces added
+    ~25% to a batch of 32 that never exits (bench/early_exit.py, docs/training.md)."""
+
+    def __init__(self, parts: Sequence[ExitWeights | None], row_part: Tensor, policy: Sequence[ExitPolicy | None]):
+        dev = row_part.device
+        code = [0 if p is None or p.name == "off" else _CODES[p.name] for p in policy]
+        thr = [0.0 if p is None else float(p.threshold) for p in policy]
+        # which statistics each task's rows need (a superset stays valid after compaction)
+        needs = {j: {c for c, r in zip(code, row_part.tolist()) if r == j and c} for j in range(len(parts))}
+        self._init(parts, row_part, torch.tensor(code, dtype=torch.long, device=dev),
+                   torch.tensor(thr, dtype=torch.float64, device=dev),  # float64: compares as the Python float it was
+                   torch.full((len(code),), -1, dtype=torch.long, device=dev),
+                   torch.zeros(len(code), dtype=torch.long, device=dev), needs)
+
+    def _init(self, parts, row_part, code, threshold, prev, streak, needs) -> None:
         self.parts = parts
-        self.row_part = row_part
-        self.policy = policy  # per row; None = this row cannot exit early
-        b = row_part.shape[0]
-        self.prev = prev if prev is not None else torch.full((b,), -1, dtype=torch.long, device=row_part.device)
-        self.streak = streak if streak is not None else torch.zeros(b, dtype=torch.long, device=row_part.device)
+        self.row_part = row_part  # [B] index into parts
+        self.code = code  # [B] 0 = cannot exit early (no exits, or policy off), else _CODES
+        self.threshold = threshold  # [B] float64
+        self.prev = prev  # [B] previous exit's argmax (patience), -1 before the first exit
+        self.streak = streak  # [B] consecutive exits agreeing with prev
+        self.needs = needs  # part -> policy codes its rows use
 
     def active(self) -> bool:
-        return any(p is not None and p.name != "off" for p in self.policy)
+        return bool((self.code > 0).any())
 
     def select(self, rows: Tensor) -> "ExitBatch":
-        idx = rows.tolist()
-        return ExitBatch(self.parts, self.row_part.index_select(0, rows), [self.policy[i] for i in idx],
-                         self.prev.index_select(0, rows), self.streak.index_select(0, rows))
+        out = ExitBatch.__new__(ExitBatch)
+        out._init(self.parts, self.row_part.index_select(0, rows), self.code.index_select(0, rows),
+                  self.threshold.index_select(0, rows), self.prev.index_select(0, rows),
+                  self.streak.index_select(0, rows), self.needs)
+        return out
 
     def decide(self, layer: int, hidden: Tensor, keep: Tensor, text_start: Tensor, text_len: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
         """After `layer`: which rows exit ([B] bool) and their exit logits {row: [labels]}."""
         bsz = hidden.shape[0]
-        exit_now = torch.zeros(bsz, dtype=torch.bool)
+        exit_now = torch.zeros(bsz, dtype=torch.bool, device=hidden.device)
         logits: dict[int, Tensor] = {}
         for j, p in enumerate(self.parts):
-            if p is None or layer not in p.layers:
+            if p is None or layer not in p.layers or not self.needs.get(j):
                 continue
-            rows = [r for r in (self.row_part == j).nonzero().squeeze(1).tolist()
-                    if self.policy[r] is not None and self.policy[r].name != "off"]
-            if not rows:
+            mine = (self.row_part == j) & (self.code > 0)  # [B]
+            ri = mine.nonzero().squeeze(1)  # [n] rows of task j that may exit
+            n = ri.numel()
+            if n == 0:
                 continue
-            ri = torch.tensor(rows, device=hidden.device)
-            pooled = pool(hidden[ri], keep[ri], text_start[ri], text_len[ri], p.pooling)
+            whole = n == bsz  # the common single-task batch: no gather
+            sel = (lambda t: t) if whole else (lambda t: t.index_select(0, ri))  # noqa: E731
+            pooled = pool(sel(hidden), sel(keep), sel(text_start), sel(text_len), p.pooling)  # [n, H]
             z = p.exit_logits(layer, pooled)  # [n, labels]
-            conf = p.confidence(layer, pooled, z)
-            prob = torch.softmax(z.float(), dim=-1)
-            entropy = -(prob * prob.clamp_min(1e-12).log()).sum(-1)
-            top = z.argmax(-1)
-            for k, r in enumerate(rows):
-                pol = self.policy[r]
-                if pol.name == "confidence":
-                    go = float(conf[k]) >= pol.threshold
-                elif pol.name == "entropy":
-                    go = float(entropy[k]) <= pol.threshold
-                else:  # patience: consecutive exits agreeing on the argmax
-                    same = int(self.prev[r]) == int(top[k])
-                    self.streak[r] = self.streak[r] + 1 if same else 1
-                    self.prev[r] = top[k]
-                    go = int(self.streak[r]) >= pol.threshold
-                if go:
-                    exit_now[r] = True
-                    logits[r] = z[k]
+            code, thr = sel(self.code), sel(self.threshold)
+            go = torch.zeros(n, dtype=torch.bool, device=hidden.device)
+            needs = self.needs[j]
+            if 1 in needs:  # confidence: predicted P(this exit is right) >= threshold
+                go |= (code == 1) & (p.confidence(layer, pooled, z) >= thr)
+            if 2 in needs:  # entropy (nats) of the exit's softmax <= threshold
+                prob = torch.softmax(z.float(), dim=-1)
+                entropy = -(prob * prob.clamp_min(1e-12).log()).sum(-1)
+                go |= (code == 2) & (entropy <= thr)
+            if 3 in needs:  # patience: `threshold` consecutive exits agree on the argmax
+                top = z.argmax(-1)
+                streak = torch.where(sel(self.prev) == top, sel(self.streak) + 1, torch.ones_like(top))
+                pat = code == 3
+                self.streak[ri] = torch.where(pat, streak, sel(self.streak))
+                self.prev[ri] = torch.where(pat, top, sel(self.prev))
+                go |= pat & (streak >= thr)
+            if not bool(go.any()):
+                continue
+            exit_now[ri] = go
+            rows = ri.tolist()
+            for k in go.nonzero().squeeze(1).tolist():
+                logits[rows[k]] = z[k]
         return exit_now, logits
 
 

@@ -33,6 +33,11 @@ def test_arguments_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"max_queue": 10}, "max_queue (10) is smaller than max_inputs_per_request (64)"),
         ({"request_timeout_s": 0}, "ADAPTSERVE_REQUEST_TIMEOUT_S: Input should be greater than 0"),
         ({"unknown_knob": 1}, "ADAPTSERVE_UNKNOWN_KNOB: Extra inputs are not permitted"),
+        ({"store_backend": "s3"}, "store_backend=s3 needs ADAPTSERVE_S3_BUCKET"),
+        ({"store_backend": "gcs"}, "ADAPTSERVE_STORE_BACKEND: Input should be 'local' or 's3'"),
+        ({"redis_prefix": "a b"}, "ADAPTSERVE_REDIS_PREFIX: String should match pattern"),
+        ({"redis_reconnect_min_s": 9}, "redis_reconnect_min_s is larger than redis_reconnect_max_s"),
+        ({"upload_max_compression_ratio": 0.5}, "ADAPTSERVE_UPLOAD_MAX_COMPRESSION_RATIO"),
     ],
 )
 def test_invalid_settings_say_which_variable_to_fix(overrides: dict, message: str) -> None:
@@ -61,3 +66,17 @@ def test_default_store_is_the_repo_adapters_store_or_the_working_directory() -> 
 def test_bundled_backbone_is_the_packaged_minilm() -> None:
     path = bundled_backbone_path()
     assert (path / "config.json").is_file() and (path / "tokenizer.json").is_file()
+
+
+def test_upload_limits_are_derived_from_the_file_limits_unless_set() -> None:
+    settings = Settings(upload_max_weights_bytes=4096, upload_max_config_bytes=2048)
+    assert settings.upload_limit_bytes == settings.upload_uncompressed_limit_bytes == 4096 + 2048 + 1024 * 1024
+    assert Settings(upload_max_bytes=5000).upload_limit_bytes == 5000
+
+
+def test_s3_prefix_is_normalised_and_tokens_stay_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ADAPTSERVE_INFERENCE_TOKENS", "tok-a,tok-b")
+    settings = Settings(s3_prefix="/tenants/a/", store_backend="s3", s3_bucket="b")
+    assert settings.s3_prefix == "tenants/a/" and Settings().s3_prefix == ""
+    assert settings.auth_enabled and len(settings.inference_tokens) == 2
+    assert "tok-a" not in repr(settings) and "tok-a" not in str(settings.model_dump())

@@ -1,0 +1,113 @@
+"""Bearer-token auth with two scopes: `inference` (classify, read listings) and `admin` (upload,
+activate, roll back, delete; admin tokens may also do everything inference tokens may).
+
+Tokens come from settings (`ADAPTSERVE_ADMIN_TOKENS`, `ADAPTSERVE_INFERENCE_TOKENS` or their
+`*_FILE` variants). A presented token is compared with `hmac.compare_digest` against *every*
+configured token, without stopping at a match, so the time taken says nothing about which
+token (or how much of one) matched. With no token configured at all, auth is off and the app
+says so with a WARNING at start-up. Tokens are never logged: error messages never quote them.
+
+401: no token, a malformed Authorization header, or an unknown token. 403: a known token
+whose scope does not cover the route.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import dataclass
+from enum import Enum
+from typing import Callable, Sequence
+
+from fastapi import Request
+from pydantic import SecretStr
+
+from service.errors import Forbidden, Unauthorized
+
+log = logging.getLogger(__name__)
+
+
+class Scope(str, Enum):
+    inference = "inference"
+    admin = "admin"
+
+
+@dataclass(frozen=True)
+class Tokens:
+    admin: tuple[bytes, ...] = ()
+    inference: tuple[bytes, ...] = ()
+
+    @classmethod
+    def from_secrets(cls, admin: Sequence[SecretStr], inference: Sequence[SecretStr]) -> "Tokens":
+        return cls(
+            admin=tuple(t.get_secret_value().encode() for t in admin),
+            inference=tuple(t.get_secret_value().encode() for t in inference),
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.admin or self.inference)
+
+    def __repr__(self) -> str:  # never print the tokens themselves
+        return f"Tokens(admin={len(self.admin)}, inference={len(self.inference)})"
+
+    def scope_of(self, presented: bytes) -> Scope | None:
+        """The widest scope `presented` grants, or None. Every configured token is compared."""
+        is_admin = False
+        is_inference = False
+        for token in self.admin:
+            is_admin |= hmac.compare_digest(token, presented)
+        for token in self.inference:
+            is_inference |= hmac.compare_digest(token, presented)
+        if is_admin:
+            return Scope.admin
+        return Scope.inference if is_inference else None
+
+
+def bearer_token(header: str | None) -> bytes:
+    """The token of an `Authorization: Bearer <token>` header, or Unauthorized."""
+    if not header:
+        raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
+    scheme, _, value = header.strip().partition(" ")
+    value = value.strip()
+    if scheme.lower() != "bearer" or not value or any(c.isspace() for c in value):
+        raise Unauthorized("malformed Authorization header: expected 'Bearer <token>'")
+    try:
+        return value.encode("ascii")
+    except UnicodeEncodeError:
+        raise Unauthorized("malformed Authorization header: the token must be ASCII") from None
+
+
+def check(tokens: Tokens, header: str | None, needed: Scope) -> None:
+    """Raise Unauthorized / Forbidden unless `header` grants `needed` (no-op when auth is off)."""
+    if not tokens.enabled:
+        return
+    granted = tokens.scope_of(bearer_token(header))
+    if granted is None:
+        raise Unauthorized("invalid bearer token")
+    if needed is Scope.admin and granted is not Scope.admin:
+        raise Forbidden("this token may classify and read tasks, not change them: use an admin token")
+
+
+def require(needed: Scope) -> Callable[[Request], None]:
+    """A FastAPI dependency: `dependencies=[Depends(require(Scope.admin))]`."""
+
+    def dependency(request: Request) -> None:
+        check(request.app.state.service.tokens, request.headers.get("authorization"), needed)
+
+    dependency.__name__ = f"require_{needed.value}"
+    return dependency
+
+
+require_inference = require(Scope.inference)
+require_admin = require(Scope.admin)
+
+
+def warn_if_disabled(tokens: Tokens) -> None:
+    if not tokens.enabled:
+        log.warning(
+            "AUTH IS DISABLED: no ADAPTSERVE_ADMIN_TOKENS or ADAPTSERVE_INFERENCE_TOKENS configured. "
+            "Anyone who can reach this port can classify AND upload, activate, roll back and delete "
+            "tasks. Configure tokens before exposing this server beyond a trusted network."
+        )
+    else:
+        log.info("auth enabled: %d admin token(s), %d inference token(s)", len(tokens.admin), len(tokens.inference))

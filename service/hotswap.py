@@ -1,0 +1,231 @@
+"""Hot swap: upload, activate, roll back and delete task versions while the server serves.
+
+The order of every change is what makes it safe:
+1. validate the upload completely (structure, then the engine's own parse against the
+   backbone) in a temporary directory outside the store: a refused upload touches nothing;
+2. publish the version durably (`BundleStore.put_version`: temp, fsync, rename);
+3. only then point the registry at it (activation), which tells every replica (feed).
+A version about to become active (upload, activate, rollback) is loaded before the registry
+flips, so it is never half-loaded and a version that cannot load is never activated.
+
+Requests resolve the active version once, then hold that version's Task object through the
+scheduler, so requests already admitted finish on the version they started with, and new
+requests get the new one. On a change this replica demotes the old version to the host tier
+(a rollback re-promotes it without touching the store) and prefetches the new one.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from service.engine.types import TaskKey
+from service.errors import BundleError, TaskNotFound, TaskUnavailable, UploadRejected, VersionNotFound
+from service.registry.base import TaskRecord
+from service.store import CONFIG_FILE, WEIGHTS_FILE, validate_task_name, validate_version
+from service.upload import BundleFiles, Part, UploadLimits, assemble
+
+if TYPE_CHECKING:
+    from service.state import ServiceState, TaskLike
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    task: str
+    version: str
+    active: bool
+    created: bool  # False: identical content was already stored under this version
+    source: str
+    kind: str
+
+
+class TaskAdmin:
+    """Every admin change of tasks, serialised per task within this replica."""
+
+    def __init__(self, state: "ServiceState") -> None:
+        self.state = state
+        self.limits = UploadLimits.from_settings(state.settings)
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        state.registry.subscribe(self.on_change)
+
+    def _lock(self, task: str) -> asyncio.Lock:
+        return self._locks.setdefault(task, asyncio.Lock())
+
+    # -- uploads ---------------------------------------------------------------------------------
+    async def upload(self, task: str, parts: list[Part], *, activate: bool) -> UploadResult:
+        from service.engine.bundle import content_version
+
+        validate_task_name(task)
+        runtime = self.state.require_runtime()  # the engine validates the bundle
+        self.state.registry.require_writable()  # fail before any work while the registry is away
+        files = assemble(parts, self.limits)
+        version = content_version(files.config, files.weights)
+        loaded = await self._validate_with_engine(task, version, files)
+        key = TaskKey(task, version)
+        async with self._lock(task):
+            self.state.registry.require_writable()
+            created = await asyncio.to_thread(self.state.store.put_version, task, version, files.config, files.weights)
+            if activate:
+                runtime.cache.insert(key, loaded)  # warm before the flip: the first request does not load
+            meta = {"uploaded_at": round(time.time(), 3), "bytes": len(files.config) + len(files.weights),
+                    "source": files.source, "kind": files.kind}
+            record = await self.state.registry.add_version(task, version, meta, activate=activate)
+        log.info("task %s: %s version %s (%s upload)%s", task, "stored" if created else "re-sent", version,
+                 files.source, ", now active" if record.active == version else "")
+        return UploadResult(task, version, record.active == version, created, files.source, files.kind)
+
+    async def _validate_with_engine(self, task: str, version: str, files: BundleFiles) -> "TaskLike":
+        """Parse the bundle with the engine, exactly as serving will, from a directory outside
+        the store: shapes, layer counts, NaN/Inf, labels vs head, backbone fingerprint."""
+        engine = self.state.require_runtime().engine
+
+        def load() -> "TaskLike":
+            with tempfile.TemporaryDirectory(prefix="adaptserve-upload-") as tmp:
+                (Path(tmp) / CONFIG_FILE).write_bytes(files.config)
+                (Path(tmp) / WEIGHTS_FILE).write_bytes(files.weights)
+                return engine.load_task(Path(tmp), TaskKey(task, version))
+
+        try:
+            return await asyncio.to_thread(load)
+        except BundleError as err:
+            raise UploadRejected([err.message]) from None
+        except Exception as err:  # noqa: BLE001 - whatever a hostile bundle provokes is the bundle's problem
+            log.warning("task %s: upload failed to load in the engine", task, exc_info=True)
+            raise UploadRejected([f"the bundle cannot be loaded: {type(err).__name__}: {err}"]) from None
+
+    # -- activation ------------------------------------------------------------------------------
+    async def activate(self, task: str, version: str) -> TaskRecord:
+        validate_task_name(task)
+        validate_version(task, version)
+        self.state.registry.require_writable()
+        async with self._lock(task):
+            if not await asyncio.to_thread(self._has_version, task, version):
+                raise VersionNotFound(f"task {task!r} has no version {version!r}")
+            await self._preload(TaskKey(task, version))
+            return await self.state.registry.activate(task, version)
+
+    async def rollback(self, task: str) -> TaskRecord:
+        validate_task_name(task)
+        self.state.registry.require_writable()
+        async with self._lock(task):
+            versions = set(await asyncio.to_thread(self._versions, task))
+            record = await self._record(task)
+            target = record.rollback_target(versions.__contains__)
+            if target is not None:
+                await self._preload(TaskKey(task, target))
+            return await self.state.registry.rollback(task, versions.__contains__)
+
+    async def _preload(self, key: TaskKey) -> None:
+        """Load the version about to serve; refuse the change if it cannot load."""
+        runtime = self.state.require_runtime()
+        try:
+            await runtime.cache.get(key)
+        except TaskUnavailable as err:
+            raise BundleError(f"version {key.version!r} of task {key.name!r} cannot be served, so it was not "
+                              f"activated: {err.message}") from None
+
+    # -- deletion --------------------------------------------------------------------------------
+    async def delete_version(self, task: str, version: str) -> TaskRecord:
+        validate_task_name(task)
+        validate_version(task, version)
+        self.state.registry.require_writable()
+        key = TaskKey(task, version)
+
+        async def remove_files() -> None:
+            await asyncio.to_thread(self.state.store.delete_version, key)
+            if self.state.runtime is not None:
+                self.state.runtime.cache.drop(key)
+
+        async with self._lock(task):
+            return await self.state.registry.forget_version(task, version, remove_files)
+
+    async def delete_task(self, task: str) -> None:
+        validate_task_name(task)
+        self.state.registry.require_writable()
+
+        async def remove_files() -> None:
+            await asyncio.to_thread(self.state.store.delete_task, task)
+
+        async with self._lock(task):
+            await self.state.registry.delete_task(task, remove_files)
+        if self.state.runtime is not None:
+            self.state.runtime.cache.drop_task(task)
+        log.info("task %s deleted", task)
+
+    # -- reads -----------------------------------------------------------------------------------
+    async def versions(self, task: str) -> tuple[TaskRecord, list[dict[str, Any]]]:
+        validate_task_name(task)
+        stored = await asyncio.to_thread(self._versions, task)
+        record = await self._record(task, known_in_store=bool(stored))
+        cache = self.state.runtime.cache if self.state.runtime is not None else None
+        rows = []
+        for version in stored:
+            meta = record.versions.get(version, {})
+            rows.append({
+                "version": version,
+                "active": version == record.active,
+                "location": cache.location(TaskKey(task, version)) if cache is not None else "store",
+                "uploaded_at": meta.get("uploaded_at"),
+                "bytes": meta.get("bytes"),
+                "source": meta.get("source"),
+            })
+        return record, rows
+
+    async def _record(self, task: str, known_in_store: bool = True) -> TaskRecord:
+        try:
+            return await self.state.registry.record(task)
+        except TaskNotFound:
+            if known_in_store:  # stored but never registered (e.g. copied into a shared store)
+                return TaskRecord(task)
+            raise
+
+    def _versions(self, task: str) -> list[str]:
+        try:
+            return self.state.store.versions(task)
+        except TaskNotFound:
+            return []
+
+    def _has_version(self, task: str, version: str) -> bool:
+        try:
+            return self.state.store.has_version(task, version)
+        except TaskNotFound:
+            return False
+
+    # -- the change feed -------------------------------------------------------------------------
+    def on_change(self, task: str, old: str | None, new: str | None) -> None:
+        """A task's active version changed (own write or another replica's): keep tiers tidy."""
+        runtime = self.state.runtime
+        log.info("task %s: active version %s -> %s", task, old, new)
+        if runtime is None:
+            return
+        if new is None:
+            runtime.cache.drop_task(task)
+            return
+        if old is not None:
+            runtime.cache.demote(TaskKey(task, old))  # off the device; a rollback re-promotes it
+        if self.state.settings.prefetch_on_activate and runtime.cache.location(TaskKey(task, new)) != "device":
+            job = asyncio.ensure_future(self._prefetch(TaskKey(task, new)))
+            self._background.add(job)
+            job.add_done_callback(self._background.discard)
+
+    async def _prefetch(self, key: TaskKey) -> None:
+        runtime = self.state.runtime
+        if runtime is None:
+            return
+        try:
+            await runtime.cache.get(key)
+        except Exception as err:  # noqa: BLE001 - its requests will report it; this is a heads-up
+            log.warning("prefetching task %s failed: %s", key, getattr(err, "message", err))
+
+    async def close(self) -> None:
+        for job in list(self._background):
+            job.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)

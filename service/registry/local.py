@@ -1,0 +1,142 @@
+"""The embedded registry: the store's own `ACTIVE` pointer per task plus `HISTORY.json` beside it.
+
+`ACTIVE` is the authority (it is what `adaptserve train --store` and a person with a shell write);
+`HISTORY.json` holds the rollback stack, the audit log and per-version metadata, and is reconciled
+with `ACTIVE` when they disagree. Writes are serialised in this process; there is no feed from
+other processes, so this backend is for one replica (or replicas that only read a shared store:
+they see a new `ACTIVE` on their next request, since a local store reads it every time).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import replace
+from typing import Any, Awaitable, Callable
+
+from service.engine.types import TaskKey
+from service.errors import TaskNotFound, TaskUnavailable, VersionNotFound
+from service.registry.base import (
+    Registry, TaskRecord, activated, require_version, rolled_back, with_upload, without_version,
+)
+from service.store import ACTIVE_FILE, HISTORY_FILE, BundleStore, TaskListing, validate_task_name
+
+log = logging.getLogger(__name__)
+
+
+class LocalRegistry(Registry):
+    backend = "local"
+
+    def __init__(self, store: BundleStore, *, history_max: int = 100, pointer_ttl_s: float = 1.0) -> None:
+        super().__init__()
+        self.store = store
+        self.history_max = history_max
+        self.pointer_ttl_s = pointer_ttl_s
+        self._write_lock = asyncio.Lock()
+        # Remote stores only: task -> (active key, loop time read), so a request is not an S3 GET.
+        self._resolved: dict[str, tuple[TaskKey, float]] = {}
+
+    # -- reads -----------------------------------------------------------------------------------
+    async def resolve(self, task: str) -> TaskKey:
+        validate_task_name(task)
+        if self.store.cheap_pointers:
+            return self.store.resolve(task)  # a stat and a tiny read: fine on the loop
+        now = asyncio.get_running_loop().time()
+        hit = self._resolved.get(task)
+        if hit is not None and now - hit[1] < self.pointer_ttl_s:
+            return hit[0]
+        key = await asyncio.to_thread(self.store.resolve, task)
+        self._resolved[task] = (key, now)
+        return key
+
+    def known(self, task: str) -> bool:
+        if self.store.cheap_pointers:
+            return self.store.has_task(task)
+        return task in self._resolved
+
+    async def list_tasks(self) -> list[TaskListing]:
+        return await asyncio.to_thread(self.store.list_tasks)
+
+    async def record(self, task: str) -> TaskRecord:
+        validate_task_name(task)
+        return await asyncio.to_thread(self._read, task)
+
+    # -- writes ----------------------------------------------------------------------------------
+    async def add_version(self, task: str, version: str, meta: dict[str, Any], *, activate: bool) -> TaskRecord:
+        def change(record: TaskRecord) -> TaskRecord:
+            record = with_upload(record, version, meta, self.history_max)
+            return activated(record, version, self.history_max) if activate else record
+
+        return await self._write(task, change)
+
+    async def activate(self, task: str, version: str) -> TaskRecord:
+        def change(record: TaskRecord) -> TaskRecord:
+            require_version(self.store.versions(task), task, version)
+            return activated(record, version, self.history_max)
+
+        return await self._write(task, change)
+
+    async def rollback(self, task: str, exists: Callable[[str], bool]) -> TaskRecord:
+        return await self._write(task, lambda record: rolled_back(record, exists, self.history_max))
+
+    async def forget_version(self, task: str, version: str, remove_files: Callable[[], Awaitable[None]]) -> TaskRecord:
+        async with self._write_lock:
+            record = await asyncio.to_thread(self._read, task)
+            if not await asyncio.to_thread(self.store.has_version, task, version):
+                raise VersionNotFound(f"task {task!r} has no version {version!r}")
+            updated = without_version(record, version, self.history_max)
+            await remove_files()
+            await asyncio.to_thread(self._write_history, updated)
+            self._resolved.pop(task, None)
+            return updated
+
+    async def delete_task(self, task: str, remove_files: Callable[[], Awaitable[None]]) -> None:
+        async with self._write_lock:
+            old = (await asyncio.to_thread(self._read, task)).active
+            await remove_files()  # the files are the registry: once they are gone, so is the task
+            self._resolved.pop(task, None)
+        self._notify(task, old, None)
+
+    async def _write(self, task: str, change: Callable[[TaskRecord], TaskRecord]) -> TaskRecord:
+        validate_task_name(task)
+        async with self._write_lock:
+            record = await asyncio.to_thread(self._read, task)
+            updated = change(record)
+            await asyncio.to_thread(self._persist, updated)
+            self._resolved.pop(task, None)
+        self._notify(task, record.active, updated.active)
+        return updated
+
+    # -- files -----------------------------------------------------------------------------------
+    def _read(self, task: str) -> TaskRecord:
+        """The task's record: HISTORY.json reconciled with the ACTIVE pointer (the authority)."""
+        if not self.store.has_task(task):
+            raise TaskNotFound(f"task {task!r} not found")
+        text = self.store.read_pointer(task, HISTORY_FILE)
+        record = TaskRecord(name=task)
+        if text is not None:
+            try:
+                record = replace(TaskRecord.from_json(text), name=task)
+            except (ValueError, KeyError, TypeError) as err:
+                log.warning("task %s: ignoring unreadable %s (%s)", task, HISTORY_FILE, err)
+        try:
+            active = self.store.active_version(task)
+        except TaskUnavailable:
+            active = None
+        if active != record.active:
+            record = replace(record, active=active)
+            if active is not None and (not record.stack or record.stack[-1] != active):
+                record = replace(record, stack=(*record.stack, active))
+        return record
+
+    def _persist(self, record: TaskRecord) -> None:
+        # History first: if we die between the two writes, ACTIVE (the authority) is still the old
+        # version and the next read reconciles the history with it.
+        self._write_history(record)
+        pointer = self.store.read_pointer(record.name, ACTIVE_FILE)
+        if record.active is not None and (pointer is None or pointer.strip() != record.active):
+            self.store.write_pointer(record.name, ACTIVE_FILE, record.active + "\n")
+
+    def _write_history(self, record: TaskRecord) -> None:
+        data = json.loads(record.to_json())
+        self.store.write_pointer(record.name, HISTORY_FILE, json.dumps(data, indent=1, sort_keys=True) + "\n")

@@ -1,0 +1,440 @@
+"""The Redis registry: task records in Redis, a Redis Stream as the change feed, and an in-memory
+copy on every replica so a request resolves its version without a round trip.
+
+Keys (`<p>` = `ADAPTSERVE_REDIS_PREFIX`):
+    <p>:task:<name>   JSON TaskRecord (active version, rollback stack, history, version metadata)
+    <p>:tasks         SET of task names (what a full resync reads)
+    <p>:changes       STREAM of {task, active, origin}, trimmed to ~registry_stream_maxlen
+    <p>:seeded        set once the registry was filled from the store's ACTIVE pointers (first use)
+
+Why a Stream and not pub/sub: a pub/sub message sent while a replica is disconnected is gone,
+and the replica cannot even tell that it missed something. A Stream has positions: a replica
+notes the stream's last id *before* it takes a full snapshot, then reads every entry after that
+id, so nothing that happens between snapshot and subscription can fall in a gap (it is at worst
+applied twice, and applying is idempotent: an entry only says "re-read this task"). Plain XREAD
+(no consumer groups): every replica must see every entry. The blocking read doubles as a
+liveness check, and a reconnect always starts with a full resync, so a trimmed stream or a Redis
+that lost its data cannot leave a replica stale for long.
+
+Writes are optimistic transactions (WATCH the task key, read, change, MULTI: SET + SADD + XADD,
+EXEC, retry on conflict), so concurrent admins on different replicas never lose an update and a
+record and its feed entry always land together. While Redis is away, requests keep being served
+from the in-memory map and admin writes get 503; a background loop reconnects with exponential
+backoff and resyncs.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import uuid
+from typing import Any, Awaitable, Callable
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, WatchError
+
+from service.engine.types import TaskKey
+from service.errors import RegistryUnavailable, TaskNotFound, VersionNotFound
+from service.registry.base import (
+    Registry, TaskRecord, activated, require_active, require_version, rolled_back, with_upload, without_version,
+)
+from service.store import ACTIVE_FILE, BundleStore, TaskListing, validate_task_name
+
+log = logging.getLogger(__name__)
+
+BLOCK_S = 1.0  # one blocking XREAD; also how soon a silently dead connection is noticed (plus the timeout)
+_MAX_WATCH_RETRIES = 32  # optimistic transaction retries under contention on one task
+_BATCH_REFRESH = 64  # more distinct tasks than this in one read: resync everything instead
+
+
+def redact_url(url: str) -> str:
+    """`redis://user:secret@host:6379/0` -> `redis://user:***@host:6379/0`, for logs."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:" if parts.username else ":"
+    return urlunsplit((parts.scheme, f"{user}***@{netloc}", parts.path, parts.query, parts.fragment))
+
+
+class RedisRegistry(Registry):
+    backend = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        store: BundleStore,
+        *,
+        prefix: str = "adaptserve",
+        timeout_s: float = 2.0,
+        reconnect_min_s: float = 0.1,
+        reconnect_max_s: float = 5.0,
+        resync_s: float = 60.0,
+        history_max: int = 100,
+        stream_maxlen: int = 10_000,
+    ) -> None:
+        super().__init__()
+        self.url = url
+        self.store = store
+        self.prefix = prefix
+        self.timeout_s = timeout_s
+        self.reconnect_min_s = reconnect_min_s
+        self.reconnect_max_s = reconnect_max_s
+        self.resync_s = resync_s
+        self.history_max = history_max
+        self.stream_maxlen = stream_maxlen
+        self.origin = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._records: dict[str, TaskRecord] = {}  # the in-memory map every request reads
+        self._connected = False
+        self._writer: aioredis.Redis | None = None
+        self._follower: asyncio.Task[None] | None = None
+        self._feed_client: aioredis.Redis | None = None
+        self._stopping = False
+        self.resyncs = 0  # full resyncs done (first sync, reconnects, periodic)
+        self.changes_applied = 0  # records changed by the feed or own writes
+
+    # -- keys ------------------------------------------------------------------------------------
+    def _task_key(self, task: str) -> str:
+        return f"{self.prefix}:task:{task}"  # task names are validated: no separators, no wildcards
+
+    @property
+    def _tasks_key(self) -> str:
+        return f"{self.prefix}:tasks"
+
+    @property
+    def _stream_key(self) -> str:
+        return f"{self.prefix}:changes"
+
+    @property
+    def _seeded_key(self) -> str:
+        return f"{self.prefix}:seeded"
+
+    def _client(self, socket_timeout: float) -> aioredis.Redis:
+        # No client-side retries: our own loop reconnects with backoff, and an admin write should
+        # fail in `timeout_s`, not after redis-py's default retries.
+        return aioredis.Redis.from_url(
+            self.url, socket_connect_timeout=self.timeout_s, socket_timeout=socket_timeout,
+            retry=Retry(NoBackoff(), 0), health_check_interval=0,
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        # Until Redis first answers, serve what the store's ACTIVE pointers say: every write
+        # through this registry mirrors its active version there (a hint for exactly this case).
+        try:
+            listings = await asyncio.to_thread(self.store.list_tasks)
+        except Exception as err:  # noqa: BLE001 - a broken store must not stop the server coming up
+            log.warning("cannot list the store to seed the registry map: %s", err)
+            listings = []
+        for listing in listings:
+            if listing.version is not None:
+                self._records[listing.name] = TaskRecord(listing.name, listing.version, (listing.version,))
+        self._writer = self._client(socket_timeout=self.timeout_s)
+        self._follower = asyncio.create_task(self._follow(), name="adaptserve-registry-feed")
+        log.info("registry: Redis at %s, prefix %r", redact_url(self.url), self.prefix)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._follower is not None:
+            self._follower.cancel()
+            # A cancellation that lands inside redis-py's read can be absorbed there (seen with
+            # Python 3.11 + redis-py 8); closing the feed's connection ends that read for sure,
+            # and the loop checks `_stopping`. Shutdown never waits on Redis for long.
+            done, _ = await asyncio.wait({self._follower}, timeout=0.5)
+            if not done and self._feed_client is not None:
+                await _quietly(self._feed_client.connection_pool.disconnect())
+                done, _ = await asyncio.wait({self._follower}, timeout=BLOCK_S + self.timeout_s)
+            if not done:
+                log.warning("registry: the feed did not stop in time; leaving it behind")
+        if self._writer is not None:
+            await _quietly(self._writer.aclose())
+
+    def status(self) -> dict[str, Any]:
+        return {"backend": self.backend, "connected": self._connected, "tasks": len(self._records), "resyncs": self.resyncs}
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    # -- the feed --------------------------------------------------------------------------------
+    async def _follow(self) -> None:
+        """Connect, resync, follow the stream; on any failure back off and start over."""
+        loop = asyncio.get_running_loop()
+        delay = self.reconnect_min_s
+        lost_at: float | None = None
+        while not self._stopping:
+            client = self._feed_client = self._client(socket_timeout=BLOCK_S + self.timeout_s)
+            try:
+                await client.ping()
+                last_id = await self._stream_tail(client)  # before the snapshot: no gap after it
+                await self._seed(client)
+                await self._resync(client)
+                self._connected = True
+                delay = self.reconnect_min_s
+                if lost_at is not None:
+                    log.warning("registry: Redis is back after %.1f s; resynced %d tasks", loop.time() - lost_at, len(self._records))
+                    lost_at = None
+                next_resync = loop.time() + self.resync_s
+                while not self._stopping:
+                    last_id = await self._read_feed(client, last_id)
+                    if loop.time() >= next_resync:
+                        await self._resync(client)
+                        next_resync = loop.time() + self.resync_s
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as err:
+                if self._stopping:
+                    return
+                if self._connected or lost_at is None:
+                    log.warning(
+                        "registry: Redis unreachable (%s); serving the %d tasks this replica knows and "
+                        "refusing admin changes until it returns", type(err).__name__, len(self._records),
+                    )
+                    lost_at = loop.time()
+                self._connected = False
+            except Exception:  # a bug must not end the feed for good
+                log.exception("registry: feed loop failed; reconnecting")
+                self._connected = False
+                lost_at = lost_at or loop.time()
+            finally:
+                await _quietly(client.aclose())
+            if self._stopping:
+                return
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter: replicas do not reconnect in step
+            delay = min(delay * 2, self.reconnect_max_s)
+
+    async def _stream_tail(self, client: aioredis.Redis) -> bytes | str:
+        last = await client.xrevrange(self._stream_key, count=1)
+        return last[0][0] if last else "0-0"
+
+    async def _read_feed(self, client: aioredis.Redis, last_id: bytes | str) -> bytes | str:
+        response = await client.xread({self._stream_key: last_id}, count=1024, block=int(BLOCK_S * 1000))
+        streams = response.items() if isinstance(response, dict) else (response or [])
+        tasks: set[str] = set()
+        for _, entries in streams:
+            for entry_id, fields in entries:
+                last_id = entry_id
+                task = fields.get(b"task") or fields.get("task")
+                if task:
+                    tasks.add(task.decode() if isinstance(task, bytes) else task)
+        if len(tasks) > _BATCH_REFRESH:
+            await self._resync(client)
+        else:
+            for task in sorted(tasks):
+                raw = await client.get(self._task_key(task))
+                self._apply(task, _decode(raw, task))
+        return last_id
+
+    async def _resync(self, client: aioredis.Redis) -> None:
+        """Replace the whole in-memory map with what Redis holds now."""
+        names = sorted(n.decode() if isinstance(n, bytes) else n for n in await client.smembers(self._tasks_key))
+        raws = await client.mget([self._task_key(n) for n in names]) if names else []
+        fresh = {name: record for name, raw in zip(names, raws, strict=True) if (record := _decode(raw, name)) is not None}
+        old = self._records
+        self._records = fresh
+        self.resyncs += 1
+        for task in sorted(set(old) | set(fresh)):
+            before, after = old.get(task), fresh.get(task)
+            if (before.active if before else None) != (after.active if after else None):
+                self.changes_applied += 1
+                self._notify(task, before.active if before else None, after.active if after else None)
+
+    async def _seed(self, client: aioredis.Redis) -> None:
+        """First use of this Redis (no `seeded` marker): register every task of the store with
+        the version its ACTIVE pointer names, so adopting Redis needs no migration step. A Redis
+        that lost its data is re-seeded the same way. Replicas starting together may all seed:
+        each task is created only if absent (SET NX), and the marker is set only once seeding is
+        complete, so no replica resyncs against a half-seeded registry."""
+        if await client.exists(self._seeded_key):
+            return
+        listings = await asyncio.to_thread(self.store.list_tasks)
+        seeded = 0
+        for listing in listings:
+            if listing.version is None:
+                continue
+            record = activated(TaskRecord(listing.name), listing.version, self.history_max, action="seed")
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.set(self._task_key(listing.name), record.to_json(), nx=True)
+                pipe.sadd(self._tasks_key, listing.name)
+                created, _ = await pipe.execute()
+            if created:
+                await client.xadd(self._stream_key, self._entry(listing.name, record), maxlen=self.stream_maxlen, approximate=True)
+                seeded += 1
+        await client.set(self._seeded_key, self.origin, nx=True)
+        if seeded:
+            log.info("registry: seeded Redis with %d tasks from %s", seeded, self.store.describe())
+
+    def _entry(self, task: str, record: TaskRecord | None) -> dict[str, str]:
+        return {"task": task, "active": (record.active if record else None) or "", "origin": self.origin}
+
+    def _apply(self, task: str, record: TaskRecord | None) -> None:
+        before = self._records.get(task)
+        if record is None:
+            self._records.pop(task, None)
+        else:
+            self._records[task] = record
+        old, new = (before.active if before else None), (record.active if record else None)
+        if old != new:
+            self.changes_applied += 1
+            self._notify(task, old, new)
+
+    # -- reads -----------------------------------------------------------------------------------
+    async def resolve(self, task: str) -> TaskKey:
+        validate_task_name(task)
+        return require_active(self._records.get(task), task)
+
+    def known(self, task: str) -> bool:
+        return task in self._records
+
+    async def list_tasks(self) -> list[TaskListing]:
+        return [
+            TaskListing(name, record.active, None if record.active else "no active version")
+            for name, record in sorted(self._records.items())
+        ]
+
+    async def record(self, task: str) -> TaskRecord:
+        validate_task_name(task)
+        record = self._records.get(task)
+        if record is None:
+            raise TaskNotFound(f"task {task!r} not found")
+        return record
+
+    # -- writes ----------------------------------------------------------------------------------
+    def require_writable(self) -> None:
+        if not self._connected:
+            raise RegistryUnavailable(
+                "the Redis registry is unreachable; admin changes are refused until it returns "
+                "(classification keeps serving the versions this replica knows)"
+            )
+
+    async def add_version(self, task: str, version: str, meta: dict[str, Any], *, activate: bool) -> TaskRecord:
+        def change(record: TaskRecord | None) -> TaskRecord:
+            record = with_upload(record or TaskRecord(task), version, meta, self.history_max)
+            return activated(record, version, self.history_max) if activate else record
+
+        return await self._transact(task, change)  # type: ignore[return-value]
+
+    async def activate(self, task: str, version: str) -> TaskRecord:
+        validate_task_name(task)
+        require_version(await asyncio.to_thread(self._versions, task), task, version)
+        return await self._transact(task, lambda record: activated(record or TaskRecord(task), version, self.history_max))  # type: ignore[return-value]
+
+    async def rollback(self, task: str, exists: Callable[[str], bool]) -> TaskRecord:
+        def change(record: TaskRecord | None) -> TaskRecord:
+            if record is None:
+                raise TaskNotFound(f"task {task!r} not found")
+            return rolled_back(record, exists, self.history_max)
+
+        return await self._transact(task, change)  # type: ignore[return-value]
+
+    async def forget_version(self, task: str, version: str, remove_files: Callable[[], Awaitable[None]]) -> TaskRecord:
+        validate_task_name(task)
+        if version not in await asyncio.to_thread(self._versions, task):
+            raise VersionNotFound(f"task {task!r} has no version {version!r}")
+
+        def change(record: TaskRecord | None) -> TaskRecord:
+            return without_version(record or TaskRecord(task), version, self.history_max)
+
+        updated = await self._transact(task, change)
+        await remove_files()
+        return updated  # type: ignore[return-value]
+
+    async def delete_task(self, task: str, remove_files: Callable[[], Awaitable[None]]) -> None:
+        validate_task_name(task)
+        in_store = await asyncio.to_thread(self.store.has_task, task)
+
+        def change(record: TaskRecord | None) -> None:
+            if record is None and not in_store:
+                raise TaskNotFound(f"task {task!r} not found")
+            return None
+
+        await self._transact(task, change)
+        if in_store:
+            await remove_files()
+
+    def _versions(self, task: str) -> list[str]:
+        try:
+            return self.store.versions(task)
+        except TaskNotFound:
+            return []
+
+    async def _transact(self, task: str, change: Callable[[TaskRecord | None], TaskRecord | None]) -> TaskRecord | None:
+        """WATCH/GET/MULTI/SET+SADD+XADD/EXEC with retries on conflict; then apply locally at once
+        (read-your-writes on this replica, without waiting for our own feed entry)."""
+        validate_task_name(task)
+        self.require_writable()
+        assert self._writer is not None
+        key = self._task_key(task)
+        for attempt in (1, 2):  # a pooled connection may have died with the old Redis: one fresh try
+            try:
+                new = await self._commit(key, task, change)
+                break
+            except WatchError:
+                raise RegistryUnavailable(f"task {task!r} is being changed concurrently; retry") from None
+            except (RedisError, OSError) as err:
+                await self._writer.connection_pool.disconnect()
+                if attempt == 2:
+                    raise RegistryUnavailable(
+                        f"the Redis registry cannot be reached ({type(err).__name__}); admin changes are "
+                        "refused until it returns"
+                    ) from None
+        self._apply(task, new)
+        if new is not None and new.active is not None:
+            await asyncio.to_thread(self._mirror_active, task, new.active)
+        return new
+
+    async def _commit(self, key: str, task: str, change: Callable[[TaskRecord | None], TaskRecord | None]) -> TaskRecord | None:
+        assert self._writer is not None
+        async with self._writer.pipeline(transaction=True) as pipe:
+            for _ in range(_MAX_WATCH_RETRIES):
+                try:
+                    await pipe.watch(key)
+                    old = _decode(await pipe.get(key), task)
+                    new = change(old)  # may raise Conflict / TaskNotFound: the pipeline is reset on exit
+                    pipe.multi()
+                    if new is None:
+                        pipe.delete(key)
+                        pipe.srem(self._tasks_key, task)
+                    else:
+                        pipe.set(key, new.to_json())
+                        pipe.sadd(self._tasks_key, task)
+                    pipe.xadd(self._stream_key, self._entry(task, new), maxlen=self.stream_maxlen, approximate=True)
+                    await pipe.execute()
+                    return new
+                except WatchError:
+                    continue
+        raise WatchError(f"gave up after {_MAX_WATCH_RETRIES} conflicting writes")
+
+    def _mirror_active(self, task: str, version: str) -> None:
+        """Best effort: the store's ACTIVE pointer follows Redis, for replicas that start while
+        Redis is away (Redis stays the authority: it overrides the pointer on connect)."""
+        try:
+            if self.store.has_task(task):
+                self.store.write_pointer(task, ACTIVE_FILE, version + "\n")
+        except Exception as err:  # noqa: BLE001
+            log.warning("registry: could not mirror task %s's active version into the store: %s", task, err)
+
+
+async def _quietly(closing: Awaitable[Any]) -> None:
+    try:
+        await closing
+    except Exception:  # noqa: BLE001 - closing a connection to a Redis that is already gone
+        pass
+
+
+def _decode(raw: bytes | str | None, task: str) -> TaskRecord | None:
+    if raw is None:
+        return None
+    try:
+        return TaskRecord.from_json(raw)
+    except (ValueError, KeyError, TypeError) as err:
+        log.error("registry: unreadable record for task %s in Redis (%s); treating it as absent", task, err)
+        return None

@@ -1,0 +1,251 @@
+"""A task store in an S3-compatible bucket, same layout as a local store under `s3_prefix`:
+
+    <prefix><task>/ACTIVE, <prefix><task>/HISTORY.json
+    <prefix><task>/<version>/adapter_config.json, <prefix><task>/<version>/adapter_model.safetensors
+
+boto3 (`pip install adaptserve[s3]`): the reference S3 client, whose credential chain (env vars,
+config files, instance and pod roles) is what operators expect; speaking SigV4 by hand would be
+a liability. Works with AWS S3 and S3-compatible servers (`s3_endpoint_url`: MinIO, Ceph, moto).
+
+Publishing a version PUTs the weights first and the config last, and a version is listed only
+once both objects exist; each PUT is atomic and durable when it returns (S3 is strongly
+consistent for new objects), so the registry never points at a partial version. Bundles are
+fetched into a local cache directory (download to a temp dir, verify the content hash, rename):
+a version is immutable and named by its hash, so a cached copy never goes stale.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from service.engine.types import TaskKey
+from service.errors import ConfigurationError, StoreUnavailable, TaskNotFound, TaskUnavailable
+from service.store import (
+    ACTIVE_FILE, CONFIG_FILE, POINTERS, TASK_NAME_RE, VERSION_RE, WEIGHTS_FILE, BundleStore, validate_task_name,
+    validate_version,
+)
+
+CONTENT_HASH_RE = re.compile(r"^[0-9a-f]{16}$")  # service.engine.bundle.content_version ids
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _s3_errors(method: F) -> F:
+    """An S3 failure (network, 5xx, access denied) becomes a 503 naming the store, not a 500."""
+
+    @functools.wraps(method)
+    def wrapped(self: "S3Store", *args: Any, **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return method(self, *args, **kwargs)
+        except (ClientError, BotoCoreError) as err:
+            raise StoreUnavailable(f"task store {self.describe()} failed: {err}") from err
+
+    return wrapped  # type: ignore[return-value]
+
+
+class S3Store(BundleStore):
+    cheap_pointers = False
+
+    def __init__(self, client: Any, bucket: str, prefix: str, cache_dir: Path, *, pointer_ttl_s: float = 1.0) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix
+        self.pointer_ttl_s = pointer_ttl_s
+        # One cache directory per bucket and prefix, so two stores never share copies.
+        self.cache_dir = Path(cache_dir) / hashlib.sha256(f"{bucket}/{prefix}".encode()).hexdigest()[:16]
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._pointer_cache: dict[tuple[str, str], tuple[str | None, float]] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "S3Store":
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError:
+            raise ConfigurationError(
+                "ADAPTSERVE_STORE_BACKEND=s3 needs boto3: pip install 'adaptserve[s3]'"
+            ) from None
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=settings.s3_endpoint_url,
+            region_name=region,
+            # Standard retries for throttling and 5xx; short connects so a dead endpoint is an error soon.
+            config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=30),
+        )
+        store = cls(client, settings.s3_bucket, settings.s3_prefix, settings.s3_cache_path,
+                    pointer_ttl_s=settings.store_pointer_ttl_s)
+        store.check_bucket()
+        return store
+
+    def describe(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def check_bucket(self) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as err:
+            raise ConfigurationError(f"task store {self.describe()} cannot be used: {err}") from None
+
+    # -- keys --------------------------------------------------------------------------------------
+    def _key(self, *parts: str) -> str:
+        return self.prefix + "/".join(parts)
+
+    def _list(self, prefix: str, delimiter: str | None = None) -> tuple[list[str], list[str]]:
+        """(object keys, common prefixes) under `prefix`, all pages."""
+        keys: list[str] = []
+        prefixes: list[str] = []
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
+        for page in self.client.get_paginator("list_objects_v2").paginate(**kwargs):
+            keys += [obj["Key"] for obj in page.get("Contents", [])]
+            prefixes += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+        return keys, prefixes
+
+    # -- primitives --------------------------------------------------------------------------------
+    @_s3_errors
+    def task_names(self) -> list[str]:
+        _, prefixes = self._list(self.prefix, "/")
+        names = (p[len(self.prefix):].rstrip("/") for p in prefixes)
+        return sorted(n for n in names if TASK_NAME_RE.fullmatch(n))
+
+    @_s3_errors
+    def has_task(self, name: str) -> bool:
+        if not TASK_NAME_RE.fullmatch(name):
+            return False
+        page = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(name, ""), MaxKeys=1)
+        return bool(page.get("KeyCount") or page.get("Contents"))
+
+    @_s3_errors
+    def versions(self, task: str) -> list[str]:
+        validate_task_name(task)
+        keys, _ = self._list(self._key(task, ""))
+        if not keys:
+            raise TaskNotFound(f"task {task!r} not found")
+        files: dict[str, set[str]] = {}
+        for key in keys:
+            parts = key[len(self._key(task, "")):].split("/")
+            if len(parts) == 2 and VERSION_RE.fullmatch(parts[0]):
+                files.setdefault(parts[0], set()).add(parts[1])
+        return sorted(v for v, names in files.items() if {CONFIG_FILE, WEIGHTS_FILE} <= names)
+
+    @_s3_errors
+    def read_pointer(self, task: str, pointer: str) -> str | None:
+        validate_task_name(task)
+        assert pointer in POINTERS
+        now = time.monotonic()
+        if pointer == ACTIVE_FILE:
+            with self._lock:
+                hit = self._pointer_cache.get((task, pointer))
+            if hit is not None and now - hit[1] < self.pointer_ttl_s:
+                return hit[0]
+        text = self._get_text(self._key(task, pointer))
+        if pointer == ACTIVE_FILE:
+            with self._lock:
+                self._pointer_cache[(task, pointer)] = (text, now)
+        return text
+
+    @_s3_errors
+    def write_pointer(self, task: str, pointer: str, text: str) -> None:
+        validate_task_name(task)
+        assert pointer in POINTERS
+        self.client.put_object(Bucket=self.bucket, Key=self._key(task, pointer), Body=text.encode("utf-8"))
+        with self._lock:
+            self._pointer_cache.pop((task, pointer), None)
+
+    @_s3_errors
+    def fetch(self, key: TaskKey) -> Path:
+        validate_task_name(key.name)
+        if not VERSION_RE.fullmatch(key.version):
+            raise TaskUnavailable(f"invalid version id {key.version!r} for task {key.name!r}")
+        target = self.cache_dir / key.name / key.version
+        if target.is_dir():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=target.parent))
+        try:
+            blobs = {}
+            for name in (CONFIG_FILE, WEIGHTS_FILE):
+                data = self._get_bytes(self._key(key.name, key.version, name))
+                if data is None:
+                    raise TaskUnavailable(f"task {key.name!r} has no version {key.version!r} in the store")
+                blobs[name] = data
+                (tmp / name).write_bytes(data)
+            if CONTENT_HASH_RE.fullmatch(key.version):
+                from service.engine.bundle import content_version
+
+                got = content_version(blobs[CONFIG_FILE], blobs[WEIGHTS_FILE])
+                if got != key.version:
+                    raise TaskUnavailable(f"task {key} in {self.describe()} is corrupt: its content hashes to {got}")
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not target.is_dir():  # not a concurrent fetch of the same version that won the race
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    @_s3_errors
+    def put_version(self, task: str, version: str, config_bytes: bytes, weights_bytes: bytes) -> bool:
+        validate_task_name(task)
+        validate_version(task, version)
+        existed = self.has_task(task) and version in self.versions(task)
+        if existed:
+            return False
+        self.pin_implicit_active(task)
+        # Weights first, config last: a version is listed only once both exist.
+        self.client.put_object(Bucket=self.bucket, Key=self._key(task, version, WEIGHTS_FILE), Body=weights_bytes)
+        self.client.put_object(Bucket=self.bucket, Key=self._key(task, version, CONFIG_FILE), Body=config_bytes)
+        return True
+
+    @_s3_errors
+    def delete_version(self, key: TaskKey) -> None:
+        validate_task_name(key.name)
+        validate_version(key.name, key.version)
+        # Config first: the version stops being listed before its weights go.
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key.name, key.version, name))
+        shutil.rmtree(self.cache_dir / key.name / key.version, ignore_errors=True)
+
+    @_s3_errors
+    def delete_task(self, task: str) -> None:
+        validate_task_name(task)
+        keys, _ = self._list(self._key(task, ""))
+        if not keys:
+            raise TaskNotFound(f"task {task!r} not found")
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = [{"Key": k} for k in keys[start : start + 1000]]
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+        with self._lock:
+            for pointer in POINTERS:
+                self._pointer_cache.pop((task, pointer), None)
+        shutil.rmtree(self.cache_dir / task, ignore_errors=True)
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _get_bytes(self, key: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return None
+            raise
+
+    def _get_text(self, key: str) -> str | None:
+        data = self._get_bytes(key)
+        return None if data is None else data.decode("utf-8", errors="replace")

@@ -1,0 +1,198 @@
+"""From the parts of an upload to the two bundle files, with every structural problem named.
+
+An upload is either the two files (`adapter_config.json`, `adapter_model.safetensors`) as
+multipart parts, or one `.zip` / `.tar.gz` holding a bundle or a Hugging Face PEFT adapter
+directory (the same two names, optionally inside one top-level folder, optionally with a
+README.md). Pickle weights (`adapter_model.bin`, `*.pt`, ...) are refused by name and by
+content: loading a pickle runs code.
+
+`assemble` checks what can be checked without the backbone (sizes, archive members, the
+safetensors header, that the config is a JSON object, fingerprint presence); the engine then
+parses the bundle for real (`service.hotswap`). Both raise `UploadRejected` listing every problem.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from service.errors import UploadRejected
+from service.store import CONFIG_FILE, WEIGHTS_FILE
+from service.upload.archive import ArchiveLimits, archive_kind, unpack
+from service.upload.safetensors_header import HeaderLimits, check_safetensors
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
+IGNORED_MEMBERS = {"readme.md", ".gitattributes"}  # what PEFT's save_pretrained / a hub folder add
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    config_bytes: int
+    weights_bytes: int
+    archive: ArchiveLimits
+    header: HeaderLimits
+    require_fingerprint: bool
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "UploadLimits":
+        return cls(
+            config_bytes=settings.upload_max_config_bytes,
+            weights_bytes=settings.upload_max_weights_bytes,
+            archive=ArchiveLimits(
+                max_members=settings.upload_max_archive_members,
+                max_uncompressed_bytes=settings.upload_uncompressed_limit_bytes,
+                max_ratio=settings.upload_max_compression_ratio,
+            ),
+            header=HeaderLimits(max_header_bytes=settings.upload_max_header_bytes, max_tensors=settings.upload_max_tensors),
+            require_fingerprint=settings.upload_require_fingerprint,
+        )
+
+    @property
+    def part_bytes(self) -> int:
+        """Most bytes read from one multipart part (the larger file limit)."""
+        return max(self.config_bytes, self.weights_bytes, self.archive.max_uncompressed_bytes)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One file part of the multipart body. `data` holds at most `UploadLimits.part_bytes + 1` bytes."""
+
+    field: str
+    filename: str | None
+    data: bytes
+
+    @property
+    def name(self) -> str:
+        """The name the part goes by: its file name's last component, else its field name."""
+        return PurePosixPath((self.filename or "").replace("\\", "/")).name or self.field
+
+
+@dataclass(frozen=True)
+class BundleFiles:
+    config: bytes
+    weights: bytes
+    source: str  # "files", "zip" or "tar.gz"
+    kind: str  # "native" or "peft"
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.items: list[str] = []
+        self.too_large = False
+
+    def add(self, message: str, *, too_large: bool = False) -> None:
+        self.items.append(message)
+        self.too_large |= too_large
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise UploadRejected(self.items, too_large=self.too_large)
+
+
+def assemble(parts: list[Part], limits: UploadLimits) -> BundleFiles:
+    """The config and weights of the upload, or UploadRejected naming every problem found."""
+    problems = _Problems()
+    if not parts:
+        problems.add(f"no files uploaded: send {CONFIG_FILE} and {WEIGHTS_FILE} as multipart file parts, "
+                     "or one .zip / .tar.gz of a bundle or a PEFT adapter directory")
+        problems.raise_if_any()
+    named: dict[str, bytes] = {}
+    archives: list[Part] = []
+    for part in parts:
+        name = part.name
+        if name in (CONFIG_FILE, WEIGHTS_FILE):
+            if name in named:
+                problems.add(f"{name} was sent twice")
+            named[name] = part.data
+        elif name.lower().endswith(PICKLE_SUFFIXES):
+            problems.add(_pickle_refusal(name))
+        elif archive_kind(part.data) is not None:
+            archives.append(part)
+        else:
+            problems.add(f"unexpected file part {name[:100]!r}: send {CONFIG_FILE} + {WEIGHTS_FILE}, or one .zip / .tar.gz")
+    if archives and named:
+        problems.add("send either the two bundle files or one archive, not both")
+    if len(archives) > 1:
+        problems.add(f"{len(archives)} archives sent; send one")
+    source = "files"
+    unreadable = bool(archives and named) or len(archives) > 1  # no way to tell which files are meant
+    if len(archives) == 1 and not named:
+        archive = archives[0]
+        if len(archive.data) > limits.part_bytes:
+            problems.add(f"archive {archive.name[:100]!r} is larger than {limits.part_bytes} bytes", too_large=True)
+            unreadable = True
+        else:
+            source = archive_kind(archive.data) or "archive"
+            unpacked = unpack(archive.data, limits.archive, f"archive {archive.name[:100]!r}")
+            for problem in unpacked.problems:
+                problems.add(problem, too_large=unpacked.too_large)
+            unreadable = bool(unpacked.problems)
+            named = _bundle_members(unpacked.files, problems)
+    if unreadable:
+        problems.raise_if_any()  # the files themselves are out of reach: nothing more to check
+
+    # From here on every check runs, so one answer names every problem found.
+    config, weights = named.get(CONFIG_FILE), named.get(WEIGHTS_FILE)
+    if config is None:
+        problems.add(f"{CONFIG_FILE} is missing")
+    elif len(config) > limits.config_bytes:
+        problems.add(f"{CONFIG_FILE} is larger than the limit of {limits.config_bytes} bytes", too_large=True)
+        config = None
+    if weights is None:
+        problems.add(f"{WEIGHTS_FILE} is missing")
+    elif len(weights) > limits.weights_bytes:
+        problems.add(f"{WEIGHTS_FILE} is larger than the limit of {limits.weights_bytes} bytes", too_large=True)
+        weights = None
+    kind = "native"
+    if config is not None:
+        kind = _check_config(config, limits, problems)
+    if weights is not None:
+        for problem in check_safetensors(weights, limits.header, WEIGHTS_FILE):
+            problems.add(problem, too_large="exceeds the limit" in problem)
+    problems.raise_if_any()
+    assert config is not None and weights is not None
+    return BundleFiles(config=config, weights=weights, source=source, kind=kind)
+
+
+def _bundle_members(files: dict[str, bytes], problems: _Problems) -> dict[str, bytes]:
+    """The bundle files among an archive's members, all at its root or all in one folder."""
+    paths = {name: PurePosixPath(name).parts for name in files}
+    tops = {parts[0] for parts in paths.values() if len(parts) > 1}
+    strip = len(tops) == 1 and all(len(parts) > 1 for parts in paths.values())
+    named: dict[str, bytes] = {}
+    for name, data in files.items():
+        parts = paths[name][1:] if strip else paths[name]
+        inner = "/".join(parts)
+        if len(parts) != 1:
+            problems.add(f"archive member {name[:100]!r} is nested: put the bundle files at the archive's root or in one folder")
+        elif inner in (CONFIG_FILE, WEIGHTS_FILE):
+            named[inner] = data
+        elif inner.lower().endswith(PICKLE_SUFFIXES):
+            problems.add(_pickle_refusal(name))
+        elif inner.lower() not in IGNORED_MEMBERS:
+            problems.add(f"unexpected archive member {name[:100]!r}: a bundle holds only {CONFIG_FILE} and {WEIGHTS_FILE}")
+    return named
+
+
+def _check_config(config: bytes, limits: UploadLimits, problems: _Problems) -> str:
+    """That the config is a JSON object, and which kind of bundle it describes."""
+    try:
+        data = json.loads(config.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        problems.add(f"{CONFIG_FILE} is not UTF-8 JSON ({err})")
+        return "native"
+    if not isinstance(data, dict):
+        problems.add(f"{CONFIG_FILE} must hold a JSON object, not {type(data).__name__}")
+        return "native"
+    if "peft_type" in data:
+        return "peft"  # PEFT configs may lack a fingerprint (their own format has none)
+    fingerprint = (data.get("backbone") or {}).get("fingerprint") if isinstance(data.get("backbone"), dict) else None
+    if limits.require_fingerprint and not fingerprint:
+        problems.add(f"{CONFIG_FILE} has no backbone.fingerprint: say which backbone the task was trained on")
+    return "native"
+
+
+def _pickle_refusal(name: str) -> str:
+    return (f"{name[:100]!r} is a pickle format; only safetensors weights are accepted (pickles run code "
+            "when loaded). PEFT: save_pretrained(..., safe_serialization=True)")

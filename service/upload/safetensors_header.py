@@ -1,0 +1,115 @@
+"""Checking an uploaded safetensors file from its header alone, before any tensor is read.
+
+Layout: an 8-byte little-endian header length N, N bytes of JSON, then the data section:
+    {"<tensor>": {"dtype": "F32", "shape": [r, c], "data_offsets": [begin, end]}, ...,
+     "__metadata__": {"<str>": "<str>"}}
+Offsets are relative to the data section. We require what the format promises and a hostile
+file may break: a bounded header, known dtypes, `end - begin == prod(shape) * itemsize`, every
+range inside the data section, no two ranges overlapping, and the ranges covering the data
+section exactly (no hidden bytes). Only then does the safetensors library touch the tensors.
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+# Task weights are floating point; no integer, bool or 8-bit float tensors belong in a bundle.
+ALLOWED_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}
+MAX_NAME_CHARS = 512
+_PICKLE_HINTS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # pickle protocol 2-5 opcodes
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip of pickles)
+
+
+@dataclass(frozen=True)
+class HeaderLimits:
+    max_header_bytes: int
+    max_tensors: int
+
+
+def check_safetensors(data: bytes, limits: HeaderLimits, name: str = "adapter_model.safetensors") -> list[str]:
+    """Every problem with the file's framing and header; [] when it is sound."""
+    if data[:4] == _ZIP_MAGIC or data[:2] in _PICKLE_HINTS:
+        return [f"{name} looks like a pickle / torch.save file; only safetensors is accepted (pickles run code when loaded)"]
+    if len(data) < 8:
+        return [f"{name} is {len(data)} bytes: too short for a safetensors header"]
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > limits.max_header_bytes:
+        return [f"{name}: header of {header_len} bytes exceeds the limit of {limits.max_header_bytes}"]
+    if 8 + header_len > len(data):
+        return [f"{name}: header claims {header_len} bytes but the file has only {len(data) - 8} after the length"]
+    try:
+        header = json.loads(data[8 : 8 + header_len].decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except _Duplicate as dup:
+        return [f"{name}: header names tensor {dup.args[0]!r} twice"]
+    except (UnicodeDecodeError, ValueError) as err:
+        return [f"{name}: header is not UTF-8 JSON ({err})"]
+    if not isinstance(header, dict):
+        return [f"{name}: header must be a JSON object"]
+    return _check_entries(header, len(data) - 8 - header_len, limits, name)
+
+
+def _check_entries(header: dict[str, Any], data_len: int, limits: HeaderLimits, name: str) -> list[str]:
+    problems: list[str] = []
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
+        problems.append(f"{name}: __metadata__ must map strings to strings")
+    if len(header) > limits.max_tensors:
+        return problems + [f"{name}: {len(header)} tensors exceed the limit of {limits.max_tensors}"]
+    ranges: list[tuple[int, int, str]] = []
+    for tensor, entry in header.items():
+        where = f"{name}: tensor {tensor[:80]!r}"
+        if len(tensor) > MAX_NAME_CHARS:
+            problems.append(f"{where}...: name longer than {MAX_NAME_CHARS} characters")
+            continue
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            problems.append(f"{where}: entry must have exactly dtype, shape and data_offsets")
+            continue
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in ALLOWED_DTYPES:
+            problems.append(f"{where}: dtype {dtype!r} is not allowed (only {', '.join(ALLOWED_DTYPES)})")
+            continue
+        if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+            problems.append(f"{where}: shape must be a list of non-negative integers")
+            continue
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            problems.append(f"{where}: data_offsets must be two non-negative integers")
+            continue
+        begin, end = offsets
+        if not begin <= end <= data_len:
+            problems.append(f"{where}: data_offsets [{begin}, {end}] fall outside the {data_len}-byte data section")
+            continue
+        expected = math.prod(shape) * ALLOWED_DTYPES[dtype]
+        if end - begin != expected:
+            problems.append(f"{where}: {end - begin} bytes of data for shape {shape} in {dtype} ({expected} expected)")
+            continue
+        ranges.append((begin, end, tensor))
+    covered = 0
+    for begin, end, tensor in sorted(ranges):
+        if begin < covered:
+            problems.append(f"{name}: tensor {tensor[:80]!r} overlaps another tensor's data (offset {begin} < {covered})")
+        elif begin > covered:
+            problems.append(f"{name}: {begin - covered} bytes at offset {covered} belong to no tensor")
+        covered = max(covered, end)
+    if not problems and covered != data_len:
+        problems.append(f"{name}: {data_len - covered} trailing bytes after the last tensor")
+    return problems
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+class _Duplicate(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _Duplicate(key)
+        seen[key] = value
+    return seen

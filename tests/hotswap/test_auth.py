@@ -1,0 +1,148 @@
+"""Bearer tokens: admin routes need an admin token, read routes an inference (or admin) token,
+probes need none; tokens never reach the logs; no tokens at all is a loud warning."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+
+from service.app import create_app
+from service.auth import Scope, Tokens, check
+from service.errors import Forbidden, Unauthorized
+from service.settings import Settings
+from tests.hotswap.bundles import files, make_bundle
+from tests.hotswap.conftest import ADMIN, AUTH_ADMIN, AUTH_READER, READER
+from tests.service.api.harness import wait_ready
+
+ADMIN_ROUTES = [
+    ("POST", "/v1/tasks/sentiment/versions"),
+    ("POST", "/v1/tasks/sentiment/versions/0123456789abcdef/activate"),
+    ("POST", "/v1/tasks/sentiment/rollback"),
+    ("DELETE", "/v1/tasks/sentiment/versions/0123456789abcdef"),
+    ("DELETE", "/v1/tasks/sentiment"),
+]
+READ_ROUTES = [
+    ("POST", "/v1/tasks/sentiment/classify"),
+    ("GET", "/v1/tasks"),
+    ("GET", "/v1/tasks/sentiment"),
+    ("GET", "/v1/tasks/sentiment/versions"),
+]
+BAD_HEADERS = {
+    "missing": {},
+    "not bearer": {"Authorization": f"Basic {ADMIN}"},
+    "empty bearer": {"Authorization": "Bearer "},
+    "two words": {"Authorization": f"Bearer {ADMIN} extra"},
+    "wrong token": {"Authorization": "Bearer not-a-configured-token"},
+    "admin token prefix": {"Authorization": f"Bearer {ADMIN[:-1]}"},
+}
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory, engine, info) -> Iterator[TestClient]:
+    """One app for the whole table (the refused calls change nothing, which a test checks)."""
+    store = tmp_path_factory.mktemp("auth-store")
+    settings = Settings(store=store, admin_tokens=ADMIN, inference_tokens=READER, max_wait_ms=1.0)
+    with TestClient(create_app(settings, engine=engine), raise_server_exceptions=False) as client:
+        wait_ready(client)
+        response = client.post("/v1/tasks/sentiment/versions", files=files(*make_bundle(info, seed=1)), headers=AUTH_ADMIN)
+        assert response.status_code == 201
+        yield client
+
+
+def _call(client: TestClient, method: str, path: str, headers: dict[str, str]):
+    body = {"json": {"inputs": ["fun"]}} if path.endswith("classify") else {}
+    return client.request(method, path, headers=headers, **body)
+
+
+@pytest.mark.parametrize("method, path", ADMIN_ROUTES + READ_ROUTES)
+@pytest.mark.parametrize("case", list(BAD_HEADERS))
+def test_missing_malformed_and_wrong_tokens_are_401(client: TestClient, method: str, path: str, case: str) -> None:
+    response = _call(client, method, path, BAD_HEADERS[case])
+    assert response.status_code == 401 and response.json()["error_type"] == "unauthorized"
+    assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize("method, path", ADMIN_ROUTES)
+def test_an_inference_token_on_admin_routes_is_403(client: TestClient, method: str, path: str) -> None:
+    response = _call(client, method, path, AUTH_READER)
+    assert response.status_code == 403 and response.json()["error_type"] == "forbidden"
+
+
+def test_the_refused_admin_calls_changed_nothing(client: TestClient) -> None:
+    before = client.get("/v1/tasks/sentiment/versions", headers=AUTH_READER).json()
+    for method, path in ADMIN_ROUTES:
+        for headers in (AUTH_READER, *BAD_HEADERS.values()):
+            _call(client, method, path, headers)
+    assert client.get("/v1/tasks/sentiment/versions", headers=AUTH_READER).json() == before
+
+
+@pytest.mark.parametrize("method, path", READ_ROUTES)
+@pytest.mark.parametrize("headers", [AUTH_READER, AUTH_ADMIN], ids=["inference", "admin"])
+def test_inference_and_admin_tokens_read_and_classify(client: TestClient, method: str, path: str, headers: dict) -> None:
+    assert _call(client, method, path, headers).status_code == 200
+
+
+def test_probes_and_metrics_need_no_token(client: TestClient) -> None:
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert client.get(path).status_code == 200
+
+
+def test_tokens_never_reach_the_logs(make_client, info, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    client = make_client()
+    client.post("/v1/tasks/sentiment/versions", files=files(*make_bundle(info, seed=2)), headers=AUTH_ADMIN)
+    for headers in (AUTH_ADMIN, AUTH_READER, BAD_HEADERS["admin token prefix"], {"Authorization": f"Basic {READER}"}):
+        for method, path in ADMIN_ROUTES + READ_ROUTES:
+            _call(client, method, path, headers)
+    text = caplog.text + "".join(repr(record.args) for record in caplog.records)
+    assert "auth enabled" in text  # the capture did see the app's records
+    assert ADMIN not in text and READER not in text and ADMIN[:-1] not in text
+
+
+def test_settings_read_comma_separated_tokens_and_secret_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = tmp_path / "admin-tokens"
+    secret.write_text("from-file-1\nfrom-file-2, shared\n")
+    monkeypatch.setenv("ADAPTSERVE_ADMIN_TOKENS", " shared , from-env ")
+    monkeypatch.setenv("ADAPTSERVE_ADMIN_TOKENS_FILE", str(secret))
+    monkeypatch.setenv("ADAPTSERVE_INFERENCE_TOKENS", "reader")
+    settings = Settings(store=tmp_path)
+    assert [t.get_secret_value() for t in settings.admin_tokens] == ["shared", "from-env", "from-file-1", "from-file-2"]
+    assert "from-env" not in repr(settings) and "from-file-1" not in repr(settings)
+    tokens = Tokens.from_secrets(settings.admin_tokens, settings.inference_tokens)
+    assert "from-env" not in repr(tokens)
+    check(tokens, "Bearer from-file-2", Scope.admin)
+    check(tokens, "bearer reader", Scope.inference)
+    with pytest.raises(Forbidden):
+        check(tokens, "Bearer reader", Scope.admin)
+    with pytest.raises(Unauthorized):
+        check(tokens, "Bearer from-file", Scope.inference)
+
+
+def test_an_unreadable_token_file_is_a_settings_error_naming_the_file(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="admin_tokens_file"):
+        Settings(store=tmp_path, admin_tokens_file=tmp_path / "missing")
+
+
+def test_no_tokens_means_auth_off_and_a_loud_warning(make_client, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING)
+    client = make_client(admin_tokens="", inference_tokens="")
+    assert client.get("/v1/tasks").status_code == 200
+    assert client.post("/v1/tasks/sentiment/rollback").status_code == 404  # reached the route: no auth
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "AUTH IS DISABLED" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_every_configured_token_is_compared() -> None:
+    tokens = Tokens(admin=(b"a" * 20, b"b" * 20), inference=(b"c" * 20,))
+    assert tokens.scope_of(b"b" * 20) is Scope.admin
+    assert tokens.scope_of(b"c" * 20) is Scope.inference
+    assert tokens.scope_of(b"a" * 19) is None
+    both = Tokens(admin=(b"t" * 20,), inference=(b"t" * 20,))
+    assert both.scope_of(b"t" * 20) is Scope.admin
+    assert Tokens.from_secrets([SecretStr("x")], []).enabled and not Tokens().enabled

@@ -1,0 +1,231 @@
+"""A table of hostile uploads: each gets its 4xx naming its problems, and leaves the store byte for
+byte as it was and the task serving the version it served."""
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from service.app import create_app
+from service.engine.spec import BackboneInfo
+from service.settings import Settings
+from tests.hotswap.bundles import CONFIG, WEIGHTS, files, make_bundle, raw_safetensors, tar_gz_bytes, tree_hash, zip_bytes
+from tests.hotswap.conftest import ADMIN, AUTH_ADMIN, AUTH_READER, READER
+from tests.service.api.harness import wait_ready
+
+KiB = 1024
+# Small limits, so every cap can be crossed with a few KB.
+LIMITS = dict(
+    upload_max_weights_bytes=64 * KiB, upload_max_config_bytes=8 * KiB, upload_max_bytes=200 * KiB,
+    upload_max_uncompressed_bytes=100 * KiB, upload_max_archive_members=8, upload_max_header_bytes=16 * KiB,
+    upload_max_tensors=64, upload_max_compression_ratio=200.0,
+)
+
+
+@dataclass
+class Upload:
+    task: str = "sentiment"
+    files: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, str] = field(default_factory=dict)
+
+
+def _torch_save(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _tensors(info: BackboneInfo) -> dict[str, torch.Tensor]:
+    return st_load(make_bundle(info, seed=9)[1])
+
+
+def _config(info: BackboneInfo, **changes: Any) -> bytes:
+    import json
+
+    base = {"format": "adaptserve/1", "labels": ["neg", "pos"], "input_kind": "single", "max_length": 32,
+            "backbone": {"fingerprint": info.fingerprint},
+            "methods": {"lora": {"r": 4, "alpha": 8.0, "use_rslora": False}, "head": {"pooling": "cls", "dense": False}}}
+    for key, value in changes.items():
+        if value is None:
+            base.pop(key, None)
+        else:
+            base[key] = value
+    return json.dumps(base).encode()
+
+
+def _with(info: BackboneInfo, **replace: torch.Tensor) -> bytes:
+    tensors = _tensors(info)
+    tensors.update({k.replace("__", "."): v for k, v in replace.items()})
+    return st_save(tensors)
+
+
+def _two(config: bytes, weights: bytes) -> Upload:
+    return Upload(files=files(config, weights))
+
+
+def _archive(filename: str, blob: bytes) -> Upload:
+    return Upload(files={"bundle": (filename, blob)})
+
+
+def _tar_member(name: str, kind: bytes, linkname: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    return info
+
+
+def _pax_bomb() -> bytes:
+    """A tar.gz whose first member is an 8 MiB pax header of zeros: tarfile would read it whole."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.GNU_FORMAT) as archive:
+        info = tarfile.TarInfo("pax")
+        info.type = tarfile.XHDTYPE
+        info.size = 8 * 1024 * KiB
+        archive.addfile(info, io.BytesIO(b"\0" * info.size))
+    return buffer.getvalue()
+
+
+def _good(info: BackboneInfo) -> tuple[bytes, bytes]:
+    return make_bundle(info, seed=5)
+
+
+# id -> (build(info) -> Upload, expected status, substrings every one of which a problem must contain)
+CASES: dict[str, tuple[Callable[[BackboneInfo], Upload], int, list[str]]] = {
+    # --- safetensors only, never pickle
+    "pickle weights part": (lambda i: Upload(files={CONFIG: (CONFIG, _good(i)[0]), "w": ("adapter_model.bin", _torch_save({"a": torch.ones(2)}))}),
+                            422, ["'adapter_model.bin' is a pickle format", f"{WEIGHTS} is missing"]),
+    "torch.save under the safetensors name": (lambda i: _two(_good(i)[0], _torch_save(_tensors(i))), 422, ["looks like a pickle"]),
+    "raw pickle under the safetensors name": (lambda i: _two(_good(i)[0], pickle.dumps({"x": 1}, protocol=4)), 422, ["looks like a pickle"]),
+    # --- the safetensors header, parsed by hand
+    "header over the size cap": (lambda i: _two(_good(i)[0], struct.pack("<Q", 10**6) + b"{}" + b" " * 100), 413, ["header of 1000000 bytes exceeds"]),
+    "header longer than the file": (lambda i: _two(_good(i)[0], raw_safetensors({}, b"", header_len=5000)), 422, ["header claims 5000 bytes"]),
+    "header not JSON": (lambda i: _two(_good(i)[0], struct.pack("<Q", 8) + b"not json"), 422, ["header is not UTF-8 JSON"]),
+    "integer dtype": (lambda i: _two(_good(i)[0], st_save({"head.out.weight": torch.ones(2, 32, dtype=torch.int64)})), 422, ["dtype 'I64' is not allowed"]),
+    "offsets past the data": (lambda i: _two(_good(i)[0], raw_safetensors({"head.out.bias": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"1234")), 422, ["fall outside the 4-byte data section"]),
+    "overlapping tensors": (lambda i: _two(_good(i)[0], raw_safetensors({
+        "head.out.bias": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "head.out.weight": {"dtype": "F32", "shape": [1, 2], "data_offsets": [4, 12]}}, b"x" * 12)), 422, ["overlaps another tensor"]),
+    "bytes hidden between tensors": (lambda i: _two(_good(i)[0], raw_safetensors({
+        "head.out.bias": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, b"x" * 16)), 422, ["8 bytes at offset 0 belong to no tensor"]),
+    "shape and byte count disagree": (lambda i: _two(_good(i)[0], raw_safetensors({
+        "head.out.bias": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, b"x" * 8)), 422, ["8 bytes of data for shape [4]"]),
+    # --- the engine's own parse against the backbone
+    "tensor shape wrong for the backbone": (lambda i: _two(_good(i)[0], _with(i, lora__0__query__A=torch.zeros(4, 31))), 422, ["'lora.0.query.A' has shape [4, 31], expected [4, 32]"]),
+    "more layers than the backbone": (lambda i: _two(_good(i)[0], _with(i, lora__7__query__A=torch.zeros(4, 32), lora__7__query__B=torch.zeros(32, 4))), 422, ["LoRA on layer 7, but the backbone has 2 layers"]),
+    "NaN weights and a label count the head lacks": (lambda i: _two(_config(i, labels=["a", "b", "c"]), _with(i, lora__1__value__B=torch.full((32, 4), float("nan")))),
+                                                     422, ["'lora.1.value.B' contains NaN or Inf", "head has 2 outputs but 3 labels"]),
+    "another backbone's fingerprint": (lambda i: _two(_config(i, backbone={"fingerprint": "sha256:" + "0" * 64}), _good(i)[1]), 422, ["trained on backbone sha256:0000"]),
+    "no fingerprint": (lambda i: _two(_config(i, backbone=None), _good(i)[1]), 422, ["no backbone.fingerprint"]),
+    "config not JSON": (lambda i: _two(b"{nope", _good(i)[1]), 422, [f"{CONFIG} is not UTF-8 JSON"]),
+    "config not an object, weights not safetensors": (lambda i: _two(b"[1, 2]", b"\x01\x02"), 422, ["must hold a JSON object", "too short for a safetensors header"]),
+    # --- size caps
+    "config over its cap": (lambda i: _two(_good(i)[0] + b" " * 9 * KiB, _good(i)[1]), 413, [f"{CONFIG} is larger than the limit of 8192 bytes"]),
+    "weights over their cap": (lambda i: _two(_good(i)[0], st_save({"head.out.weight": torch.zeros(20_000)})), 413, [f"{WEIGHTS} is larger than the limit of 65536 bytes"]),
+    "missing weights": (lambda i: Upload(files={CONFIG: (CONFIG, _good(i)[0])}), 422, [f"{WEIGHTS} is missing"]),
+    "no files at all": (lambda i: Upload(files={"activate": (None, "true")}), 422, ["no files uploaded"]),
+    # --- archives
+    "absolute path in a zip": (lambda i: _archive("b.zip", zip_bytes({f"/tmp/{CONFIG}": _good(i)[0], WEIGHTS: _good(i)[1]})), 422, ["is an absolute path"]),
+    "dot-dot in a tar": (lambda i: _archive("b.tgz", tar_gz_bytes({f"../{CONFIG}": _good(i)[0], WEIGHTS: _good(i)[1]})), 422, ["contains '..'"]),
+    "symlink in a zip": (lambda i: _archive("b.zip", zip_bytes({CONFIG: _good(i)[0]}, symlinks={WEIGHTS: "/etc/passwd"})), 422, ["is a symbolic link"]),
+    "symlink, hard link and device in a tar": (lambda i: _archive("b.tar.gz", tar_gz_bytes({CONFIG: _good(i)[0]}, extra=[
+        _tar_member(WEIGHTS, tarfile.SYMTYPE, "/etc/passwd"), _tar_member("hard", tarfile.LNKTYPE, CONFIG),
+        _tar_member("dev", tarfile.CHRTYPE)])), 422, ["is a symbolic link", "is a hard link", "is a device or FIFO"]),
+    "too many members": (lambda i: _archive("b.zip", zip_bytes({f"f{n}.txt": b"x" for n in range(20)})), 413, ["20 members, more than the limit of 8"]),
+    "zip bomb": (lambda i: _archive("b.zip", zip_bytes({CONFIG: _good(i)[0], WEIGHTS: b"\0" * (4 * 1024 * KiB)})), 413, ["expands", "declares"]),
+    "compression ratio over the cap": (lambda i: _archive("b.zip", zip_bytes({CONFIG: _good(i)[0], WEIGHTS: b"\0" * (60 * KiB)})), 413, ["expands"]),
+    "tar.gz bomb": (lambda i: _archive("b.tar.gz", tar_gz_bytes({CONFIG: _good(i)[0], WEIGHTS: b"\0" * (8 * 1024 * KiB)})), 413, ["more than 102400 bytes uncompressed"]),
+    "tar.gz bomb in a header": (lambda i: _archive("b.tar.gz", _pax_bomb()), 413, ["decompresses past"]),
+    "unexpected member in an archive": (lambda i: _archive("b.zip", zip_bytes({CONFIG: _good(i)[0], WEIGHTS: _good(i)[1], "train.py": b"import os"})), 422, ["unexpected archive member 'train.py'"]),
+    "pickle inside an archive": (lambda i: _archive("b.zip", zip_bytes({CONFIG: _good(i)[0], "adapter_model.bin": b"\x80\x04"})), 422, ["is a pickle format", f"{WEIGHTS} is missing"]),
+    "corrupt zip": (lambda i: _archive("b.zip", b"PK\x03\x04" + b"\x00" * 64), 422, ["not a readable zip archive"]),
+    "single part that is no archive": (lambda i: _archive("b.zip", b"just some bytes"), 422, ["unexpected file part 'b.zip'"]),
+}
+
+
+@dataclass
+class Served:
+    client: TestClient
+    store: Path
+    version: str
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, engine, info) -> Iterator[Served]:
+    """One app for the whole table: a refusal must change nothing, so each case starts from the
+    same store (and a case that wrongly changed it fails its own before/after comparison)."""
+    store = tmp_path_factory.mktemp("hostile") / "store"
+    store.mkdir()
+    settings = Settings(store=store, admin_tokens=ADMIN, inference_tokens=READER, max_wait_ms=1.0, **LIMITS)
+    with TestClient(create_app(settings, engine=engine), raise_server_exceptions=False) as client:
+        wait_ready(client)
+        response = client.post("/v1/tasks/sentiment/versions", files=files(*make_bundle(info, seed=1)), headers=AUTH_ADMIN)
+        assert response.status_code == 201, response.text
+        yield Served(client, store, response.json()["version"])
+
+
+def _snapshot(client: TestClient, store: Path) -> tuple[str, Any, str]:
+    versions = client.get("/v1/tasks/sentiment/versions", headers=AUTH_READER).json()
+    served = client.post("/v1/tasks/sentiment/classify", json={"inputs": ["fun"]}, headers=AUTH_READER).json()["version"]
+    return tree_hash(store), versions, served
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_hostile_upload_is_refused_and_changes_nothing(served: Served, info, case: str) -> None:
+    client, store, v1 = served.client, served.store, served.version
+    build, status, expected = CASES[case]
+    before = _snapshot(client, store)
+    upload = build(info)
+    response = client.post(f"/v1/tasks/{upload.task}/versions", files=upload.files or None, data=upload.data or None,
+                           headers=AUTH_ADMIN)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error_type"] == "upload_rejected" and body["problems"]
+    for needle in expected:
+        assert any(needle in problem for problem in body["problems"]), (needle, body["problems"])
+    after = _snapshot(client, store)
+    assert after == before and after[2] == v1
+
+
+@pytest.mark.parametrize(
+    "task, kwargs, status, error_type",
+    [
+        ("Bad..Name", {}, 422, "invalid_task_name"),
+        ("sentiment", {"content": b"x" * (201 * KiB), "headers": {"content-type": "multipart/form-data; boundary=x"}}, 413, "payload_too_large"),
+        ("sentiment", {"content": b'{"a": 1}', "headers": {"content-type": "application/json"}}, 415, "unsupported_media_type"),
+        ("sentiment", {"content": b"--x\r\nnot multipart", "headers": {"content-type": "multipart/form-data; boundary=x"}}, 400, "bad_request"),
+    ],
+    ids=["invalid task name", "body over the upload cap", "not multipart", "malformed multipart"],
+)
+def test_refused_before_the_bundle_is_read(served: Served, info, task: str, kwargs: dict, status: int, error_type: str) -> None:
+    client, store = served.client, served.store
+    before = _snapshot(client, store)
+    if not kwargs:
+        kwargs = {"files": files(*make_bundle(info, seed=3))}
+    headers = {**AUTH_ADMIN, **kwargs.pop("headers", {})}
+    response = client.post(f"/v1/tasks/{task}/versions", headers=headers, **kwargs)
+    assert (response.status_code, response.json()["error_type"]) == (status, error_type), response.text
+    assert _snapshot(client, store) == before
+
+
+def test_a_streamed_body_over_the_cap_is_stopped_while_reading(served: Served) -> None:
+    client, store = served.client, served.store
+    before = _snapshot(client, store)
+
+    def chunks():  # no Content-Length: only the count while reading can stop it
+        for _ in range(300):
+            yield b"x" * KiB
+
+    response = client.post("/v1/tasks/sentiment/versions", content=chunks(),
+                           headers={**AUTH_ADMIN, "content-type": "multipart/form-data; boundary=x"})
+    assert response.status_code == 413 and response.json()["error_type"] == "payload_too_large"
+    assert _snapshot(client, store) == before

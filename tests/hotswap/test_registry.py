@@ -1,0 +1,163 @@
+"""The registry: rollback-stack logic, the local backend's files, and the Redis backend (against
+a real redis-server started here): seeding, transactions, the feed, resync, outages."""
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from service.engine.types import TaskKey
+from service.errors import Conflict, RegistryUnavailable, TaskNotFound, VersionNotFound
+from service.registry.base import TaskRecord, activated, rolled_back, without_version
+from service.registry.local import LocalRegistry
+from service.store import ACTIVE_FILE, HISTORY_FILE, LocalStore
+from tests.aio import async_test, wait_until
+from tests.fakes import write_task
+from tests.hotswap.servers import RedisServer
+
+
+def test_rollback_walks_back_the_activation_stack_skipping_missing_versions() -> None:
+    record = TaskRecord("t")
+    for version in ("v1", "v2", "v3", "v1"):
+        record = activated(record, version, history_max=10)
+    assert record.stack == ("v1", "v2", "v3", "v1")
+    record = rolled_back(record, exists=lambda v: True, history_max=10)
+    assert (record.active, record.stack) == ("v3", ("v1", "v2", "v3"))
+    record = rolled_back(record, exists=lambda v: v != "v2", history_max=10)  # v2 was deleted
+    assert (record.active, record.stack) == ("v1", ("v1",))
+    with pytest.raises(Conflict):
+        rolled_back(record, exists=lambda v: True, history_max=10)
+    with pytest.raises(Conflict, match="active version"):
+        without_version(record, "v1", history_max=10)
+    assert [h["action"] for h in record.history] == ["activate"] * 4 + ["rollback"] * 2
+    assert len(activated(record, "v9", history_max=2).history) == 2
+
+
+@async_test
+async def test_the_local_registry_follows_a_bare_active_write(tmp_path: Path) -> None:
+    write_task(tmp_path, "t", "v1", active=True)
+    registry = LocalRegistry(LocalStore(tmp_path))
+    changes: list[tuple] = []
+    registry.subscribe(lambda *change: changes.append(change))
+    write_task(tmp_path, "t", "v2")
+    await registry.activate("t", "v2")
+    assert (tmp_path / "t" / ACTIVE_FILE).read_text().strip() == "v2"
+    assert json.loads((tmp_path / "t" / HISTORY_FILE).read_text())["stack"] == ["v1", "v2"]
+    write_task(tmp_path, "t", "v3")
+    (tmp_path / "t" / ACTIVE_FILE).write_text("v3")  # e.g. `adaptserve train --store`
+    assert await registry.resolve("t") == TaskKey("t", "v3")
+    record = await registry.record("t")
+    assert (record.active, record.stack) == ("v3", ("v1", "v2", "v3"))
+    assert (await registry.rollback("t", lambda v: True)).active == "v2"
+    assert changes == [("t", "v1", "v2"), ("t", "v3", "v2")]
+    with pytest.raises(VersionNotFound):
+        await registry.activate("t", "v7")
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path):
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.kill()
+
+
+def _registry(url: str, store: LocalStore, **kwargs):
+    from service.registry.redis_registry import RedisRegistry
+
+    return RedisRegistry(url, store, timeout_s=0.5, reconnect_min_s=0.05, reconnect_max_s=0.2, **kwargs)
+
+
+@async_test
+async def test_redis_registries_seed_from_the_store_share_writes_and_follow_the_feed(redis_server, tmp_path: Path) -> None:
+    write_task(tmp_path / "store", "t", "v1")
+    write_task(tmp_path / "store", "t", "v2")
+    (tmp_path / "store" / "t" / ACTIVE_FILE).write_text("v1")
+    store = LocalStore(tmp_path / "store")
+    first, second = _registry(redis_server.url, store), _registry(redis_server.url, store)
+    seen: list[tuple] = []
+    second.subscribe(lambda *change: seen.append(change))
+    await first.start()
+    await second.start()
+    try:
+        await wait_until(lambda: first.connected and second.connected)
+        assert await second.resolve("t") == TaskKey("t", "v1")  # seeded from ACTIVE, once
+        await first.activate("t", "v2")
+        assert await first.resolve("t") == TaskKey("t", "v2")  # read-your-writes, no feed needed
+        await wait_until(lambda: second._records["t"].active == "v2", timeout_s=1)
+        assert seen == [("t", "v1", "v2")]
+        assert (tmp_path / "store" / "t" / ACTIVE_FILE).read_text().strip() == "v2"  # mirrored
+        # Concurrent admins on both replicas: every write lands, none is lost.
+        await asyncio.gather(*(r.add_version("t", f"x{i}", {"i": i}, activate=False)
+                               for i, r in enumerate([first, second] * 5)))
+        record = await first.record("t")
+        await wait_until(lambda: len(first._records["t"].versions) == 10)
+        assert sorted(first._records["t"].versions) == sorted(f"x{i}" for i in range(10))
+        assert record.active == "v2"
+        # Delete: both stop serving it.
+        removed: list[str] = []
+
+        async def remove_files() -> None:
+            removed.append("t")
+
+        await second.delete_task("t", remove_files)
+        await wait_until(lambda: "t" not in first._records, timeout_s=1)
+        assert removed == ["t"]
+        with pytest.raises(TaskNotFound):
+            await first.resolve("t")
+    finally:
+        await first.stop()
+        await second.stop()
+
+
+@async_test
+async def test_a_redis_registry_keeps_serving_through_an_outage_and_resyncs(redis_server, tmp_path: Path) -> None:
+    write_task(tmp_path / "store", "t", "v1")
+    write_task(tmp_path / "store", "t", "v2")
+    (tmp_path / "store" / "t" / ACTIVE_FILE).write_text("v1")
+    registry = _registry(redis_server.url, LocalStore(tmp_path / "store"))
+    await registry.start()
+    try:
+        await wait_until(lambda: registry.connected)
+        redis_server.kill()
+        await wait_until(lambda: not registry.connected, timeout_s=5)
+        assert await registry.resolve("t") == TaskKey("t", "v1")  # from memory
+        with pytest.raises(RegistryUnavailable):
+            await registry.activate("t", "v2")
+        redis_server.start()
+        # A change made behind the replica's back (no feed entry): only a resync can show it.
+        raw = redis_server.client()
+        record = json.loads(raw.get("adaptserve:task:t"))
+        raw.set("adaptserve:task:t", json.dumps(record | {"active": "v2"}))
+        await wait_until(lambda: registry.connected, timeout_s=5)
+        assert await registry.resolve("t") == TaskKey("t", "v2")
+        resyncs = registry.resyncs
+        raw.client_kill_filter(_type="normal", skipme=True)  # drop its connections: it reconnects and resyncs
+        await wait_until(lambda: registry.resyncs > resyncs, timeout_s=5)
+    finally:
+        await registry.stop()
+
+
+@async_test
+async def test_a_registry_that_never_reached_redis_serves_the_store_pointers(tmp_path: Path) -> None:
+    from tests.hotswap.servers import free_port
+
+    write_task(tmp_path / "store", "t", "v1", active=True)
+    registry = _registry(f"redis://127.0.0.1:{free_port()}/0", LocalStore(tmp_path / "store"))
+    await registry.start()
+    try:
+        assert await registry.resolve("t") == TaskKey("t", "v1")
+        assert registry.status()["connected"] is False
+        with pytest.raises(RegistryUnavailable):
+            registry.require_writable()
+    finally:
+        await registry.stop()
+
+
+def test_redis_urls_are_redacted_for_logs() -> None:
+    from service.registry.redis_registry import redact_url
+
+    assert redact_url("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
+    assert redact_url("rediss://user:s3cret@redis:6379/0") == "rediss://user:***@redis:6379/0"
+    assert redact_url("redis://redis:6379/0") == "redis://redis:6379/0"

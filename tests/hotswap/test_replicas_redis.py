@@ -1,0 +1,118 @@
+"""Two real replicas (`python -m service serve`) sharing one store and a real redis-server:
+a change on one is served by the other within a second; both keep serving while Redis is gone
+(admin writes get 503); when it returns they resync, including changes they could not have
+been told about."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+from service.engine.bundle import content_version
+from tests.factories import publish, random_head, random_lora
+from tests.hotswap.bundles import files, make_bundle
+from tests.hotswap.conftest import ADMIN, AUTH_ADMIN, AUTH_READER, READER
+from tests.hotswap.servers import RedisServer, Replica, eventually
+
+FEED_DEADLINE_S = 1.0  # a change must reach the other replica within this
+TEMPORARY_PASSWORD = "keeps-replicas-out-while-the-test-edits-redis"
+
+
+def served_version(replica: Replica) -> str:
+    response = httpx.post(f"{replica.url}/v1/tasks/sentiment/classify", json={"inputs": ["great fun"]},
+                          headers=AUTH_READER, timeout=5)
+    assert response.status_code == 200, response.text
+    return response.json()["version"]
+
+
+def follows(replica: Replica, version: str, timeout_s: float = FEED_DEADLINE_S) -> float:
+    """Seconds until `replica` serves `version` (fails past `timeout_s`)."""
+    return eventually(lambda: served_version(replica) == version, timeout_s=timeout_s, interval_s=0.01)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, backbone_dir: Path, info) -> Iterator[tuple[RedisServer, Replica, Replica, str]]:
+    import torch
+
+    store = tmp_path / "store"
+    g = torch.Generator().manual_seed(0)
+    v0 = publish(store, "sentiment", {"lora": random_lora(info, g), "head": random_head(info, g)}, ["neg", "pos"],
+                 fingerprint=info.fingerprint)
+    redis = RedisServer(tmp_path / "redis").start()
+    env = {
+        "ADAPTSERVE_STORE": str(store), "ADAPTSERVE_BACKBONE": str(backbone_dir), "ADAPTSERVE_DEVICE": "cpu",
+        "ADAPTSERVE_DTYPE": "float32", "ADAPTSERVE_REDIS_URL": redis.url, "ADAPTSERVE_REDIS_TIMEOUT_S": "0.5",
+        "ADAPTSERVE_REDIS_RECONNECT_MAX_S": "0.3", "ADAPTSERVE_MAX_WAIT_MS": "1",
+        "ADAPTSERVE_ADMIN_TOKENS": ADMIN, "ADAPTSERVE_INFERENCE_TOKENS": READER, "ADAPTSERVE_LOG_LEVEL": "debug",
+    }
+    a, b = Replica("a", tmp_path, env).start(), Replica("b", tmp_path, env).start()
+    try:
+        for replica in (a, b):
+            replica.wait_ready()
+            eventually(lambda r=replica: r.registry()["connected"], timeout_s=10)
+        yield redis, a, b, v0
+    finally:
+        for replica in (a, b):
+            replica.stop()
+        redis.kill()
+        logs = a.logs() + b.logs()
+        assert ADMIN not in logs and READER not in logs, "a token reached a replica's log"
+
+
+def test_two_replicas_follow_each_other_through_redis(cluster, info) -> None:
+    redis, a, b, v0 = cluster
+    assert served_version(a) == served_version(b) == v0
+
+    # Upload on A -> B serves it within a second.
+    bundle = make_bundle(info, seed=11)
+    upload = httpx.post(f"{a.url}/v1/tasks/sentiment/versions", files=files(*bundle), headers=AUTH_ADMIN, timeout=10)
+    assert upload.status_code == 201, upload.text
+    v1 = upload.json()["version"]
+    assert v1 == content_version(*bundle)
+    follows(b, v1)
+    assert served_version(a) == v1
+
+    # Roll back on B -> A follows.
+    back = httpx.post(f"{b.url}/v1/tasks/sentiment/rollback", headers=AUTH_ADMIN, timeout=10)
+    assert back.status_code == 200 and back.json()["active"] == v0
+    follows(a, v0)
+
+    # Redis goes away: both keep serving what they know; admin writes are refused.
+    redis.kill()
+    for replica in (a, b):
+        eventually(lambda r=replica: not r.registry()["connected"], timeout_s=5)
+    for _ in range(5):
+        assert served_version(a) == served_version(b) == v0
+    refused = httpx.post(f"{a.url}/v1/tasks/sentiment/versions/{v1}/activate", headers=AUTH_ADMIN, timeout=10)
+    assert refused.status_code == 503 and refused.json()["error_type"] == "registry_unavailable"
+    refused_upload = httpx.post(f"{b.url}/v1/tasks/sentiment/versions", files=files(*make_bundle(info, seed=12)),
+                                headers=AUTH_ADMIN, timeout=10)
+    assert refused_upload.status_code == 503
+
+    # Redis returns (same port, same data) but still locked, so the replicas stay disconnected
+    # while the test changes the registry directly: no feed entry, only a resync can reveal it.
+    redis.start(password=TEMPORARY_PASSWORD)
+    raw = redis.client(password=TEMPORARY_PASSWORD)
+    key = "adaptserve:task:sentiment"
+    record = json.loads(raw.get(key))
+    assert record["active"] == v0  # the append-only file kept the registry through the kill
+    record.update(active=v1, stack=[*record["stack"], v1])
+    raw.set(key, json.dumps(record))
+    time.sleep(0.5)  # several reconnect attempts, all refused
+    assert not b.registry()["connected"] and served_version(b) == v0
+    raw.config_set("requirepass", "")  # unlock: the replicas reconnect and resync
+    follows(a, v1, timeout_s=5)
+    follows(b, v1, timeout_s=5)
+    assert a.registry()["connected"] and b.registry()["connected"]
+
+    # Right after, a change through A reaches B through the feed again.
+    eventually(lambda: httpx.post(f"{a.url}/v1/tasks/sentiment/versions/{v0}/activate", headers=AUTH_ADMIN,
+                                  timeout=5).status_code == 200, timeout_s=5)
+    follows(b, v0)
+    listed = httpx.get(f"{b.url}/v1/tasks/sentiment/versions", headers=AUTH_READER, timeout=5).json()
+    assert listed["active"] == v0 and {v0, v1} <= {row["version"] for row in listed["versions"]}
+    assert "registry: Redis is back" in b.logs()

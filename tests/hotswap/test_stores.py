@@ -1,0 +1,134 @@
+"""Both store backends behave alike: a local directory and an S3 bucket on a real S3-compatible
+HTTP server (moto_server, started here on a loopback port). The app then runs on the S3 store."""
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.engine.bundle import content_version
+from service.engine.types import TaskKey
+from service.errors import ConfigurationError, TaskNotFound, TaskUnavailable
+from service.settings import Settings
+from service.store import ACTIVE_FILE, BundleStore, LocalStore, TaskListing
+from tests.hotswap.bundles import CONFIG, WEIGHTS, files, make_bundle
+from tests.hotswap.conftest import ADMIN, AUTH_ADMIN, AUTH_READER, READER
+from tests.hotswap.servers import MotoServer
+from tests.service.api.harness import wait_ready
+
+pytest.importorskip("boto3")
+
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoServer]:
+    server = MotoServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in AWS_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
+@pytest.fixture
+def bucket(moto: MotoServer, aws_env: None) -> str:
+    import boto3
+
+    name = f"tasks-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+def s3_settings(moto: MotoServer, bucket: str, tmp_path: Path, **overrides: object) -> Settings:
+    return Settings(store_backend="s3", s3_bucket=bucket, s3_endpoint_url=moto.url, s3_prefix="/team-a/",
+                    s3_cache_dir=tmp_path / "s3-cache", store_pointer_ttl_s=0.0, **overrides)
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> BundleStore:
+    if request.param == "local":
+        (tmp_path / "local").mkdir()
+        return LocalStore(tmp_path / "local")
+    from service.store_s3 import S3Store
+
+    moto, bucket = request.getfixturevalue("moto"), request.getfixturevalue("bucket")
+    return S3Store.from_settings(s3_settings(moto, bucket, tmp_path))
+
+
+def test_publish_list_resolve_fetch_delete(store: BundleStore, info) -> None:
+    (c1, w1), (c2, w2) = make_bundle(info, seed=1), make_bundle(info, seed=2)
+    v1, v2 = content_version(c1, w1), content_version(c2, w2)
+    assert store.put_version("sentiment", v1, c1, w1) is True
+    assert store.put_version("sentiment", v1, c1, w1) is False  # same content, same version
+    assert store.resolve("sentiment") == TaskKey("sentiment", v1)  # the only version, no ACTIVE
+    store.put_version("sentiment", v2, c2, w2)
+    # Adding a second version pinned the first as ACTIVE: the task never becomes ambiguous.
+    assert store.read_pointer("sentiment", ACTIVE_FILE).strip() == v1
+    assert store.versions("sentiment") == sorted([v1, v2]) and store.has_version("sentiment", v2)
+    store.write_pointer("sentiment", ACTIVE_FILE, v2 + "\n")
+    assert store.list_tasks() == [TaskListing("sentiment", v2)]
+    fetched = store.fetch(TaskKey("sentiment", v2))
+    assert (fetched / CONFIG).read_bytes() == c2 and (fetched / WEIGHTS).read_bytes() == w2
+    store.delete_version(TaskKey("sentiment", v1))
+    assert store.versions("sentiment") == [v2]
+    with pytest.raises(TaskUnavailable):
+        store.fetch(TaskKey("sentiment", "0123456789abcdef"))
+    store.delete_task("sentiment")
+    assert not store.has_task("sentiment") and store.task_names() == []
+    with pytest.raises(TaskNotFound):
+        store.versions("sentiment")
+
+
+def test_an_s3_object_that_does_not_match_its_content_hash_is_refused(moto, bucket: str, tmp_path: Path, info) -> None:
+    import boto3
+
+    from service.store_s3 import S3Store
+
+    store = S3Store.from_settings(s3_settings(moto, bucket, tmp_path))
+    config, weights = make_bundle(info, seed=1)
+    version = content_version(config, weights)
+    store.put_version("sentiment", version, config, weights)
+    boto3.client("s3", endpoint_url=moto.url).put_object(Bucket=bucket, Key=f"team-a/sentiment/{version}/{WEIGHTS}", Body=weights[:-4] + b"\0\0\0\0")
+    with pytest.raises(TaskUnavailable, match="corrupt"):
+        store.fetch(TaskKey("sentiment", version))
+
+
+def test_a_missing_bucket_is_a_configuration_error(moto, aws_env: None, tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="cannot be used"):
+        create_app(s3_settings(moto, "no-such-bucket", tmp_path))
+
+
+def test_the_service_uploads_to_and_serves_from_s3(moto, bucket: str, tmp_path: Path, engine, info) -> None:
+    import boto3
+
+    settings = s3_settings(moto, bucket, tmp_path, admin_tokens=ADMIN, inference_tokens=READER, max_wait_ms=1.0)
+    with TestClient(create_app(settings, engine=engine)) as client:
+        wait_ready(client)
+        versions = []
+        for seed in (1, 2):
+            response = client.post("/v1/tasks/sentiment/versions", files=files(*make_bundle(info, seed=seed)), headers=AUTH_ADMIN)
+            assert response.status_code == 201, response.text
+            versions.append(response.json()["version"])
+        keys = {o["Key"] for o in boto3.client("s3", endpoint_url=moto.url).list_objects_v2(Bucket=bucket)["Contents"]}
+        assert {f"team-a/sentiment/{v}/{name}" for v in versions for name in (CONFIG, WEIGHTS)} <= keys
+        assert {"team-a/sentiment/ACTIVE", "team-a/sentiment/HISTORY.json"} <= keys
+
+        def served() -> str:
+            return client.post("/v1/tasks/sentiment/classify", json={"inputs": ["fun"]}, headers=AUTH_READER).json()["version"]
+
+        assert served() == versions[1]
+        assert client.post("/v1/tasks/sentiment/rollback", headers=AUTH_ADMIN).json()["active"] == versions[0]
+        assert served() == versions[0]
+        listed = client.get("/v1/tasks/sentiment/versions", headers=AUTH_READER).json()
+        assert sorted(row["version"] for row in listed["versions"]) == sorted(versions)
+        assert client.delete("/v1/tasks/sentiment", headers=AUTH_ADMIN).status_code == 200
+        assert client.post("/v1/tasks/sentiment/classify", json={"inputs": ["x"]}, headers=AUTH_READER).status_code == 404

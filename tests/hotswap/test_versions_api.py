@@ -1,0 +1,160 @@
+"""Upload, list, activate, roll back and delete task versions over HTTP, on the tiny real engine."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.engine.bundle import content_version
+from tests.hotswap.bundles import CONFIG, WEIGHTS, files, make_bundle, tar_gz_bytes, zip_bytes
+from tests.hotswap.conftest import AUTH_ADMIN, AUTH_READER
+
+VERSIONS = "/v1/tasks/{}/versions"
+
+
+def classify_version(client: TestClient, task: str = "sentiment") -> str:
+    response = client.post(f"/v1/tasks/{task}/classify", json={"inputs": ["great fun", "boring"]}, headers=AUTH_READER)
+    assert response.status_code == 200, response.text
+    versions = {p["version"] for p in response.json()["predictions"]}
+    assert versions == {response.json()["version"]}  # every row of a request on one version
+    return response.json()["version"]
+
+
+def upload(client: TestClient, task: str, bundle: tuple[bytes, bytes], **params: object):
+    return client.post(VERSIONS.format(task), files=files(*bundle), params=params, headers=AUTH_ADMIN)
+
+
+def test_upload_activates_and_serves_the_content_hash_version(make_client, info, store: Path) -> None:
+    client = make_client()
+    bundle = make_bundle(info, seed=1)
+    response = upload(client, "sentiment", bundle)
+    assert response.status_code == 201, response.text
+    body = response.json()
+    version = content_version(*bundle)
+    assert body == {"task": "sentiment", "version": version, "active": True, "created": True, "source": "files", "kind": "native"}
+    assert (store / "sentiment" / version / WEIGHTS).read_bytes() == bundle[1]  # stored byte for byte
+    assert (store / "sentiment" / "ACTIVE").read_text().strip() == version
+    assert classify_version(client) == version
+    again = upload(client, "sentiment", bundle)
+    assert again.status_code == 200 and again.json()["created"] is False and again.json()["version"] == version
+
+
+def test_activate_rollback_and_history(make_client, info) -> None:
+    client = make_client()
+    v1 = upload(client, "sentiment", make_bundle(info, seed=1)).json()["version"]
+    v2 = upload(client, "sentiment", make_bundle(info, seed=2), activate="false").json()["version"]
+    assert classify_version(client) == v1  # uploaded, not active
+    listed = client.get(VERSIONS.format("sentiment"), headers=AUTH_READER).json()
+    assert {row["version"]: row["active"] for row in listed["versions"]} == {v1: True, v2: False}
+
+    state = client.post(f"{VERSIONS.format('sentiment')}/{v2}/activate", headers=AUTH_ADMIN).json()
+    assert (state["active"], state["rollback_to"]) == (v2, v1)
+    assert classify_version(client) == v2
+    back = client.post("/v1/tasks/sentiment/rollback", headers=AUTH_ADMIN)
+    assert back.status_code == 200 and back.json()["active"] == v1
+    assert classify_version(client) == v1
+    nothing = client.post("/v1/tasks/sentiment/rollback", headers=AUTH_ADMIN)
+    assert nothing.status_code == 409 and nothing.json()["error_type"] == "conflict"
+    actions = [entry["action"] for entry in client.get(VERSIONS.format("sentiment"), headers=AUTH_READER).json()["history"]]
+    assert actions == ["upload", "activate", "upload", "activate", "rollback"]
+
+
+def test_rollback_goes_back_through_the_activation_stack(make_client, info) -> None:
+    client = make_client()
+    v = [upload(client, "sentiment", make_bundle(info, seed=s)).json()["version"] for s in (1, 2, 3)]
+    assert client.post("/v1/tasks/sentiment/rollback", headers=AUTH_ADMIN).json()["active"] == v[1]
+    assert client.post("/v1/tasks/sentiment/rollback", headers=AUTH_ADMIN).json()["active"] == v[0]
+    assert classify_version(client) == v[0]
+
+
+def test_a_swapped_out_version_waits_in_host_memory(make_client, info) -> None:
+    client = make_client()
+    v1 = upload(client, "sentiment", make_bundle(info, seed=1)).json()["version"]
+    classify_version(client)
+    assert client.get("/v1/tasks/sentiment", headers=AUTH_READER).json()["location"] == "device"
+    v2 = upload(client, "sentiment", make_bundle(info, seed=2)).json()["version"]
+    rows = {r["version"]: r["location"] for r in client.get(VERSIONS.format("sentiment"), headers=AUTH_READER).json()["versions"]}
+    assert rows[v2] == "device" and rows[v1] in ("device", "host")  # its copy to host may still be running
+    client.post("/v1/tasks/sentiment/rollback", headers=AUTH_ADMIN)
+    info_after = client.get("/v1/tasks/sentiment", headers=AUTH_READER).json()
+    assert (info_after["version"], info_after["location"]) == (v1, "device")
+
+
+def test_delete_refuses_the_active_version_but_deletes_the_task(make_client, info, store: Path) -> None:
+    client = make_client()
+    v1 = upload(client, "sentiment", make_bundle(info, seed=1)).json()["version"]
+    v2 = upload(client, "sentiment", make_bundle(info, seed=2)).json()["version"]
+    refused = client.delete(f"{VERSIONS.format('sentiment')}/{v2}", headers=AUTH_ADMIN)
+    assert refused.status_code == 409 and "active version" in refused.json()["error"]
+    assert client.delete(f"{VERSIONS.format('sentiment')}/{v1}", headers=AUTH_ADMIN).status_code == 200
+    assert not (store / "sentiment" / v1).exists()
+    assert client.post("/v1/tasks/sentiment/rollback", headers=AUTH_ADMIN).status_code == 409  # v1 is gone
+    missing = client.delete(f"{VERSIONS.format('sentiment')}/{v1}", headers=AUTH_ADMIN)
+    assert missing.status_code == 404 and missing.json()["error_type"] == "version_not_found"
+    assert client.delete("/v1/tasks/sentiment", headers=AUTH_ADMIN).status_code == 200
+    assert not (store / "sentiment").exists()
+    gone = client.post("/v1/tasks/sentiment/classify", json={"inputs": ["x"]}, headers=AUTH_READER)
+    assert gone.status_code == 404
+    assert client.delete("/v1/tasks/sentiment", headers=AUTH_ADMIN).status_code == 404
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_archives_of_a_bundle_upload_like_the_two_files(make_client, info, kind: str) -> None:
+    client = make_client()
+    config, weights = make_bundle(info, seed=4)
+    members = {f"my-task/{CONFIG}": config, f"my-task/{WEIGHTS}": weights, "my-task/README.md": b"# notes"}
+    archive = zip_bytes(members) if kind == "zip" else tar_gz_bytes(members)
+    response = client.post(VERSIONS.format("sentiment"), files={"bundle": (f"bundle.{kind}", archive)}, headers=AUTH_ADMIN)
+    assert response.status_code == 201, response.text
+    assert (response.json()["version"], response.json()["source"]) == (content_version(config, weights), kind)
+    assert classify_version(client) == content_version(config, weights)
+
+
+def test_activate_in_the_form_and_unknown_versions(make_client, info) -> None:
+    client = make_client()
+    v1 = upload(client, "sentiment", make_bundle(info, seed=1)).json()["version"]
+    config, weights = make_bundle(info, seed=2)
+    response = client.post(VERSIONS.format("sentiment"), files=files(config, weights), data={"activate": "no"}, headers=AUTH_ADMIN)
+    assert response.status_code == 201 and response.json()["active"] is False
+    assert classify_version(client) == v1
+    unknown = client.post(f"{VERSIONS.format('sentiment')}/0000000000000000/activate", headers=AUTH_ADMIN)
+    assert unknown.status_code == 404 and unknown.json()["error_type"] == "version_not_found"
+    unsafe = client.post(f"{VERSIONS.format('sentiment')}/..%2Fx/activate", headers=AUTH_ADMIN)
+    assert unsafe.status_code == 404
+
+
+def test_a_stored_version_that_cannot_load_is_never_activated(make_client, info, store: Path) -> None:
+    client = make_client()
+    v1 = upload(client, "sentiment", make_bundle(info, seed=1)).json()["version"]
+    broken = store / "sentiment" / "broken1"
+    broken.mkdir()
+    (broken / CONFIG).write_text(json.dumps({"format": "adaptserve/1", "labels": ["a", "b"], "methods": {"head": {}}}))
+    (broken / WEIGHTS).write_bytes(b"")
+    response = client.post(f"{VERSIONS.format('sentiment')}/broken1/activate", headers=AUTH_ADMIN)
+    assert response.status_code == 422 and "not activated" in response.json()["error"]
+    assert classify_version(client) == v1
+
+
+def test_a_peft_adapter_directory_uploads_as_an_archive(tmp_path: Path) -> None:
+    from service.app import create_app
+    from service.settings import Settings
+    from tests.peft_fixtures import make_peft_bundle
+    from tests.service.api.harness import wait_ready
+
+    base_dir, adapter_dir, _ = make_peft_bundle("lora", tmp_path / "peft", num_labels=2)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        archive.add(adapter_dir, arcname="adapter")  # the directory PEFT's save_pretrained wrote
+    (tmp_path / "store").mkdir()
+    settings = Settings(store=tmp_path / "store", backbone=base_dir, device="cpu", dtype="float32")
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client, timeout_s=60)
+        response = client.post(VERSIONS.format("peft-task"), files={"file": ("adapter.tar.gz", buffer.getvalue())})
+        assert response.status_code == 201, response.text
+        assert response.json()["kind"] == "peft"
+        served = client.post("/v1/tasks/peft-task/classify", json={"inputs": ["hello"]})
+        assert served.status_code == 200 and served.json()["predictions"][0]["label"] in ("LABEL_0", "LABEL_1")

@@ -1,0 +1,106 @@
+"""Per-request early exit over HTTP: the `early_exit` body field, `exit_layer` per prediction and
+the exit-layer histogram. The fake engine answers an exit task at layer 1 under any policy but
+`off`; the real-engine test at the end checks the same on a tiny backbone with exit heads."""
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from service.api.schemas import ExitPolicyName
+from service.app import create_app
+from service.methods.exits import POLICIES, ExitWeights
+from service.settings import Settings
+from tests.factories import publish, random_head, random_lora, save_tiny_backbone
+from tests.fakes import FakeEngine, write_task
+from tests.service.api.harness import make_app, wait_ready
+
+CLASSIFY = "/v1/tasks/{}/classify"
+
+
+@pytest.fixture
+def client(tmp_path: Path):
+    write_task(tmp_path, "plain", "v1")
+    write_task(tmp_path, "exiting", "v1", config_text='{"labels": ["neg", "pos"], "exits": true}')
+    with TestClient(make_app(tmp_path, FakeEngine())) as client:
+        wait_ready(client)
+        yield client
+
+
+def test_the_schema_knows_every_engine_policy() -> None:
+    assert typing.get_args(ExitPolicyName) == POLICIES
+
+
+@pytest.mark.parametrize(
+    "early_exit, layer",
+    [(None, 2), ({"policy": "confidence"}, 1), ({"policy": "entropy", "threshold": 0.5}, 1),
+     ({"policy": "patience", "threshold": 2}, 1), ({"policy": "off"}, 2)],
+)
+def test_exit_layer_follows_the_requested_policy(client: TestClient, early_exit: dict | None, layer: int) -> None:
+    body = {"inputs": ["a", "b"]} | ({"early_exit": early_exit} if early_exit else {})
+    response = client.post(CLASSIFY.format("exiting"), json=body)
+    assert response.status_code == 200, response.text
+    assert [p["exit_layer"] for p in response.json()["predictions"]] == [layer, layer]
+
+
+@pytest.mark.parametrize(
+    "early_exit, message",
+    [
+        ({"policy": "fastest"}, "'confidence', 'entropy', 'patience' or 'off'"),
+        ({"policy": "confidence", "threshold": 1.5}, "probability in [0, 1]"),
+        ({"policy": "entropy", "threshold": -1}, ">= 0 nats"),
+        ({"policy": "patience", "threshold": 1.5}, "whole number"),
+        ({"policy": "patience", "threshold": 0}, "whole number"),
+        ({"threshold": 0.5}, "early_exit.policy: Field required"),
+        ({"policy": "confidence", "margin": 1}, "Extra inputs are not permitted"),
+        ({"policy": "confidence", "threshold": "high"}, "valid number"),
+    ],
+)
+def test_bad_early_exit_values_are_422_naming_the_problem(client: TestClient, early_exit: dict, message: str) -> None:
+    response = client.post(CLASSIFY.format("exiting"), json={"inputs": ["a"], "early_exit": early_exit})
+    assert response.status_code == 422 and response.json()["error_type"] == "validation_error"
+    assert message in response.json()["error"]
+
+
+def test_an_exit_policy_for_a_task_without_exit_heads_is_refused(client: TestClient) -> None:
+    response = client.post(CLASSIFY.format("plain"), json={"inputs": ["a"], "early_exit": {"policy": "entropy"}})
+    assert response.status_code == 422 and "no early-exit classifiers" in response.json()["error"]
+    off = client.post(CLASSIFY.format("plain"), json={"inputs": ["a"], "early_exit": {"policy": "off"}})
+    assert off.status_code == 200
+
+
+def test_exit_layers_are_a_histogram_per_task(client: TestClient) -> None:
+    client.post(CLASSIFY.format("exiting"), json={"inputs": ["a", "b", "c"], "early_exit": {"policy": "confidence"}})
+    client.post(CLASSIFY.format("exiting"), json={"inputs": ["a"], "early_exit": {"policy": "off"}})
+    client.post(CLASSIFY.format("plain"), json={"inputs": ["a"]})
+    text = client.get("/metrics").text
+    assert 'adaptserve_exit_layer_bucket{le="1.0",task="exiting"} 3.0' in text
+    assert 'adaptserve_exit_layer_bucket{le="2.0",task="exiting"} 4.0' in text
+    assert 'adaptserve_exit_layer_count{task="exiting"} 4.0' in text
+    assert 'adaptserve_exit_layer_count{task="plain"}' not in text  # no exit heads, no series
+
+
+def test_the_real_engine_exits_where_the_request_says(tmp_path: Path) -> None:
+    backbone_dir = save_tiny_backbone("bert", tmp_path / "backbone")  # 2 layers: exit after layer 1 or run both
+    from service.engine.backbone import load_backbone
+
+    info = load_backbone(backbone_dir, device="cpu", dtype="float32").info
+    g = torch.Generator().manual_seed(0)
+    weights = {"lora": random_lora(info, g), "head": random_head(info, g), "exits": ExitWeights.init(info, num_labels=2, generator=g)}
+    publish(tmp_path / "store", "exiting", weights, ["neg", "pos"], fingerprint=info.fingerprint)
+    app = create_app(Settings(store=tmp_path / "store", backbone=backbone_dir, device="cpu", dtype="float32"))
+    with TestClient(app) as client:
+        wait_ready(client, timeout_s=60)
+        url = CLASSIFY.format("exiting")
+        # Fresh confidence predictors say ~0.5: threshold 0 exits every row at layer 1, 1.0 none.
+        early = client.post(url, json={"inputs": ["good", "bad"], "early_exit": {"policy": "confidence", "threshold": 0.0}})
+        late = client.post(url, json={"inputs": ["good", "bad"], "early_exit": {"policy": "confidence", "threshold": 1.0}})
+        off = client.post(url, json={"inputs": ["good", "bad"], "early_exit": {"policy": "off"}})
+        assert [p["exit_layer"] for p in early.json()["predictions"]] == [1, 1]
+        assert [p["exit_layer"] for p in late.json()["predictions"]] == [2, 2]
+        assert [p["exit_layer"] for p in off.json()["predictions"]] == [2, 2]
+        assert off.json()["predictions"][0]["scores"] == pytest.approx(late.json()["predictions"][0]["scores"])
+        assert 'adaptserve_exit_layer_count{task="exiting"} 6.0' in client.get("/metrics").text
