@@ -17,7 +17,7 @@ from typing import AsyncIterator
 from fastapi import FastAPI
 
 from service import __version__
-from service.api import router
+from service.api import openapi, router
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from service.auth import Tokens, warn_if_disabled
@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None, engine: EngineLike | None = Non
     app.state.service = state
     install_error_handlers(app)
     app.include_router(router)
+    openapi.install(app, settings)
     # Added last = outermost: metrics see the body limit's 413s too.
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.body_limit_bytes, upload_max_bytes=settings.upload_limit_bytes

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Callable, Sequence
 
-from fastapi import Request
+from fastapi import Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
 from service.errors import Forbidden, Unauthorized
@@ -88,10 +89,18 @@ def check(tokens: Tokens, header: str | None, needed: Scope) -> None:
         raise Forbidden("this token may classify and read tasks, not change them: use an admin token")
 
 
+# auto_error=False: never answers by itself (FastAPI's own 403 for a missing header would bypass
+# `check`); it only declares the scheme.
+_BEARER = HTTPBearer(auto_error=False, scheme_name="bearer",
+                     description="`Authorization: Bearer <token>`; required on /v1 routes when tokens are configured.")
+
+
 def require(needed: Scope) -> Callable[[Request], None]:
     """A FastAPI dependency: `dependencies=[Depends(require(Scope.admin))]`."""
 
-    def dependency(request: Request) -> None:
+    def dependency(request: Request, _declared: HTTPAuthorizationCredentials | None = Security(_BEARER)) -> None:
+        # `_declared` only puts the bearer scheme into the OpenAPI document; the header is judged
+        # here, whole, so that a malformed one is a 401 with our own message.
         check(request.app.state.service.tokens, request.headers.get("authorization"), needed)
 
     dependency.__name__ = f"require_{needed.value}"

@@ -3,6 +3,7 @@
     adaptserve serve [--store DIR] [--backbone DIR] [--port N] ...   run the HTTP server
     adaptserve train ...                                             training.cli.main(argv)
     adaptserve evaluate ...                                          training.cli.evaluate_main(argv)
+    adaptserve pet ... / adaptserve zeroshot ...                     training.fewshot_cli.{pet,zeroshot}_main(argv)
 
 `serve` flags mirror `Settings` fields and override `ADAPTSERVE_*` env vars. `train` and
 `evaluate` belong to the `training` package and are imported only when asked for, so serving

@@ -16,23 +16,26 @@ requests get the new one. On a change this replica demotes the old version to th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from service.engine.types import TaskKey
-from service.errors import BundleError, TaskNotFound, TaskUnavailable, UploadRejected, VersionNotFound
+from service.errors import BundleError, Overloaded, TaskNotFound, TaskUnavailable, UploadRejected, VersionNotFound
 from service.registry.base import TaskRecord
 from service.store import CONFIG_FILE, WEIGHTS_FILE, validate_task_name, validate_version
 from service.upload import BundleFiles, Part, UploadLimits, assemble
 
 if TYPE_CHECKING:
-    from service.state import ServiceState, TaskLike
+    from service.state import EngineLike, ServiceState, TaskLike
 
 log = logging.getLogger(__name__)
+
+UPLOAD_RETRY_AFTER_S = 2  # a bundle at the default limits is read and validated in about a second or two
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,22 @@ class UploadResult:
     kind: str
 
 
+def load_upload(engine: "EngineLike", key: TaskKey, files: BundleFiles) -> "TaskLike":
+    """Parse an assembled upload with the engine, exactly as serving will, from a directory outside
+    the store: shapes, layer counts, NaN/Inf, labels vs head, backbone fingerprint. Blocking.
+    UploadRejected for anything the bundle provokes; the store is never touched."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="adaptserve-upload-") as tmp:
+            (Path(tmp) / CONFIG_FILE).write_bytes(files.config)
+            (Path(tmp) / WEIGHTS_FILE).write_bytes(files.weights)
+            return engine.load_task(Path(tmp), key)
+    except BundleError as err:
+        raise UploadRejected([err.message]) from None
+    except Exception as err:  # noqa: BLE001 - whatever a hostile bundle provokes is the bundle's problem
+        log.warning("task %s: upload failed to load in the engine", key.name, exc_info=True)
+        raise UploadRejected([f"the bundle cannot be loaded: {type(err).__name__}: {err}"]) from None
+
+
 class TaskAdmin:
     """Every admin change of tasks, serialised per task within this replica."""
 
@@ -53,12 +72,26 @@ class TaskAdmin:
         self.limits = UploadLimits.from_settings(state.settings)
         self._locks: dict[str, asyncio.Lock] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self.max_uploads = state.settings.max_concurrent_uploads
+        self._upload_slots = asyncio.Semaphore(self.max_uploads)
         state.registry.subscribe(self.on_change)
 
     def _lock(self, task: str) -> asyncio.Lock:
         return self._locks.setdefault(task, asyncio.Lock())
 
     # -- uploads ---------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def upload_slot(self) -> AsyncIterator[None]:
+        """One of `max_concurrent_uploads` places, or 429 at once: no queue, since a waiting upload
+        would hold its connection (and soon its body) while it waits."""
+        if self._upload_slots.locked():
+            raise Overloaded(
+                f"{self.max_uploads} uploads are already in progress on this replica (the limit); retry later",
+                retry_after_s=UPLOAD_RETRY_AFTER_S,
+            )
+        async with self._upload_slots:  # not locked, and no await since the check: never waits
+            yield
+
     async def upload(self, task: str, parts: list[Part], *, activate: bool) -> UploadResult:
         from service.engine.bundle import content_version
 
@@ -82,23 +115,8 @@ class TaskAdmin:
         return UploadResult(task, version, record.active == version, created, files.source, files.kind)
 
     async def _validate_with_engine(self, task: str, version: str, files: BundleFiles) -> "TaskLike":
-        """Parse the bundle with the engine, exactly as serving will, from a directory outside
-        the store: shapes, layer counts, NaN/Inf, labels vs head, backbone fingerprint."""
         engine = self.state.require_runtime().engine
-
-        def load() -> "TaskLike":
-            with tempfile.TemporaryDirectory(prefix="adaptserve-upload-") as tmp:
-                (Path(tmp) / CONFIG_FILE).write_bytes(files.config)
-                (Path(tmp) / WEIGHTS_FILE).write_bytes(files.weights)
-                return engine.load_task(Path(tmp), TaskKey(task, version))
-
-        try:
-            return await asyncio.to_thread(load)
-        except BundleError as err:
-            raise UploadRejected([err.message]) from None
-        except Exception as err:  # noqa: BLE001 - whatever a hostile bundle provokes is the bundle's problem
-            log.warning("task %s: upload failed to load in the engine", task, exc_info=True)
-            raise UploadRejected([f"the bundle cannot be loaded: {type(err).__name__}: {err}"]) from None
+        return await asyncio.to_thread(load_upload, engine, TaskKey(task, version), files)
 
     # -- activation ------------------------------------------------------------------------------
     async def activate(self, task: str, version: str) -> TaskRecord:

@@ -271,6 +271,13 @@ class Settings(BaseSettings):
         description="Refuse native bundles without `backbone.fingerprint` (PEFT bundles may lack "
         "it). Default true: weights only make sense on the backbone they were trained on.",
     )
+    max_concurrent_uploads: int = Field(
+        default=2, ge=1,
+        description="Uploads one replica reads and validates at once; beyond it an upload gets 429 "
+        "with Retry-After before its body is read. Default 2: each holds up to the upload limit in "
+        "memory (~0.5 GiB with an archive at the default limits) plus an engine parse, and uploads "
+        "are rare admin actions, so two bound memory without ever queueing a real deployment's.",
+    )
 
     # --- auth ---------------------------------------------------------------------------------
     admin_tokens: Tokens = Field(

@@ -28,6 +28,8 @@ class TaskLike(Protocol):
     labels: list[str]
     input_kind: str  # "single" | "pair"
     has_exits: bool  # early-exit classifiers: a per-request exit policy applies
+    max_length: int  # tokens per input the task reads
+    overflow: str  # "truncate" | "refuse": what an input over max_length tokens gets
 
     def info(self) -> dict[str, Any]: ...
 
@@ -39,6 +41,7 @@ class EngineLike(Protocol):
 
     def load_task(self, bundle_dir: Path, key: TaskKey) -> TaskLike: ...
     def classify(self, items: Sequence[ClassifyItem]) -> list[Prediction]: ...
+    def token_counts(self, items: Sequence[ClassifyItem]) -> list[int]: ...
     def warmup(self) -> None: ...
 
 

@@ -24,6 +24,9 @@ from service.errors import ConfigurationError, InvalidTaskName, TaskNotFound, Ta
 TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 # Versions are content hashes or human ids such as `v3`; same alphabet, upper case allowed.
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# The ids `service.engine.bundle.content_version` makes: a version so named is checked against
+# its files every time it is loaded (bit rot, a partial copy, a hand edit), others are not.
+CONTENT_HASH_RE = re.compile(r"^[0-9a-f]{16}$")
 
 ACTIVE_FILE = "ACTIVE"
 HISTORY_FILE = "HISTORY.json"  # the local registry's activation history (service.registry.local)
@@ -149,8 +152,11 @@ class BundleStore:
         return TaskKey(task, self.active_version(task))
 
     def bundle_dir(self, key: TaskKey) -> Path:
-        """The local directory holding the bundle of `key` (fetched first where it is remote)."""
-        return self.fetch(key)
+        """The local directory holding the bundle of `key` (fetched first where it is remote),
+        its content checked against its version id: what the task cache loads from."""
+        path = self.fetch(key)
+        verify_bundle(path, key, self.describe())
+        return path
 
     def pin_implicit_active(self, task: str) -> None:
         """Before a second version is added to a task that serves its only version without an
@@ -187,11 +193,11 @@ class LocalStore(BundleStore):
         return bool(TASK_NAME_RE.fullmatch(name)) and (self.root / name).is_dir()
 
     def versions(self, task: str) -> list[str]:
-        return sorted(
-            entry.name
-            for entry in self._task_dir(task).iterdir()
-            if entry.is_dir() and VERSION_RE.fullmatch(entry.name)
-        )
+        task_dir = self._task_dir(task)
+        try:
+            return sorted(entry.name for entry in task_dir.iterdir() if entry.is_dir() and VERSION_RE.fullmatch(entry.name))
+        except OSError as err:
+            raise TaskUnavailable(f"task {task!r}: its directory in the store cannot be listed ({_reason(err)})") from err
 
     def has_version(self, task: str, version: str) -> bool:
         return VERSION_RE.fullmatch(version) is not None and (self._task_dir(task) / version).is_dir()
@@ -202,6 +208,8 @@ class LocalStore(BundleStore):
             return path.read_text(encoding="utf-8", errors="replace")
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
+        except OSError as err:  # EIO, EACCES, a stale NFS handle: this task cannot say what it serves
+            raise TaskUnavailable(f"task {task!r}: its {pointer} file in the store cannot be read ({_reason(err)})") from err
 
     def write_pointer(self, task: str, pointer: str, text: str) -> None:
         task_dir = self._task_dir(task)
@@ -260,6 +268,31 @@ class LocalStore(BundleStore):
         if not path.is_dir():
             raise TaskNotFound(f"task {task!r} not found")
         return path
+
+
+def verify_bundle(path: Path, key: TaskKey, where: str) -> None:
+    """TaskUnavailable unless the bundle in `path` hashes to `key.version` (content-hash ids only).
+
+    A version is immutable and named by its content, so any difference is corruption (a flipped
+    bit, a truncated copy, a hand edit) and serving it would give answers nobody validated."""
+    if not CONTENT_HASH_RE.fullmatch(key.version):
+        return
+    from service.engine.bundle import content_version  # hashlib only; kept beside the writer
+
+    try:
+        config, weights = (path / CONFIG_FILE).read_bytes(), (path / WEIGHTS_FILE).read_bytes()
+    except OSError as err:
+        raise TaskUnavailable(f"task {key} in {where} cannot be read ({_reason(err)})") from err
+    got = content_version(config, weights)
+    if got != key.version:
+        raise TaskUnavailable(
+            f"task {key} in {where} is corrupt: its files hash to {got}, not to their version id; "
+            "re-upload the bundle or activate another version"
+        )
+
+
+def _reason(err: OSError) -> str:
+    return f"{type(err).__name__}: {err.strerror or err}"
 
 
 def _pointer(name: str) -> str:

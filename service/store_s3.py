@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -29,11 +28,10 @@ from typing import Any, Callable, TypeVar
 from service.engine.types import TaskKey
 from service.errors import ConfigurationError, StoreUnavailable, TaskNotFound, TaskUnavailable
 from service.store import (
-    ACTIVE_FILE, CONFIG_FILE, POINTERS, TASK_NAME_RE, VERSION_RE, WEIGHTS_FILE, BundleStore, validate_task_name,
-    validate_version,
+    ACTIVE_FILE, CONFIG_FILE, CONTENT_HASH_RE, POINTERS, TASK_NAME_RE, VERSION_RE, WEIGHTS_FILE, BundleStore,
+    validate_task_name, validate_version, verify_bundle,
 )
 
-CONTENT_HASH_RE = re.compile(r"^[0-9a-f]{16}$")  # service.engine.bundle.content_version ids
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -198,6 +196,17 @@ class S3Store(BundleStore):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return target
+
+    def bundle_dir(self, key: TaskKey) -> Path:
+        """The cached copy, checked against its hash; a copy that no longer matches (local disk
+        trouble) is dropped and fetched again once (a download is checked as it lands)."""
+        path = self.fetch(key)
+        try:
+            verify_bundle(path, key, f"the local cache of {self.describe()}")
+        except TaskUnavailable:
+            shutil.rmtree(path, ignore_errors=True)
+            path = self.fetch(key)
+        return path
 
     @_s3_errors
     def put_version(self, task: str, version: str, config_bytes: bytes, weights_bytes: bytes) -> bool:

@@ -37,6 +37,8 @@ class FakeTask:
     input_kind: str = "single"
     nbytes: int = 1000
     has_exits: bool = False  # early-exit classifiers (config `"exits": true`)
+    max_length: int = 32
+    overflow: str = "truncate"  # config `"overflow"`
 
     def info(self) -> dict[str, Any]:
         return {
@@ -74,7 +76,8 @@ class FakeEngine:
         labels = config.get("labels")
         if not isinstance(labels, list) or not labels:
             raise BundleError("adapter_config.json has no labels")
-        return FakeTask(key, labels, config.get("input_kind", "single"), self.task_nbytes, bool(config.get("exits")))
+        return FakeTask(key, labels, config.get("input_kind", "single"), self.task_nbytes, bool(config.get("exits")),
+                        int(config.get("max_length", 32)), config.get("overflow", "truncate"))
 
     def classify(self, items: Sequence[ClassifyItem]) -> list[Prediction]:
         self.in_forward.set()
@@ -89,6 +92,10 @@ class FakeEngine:
             if text.startswith("sleep:"):
                 time.sleep(float(text.removeprefix("sleep:")))
         return [_predict(item) for item in items]
+
+    def token_counts(self, items: Sequence[ClassifyItem]) -> list[int]:
+        """Whitespace words plus the two special tokens a BERT tokenizer adds ([CLS], [SEP])."""
+        return [len(item.text.split()) + len((item.text_pair or "").split()) + 2 + bool(item.text_pair) for item in items]
 
     def warmup(self) -> None:
         if self.warmup_gate is not None:

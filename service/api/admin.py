@@ -27,6 +27,20 @@ from service.upload import Part
 
 router = APIRouter()
 
+# The route reads the multipart body itself (to count and cap it while it streams in), so FastAPI
+# cannot infer it: declared here so clients and fuzzers know its shape.
+UPLOAD_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object",
+    "properties": {
+        "adapter_config.json": {"type": "string", "format": "binary", "description": "the bundle's config"},
+        "adapter_model.safetensors": {"type": "string", "format": "binary", "description": "its weights (safetensors only)"},
+        "bundle": {"type": "string", "format": "binary",
+                   "description": "instead of the two files: one .zip or .tar.gz of a bundle or a PEFT adapter directory"},
+        "activate": {"type": "boolean", "description": "make the new version active (default true)"},
+    },
+    "anyOf": [{"required": ["adapter_config.json", "adapter_model.safetensors"]}, {"required": ["bundle"]}],
+}}}}}
+
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 _MAX_FORM_FILES = 8  # 2 bundle files or 1 archive; a few more get a clear "unexpected part" problem
 _MAX_FORM_FIELDS = 4  # `activate` only
@@ -47,9 +61,10 @@ def _task_state(record: TaskRecord) -> TaskState:
     "/v1/tasks/{task}/versions",
     response_model=UploadResponse,
     status_code=201,
-    responses=error_responses(400, 401, 403, 413, 415, 422, 503) | {200: {"model": UploadResponse}},
+    responses=error_responses(400, 401, 403, 413, 415, 422, 429, 503) | {200: {"model": UploadResponse}},
     summary="Upload a task version (multipart: adapter_config.json + adapter_model.safetensors, or one .zip/.tar.gz)",
     dependencies=[Depends(require_admin)],
+    openapi_extra=UPLOAD_BODY,
 )
 async def upload_version(
     task: str,
@@ -67,24 +82,13 @@ async def upload_version(
     # Refuse before reading a large body when nothing could come of it.
     state.require_runtime()
     state.registry.require_writable()
-    limits = _admin(state).limits
-    parts: list[Part] = []
-    form_activate: bool | None = None
-    form = await request.form(max_files=_MAX_FORM_FILES, max_fields=_MAX_FORM_FIELDS, max_part_size=_MAX_FIELD_BYTES)
-    try:
-        for field, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                parts.append(Part(field, value.filename, await value.read(limits.part_bytes + 1)))
-            elif field == "activate":
-                form_activate = _parse_bool(field, value)
-            else:
-                raise InvalidInput(f"unexpected form field {field[:50]!r}: only file parts and 'activate' are accepted")
-    finally:
-        await form.close()
-    if activate is not None and form_activate is not None and activate != form_activate:
-        raise InvalidInput("'activate' given twice (query and form) with different values")
-    wanted = activate if activate is not None else form_activate if form_activate is not None else True
-    result = await _admin(state).upload(task, parts, activate=wanted)
+    admin = _admin(state)
+    async with admin.upload_slot():  # 429 beyond max_concurrent_uploads, before the body is read
+        parts, form_activate = await _read_form(request, admin.limits.part_bytes)
+        if activate is not None and form_activate is not None and activate != form_activate:
+            raise InvalidInput("'activate' given twice (query and form) with different values")
+        wanted = activate if activate is not None else form_activate if form_activate is not None else True
+        result = await admin.upload(task, parts, activate=wanted)
     body = UploadResponse(task=result.task, version=result.version, active=result.active, created=result.created,
                           source=result.source, kind=result.kind)
     return JSONResponse(body.model_dump(), status_code=201 if result.created else 200)
@@ -93,7 +97,7 @@ async def upload_version(
 @router.get(
     "/v1/tasks/{task}/versions",
     response_model=TaskVersions,
-    responses=error_responses(401, 403, 404, 422),
+    responses=error_responses(401, 403, 404, 422, 503),
     summary="List a task's versions, the active one, and its activation history",
     dependencies=[Depends(require_inference)],
 )
@@ -146,6 +150,24 @@ async def delete_version(task: str, version: str, request: Request) -> Deleted:
 async def delete_task(task: str, request: Request) -> Deleted:
     await _admin(service_state(request)).delete_task(task)
     return Deleted(task=task)
+
+
+async def _read_form(request: Request, part_bytes: int) -> tuple[list[Part], bool | None]:
+    """The file parts (each read up to `part_bytes + 1` bytes) and the `activate` form field."""
+    parts: list[Part] = []
+    form_activate: bool | None = None
+    form = await request.form(max_files=_MAX_FORM_FILES, max_fields=_MAX_FORM_FIELDS, max_part_size=_MAX_FIELD_BYTES)
+    try:
+        for field, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                parts.append(Part(field, value.filename, await value.read(part_bytes + 1)))
+            elif field == "activate":
+                form_activate = _parse_bool(field, value)
+            else:
+                raise InvalidInput(f"unexpected form field {field[:50]!r}: only file parts and 'activate' are accepted")
+    finally:
+        await form.close()
+    return parts, form_activate
 
 
 def _parse_bool(field: str, value: str) -> bool:

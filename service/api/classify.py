@@ -15,7 +15,7 @@ from service.auth import require_inference
 from service.engine.types import ClassifyItem, TaskKey
 from service.errors import ClientDisconnected, DeadlineExceeded, InvalidInput, PayloadTooLarge
 from service.settings import Settings
-from service.state import TaskLike
+from service.state import EngineLike, TaskLike
 
 T = TypeVar("T")
 
@@ -25,7 +25,8 @@ router = APIRouter()
 @router.post(
     "/v1/tasks/{task}/classify",
     response_model=ClassifyResponse,
-    responses=error_responses(400, 401, 403, 404, 413, 422, 429, 503, 504),
+    # 500 is inference_failed: the batched forward this request shared raised (see the scheduler).
+    responses=error_responses(400, 401, 403, 404, 413, 422, 429, 500, 503, 504),
     summary="Classify texts (or text pairs) with one task",
     dependencies=[Depends(require_inference)],
 )
@@ -50,6 +51,7 @@ async def classify(task: str, body: ClassifyRequest, request: Request) -> Classi
         except asyncio.TimeoutError:
             raise DeadlineExceeded(f"task {key} did not load within the request's deadline") from None
         items = _to_items(loaded, key, body.inputs, _exit_policy(loaded, key, body.early_exit))
+        await _refuse_overflow(runtime.engine, loaded, key, items)
         predictions = await runtime.scheduler.submit(items, deadline)
         if getattr(loaded, "has_exits", False):
             state.metrics.observe_exits(key.name, [p.exit_layer for p in predictions])
@@ -76,6 +78,22 @@ def _check_limits(inputs: Sequence[str | TextPair], settings: Settings) -> None:
                 raise PayloadTooLarge(
                     f"inputs[{index}] has {len(text)} characters; the limit is {settings.max_chars_per_input}"
                 )
+
+
+async def _refuse_overflow(engine: EngineLike, task: TaskLike, key: TaskKey, items: list[ClassifyItem]) -> None:
+    """413 when the task's overflow policy is `refuse` and an input is longer than its max_length
+    tokens. Checked before the rows are queued, so an over-long input never takes a place in a
+    batch or fails anyone else's; `truncate` tasks (the default) never pay for the count."""
+    if task.overflow != "refuse":
+        return
+    max_length = task.max_length
+    counts = await asyncio.to_thread(engine.token_counts, items)  # the tokenizer is CPU work: off the loop
+    for index, count in enumerate(counts):
+        if count > max_length:
+            raise PayloadTooLarge(
+                f"inputs[{index}] is {count} tokens; task {key.name!r} takes at most {max_length} "
+                "(its overflow policy is 'refuse': shorten the input)"
+            )
 
 
 def _exit_policy(task: TaskLike, key: TaskKey, early_exit: EarlyExit | None) -> Any:

@@ -37,6 +37,8 @@ def read_config(bundle_dir: Path) -> dict[str, Any]:
         raise BundleError(f"bundle {bundle_dir.name!r} has no {CONFIG}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{CONFIG} is not valid UTF-8 JSON: {e}") from None
+    except RecursionError:
+        raise BundleError(f"{CONFIG} is nested too deeply to be a task config") from None
     if not isinstance(cfg, dict):
         raise BundleError(f"{CONFIG} must hold a JSON object, got {type(cfg).__name__}")
     return cfg

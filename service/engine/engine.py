@@ -29,6 +29,8 @@ from service.methods.verbalizer import VerbalizerBatch
 
 log = logging.getLogger(__name__)
 
+_UNLIMITED = 10**9  # a max_length nothing reaches: count tokens without truncating
+
 
 @dataclass
 class Batch:
@@ -141,6 +143,23 @@ class Engine:
             row_part=torch.tensor(row_part, dtype=torch.long, device=dev),
             answer_pos=torch.tensor(answer, dtype=torch.long, device=dev),
         )
+
+    def token_counts(self, items: Sequence[ClassifyItem]) -> list[int]:
+        """Per row: its length in tokens before any truncation (special tokens, and a prompt
+        task's template, included), by the tokenizer and template `tokenize` uses. The service
+        checks tasks whose `overflow` is `refuse` with this before their rows are queued."""
+        tok = self.backbone.tokenizer
+        causal = self.backbone.info.kind == "decoder"
+        counts = []
+        with self._tok_lock:
+            for it in items:
+                template = it.task.spec.template
+                if template is not None:  # demonstrations are not counted: they are cut to fit, by design
+                    ids, _ = template.encode(tok, it.text, it.text_pair, _UNLIMITED, causal)
+                else:
+                    ids = tok(it.text, it.text_pair, truncation=False, verbose=False)["input_ids"]
+                counts.append(len(ids))
+        return counts
 
     def plan(self, tasks: Sequence[Task], row_part: Tensor) -> tuple[Plan, "Outputs"]:
         """Per-method tables for the tasks of one batch; the head batch is returned apart."""

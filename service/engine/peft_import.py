@@ -162,6 +162,8 @@ def from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: B
         "methods": {method: section, "head": head_section},
         "peft": {"peft_type": peft_type, "base_model_name_or_path": cfg.get("base_model_name_or_path")},
     }
+    if "overflow" in extra:
+        out_cfg["overflow"] = extra["overflow"]
     if extra.get("backbone_fingerprint"):
         out_cfg["backbone"] = {"fingerprint": extra["backbone_fingerprint"]}
     return out_cfg, {**native, **head}

@@ -11,6 +11,10 @@ from typing import Any, Literal
 import torch
 
 InputKind = Literal["single", "pair"]
+# What a task does with an input longer than its max_length tokens: cut it (the tokenizer's
+# truncation, the default) or refuse the request (413 naming the count and the limit).
+Overflow = Literal["truncate", "refuse"]
+OVERFLOWS: tuple[str, ...] = ("truncate", "refuse")
 Pooling = Literal["cls", "mean", "pooler"]
 
 
@@ -63,3 +67,4 @@ class TaskSpec:
     backbone_fingerprint: str | None
     template: Any = None  # service.engine.template.Template for prompt tasks, else None
     metadata: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    overflow: Overflow = "truncate"  # `"overflow"` in adapter_config.json; see OVERFLOWS

@@ -30,6 +30,15 @@ class Task:
         return self.spec.input_kind
 
     @property
+    def max_length(self) -> int:
+        return self.spec.max_length
+
+    @property
+    def overflow(self) -> str:
+        """`truncate` or `refuse`: what an input longer than `spec.max_length` tokens gets."""
+        return self.spec.overflow
+
+    @property
     def has_exits(self) -> bool:
         """Whether the task has early-exit classifiers (so a per-request exit policy applies)."""
         return "exits" in self.weights
@@ -52,6 +61,7 @@ class Task:
             "labels": self.labels,
             "input_kind": self.input_kind,
             "max_length": self.spec.max_length,
+            "overflow": self.spec.overflow,
             "trainable_params": self.trainable_params,
             "pct_of_backbone": round(100.0 * self.trainable_params / self.backbone.num_params, 4),
             "bytes_on_disk": self.bytes_on_disk,

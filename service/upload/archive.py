@@ -61,6 +61,8 @@ def unpack(data: bytes, limits: ArchiveLimits, label: str) -> Unpacked:
 
 def check_member_name(name: str) -> str | None:
     """Why an archive member name is unsafe, or None."""
+    if not name:
+        return "has an empty name"
     if "\x00" in name:
         return "contains a NUL byte"
     if "\\" in name:
@@ -100,7 +102,7 @@ def _unzip(data: bytes, limits: ArchiveLimits, label: str) -> Unpacked:
             out.problems.append(f"{where} is a device, FIFO or socket, not a regular file")
         if info.flag_bits & 0x1:
             out.problems.append(f"{where} is encrypted")
-        if info.is_dir():
+        if not info.filename or info.is_dir():  # is_dir() itself fails on an empty name
             continue
         declared += info.file_size
         if info.compress_size and info.file_size / info.compress_size > limits.max_ratio:

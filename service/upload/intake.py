@@ -182,6 +182,9 @@ def _check_config(config: bytes, limits: UploadLimits, problems: _Problems) -> s
     except (UnicodeDecodeError, ValueError) as err:
         problems.add(f"{CONFIG_FILE} is not UTF-8 JSON ({err})")
         return "native"
+    except RecursionError:  # nested past the parser's stack: no real config nests
+        problems.add(f"{CONFIG_FILE} is nested too deeply to be a bundle config")
+        return "native"
     if not isinstance(data, dict):
         problems.add(f"{CONFIG_FILE} must hold a JSON object, not {type(data).__name__}")
         return "native"

@@ -46,6 +46,8 @@ def check_safetensors(data: bytes, limits: HeaderLimits, name: str = "adapter_mo
         return [f"{name}: header names tensor {dup.args[0]!r} twice"]
     except (UnicodeDecodeError, ValueError) as err:
         return [f"{name}: header is not UTF-8 JSON ({err})"]
+    except RecursionError:  # "[[[[..." nested past the parser's stack: no real header nests
+        return [f"{name}: header JSON is nested too deeply"]
     if not isinstance(header, dict):
         return [f"{name}: header must be a JSON object"]
     return _check_entries(header, len(data) - 8 - header_len, limits, name)
@@ -68,7 +70,7 @@ def _check_entries(header: dict[str, Any], data_len: int, limits: HeaderLimits, 
             problems.append(f"{where}: entry must have exactly dtype, shape and data_offsets")
             continue
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in ALLOWED_DTYPES:
+        if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
             problems.append(f"{where}: dtype {dtype!r} is not allowed (only {', '.join(ALLOWED_DTYPES)})")
             continue
         if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):

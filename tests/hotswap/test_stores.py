@@ -132,3 +132,16 @@ def test_the_service_uploads_to_and_serves_from_s3(moto, bucket: str, tmp_path: 
         assert sorted(row["version"] for row in listed["versions"]) == sorted(versions)
         assert client.delete("/v1/tasks/sentiment", headers=AUTH_ADMIN).status_code == 200
         assert client.post("/v1/tasks/sentiment/classify", json={"inputs": ["x"]}, headers=AUTH_READER).status_code == 404
+
+
+def test_a_cached_s3_copy_that_rotted_on_local_disk_is_fetched_again(moto, bucket: str, tmp_path: Path, info) -> None:
+    from service.store_s3 import S3Store
+
+    store = S3Store.from_settings(s3_settings(moto, bucket, tmp_path))
+    config, weights = make_bundle(info, seed=1)
+    version = content_version(config, weights)
+    store.put_version("sentiment", version, config, weights)
+    cached = store.bundle_dir(TaskKey("sentiment", version))
+    (cached / WEIGHTS).write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))  # local disk trouble
+    again = store.bundle_dir(TaskKey("sentiment", version))
+    assert (again / WEIGHTS).read_bytes() == weights and (again / CONFIG).read_bytes() == config

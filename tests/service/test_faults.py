@@ -1,0 +1,205 @@
+"""Faults on a tiny real engine: a store that cannot be read or a bundle corrupted on disk after it
+was published fails that task alone (503 task_unavailable naming the problem) while the others keep
+serving; a forward that raises fails the requests of that batch alone."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.engine.backbone import load_backbone
+from service.engine.engine import Engine
+from service.engine.types import TaskKey
+from service.errors import TaskUnavailable
+from service.settings import Settings
+from service.store import LocalStore, verify_bundle
+from tests.aio import async_test, wait_until
+from tests.factories import publish, random_head, random_lora, save_tiny_backbone
+from tests.service.api.harness import wait_ready
+
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    return Engine(load_backbone(save_tiny_backbone("bert", tmp_path_factory.mktemp("faults") / "backbone"),
+                                device="cpu", dtype="float32"))
+
+
+@pytest.fixture
+def store(tmp_path: Path, engine: Engine) -> Path:
+    """Two healthy tasks, `victim` and `healthy`, each one LoRA + head version."""
+    info = engine.backbone.info
+    g = torch.Generator().manual_seed(0)
+    for name in ("victim", "healthy"):
+        publish(tmp_path, name, {"lora": random_lora(info, g), "head": random_head(info, g)}, ["neg", "pos"],
+                fingerprint=info.fingerprint)
+    return tmp_path
+
+
+def _active(store: Path, task: str) -> Path:
+    return store / task / (store / task / "ACTIVE").read_text().strip()
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # still a valid safetensors file: only the hash can tell
+    path.write_bytes(bytes(data))
+
+
+def _eio_on(monkeypatch: pytest.MonkeyPatch, method: str, victim: Callable[[Path], bool]) -> None:
+    original = getattr(Path, method)
+
+    def failing(self: Path, *args, **kwargs):
+        if victim(self):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, method, failing)
+
+
+# id -> (damage(store, monkeypatch), fragment of the 503's message)
+FAULTS: dict[str, tuple[Callable[[Path, pytest.MonkeyPatch], None], str]] = {
+    "a flipped bit in the weights": (lambda s, m: _flip_last_byte(_active(s, "victim") / WEIGHTS), "is corrupt: its files hash to"),
+    "truncated weights": (lambda s, m: (_active(s, "victim") / WEIGHTS).write_bytes((_active(s, "victim") / WEIGHTS).read_bytes()[:-100]),
+                          "is corrupt"),
+    "an edited config": (lambda s, m: (_active(s, "victim") / CONFIG).write_text((_active(s, "victim") / CONFIG).read_text().replace("neg", "NEG")),
+                         "is corrupt"),
+    "weights deleted": (lambda s, m: (_active(s, "victim") / WEIGHTS).unlink(), "cannot be read (FileNotFoundError"),
+    "I/O error reading the weights": (lambda s, m: _eio_on(m, "read_bytes", lambda p: p.name == WEIGHTS and "victim" in p.parts),
+                                      "cannot be read (OSError: Input/output error"),
+    "I/O error reading ACTIVE": (lambda s, m: _eio_on(m, "read_text", lambda p: p.name == "ACTIVE" and "victim" in p.parts),
+                                 "its ACTIVE file in the store cannot be read (OSError: Input/output error"),
+    "I/O error listing the versions": (lambda s, m: _eio_on(m, "iterdir", lambda p: p.name == "victim"),
+                                       "its directory in the store cannot be listed"),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS), ids=list(FAULTS))
+def test_a_damaged_store_fails_that_task_alone(store: Path, engine: Engine, monkeypatch: pytest.MonkeyPatch,
+                                               fault: str) -> None:
+    damage, fragment = FAULTS[fault]
+    if fault == "I/O error listing the versions":  # only reached without an ACTIVE pointer
+        (store / "victim" / "ACTIVE").unlink()
+    damage(store, monkeypatch)
+    with TestClient(create_app(Settings(store=store, max_wait_ms=1.0), engine=engine), raise_server_exceptions=False) as client:
+        wait_ready(client)
+        response = client.post("/v1/tasks/victim/classify", json={"inputs": ["fun"]})
+        assert response.status_code == 503, response.text
+        assert response.json()["error_type"] == "task_unavailable" and fragment in response.json()["error"]
+        assert "victim" in response.json()["error"]
+        healthy = client.post("/v1/tasks/healthy/classify", json={"inputs": ["fun"]})
+        assert healthy.status_code == 200, healthy.text
+        listing = client.get("/v1/tasks").json()["tasks"]  # the listing names the broken task, never 500s
+        assert {row["name"] for row in listing} == {"victim", "healthy"}
+
+
+def test_a_repaired_bundle_serves_again_without_a_restart(store: Path, engine: Engine) -> None:
+    weights = _active(store, "victim") / WEIGHTS
+    original = weights.read_bytes()
+    _flip_last_byte(weights)
+    with TestClient(create_app(Settings(store=store, max_wait_ms=1.0), engine=engine)) as client:
+        wait_ready(client)
+        assert client.post("/v1/tasks/victim/classify", json={"inputs": ["fun"]}).status_code == 503
+        weights.write_bytes(original)
+        assert client.post("/v1/tasks/victim/classify", json={"inputs": ["fun"]}).status_code == 200
+
+
+def test_a_corrupt_version_is_never_activated(store: Path, engine: Engine) -> None:
+    info = engine.backbone.info
+    g = torch.Generator().manual_seed(5)
+    old = _active(store, "victim").name
+    new = publish(store, "victim", {"lora": random_lora(info, g), "head": random_head(info, g)}, ["neg", "pos"],
+                  fingerprint=info.fingerprint)
+    (store / "victim" / "ACTIVE").write_text(old + "\n")
+    _flip_last_byte(store / "victim" / new / WEIGHTS)
+    with TestClient(create_app(Settings(store=store, max_wait_ms=1.0), engine=engine)) as client:
+        wait_ready(client)
+        refused = client.post(f"/v1/tasks/victim/versions/{new}/activate")
+        assert refused.status_code == 422 and "is corrupt" in refused.json()["error"]
+        assert client.post("/v1/tasks/victim/classify", json={"inputs": ["fun"]}).json()["version"] == old
+
+
+def test_only_content_hash_versions_are_checked(tmp_path: Path) -> None:
+    bundle = tmp_path / "v1"
+    bundle.mkdir()
+    (bundle / CONFIG).write_text("{}")
+    (bundle / WEIGHTS).write_bytes(b"")
+    verify_bundle(bundle, TaskKey("t", "v1"), "here")  # a human id: nothing to check it against
+    with pytest.raises(TaskUnavailable, match="is corrupt"):
+        verify_bundle(bundle, TaskKey("t", "0123456789abcdef"), "here")
+    assert LocalStore(tmp_path).describe().startswith("local:")
+
+
+# -- a forward that raises -------------------------------------------------------------------------
+class _Exploding(dict):
+    """LoRA pairs that raise when the forward reads them (as a device error or a bad kernel would)."""
+
+    def __getitem__(self, key):
+        raise RuntimeError("simulated fault: this task's weights cannot be read")
+
+
+def _sabotaged(task):
+    """The same task, whose LoRA weights raise inside the forward, alone or batched with others."""
+    lora = task.weights["lora"]
+    return dataclasses.replace(task, weights={**task.weights, "lora": dataclasses.replace(lora, pairs=_Exploding(lora.pairs))})
+
+
+@pytest.fixture
+def serving(store: Path, engine: Engine) -> Iterator[Callable[..., object]]:
+    def serve(**settings: object):
+        app = create_app(Settings(store=store, **settings), engine=engine)
+        return app
+
+    yield serve
+
+
+async def _sabotage(app) -> None:
+    state = app.state.service
+    await wait_until(lambda: state.ready)
+    key = await state.registry.resolve("victim")
+    task = await state.runtime.cache.get(key)
+    state.runtime.cache.drop(key)
+    state.runtime.cache.insert(key, _sabotaged(task))
+
+
+@async_test
+async def test_a_forward_error_fails_only_the_requests_of_its_batch(serving) -> None:
+    app = serving(max_batch_size=1, max_wait_ms=0.0)  # every request its own batch
+    async with app.router.lifespan_context(app):
+        await _sabotage(app)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            responses = await asyncio.gather(*(
+                client.post(f"/v1/tasks/{task}/classify", json={"inputs": [f"text {n}"]})
+                for n, task in enumerate(["victim", "healthy"] * 4)
+            ))
+            for n, response in enumerate(responses):
+                if n % 2 == 0:
+                    assert response.status_code == 500 and response.json()["error_type"] == "inference_failed"
+                else:
+                    assert response.status_code == 200, response.text
+            after = await client.post("/v1/tasks/healthy/classify", json={"inputs": ["the loop survived"]})
+            assert after.status_code == 200
+
+
+@async_test
+async def test_rows_sharing_a_batch_with_a_failing_task_fail_with_it(serving) -> None:
+    app = serving(max_batch_size=2, max_wait_ms=2000.0)  # only a full batch of 2 goes
+    async with app.router.lifespan_context(app):
+        await _sabotage(app)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            bad, good = await asyncio.gather(client.post("/v1/tasks/victim/classify", json={"inputs": ["a"]}),
+                                             client.post("/v1/tasks/healthy/classify", json={"inputs": ["b"]}))
+            assert (bad.status_code, good.status_code) == (500, 500)
+            assert good.json()["error_type"] == "inference_failed"
+            next_two = await asyncio.gather(*(client.post("/v1/tasks/healthy/classify", json={"inputs": [t]}) for t in "cd"))
+            assert [r.status_code for r in next_two] == [200, 200]

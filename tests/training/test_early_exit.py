@@ -1,0 +1,182 @@
+"""`--early-exit` training: served == trained (policy off and exit decisions), the calibrated
+threshold is stored and loads, and calibration meets its accuracy-drop target."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.engine.engine import Engine
+from service.engine.types import ClassifyItem
+from service.methods.exits import DEFAULT_THRESHOLDS, ExitPolicy
+from tests.factories import save_tiny_backbone
+from tests.training.conftest import tiny_config
+from training.cli import build_train_parser, config_from_args
+from training.config import ConfigError, TrainConfig
+from training.data import load_splits
+from training.evaluate import load_published
+from training.exits import ExitTables, calibrate, collect, exit_logits_at, simulate, sweep, tables
+from training.publish import save_to_store
+from training.trainer import train
+
+ATOL = 1e-5  # fp32
+LAYERS = 4  # three exits, so rows can leave at 1, 2 or 3
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """A tiny random BERT with 4 layers (the shared tiny one has 2: a single exit)."""
+    import transformers as T
+
+    from service.engine.backbone import load_backbone
+
+    path = save_tiny_backbone("bert", tmp_path_factory.mktemp("deep") / "bert", seed=0)
+    cfg = T.AutoConfig.from_pretrained(path)
+    cfg.num_hidden_layers = LAYERS
+    torch.manual_seed(0)
+    T.AutoModel.from_config(cfg).save_pretrained(path)
+    return load_backbone(path, device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize("exit_loss", ["two-stage", "weighted"])
+def test_early_exit_round_trip(exit_loss, deep, csvs, tmp_path):
+    splits = load_splits(csvs["train"], csvs["dev"])
+    cfg = tiny_config("lora", early_exit=True, exit_loss=exit_loss)
+    result = train(splits, cfg, name=f"ee-{exit_loss}", backbone=deep, progress=False)
+    assert result.steps == 2
+    trained = result.weights["exits"]
+    assert sorted(trained.layers) == [0, 1, 2]
+    cal = trained.calibration
+    assert cal["layers"] == LAYERS and cal["rows"] == len(splits.dev) and cal["max_drop_points"] == 0.5
+    assert set(cal["policies"]) == {"confidence", "entropy", "patience"}
+    conf = cal["policies"]["confidence"]
+    if conf["met"]:  # the stored default is the calibrated confidence threshold, within the target
+        assert trained.policy == ExitPolicy("confidence", conf["threshold"])
+        assert conf["accuracy"] >= cal["full_depth_accuracy"] - 0.005
+    else:
+        assert trained.policy == ExitPolicy("off")
+
+    save_to_store(result, tmp_path)
+    engine = Engine(deep)  # a fresh engine, as the service would have
+    task = load_published(engine, tmp_path, result.name)
+    served_exits = task.weights["exits"]
+    assert served_exits.policy == trained.policy and served_exits.calibration == cal  # stored and loaded
+    assert result.config.hyperparameters()["early_exit"] == {"exit_loss": exit_loss, "exit_max_drop": 0.5}
+    for name, stored in cal["policies"].items():  # what a request naming only the policy gets
+        assert served_exits.threshold_for(name) == (stored["threshold"] if stored["met"] else DEFAULT_THRESHOLDS[name])
+
+    texts = list(splits.dev.texts)
+    off = engine.classify([ClassifyItem(task, t, exit_policy=ExitPolicy("off")) for t in texts])
+    assert {p.exit_layer for p in off} == {LAYERS}
+    torch.testing.assert_close(torch.tensor([p.logits for p in off]), result.logits(texts), atol=ATOL, rtol=0)
+
+    # Exits on: every row's served logits are the trained exit classifier at its layer, and the
+    # layer is the one the trainer's calibration replay (`simulate`) predicts for that policy.
+    batch = engine.tokenize([ClassifyItem(task, t) for t in texts])
+    with torch.no_grad():
+        states, final = result.engine.layer_states(batch)
+        assert all(torch.equal(a, b) for a, b in zip(final, result.engine.full_depth_logits(batch)))
+        per_layer = [z for _, z in exit_logits_at(trained, states)] + [torch.stack(final)]
+    t = tables(trained, collect(result.engine, result.task, splits.dev, trained.pooling))
+    seen: set[int] = set()
+    for policy in (ExitPolicy("patience", 2), ExitPolicy("entropy", _in_widest_gap(t.entropy)),
+                   ExitPolicy("confidence", _in_widest_gap(t.confidence))):
+        served = engine.classify([ClassifyItem(task, x, exit_policy=policy) for x in texts])
+        for r, p in enumerate(served):
+            torch.testing.assert_close(torch.tensor(p.logits), per_layer[p.exit_layer - 1][r], atol=ATOL, rtol=0)
+        _, layers = simulate(t, policy)
+        assert [p.exit_layer for p in served] == layers.tolist()
+        seen.update(p.exit_layer for p in served)
+    assert len(seen) >= 2, f"the policies should spread rows over layers, saw {seen}"
+
+
+def _in_widest_gap(values: torch.Tensor) -> float:
+    """A threshold in the widest gap between the middle half of `values`, so that no row's
+    decision hangs on float rounding (served batches and the replay sum in different orders)."""
+    v = values.flatten().double().sort().values
+    mid = v[len(v) // 4 : 3 * len(v) // 4 + 1]
+    k = int((mid[1:] - mid[:-1]).argmax())
+    assert mid[k + 1] - mid[k] > 1e-6
+    return float((mid[k] + mid[k + 1]) / 2)
+
+
+def _constructed(n: int = 400, seed: int = 0) -> ExitTables:
+    """Rows with a difficulty d: exit e is right when d < (e + 1) / 4 (later exits are right more
+    often) and its confidence says so, with noise; the final head is right on 90%."""
+    g = torch.Generator().manual_seed(seed)
+    d = torch.rand(n, generator=g)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    e = torch.arange(3)
+    right = d[:, None] < (e[None, :] + 1) / 4  # [n, 3]
+    top = torch.where(right, labels[:, None], 1 - labels[:, None])
+    conf = (right.float() * 0.6 + 0.2 + 0.3 * torch.rand(n, 3, generator=g)).clamp(0, 1)
+    entropy = (1 - conf) * 0.7
+    final_right = torch.rand(n, generator=g) < 0.9
+    final_pred = torch.where(final_right, labels, 1 - labels)
+    return ExitTables(conf, entropy, top, final_pred, labels)
+
+
+@pytest.mark.parametrize("max_drop", [0.0, 0.5, 2.0, 10.0])
+def test_calibration_picks_the_most_aggressive_threshold_within_the_drop(max_drop):
+    t = _constructed()
+    full = float((t.final_pred == t.labels).double().mean())
+    policy, record = calibrate(t, max_drop)
+    assert record["full_depth_accuracy"] == full
+    for name, chosen in record["policies"].items():
+        points = sweep(t, name)
+        feasible = [p for p in points if p.accuracy >= full - max_drop / 100 - 1e-12]
+        if not feasible:
+            assert not chosen["met"]
+            continue
+        assert chosen["met"] and chosen["accuracy"] >= full - max_drop / 100 - 1e-12
+        assert chosen["mean_exit_layer"] == min(p.mean_exit_layer for p in feasible)
+        # replaying the stored threshold gives the stored numbers
+        pred, layer = simulate(t, ExitPolicy(name, chosen["threshold"]))
+        assert float((pred == t.labels).double().mean()) == chosen["accuracy"]
+        assert float(layer.double().mean()) == chosen["mean_exit_layer"]
+    conf = record["policies"]["confidence"]
+    assert policy == ExitPolicy("confidence", conf["threshold"])
+    assert conf["mean_exit_layer"] < 4  # rows do leave early on this case
+
+
+def test_calibration_with_a_looser_target_is_never_slower():
+    t = _constructed()
+    layers = [calibrate(t, d)[1]["policies"]["confidence"]["mean_exit_layer"] for d in (0.0, 0.5, 2.0, 10.0)]
+    assert layers == sorted(layers, reverse=True) and layers[-1] < layers[0]
+
+
+def test_no_threshold_within_the_target_stores_policy_off():
+    t = _constructed()
+    # every exit is always wrong: any early exit costs accuracy, so only "never exit" qualifies
+    bad = ExitTables(t.confidence, t.entropy, 1 - t.labels[:, None].expand_as(t.top), t.labels.clone(), t.labels)
+    policy, record = calibrate(bad, 0.5)
+    assert policy == ExitPolicy("off")
+    assert not record["policies"]["confidence"]["met"] and record["policies"]["confidence"]["threshold"] is None
+
+
+def test_patience_replay_counts_agreeing_exits():
+    top = torch.tensor([[0, 0, 1], [1, 0, 0], [1, 1, 1]])
+    t = ExitTables(torch.zeros(3, 3), torch.ones(3, 3), top, torch.tensor([1, 1, 0]), torch.tensor([0, 0, 1]))
+    pred, layer = simulate(t, ExitPolicy("patience", 2))
+    assert layer.tolist() == [2, 3, 2] and pred.tolist() == [0, 0, 1]
+    pred, layer = simulate(t, ExitPolicy("patience", 3))
+    assert layer.tolist() == [4, 4, 3] and pred.tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--exit-loss", "sometimes"], "invalid choice"),
+    (["--exit-max-drop", "-1"], "--exit-max-drop"),
+])
+def test_cli_early_exit_options(flags, message, capsys):
+    base = ["--task", "t", "--data", "a.csv", "--dev", "b.csv", "--method", "lora", "--no-publish", "--early-exit"]
+    parser = build_train_parser()
+    if message == "invalid choice":
+        with pytest.raises(SystemExit):
+            parser.parse_args(base + flags)
+        assert message in capsys.readouterr().err
+    else:
+        with pytest.raises(ConfigError, match=message):
+            config_from_args(parser.parse_args(base + flags))
+    cfg = config_from_args(parser.parse_args(base + ["--exit-loss", "weighted", "--exit-max-drop", "1"]))
+    assert cfg.early_exit and cfg.exit_loss == "weighted" and cfg.exit_max_drop == 1.0
+    assert not config_from_args(parser.parse_args(base[:-1])).early_exit
+    assert TrainConfig(method="lora").exit_loss in ("two-stage", "weighted")

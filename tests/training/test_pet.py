@@ -1,0 +1,164 @@
+"""PET: the soft-label ensemble and the distillation loss against hand-computed values, pattern
+files, and a whole run (tiny causal LM teachers -> tiny BERT student) published and served."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from service.engine.engine import Engine
+from service.engine.types import ClassifyItem
+from training.config import ConfigError, TrainConfig
+from training.data import load_splits
+from training.evaluate import load_published
+from training.fewshot_cli import pet_main
+from training.pet import (
+    PetConfig,
+    distillation_loss,
+    ensemble_soft_labels,
+    load_patterns,
+    read_unlabelled,
+    run_pet,
+    save_pet,
+)
+from tests.factories import save_tiny_lm
+from tests.training.conftest import TINY, rows, write_csv
+
+PATTERNS = [
+    {"template": "{text} it was {mask}", "verbalizer": "negative=bad;positive=good"},
+    {"template": "{text} really {mask}", "verbalizer": {"negative": ["terrible"], "positive": ["great", "fun"]}},
+    {"template": "the movie {text} is {mask}", "verbalizer": "negative=boring;positive=love"},
+]
+
+
+def test_soft_labels_by_hand():
+    """Three patterns, one row: softmax(z/T) per pattern, averaged with weights 1, 1, 2 (T = 2)."""
+    z = [torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 2.0]])]
+    hi = math.e / (math.e + 1)  # softmax([1, 0])[0]
+    want = [(hi + 0.5 + 2 * (1 - hi)) / 4, ((1 - hi) + 0.5 + 2 * hi) / 4]
+    torch.testing.assert_close(ensemble_soft_labels(z, [1, 1, 2], temperature=2.0), torch.tensor([want]))
+    torch.testing.assert_close(ensemble_soft_labels(z, None, temperature=2.0), torch.tensor([[0.5, 0.5]]))  # uniform
+    t1 = ensemble_soft_labels(z[:1], None, temperature=1.0)  # T = 1 is the plain softmax
+    torch.testing.assert_close(t1, torch.softmax(z[0], -1))
+    for bad in ([1, 1], [1, -1, 1], [0, 0, 0]):
+        with pytest.raises(ValueError, match="pattern weights"):
+            ensemble_soft_labels(z, bad)
+
+
+def test_distillation_loss_by_hand():
+    s = torch.tensor([[1.0, 3.0]])
+    q = torch.tensor([[0.25, 0.75]])
+    p1 = 1 / (1 + math.exp(-1.0))  # softmax([0.5, 1.5])[1]
+    want = 4.0 * (0.25 * math.log(0.25 / (1 - p1)) + 0.75 * math.log(0.75 / p1))  # KL(q || p) x T^2
+    assert distillation_loss(s, q, 2.0).item() == pytest.approx(want, rel=1e-4)
+    assert distillation_loss(torch.tensor([[0.0, 0.0]]), torch.tensor([[0.5, 0.5]]), 2.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_patterns_file(tmp_path):
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps(PATTERNS))
+    pats = load_patterns(str(f))
+    assert [p.name for p in pats] == ["p1", "p2", "p3"] and pats[1].label_words["positive"] == ("great", "fun")
+    f.write_text(json.dumps(PATTERNS[:2]))
+    with pytest.raises(ConfigError, match="at least 3 patterns, got 2"):
+        load_patterns(str(f))
+    f.write_text(json.dumps([{"template": "x"}] * 3))
+    with pytest.raises(ConfigError, match="pattern 1 needs"):
+        load_patterns(str(f))
+
+
+def test_read_unlabelled_ignores_labels(tmp_path):
+    f = write_csv(tmp_path / "u.csv", [("good fun", "pos"), ("", "neg"), ("bad plot", "neg")])
+    texts, pairs = read_unlabelled(f)
+    assert texts == ["good fun", "bad plot"] and pairs is None
+    assert len(read_unlabelled(f, limit=1)[0]) == 1
+
+
+@pytest.fixture(scope="module")
+def pet_setup(tmp_path_factory, tiny):
+    d = tmp_path_factory.mktemp("pet")
+    names = {"pos": "positive", "neg": "negative"}
+    splits = load_splits(write_csv(d / "train.csv", [(t, names[y]) for t, y in rows(16, 21)]),
+                         write_csv(d / "dev.csv", [(t, names[y]) for t, y in rows(8, 22)]),
+                         write_csv(d / "test.csv", [(t, names[y]) for t, y in rows(8, 23)]))
+    lm_path = save_tiny_lm("causal", d / "lm")
+    from service.engine.backbone import load_backbone
+
+    return d, splits, load_backbone(lm_path, device="cpu", dtype="float32"), lm_path
+
+
+def test_pet_run_publishes_a_student_served_as_trained(pet_setup, tiny, tmp_path):
+    d, splits, lm, _ = pet_setup
+    unlabelled = [t for t, _ in rows(12, 24)]
+    cfg = PetConfig(teacher=TrainConfig(method="lora", **{**TINY, "max_length": 32}),
+                    student=TrainConfig(method="lora", **{**TINY, "max_length": 32}), weighting="dev").check()
+    from training.pet import load_patterns as lp
+
+    res = run_pet(splits, unlabelled, lp(PATTERNS), cfg, name="pet", teacher_backbone=lm, student_backbone=tiny,
+                  progress=False)
+    assert len(res.teachers) == 3 and res.soft_labels.shape == (12, 2)
+    torch.testing.assert_close(res.soft_labels.sum(-1), torch.ones(12))
+    assert [t.weight for t in res.teachers] == [t.result.dev_metrics.accuracy for t in res.teachers]
+    assert all("verbalizer" in t.result.weights for t in res.teachers)
+    assert "head" in res.student.weights and "lora" in res.student.weights  # the student is a head task on the encoder
+    version = save_pet(res, tmp_path)
+    cfg_json = json.loads((tmp_path / "pet" / version / "adapter_config.json").read_text())
+    pet = cfg_json["training"]["pet"]
+    assert pet["temperature"] == 2.0 and len(pet["patterns"]) == 3 and pet["unlabelled_rows"] == 12
+    engine = Engine(tiny)
+    task = load_published(engine, tmp_path, "pet")
+    texts = list(splits.test.texts)
+    served = torch.tensor([p.logits for p in engine.classify([ClassifyItem(task, t) for t in texts])])
+    torch.testing.assert_close(served, res.student.logits(texts), atol=1e-5, rtol=0)
+
+
+def test_student_loss_is_the_distillation_loss(pet_setup, tiny, monkeypatch):
+    """The student's training loss is KL to the targets: labelled rows one-hot, unlabelled soft."""
+    d, splits, lm, _ = pet_setup
+    seen = []
+    import training.pet as pet_mod
+
+    real = pet_mod.distillation_loss
+
+    def spy(logits, targets, temperature):
+        seen.append(targets.clone())
+        return real(logits, targets, temperature)
+
+    monkeypatch.setattr(pet_mod, "distillation_loss", spy)
+    cfg = PetConfig(teacher=TrainConfig(method="lora", **{**TINY, "max_length": 32, "max_steps": 1}),
+                    student=TrainConfig(method="head", **{**TINY, "max_length": 32, "max_steps": 8, "batch_size": 64}),
+                    weighting="uniform")
+    res = run_pet(splits, ["good fun day", "bad boring plot"], load_patterns(PATTERNS), cfg, name="pet2",
+                  teacher_backbone=lm, student_backbone=tiny, progress=False)
+    (targets,) = seen[:1]
+    n = len(splits.train)
+    assert targets.shape == (n + 2, 2)
+    onehot = (targets.max(-1).values == 1).sum().item()
+    soft = ((targets > 0) & (targets < 1)).all(-1).sum().item()
+    assert (onehot, soft) == (n, 2)  # labelled rows one-hot, unlabelled rows soft (one batch holds them all)
+    assert res.config.weighting == "uniform" and [t.weight for t in res.teachers] == [1.0, 1.0, 1.0]
+
+
+def test_pet_cli(pet_setup, tmp_path, capsys):
+    d, splits, _, lm_path = pet_setup
+    pats = tmp_path / "patterns.json"
+    pats.write_text(json.dumps(PATTERNS))
+    unl = write_csv(tmp_path / "u.csv", rows(6, 25))
+    from tests.training.conftest import save_tiny_backbone
+
+    student = save_tiny_backbone("bert", tmp_path / "student")
+    args = ["--task", "pet-cli", "--data", splits.train.source, "--dev", splits.dev.source, "--unlabelled", str(unl),
+            "--patterns", str(pats), "--backbone", str(lm_path), "--student-backbone", str(student),
+            "--teacher-max-steps", "1", "--student-epochs", "1", "--max-length", "32", "--batch-size", "8",
+            "--store", str(tmp_path / "store"), "--no-progress", "--device", "cpu", "--json", str(tmp_path / "s.json")]
+    assert pet_main(args) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "teacher p1" in out and "student" in out
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["unlabelled"] == 6 and len(summary["pet"]["patterns"]) == 3
+    # a bad patterns file is one line on stderr
+    pats.write_text("[]")
+    assert pet_main(args) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("adaptserve pet: error: --patterns")

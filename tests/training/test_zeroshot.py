@@ -1,0 +1,109 @@
+"""Zero-shot tasks: (a) template + verbalizer on an LM, (b) label descriptions on an encoder; each
+published in one command and served by the engine as built."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as T
+
+from service.engine.backbone import load_backbone
+from service.engine.engine import Engine
+from service.engine.types import ClassifyItem
+from training.config import ConfigError
+from training.evaluate import load_published
+from training.fewshot_cli import zeroshot_main
+from training.zeroshot import DEFAULT_SCALE, description_task, parse_descriptions, prompt_task, save_zeroshot
+from tests.factories import save_tiny_lm
+from tests.training.conftest import write_csv
+
+TEXTS = ["the movie was good and fun", "a boring plot and bad acting", "ok"]
+
+
+def _served(engine, task, texts):
+    return torch.tensor([p.logits for p in engine.classify([ClassifyItem(task, t) for t in texts])])
+
+
+@pytest.mark.parametrize("kind", ["mlm", "causal"])
+def test_prompt_zeroshot_publishes_and_serves(kind, tmp_path):
+    path = save_tiny_lm(kind, tmp_path / "lm")
+    bb = load_backbone(path, device="cpu", dtype="float32")
+    template = "{text} it was {mask}" + (" ." if kind == "mlm" else "")
+    zs = prompt_task("zs-a", template, "negative=bad,terrible;positive=good", bb, labels="negative,positive", max_length=24)
+    version = save_zeroshot(zs, tmp_path / "store")
+    cfg = json.loads((tmp_path / "store" / "zs-a" / version / "adapter_config.json").read_text())
+    assert set(cfg["methods"]) == {"verbalizer"} and cfg["template"] == template and cfg["training"]["method"] == "zeroshot"
+    engine = Engine(bb)
+    task = load_published(engine, tmp_path / "store", "zs-a")
+    served = _served(engine, task, TEXTS)
+    torch.testing.assert_close(served, zs.logits(TEXTS), atol=1e-6, rtol=0)
+    # the scores are the LM head's own logits for the label words
+    ref = (T.AutoModelForMaskedLM if kind == "mlm" else T.AutoModelForCausalLM).from_pretrained(str(path)).eval()
+    ids, pos = task.spec.template.encode(bb.tokenizer, TEXTS[0], None, 24, kind == "causal")
+    with torch.no_grad():
+        vocab = ref(input_ids=torch.tensor([ids])).logits[0, pos]
+    tid = bb.tokenizer.convert_tokens_to_ids
+    want = torch.stack([vocab[[tid("bad"), tid("terrible")]].mean(), vocab[tid("good")]])
+    torch.testing.assert_close(served[0], want, atol=1e-5, rtol=0)
+
+
+def test_description_zeroshot_is_scaled_cosine(tiny_dir, tmp_path):
+    bb = load_backbone(tiny_dir, device="cpu", dtype="float32")
+    zs = description_task("zs-b", "negative=a bad boring movie;positive=a good fun movie", bb, max_length=24)
+    head = zs.weights["head"]
+    assert head.pooling == "mean" and head.normalize and torch.equal(head.out_b, torch.zeros(2))
+    torch.testing.assert_close(head.out_w.norm(dim=-1), torch.full((2,), DEFAULT_SCALE))
+    save_zeroshot(zs, tmp_path / "store")
+    engine = Engine(bb)
+    task = load_published(engine, tmp_path / "store", "zs-b")
+    served = _served(engine, task, TEXTS)
+
+    # reference: Hugging Face's encoder, mean over every non-padding token, cosine x 20
+    tok, model = bb.tokenizer, T.AutoModel.from_pretrained(str(tiny_dir)).eval()
+
+    def emb(texts):
+        enc = tok(texts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            h = model(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+
+    want = DEFAULT_SCALE * emb(TEXTS) @ emb(["a bad boring movie", "a good fun movie"]).T
+    torch.testing.assert_close(served, want, atol=1e-4, rtol=0)
+
+
+def test_parse_descriptions():
+    assert parse_descriptions("neg=a bad, boring film;pos=a good one") == {"neg": "a bad, boring film", "pos": "a good one"}
+    assert parse_descriptions('{"a": "x", "b": "y"}') == {"a": "x", "b": "y"}
+    for bad, msg in [("neg=only one", "at least 2"), ("neg=x;pos=", "needs a non-empty description"), ("neg x;pos=y", "not LABEL=")]:
+        with pytest.raises(ConfigError, match=msg):
+            parse_descriptions(bad)
+
+
+def test_labels_must_match(tiny_dir):
+    bb = load_backbone(tiny_dir, device="cpu", dtype="float32")
+    with pytest.raises(ConfigError, match="describe exactly the labels negative, positive; missing positive; not a label: pos"):
+        description_task("x", "negative=bad;pos=good", bb, labels="negative,positive", max_length=24)
+
+
+def test_zeroshot_cli(tiny_dir, tmp_path, capsys):
+    test = write_csv(tmp_path / "test.csv", [("good fun", "positive"), ("bad plot", "negative")])
+    args = ["--task", "zs-cli", "--labels", "negative,positive", "--descriptions", "negative=a bad movie;positive=a good movie",
+            "--backbone", str(tiny_dir), "--store", str(tmp_path / "store"), "--test", str(test), "--no-progress", "--max-length", "24",
+            "--device", "cpu", "--json", str(tmp_path / "s.json")]
+    assert zeroshot_main(args) == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["methods"] == ["head"] and "accuracy" in summary["test"] and summary["version"]
+    lm = save_tiny_lm("causal", tmp_path / "lm")
+    for bad, message in [
+        (["--template", "{text} it was {mask}", "--backbone", str(lm)], "--template needs --verbalizer"),
+        (["--template", "{text} it was {mask} .", "--verbalizer", "negative=bad;positive=good", "--backbone", str(lm)],
+         "for a causal LM {mask} must end the template"),
+        (["--template", "{text} it was {mask}", "--verbalizer", "negative=bad;positive=good", "--backbone", str(tiny_dir)],
+         "has none: pass --backbone with a masked or causal LM"),
+    ]:
+        assert zeroshot_main(["--task", "z", "--labels", "negative,positive", *bad, "--no-publish", "--device", "cpu",
+                              "--max-length", "24"]) == 1
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("adaptserve zeroshot: error: ") and message in last, last
