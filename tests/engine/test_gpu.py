@@ -29,11 +29,12 @@ def test_mixed_batch_equals_alone_in_half_precision(dtype, tmp_path):
     texts = _texts(2 * len(tasks), seed=1)
     items = [ClassifyItem(tasks[i % len(tasks)], texts[i]) for i in range(len(texts))]
     mixed = engine.logits(engine.tokenize(items))
-    # bf16 has 8 mantissa bits (rel. error ~4e-3 per op); logits here are O(1): allow 5e-2 absolute,
-    # and require the argmax to agree wherever the top-2 margin exceeds that.
+    # bf16 keeps 8 significant bits: one ulp is 2^-7 of the value (0.0625 at |x| = 10), and batch
+    # composition changes the reduction order. So: 5e-2 absolute plus 2e-2 relative, and the argmax
+    # must agree wherever the top-2 margin is clearly above that noise.
     for it, z in zip(items, mixed):
         alone = engine.logits(engine.tokenize([it]))[0]
-        assert float((alone - z).abs().max()) <= 5e-2
+        torch.testing.assert_close(z, alone, atol=5e-2, rtol=2e-2)
         top2 = alone.topk(2).values
         if float(top2[0] - top2[1]) > 0.1:
             assert int(alone.argmax()) == int(z.argmax())
