@@ -1,6 +1,6 @@
 """How to train early-exit classifiers: DeeBERT's two stages vs PABEE's weighted loss, measured.
 
-    /work/venv/bin/python bench/exit_training.py --max-train 1000 --max-dev 400 --epochs 2 --threads 1   # CPU
+    /work/venv/bin/python bench/exit_training.py --max-train 1500 --epochs 2 --threads 1   # CPU, ~10 min
     python bench/exit_training.py --device cuda --epochs 3                                                # full sst2
 
 Trains one LoRA task with `--early-exit` per variant (same data subsample, seeds and defaults;

@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-lm", action="store_true", help="also run zs-prompt and prompt on the other LM (sst2 only)")
     p.add_argument("--lm-steps", type=int, default=8, help="optimiser steps per prompt-based run (batch 8) [%(default)s]")
     p.add_argument("--unlabelled", type=int, default=128, help="PET: unlabelled rows drawn from train.csv [%(default)s]")
+    p.add_argument("--lora-lr", type=float, default=LORA_LR, help="MiniLM LoRA + head learning rate [%(default)s]")
     p.add_argument("--epochs", type=int, default=10, help="MiniLM head / LoRA runs: epochs (4-8 steps each) [%(default)s]")
     p.add_argument("--patience", type=int, default=4, help="MiniLM runs: epochs without dev improvement [%(default)s]")
     p.add_argument("--student-epochs", type=int, default=5, help="PET student epochs (batch 16) [%(default)s]")
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             splits = load_splits(shot / "train.csv", shot / "dev.csv", empty_text="keep")
             splits = Splits(splits.train, splits.dev, read_eval(root / "test.csv", splits.label_names, empty_text="keep"))
             splits = Splits(splits.train, splits.dev, subsample(splits.test, args.max_test))
-            for method, lr in (("head", HEAD_LR), ("lora", LORA_LR)):
+            for method, lr in (("head", HEAD_LR), ("lora", args.lora_lr)):
                 if method in methods:
                     cfg = TrainConfig(method=method, lr=lr, seed=seed, epochs=args.epochs, patience=args.patience, **FEW)
                     r = train(splits, cfg, name=f"{task}-{method}", backbone=minilm, progress=progress)
@@ -342,7 +343,7 @@ def _targets(rows: list[dict], summary: dict) -> list[dict]:
 def _payload(args, rows, t_start) -> dict:
     summary = _summary(rows)
     return {"command": "python bench/few_shot.py " + " ".join(sys.argv[1:]), "args": vars(args) | {"out": str(args.out), "data_root": str(args.data_root)},
-            "settings": {"few": FEW, "epochs": args.epochs, "patience": args.patience, "head_lr": HEAD_LR, "lora_lr": LORA_LR, "prompt_lr": PROMPT_LR, "student": STUDENT},
+            "settings": {"few": FEW, "epochs": args.epochs, "patience": args.patience, "head_lr": HEAD_LR, "lora_lr": args.lora_lr, "prompt_lr": PROMPT_LR, "student": STUDENT},
             "environment": environment(torch.device("cpu"), torch.float32), "wall_s": time.perf_counter() - t_start,
             "rows": rows, "summary": summary, "targets": _targets(rows, summary)}
 

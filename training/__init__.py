@@ -6,9 +6,12 @@
     version = save_to_store(result, "adapters_store")
 
 Modules: data.py (reading files), metrics.py, report.py (tables), config.py (`TrainConfig`),
-weights.py (fresh weights via each method's `init`), trainer.py (the loop), full.py (the full
+weights.py (fresh weights via each method's `init`), trainer.py (the loop), exits.py (early-exit
+classifiers, confidence predictors, calibration), full.py (the full
 fine-tuning baseline), publish.py (local store / HTTP), evaluate.py (scoring through the serving
-path), cli.py (`adaptserve train` / `adaptserve evaluate`).
+path), cli.py (`adaptserve train` / `adaptserve evaluate`); prompting.py (template + verbalizer
+tasks), demos.py (the demonstration pool), pet.py (PET), zeroshot.py (zero-shot tasks),
+fewshot_cli.py (`adaptserve pet` / `adaptserve zeroshot`); docs/few_shot.md.
 
 Names are imported lazily so that `import training.data` stays free of torch.
 """
@@ -44,6 +47,17 @@ _EXPORTS = {
     "PublishError": "training.publish",
     "evaluate_served": "training.evaluate",
     "load_published": "training.evaluate",
+    "PromptSpec": "training.prompting",
+    "VerbalizerError": "training.prompting",
+    "parse_verbalizer": "training.prompting",
+    "Pattern": "training.pet",
+    "PetConfig": "training.pet",
+    "load_patterns": "training.pet",
+    "run_pet": "training.pet",
+    "save_pet": "training.pet",
+    "prompt_task": "training.zeroshot",
+    "description_task": "training.zeroshot",
+    "save_zeroshot": "training.zeroshot",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 from training.config import (
     DEFAULT_LR,
+    EXIT_LOSSES,
     METHODS,
     SELECT_METRICS,
     AdapterConfig,
@@ -102,8 +103,23 @@ def build_train_parser(prog: str = "adaptserve train") -> argparse.ArgumentParse
                    help="dev metric that picks the checkpoint [%(default)s]")
     g.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
 
+    g = p.add_argument_group("early exit (docs/training.md)")
+    g.add_argument("--early-exit", action="store_true",
+                   help="also train an exit classifier + confidence predictor after every layer, and calibrate "
+                   "a default exit threshold on dev")
+    g.add_argument("--exit-loss", choices=EXIT_LOSSES,
+                   help=f"two-stage: task first, then exits on the frozen layers (DeeBERT); weighted: one "
+                   f"loss over every exit and the head (PABEE) [{d.exit_loss}]")
+    g.add_argument("--exit-max-drop", type=float, metavar="POINTS",
+                   help=f"dev accuracy points the calibrated threshold may lose vs full depth [{d.exit_max_drop:g}]")
+
+    from training.prompting import add_prompt_flags
+
+    add_prompt_flags(p)  # --template / --verbalizer / --demos (training/prompting.py)
+
     g = p.add_argument_group("backbone")
-    g.add_argument("--backbone", type=Path, help="local Hugging Face encoder folder [the bundled all-MiniLM-L6-v2]")
+    g.add_argument("--backbone", type=Path, help="local Hugging Face encoder folder, or an LM folder / .gguf file for "
+                   "--template tasks [the bundled all-MiniLM-L6-v2]")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [%(default)s]")
 
     g = p.add_argument_group("output")
@@ -135,8 +151,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         method=args.method, **sections, pooling=args.pooling, head_dense=args.head_dense, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
         seed=args.seed, max_length=args.max_length, patience=args.patience or None,
-        select_metric=args.select_metric, max_steps=args.max_steps,
+        select_metric=args.select_metric, max_steps=args.max_steps, **_early_exit_options(args),
     ).check()
+
+
+def _early_exit_options(args: argparse.Namespace) -> dict[str, Any]:
+    """--early-exit and its options (absent from parsers without them: early exit off)."""
+    given = {k: v for k in ("exit_loss", "exit_max_drop") if (v := getattr(args, k, None)) is not None}
+    if not getattr(args, "early_exit", False):
+        if given:
+            raise ConfigError(f"--{next(iter(given)).replace('_', '-')} applies with --early-exit")
+        return {}
+    return {"early_exit": True, **given}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -164,9 +190,14 @@ def _train(args: argparse.Namespace) -> int:
     from training.report import format_comparison, format_metrics, format_table
     from training.trainer import train
 
+    from training.prompting import prompt_spec
+
+    prompt = prompt_spec(args.template, args.verbalizer, args.demos)
     backbone = _load_backbone(args.backbone, args.device, "float32")
     config.check_backbone(backbone.info.max_positions, backbone.info.has_pooler)
-    result = train(splits, config, name=args.task, backbone=backbone, progress=not args.no_progress)
+    if prompt is not None:  # fail before training: template, words, LM head
+        prompt.build(backbone, splits.train.label_names, splits.train.has_pairs)
+    result = train(splits, config, name=args.task, backbone=backbone, progress=not args.no_progress, prompt=prompt)
 
     where = "not published (--no-publish)"
     published: dict[str, Any] = {}

@@ -17,6 +17,8 @@ from service.methods.prompt import MAX_VIRTUAL_TOKENS
 Method = Literal["lora", "adapter", "prefix", "prompt", "head", "full"]
 METHODS: tuple[str, ...] = ("lora", "adapter", "prefix", "prompt", "head", "full")
 SELECT_METRICS = ("accuracy", "macro_f1")
+# How early-exit classifiers train (training/exits.py): DeeBERT's two stages or PABEE's weighted loss.
+EXIT_LOSSES = ("two-stage", "weighted")
 
 # Learning rates per method, each from the paper or recipe whose method and defaults we follow.
 DEFAULT_LR: dict[str, float] = {
@@ -115,6 +117,12 @@ class TrainConfig:
     select_metric: str = "accuracy"  # dev metric that chooses the checkpoint
     max_steps: int | None = None  # stop after this many optimiser steps (smoke tests, budgets)
     eval_batch_size: int = 64
+    # Early exit (training/exits.py): an exit classifier + confidence predictor after every layer.
+    early_exit: bool = False
+    exit_loss: str = "two-stage"  # chosen over "weighted" by measurement on sst2: docs/training.md
+    # Accuracy points (on dev, vs the full-depth task) the calibrated default threshold may give up;
+    # 0.5 is the target, inside the ~1 point DeeBERT/BERxiT report for their speed-ups.
+    exit_max_drop: float = 0.5
 
     @property
     def learning_rate(self) -> float:
@@ -150,6 +158,10 @@ class TrainConfig:
             raise ConfigError(f"--patience must be a positive integer, got {self.patience!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise ConfigError(f"--max-steps must be a positive integer, got {self.max_steps!r}")
+        if self.exit_loss not in EXIT_LOSSES:
+            raise ConfigError(f"--exit-loss must be one of {', '.join(EXIT_LOSSES)}, got {self.exit_loss!r}")
+        if not (isinstance(self.exit_max_drop, (int, float)) and 0 <= self.exit_max_drop <= 100):
+            raise ConfigError(f"--exit-max-drop must be accuracy points in [0, 100], got {self.exit_max_drop!r}")
         if self.select_metric not in SELECT_METRICS:
             raise ConfigError(f"--select-metric must be one of {', '.join(SELECT_METRICS)}, got {self.select_metric!r}")
         return self
@@ -181,6 +193,8 @@ class TrainConfig:
             "select_metric": self.select_metric,
             "max_steps": self.max_steps,
         }
+        if self.early_exit:
+            out["early_exit"] = {"exit_loss": self.exit_loss, "exit_max_drop": self.exit_max_drop}
         section = self.method_section()
         if section is not None:
             out[self.method] = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(section).items()}

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +30,11 @@ from service.engine.spec import TaskSpec
 from service.engine.task import Task
 from service.engine.types import ClassifyItem, TaskKey
 from service.methods.base import TaskWeights
+from service.methods.exits import ExitWeights
 from service.store import TASK_NAME_RE
 from training.config import ConfigError, TrainConfig
 from training.data import LabelledData, Splits, data_hash
+from training.exits import train_exits, weighted_loss
 from training.full import trainable_copy
 from training.metrics import Metrics, compute_metrics
 from training.weights import init_weights, parameter_groups, trainable_tensors
@@ -77,10 +79,13 @@ class TrainResult:
     data: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> {file, sha256, rows}
     data_hash: str | None = None  # training.data.data_hash over the split files, train, dev, test
     created: str = ""  # UTC time training finished (ISO 8601)
+    prompt: Any = None  # training.prompting.PromptSpec of a template + verbalizer task
+    template: Any = None  # its parsed service.engine.template.Template
 
     @property
     def task(self) -> Task:
-        return _task(self.name, self.weights, self.label_names, self.input_kind, self.config, self.engine.backbone)
+        return _task(self.name, self.weights, self.label_names, self.input_kind, self.config, self.engine.backbone,
+                     self.template)
 
     @property
     def trainable_params(self) -> int:
@@ -106,6 +111,7 @@ class TrainResult:
         if self.test_metrics is not None:
             metrics["test"] = self.test_metrics.as_dict()
         return {
+            **(self.prompt.bundle_config() if self.prompt is not None else {}),  # "template"
             "labels": list(self.label_names),
             "input_kind": self.input_kind,
             "max_length": self.config.max_length,
@@ -159,8 +165,13 @@ def evaluate(engine: Engine, task: Task, data: LabelledData, batch_size: int = 6
 
 # -- the loop ------------------------------------------------------------------------------------------
 def train(splits: Splits, config: TrainConfig, *, name: str, backbone: Backbone | None = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, prompt: Any = None,
+          loss_fn: Callable[[Tensor, list[int]], Tensor] | None = None) -> TrainResult:
     """Train one task on `splits.train`, choose the checkpoint on `splits.dev`, score `splits.test`.
+
+    `prompt`: a `training.prompting.PromptSpec`: a template + verbalizer (and demonstrations)
+    answer instead of a classification head. `loss_fn(logits, rows)`: the loss of a batch of
+    training rows (default: cross-entropy with their labels; PET's student distils soft labels).
 
     `backbone`: the frozen shared backbone (default: the bundled MiniLM, fp32). Training needs
     fp32 weights: the task tensors are fp32 and AdamW's updates would underflow in half precision.
@@ -189,7 +200,18 @@ def train(splits: Splits, config: TrainConfig, *, name: str, backbone: Backbone 
     run_backbone = trainable_copy(backbone) if full else backbone
     engine = Engine(run_backbone)
     weights = init_weights(config, run_backbone, len(labels), init_gen)
-    task = _task(name, weights, labels, input_kind, config, run_backbone)
+    template = None
+    if prompt is not None:  # the verbalizer (+ demonstration pool) replaces the head
+        weights = prompt.attach(weights, engine, train_data, config.method)
+        template = prompt.parsed_template(run_backbone, input_kind == "pair")
+    exits = None
+    if config.early_exit:  # drawn after everything else, so --early-exit changes no other initial weight
+        exits = ExitWeights.init(info, num_labels=len(labels), pooling=config.pooling, generator=init_gen)
+        if config.exit_loss == "weighted":  # PABEE: trained with the task; two-stage fits them after the loop
+            if loss_fn is not None:
+                raise ConfigError("--exit-loss weighted trains on cross-entropy; use --exit-loss two-stage here")
+            weights["exits"] = exits
+    task = _task(name, weights, labels, input_kind, config, run_backbone, template)
     params = trainable_tensors(weights) + (list(run_backbone.model.parameters()) if full else [])
     optimiser = torch.optim.AdamW(
         parameter_groups(weights, run_backbone.model if full else None, config.weight_decay), lr=config.learning_rate
@@ -214,7 +236,11 @@ def train(splits: Splits, config: TrainConfig, *, name: str, backbone: Backbone 
                 rows = order[i : i + config.batch_size]
                 items = _items(task, [train_data.texts[r] for r in rows],
                                None if train_data.text_pairs is None else [train_data.text_pairs[r] for r in rows])
-                loss = F.cross_entropy(forward(engine, items), targets[rows])
+                if "exits" in weights:  # every exit's cross-entropy with the head's (training/exits.py)
+                    loss = weighted_loss(engine, items, weights["exits"], targets[rows])
+                else:
+                    logits = forward(engine, items)
+                    loss = F.cross_entropy(logits, targets[rows]) if loss_fn is None else loss_fn(logits, rows)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 _check_frozen(backbone)
@@ -244,6 +270,10 @@ def train(splits: Splits, config: TrainConfig, *, name: str, backbone: Backbone 
                 break
     train_seconds = time.perf_counter() - t0
     _restore(params, best_state)
+    if exits is not None:  # exit classifiers (two-stage), confidence predictors, calibrated threshold
+        weights["exits"] = train_exits(engine, task, train_data, dev, exits, config,
+                                       torch.Generator().manual_seed(config.seed + 2))
+        say(_exit_summary(weights["exits"].calibration))
     dev_metrics = history[best_epoch - 1].dev
     test_metrics = None
     if splits.test is not None:
@@ -252,16 +282,25 @@ def train(splits: Splits, config: TrainConfig, *, name: str, backbone: Backbone 
         name=name, config=config, label_names=labels, input_kind=input_kind, weights=weights, engine=engine,
         backbone=backbone, history=history, best_epoch=best_epoch, steps=steps, train_seconds=train_seconds,
         dev_metrics=dev_metrics, test_metrics=test_metrics, data=_describe_data(splits), data_hash=_data_hash(splits),
-        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), prompt=prompt, template=template,
     )
 
 
 # -- helpers -------------------------------------------------------------------------------------------
+def _exit_summary(cal: dict[str, Any]) -> str:
+    parts = []
+    for name, p in cal["policies"].items():
+        parts.append(f"{name} {p['threshold']:.4g}: dev accuracy {p['accuracy']:.4f}, mean exit layer "
+                     f"{p['mean_exit_layer']:.2f}" if p["met"] else f"{name}: no threshold within the target")
+    return (f"early exit (dev, full depth {cal['full_depth_accuracy']:.4f}, at most {cal['max_drop_points']:g} "
+            f"points lost, {cal['layers']} layers): " + "; ".join(parts))
+
+
 def _task(name: str, weights: dict[str, TaskWeights], labels: Sequence[str], input_kind: str, config: TrainConfig,
-          backbone: Backbone) -> Task:
+          backbone: Backbone, template: Any = None) -> Task:
     """The in-training task, shaped exactly as `Engine.load_task` would build it from the bundle."""
     spec = TaskSpec(name=name, labels=tuple(labels), input_kind=input_kind, max_length=config.max_length,  # type: ignore[arg-type]
-                    methods=tuple(weights), backbone_fingerprint=backbone.fingerprint)
+                    methods=tuple(weights), backbone_fingerprint=backbone.fingerprint, template=template)
     return Task(key=TaskKey(name, TRAINING_VERSION), spec=spec, weights=weights, backbone=backbone.info)
 
 

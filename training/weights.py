@@ -61,6 +61,8 @@ def parameter_groups(weights: dict[str, TaskWeights], model: torch.nn.Module | N
     no_decay: list[Tensor] = []
     for method, w in weights.items():
         for t in w.tensors().values():
+            if not t.requires_grad:  # stored, not trained (a demonstration pool's embeddings)
+                continue
             (decay if t.dim() >= 2 and method not in ("prompt", "prefix") else no_decay).append(t)
     if model is not None:  # full fine-tuning: the copied backbone's own parameters too
         for p in model.parameters():  # 1-D: biases and LayerNorm gains
@@ -70,4 +72,4 @@ def parameter_groups(weights: dict[str, TaskWeights], model: torch.nn.Module | N
 
 
 def trainable_tensors(weights: dict[str, TaskWeights]) -> list[Tensor]:
-    return [t for w in weights.values() for t in w.tensors().values()]
+    return [t for w in weights.values() for t in w.tensors().values() if t.requires_grad]
