@@ -1,6 +1,6 @@
 """Mixed-task LoRA batches on the real MiniLM backbone: adaptserve vs the bare backbone vs HF PEFT.
 
-    /work/venv/bin/python bench/engine_lora.py                      # CPU, fp32 (about 2-3 min on 2 cores)
+    /work/venv/bin/python bench/engine_lora.py      # CPU fp32: ~1.5 min on 2 idle cores, 5-10 min on a busy shared box
     /work/venv/bin/python bench/engine_lora.py --quick              # smoke run
     python bench/engine_lora.py --device cuda --dtype bfloat16      # GPU run
 

@@ -1,7 +1,7 @@
 """Every method through one engine on the real MiniLM backbone: 32-row batches of one method each,
 and one batch mixing all four, against the bare backbone.
 
-    /work/venv/bin/python bench/engine_methods.py                   # CPU, fp32 (about 2-3 min on 2 cores)
+    /work/venv/bin/python bench/engine_methods.py   # CPU fp32: ~1.5 min on 2 idle cores, 5-10 min on a busy shared box
     /work/venv/bin/python bench/engine_methods.py --quick
     python bench/engine_methods.py --device cuda --dtype bfloat16
 

@@ -239,8 +239,9 @@ class Engine:
             leave, logits = exits.decide(i, st.hidden, st.keep, st.text_start, st.text_len)
             if not bool(leave.any()):
                 continue
+            ids = alive.tolist()  # one device sync, not one per row
             for r, z in logits.items():
-                out[int(alive[r])] = (z, i + 1)
+                out[ids[r]] = (z, i + 1)
             stay = (~leave).nonzero().squeeze(1).to(alive.device)
             if stay.numel() == 0:
                 break
@@ -248,8 +249,9 @@ class Engine:
         else:
             st = enc.finish(st)
             final = head.logits(st, self._pooler(), self.backbone.lm_head)
+            ids = alive.tolist()
             for r, z in enumerate(final):
-                out[int(alive[r])] = (z, n_layers)
+                out[ids[r]] = (z, n_layers)
         return [(z.float().cpu(), layer) for z, layer in out]  # type: ignore[misc]
 
     def logits(self, batch: Batch, policies: Sequence[ExitPolicy | None] | None = None) -> list[Tensor]:

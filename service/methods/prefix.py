@@ -82,10 +82,14 @@ class PrefixWeights(TaskWeights):
 
 
 class PrefixBatch(MethodBatch):
-    def __init__(self, parts: Sequence[PrefixWeights | None], row_part: Tensor, num_heads: int):
+    def __init__(self, parts: Sequence[PrefixWeights | None], row_part: Tensor, num_heads: int, _built=None):
         self.parts = parts
         self.row_part = row_part
         self.num_heads = num_heads
+        self._rows: tuple[Tensor, Tensor] | None = None
+        if _built is not None:  # select(): reuse the tables, slice the per-row state
+            self.table, self.plen, self.shift, self.keep = _built
+            return
         self.table = slots.build([None if p is None else (p.keys, p.values) for p in parts], row_part)
         dev = row_part.device
         plen = torch.tensor([0 if p is None else p.num_virtual_tokens for p in parts], device=dev)
@@ -94,7 +98,6 @@ class PrefixBatch(MethodBatch):
         self.shift = shift.index_select(0, row_part)  # [B]
         pmax = self.table.tables[0].shape[2]
         self.keep = torch.arange(pmax, device=dev).unsqueeze(0) < self.plen.unsqueeze(1)  # [B, Pmax]
-        self._rows: tuple[Tensor, Tensor] | None = None
 
     def position_shift(self) -> Tensor | None:
         return self.shift if bool(self.shift.any()) else None
@@ -112,7 +115,9 @@ class PrefixBatch(MethodBatch):
         return heads(k[:, layer]), heads(v[:, layer]), self.keep
 
     def select(self, rows: Tensor) -> "PrefixBatch":
-        return PrefixBatch(self.parts, self.row_part.index_select(0, rows), self.num_heads)
+        return PrefixBatch(self.parts, self.row_part.index_select(0, rows), self.num_heads,
+                           _built=(self.table.select(rows), self.plen.index_select(0, rows),
+                                   self.shift.index_select(0, rows), self.keep.index_select(0, rows)))
 
 
 @register

@@ -77,9 +77,12 @@ class PromptWeights(TaskWeights):
 
 
 class PromptBatch(MethodBatch):
-    def __init__(self, parts: Sequence[PromptWeights | None], row_part: Tensor):
+    def __init__(self, parts: Sequence[PromptWeights | None], row_part: Tensor, _built=None):
         self.parts = parts
         self.row_part = row_part
+        if _built is not None:  # select(): reuse the tables, slice the per-row state
+            self.table, self.lengths = _built
+            return
         self.table = slots.build([None if p is None else (p.embeddings,) for p in parts], row_part)
         lengths = torch.tensor([0 if p is None else p.num_virtual_tokens for p in parts], device=row_part.device)
         self.lengths = lengths.index_select(0, row_part)  # [B]
@@ -88,7 +91,8 @@ class PromptBatch(MethodBatch):
         return self.table.rows(0), self.lengths  # [B, Pmax, E], [B]
 
     def select(self, rows: Tensor) -> "PromptBatch":
-        return PromptBatch(self.parts, self.row_part.index_select(0, rows))
+        return PromptBatch(self.parts, self.row_part.index_select(0, rows),
+                           _built=(self.table.select(rows), self.lengths.index_select(0, rows)))
 
 
 @register
