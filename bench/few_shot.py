@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=10, help="MiniLM head / LoRA runs: epochs (4-8 steps each) [%(default)s]")
     p.add_argument("--patience", type=int, default=4, help="MiniLM runs: epochs without dev improvement [%(default)s]")
     p.add_argument("--student-epochs", type=int, default=5, help="PET student epochs (batch 16) [%(default)s]")
+    p.add_argument("--student-lr", type=float, default=STUDENT["lr"], help="PET student learning rate [%(default)s]")
+    p.add_argument("--weighting", choices=("prior", "dev", "uniform"), default="prior", help="PET pattern weights [%(default)s]")
     p.add_argument("--setfit-iterations", type=int, default=20, help="SetFit pair iterations [%(default)s: the paper's]")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--no-progress", action="store_true")
@@ -255,8 +257,9 @@ def main(argv: list[str] | None = None) -> int:
                     texts, _ = read_unlabelled(root / "train.csv", limit=args.unlabelled, seed=seed)
                     shot_texts = set(splits.train.texts) | set(splits.dev.texts)
                     texts = [t for t in texts if t not in shot_texts]
-                    pet_cfg = PetConfig(teacher=lm_cfg, student=TrainConfig(seed=seed, epochs=args.student_epochs,
-                                                                            patience=args.patience, **STUDENT))
+                    pet_cfg = PetConfig(teacher=lm_cfg, weighting=args.weighting,
+                                        student=TrainConfig(seed=seed, epochs=args.student_epochs, patience=args.patience,
+                                                            **{**STUDENT, "lr": args.student_lr}))
                     t0 = time.perf_counter()
                     res = run_pet(splits, texts, pats, pet_cfg, name=f"{task}-pet", teacher_backbone=lm,
                                   student_backbone=minilm, progress=progress, trained={0: prompt_run})
