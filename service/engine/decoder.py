@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from service.engine.encoder import Plan, State, assemble
+from service.engine.encoder import Plan, State, assemble, linear
 from service.engine.families import Family
 
 
@@ -31,12 +31,7 @@ class Decoder:
         return State(hidden=words, keep=keep, text_start=text_start, text_len=text_len, plan=plan)
 
     def _linear(self, i: int, site: str, x: Tensor, plan: Plan) -> Tensor:
-        y = self.f.layers[i].site(site)(x)
-        for b in plan.batches:
-            d = b.linear_delta(i, site, x)
-            if d is not None:
-                y = y + d
-        return y
+        return linear(self.f, i, site, x, plan)
 
     def layer(self, i: int, st: State) -> State:
         L, plan, h = self.f.layers[i], st.plan, st.hidden

@@ -80,12 +80,7 @@ class Encoder:
 
     # -- one layer ---------------------------------------------------------------------------
     def _linear(self, i: int, site: str, x: Tensor, plan: Plan) -> Tensor:
-        y = self.f.layers[i].site(site)(x)
-        for b in plan.batches:
-            d = b.linear_delta(i, site, x)
-            if d is not None:
-                y = y + d
-        return y
+        return linear(self.f, i, site, x, plan)
 
     def layer(self, i: int, st: State) -> State:
         """Run layer position i over the batch: post-LN attention block, then post-LN FFN block."""
@@ -153,3 +148,13 @@ def assemble(words: Tensor, attention_mask: Tensor, token_type_ids: Tensor | Non
     tt = torch.where(in_prompt, 0, token_type_ids.gather(1, (j - plen.unsqueeze(1)).clamp(0, t - 1)))
     keep = j < (plen + text_len).unsqueeze(1)
     return words, keep, tt, plen.long(), text_len
+
+
+def linear(family: Family, i: int, site: str, x: Tensor, plan: Plan) -> Tensor:
+    """The frozen linear `site` of layer i plus every method's per-row delta (LoRA)."""
+    y = family.layers[i].site(site)(x)
+    for b in plan.batches:
+        d = b.linear_delta(i, site, x)
+        if d is not None:
+            y = y + d
+    return y
