@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-train", type=int)
     p.add_argument("--max-dev", type=int)
     p.add_argument("--max-test", type=int)
-    p.add_argument("--epochs", type=int, default=TrainConfig(method="lora").epochs)
+    p.add_argument("--epochs", type=int, default=TrainConfig(method="lora").num_epochs)
     p.add_argument("--seeds", default="42", help="comma-separated [%(default)s]")
     p.add_argument("--max-drop", type=float, default=TrainConfig(method="lora").exit_max_drop, help="[%(default)s]")
     p.add_argument("--variants", default=",".join(EXIT_LOSSES), help="[%(default)s]")

@@ -8,7 +8,8 @@
 
 For each data set (sst2, agnews from ../shared/data) and each method (lora, adapter, prefix,
 prompt, head, full) it trains on train.csv with the method's defaults (`training/config.py`
-documents where each default comes from: the paper or recipe it follows), keeps the best
+documents where each default comes from: the paper or recipe it follows, and the dev accuracy
+`bench/train_defaults.py` chose it on), keeps the best
 checkpoint on dev.csv, and scores test.csv. A parameter-efficient task is scored the way a client
 would see it: its bundle is written to a temporary store, loaded by `Engine.load_task` and run
 through `Engine.classify`; `served-trained` is the largest logit gap between that and the
@@ -59,9 +60,12 @@ def subsample(d: LabelledData, n: int | None, seed: int) -> LabelledData:
     return LabelledData([d.texts[i] for i in idx], pairs, [d.labels[i] for i in idx], d.label_names, d.source)
 
 
-def run_one(name: str, method: str, splits: Splits, test: LabelledData, backbone, args, store: Path) -> dict:
-    cfg = TrainConfig(method=method, epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
-                      max_length=args.max_length, patience=args.patience or None)
+def run_one(name: str, method: str, splits: Splits, test: LabelledData, backbone, args, store: Path,
+            cfg: TrainConfig | None = None) -> dict:
+    """Train one method on one data set and score its test split; `cfg` overrides the defaults."""
+    if cfg is None:
+        cfg = TrainConfig(method=method, epochs=args.epochs, seed=args.seed, batch_size=args.batch_size,
+                          max_length=args.max_length, patience=args.patience or None)
     result = train(splits, cfg, name=f"{name}-{method}", backbone=backbone, progress=not args.no_progress)
     row = {
         "dataset": name, "method": method, "lr": cfg.learning_rate, "epochs_run": len(result.history),
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-train", type=int, help="subsample the training file to N rows (same rows for every method)")
     p.add_argument("--max-dev", type=int, help="subsample dev to N rows")
     p.add_argument("--max-test", type=int, help="subsample test to N rows")
-    p.add_argument("--epochs", type=int, default=TrainConfig(method="lora").epochs, help="[%(default)s]")
+    p.add_argument("--epochs", type=int, help="[each method's default: training/config.py DEFAULT_EPOCHS]")
     p.add_argument("--patience", type=int, default=TrainConfig(method="lora").patience, help="0 = never stop early [%(default)s]")
     p.add_argument("--batch-size", type=int, default=TrainConfig(method="lora").batch_size, help="[%(default)s]")
     p.add_argument("--max-length", type=int, default=TrainConfig(method="lora").max_length, help="[%(default)s]")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from training.config import (
+    DEFAULT_EPOCHS,
     DEFAULT_LR,
     EXIT_LOSSES,
     METHODS,
@@ -89,7 +90,8 @@ def build_train_parser(prog: str = "adaptserve train") -> argparse.ArgumentParse
     g.add_argument("--head-dense", action="store_true", help="a dense+tanh layer before the classifier")
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d.epochs, help="[%(default)s]")
+    epochs = ", ".join(f"{m} {n}" for m, n in DEFAULT_EPOCHS.items())
+    g.add_argument("--epochs", type=int, help=f"[per method: {epochs}]")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="[%(default)s]")
     lrs = ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items())
     g.add_argument("--lr", type=float, help=f"peak learning rate [per method: {lrs}]")

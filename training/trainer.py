@@ -119,7 +119,7 @@ class TrainResult:
             "training": {
                 "method": self.config.method,
                 "hyperparameters": self.config.hyperparameters(),
-                "epochs": self.config.epochs,
+                "epochs": self.config.num_epochs,
                 "epochs_run": len(self.history),
                 "best_epoch": self.best_epoch,
                 "steps": self.steps,
@@ -217,7 +217,7 @@ def train(splits: Splits, config: TrainConfig, *, name: str, backbone: Backbone 
         parameter_groups(weights, run_backbone.model if full else None, config.weight_decay), lr=config.learning_rate
     )
     steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
-    total = config.epochs * steps_per_epoch
+    total = config.num_epochs * steps_per_epoch
     if config.max_steps is not None:
         total = min(total, config.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _warmup_then_decay(total, config.warmup_ratio))
@@ -229,7 +229,7 @@ def train(splits: Splits, config: TrainConfig, *, name: str, backbone: Backbone 
     say = _printer(progress)
     with tqdm(total=total, desc=f"train {name} ({config.method})", unit="step", disable=not progress,
               dynamic_ncols=True) as bar:
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(1, config.num_epochs + 1):
             e0, losses = time.perf_counter(), []
             order = torch.randperm(len(train_data), generator=order_gen).tolist()
             for i in range(0, len(order), config.batch_size):

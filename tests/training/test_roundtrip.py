@@ -96,7 +96,8 @@ def test_bundle_records_how_it_was_trained(tiny, csvs, tmp_path):
     assert cfg["backbone"]["fingerprint"] == tiny.fingerprint
     t = cfg["training"]
     assert (t["method"], t["seed"], t["lr"], t["steps"]) == ("lora", 7, 5e-4, 2)
-    assert t["hyperparameters"]["lora"] == {"r": 8, "alpha": 8.0, "targets": ["query", "value"]}
+    assert t["hyperparameters"]["lora"] == {
+        "r": 8, "alpha": 8.0, "targets": ["query", "key", "value", "attn_out", "ffn_in", "ffn_out"]}
     assert t["data_hash"] == data_hash([csvs["train"], csvs["dev"], csvs["test"]])
     assert t["data"]["train"] == {"file": "train.csv", "sha256": data_hash(csvs["train"]), "rows": 40}
     assert t["train_seconds"] > 0
