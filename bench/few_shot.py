@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.metadata
+import json
 import math
 import statistics
 import sys
@@ -176,7 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS / "few_shot.json", help="[%(default)s]")
+    p.add_argument("--summarize", nargs="+", type=Path, metavar="JSON",
+                   help="run nothing: combine the rows of earlier result files (a later file's row replaces an "
+                   "earlier one of the same task, seed and method), print the table and targets, write --out")
     args = p.parse_args(argv)
+    if args.summarize:
+        return _combine(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -279,6 +285,20 @@ def main(argv: list[str] | None = None) -> int:
                                         t.result.test_metrics.macro_f1, task_bytes(t.result.bundle_config(), t.result.weights),
                                         lm.info.num_bytes, t.result.train_seconds, lm_name))
     payload = _payload(args, rows, t_start)
+    _print(payload)
+    write_json(args.out, payload)
+    return 0
+
+
+def _combine(args) -> int:
+    merged: dict[tuple, dict] = {}
+    for path in args.summarize:
+        for r in json.loads(path.read_text())["rows"]:
+            merged[(r["task"], r["seed"], r["method"])] = {**r, "from": path.name}
+    rows = list(merged.values())
+    summary = _summary(rows)
+    payload = {"command": "python bench/few_shot.py " + " ".join(sys.argv[1:]), "sources": [str(p) for p in args.summarize],
+               "rows": rows, "summary": summary, "targets": _targets(rows, summary)}
     _print(payload)
     write_json(args.out, payload)
     return 0
