@@ -92,11 +92,12 @@ def random_prompt(info: BackboneInfo, g: torch.Generator, p: int = 3) -> PromptW
     return PromptWeights(embeddings=_r(g, p, info.embedding_size, scale=1.0))
 
 
-def random_head(info: BackboneInfo, g: torch.Generator, labels: int = 2, pooling: str = "cls", dense: bool = False) -> HeadWeights:
+def random_head(info: BackboneInfo, g: torch.Generator, labels: int = 2, pooling: str = "cls", dense: bool = False,
+                scale: float = 0.5) -> HeadWeights:
     h = info.hidden_size
     return HeadWeights(
         pooling=pooling,
-        out_w=_r(g, labels, h, scale=0.5),
+        out_w=_r(g, labels, h, scale=scale),
         out_b=_r(g, labels),
         dense_w=_r(g, h, h) if dense else None,
         dense_b=_r(g, h) if dense else None,

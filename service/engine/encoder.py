@@ -38,6 +38,14 @@ class State:
     text_start: Tensor  # [B] long: index of the first text token (after any soft prompt)
     text_len: Tensor  # [B] long: number of text tokens
     plan: Plan
+    _packing: "Packing | None | bool" = False  # False: not computed yet
+
+    @property
+    def packing(self) -> "Packing | None":
+        """The real positions as one flat index, when padding is worth skipping (else None)."""
+        if self._packing is False:
+            self._packing = Packing.of(self.keep)
+        return self._packing  # type: ignore[return-value]
 
     def select(self, rows: Tensor) -> "State":
         """Keep only `rows` (in that order): early-exit compaction."""
@@ -83,19 +91,51 @@ class Encoder:
         return linear(self.f, i, site, x, plan)
 
     def layer(self, i: int, st: State) -> State:
-        """Run layer position i over the batch: post-LN attention block, then post-LN FFN block."""
+        """Run layer position i over the batch: post-LN attention block, then post-LN FFN block.
+
+        Every linear, norm and residual is per position, so when the batch has enough padding
+        they run on the real positions only (`Packing`); only attention itself needs the padded
+        [B, S] layout. Per-row methods (LoRA deltas, adapters) read padded inputs either way."""
         L, plan, h = self.f.layers[i], st.plan, st.hidden
-        bsz, s, hid = h.shape
+        pk = st.packing
+        if pk is None:
+            lin = lambda site, x: self._linear(i, site, x, plan)  # noqa: E731
+            after = lambda site, x: self._after(i, site, x, plan)  # noqa: E731
+            ctx = self._attention(i, st, lin("query", h), lin("key", h), lin("value", h))
+            hp = h
+            a = after("attn", lin("attn_out", ctx))
+        else:
+            lin = lambda site, x: self._linear_packed(i, site, x, plan, pk)  # noqa: E731
+            after = lambda site, x: self._after_packed(i, site, x, plan, pk)  # noqa: E731
+            hp = pk.pack(h)  # [N, H]
+
+            def proj(site: str) -> Tensor:  # q, k, v in the padded layout attention reads
+                if any(b.adapts(i, site) for b in plan.batches):  # per-row deltas fused in place
+                    return self._linear(i, site, h, plan)
+                return pk.unpack(L.site(site)(hp))
+
+            ctx = self._attention(i, st, proj("query"), proj("key"), proj("value"))  # [B, S, H]
+            if any(b.adapts(i, "attn_out") for b in plan.batches):
+                a = pk.pack(self._linear(i, "attn_out", ctx, plan))
+            else:
+                a = L.site("attn_out")(pk.pack(ctx))
+            a = after("attn", a)
+        hp = L.attn_norm(a + hp)
+        f = lin("ffn_out", self.f.activation(lin("ffn_in", hp)))
+        hp = L.ffn_norm(after("ffn", f) + hp)
+        return replace(st, hidden=hp if pk is None else pk.unpack_into(h, hp))
+
+    def _attention(self, i: int, st: State, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Multi-head self-attention over [B, S, H] projections (any prefixes prepended) -> [B, S, H]."""
+        bsz, s, hid = q.shape
         nh, hd = self.f.num_heads, self.head_dim
 
         def heads(t: Tensor) -> Tensor:  # [B, S, H] -> [B, nh, S, hd]
             return t.view(bsz, -1, nh, hd).transpose(1, 2)
 
-        q = heads(self._linear(i, "query", h, plan))
-        k = heads(self._linear(i, "key", h, plan))
-        v = heads(self._linear(i, "value", h, plan))
+        q, k, v = heads(q), heads(k), heads(v)
         keep = st.keep  # [B, S]
-        for b in plan.batches:
+        for b in st.plan.batches:
             pre = b.kv_prefix(i)
             if pre is not None:  # prepend per-row prefixes, padding masked out
                 pk, pv, pkeep = pre
@@ -104,17 +144,29 @@ class Encoder:
                 keep = torch.cat([pkeep, keep], dim=1)
         # softmax(q k^T / sqrt(d) + mask) v, with masked keys excluded exactly
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])  # [B, nh, S, hd]
-        ctx = ctx.transpose(1, 2).reshape(bsz, s, hid)
-        a = self._linear(i, "attn_out", ctx, plan)
+        return ctx.transpose(1, 2).reshape(bsz, s, hid)
+
+    def _after(self, i: int, site: str, x: Tensor, plan: Plan) -> Tensor:
         for b in plan.batches:
-            a = b.after_sublayer(i, "attn", a)
-        h = L.attn_norm(a + h)
-        f = self.f.activation(self._linear(i, "ffn_in", h, plan))
-        f = self._linear(i, "ffn_out", f, plan)
+            x = b.after_sublayer(i, site, x)
+        return x
+
+    def _linear_packed(self, i: int, site: str, xp: Tensor, plan: Plan, pk: "Packing") -> Tensor:
+        """The frozen linear on packed positions xp [N, in]; per-row deltas on the unpacked input,
+        packed and added."""
+        y = self.f.layers[i].site(site)(xp)  # [N, out]
         for b in plan.batches:
-            f = b.after_sublayer(i, "ffn", f)
-        h = L.ffn_norm(f + h)
-        return replace(st, hidden=h)
+            if b.adapts(i, site):
+                d = b.linear_delta(i, site, pk.unpack(xp))
+                if d is not None:
+                    y = y + pk.pack(d)
+        return y
+
+    def _after_packed(self, i: int, site: str, xp: Tensor, plan: Plan, pk: "Packing") -> Tensor:
+        for b in plan.batches:
+            if b.adapts(i, site):
+                xp = pk.pack(b.after_sublayer(i, site, pk.unpack(xp)))
+        return xp
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None, plan: Plan) -> State:
         st = self.embed(input_ids, attention_mask, token_type_ids, plan)
@@ -123,11 +175,44 @@ class Encoder:
         return self.finish(st)
 
 
+@dataclass(frozen=True)
+class Packing:
+    """Real (kept) positions of a padded batch as one flat index: [B, S, X] <-> [N, X]."""
+
+    index: Tensor  # [N] into the flattened B*S positions
+    shape: tuple[int, int]  # (B, S)
+
+    # Below this share of padding the copies in and out cost more than the skipped matmul rows save.
+    MIN_PADDING = 0.1  # a guess, not tuned: on CPU packing paid off from about this much padding
+
+    @classmethod
+    def of(cls, keep: Tensor) -> "Packing | None":
+        bsz, s = keep.shape
+        index = keep.reshape(-1).nonzero().squeeze(1)  # one device sync per batch (and per compaction)
+        if index.numel() > (1 - cls.MIN_PADDING) * bsz * s:
+            return None
+        return cls(index, (bsz, s))
+
+    def pack(self, x: Tensor) -> Tensor:
+        """[B, S, X] -> [N, X]"""
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.index)
+
+    def unpack(self, xp: Tensor) -> Tensor:
+        """[N, X] -> [B, S, X], zeros at padded positions."""
+        out = xp.new_zeros(self.shape[0] * self.shape[1], xp.shape[-1])
+        return out.index_copy(0, self.index, xp).view(*self.shape, xp.shape[-1])
+
+    def unpack_into(self, base: Tensor, xp: Tensor) -> Tensor:
+        """`base` [B, S, X] with its real positions replaced by xp [N, X]; padded positions keep
+        base's (finite, ignored) values."""
+        return base.reshape(-1, base.shape[-1]).index_copy(0, self.index, xp).view_as(base)
+
+
 def assemble(words: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None, plan: Plan):
     """Prepend each row's soft prompt (if any) to its word embeddings.
 
-    Row b becomes [prompt_b (P_b), text (T)], right-padded to Pmax + T; rows without a prompt have
-    P_b = 0. Returns (embeddings [B, S, E], keep [B, S], token types [B, S], text_start [B], text_len [B]).
+    Row b becomes [prompt_b (P_b), text_b], right-padded to max_b(P_b + len_b); rows without a
+    prompt have P_b = 0. Returns (embeddings [B, S, E], keep [B, S], token types [B, S], text_start [B], text_len [B]).
     """
     bsz, t = attention_mask.shape
     dev = attention_mask.device
@@ -139,10 +224,12 @@ def assemble(words: Tensor, attention_mask: Tensor, token_type_ids: Tensor | Non
         return words, attention_mask.bool(), token_type_ids, torch.zeros(bsz, dtype=torch.long, device=dev), text_len
     (prompt, plen), = prompts  # a task has at most one soft prompt: [B, Pmax, E], [B]
     pmax = prompt.shape[1]
-    s = pmax + t
+    # S = the longest row's prompt + text, not Pmax + T: a long prompt on a short text (or a
+    # prompt-less row at full length) does not lengthen every row of the batch
+    s = int((plen + text_len).max())
     j = torch.arange(s, device=dev).unsqueeze(0)  # [1, S]
     in_prompt = j < plen.unsqueeze(1)  # [B, S]
-    src = torch.where(in_prompt, j, pmax + (j - plen.unsqueeze(1))).clamp(0, s - 1)  # index into cat(prompt, words)
+    src = torch.where(in_prompt, j, pmax + (j - plen.unsqueeze(1))).clamp(0, pmax + t - 1)  # index into cat(prompt, words)
     stacked = torch.cat([prompt.to(words.dtype), words], dim=1)  # [B, Pmax + T, E]
     words = stacked.gather(1, src.unsqueeze(-1).expand(-1, -1, stacked.shape[-1]))  # [B, S, E]
     tt = torch.where(in_prompt, 0, token_type_ids.gather(1, (j - plen.unsqueeze(1)).clamp(0, t - 1)))
@@ -154,7 +241,5 @@ def linear(family: Family, i: int, site: str, x: Tensor, plan: Plan) -> Tensor:
     """The frozen linear `site` of layer i plus every method's per-row delta (LoRA)."""
     y = family.layers[i].site(site)(x)
     for b in plan.batches:
-        d = b.linear_delta(i, site, x)
-        if d is not None:
-            y = y + d
+        y = b.add_linear_delta(i, site, x, y)
     return y

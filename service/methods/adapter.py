@@ -92,6 +92,9 @@ class AdapterBatch(MethodBatch):
             self._tables[key] = slots.build(per_part, self.row_part)
         return self._tables[key]
 
+    def adapts(self, layer: int, site: str) -> bool:
+        return any(self._table(layer, site, act) is not None for act in self.acts)
+
     def after_sublayer(self, layer: int, site: str, h: Tensor) -> Tensor:
         for act in self.acts:
             t = self._table(layer, site, act)
@@ -104,6 +107,44 @@ class AdapterBatch(MethodBatch):
         out = AdapterBatch(self.parts, self.row_part.index_select(0, rows))
         out._tables = {k: None if v is None else v.select(rows) for k, v in self._tables.items()}
         return out
+
+
+def _pool_entries(w: AdapterWeights) -> dict:
+    """Per (layer, site): down^T [H, m], down bias [m], up^T [m, H], up bias [H]. Bottlenecks pad
+    with zeros: a padded unit gets act(0) = 0 for every supported activation and meets a zero row
+    of up^T, so it adds nothing."""
+    return {(layer, site, w.activation, dw.shape[1], dw.device, dw.dtype): (dw.T, db, uw.T, ub)
+            for (layer, site), (dw, db, uw, ub) in w.blocks.items()}
+
+
+POOL = slots.SlotPool(_pool_entries)
+
+
+class PooledAdapterBatch(MethodBatch):
+    """Serving path: rows read their task's adapter from the persistent pool by slot."""
+
+    def __init__(self, rows: slots.PoolRows, sites: dict[tuple[int, str], list[tuple]]):
+        self.pool_rows = rows
+        self.sites = sites  # (layer, site) -> pool keys (one per activation present)
+
+    def adapts(self, layer: int, site: str) -> bool:
+        return (layer, site) in self.sites
+
+    def after_sublayer(self, layer: int, site: str, h: Tensor) -> Tensor:
+        pr = self.pool_rows
+        for key in self.sites.get((layer, site), ()):
+            act = ACT2FN[key[2]]
+            if pr.single:
+                z = act(torch.addmm(pr.one(key, 1), h.view(-1, h.shape[-1]), pr.one(key, 0)))  # [B*T, m]
+                h = h + (z @ pr.one(key, 2) + pr.one(key, 3)).view_as(h)
+                continue
+            # z_b = act(h_b Wd_b^T + bd_b); h_b += z_b Wu_b^T + bu_b, for every row b at once
+            z = act(torch.baddbmm(pr.rows(key, 1).unsqueeze(1), h, pr.rows(key, 0)))  # [B, T, m]
+            h = torch.baddbmm(h + pr.rows(key, 3).unsqueeze(1), z, pr.rows(key, 2))  # [B, T, H]
+        return h
+
+    def select(self, rows: Tensor) -> "PooledAdapterBatch":
+        return PooledAdapterBatch(self.pool_rows.select(rows), self.sites)
 
 
 @register
@@ -149,7 +190,13 @@ class Adapter(Method):
         problems.raise_if_any()
         return AdapterWeights(kind=kind, bottleneck=m, activation=act, blocks=blocks)
 
-    def batch(self, parts: Sequence[TaskWeights | None], row_part: Tensor) -> AdapterBatch | None:
+    def batch(self, parts: Sequence[TaskWeights | None], row_part: Tensor) -> MethodBatch | None:
         if all(p is None for p in parts):
             return None
-        return AdapterBatch(parts, row_part)  # type: ignore[arg-type]
+        if not slots.poolable(parts):
+            return AdapterBatch(parts, row_part)  # type: ignore[arg-type]
+        rows = POOL.gather(parts, row_part)
+        sites: dict[tuple[int, str], list[tuple]] = {}
+        for key in sorted(rows.views, key=lambda k: k[2]):
+            sites.setdefault((key[0], key[1]), []).append(key)
+        return PooledAdapterBatch(rows, sites)

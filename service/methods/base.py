@@ -57,8 +57,24 @@ class MethodBatch:
         return None
 
     def linear_delta(self, layer: int, site: str, x: Tensor) -> Tensor | None:
-        """Additive change to the output of linear `site` in `layer` for input x [B, T, in]."""
+        """Additive change to the output of linear `site` in `layer` for input x [B, T, in].
+        Every method that changes a linear implements this (packed batches use it), even if it
+        also has a faster `add_linear_delta`."""
         return None
+
+    def adapts(self, layer: int, site: str) -> bool:
+        """Whether some row's task changes linear `site` (or, for "attn"/"ffn", that sub-layer's
+        output) in `layer`: the encoder skips the hook, and any repacking around it, if not.
+        Conservative by default: any method that overrides a linear or sub-layer hook is asked."""
+        cls = type(self)
+        return any(getattr(cls, name) is not getattr(MethodBatch, name)
+                   for name in ("linear_delta", "add_linear_delta", "after_sublayer"))
+
+    def add_linear_delta(self, layer: int, site: str, x: Tensor, y: Tensor) -> Tensor:
+        """y, the frozen linear's fresh output for x, plus this method's delta. The encoder owns y
+        and reads it only through the return value, so an implementation may add in place."""
+        d = self.linear_delta(layer, site, x)
+        return y if d is None else y + d
 
     def after_sublayer(self, layer: int, site: str, h: Tensor) -> Tensor:
         """Transform a sub-layer's output [B, T, H] before its residual + LayerNorm."""

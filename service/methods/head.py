@@ -6,7 +6,7 @@ Pooling (stored per task):
 * ``mean``   - the mean over the text tokens (how all-MiniLM-L6-v2 was trained to embed sentences).
 An optional task-owned ``dense`` + tanh layer precedes the classifier (RoBERTa's head shape).
 
-Heads differ in label count, so the batch is grouped by task: one small matmul per task present.
+Heads differ in label count: at serving time the classifiers sit in a slot pool padded to the\nlargest label count, and each row's logits are sliced back to its own labels.
 """
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from transformers.activations import ACT2FN
 
 from service.engine.spec import BackboneInfo
+from service.methods import slots
 from service.methods.base import Method, MethodBatch, Problems, TaskWeights, register, take, trainable
 from service.methods.lora import POOLER
 
@@ -104,6 +106,16 @@ def pool(hidden: Tensor, keep: Tensor, text_start: Tensor, text_len: Tensor, how
     return hidden[:, 0]
 
 
+def _pool_entries(w: HeadWeights) -> dict:
+    """The classifier as the pool keeps it: out^T [H, labels] and bias [labels]; label counts pad
+    with zeros and each row's logits are sliced back to its task's labels."""
+    return {("out", w.out_w.shape[1], w.out_w.device, w.out_w.dtype): (w.out_w.T, w.out_b)}
+
+
+POOL = slots.SlotPool(_pool_entries)
+_READS = {"pooler": "cls"}  # pooling kinds that start from another kind's vector
+
+
 class HeadBatch(MethodBatch):
     def __init__(self, parts: Sequence[HeadWeights | None], row_part: Tensor):
         self.parts = parts
@@ -113,27 +125,59 @@ class HeadBatch(MethodBatch):
         return HeadBatch(self.parts, self.row_part.index_select(0, rows))
 
     def logits(self, hidden: Tensor, keep: Tensor, text_start: Tensor, text_len: Tensor, pooler, plan) -> list[Tensor | None]:
-        """Per row: that row's task logits [labels] (None for rows whose task has no head)."""
-        out: list[Tensor | None] = [None] * hidden.shape[0]
-        for j, p in enumerate(self.parts):
-            if p is None:
-                continue
-            rows = (self.row_part == j).nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
-            x = pool(hidden[rows], keep[rows], text_start[rows], text_len[rows], p.pooling)  # [n, H]
-            if p.normalize:
-                x = torch.nn.functional.normalize(x, dim=-1)
-            if p.pooling == "pooler":
-                y = pooler(x)
-                for b in plan.batches:
-                    d = b.select(rows).linear_delta(*POOLER, x)
-                    if d is not None:
-                        y = y + d
-                x = torch.tanh(y)
+        """Per row: that row's task logits [labels] (None for rows whose task has no head).
+
+        Every row is pooled once per pooling kind present and the pooler runs once over the batch
+        (with any task's pooler LoRA from the batch's own tables); each row then keeps its task's
+        choice. Serving projects all rows with one bmm over pooled classifiers; training (weights
+        with gradients) projects per task."""
+        part_of_row = self.row_part.tolist()
+        present = sorted({j for j in part_of_row if self.parts[j] is not None})
+        if not present:
+            return [None] * hidden.shape[0]
+        parts = self.parts
+
+        def rows_where(pred) -> Tensor:  # [B] bool: rows whose task satisfies pred
+            flags = torch.tensor([p is not None and pred(p) for p in parts], device=hidden.device)
+            return flags.index_select(0, self.row_part)
+
+        kinds = sorted({parts[j].pooling for j in present})
+        reads = sorted({_READS.get(k, k) for k in kinds})  # the pooler reads what cls reads
+        x = pool(hidden, keep, text_start, text_len, reads[0])  # [B, H]
+        for how in reads[1:]:
+            mask = rows_where(lambda p, h=how: _READS.get(p.pooling, p.pooling) == h).unsqueeze(1)
+            x = torch.where(mask, pool(hidden, keep, text_start, text_len, how), x)
+        if any(parts[j].normalize for j in present):
+            x = torch.where(rows_where(lambda p: p.normalize).unsqueeze(1), F.normalize(x, dim=-1), x)
+        if "pooler" in kinds:
+            y = pooler(x)  # [B, H]
+            for b in plan.batches:
+                d = b.linear_delta(*POOLER, x)
+                if d is not None:
+                    y = y + d
+            x = torch.where(rows_where(lambda p: p.pooling == "pooler").unsqueeze(1), torch.tanh(y), x)
+        for j in present:  # task-owned dense layers (RoBERTa-shaped heads): rare, per task
+            p = parts[j]
             if p.dense_w is not None:
-                x = ACT2FN[p.dense_activation](x @ p.dense_w.T + p.dense_b)
-            z = x @ p.out_w.T + p.out_b  # [n, labels]
+                rows = (self.row_part == j).nonzero().squeeze(1)
+                x = x.index_copy(0, rows, ACT2FN[p.dense_activation](x.index_select(0, rows) @ p.dense_w.T + p.dense_b))
+        out: list[Tensor | None] = [None] * hidden.shape[0]
+        if slots.poolable([parts[j] for j in present]):
+            pr = POOL.gather(parts, self.row_part)
+            (key,) = pr.views
+            if pr.single:
+                z = torch.addmm(pr.one(key, 1), x, pr.one(key, 0))  # [B, Lmax]
+            else:  # z_b = x_b W_b^T + b_b for every row at once
+                z = torch.baddbmm(pr.rows(key, 1).unsqueeze(1), x.unsqueeze(1), pr.rows(key, 0)).squeeze(1)
+            for r, j in enumerate(part_of_row):
+                p = parts[j]
+                if p is not None:
+                    out[r] = z[r, : p.num_labels]
+            return out
+        for j in present:
+            p = parts[j]
+            rows = (self.row_part == j).nonzero().squeeze(1)
+            z = x.index_select(0, rows) @ p.out_w.T + p.out_b  # [n, labels]
             for r, zr in zip(rows.tolist(), z):
                 out[r] = zr
         return out

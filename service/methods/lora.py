@@ -89,6 +89,8 @@ class LoraWeights(TaskWeights):
 
 
 class LoraBatch(MethodBatch):
+    """Training path: tables stacked from the (gradient-carrying) task tensors for this batch."""
+
     def __init__(self, parts: Sequence[LoraWeights | None], row_part: Tensor):
         self.parts = parts
         self.row_part = row_part  # [B] index into parts
@@ -104,6 +106,9 @@ class LoraBatch(MethodBatch):
             self._tables[key] = slots.build(per_part, self.row_part)
         return self._tables[key]
 
+    def adapts(self, layer: int, site: str) -> bool:
+        return self._table((layer, site)) is not None
+
     def linear_delta(self, layer: int, site: str, x: Tensor) -> Tensor | None:
         t = self._table((layer, site))
         if t is None:
@@ -117,6 +122,54 @@ class LoraBatch(MethodBatch):
         out = LoraBatch(self.parts, self.row_part.index_select(0, rows))
         out._tables = {k: None if v is None else v.select(rows) for k, v in self._tables.items()}
         return out
+
+
+def _pool_entries(w: LoraWeights) -> dict:
+    """A task's pool entries: per (layer, site), A^T [in, r] and (scale B)^T [r, out], so a batch's
+    delta is two bmms over gathered rows with no per-batch transpose or scaling."""
+    return {(layer, site, a.shape[1], b.shape[0], a.device, a.dtype): (a.T, (b * w.scale).T)
+            for (layer, site), (a, b) in w.pairs.items()}
+
+
+POOL = slots.SlotPool(_pool_entries)
+
+
+class PooledLoraBatch(MethodBatch):
+    """Serving path: rows read their task's A and B from the persistent pool by slot; the delta is
+    added into the frozen linear's fresh output in place (`baddbmm_`), saving a pass over it."""
+
+    def __init__(self, rows: slots.PoolRows, sites: dict[tuple[int, str], tuple]):
+        self.pool_rows = rows
+        self.sites = sites  # (layer, site) -> pool key, for the sites some task of the batch adapts
+
+    def add_linear_delta(self, layer: int, site: str, x: Tensor, y: Tensor) -> Tensor:
+        key = self.sites.get((layer, site))
+        if key is None:
+            return y
+        pr = self.pool_rows
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, T, in]
+        y3 = y.view(y.shape[0], -1, y.shape[-1])  # [B, T, out]
+        if pr.single:  # one task: plain matmuls, no gather
+            y3.add_((x3 @ pr.one(key, 0)) @ pr.one(key, 1))
+        else:  # y_b += (x_b A_b^T)(s B_b)^T for every row b at once
+            y3.baddbmm_(torch.bmm(x3, pr.rows(key, 0)), pr.rows(key, 1))
+        return y
+
+    def adapts(self, layer: int, site: str) -> bool:
+        return (layer, site) in self.sites
+
+    def linear_delta(self, layer: int, site: str, x: Tensor) -> Tensor | None:
+        """The delta alone, for x [B, in] (the pooler) or [B, T, in]."""
+        key = self.sites.get((layer, site))
+        if key is None:
+            return None
+        pr = self.pool_rows
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, T, in]
+        y = torch.bmm(torch.bmm(x3, pr.rows(key, 0)), pr.rows(key, 1))  # [B, T, out]
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def select(self, rows: Tensor) -> "PooledLoraBatch":
+        return PooledLoraBatch(self.pool_rows.select(rows), self.sites)
 
 
 @register
@@ -165,10 +218,14 @@ class Lora(Method):
         problems.raise_if_any()
         return LoraWeights(r=r, alpha=float(alpha), use_rslora=bool(section.get("use_rslora", False)), pairs=pairs)
 
-    def batch(self, parts: Sequence[TaskWeights | None], row_part: Tensor) -> LoraBatch | None:
+    def batch(self, parts: Sequence[TaskWeights | None], row_part: Tensor) -> MethodBatch | None:
         if all(p is None for p in parts):
             return None
-        return LoraBatch(parts, row_part)  # type: ignore[arg-type]
+        if not slots.poolable(parts):
+            return LoraBatch(parts, row_part)  # type: ignore[arg-type]
+        rows = POOL.gather(parts, row_part)
+        sites = {(k[0], k[1]): k for k in rows.views}
+        return PooledLoraBatch(rows, sites)
 
 
 def _to(t: Tensor, backbone: BackboneInfo) -> Tensor:

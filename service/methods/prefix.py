@@ -81,7 +81,17 @@ class PrefixWeights(TaskWeights):
         return {"num_virtual_tokens": self.num_virtual_tokens, "shift_positions": self.shift_positions}
 
 
+def _pool_entries(w: PrefixWeights) -> dict:
+    return {("kv", *w.keys.shape[::2], w.keys.device, w.keys.dtype): (w.keys, w.values)}  # [L, P, H] each
+
+
+POOL = slots.SlotPool(_pool_entries)
+
+
 class PrefixBatch(MethodBatch):
+    """Rows read their prefixes from the slot pool (serving) or from tables stacked for this batch
+    (training, where they carry gradients); both pad to the batch's longest prefix."""
+
     def __init__(self, parts: Sequence[PrefixWeights | None], row_part: Tensor, num_heads: int, _built=None):
         self.parts = parts
         self.row_part = row_part
@@ -90,13 +100,16 @@ class PrefixBatch(MethodBatch):
         if _built is not None:  # select(): reuse the tables, slice the per-row state
             self.table, self.plen, self.shift, self.keep = _built
             return
-        self.table = slots.build([None if p is None else (p.keys, p.values) for p in parts], row_part)
+        if slots.poolable(parts):
+            self.table = slots.OneKey(POOL.gather(parts, row_part))
+        else:
+            self.table = slots.build([None if p is None else (p.keys, p.values) for p in parts], row_part)
         dev = row_part.device
         plen = torch.tensor([0 if p is None else p.num_virtual_tokens for p in parts], device=dev)
         shift = torch.tensor([p.positions_used if p is not None else 0 for p in parts], device=dev)
         self.plen = plen.index_select(0, row_part)  # [B]
         self.shift = shift.index_select(0, row_part)  # [B]
-        pmax = self.table.tables[0].shape[2]
+        pmax = max(p.num_virtual_tokens for p in parts if p is not None)
         self.keep = torch.arange(pmax, device=dev).unsqueeze(0) < self.plen.unsqueeze(1)  # [B, Pmax]
 
     def position_shift(self) -> Tensor | None:

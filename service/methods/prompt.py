@@ -76,6 +76,14 @@ class PromptWeights(TaskWeights):
         return {"num_virtual_tokens": self.num_virtual_tokens}
 
 
+def _pool_entries(w: "PromptWeights") -> dict:
+    e = w.embeddings  # [P, E]
+    return {("embeddings", e.shape[1], e.device, e.dtype): (e,)}
+
+
+POOL = slots.SlotPool(_pool_entries)
+
+
 class PromptBatch(MethodBatch):
     def __init__(self, parts: Sequence[PromptWeights | None], row_part: Tensor, _built=None):
         self.parts = parts
@@ -83,7 +91,10 @@ class PromptBatch(MethodBatch):
         if _built is not None:  # select(): reuse the tables, slice the per-row state
             self.table, self.lengths = _built
             return
-        self.table = slots.build([None if p is None else (p.embeddings,) for p in parts], row_part)
+        if slots.poolable(parts):
+            self.table = slots.OneKey(POOL.gather(parts, row_part))
+        else:
+            self.table = slots.build([None if p is None else (p.embeddings,) for p in parts], row_part)
         lengths = torch.tensor([0 if p is None else p.num_virtual_tokens for p in parts], device=row_part.device)
         self.lengths = lengths.index_select(0, row_part)  # [B]
 

@@ -20,6 +20,7 @@ from service.engine.backbone import load_backbone
 from service.engine.engine import Engine
 from service.engine.types import TaskKey
 from service.errors import TaskUnavailable
+from service.methods.lora import LoraWeights
 from service.settings import Settings
 from service.store import LocalStore, verify_bundle
 from tests.aio import async_test, wait_until
@@ -144,14 +145,23 @@ def test_only_content_hash_versions_are_checked(tmp_path: Path) -> None:
 class _Exploding(dict):
     """LoRA pairs that raise when the forward reads them (as a device error or a bad kernel would)."""
 
-    def __getitem__(self, key):
+    def _boom(self, *args, **kwargs):
         raise RuntimeError("simulated fault: this task's weights cannot be read")
+
+    __getitem__ = get = items = keys = values = __iter__ = _boom
+
+
+@dataclasses.dataclass(frozen=True)
+class _SabotagedLora(LoraWeights):
+    def tensors(self) -> dict:  # what the cache counts: nothing, so only the forward touches pairs
+        return {}
 
 
 def _sabotaged(task):
     """The same task, whose LoRA weights raise inside the forward, alone or batched with others."""
     lora = task.weights["lora"]
-    return dataclasses.replace(task, weights={**task.weights, "lora": dataclasses.replace(lora, pairs=_Exploding(lora.pairs))})
+    bad = _SabotagedLora(r=lora.r, alpha=lora.alpha, use_rslora=lora.use_rslora, pairs=_Exploding(lora.pairs))
+    return dataclasses.replace(task, weights={**task.weights, "lora": bad})
 
 
 @pytest.fixture

@@ -1,0 +1,114 @@
+"""The persistent slot pool: serving reads task weights from device tables written once per task.
+
+The pooled (serving) path must equal the per-batch tables of the training path, keep doing so as
+the pool grows (more tasks, larger ranks) and as slots are freed and reused by other tasks.
+"""
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+
+import torch
+
+from service.engine.engine import Engine
+from service.engine.types import ClassifyItem, TaskKey
+from service.methods import lora, slots
+from tests.engine.test_mixed_batch import _texts
+from tests.factories import publish, random_adapter, random_head, random_lora, random_method, tiny_backbone
+
+ATOL = 1e-5
+
+
+def _publish(engine: Engine, store, name: str, weights: dict, labels: int = 2):
+    info = engine.backbone.info
+    v = publish(store, name, weights, [f"l{k}" for k in range(labels)], fingerprint=info.fingerprint)
+    return engine.load_task(store / name / v, TaskKey(name, v))
+
+
+def _pooled_vs_built(engine: Engine, tasks, n_rows: int = 24) -> float:
+    texts = _texts(n_rows, seed=3)
+    items = [ClassifyItem(tasks[i % len(tasks)], t) for i, t in enumerate(texts)]
+    batch = engine.tokenize(items)
+    pooled = engine.logits(batch)  # inference mode: the slot pool
+    with torch.enable_grad():  # grad mode: per-batch tables, as training builds them
+        built = [z.detach().float().cpu() for z in engine.full_depth_logits(batch)]
+    assert len(pooled) == len(built)
+    return max(float((a - b).abs().max()) for a, b in zip(pooled, built))
+
+
+def test_batch_picks_the_pool_only_when_serving(tmp_path):
+    engine = Engine(tiny_backbone("bert", tmp_path))
+    g = torch.Generator().manual_seed(0)
+    w = random_lora(engine.backbone.info, g, r=4)
+    row_part = torch.zeros(1, dtype=torch.long)
+    with torch.inference_mode():
+        assert isinstance(lora.Lora().batch([w], row_part), lora.PooledLoraBatch)
+    with torch.enable_grad():
+        assert isinstance(lora.Lora().batch([w], row_part), lora.LoraBatch)
+    trainable = lora.LoraWeights(r=w.r, alpha=w.alpha, use_rslora=False,
+                                 pairs={k: (a.clone().requires_grad_(), b) for k, (a, b) in w.pairs.items()})
+    with torch.no_grad():  # weights still training (e.g. evaluation between steps) never pool
+        assert isinstance(lora.Lora().batch([trainable], row_part), lora.LoraBatch)
+
+
+def test_pooled_equals_per_batch_tables_every_method_and_pooling(tmp_path):
+    """Ranks 2..16, adapters of both placements and activations, prefixes, prompts, and heads of
+    every pooling kind (mean and pooler with no cls task in the batch) and label count."""
+    engine = Engine(tiny_backbone("bert", tmp_path))
+    info, g, store = engine.backbone.info, torch.Generator().manual_seed(1), tmp_path / "store"
+    tasks = []
+    for i, (m, variant) in enumerate([("lora", 0), ("lora", 1), ("adapter", 0), ("adapter", 1), ("prefix", 0), ("prompt", 1)]):
+        pooling = ("mean", "pooler")[i % 2]
+        w = {m: random_method(m, info, g, variant), "head": random_head(info, g, labels=2 + i % 3, pooling=pooling, dense=i == 3)}
+        tasks.append(_publish(engine, store, f"t{i}", w, labels=2 + i % 3))
+    tasks.append(_publish(engine, store, "big-rank", {"lora": random_lora(info, g, r=16, sites=("query", "ffn_out")),
+                                                     "adapter": random_adapter(info, g, kind="pfeiffer", bottleneck=12, activation="gelu"),
+                                                     "head": random_head(info, g, labels=5, pooling="mean")}, labels=5))
+    assert _pooled_vs_built(engine, tasks) <= ATOL
+    assert _pooled_vs_built(engine, tasks[:1]) <= ATOL  # one task: the no-gather path
+
+
+def test_pool_grows_and_reuses_slots_without_leaking(tmp_path):
+    engine = Engine(tiny_backbone("bert", tmp_path))
+    info, g, store = engine.backbone.info, torch.Generator().manual_seed(2), tmp_path / "store"
+    first = [_publish(engine, store, f"a{i}", {"lora": random_lora(info, g, r=2 + i % 3), "head": random_head(info, g)})
+             for i in range(12)]  # more than the pool's first capacity (8)
+    assert _pooled_vs_built(engine, first) <= ATOL
+    used = len(lora.POOL)
+    del first
+    gc.collect()
+    second = [_publish(engine, store, f"b{i}", {"lora": random_lora(info, g, r=3, sites=("key",)), "head": random_head(info, g)})
+              for i in range(12)]
+    # the freed slots are reused (zeroed first: the old tasks' query/value tables must not leak)
+    assert _pooled_vs_built(engine, second) <= ATOL
+    assert len(lora.POOL) <= used
+
+
+@dataclass(frozen=True)
+class _W:
+    t: torch.Tensor
+
+    def tensors(self):
+        return {"t": self.t}
+
+
+def test_slot_pool_tables_pad_and_slice_to_the_batch():
+    pool = slots.SlotPool(lambda w: {"k": (w.t,)})
+    small, large = _W(torch.ones(2, 3)), _W(torch.full((4, 5), 2.0))
+    rows = pool.gather([small], torch.tensor([0, 0]))
+    assert rows.single and rows.one("k", 0).shape == (2, 3)
+    rows = pool.gather([small, large, None], torch.tensor([1, 0, 2]))
+    got = rows.rows("k", 0)  # [3, 4, 5]: sliced to the widest task of this batch
+    assert got.shape == (3, 4, 5)
+    assert torch.equal(got[0], large.t) and torch.equal(got[2], torch.zeros(4, 5))
+    assert torch.equal(got[1, :2, :3], small.t) and float(got[1].sum()) == 6.0  # zero padding
+    assert torch.equal(pool.gather([small], torch.tensor([0])).rows("k", 0)[0], small.t)  # still sliced to 2x3
+    del large
+    gc.collect()
+    reused = _W(torch.full((1, 1), 7.0))
+    got = pool.gather([reused], torch.tensor([0])).rows("k", 0)
+    assert got.shape == (1, 1, 1) and float(got.sum()) == 7.0
+    assert len(pool) == 2
+    wide = _W(torch.zeros(4, 5))
+    got = pool.gather([reused, wide], torch.tensor([0, 1])).rows("k", 0)
+    assert float(got[0].sum()) == 7.0  # the reused slot holds nothing of the large task it replaced
