@@ -109,16 +109,15 @@ class Encoder:
             after = lambda site, x: self._after_packed(i, site, x, plan, pk)  # noqa: E731
             hp = pk.pack(h)  # [N, H]
 
+            # A q/k/v/attn_out linear whose per-row deltas do not run on packed spans runs padded,
+            # with the deltas fused in place (attention needs q, k, v padded anyway).
+            padded = lambda site: any(b.adapts(i, site) and not b.packed_spans(i, site, h.device) for b in plan.batches)  # noqa: E731
+
             def proj(site: str) -> Tensor:  # q, k, v in the padded layout attention reads
-                if any(b.adapts(i, site) for b in plan.batches):  # per-row deltas fused in place
-                    return self._linear(i, site, h, plan)
-                return pk.unpack(L.site(site)(hp))
+                return self._linear(i, site, h, plan) if padded(site) else pk.unpack(lin(site, hp))
 
             ctx = self._attention(i, st, proj("query"), proj("key"), proj("value"))  # [B, S, H]
-            if any(b.adapts(i, "attn_out") for b in plan.batches):
-                a = pk.pack(self._linear(i, "attn_out", ctx, plan))
-            else:
-                a = L.site("attn_out")(pk.pack(ctx))
+            a = pk.pack(self._linear(i, "attn_out", ctx, plan)) if padded("attn_out") else lin("attn_out", pk.pack(ctx))
             a = after("attn", a)
         hp = L.attn_norm(a + hp)
         f = lin("ffn_out", self.f.activation(lin("ffn_in", hp)))
@@ -156,15 +155,23 @@ class Encoder:
         packed and added."""
         y = self.f.layers[i].site(site)(xp)  # [N, out]
         for b in plan.batches:
-            if b.adapts(i, site):
-                d = b.linear_delta(i, site, pk.unpack(xp))
-                if d is not None:
-                    y = y + pk.pack(d)
+            if not b.adapts(i, site):
+                continue
+            if b.packed_spans(i, site, xp.device):
+                b.add_packed_delta(i, site, xp, y, pk)
+                continue
+            d = b.linear_delta(i, site, pk.unpack(xp))
+            if d is not None:
+                y = y + pk.pack(d)
         return y
 
     def _after_packed(self, i: int, site: str, xp: Tensor, plan: Plan, pk: "Packing") -> Tensor:
         for b in plan.batches:
-            if b.adapts(i, site):
+            if not b.adapts(i, site):
+                continue
+            if b.packed_spans(i, site, xp.device):
+                xp = b.after_sublayer_packed(i, site, xp, pk)
+            else:
                 xp = pk.pack(b.after_sublayer(i, site, pk.unpack(xp)))
         return xp
 
@@ -181,6 +188,7 @@ class Packing:
 
     index: Tensor  # [N] into the flattened B*S positions
     shape: tuple[int, int]  # (B, S)
+    _lengths: list[int] | None = None  # real positions per row, computed on first use
 
     # Below this share of padding the copies in and out cost more than the skipped matmul rows save.
     MIN_PADDING = 0.1  # a guess, not tuned: on CPU packing paid off from about this much padding
@@ -192,6 +200,23 @@ class Packing:
         if index.numel() > (1 - cls.MIN_PADDING) * bsz * s:
             return None
         return cls(index, (bsz, s))
+
+    def runs(self, row_keys: list[int]) -> list[tuple[int, int, int]]:
+        """(start, end, key) spans of packed positions: consecutive rows with the same non-zero
+        key (e.g. a slot) merged, rows with key 0 left out. Positions are row-major, so each row's
+        real positions are one contiguous span."""
+        if self._lengths is None:
+            object.__setattr__(self, "_lengths", self.index.new_zeros(self.shape[0]).index_add_(
+                0, self.index // self.shape[1], torch.ones_like(self.index)).tolist())
+        out: list[tuple[int, int, int]] = []
+        start = 0
+        for key, n in zip(row_keys, self._lengths):  # type: ignore[arg-type]
+            if key and out and out[-1][2] == key and out[-1][1] == start:
+                out[-1] = (out[-1][0], start + n, key)
+            elif key and n:
+                out.append((start, start + n, key))
+            start += n
+        return out
 
     def pack(self, x: Tensor) -> Tensor:
         """[B, S, X] -> [N, X]"""

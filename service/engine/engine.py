@@ -102,9 +102,15 @@ class Engine:
         answer = [0] * len(items)
         tok = self.backbone.tokenizer
         causal = self.backbone.info.kind == "decoder"
+        rows_of: list[list[int]] = [[] for _ in tasks]
+        for r, j in enumerate(row_part):
+            rows_of[j].append(r)
+        # Rows of plain (template-free) tasks with the same max_length and input kind share one
+        # tokenizer call: a batch of 32 tasks is one call, not 32.
+        plain: dict[tuple[int, bool], list[int]] = {}
         with self._tok_lock:
             for j, task in enumerate(tasks):
-                rows = [r for r, p in enumerate(row_part) if p == j]
+                rows = rows_of[j]
                 template = task.spec.template
                 if template is not None:  # prompt tasks: template pieces + truncated inputs
                     demos = self._demonstrations(task, [items[r] for r in rows])
@@ -115,25 +121,26 @@ class Engine:
                             ids[r], answer[r] = template.encode_with_demos(tok, items[r].text, items[r].text_pair, demos[k],
                                                                            task.spec.max_length, causal)
                     continue
+                plain.setdefault((task.spec.max_length, task.input_kind == "pair"), []).extend(rows)
+            for (max_length, is_pair), rows in plain.items():
                 texts = [items[r].text for r in rows]
-                pairs = [items[r].text_pair for r in rows] if task.input_kind == "pair" else None
+                pairs = [items[r].text_pair for r in rows] if is_pair else None
                 # Longer inputs are truncated to the task's max_length (documented per task);
                 # the HTTP layer refuses over-long *characters* before we get here.
-                enc = tok(texts, pairs, truncation=True, max_length=task.spec.max_length)
+                enc = tok(texts, pairs, truncation=True, max_length=max_length)
                 for k, r in enumerate(rows):
                     ids[r] = enc["input_ids"][k]
                     types[r] = enc["token_type_ids"][k] if "token_type_ids" in enc else None
         t = max(len(x) for x in ids)  # type: ignore[arg-type]
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        input_ids = torch.full((len(items), t), pad, dtype=torch.long)
-        mask = torch.zeros((len(items), t), dtype=torch.long)
+        # right-pad in Python, then one tensor each (not a tensor op per row)
+        input_ids = torch.tensor([x + [pad] * (t - len(x)) for x in ids], dtype=torch.long)  # type: ignore[operator]
+        mask = torch.tensor([[1] * len(x) + [0] * (t - len(x)) for x in ids], dtype=torch.long)  # type: ignore[arg-type]
         has_types = self.backbone.family.embeddings.token_type is not None
-        tt = torch.zeros((len(items), t), dtype=torch.long) if has_types else None
-        for r, x in enumerate(ids):
-            input_ids[r, : len(x)] = torch.tensor(x)
-            mask[r, : len(x)] = 1
-            if tt is not None and types[r] is not None:
-                tt[r, : len(x)] = torch.tensor(types[r])
+        tt = None
+        if has_types:
+            tt = torch.tensor([(ty if ty is not None else [0] * len(x)) + [0] * (t - len(x)) for x, ty in zip(ids, types)],  # type: ignore[arg-type]
+                              dtype=torch.long)
         dev = self.backbone.device
         return Batch(
             input_ids=input_ids.to(dev),

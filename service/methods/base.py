@@ -76,9 +76,23 @@ class MethodBatch:
         d = self.linear_delta(layer, site, x)
         return y if d is None else y + d
 
+    def packed_spans(self, layer: int, site: str, device) -> bool:
+        """Whether this batch applies its work at `site` directly on packed positions (one small
+        op per span of rows: `add_packed_delta` / `after_sublayer_packed`). If not, the encoder
+        unpacks the input, calls `linear_delta` / `after_sublayer`, and packs the result."""
+        return False
+
+    def add_packed_delta(self, layer: int, site: str, xp: Tensor, yp: Tensor, packing) -> None:
+        """Add the delta for packed positions xp [N, in] into yp [N, out], in place."""
+        raise NotImplementedError
+
     def after_sublayer(self, layer: int, site: str, h: Tensor) -> Tensor:
         """Transform a sub-layer's output [B, T, H] before its residual + LayerNorm."""
         return h
+
+    def after_sublayer_packed(self, layer: int, site: str, hp: Tensor, packing) -> Tensor:
+        """`after_sublayer` on packed positions hp [N, H] (may write in place)."""
+        raise NotImplementedError
 
     def select(self, rows: Tensor) -> "MethodBatch":
         """The same tables restricted to `rows` (early-exit compaction)."""

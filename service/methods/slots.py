@@ -77,6 +77,27 @@ Key = Hashable
 Entries = Mapping[Key, tuple[Tensor, ...]]
 
 
+# Per-row work on packed positions can run as one small matmul per span of rows sharing a task
+# (no padded copies: the SGMV idea) or as one padded bmm over every row (unpack, bmm, pack). On
+# CPU, measured on MiniLM (bench/engine_methods.py, bench/engine_lora.py): spans win when few rows
+# of the batch use the method (8 LoRA rows of 32: the mixed batch went from 0.66x to 0.73x of
+# base) and for the wide FFN linears (LoRA on all six sites: 0.49x -> 0.81x); the bmm wins when
+# every row takes part in the attention-block sites (32 LoRA q,v rows: 0.95x vs 0.85x). On a GPU
+# the many small matmuls cost more launches than the padded copies: always the bmm.
+SPAN_MAX_SHARE = 0.5
+
+
+def spans(device: torch.device) -> bool:
+    """Whether this device runs per-row work as per-span matmuls at all (CPU) or never (GPU)."""
+    return device.type == "cpu"
+
+
+def use_spans(device: torch.device, rows_using: int, rows: int, wide: bool = False) -> bool:
+    """Spans for this site: on CPU, for wide linears, or when at most SPAN_MAX_SHARE of the rows
+    use the method there."""
+    return spans(device) and (wide or rows_using <= SPAN_MAX_SHARE * rows)
+
+
 def poolable(parts: Sequence[object | None]) -> bool:
     """Serving weights go through the pool; weights that train (leaf tensors collecting gradients)
     must not, since a copy in a table would neither see optimizer steps nor pass gradients back."""

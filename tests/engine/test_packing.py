@@ -1,4 +1,4 @@
-"""The FFN block runs on real positions only (padding packed away): same logits and gradients."""
+"""Linears, norms and the FFN run on real positions only (padding packed away): same logits and gradients."""
 from __future__ import annotations
 
 import pytest
@@ -6,6 +6,7 @@ import torch
 
 from service.engine.encoder import Packing
 from service.engine.engine import Engine
+from service.methods import slots
 from service.engine.types import ClassifyItem
 from service.engine.families import SITES
 from tests.engine.test_mixed_batch import _texts
@@ -29,10 +30,18 @@ def _batch(engine: Engine, tmp_path):
     return engine.tokenize([ClassifyItem(tasks[i % len(tasks)], t) for i, t in enumerate(texts)])
 
 
+@pytest.mark.parametrize("mode", ["gpu", "cpu-bmm", "cpu-spans"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_packed_ffn_equals_padded(family, tmp_path, monkeypatch):
+def test_packed_equals_padded(family, mode, tmp_path, monkeypatch):
+    """Every way a packed batch applies per-row methods (one small matmul per span of rows, or a
+    padded bmm: unpacked and packed around it, or fused into a padded q/k/v linear) gives the
+    padded batch's logits."""
     engine = Engine(tiny_backbone(family, tmp_path))
     batch = _batch(engine, tmp_path)
+    # cpu-bmm: every method's rows count as "many" (spans only for FFN-site LoRA); gpu: no spans
+    monkeypatch.setattr(slots, "SPAN_MAX_SHARE", 1.0 if mode == "cpu-spans" else 0.0)
+    if mode == "gpu":
+        monkeypatch.setattr(slots, "spans", lambda device: False)
     monkeypatch.setattr(Packing, "MIN_PADDING", 0.0)  # pack whenever any position is padding
     states, _ = engine.layer_states(batch)
     assert states[0].packing is not None
