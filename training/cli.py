@@ -114,6 +114,9 @@ def build_train_parser(prog: str = "adaptserve train") -> argparse.ArgumentParse
                    f"loss over every exit and the head (PABEE) [{d.exit_loss}]")
     g.add_argument("--exit-max-drop", type=float, metavar="POINTS",
                    help=f"dev accuracy points the calibrated threshold may lose vs full depth [{d.exit_max_drop:g}]")
+    g.add_argument("--exit-confidence", type=float, metavar="LEVEL",
+                   help=f"one-sided confidence that the loss is within --exit-max-drop (paired upper bound over "
+                   f"dev rows; 0.5 = point estimate) [{d.exit_confidence:g}]")
 
     from training.prompting import add_prompt_flags
 
@@ -159,7 +162,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def _early_exit_options(args: argparse.Namespace) -> dict[str, Any]:
     """--early-exit and its options (absent from parsers without them: early exit off)."""
-    given = {k: v for k in ("exit_loss", "exit_max_drop") if (v := getattr(args, k, None)) is not None}
+    given = {k: v for k in ("exit_loss", "exit_max_drop", "exit_confidence") if (v := getattr(args, k, None)) is not None}
     if not getattr(args, "early_exit", False):
         if given:
             raise ConfigError(f"--{next(iter(given)).replace('_', '-')} applies with --early-exit")

@@ -293,7 +293,7 @@ def _exit_summary(cal: dict[str, Any]) -> str:
         parts.append(f"{name} {p['threshold']:.4g}: dev accuracy {p['accuracy']:.4f}, mean exit layer "
                      f"{p['mean_exit_layer']:.2f}" if p["met"] else f"{name}: no threshold within the target")
     return (f"early exit (dev, full depth {cal['full_depth_accuracy']:.4f}, at most {cal['max_drop_points']:g} "
-            f"points lost, {cal['layers']} layers): " + "; ".join(parts))
+            f"points lost at {100 * cal['confidence']:g}% confidence, {cal['layers']} layers): " + "; ".join(parts))
 
 
 def _task(name: str, weights: dict[str, TaskWeights], labels: Sequence[str], input_kind: str, config: TrainConfig,

@@ -1,6 +1,10 @@
 """`--early-exit` training: served == trained (policy off and exit decisions), the calibrated
-threshold is stored and loads, and calibration meets its accuracy-drop target."""
+threshold is stored and loads, and calibration meets its accuracy-drop target (point estimate and
+paired upper bound)."""
 from __future__ import annotations
+
+import math
+import statistics
 
 import pytest
 import torch
@@ -14,7 +18,7 @@ from training.cli import build_train_parser, config_from_args
 from training.config import ConfigError, TrainConfig
 from training.data import load_splits
 from training.evaluate import load_published
-from training.exits import ExitTables, calibrate, collect, exit_logits_at, simulate, sweep, tables
+from training.exits import ExitTables, calibrate, collect, exit_logits_at, pick, simulate, sweep, tables
 from training.publish import save_to_store
 from training.trainer import train
 
@@ -46,12 +50,15 @@ def test_early_exit_round_trip(exit_loss, deep, csvs, tmp_path):
     trained = result.weights["exits"]
     assert sorted(trained.layers) == [0, 1, 2]
     cal = trained.calibration
-    assert cal["layers"] == LAYERS and cal["rows"] == len(splits.dev) and cal["max_drop_points"] == 0.5
+    assert cal["layers"] == LAYERS and cal["rows"] == len(splits.dev)
+    assert (cal["max_drop_points"], cal["confidence"]) == (cfg.exit_max_drop, cfg.exit_confidence)
+    assert cal["rule"] == "paired upper bound"
     assert set(cal["policies"]) == {"confidence", "entropy", "patience"}
     conf = cal["policies"]["confidence"]
     if conf["met"]:  # the stored default is the calibrated confidence threshold, within the target
         assert trained.policy == ExitPolicy("confidence", conf["threshold"])
-        assert conf["accuracy"] >= cal["full_depth_accuracy"] - 0.005
+        assert conf["drop_bound_points"] <= cfg.exit_max_drop + 1e-9
+        assert conf["accuracy"] >= cal["full_depth_accuracy"] - cfg.exit_max_drop / 100 - 1e-12
     else:
         assert trained.policy == ExitPolicy("off")
 
@@ -60,7 +67,8 @@ def test_early_exit_round_trip(exit_loss, deep, csvs, tmp_path):
     task = load_published(engine, tmp_path, result.name)
     served_exits = task.weights["exits"]
     assert served_exits.policy == trained.policy and served_exits.calibration == cal  # stored and loaded
-    assert result.config.hyperparameters()["early_exit"] == {"exit_loss": exit_loss, "exit_max_drop": 0.5}
+    assert result.config.hyperparameters()["early_exit"] == {
+        "exit_loss": exit_loss, "exit_max_drop": cfg.exit_max_drop, "exit_confidence": cfg.exit_confidence}
     for name, stored in cal["policies"].items():  # what a request naming only the policy gets
         assert served_exits.threshold_for(name) == (stored["threshold"] if stored["met"] else DEFAULT_THRESHOLDS[name])
 
@@ -161,6 +169,65 @@ def test_no_threshold_within_the_target_stores_policy_off():
     assert not record["policies"]["confidence"]["met"] and record["policies"]["confidence"]["threshold"] is None
 
 
+def test_sweep_reports_the_paired_standard_error_of_the_drop():
+    """drop_se is the standard error of [full depth right] - [policy right] over the rows: zero
+    where the policy never changes an answer, and by hand on a small case."""
+    t = _constructed()
+    for p in sweep(t, "confidence"):
+        pred, _ = simulate(t, ExitPolicy("confidence", p.threshold))
+        diff = ((t.final_pred == t.labels).double() - (pred == t.labels).double()).tolist()
+        assert p.drop_se == pytest.approx(statistics.stdev(diff) / math.sqrt(len(diff)), abs=1e-12)
+    # four rows: the policy (patience 1: the first exit answers) turns one right answer wrong and
+    # one wrong answer right, and leaves two alone: diffs [1, -1, 0, 0]
+    top = torch.tensor([[1, 1], [0, 0], [0, 0], [1, 1]])
+    t4 = ExitTables(torch.zeros(4, 2), torch.ones(4, 2), top, torch.tensor([0, 1, 0, 1]), torch.tensor([0, 0, 0, 1]))
+    (p1,) = [p for p in sweep(t4, "patience") if p.threshold == 1.0]
+    assert p1.accuracy == 0.75 and p1.drop_se == pytest.approx(statistics.stdev([1, -1, 0, 0]) / 2)
+
+
+@pytest.mark.parametrize("confidence", [0.5, 0.75, 0.9, 0.99])
+def test_calibration_bound_holds_at_the_chosen_threshold(confidence):
+    """With confidence > 0.5 the chosen point's upper bound (drop + z * SE) is within the target,
+    as is every more conservative point on the way to it; the record says so."""
+    t = _constructed(n=300, seed=3)
+    full = float((t.final_pred == t.labels).double().mean())
+    z = statistics.NormalDist().inv_cdf(confidence)
+    _, record = calibrate(t, 1.0, confidence)
+    assert record["confidence"] == confidence and record["z"] == pytest.approx(z, abs=1e-4)
+    for name, chosen in record["policies"].items():
+        careful = -1 if name == "entropy" else 1
+        points = sorted(sweep(t, name), key=lambda p: -careful * p.threshold)
+        bound = [100 * (full - p.accuracy + z * p.drop_se) for p in points]
+        reach = next((i for i, b in enumerate(bound) if b > 1.0 + 1e-10), len(points))
+        if reach == 0:
+            assert not chosen["met"]
+            continue
+        assert chosen["met"] and chosen["drop_bound_points"] <= 1.0 + 1e-9
+        assert chosen["mean_exit_layer"] == min(p.mean_exit_layer for p in points[:reach])
+
+
+def test_a_higher_confidence_is_never_more_aggressive():
+    """The bound only tightens the point-estimate rule: more confidence, never fewer layers."""
+    for seed in range(3):
+        t = _constructed(n=300, seed=seed)
+        for name in ("confidence", "entropy", "patience"):
+            layers = [calibrate(t, 1.0, c)[1]["policies"][name].get("mean_exit_layer", LAYERS)
+                      for c in (0.5, 0.8, 0.9, 0.99)]
+            assert layers == sorted(layers), (seed, name, layers)
+        conf = [calibrate(t, 1.0, c)[1]["policies"]["confidence"].get("mean_exit_layer", LAYERS) for c in (0.5, 0.99)]
+        assert conf[0] < conf[1]  # and on this case it does cost layers
+
+
+def test_pick_with_z_stops_where_the_bound_crosses():
+    from training.exits import Point
+
+    pts = [Point(0.9, 0.80, 5.0, 0.000), Point(0.7, 0.80, 3.0, 0.004), Point(0.5, 0.795, 2.0, 0.010)]
+    floor = 0.80 - 0.01  # a 1-point target
+    assert pick(pts, floor, "confidence", z=0.0).threshold == 0.5  # point estimates: all within
+    assert pick(pts, floor, "confidence", z=1.0).threshold == 0.7  # 0.795 - 0.010 < 0.79: stop before
+    assert pick(pts, floor, "confidence", z=3.0).threshold == 0.9  # 0.80 - 0.012 < 0.79
+
+
 def test_patience_replay_counts_agreeing_exits():
     top = torch.tensor([[0, 0, 1], [1, 0, 0], [1, 1, 1]])
     t = ExitTables(torch.zeros(3, 3), torch.ones(3, 3), top, torch.tensor([1, 1, 0]), torch.tensor([0, 0, 1]))
@@ -173,6 +240,8 @@ def test_patience_replay_counts_agreeing_exits():
 @pytest.mark.parametrize("flags, message", [
     (["--exit-loss", "sometimes"], "invalid choice"),
     (["--exit-max-drop", "-1"], "--exit-max-drop"),
+    (["--exit-confidence", "1"], "--exit-confidence"),
+    (["--exit-confidence", "0.3"], "--exit-confidence"),
 ])
 def test_cli_early_exit_options(flags, message, capsys):
     base = ["--task", "t", "--data", "a.csv", "--dev", "b.csv", "--method", "lora", "--no-publish", "--early-exit"]
@@ -184,7 +253,8 @@ def test_cli_early_exit_options(flags, message, capsys):
     else:
         with pytest.raises(ConfigError, match=message):
             config_from_args(parser.parse_args(base + flags))
-    cfg = config_from_args(parser.parse_args(base + ["--exit-loss", "weighted", "--exit-max-drop", "1"]))
-    assert cfg.early_exit and cfg.exit_loss == "weighted" and cfg.exit_max_drop == 1.0
+    cfg = config_from_args(parser.parse_args(base + ["--exit-loss", "weighted", "--exit-max-drop", "0.5",
+                                                     "--exit-confidence", "0.95"]))
+    assert cfg.early_exit and cfg.exit_loss == "weighted" and cfg.exit_max_drop == 0.5 and cfg.exit_confidence == 0.95
     assert not config_from_args(parser.parse_args(base[:-1])).early_exit
     assert TrainConfig(method="lora").exit_loss in ("two-stage", "weighted")
