@@ -109,15 +109,18 @@ class Encoder:
             after = lambda site, x: self._after_packed(i, site, x, plan, pk)  # noqa: E731
             hp = pk.pack(h)  # [N, H]
 
-            # A q/k/v/attn_out linear whose per-row deltas do not run on packed spans runs padded,
-            # with the deltas fused in place (attention needs q, k, v padded anyway).
-            padded = lambda site: any(b.adapts(i, site) and not b.packed_spans(i, site, h.device) for b in plan.batches)  # noqa: E731
-
-            def proj(site: str) -> Tensor:  # q, k, v in the padded layout attention reads
-                return self._linear(i, site, h, plan) if padded(site) else pk.unpack(lin(site, hp))
+            def proj(site: str) -> Tensor:  # q, k, v in the padded layout attention reads: the
+                # frozen linear on real positions, per-row deltas added on the padded rows
+                y = pk.unpack(L.site(site)(hp))
+                for b in plan.batches:
+                    if b.adapts(i, site):
+                        y = b.add_linear_delta(i, site, h, y)
+                return y
 
             ctx = self._attention(i, st, proj("query"), proj("key"), proj("value"))  # [B, S, H]
-            a = pk.pack(self._linear(i, "attn_out", ctx, plan)) if padded("attn_out") else lin("attn_out", pk.pack(ctx))
+            # attn_out with per-row deltas that do not run on packed spans: padded, deltas fused
+            padded = any(b.adapts(i, "attn_out") and not b.packed_spans(i, "attn_out", h.device) for b in plan.batches)
+            a = pk.pack(self._linear(i, "attn_out", ctx, plan)) if padded else lin("attn_out", pk.pack(ctx))
             a = after("attn", a)
         hp = L.attn_norm(a + hp)
         f = lin("ffn_out", self.f.activation(lin("ffn_in", hp)))

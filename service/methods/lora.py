@@ -142,6 +142,7 @@ class PooledLoraBatch(MethodBatch):
         self.pool_rows = rows
         self.sites = sites  # (layer, site) -> pool key, for the sites some task of the batch adapts
         self._slots: list[int] | None = None  # per-row slots on the host (packed CPU path)
+        self._subset: tuple[Tensor, Tensor] | None | bool = False  # see _using (False: not computed)
 
     def add_linear_delta(self, layer: int, site: str, x: Tensor, y: Tensor) -> Tensor:
         key = self.sites.get((layer, site))
@@ -152,9 +153,24 @@ class PooledLoraBatch(MethodBatch):
         y3 = y.view(y.shape[0], -1, y.shape[-1])  # [B, T, out]
         if pr.single:  # one task: plain matmuls, no gather
             y3.add_((x3 @ pr.one(key, 0)) @ pr.one(key, 1))
-        else:  # y_b += (x_b A_b^T)(s B_b)^T for every row b at once
+            return y
+        using = self._using()
+        if using is None:  # y_b += (x_b A_b^T)(s B_b)^T for every row b at once
             y3.baddbmm_(torch.bmm(x3, pr.rows(key, 0)), pr.rows(key, 1))
+        else:  # the same for the rows whose task has LoRA here only
+            rows, slot = using
+            at, bt = pr.views[key]
+            d = torch.bmm(torch.bmm(x3.index_select(0, rows), at.index_select(0, slot)), bt.index_select(0, slot))
+            y3.index_add_(0, rows, d)
         return y
+
+    def _using(self) -> tuple[Tensor, Tensor] | None:
+        """(rows whose task has LoRA, their slots) when that is at most half the batch, else None."""
+        if self._subset is False:
+            slot = self.pool_rows.slot
+            rows = slot.nonzero().squeeze(1)
+            self._subset = (rows, slot.index_select(0, rows)) if rows.numel() <= slots.SPAN_MAX_SHARE * slot.numel() else None
+        return self._subset  # type: ignore[return-value]
 
     def adapts(self, layer: int, site: str) -> bool:
         return (layer, site) in self.sites
