@@ -17,6 +17,7 @@ from typing import AsyncIterator
 from fastapi import FastAPI
 
 from service import __version__
+from service.methods import slots
 from service.api import openapi, router
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
@@ -109,6 +110,9 @@ async def _start(state: ServiceState, engine: EngineLike | None) -> None:
         def to_device(task):
             return task.to(ready_engine.backbone.device) if hasattr(task, "to") else task
 
+        # The methods' slot pools (padded device copies of recently batched tasks) are capped at
+        # the device tier's budget too, so device memory for tasks stays within twice the budget.
+        slots.configure(settings.cache_max_bytes)
         cache = TaskCache(
             load, settings.cache_max_bytes, host_max_bytes=settings.cache_host_max_bytes,
             to_host=to_host, to_device=to_device,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections import deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Mapping, Sequence
 
@@ -115,22 +115,33 @@ class SlotPool:
     task sits at its slot of table i, zero-padded to the largest shape any task has there.
 
     `entries(weights)` says what a task contributes: key -> tensors in the layout the batched op
-    reads (transposed, scaled, ...). A task gets its slot the first time a batch uses it; the slot
-    goes back to the free list when the weights object is garbage-collected, i.e. the task cache
-    dropped it and no batch in flight holds it. Slot 0 is all zeros in every table: rows whose task
-    has nothing at a key read zeros, so batched ops leave them unchanged.
+    reads (transposed, scaled, ...). A task gets its slot the first time a batch uses it. A slot is
+    given back when the weights object is garbage-collected (the task cache dropped it and no batch
+    holds it) or, once the tables reach `MAX_BYTES`, when a batch needs room: the least recently
+    batched slot that no batch in flight uses is evicted (its task is written again if it comes
+    back). Slot 0 is all zeros in every table: rows whose task has nothing at a key read zeros, so
+    batched ops leave them unchanged; a reused slot is zeroed first.
     """
+
+    # Byte cap on each pool's tables (set from the cache's device budget by the service: see
+    # `configure`); None: grow as needed. A batch that needs more slots than fit still gets them.
+    MAX_BYTES: int | None = None
 
     def __init__(self, entries: Callable[[Any], Entries]):
         self._entries = entries
         self._lock = threading.Lock()
         self._slot: dict[int, int] = {}  # id(weights) -> slot
+        self._owner: dict[int, int] = {}  # slot -> id(weights)
         self._shapes: dict[int, dict[Key, tuple[torch.Size, ...]]] = {}  # slot -> key -> tensor shapes
-        self._released: deque[int] = deque()  # slots of collected weights (appended by finalizers)
+        self._lru: OrderedDict[int, None] = OrderedDict()  # slots in use, least recently batched first
+        self._pins: Counter[int] = Counter()  # slot -> batches in flight using it
+        self._released: deque[tuple[int | None, int]] = deque()  # (owner, slot) of collected weights
+        self._unpinned: deque[frozenset[int]] = deque()  # slots of finished batches
         self._free: list[int] = []
         self._next = 1
         self._capacity = 0  # slots per table, slot 0 included
         self._tables: dict[Key, tuple[Tensor, ...]] = {}
+        self.evictions = 0
 
     def __len__(self) -> int:
         """Slots in use."""
@@ -140,10 +151,27 @@ class SlotPool:
         return sum(t.numel() * t.element_size() for ts in self._tables.values() for t in ts)
 
     def gather(self, parts: Sequence[Any | None], row_part: Tensor) -> "PoolRows":
-        """Slots for this batch's tasks (writing any task not yet pooled), as per-row indices."""
-        with self._lock:
+        """Slots for this batch's tasks (writing any task not yet pooled), as per-row indices. The
+        slots stay pinned (not evictable) while the returned rows, or any selection of them, live."""
+        # Tables are inference tensors, written only in inference mode (whatever mode the caller
+        # is in: serving uses inference_mode, evaluation no_grad); reading them is fine in both.
+        with self._lock, torch.inference_mode():
             self._reclaim()
-            part_slot = [0 if p is None else self._slot.get(id(p)) or self._add(p) for p in parts]
+            part_slot: list[int] = []
+            batch: set[int] = set()
+            for p in parts:
+                if p is None:
+                    part_slot.append(0)
+                    continue
+                s = self._slot.get(id(p))
+                if s is None:
+                    s = self._add(p, batch)
+                self._lru.move_to_end(s)
+                batch.add(s)
+                part_slot.append(s)
+            pin = _Pin()
+            self._pins.update(batch)
+            weakref.finalize(pin, self._unpinned.append, frozenset(batch))
             shapes = [self._shapes[s] if s else {} for s in part_slot]
             tables = dict(self._tables)  # a snapshot: growth later replaces tables, never edits these
         slot = torch.tensor(part_slot, device=row_part.device).index_select(0, row_part)  # [B]
@@ -154,31 +182,46 @@ class SlotPool:
             for key, sh in per_key.items():
                 w = widest.get(key)
                 if w is None:
-                    widest[key] = [list(s) for s in sh]
+                    widest[key] = [list(x) for x in sh]
                 else:
                     for wi, si in zip(w, sh):
                         wi[:] = [max(a, b) for a, b in zip(wi, si)]
         views = {key: tuple(t[(slice(None), *(slice(0, n) for n in w))] for t, w in zip(tables[key], ws))
                  for key, ws in widest.items()}
-        single = len({s for s in part_slot if s}) == 1 and all(s for s in part_slot)
-        return PoolRows(views, slot, single, part_slot[0] if single else 0)
+        single = len({x for x in part_slot if x}) == 1 and all(part_slot)
+        return PoolRows(views, slot, single, part_slot[0] if single else 0, pin)
 
     # -- under the lock --------------------------------------------------------------------------
-    def _add(self, weights: Any) -> int:
+    def _add(self, weights: Any, batch: set[int]) -> int:
         entries = self._entries(weights)
-        s = self._free.pop() if self._free else self._grab()
+        s = self._free.pop() if self._free else self._room(batch)
         self._shapes[s] = {key: tuple(t.shape for t in ts) for key, ts in entries.items()}
+        self._lru[s] = None
         try:
             for key, ts in entries.items():
                 self._fit(key, ts)
                 for table, t in zip(self._tables[key], ts):
                     table[(s, *(slice(0, n) for n in t.shape))] = t
         except BaseException:  # e.g. out of device memory while growing: free (and zero) the slot
-            self._released.append((None, s))
+            self._release(s)
             raise
         self._slot[id(weights)] = s
+        self._owner[s] = id(weights)
         weakref.finalize(weights, self._released.append, (id(weights), s))
         return s
+
+    def _room(self, batch: set[int]) -> int:
+        """A slot for a new task: a new one while the byte cap allows, else the least recently
+        batched slot no batch in flight uses, else (everything pinned) a new one anyway."""
+        if self.MAX_BYTES is not None and self._next >= self._capacity and self._tables:
+            per_slot = sum(t[0].numel() * t.element_size() for ts in self._tables.values() for t in ts)
+            if 2 * self._capacity * per_slot > self.MAX_BYTES:
+                victim = next((s for s in self._lru if s not in batch and not self._pins[s]), None)
+                if victim is not None:
+                    self._release(victim)
+                    self.evictions += 1
+                    return self._free.pop()
+        return self._grab()
 
     def _grab(self) -> int:
         s = self._next
@@ -203,15 +246,34 @@ class SlotPool:
                 _resized(c, (c.shape[0], *(max(a, b) for a, b in zip(c.shape[1:], t.shape)))) for c, t in zip(cur, ts)
             )
 
+    def _release(self, s: int) -> None:
+        """Forget slot s's task, zero its entries (a reused slot must not leak them), free it."""
+        owner = self._owner.pop(s, None)
+        if owner is not None and self._slot.get(owner) == s:
+            del self._slot[owner]
+        for key in self._shapes.pop(s, {}):
+            for table in self._tables.get(key, ()):
+                table[s].zero_()
+        self._lru.pop(s, None)
+        self._free.append(s)
+
     def _reclaim(self) -> None:
+        while self._unpinned:
+            self._pins.subtract(self._unpinned.popleft())
         while self._released:
-            ident, s = self._released.popleft()
-            if self._slot.get(ident) == s:
-                del self._slot[ident]
-            for key in self._shapes.pop(s, {}):
-                for table in self._tables.get(key, ()):
-                    table[s].zero_()  # a reused slot must not leak the old task's tensors
-            self._free.append(s)
+            owner, s = self._released.popleft()
+            if owner is None or self._owner.get(s) == owner:  # not evicted and reused meanwhile
+                self._release(s)
+
+
+class _Pin:
+    """Held by a batch's PoolRows and every selection of them: while any lives, its slots stay."""
+
+
+def configure(max_bytes: int | None) -> None:
+    """Cap every method's pool at `max_bytes` of tables (the service passes its device-tier cache
+    budget: the pools then hold at most about as much as the cache, padded)."""
+    SlotPool.MAX_BYTES = max_bytes
 
 
 def _resized(t: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -230,6 +292,7 @@ class PoolRows:
     slot: Tensor  # [B]
     single: bool  # every row has the same (pooled) task: callers may skip the gather
     only: int  # that task's slot when single, else 0
+    pin: _Pin | None = None  # keeps this batch's slots from eviction while the rows live
 
     def has(self, key: Key) -> bool:
         return key in self.views
@@ -244,7 +307,7 @@ class PoolRows:
 
     def select(self, rows: Tensor) -> "PoolRows":
         slot = self.slot.index_select(0, rows)
-        return PoolRows(self.views, slot, self.single, self.only)
+        return PoolRows(self.views, slot, self.single, self.only, self.pin)
 
 
 class OneKey:

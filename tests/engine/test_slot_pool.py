@@ -112,3 +112,24 @@ def test_slot_pool_tables_pad_and_slice_to_the_batch():
     wide = _W(torch.zeros(4, 5))
     got = pool.gather([reused, wide], torch.tensor([0, 1])).rows("k", 0)
     assert float(got[0].sum()) == 7.0  # the reused slot holds nothing of the large task it replaced
+
+
+def test_pool_capped_in_bytes_evicts_least_recent_unpinned_slots(tmp_path, monkeypatch):
+    """Past the byte cap a new task takes the least recently batched slot no batch in flight
+    holds; answers stay exact, an evicted task that comes back is written again."""
+    engine = Engine(tiny_backbone("bert", tmp_path))
+    info, g, store = engine.backbone.info, torch.Generator().manual_seed(4), tmp_path / "store"
+    tasks = [_publish(engine, store, f"c{i}", {"lora": random_lora(info, g, r=2), "head": random_head(info, g)}) for i in range(40)]
+    pool = slots.SlotPool(lora._pool_entries)
+    monkeypatch.setattr(lora, "POOL", pool)
+    monkeypatch.setattr(slots.SlotPool, "MAX_BYTES", 1)  # as small as can be: evict whenever growth is due
+    for start in (0, 10, 20, 30, 0, 25):
+        assert _pooled_vs_built(engine, tasks[start:start + 10], n_rows=20) <= ATOL
+    assert pool.evictions > 0
+    assert pool._capacity <= 16  # 10 tasks per batch fit in 16; the cap stopped any doubling past that
+    # a batch in flight pins its slots: another batch's new tasks never take them
+    held = pool.gather([t.weights["lora"] for t in tasks[:10]], torch.arange(10))
+    before = {id(t.weights["lora"]): pool._slot[id(t.weights["lora"])] for t in tasks[:10]}
+    pool.gather([t.weights["lora"] for t in tasks[10:30]], torch.arange(20))
+    assert all(pool._slot.get(k) == s for k, s in before.items())
+    assert held.slot.numel() == 10
