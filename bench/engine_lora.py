@@ -233,7 +233,7 @@ def main() -> None:
             t0 = time.perf_counter()
             with torch.inference_mode():
                 plan, _ = engine.plan(batch.tasks, batch.row_part)
-                for mb in plan.batches:  # tables are built lazily on first use: force them all
+                for mb in plan.batches:  # training-path tables are built lazily: force them (the serving pool has none)
                     if not hasattr(mb, "_table"):
                         continue
                     for layer in range(bb.info.num_layers):
@@ -242,7 +242,7 @@ def main() -> None:
             sync(dev)
             samples.append(time.perf_counter() - t0)
         plan_ms[label] = 1e3 * sorted(samples)[len(samples) // 2]
-    print(f"\n# slot-table build per batch (part of ours_*): qv {plan_ms['qv']:.2f} ms, all6 {plan_ms['all6']:.2f} ms")
+    print(f"\n# Engine.plan per batch (slot-pool lookups and row maps; part of ours_*): qv {plan_ms['qv']:.2f} ms, all6 {plan_ms['all6']:.2f} ms")
 
     # -- cold task loads ------------------------------------------------------------------------
     engine.load_task(pub_all6[0][1], TaskKey("warm", "0"))  # first-call imports out of the way
