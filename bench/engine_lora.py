@@ -224,7 +224,7 @@ def main() -> None:
     table(tm.rows(list(variants), B, "base", ops), tm.HEADER)
     print(tm.LEGEND)
 
-    # -- plan building alone (the per-batch slot tables), for the breakdown ---------------------
+    # -- Engine.plan alone (slot-pool lookups and row maps) ---------------------------------------
     plan_ms = {}
     for label, batch in (("qv", batch_qv), ("all6", batch_all6)):
         samples = []

@@ -126,7 +126,6 @@ class PooledAdapterBatch(MethodBatch):
     def __init__(self, rows: slots.PoolRows, sites: dict[tuple[int, str], list[tuple]]):
         self.pool_rows = rows
         self.sites = sites  # (layer, site) -> pool keys (one per activation present)
-        self._slots: list[int] | None = None  # per-row slots on the host (packed CPU path)
 
     def adapts(self, layer: int, site: str) -> bool:
         return (layer, site) in self.sites
@@ -144,19 +143,13 @@ class PooledAdapterBatch(MethodBatch):
             h = torch.baddbmm(h + pr.rows(key, 3).unsqueeze(1), z, pr.rows(key, 2))  # [B, T, H]
         return h
 
-    def _host_slots(self) -> list[int]:
-        if self._slots is None:
-            self._slots = self.pool_rows.slot.tolist()
-        return self._slots
-
     def packed_spans(self, layer: int, site: str, device) -> bool:
-        using = sum(1 for s in self._host_slots() if s) if slots.spans(device) else 0
-        return slots.use_spans(device, using, len(self._host_slots()))
+        return self.pool_rows.use_spans(device)
 
     def after_sublayer_packed(self, layer: int, site: str, hp: Tensor, packing) -> Tensor:
         """Per span of rows sharing a task, in place on the packed positions (rows without an
         adapter are not touched)."""
-        runs = packing.runs(self._host_slots())
+        runs = packing.runs(self.pool_rows.host_slots)
         for key in self.sites.get((layer, site), ()):
             act = ACT2FN[key[2]]
             dw, db, uw, ub = self.pool_rows.views[key]  # [S, H, m], [S, m], [S, m, H], [S, H]

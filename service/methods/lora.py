@@ -141,7 +141,6 @@ class PooledLoraBatch(MethodBatch):
     def __init__(self, rows: slots.PoolRows, sites: dict[tuple[int, str], tuple]):
         self.pool_rows = rows
         self.sites = sites  # (layer, site) -> pool key, for the sites some task of the batch adapts
-        self._slots: list[int] | None = None  # per-row slots on the host (packed CPU path)
         self._subset: tuple[Tensor, Tensor] | None | bool = False  # see _using (False: not computed)
 
     def add_linear_delta(self, layer: int, site: str, x: Tensor, y: Tensor) -> Tensor:
@@ -175,14 +174,8 @@ class PooledLoraBatch(MethodBatch):
     def adapts(self, layer: int, site: str) -> bool:
         return (layer, site) in self.sites
 
-    def _host_slots(self) -> list[int]:
-        if self._slots is None:
-            self._slots = self.pool_rows.slot.tolist()
-        return self._slots
-
     def packed_spans(self, layer: int, site: str, device) -> bool:
-        using = sum(1 for s in self._host_slots() if s) if slots.spans(device) else 0
-        return slots.use_spans(device, using, len(self._host_slots()), wide=site in ("ffn_in", "ffn_out", "ffn_gate"))
+        return self.pool_rows.use_spans(device, wide=site in ("ffn_in", "ffn_out", "ffn_gate"))
 
     def add_packed_delta(self, layer: int, site: str, xp: Tensor, yp: Tensor, packing) -> None:
         """Per span of rows sharing a task: y[s:e] += (x[s:e] A^T)(sB)^T on packed positions."""
@@ -190,7 +183,7 @@ class PooledLoraBatch(MethodBatch):
         if key is None:
             return
         at, bt = self.pool_rows.views[key]  # [S, in, r], [S, r, out]
-        for start, end, slot in packing.runs(self._host_slots()):
+        for start, end, slot in packing.runs(self.pool_rows.host_slots):
             yp[start:end].addmm_(xp[start:end] @ at[slot], bt[slot])
 
     def linear_delta(self, layer: int, site: str, x: Tensor) -> Tensor | None:

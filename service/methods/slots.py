@@ -11,6 +11,7 @@ import threading
 import weakref
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import torch
@@ -296,6 +297,17 @@ class PoolRows:
 
     def has(self, key: Key) -> bool:
         return key in self.views
+
+    @cached_property
+    def host_slots(self) -> list[int]:
+        """Per-row slots as a host list (one device sync per batch, for span loops)."""
+        return self.slot.tolist()
+
+    def use_spans(self, device: torch.device, wide: bool = False) -> bool:
+        """`use_spans` for this batch's rows: how many of them have a slot here."""
+        if not spans(device):
+            return False
+        return use_spans(device, sum(1 for s in self.host_slots if s), len(self.host_slots), wide)
 
     def rows(self, key: Key, i: int) -> Tensor:
         """Table i of `key`, gathered per row: [B, *shape]."""
