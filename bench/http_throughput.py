@@ -1,7 +1,7 @@
 """End-to-end HTTP throughput vs the engine's own, on the real MiniLM backbone and real sentences.
 
-    /work/venv/bin/python bench/http_throughput.py            # 64 tasks, 64 clients, 30 s: ~3 min on 2 idle cores
-    /work/venv/bin/python bench/http_throughput.py --quick    # smoke run (5 s window): ~1 min
+    /work/venv/bin/python bench/http_throughput.py            # 64 tasks, 64 clients, 5 x 12 s windows: ~3 min on 2 idle cores
+    /work/venv/bin/python bench/http_throughput.py --quick    # smoke run (2 x 4 s windows): ~1 min
 
 One run, side by side, the same (task, sentence) stream: SST-2 test sentences (shared/data/sst2),
 stream position k is sentence k mod 872 for task k mod 64 (64 LoRA r=8 q,v + pooler-head tasks,
@@ -10,18 +10,24 @@ random weights, published to a temporary local store).
   engine  in one worker thread of this process, `Engine.classify` (what the server's forward
           thread runs: tokenisation with dynamic padding, forward, softmax, Prediction objects) on
           consecutive batches of the server's `max_batch_size` rows (Settings' default: 32); seq/s
-          over --engine-rows rows, median of --repeats rounds, half before and half after the
-          HTTP phase (the machine's load drifts).
+          over --engine-rows rows per round.
   http    `python -m service serve` (uvicorn, one worker, the same backbone/device/dtype, no Redis,
-          no auth) in its own process on a free loopback port; a load generator in a third process:
-          --clients closed-loop aiohttp clients, client i sends stream positions i, i+C, i+2C, ...
-          (so client i always asks task i), one sentence per request. After --warmup-s seconds
-          (every task loaded, the batch sizes settled), ok responses that finish in the next
-          --seconds count; seq/s = those / seconds.
+          no auth) in its own process on a free loopback port; per window, a load generator in a
+          fresh process: --clients closed-loop aiohttp clients, client i sends stream positions
+          i, i+C, i+2C, ... (so client i always asks task i), one sentence per request. After
+          --warmup-s seconds (the first window also loads every task), ok responses that finish
+          in the next --seconds count; seq/s = those / seconds.
 
-Printed and written (bench/results/http_throughput.json): both seq/s, their ratio, client-side
-p50/p99 latency, the mean batch the scheduler formed and the worker thread's busy fraction (both
-from /metrics scraped at the start and end of the window), CPU seconds of the server (event-loop
+Interleaved: engine round, HTTP window, engine round, ..., HTTP window, engine round, with the
+server up throughout (idle while the engine runs). The machine's speed drifts by up to 2x within
+minutes here, so each window is divided by the mean of the two engine rounds beside it, and the
+headline ratio is the median of those paired ratios (the pooled ratio, all windows against the
+median engine round, is printed too).
+
+Printed and written (bench/results/http_throughput.json; --quick: http_throughput_quick.json): both
+seq/s, the paired and pooled ratios, client-side p50/p99 latency, the mean batch the scheduler
+formed and the worker thread's busy fraction (both from /metrics scraped at the start and end of
+each window), CPU seconds of the server (event-loop
 thread vs the rest: forward worker, torch's pool) and of the load generator, and a sample of HTTP
 answers checked against the engine's for the same (task, sentence) (label equal, score within
 1e-4). Target (issue 2, acceptance 4): HTTP at saturation >= 0.7 x the engine.
@@ -239,6 +245,7 @@ def summarize_http(result: dict[str, Any], seconds: float) -> dict[str, Any]:
         "ok": len(ok),
         "not_ok": {str(st): sum(1 for s in inside if s[3] == st) for st in sorted({s[3] for s in inside if s[3] != 200})},
         "seq_per_s": len(ok) / window,
+        "_latencies_ms": lat,  # popped by combine_windows
         "latency_ms": {"p50": percentile(lat, 50), "p90": percentile(lat, 90), "p99": percentile(lat, 99),
                        "mean": statistics.fmean(lat)} if lat else {},
         # Server side of the same window, from /metrics.
@@ -271,23 +278,52 @@ def check_answers(engine: Engine, tasks: list, texts: list[str], samples: list[t
             "tolerance": SCORE_TOLERANCE, "ok": bool(picked) and label_mismatch == 0 and worst <= SCORE_TOLERANCE}
 
 
+def combine_windows(windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The HTTP windows pooled: ok rows over the summed window time, CPU seconds summed, latency
+    percentiles over every ok answer of every window."""
+    seconds = sum(w["window_s"] for w in windows)
+    ok = sum(w["ok"] for w in windows)
+    lat = [x for w in windows for x in w.pop("_latencies_ms")]
+    batches = sum(w["batches"] for w in windows)
+    server = {k: sum(w["server_cpu_s"][k] for w in windows) for k in ("event_loop_thread", "other_threads", "total")}
+    client = sum(w["client_cpu_s"] for w in windows)
+    not_ok: dict[str, int] = {}
+    for w in windows:
+        for status, n in w["not_ok"].items():
+            not_ok[status] = not_ok.get(status, 0) + n
+    return {
+        "windows": len(windows), "window_s": seconds, "ok": ok, "not_ok": not_ok, "seq_per_s": ok / seconds,
+        "latency_ms": {"p50": percentile(lat, 50), "p90": percentile(lat, 90), "p99": percentile(lat, 99),
+                       "mean": statistics.fmean(lat)} if lat else {},
+        "batches": batches,
+        "mean_batch": sum(w["mean_batch"] * w["batches"] for w in windows if w["batches"]) / batches if batches else None,
+        "forward_busy_fraction": sum(w["forward_s"] for w in windows) / seconds,
+        "server_cpu_s": server, "server_cpu_share_of_window": {k: v / seconds for k, v in server.items()},
+        "client_cpu_s": client, "client_cpu_share_of_window": client / seconds,
+        "server_request_mean_ms": statistics.fmean(w["server_request_mean_ms"] for w in windows
+                                                   if w["server_request_mean_ms"] is not None),
+    }
+
+
 def main() -> None:
     defaults = Settings.model_fields
     ap = parser(__doc__.split("\n")[0])
     ap.set_defaults(batch=defaults["max_batch_size"].default, threads=len(os.sched_getaffinity(0)))
-    ap.add_argument("--seconds", type=float, default=None, help="measured HTTP window (default 30; --quick 5)")
-    ap.add_argument("--warmup-s", type=float, default=None, help="HTTP load before the window (default 5; --quick 3)")
+    ap.add_argument("--windows", type=int, default=None, help="HTTP windows, each between two engine rounds (default 5; --quick 2)")
+    ap.add_argument("--seconds", type=float, default=None, help="measured seconds per HTTP window (default 12; --quick 4)")
+    ap.add_argument("--warmup-s", type=float, default=None, help="HTTP load before each window (default 3; --quick 2); "
+                                                               "the first window also loads every task")
     ap.add_argument("--clients", type=int, default=64, help="concurrent closed-loop HTTP clients")
     ap.add_argument("--tasks", type=int, default=64, help="LoRA tasks; client i asks task i mod tasks")
-    ap.add_argument("--engine-rows", type=int, default=None, help="rows per engine round (default 1024; --quick 256)")
+    ap.add_argument("--engine-rows", type=int, default=None, help="rows per engine round (default 768; --quick 128)")
     ap.add_argument("--check", type=int, default=256, help="HTTP answers compared with the engine's")
     args = ap.parse_args()
-    # --batch: rows per engine batch and the server's max_batch_size; --seq-len is unused (real
-    # sentences, dynamic padding); --repeats: engine rounds (split before/after the HTTP phase).
-    seconds = args.seconds or (5.0 if args.quick else 30.0)
-    warmup_s = args.warmup_s if args.warmup_s is not None else (3.0 if args.quick else 5.0)
-    engine_rows = args.engine_rows or (256 if args.quick else 1024)
-    rounds = args.repeats or (2 if args.quick else 6)
+    # --batch: rows per engine batch and the server's max_batch_size; --seq-len and --repeats are
+    # unused (real sentences, dynamic padding; --windows sets the rounds).
+    windows = args.windows or (2 if args.quick else 5)
+    seconds = args.seconds or (4.0 if args.quick else 12.0)
+    warmup_s = args.warmup_s if args.warmup_s is not None else (2.0 if args.quick else 3.0)
+    engine_rows = args.engine_rows or (128 if args.quick else 768)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -299,51 +335,62 @@ def main() -> None:
                   "OMP_WAIT_POLICY": os.environ["OMP_WAIT_POLICY"]}
     print(f"# http_throughput: {env}")
     print(f"# {len(texts)} SST-2 sentences, {args.tasks} tasks, batch {args.batch}, {args.clients} clients, "
-          f"{warmup_s:g}+{seconds:g} s, torch threads {args.threads} (engine and server)")
+          f"{windows} x ({warmup_s:g}+{seconds:g} s) HTTP windows between {windows + 1} engine rounds of {engine_rows} rows, "
+          f"torch threads {args.threads} (engine and server)")
 
     tmp = tempfile.TemporaryDirectory(prefix="adaptserve-http-bench-")
     workspace = Path(tmp.name)
     store = workspace / "store"
     published = publish_tasks(store, bb.info, args.tasks)
     tasks = [engine.load_task(store / name / v, TaskKey(name, v)) for name, v in published]
-
-    # -- engine, first half of the rounds
     engine_round(engine, tasks, texts, 2 * args.batch, args.batch)  # warm-up
-    before = [engine_round(engine, tasks, texts, engine_rows, args.batch) for _ in range((rounds + 1) // 2)]
-    print(f"# engine: {engine_rows / statistics.median(w for w, _ in before):.1f} seq/s (before HTTP, {len(before)} rounds)")
 
-    # -- HTTP
+    # Engine rounds and HTTP windows alternate, E H E H ... H E, while the server stays up (idle
+    # during engine rounds: its worker sleeps on an empty queue). Each window is compared with
+    # the mean of the engine rounds on either side of it, so a drift in the machine's speed
+    # lands on both sides of each ratio; the headline is the median of those paired ratios.
     replica = Replica("server", workspace, {
         "ADAPTSERVE_STORE": str(store), "ADAPTSERVE_DEVICE": args.device,
         "ADAPTSERVE_DTYPE": args.dtype, "ADAPTSERVE_MAX_BATCH_SIZE": str(args.batch), "ADAPTSERVE_LOG_LEVEL": "warning",
         **server_env,
     })
+    rounds: list[tuple[float, float]] = []
+    per_window: list[dict[str, Any]] = []
+    samples: list[tuple] = []
     try:
         replica.start()
         t0 = time.perf_counter()
         replica.wait_ready(timeout_s=300)
         print(f"# server ready in {time.perf_counter() - t0:.1f}s at {replica.url}")
-        spec = {"url": replica.url, "clients": args.clients, "tasks": args.tasks, "texts": texts,
-                "warmup_s": warmup_s, "seconds": seconds, "server_pid": replica.process.pid}
-        result = run_load(spec)
+        for i in range(windows):
+            rounds.append(engine_round(engine, tasks, texts, engine_rows, args.batch))
+            spec = {"url": replica.url, "clients": args.clients, "tasks": args.tasks, "texts": texts,
+                    "warmup_s": warmup_s + (2.0 if i == 0 else 0.0), "seconds": seconds,
+                    "server_pid": replica.process.pid}
+            result = run_load(spec)
+            samples += result["samples"]
+            per_window.append(summarize_http(result, seconds))
+            print(f"# round {i}: engine {engine_rows / rounds[-1][0]:.1f} seq/s, "
+                  f"http {per_window[-1]['seq_per_s']:.1f} seq/s")
+        rounds.append(engine_round(engine, tasks, texts, engine_rows, args.batch))
+        print(f"# round {windows}: engine {engine_rows / rounds[-1][0]:.1f} seq/s")
     finally:
         replica.stop()
     logs = replica.logs()
-    http = summarize_http(result, seconds)
-    print(f"# http: {http['seq_per_s']:.1f} seq/s over {http['window_s']:.1f} s, {http['ok']} ok")
 
-    # -- engine, second half (machine load may drift: the headline is the median over both halves)
-    after = [engine_round(engine, tasks, texts, engine_rows, args.batch) for _ in range(rounds // 2)]
-    all_s = [w for w, _ in before + after]
-    engine_sps = engine_rows / statistics.median(all_s)
+    engine_sps_rounds = [engine_rows / w for w, _ in rounds]
+    paired = [w["seq_per_s"] / ((engine_sps_rounds[i] + engine_sps_rounds[i + 1]) / 2) for i, w in enumerate(per_window)]
+    ratio = statistics.median(paired)
+    engine_sps = statistics.median(engine_sps_rounds)
+    http = combine_windows(per_window)
+    pooled_ratio = http["seq_per_s"] / engine_sps
     # Per CPU second (load-robust: time spent descheduled by other tenants does not count):
     # engine rows per CPU s of this process vs ok rows per CPU s of the server (and of server + clients).
-    engine_cpu_sps = engine_rows / statistics.median(c for _, c in before + after)
+    engine_cpu_sps = engine_rows / statistics.median(c for _, c in rounds)
     http_cpu_sps = http["ok"] / http["server_cpu_s"]["total"] if http["server_cpu_s"]["total"] else float("nan")
     http_cpu_all_sps = http["ok"] / (http["server_cpu_s"]["total"] + http["client_cpu_s"])
-    answers = check_answers(engine, tasks, texts, result["samples"], args.check, args.batch)
+    answers = check_answers(engine, tasks, texts, samples, args.check, args.batch)
 
-    ratio = http["seq_per_s"] / engine_sps
     lat = http["latency_ms"]
     print()
     table([
@@ -351,40 +398,49 @@ def main() -> None:
         (f"HTTP ({args.clients} clients, 1 sentence/request)", f"{http['seq_per_s']:.1f}", f"{ratio:.3f}",
          f"{lat.get('p50', float('nan')):.1f}", f"{lat.get('p99', float('nan')):.1f}",
          f"{http['mean_batch']:.1f}" if http["mean_batch"] else "-"),
-    ], ("path", "seq/s", "x engine", "p50 ms", "p99 ms", "mean batch"))
+    ], ("path", "seq/s (median / pooled)", "x engine (paired median)", "p50 ms", "p99 ms", "mean batch"))
     share = http["server_cpu_share_of_window"]
-    print(f"# server CPU in the window: event-loop thread {share['event_loop_thread']:.2f} cores, other threads "
-          f"{share['other_threads']:.2f} cores (busiest {http['server_cpu_s']['busiest_other_threads']} CPU s of "
-          f"{http['server_cpu_s']['threads']} threads); forward worker busy {http['forward_busy_fraction']:.0%} of the window; "
+    print(f"# paired ratios per window: {[round(r, 3) for r in paired]}; pooled (all windows vs the median engine "
+          f"round): {pooled_ratio:.3f}")
+    print(f"# engine rounds (seq/s): {[round(x, 1) for x in engine_sps_rounds]}; "
+          f"HTTP windows (seq/s): {[round(w['seq_per_s'], 1) for w in per_window]}")
+    print(f"# server CPU in the windows: event-loop thread {share['event_loop_thread']:.2f} cores, other threads "
+          f"{share['other_threads']:.2f} cores; forward worker busy {http['forward_busy_fraction']:.0%} of the windows; "
           f"load generator {http['client_cpu_share_of_window']:.2f} cores ({http['client_cpu_s']:.1f} CPU s)")
     print(f"# per CPU second: engine {engine_cpu_sps:.1f} seq, server {http_cpu_sps:.1f} seq ({http_cpu_sps / engine_cpu_sps:.3f}x), "
           f"server + load generator {http_cpu_all_sps:.1f} seq ({http_cpu_all_sps / engine_cpu_sps:.3f}x)")
-    print(f"# server-side mean request {http['server_request_mean_ms'] or float('nan'):.1f} ms vs client mean "
-          f"{lat.get('mean', float('nan')):.1f} ms; engine rounds (s): {[round(s, 3) for s in all_s]}")
+    print(f"# server-side mean request {http['server_request_mean_ms']:.1f} ms vs client mean "
+          f"{lat.get('mean', float('nan')):.1f} ms")
     targets = [
         check(f"HTTP >= {TARGET_HTTP_VS_ENGINE}x engine", ratio >= TARGET_HTTP_VS_ENGINE,
-              f"{ratio:.3f}x ({http['seq_per_s']:.1f} vs {engine_sps:.1f} seq/s)"),
+              f"{ratio:.3f}x, median of {len(paired)} paired windows (pooled {pooled_ratio:.3f}x: "
+              f"{http['seq_per_s']:.1f} vs {engine_sps:.1f} seq/s)"),
         check("HTTP answers == engine answers", answers["ok"],
               f"{answers['checked']} checked, {answers['label_mismatches']} label mismatches, "
               f"max |score diff| {answers['max_abs_score_diff']:.1e}"),
-        check("no failed requests in the window", not http["not_ok"], json.dumps(http["not_ok"])),
+        check("no failed requests in the windows", not http["not_ok"], json.dumps(http["not_ok"])),
     ]
-    write_json(args.out or RESULTS / "http_throughput.json", {
+    write_json(args.out or RESULTS / ("http_throughput_quick.json" if args.quick else "http_throughput.json"), {
         "benchmark": "http_throughput",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "environment": env,
-        "config": {"tasks": args.tasks, "clients": args.clients, "seconds": seconds, "warmup_s": warmup_s,
-                   "batch": args.batch, "max_wait_ms": defaults["max_wait_ms"].default, "engine_rows": engine_rows,
-                   "engine_rounds": rounds, "quick": args.quick, "sentences": len(texts), "inputs_per_request": 1,
+        "config": {"tasks": args.tasks, "clients": args.clients, "windows": windows, "seconds_per_window": seconds,
+                   "warmup_s_per_window": warmup_s, "batch": args.batch, "max_wait_ms": defaults["max_wait_ms"].default,
+                   "engine_rows_per_round": engine_rows, "engine_rounds": len(rounds), "quick": args.quick,
+                   "sentences": len(texts), "inputs_per_request": 1,
                    "lora": {"r": 8, "alpha": 16, "sites": ["query", "value"]}, "max_length": MAX_LENGTH,
                    "threads": {"engine_torch_threads": torch.get_num_threads(), "server_env": server_env,
                                "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM")},
                    "server": "python -m service serve (uvicorn, 1 worker), local store, no Redis, no auth",
-                   "load_generator": "separate process (multiprocessing spawn), aiohttp closed loop"},
-        "engine": {"seq_per_s": engine_sps, "seq_per_cpu_s": engine_cpu_sps, "rows_per_round": engine_rows,
-                   "rounds_before_http_wall_cpu_s": before, "rounds_after_http_wall_cpu_s": after},
-        "http": {**http, "seq_per_server_cpu_s": http_cpu_sps, "seq_per_server_and_client_cpu_s": http_cpu_all_sps},
+                   "load_generator": "separate process per window (multiprocessing spawn), aiohttp closed loop",
+                   "schedule": "engine round, HTTP window, engine round, ... engine round (server up throughout)"},
+        "engine": {"seq_per_s_median": engine_sps, "seq_per_s_rounds": engine_sps_rounds, "seq_per_cpu_s": engine_cpu_sps,
+                   "rounds_wall_cpu_s": rounds},
+        "http": {**http, "seq_per_server_cpu_s": http_cpu_sps, "seq_per_server_and_client_cpu_s": http_cpu_all_sps,
+                 "per_window": per_window},
         "ratio_http_vs_engine": ratio,
+        "ratio_http_vs_engine_paired": paired,
+        "ratio_http_vs_engine_pooled": pooled_ratio,
         "ratio_http_vs_engine_per_cpu_s": {"server": http_cpu_sps / engine_cpu_sps,
                                            "server_and_load_generator": http_cpu_all_sps / engine_cpu_sps},
         "answers": answers,
