@@ -13,8 +13,9 @@ What it does, all on 127.0.0.1 (nothing else is ever contacted) and bounded in t
    Redis is SIGKILLed and restarted R times; one bundle is corrupted on disk (then repaired) and
    probed on both replicas; a few slow clients send bodies slowly, read answers slowly, or hold
    idle keep-alive connections; every replica's RSS is sampled every second;
-3. saturation phase: the most requests/s C closed-loop clients get, then open-loop clients at 70%
-   of that rate, and the p99/p50 latency ratio there.
+3. saturation phase, in rounds (the machine's speed drifts): the most requests/s C closed-loop
+   clients get, then open-loop clients at 70% of that rate, and the p99/p50 latency ratio there;
+   the verdict takes the median round.
 
 Every answer is checked against the version that served it: one version per request, a label of
 that version, and that version active at some point during the request according to the
@@ -477,6 +478,23 @@ def summarize(samples: list[Sample], seconds: float) -> dict[str, Any]:
     }
 
 
+def per_second(samples: list[Sample]) -> list[dict[str, Any]]:
+    """The phase second by second (by start time): requests started, and the p50 / max latency
+    (ms) of the ok ones, to tell a steady tail from a stall or an overload episode."""
+    if not samples:
+        return []
+    t0 = min(s.started for s in samples)
+    buckets: dict[int, list[Sample]] = defaultdict(list)
+    for s in samples:
+        buckets[int(s.started - t0)].append(s)
+    out = []
+    for second in sorted(buckets):
+        lat = sorted(1e3 * (s.finished - s.started) for s in buckets[second] if s.status == 200)
+        out.append({"s": second, "sent": len(buckets[second]),
+                    "p50_ms": round(lat[len(lat) // 2], 1) if lat else None, "max_ms": round(lat[-1], 1) if lat else None})
+    return out
+
+
 def check_versions(journal: Journal, samples: list[Sample], initial: dict[str, str]) -> dict[str, Any]:
     """Every 200: one version for the whole request, a label of that version, and a version that
     was active at some point while the request was in flight (see the module docstring)."""
@@ -516,8 +534,14 @@ def check_versions(journal: Journal, samples: list[Sample], initial: dict[str, s
 
 def rss_verdict(journal: Journal, cache_budget: int, start: float, end: float) -> dict[str, Any]:
     """Flat: after the first quarter of the load (one-time allocations: the task cache filling,
-    torch's buffers for the largest batches, connection buffers), no replica grows by more than
-    the cache budget at any point, and over the second half its RSS grows by under 5%."""
+    torch's buffers for the largest batches, connection buffers), no replica's RSS envelope grows
+    by more than the cache budget, and over the second half its median RSS grows by under 5%.
+
+    The envelope is compared max to max: the highest RSS after the first quarter against the
+    highest in the warm-up's last stretch (15-25% of the phase). RSS sampled once a second is a
+    sawtooth (a batch's activations, then freed heap handed back by the periodic malloc_trim), so
+    a peak against a median would count the tooth itself as growth; `peak_minus_warm_median_mb`
+    (the rule before the trim) is kept for comparison."""
     out: dict[str, Any] = {"cache_budget_mb": round(cache_budget / 2**20, 1), "replicas": []}
     flat = True
     span = end - start
@@ -526,18 +550,21 @@ def rss_verdict(journal: Journal, cache_budget: int, start: float, end: float) -
         if len(series) < 10:
             continue
         warm = [v for t, v in series if t <= start + span * 0.25]
+        warm_end = [v for t, v in series if start + span * 0.15 <= t <= start + span * 0.25] or warm[-5:]
+        after = [v for t, v in series if t > start + span * 0.25]
         mid = [v for t, v in series if start + span * 0.4 <= t <= start + span * 0.5]
         last = [v for t, v in series if t >= start + span * 0.9]
-        base = statistics.median(warm[-5:]) if warm else series[0][1]
-        peak = max(v for _, v in series)
-        growth_after_warmup = peak - base
+        base = max(warm_end) if warm_end else series[0][1]
+        peak = max(after) if after else base
+        envelope_growth = peak - base
         second_half = (statistics.median(last) - statistics.median(mid)) / statistics.median(mid) if mid and last else 0.0
-        ok = growth_after_warmup <= cache_budget and second_half < 0.05
+        ok = envelope_growth <= cache_budget and second_half < 0.05
         flat &= ok
         out["replicas"].append({
             "peak_rss_mb": round(max(rss[r] for _, rss in journal.rss) / 2**20, 1),
-            "rss_after_warmup_mb": round(base / 2**20, 1), "peak_during_load_mb": round(peak / 2**20, 1),
-            "growth_after_warmup_mb": round(growth_after_warmup / 2**20, 1),
+            "warmup_peak_mb": round(base / 2**20, 1), "peak_after_warmup_mb": round(peak / 2**20, 1),
+            "envelope_growth_mb": round(envelope_growth / 2**20, 1),
+            "peak_minus_warm_median_mb": round((peak - statistics.median(warm[-5:] or [base])) / 2**20, 1),
             "second_half_growth_pct": round(100 * second_half, 2), "flat": ok,
         })
     out["flat"] = flat and bool(out["replicas"])
@@ -579,10 +606,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis-down-s", type=float, default=5.0, help="seconds Redis stays down each time")
     p.add_argument("--admin-every-s", type=float, default=3.0, help="seconds between uploads/activations/rollbacks")
     p.add_argument("--slow-clients", type=int, default=3, help="slow clients (one of each kind, cycling)")
-    p.add_argument("--saturation-s", type=float, default=30.0, help="seconds of each saturation measurement (0: skip)")
+    p.add_argument("--saturation-s", type=float, default=20.0, help="seconds of each saturation window (0: skip)")
+    p.add_argument("--saturation-rounds", type=int, default=3,
+                   help="rounds of (closed-loop saturation window, open-loop window at 70%% of it)")
     p.add_argument("--tiny", action="store_true", help="a tiny random BERT instead of the bundled MiniLM")
     p.add_argument("--cache-mb", type=float, default=8.0, help="device tier of each replica (small: tasks churn)")
     p.add_argument("--host-cache-mb", type=float, default=16.0, help="host tier of each replica")
+    p.add_argument("--max-batch-size", type=int, default=8, help="each replica's max_batch_size (see env below)")
     p.add_argument("--max-requests", type=int, default=2_000_000, help="hard cap on requests per phase")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS / "chaos.json")
@@ -624,6 +654,10 @@ def main(argv: list[str] | None = None) -> int:
             "ADAPTSERVE_CACHE_HOST_MAX_BYTES": str(int(args.host_cache_mb * 2**20)),
             # Two replicas share 2 cores with the clients: one torch thread each, no oversubscription.
             "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            # On one thread a forward's cost per row is flat from ~4 rows up (7-8 ms/row on MiniLM
+            # at 1, 8 or 32 rows; docs/reliability.md), so rows past 8 buy no throughput and only
+            # make the next request wait behind a longer forward.
+            "ADAPTSERVE_MAX_BATCH_SIZE": str(args.max_batch_size),
         }
         if backbone_dir is not None:
             env["ADAPTSERVE_BACKBONE"] = str(backbone_dir)
@@ -665,21 +699,37 @@ def main(argv: list[str] | None = None) -> int:
         out["chaos"]["redis_outages_s"] = [[round(d, 1), round(u, 1)] for d, u in journal.redis_down]
         out["rss"] = rss_verdict(journal, cache_budget, start - journal.t0, chaos_end - journal.t0)
 
-        # -- saturation phase (Redis up, no admin changes, no faults)
-        if args.saturation_s > 0:
-            journal.event("saturation: closed loop", seconds=args.saturation_s, clients=args.clients)
-            t = time.monotonic()
-            asyncio.run(closed_loop(journal, urls, tasks, args.clients, t + args.saturation_s, args.seed + 1,
-                                    "saturation", args.max_requests, inputs=(1, 1)))
-            saturated = summarize([s for s in journal.samples if s.phase == "saturation"], time.monotonic() - t)
-            rate = 0.7 * (saturated["requests_per_s"] or 0)
-            journal.event("saturation: open loop at 70%", rate=round(rate, 1))
-            t = time.monotonic()
-            asyncio.run(open_loop(journal, urls, tasks, rate, args.saturation_s, args.seed + 2, "at70"))
-            at70 = summarize([s for s in journal.samples if s.phase == "at70"], time.monotonic() - t)
-            lat = at70["latency_ms"]
-            at70["p99_over_p50"] = round(lat["p99"] / lat["p50"], 2) if lat["p50"] and lat["p99"] else None
-            out["saturation"] = {"max": saturated, "rate_at_70pct": round(rate, 1), "at_70pct": at70}
+        # -- saturation phase (Redis up, no admin changes, no faults). The machine's speed drifts
+        # by up to 2x within minutes, so "70% of saturation" is re-measured: each round is a
+        # closed-loop saturation window, then an open-loop window at 70% of the rate just
+        # measured; the verdict is the median round's p99/p50.
+        if args.saturation_s > 0 and args.saturation_rounds > 0:
+            rounds = []
+            for i in range(args.saturation_rounds):
+                journal.event("saturation: closed loop", round=i, seconds=args.saturation_s, clients=args.clients)
+                t = time.monotonic()
+                asyncio.run(closed_loop(journal, urls, tasks, args.clients, t + args.saturation_s, args.seed + 1 + 2 * i,
+                                        f"saturation{i}", args.max_requests, inputs=(1, 1)))
+                saturated = summarize([s for s in journal.samples if s.phase == f"saturation{i}"], time.monotonic() - t)
+                rate = 0.7 * (saturated["requests_per_s"] or 0)
+                journal.event("saturation: open loop at 70%", round=i, rate=round(rate, 1))
+                t = time.monotonic()
+                asyncio.run(open_loop(journal, urls, tasks, rate, args.saturation_s, args.seed + 2 + 2 * i, f"at70_{i}"))
+                phase = [s for s in journal.samples if s.phase == f"at70_{i}"]
+                at70 = summarize(phase, time.monotonic() - t)
+                lat = at70["latency_ms"]
+                at70["p99_over_p50"] = round(lat["p99"] / lat["p50"], 2) if lat.get("p50") and lat.get("p99") else None
+                at70["per_second"] = per_second(phase)
+                rounds.append({"max": saturated, "rate_at_70pct": round(rate, 1), "at_70pct": at70})
+            ratios = [r["at_70pct"]["p99_over_p50"] for r in rounds]
+            pooled = latency_ms([s for s in journal.samples if s.phase.startswith("at70_")])
+            out["saturation"] = {
+                "rounds": rounds,
+                "p99_over_p50_per_round": ratios,
+                "p99_over_p50_median": statistics.median(r for r in ratios if r is not None) if any(ratios) else None,
+                "at_70pct_pooled_latency_ms": pooled,
+                **{k: sum(r[phase][k] for r in rounds for phase in ("max", "at_70pct")) for k in ("lost", "5xx")},
+            }
 
         logs = "".join(r.logs() for r in replicas)
         out["replica_logs"] = {"tracebacks": logs.count("Traceback"), "unhandled": logs.count("unhandled error"),
@@ -696,13 +746,13 @@ def main(argv: list[str] | None = None) -> int:
 
     chaos_out, sat = out["chaos"], out.get("saturation")
     targets = {
-        "zero lost requests": chaos_out["lost"] == 0 and (sat is None or sat["max"]["lost"] + sat["at_70pct"]["lost"] == 0),
-        "zero 5xx": chaos_out["5xx"] == 0 and (sat is None or sat["max"]["5xx"] + sat["at_70pct"]["5xx"] == 0),
+        "zero lost requests": chaos_out["lost"] == 0 and (sat is None or sat["lost"] == 0),
+        "zero 5xx": chaos_out["5xx"] == 0 and (sat is None or sat["5xx"] == 0),
         "every answer from a version active during its request":
             chaos_out["version_checks"]["never_active"] + chaos_out["version_checks"]["mixed_versions"]
             + chaos_out["version_checks"]["wrong_label"] == 0,
-        "p99 <= 3 x p50 at 70% of saturation": bool(sat and sat["at_70pct"]["p99_over_p50"] is not None
-                                                    and sat["at_70pct"]["p99_over_p50"] <= 3.0),
+        "p99 <= 3 x p50 at 70% of saturation (median round)": bool(sat and sat["p99_over_p50_median"] is not None
+                                                                   and sat["p99_over_p50_median"] <= 3.0),
         "RSS flat": out["rss"]["flat"],
         "corrupted bundle: 503 task_unavailable, then served again": bool(out.get("corruption", {}).get("ok")),
     }

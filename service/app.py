@@ -24,6 +24,7 @@ from service.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from service.auth import Tokens, warn_if_disabled
 from service.cache import TaskCache
 from service.hotswap import TaskAdmin
+from service.memory import Trimmer
 from service.metrics import Metrics
 from service.registry import open_registry
 from service.scheduler import Scheduler
@@ -117,8 +118,9 @@ async def _start(state: ServiceState, engine: EngineLike | None) -> None:
             load, settings.cache_max_bytes, host_max_bytes=settings.cache_host_max_bytes,
             to_host=to_host, to_device=to_device,
         )
+        trimmer = Trimmer(settings.malloc_trim_interval_s)
         scheduler = Scheduler(
-            engine.classify,
+            trimmer.wrap(engine.classify),
             max_batch_size=settings.max_batch_size,
             max_wait_s=settings.max_wait_s,
             max_queue=settings.max_queue,

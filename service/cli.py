@@ -100,6 +100,12 @@ def serve(args: argparse.Namespace) -> int:
     except ConfigurationError as err:
         print(f"adaptserve serve: {err.message}", file=sys.stderr)
         return 2
+    # The process's long-lived heap (torch, transformers, the app) out of every later GC pass;
+    # here, not in create_app: tests build many apps in one process and must keep collecting.
+    import service.engine.engine  # noqa: F401  (torch and transformers: the bulk of that heap)
+    from service.memory import freeze_startup_heap
+
+    freeze_startup_heap()
     # One worker: the engine holds the backbone and the task cache in this process; more
     # processes would each load their own copy. Scale out with more replicas instead.
     uvicorn.run(app, host=settings.host, port=settings.port, workers=1, log_level=settings.log_level, lifespan="on")

@@ -1,0 +1,100 @@
+"""Returning freed heap to the OS (`Trimmer`) and freezing the startup heap out of the GC."""
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+
+import pytest
+
+from service.memory import Trimmer, _malloc_trim, freeze_startup_heap
+
+GLIBC = _malloc_trim() is not None
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_disabled_trimmer_returns_the_function_itself() -> None:
+    def f(x: int) -> int:
+        return x + 1
+
+    trimmer = Trimmer(0.0)
+    assert not trimmer.active
+    assert trimmer.wrap(f) is f
+    assert trimmer.maybe_trim() is False
+
+
+@pytest.mark.skipif(not GLIBC, reason="malloc_trim is glibc's")
+def test_trims_at_most_once_per_interval_and_after_failures_too() -> None:
+    clock = Clock()
+    trimmer = Trimmer(5.0, clock=clock)
+    calls = []
+
+    def classify(items):
+        calls.append(items)
+        if items == "bad":
+            raise ValueError("bad batch")
+        return len(items)
+
+    wrapped = trimmer.wrap(classify)
+    assert wrapped("ab") == 2 and trimmer.trims == 0  # 0 s since start
+    clock.now = 4.9
+    wrapped("abc")
+    assert trimmer.trims == 0
+    clock.now = 5.0
+    wrapped("abc")
+    assert trimmer.trims == 1
+    clock.now = 7.0
+    wrapped("a")
+    assert trimmer.trims == 1  # 2 s since the last trim
+    clock.now = 10.5
+    with pytest.raises(ValueError, match="bad batch"):
+        wrapped("bad")
+    assert trimmer.trims == 2  # the batch failed; the trim still ran, and the error passes through
+    assert calls == ["ab", "abc", "abc", "a", "bad"]
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not GLIBC or not os.path.exists("/proc/self/statm"), reason="glibc on Linux")
+def test_a_trim_gives_fragmented_free_heap_back_to_the_os() -> None:
+    """The case serving creates: freed blocks below one still in use stay mapped (glibc trims only
+    the top of the heap by itself) until malloc_trim hands their pages back."""
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    size, count = 96 * 1024, 320  # below the 128 KiB mmap threshold: served from the heap
+    blocks = [libc.malloc(size) for _ in range(count)]
+    assert all(blocks)
+    for b in blocks:
+        ctypes.memset(b, 1, size)  # touch every page
+    for b in blocks[:-1]:
+        libc.free(b)  # the last block stays: the freed ones are a hole below it, not the heap's top
+    before = _rss_bytes()
+    trimmer = Trimmer(1e-9)
+    assert trimmer.maybe_trim()
+    released = before - _rss_bytes()
+    libc.free(blocks[-1])
+    assert released > 0.5 * size * (count - 1), f"only {released / 2**20:.1f} MiB of {size * count / 2**20:.0f} returned"
+
+
+def test_freeze_moves_live_objects_out_of_collections() -> None:
+    marker = [[i] for i in range(1000)]  # lists: tracked by the collector
+    try:
+        frozen = freeze_startup_heap()
+        assert frozen == gc.get_freeze_count() >= len(marker)
+        collectable = {id(o) for generation in range(3) for o in gc.get_objects(generation)}
+        assert not any(id(m) in collectable for m in marker)
+    finally:
+        gc.unfreeze()
+    assert id(marker[0]) in {id(o) for o in gc.get_objects(2)}
