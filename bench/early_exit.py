@@ -104,7 +104,8 @@ def serve_single(engine: Engine, variants: dict[str, list[ClassifyItem]], rows: 
 
 def run_dataset(name: str, splits: Splits, test: LabelledData, backbone, args, store: Path) -> dict:
     cfg = TrainConfig(method="lora", epochs=args.epochs, seed=args.seed, early_exit=True, exit_max_drop=args.max_drop,
-                      exit_confidence=args.confidence, **({"exit_loss": args.exit_loss} if args.exit_loss else {}))
+                      exit_confidence=args.confidence, **({"exit_loss": args.exit_loss} if args.exit_loss else {}),
+                      **({"exit_target": args.exit_target} if args.exit_target else {}))
     t0 = time.perf_counter()
     result = train(splits, cfg, name=f"{name}-ee", backbone=backbone, progress=not args.no_progress)
     train_s = time.perf_counter() - t0
@@ -253,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-test", type=int, default=1000, help="test rows [%(default)s; sst2 has 872]")
     p.add_argument("--epochs", type=int, default=2, help="[%(default)s]")
     p.add_argument("--exit-loss", help=f"[the trainer's: {TrainConfig(method='lora').exit_loss}]")
+    p.add_argument("--exit-target", help=f"what the confidence predictors learn [the trainer's: {TrainConfig(method='lora').exit_target}]")
     p.add_argument("--max-drop", type=float, default=TrainConfig(method="lora").exit_max_drop,
                    help="accuracy points calibration may give up, bounded at --confidence on dev [%(default)s]")
     p.add_argument("--confidence", type=float, default=TrainConfig(method="lora").exit_confidence,

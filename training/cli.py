@@ -23,6 +23,7 @@ from training.config import (
     DEFAULT_EPOCHS,
     DEFAULT_LR,
     EXIT_LOSSES,
+    EXIT_TARGETS,
     METHODS,
     SELECT_METRICS,
     AdapterConfig,
@@ -112,6 +113,10 @@ def build_train_parser(prog: str = "adaptserve train") -> argparse.ArgumentParse
     g.add_argument("--exit-loss", choices=EXIT_LOSSES,
                    help=f"two-stage: task first, then exits on the frozen layers (DeeBERT); weighted: one "
                    f"loss over every exit and the head (PABEE) [{d.exit_loss}]")
+    g.add_argument("--exit-target", choices=EXIT_TARGETS,
+                   help=f"what each exit's confidence predictor learns: safe (exiting there loses nothing vs the "
+                   f"full depth), right (the exit is right, BERxiT) or agrees (it matches the full depth) "
+                   f"[{d.exit_target}]")
     g.add_argument("--exit-max-drop", type=float, metavar="POINTS",
                    help=f"dev accuracy points the calibrated threshold may lose vs full depth [{d.exit_max_drop:g}]")
     g.add_argument("--exit-confidence", type=float, metavar="LEVEL",
@@ -162,7 +167,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def _early_exit_options(args: argparse.Namespace) -> dict[str, Any]:
     """--early-exit and its options (absent from parsers without them: early exit off)."""
-    given = {k: v for k in ("exit_loss", "exit_max_drop", "exit_confidence") if (v := getattr(args, k, None)) is not None}
+    given = {k: v for k in ("exit_loss", "exit_target", "exit_max_drop", "exit_confidence") if (v := getattr(args, k, None)) is not None}
     if not getattr(args, "early_exit", False):
         if given:
             raise ConfigError(f"--{next(iter(given)).replace('_', '-')} applies with --early-exit")

@@ -104,7 +104,9 @@ class ExitWeights(TaskWeights):
         return pooled @ ow.T + ob  # [n_rows, labels]
 
     def confidence(self, layer: int, pooled: Tensor, logits: Tensor) -> Tensor:
-        """Predicted probability that the exit's argmax is right: [n_rows]."""
+        """The exit's confidence, [n_rows]: the predicted probability of what the task's
+        predictors were trained towards (`calibration["confidence_target"]`; by default that
+        answering here loses nothing against the full depth, training/exits.py)."""
         _, _, c1w, c1b, c2w, c2b = self.layers[layer]
         z = torch.relu(torch.cat([pooled, logits], dim=-1) @ c1w.T + c1b)
         return torch.sigmoid(z @ c2w.T + c2b).squeeze(-1)

@@ -18,7 +18,8 @@ from training.cli import build_train_parser, config_from_args
 from training.config import ConfigError, TrainConfig
 from training.data import load_splits
 from training.evaluate import load_published
-from training.exits import ExitTables, calibrate, collect, exit_logits_at, pick, simulate, sweep, tables
+from training.exits import (ExitTables, LayerFeatures, calibrate, collect, confidence_targets, exit_logits_at, pick,
+                            simulate, sweep, tables)
 from training.publish import save_to_store
 from training.trainer import train
 
@@ -68,7 +69,9 @@ def test_early_exit_round_trip(exit_loss, deep, csvs, tmp_path):
     served_exits = task.weights["exits"]
     assert served_exits.policy == trained.policy and served_exits.calibration == cal  # stored and loaded
     assert result.config.hyperparameters()["early_exit"] == {
-        "exit_loss": exit_loss, "exit_max_drop": cfg.exit_max_drop, "exit_confidence": cfg.exit_confidence}
+        "exit_loss": exit_loss, "exit_target": "safe", "exit_max_drop": cfg.exit_max_drop,
+        "exit_confidence": cfg.exit_confidence}
+    assert cal["confidence_target"] == "safe"
     for name, stored in cal["policies"].items():  # what a request naming only the policy gets
         assert served_exits.threshold_for(name) == (stored["threshold"] if stored["met"] else DEFAULT_THRESHOLDS[name])
 
@@ -228,6 +231,22 @@ def test_pick_with_z_stops_where_the_bound_crosses():
     assert pick(pts, floor, "confidence", z=3.0).threshold == 0.9  # 0.80 - 0.012 < 0.79
 
 
+def test_confidence_targets_per_row_and_exit():
+    """Rows: (exit argmaxes at 2 exits, full depth's argmax, gold). `safe` is 0 only where the exit
+    is wrong and the full depth right; `agrees` compares with the full depth, `right` with gold."""
+    z = torch.tensor([[[2.0, 0.0], [0.0, 2.0]],   # exits say 0, 1
+                      [[0.0, 2.0], [0.0, 2.0]],   # 1, 1
+                      [[2.0, 0.0], [2.0, 0.0]]])  # 0, 0
+    final = torch.tensor([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]])  # the full depth says 1 everywhere
+    feats = LayerFeatures(torch.zeros(3, 2, 4), final, torch.tensor([1, 0, 0]))  # gold 1, 0, 0
+    assert confidence_targets(z, feats, "right").tolist() == [[0, 1], [0, 0], [1, 1]]
+    assert confidence_targets(z, feats, "agrees").tolist() == [[0, 1], [1, 1], [0, 0]]
+    # row 0: full depth right -> safe only where the exit is right; rows 1-2: full depth wrong -> safe everywhere
+    assert confidence_targets(z, feats, "safe").tolist() == [[0, 1], [1, 1], [1, 1]]
+    with pytest.raises(ValueError, match="safe, right, agrees"):
+        confidence_targets(z, feats, "lucky")
+
+
 def test_patience_replay_counts_agreeing_exits():
     top = torch.tensor([[0, 0, 1], [1, 0, 0], [1, 1, 1]])
     t = ExitTables(torch.zeros(3, 3), torch.ones(3, 3), top, torch.tensor([1, 1, 0]), torch.tensor([0, 0, 1]))
@@ -239,6 +258,7 @@ def test_patience_replay_counts_agreeing_exits():
 
 @pytest.mark.parametrize("flags, message", [
     (["--exit-loss", "sometimes"], "invalid choice"),
+    (["--exit-target", "lucky"], "invalid choice"),
     (["--exit-max-drop", "-1"], "--exit-max-drop"),
     (["--exit-confidence", "1"], "--exit-confidence"),
     (["--exit-confidence", "0.3"], "--exit-confidence"),
@@ -254,7 +274,8 @@ def test_cli_early_exit_options(flags, message, capsys):
         with pytest.raises(ConfigError, match=message):
             config_from_args(parser.parse_args(base + flags))
     cfg = config_from_args(parser.parse_args(base + ["--exit-loss", "weighted", "--exit-max-drop", "0.5",
-                                                     "--exit-confidence", "0.95"]))
+                                                     "--exit-confidence", "0.95", "--exit-target", "right"]))
     assert cfg.early_exit and cfg.exit_loss == "weighted" and cfg.exit_max_drop == 0.5 and cfg.exit_confidence == 0.95
+    assert cfg.exit_target == "right" and config_from_args(parser.parse_args(base)).exit_target == "safe"
     assert not config_from_args(parser.parse_args(base[:-1])).early_exit
     assert TrainConfig(method="lora").exit_loss in ("two-stage", "weighted")
