@@ -32,15 +32,15 @@ from bench.harness import RESULTS, environment, write_json  # noqa: E402  (sets 
 
 import torch  # noqa: E402
 
-from bench.exit_calibration import rows  # noqa: E402
+from bench.exit_calibration import chosen, replay, rows  # noqa: E402
 from bench.train_methods import DATA_ROOT, subsample  # noqa: E402
 from service.engine.backbone import load_backbone  # noqa: E402
 from service.engine.engine import Engine  # noqa: E402
-from service.methods.exits import ExitPolicy, ExitWeights  # noqa: E402
+from service.methods.exits import ExitWeights  # noqa: E402
 from training.config import EXIT_TARGETS, TrainConfig  # noqa: E402
 from training.data import Splits, load_splits  # noqa: E402
 from training.evaluate import load_published  # noqa: E402
-from training.exits import LayerFeatures, calibrate, collect, fit_confidence, simulate, sweep, tables  # noqa: E402
+from training.exits import LayerFeatures, collect, fit_confidence, sweep, tables  # noqa: E402
 from training.publish import save_to_store  # noqa: E402
 from training.trainer import train  # noqa: E402
 
@@ -49,17 +49,15 @@ DEPTHS = (3.0, 3.5)
 
 
 def score(exits: ExitWeights, feats: dict[str, LayerFeatures], cfg: TrainConfig) -> dict:
-    _, record = calibrate(tables(exits, feats["dev"]), cfg.exit_max_drop, cfg.exit_confidence)
+    entry = chosen(tables(exits, feats["dev"]), cfg.exit_max_drop, cfg.exit_confidence)["confidence"]
     out = {}
     for split in ("test", "pool"):
         t = tables(exits, feats[split])
         full = float((t.final_pred == t.labels).double().mean())
         r: dict = {}
-        entry = record["policies"]["confidence"]
         if entry["met"]:
-            pred, layer = simulate(t, ExitPolicy("confidence", entry["threshold"]))
-            r["calibrated"] = {"loss_points": round(100 * (full - float((pred == t.labels).double().mean())), 2),
-                               "mean_exit_layer": round(float(layer.double().mean()), 3)}
+            loss, layer = replay(t, entry)
+            r["calibrated"] = {"loss_points": round(loss, 2), "mean_exit_layer": round(layer, 3)}
         points = sweep(t, "confidence")
         for depth in DEPTHS:
             p = min(points, key=lambda q: abs(q.mean_exit_layer - depth))
@@ -74,7 +72,7 @@ def run(name: str, backbone, args: argparse.Namespace) -> dict:
     n = TRAIN_ROWS[name]
     picked = sorted(torch.randperm(len(full.train), generator=torch.Generator().manual_seed(args.seed))[:n].tolist())
     taken = set(picked)
-    train_d = subsample(full.train, n, args.seed)  # the same rows as `picked`
+    train_d = rows(full.train, picked)  # what `subsample(full.train, n, seed)` draws
     pool_d = rows(full.train, [i for i in range(len(full.train)) if i not in taken])
     test_d = subsample(full.test, 1000, args.seed)
     cfg = TrainConfig(method="lora", epochs=2, seed=args.seed, early_exit=True)

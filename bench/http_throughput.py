@@ -222,7 +222,13 @@ def run_load(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def summarize_http(result: dict[str, Any], seconds: float) -> dict[str, Any]:
+def latency_summary(lat: list[float]) -> dict[str, float]:
+    return {"p50": percentile(lat, 50), "p90": percentile(lat, 90), "p99": percentile(lat, 99),
+            "mean": statistics.fmean(lat)} if lat else {}
+
+
+def summarize_http(result: dict[str, Any], seconds: float) -> tuple[dict[str, Any], list[float]]:
+    """One window's summary, and the latencies (ms) of its ok answers (for pooled percentiles)."""
     start, end = result["marks"]["start"], result["marks"]["end"]
     window = end["t"] - start["t"]
     inside = [s for s in result["samples"] if start["t"] <= s[2] < end["t"]]
@@ -238,16 +244,14 @@ def summarize_http(result: dict[str, Any], seconds: float) -> dict[str, Any]:
     server_cpu = _cpu_split(result["server_pid"], start["server_threads_cpu_s"], end["server_threads_cpu_s"])
     client_cpu = end["client_cpu_s"] - start["client_cpu_s"]
     requests = delta("adaptserve_request_duration_seconds_count")
-    return {
+    summary = {
         "window_s": window,
         "requested_seconds": seconds,
         "sent_in_window": len(inside),
         "ok": len(ok),
         "not_ok": {str(st): sum(1 for s in inside if s[3] == st) for st in sorted({s[3] for s in inside if s[3] != 200})},
         "seq_per_s": len(ok) / window,
-        "_latencies_ms": lat,  # popped by combine_windows
-        "latency_ms": {"p50": percentile(lat, 50), "p90": percentile(lat, 90), "p99": percentile(lat, 99),
-                       "mean": statistics.fmean(lat)} if lat else {},
+        "latency_ms": latency_summary(lat),
         # Server side of the same window, from /metrics.
         "batches": batches,
         "mean_batch": delta("adaptserve_batch_size_sum") / batches if batches else None,
@@ -261,6 +265,7 @@ def summarize_http(result: dict[str, Any], seconds: float) -> dict[str, Any]:
         "client_cpu_share_of_window": client_cpu / window,
         "load_average": {"start": start["load_average"], "end": end["load_average"]},
     }
+    return summary, lat
 
 
 def check_answers(engine: Engine, tasks: list, texts: list[str], samples: list[tuple], n: int,
@@ -278,12 +283,11 @@ def check_answers(engine: Engine, tasks: list, texts: list[str], samples: list[t
             "tolerance": SCORE_TOLERANCE, "ok": bool(picked) and label_mismatch == 0 and worst <= SCORE_TOLERANCE}
 
 
-def combine_windows(windows: list[dict[str, Any]]) -> dict[str, Any]:
+def combine_windows(windows: list[dict[str, Any]], lat: list[float]) -> dict[str, Any]:
     """The HTTP windows pooled: ok rows over the summed window time, CPU seconds summed, latency
     percentiles over every ok answer of every window."""
     seconds = sum(w["window_s"] for w in windows)
     ok = sum(w["ok"] for w in windows)
-    lat = [x for w in windows for x in w.pop("_latencies_ms")]
     batches = sum(w["batches"] for w in windows)
     server = {k: sum(w["server_cpu_s"][k] for w in windows) for k in ("event_loop_thread", "other_threads", "total")}
     client = sum(w["client_cpu_s"] for w in windows)
@@ -293,8 +297,7 @@ def combine_windows(windows: list[dict[str, Any]]) -> dict[str, Any]:
             not_ok[status] = not_ok.get(status, 0) + n
     return {
         "windows": len(windows), "window_s": seconds, "ok": ok, "not_ok": not_ok, "seq_per_s": ok / seconds,
-        "latency_ms": {"p50": percentile(lat, 50), "p90": percentile(lat, 90), "p99": percentile(lat, 99),
-                       "mean": statistics.fmean(lat)} if lat else {},
+        "latency_ms": latency_summary(lat),
         "batches": batches,
         "mean_batch": sum(w["mean_batch"] * w["batches"] for w in windows if w["batches"]) / batches if batches else None,
         "forward_busy_fraction": sum(w["forward_s"] for w in windows) / seconds,
@@ -357,6 +360,7 @@ def main() -> None:
     rounds: list[tuple[float, float]] = []
     per_window: list[dict[str, Any]] = []
     samples: list[tuple] = []
+    latencies_ms: list[float] = []
     try:
         replica.start()
         t0 = time.perf_counter()
@@ -369,7 +373,9 @@ def main() -> None:
                     "server_pid": replica.process.pid}
             result = run_load(spec)
             samples += result["samples"]
-            per_window.append(summarize_http(result, seconds))
+            summary, latencies = summarize_http(result, seconds)
+            per_window.append(summary)
+            latencies_ms += latencies
             print(f"# round {i}: engine {engine_rows / rounds[-1][0]:.1f} seq/s, "
                   f"http {per_window[-1]['seq_per_s']:.1f} seq/s")
         rounds.append(engine_round(engine, tasks, texts, engine_rows, args.batch))
@@ -382,7 +388,7 @@ def main() -> None:
     paired = [w["seq_per_s"] / ((engine_sps_rounds[i] + engine_sps_rounds[i + 1]) / 2) for i, w in enumerate(per_window)]
     ratio = statistics.median(paired)
     engine_sps = statistics.median(engine_sps_rounds)
-    http = combine_windows(per_window)
+    http = combine_windows(per_window, latencies_ms)
     pooled_ratio = http["seq_per_s"] / engine_sps
     # Per CPU second (load-robust: time spent descheduled by other tenants does not count):
     # engine rows per CPU s of this process vs ok rows per CPU s of the server (and of server + clients).

@@ -23,6 +23,7 @@ from training.config import (
     DEFAULT_EPOCHS,
     DEFAULT_LR,
     EXIT_LOSSES,
+    EXIT_OPTIONS,
     EXIT_TARGETS,
     METHODS,
     SELECT_METRICS,
@@ -167,7 +168,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def _early_exit_options(args: argparse.Namespace) -> dict[str, Any]:
     """--early-exit and its options (absent from parsers without them: early exit off)."""
-    given = {k: v for k in ("exit_loss", "exit_target", "exit_max_drop", "exit_confidence") if (v := getattr(args, k, None)) is not None}
+    given = {k: v for k in EXIT_OPTIONS if (v := getattr(args, k, None)) is not None}
     if not getattr(args, "early_exit", False):
         if given:
             raise ConfigError(f"--{next(iter(given)).replace('_', '-')} applies with --early-exit")

@@ -21,6 +21,8 @@ SELECT_METRICS = ("accuracy", "macro_f1")
 EXIT_LOSSES = ("two-stage", "weighted")
 # What each exit's confidence predictor learns to predict (training/exits.py `confidence_targets`).
 EXIT_TARGETS = ("safe", "right", "agrees")
+# The TrainConfig fields that only apply with early_exit (CLI flags --exit-*; recorded in the bundle).
+EXIT_OPTIONS = ("exit_loss", "exit_target", "exit_max_drop", "exit_confidence")
 
 # Learning rates per method, each from the paper or recipe whose method and defaults we follow.
 DEFAULT_LR: dict[str, float] = {
@@ -232,8 +234,7 @@ class TrainConfig:
             "max_steps": self.max_steps,
         }
         if self.early_exit:
-            out["early_exit"] = {"exit_loss": self.exit_loss, "exit_target": self.exit_target,
-                                 "exit_max_drop": self.exit_max_drop, "exit_confidence": self.exit_confidence}
+            out["early_exit"] = {k: getattr(self, k) for k in EXIT_OPTIONS}
         section = self.method_section()
         if section is not None:
             out[self.method] = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(section).items()}

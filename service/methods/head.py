@@ -6,7 +6,8 @@ Pooling (stored per task):
 * ``mean``   - the mean over the text tokens (how all-MiniLM-L6-v2 was trained to embed sentences).
 An optional task-owned ``dense`` + tanh layer precedes the classifier (RoBERTa's head shape).
 
-Heads differ in label count: at serving time the classifiers sit in a slot pool padded to the\nlargest label count, and each row's logits are sliced back to its own labels.
+Heads differ in label count: at serving time the classifiers sit in a slot pool padded to the
+largest label count, and each row's logits are sliced back to its own labels.
 """
 from __future__ import annotations
 
