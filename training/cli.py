@@ -99,6 +99,8 @@ def build_train_parser(prog: str = "adaptserve train") -> argparse.ArgumentParse
     g.add_argument("--lr", type=float, help=f"peak learning rate [per method: {lrs}]")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="[%(default)s]")
     g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="[%(default)s]")
+    g.add_argument("--dropout", type=float, default=d.dropout,
+                   help="dropout on the backbone's hidden states and attention while training [%(default)s]")
     g.add_argument("--seed", type=int, default=d.seed, help="fixes the initial weights and data order [%(default)s]")
     g.add_argument("--max-length", type=int, default=d.max_length, help="tokens per input [%(default)s]")
     g.add_argument("--patience", type=int, default=d.patience,
@@ -161,6 +163,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         method=args.method, **sections, pooling=args.pooling, head_dense=args.head_dense, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+        dropout=args.dropout,
         seed=args.seed, max_length=args.max_length, patience=args.patience or None,
         select_metric=args.select_metric, max_steps=args.max_steps, **_early_exit_options(args),
     ).check()

@@ -135,6 +135,9 @@ class TrainConfig:
     weight_decay: float = 0.01  # BERT / HF Trainer recipes
     warmup_ratio: float = 0.06  # RoBERTa (Liu et al., 2019) and LoRA's GLUE runs: linear warmup over 6%
     max_grad_norm: float = 1.0  # HF Trainer's default clipping
+    # Dropout on the backbone's embeddings, sub-layer outputs and attention weights during training
+    # steps (never at evaluation or serving). 0 = none: see DEFAULT_EPOCHS' note on how it was measured.
+    dropout: float = 0.0
     seed: int = 42
     max_length: int = 128  # tokens per input; SST-2 sentences are ~25 tokens, AG News ~50
     patience: int | None = 2  # epochs without dev improvement before stopping; None = never stop early
@@ -188,6 +191,8 @@ class TrainConfig:
             raise ConfigError(f"--lr must be positive, got {self.lr!r}")
         if not 0 <= self.weight_decay < 1:
             raise ConfigError(f"--weight-decay must be in [0, 1), got {self.weight_decay!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
@@ -227,6 +232,7 @@ class TrainConfig:
             "weight_decay": self.weight_decay,
             "warmup_ratio": self.warmup_ratio,
             "max_grad_norm": self.max_grad_norm,
+            "dropout": self.dropout,
             "seed": self.seed,
             "max_length": self.max_length,
             "patience": self.patience,

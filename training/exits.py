@@ -123,10 +123,11 @@ def collect(engine: Engine, task: Task, data: LabelledData, pooling: str, batch_
 
 
 # -- the weighted (PABEE) loss, used inside the task's own training loop -------------------------------
-def weighted_loss(engine: Engine, items: Sequence[ClassifyItem], exits: ExitWeights, targets: Tensor) -> Tensor:
+def weighted_loss(engine: Engine, items: Sequence[ClassifyItem], exits: ExitWeights, targets: Tensor,
+                  dropout: float = 0.0) -> Tensor:
     """sum_l l * CE_l / sum_l l over exits l = 1..L-1 and the final head (l = L): deeper layers,
     which can be right more often, weigh more (PABEE's weighted average, Zhou et al. 2020, eq. 5)."""
-    states, final = engine.layer_states(engine.tokenize(items))
+    states, final = engine.layer_states(engine.tokenize(items), dropout)
     terms = [(len(states), F.cross_entropy(torch.stack(final), targets))]
     for layer, (_, z) in zip(sorted(exits.layers), exit_logits_at(exits, states)):
         terms.append((layer + 1, F.cross_entropy(z, targets)))

@@ -138,13 +138,13 @@ class TrainResult:
 
 
 # -- the forward both training and evaluation use ----------------------------------------------------
-def forward(engine: Engine, items: Sequence[ClassifyItem]) -> Tensor:
+def forward(engine: Engine, items: Sequence[ClassifyItem], dropout: float = 0.0) -> Tensor:
     """Logits [B, labels] of one batch of one task through the serving engine's code path.
 
     Unlike `Engine.logits` it runs in whatever grad mode the caller is in, so gradients reach the
-    task tensors (and, for `full`, the copied backbone)."""
+    task tensors (and, for `full`, the copied backbone). `dropout` > 0 only for training steps."""
     batch = engine.tokenize(items)
-    return torch.stack(engine.full_depth_logits(batch))  # [B, labels]
+    return torch.stack(engine.full_depth_logits(batch, dropout))  # [B, labels]
 
 
 def evaluate(engine: Engine, task: Task, data: LabelledData, batch_size: int = 64, progress: bool = False,
@@ -237,9 +237,9 @@ def train(splits: Splits, config: TrainConfig, *, name: str, backbone: Backbone 
                 items = _items(task, [train_data.texts[r] for r in rows],
                                None if train_data.text_pairs is None else [train_data.text_pairs[r] for r in rows])
                 if "exits" in weights:  # every exit's cross-entropy with the head's (training/exits.py)
-                    loss = weighted_loss(engine, items, weights["exits"], targets[rows])
+                    loss = weighted_loss(engine, items, weights["exits"], targets[rows], config.dropout)
                 else:
-                    logits = forward(engine, items)
+                    logits = forward(engine, items, config.dropout)
                     loss = F.cross_entropy(logits, targets[rows]) if loss_fn is None else loss_fn(logits, rows)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()

@@ -28,7 +28,7 @@ class Decoder:
 
     def embed(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None, plan: Plan) -> State:
         words, keep, _, text_start, text_len = assemble(self.f.embeddings.word(input_ids), attention_mask, None, plan)
-        return State(hidden=words, keep=keep, text_start=text_start, text_len=text_len, plan=plan)
+        return State(hidden=plan.drop(words), keep=keep, text_start=text_start, text_len=text_len, plan=plan)
 
     def _linear(self, i: int, site: str, x: Tensor, plan: Plan) -> Tensor:
         return linear(self.f, i, site, x, plan)
@@ -52,14 +52,14 @@ class Decoder:
             v = v.repeat_interleave(self.kv_groups, dim=1)
         causal = torch.ones(s, s, dtype=torch.bool, device=h.device).tril()
         mask = causal[None, None] & st.keep[:, None, None, :]  # [B, 1, S, S]
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        a = self._linear(i, "attn_out", ctx.transpose(1, 2).reshape(bsz, s, nh * hd), plan)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=plan.dropout)
+        a = plan.drop(self._linear(i, "attn_out", ctx.transpose(1, 2).reshape(bsz, s, nh * hd), plan))
         for b in plan.batches:
             a = b.after_sublayer(i, "attn", a)
         h = h + a
         x = L.ffn_norm(h)
         f = self.f.activation(self._linear(i, "ffn_gate", x, plan)) * self._linear(i, "ffn_in", x, plan)
-        f = self._linear(i, "ffn_out", f, plan)
+        f = plan.drop(self._linear(i, "ffn_out", f, plan))
         for b in plan.batches:
             f = b.after_sublayer(i, "ffn", f)
         return replace(st, hidden=h + f)

@@ -24,9 +24,15 @@ class Plan:
     """The per-method tables of one batch (already restricted to the batch's rows)."""
 
     batches: tuple[MethodBatch, ...] = ()
+    # Training only: dropout on the embeddings, each sub-layer's output and the attention weights,
+    # as the backbone was pre-trained and HF fine-tunes it. Serving never sets it.
+    dropout: float = 0.0
 
     def select(self, rows: Tensor) -> "Plan":
-        return Plan(tuple(b.select(rows) for b in self.batches))
+        return Plan(tuple(b.select(rows) for b in self.batches), self.dropout)
+
+    def drop(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.dropout, training=True) if self.dropout else x
 
 
 @dataclass
@@ -77,7 +83,7 @@ class Encoder:
         x = words + e.position(pos + e.position_offset)
         if e.token_type is not None:
             x = x + e.token_type(token_type_ids)
-        x = e.norm(x)
+        x = plan.drop(e.norm(x))
         if e.project is not None:
             x = e.project(x)
         return State(hidden=x, keep=keep, text_start=text_start, text_len=text_len, plan=plan)
@@ -103,7 +109,7 @@ class Encoder:
             after = lambda site, x: self._after(i, site, x, plan)  # noqa: E731
             ctx = self._attention(i, st, lin("query", h), lin("key", h), lin("value", h))
             hp = h
-            a = after("attn", lin("attn_out", ctx))
+            a = after("attn", plan.drop(lin("attn_out", ctx)))
         else:
             lin = lambda site, x: self._linear_packed(i, site, x, plan, pk)  # noqa: E731
             after = lambda site, x: self._after_packed(i, site, x, plan, pk)  # noqa: E731
@@ -121,10 +127,10 @@ class Encoder:
             # attn_out with per-row deltas that do not run on packed spans: padded, deltas fused
             padded = any(b.adapts(i, "attn_out") and not b.packed_spans(i, "attn_out", h.device) for b in plan.batches)
             a = pk.pack(self._linear(i, "attn_out", ctx, plan)) if padded else lin("attn_out", pk.pack(ctx))
-            a = after("attn", a)
+            a = after("attn", plan.drop(a))
         hp = L.attn_norm(a + hp)
         f = lin("ffn_out", self.f.activation(lin("ffn_in", hp)))
-        hp = L.ffn_norm(after("ffn", f) + hp)
+        hp = L.ffn_norm(after("ffn", plan.drop(f)) + hp)
         return replace(st, hidden=hp if pk is None else pk.unpack_into(h, hp))
 
     def _attention(self, i: int, st: State, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -145,7 +151,7 @@ class Encoder:
                 v = torch.cat([pv.to(v.dtype), v], dim=2)
                 keep = torch.cat([pkeep, keep], dim=1)
         # softmax(q k^T / sqrt(d) + mask) v, with masked keys excluded exactly
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])  # [B, nh, S, hd]
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], dropout_p=st.plan.dropout)
         return ctx.transpose(1, 2).reshape(bsz, s, hid)
 
     def _after(self, i: int, site: str, x: Tensor, plan: Plan) -> Tensor:

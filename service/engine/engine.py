@@ -168,8 +168,9 @@ class Engine:
                 counts.append(len(ids))
         return counts
 
-    def plan(self, tasks: Sequence[Task], row_part: Tensor) -> tuple[Plan, "Outputs"]:
-        """Per-method tables for the tasks of one batch; the head batch is returned apart."""
+    def plan(self, tasks: Sequence[Task], row_part: Tensor, dropout: float = 0.0) -> tuple[Plan, "Outputs"]:
+        """Per-method tables for the tasks of one batch; the head batch is returned apart.
+        `dropout` is for training forwards only (`Plan.dropout`)."""
         batches = []
         for name, method in sorted(REGISTRY.items(), key=lambda kv: kv[1].order):
             if method.stage != "encoder":
@@ -181,7 +182,7 @@ class Engine:
             REGISTRY["head"].batch([t.weights.get("head") for t in tasks], row_part),  # type: ignore[arg-type]
             REGISTRY["verbalizer"].batch([t.weights.get("verbalizer") for t in tasks], row_part),  # type: ignore[arg-type]
         )
-        return Plan(tuple(batches)), head
+        return Plan(tuple(batches), dropout), head
 
     def _exit_batch(self, batch: Batch, policies: Sequence[ExitPolicy | None] | None) -> ExitBatch | None:
         parts = [t.weights.get("exits") for t in batch.tasks]
@@ -195,24 +196,24 @@ class Engine:
         return REGISTRY["exits"].batch_rows(parts, batch.row_part, rows)  # type: ignore[attr-defined]
 
     # -- forward -------------------------------------------------------------------------------
-    def encode(self, batch: Batch) -> tuple[State, "Outputs"]:
+    def encode(self, batch: Batch, dropout: float = 0.0) -> tuple[State, "Outputs"]:
         """Full-depth forward (no early exit): final states and the batch's output stage."""
-        plan, outputs = self.plan(batch.tasks, batch.row_part)
+        plan, outputs = self.plan(batch.tasks, batch.row_part, dropout)
         outputs.answer = batch.answer_pos
         st = self.backbone.encoder.forward(batch.input_ids, batch.attention_mask, batch.token_type_ids, plan)
         return st, outputs
 
-    def full_depth_logits(self, batch: Batch) -> list[Tensor]:
+    def full_depth_logits(self, batch: Batch, dropout: float = 0.0) -> list[Tensor]:
         """Per row: its task's logits through every layer, differentiable (training uses this:
         the same modules the service runs, gradients flowing into the task tensors)."""
-        st, outputs = self.encode(batch)
+        st, outputs = self.encode(batch, dropout)
         return outputs.logits(st, self._pooler(), self.backbone.lm_head)
 
-    def layer_states(self, batch: Batch) -> tuple[list[State], list[Tensor]]:
+    def layer_states(self, batch: Batch, dropout: float = 0.0) -> tuple[list[State], list[Tensor]]:
         """The full-depth forward, keeping the state after every layer: (states [num_layers], per-row
         logits of the task head). The logits are exactly `full_depth_logits(batch)`; the states are
         what `run` shows the exit classifiers after each layer. Differentiable (training uses it)."""
-        plan, outputs = self.plan(batch.tasks, batch.row_part)
+        plan, outputs = self.plan(batch.tasks, batch.row_part, dropout)
         outputs.answer = batch.answer_pos
         enc = self.backbone.encoder
         st = enc.embed(batch.input_ids, batch.attention_mask, batch.token_type_ids, plan)

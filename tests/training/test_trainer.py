@@ -109,3 +109,33 @@ def test_task_names_that_could_escape_the_store_are_refused(name, tiny, csvs):
 def test_a_dev_split_is_required(tiny, csvs):
     with pytest.raises(ConfigError, match="a dev split is required"):
         train(load_splits(csvs["train"]), tiny_config("head"), name="nodev", backbone=tiny, progress=False)
+
+
+def test_dropout_is_a_training_only_forward_option(tiny, csvs):
+    """--dropout perturbs training steps (reproducibly for a seed) and nothing else: forwards of
+    the trained task outside training steps are deterministic, and the serving forward equals them."""
+    splits = load_splits(csvs["train"], csvs["dev"])
+    plain = train(splits, tiny_config("lora", seed=3), name="d", backbone=tiny, progress=False)
+    runs = [train(splits, tiny_config("lora", seed=3, dropout=0.3), name="d", backbone=tiny, progress=False)
+            for _ in range(2)]
+    a, b, p = (_tensors(r) for r in (*runs, plain))
+    assert all(torch.equal(a[k], b[k]) for k in a), "the same seed must give the same weights with dropout"
+    assert any(not torch.equal(a[k], p[k]) for k in a), "dropout changed nothing in training"
+    assert runs[0].config.hyperparameters()["dropout"] == 0.3  # recorded in the bundle's training section
+
+    result = runs[0]
+    task = trainer_mod._task("d", result.weights, result.label_names, result.input_kind, result.config, tiny)
+    rows = trainer_mod._items(task, ["good fun film here", "a dull grey one"], None)
+    engine = result.engine
+    with torch.no_grad():
+        first, again, dropped = (trainer_mod.forward(engine, rows, d) for d in (0.0, 0.0, 0.5))
+        served = torch.stack(engine.logits(engine.tokenize(rows)))
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, dropped)
+    assert torch.allclose(served, first, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", (-0.1, 1.0, 2))
+def test_dropout_out_of_range_is_refused(value):
+    with pytest.raises(ConfigError, match=r"--dropout must be in \[0, 1\)"):
+        TrainConfig(method="lora", dropout=value).check()
