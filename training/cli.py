@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from training.config import (
+    DEFAULT_DROPOUT,
     DEFAULT_EPOCHS,
     DEFAULT_LR,
     EXIT_LOSSES,
@@ -99,8 +100,9 @@ def build_train_parser(prog: str = "adaptserve train") -> argparse.ArgumentParse
     g.add_argument("--lr", type=float, help=f"peak learning rate [per method: {lrs}]")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="[%(default)s]")
     g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="[%(default)s]")
-    g.add_argument("--dropout", type=float, default=d.dropout,
-                   help="dropout on the backbone's hidden states and attention while training [%(default)s]")
+    drops = ", ".join(f"{m} {p:g}" for m, p in DEFAULT_DROPOUT.items())
+    g.add_argument("--dropout", type=float,
+                   help=f"dropout on the backbone's hidden states and attention while training [per method: {drops}]")
     g.add_argument("--seed", type=int, default=d.seed, help="fixes the initial weights and data order [%(default)s]")
     g.add_argument("--max-length", type=int, default=d.max_length, help="tokens per input [%(default)s]")
     g.add_argument("--patience", type=int, default=d.patience,

@@ -237,9 +237,9 @@ def train(splits: Splits, config: TrainConfig, *, name: str, backbone: Backbone 
                 items = _items(task, [train_data.texts[r] for r in rows],
                                None if train_data.text_pairs is None else [train_data.text_pairs[r] for r in rows])
                 if "exits" in weights:  # every exit's cross-entropy with the head's (training/exits.py)
-                    loss = weighted_loss(engine, items, weights["exits"], targets[rows], config.dropout)
+                    loss = weighted_loss(engine, items, weights["exits"], targets[rows], config.dropout_p)
                 else:
-                    logits = forward(engine, items, config.dropout)
+                    logits = forward(engine, items, config.dropout_p)
                     loss = F.cross_entropy(logits, targets[rows]) if loss_fn is None else loss_fn(logits, rows)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
