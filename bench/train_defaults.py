@@ -85,6 +85,14 @@ CANDIDATES: list[tuple[str, str, dict]] = [
     ("lora-all-e10-do", "lora", {"epochs": 10, "dropout": 0.1, "lora": LoraConfig(r=8, alpha=8.0, targets=ALL_LINEARS)}),
     ("adapter-rf8-e10-do", "adapter", {"epochs": 10, "dropout": 0.1, "adapter": AdapterConfig(reduction_factor=8)}),
     ("prefix-e10-lr5e-3-do", "prefix", {"epochs": 10, "lr": 5e-3, "dropout": 0.1}),
+    # Round 4: Li & Liang's reparameterisation (training/reparam.py), an MLP of the hidden size
+    # (HF PEFT's default encoder_hidden_size) the prefix trains through, folded away at save. The MLP
+    # couples every token and layer, so one Adam step moves the prefix more: lower rates.
+    ("prefix-mlp-e10-lr1e-4", "prefix", {"epochs": 10, "lr": 1e-4, "prefix": PrefixConfig(projection=384)}),
+    ("prefix-mlp-e10-lr5e-4", "prefix", {"epochs": 10, "lr": 5e-4, "prefix": PrefixConfig(projection=384)}),
+    ("prefix-mlp-e10-lr2e-3", "prefix", {"epochs": 10, "lr": 2e-3, "prefix": PrefixConfig(projection=384)}),
+    ("prefix-mlp-e10-lr5e-4-do", "prefix", {"epochs": 10, "lr": 5e-4, "dropout": 0.1,
+                                            "prefix": PrefixConfig(projection=384)}),
 ]
 # Relative cost of one step, to start the longest jobs first (measured s/step on an H200, 3k run).
 STEP_COST = {"lora": 1.4, "adapter": 1.1, "prefix": 1.0, "prompt": 0.7, "head": 0.6, "full": 1.0}

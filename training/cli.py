@@ -49,6 +49,7 @@ _METHOD_FLAGS: dict[str, tuple[str, str, str, Callable[[str], Any]]] = {
     "--reduction-factor": ("adapter", "adapter", "reduction_factor", int),
     "--adapter-activation": ("adapter", "adapter", "activation", str),
     "--prefix-length": ("prefix", "prefix", "length", int),
+    "--prefix-projection": ("prefix", "prefix", "projection", int),
     "--prompt-length": ("prompt", "prompt", "length", int),
 }
 
@@ -87,6 +88,9 @@ def build_train_parser(prog: str = "adaptserve train") -> argparse.ArgumentParse
                       help=f"bottleneck = hidden size / this [{d.adapter.reduction_factor}]")
     g.add_argument("--adapter-activation", help=f"adapter non-linearity [{d.adapter.activation}]")
     g.add_argument("--prefix-length", type=int, help=f"prefix tokens per layer [{d.prefix.length}]")
+    g.add_argument("--prefix-projection", type=int, metavar="SIZE",
+                   help=f"train the prefix through an MLP of this hidden size, folded away at save "
+                   f"(Li & Liang 2021); 0 = none [{d.prefix.projection}]")
     g.add_argument("--prompt-length", type=int, help=f"soft-prompt tokens [{d.prompt.length}]")
     g.add_argument("--pooling", choices=("cls", "mean", "pooler"), default=d.pooling,
                    help="how the head summarises the text [%(default)s: what MiniLM was trained for]")

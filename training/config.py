@@ -118,10 +118,15 @@ class AdapterConfig:
 @dataclass(frozen=True)
 class PrefixConfig:
     length: int = 20  # P-tuning v2 (Liu et al., 2022): 20 for simple classification tasks
+    # Hidden size of the reparameterising MLP the prefix trains through (training/reparam.py); 0 =
+    # train the keys/values directly. Training only: the bundle stores the folded prefix either way.
+    projection: int = 0
 
     def check(self) -> None:
         if not isinstance(self.length, int) or not 1 <= self.length <= MAX_VIRTUAL_TOKENS:
             raise ConfigError(f"--prefix-length must be an integer in [1, {MAX_VIRTUAL_TOKENS}], got {self.length!r}")
+        if not isinstance(self.projection, int) or self.projection < 0:
+            raise ConfigError(f"--prefix-projection must be a non-negative integer (0 = none), got {self.projection!r}")
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from training.data import LabelledData, Splits, data_hash
 from training.exits import train_exits, weighted_loss
 from training.full import trainable_copy
 from training.metrics import Metrics, compute_metrics
-from training.weights import init_weights, parameter_groups, trainable_tensors
+from training.weights import init_projection, init_weights, parameter_groups, trainable_tensors
 
 log = logging.getLogger(__name__)
 
@@ -211,10 +211,12 @@ def train(splits: Splits, config: TrainConfig, *, name: str, backbone: Backbone 
             if loss_fn is not None:
                 raise ConfigError("--exit-loss weighted trains on cross-entropy; use --exit-loss two-stage here")
             weights["exits"] = exits
+    projection = init_projection(config, weights, init_gen)  # drawn last: changes no other initial weight
     task = _task(name, weights, labels, input_kind, config, run_backbone, template)
-    params = trainable_tensors(weights) + (list(run_backbone.model.parameters()) if full else [])
+    params = trainable_tensors(weights, projection) + (list(run_backbone.model.parameters()) if full else [])
     optimiser = torch.optim.AdamW(
-        parameter_groups(weights, run_backbone.model if full else None, config.weight_decay), lr=config.learning_rate
+        parameter_groups(weights, run_backbone.model if full else None, config.weight_decay, projection),
+        lr=config.learning_rate,
     )
     steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
     total = config.num_epochs * steps_per_epoch
@@ -243,10 +245,14 @@ def train(splits: Splits, config: TrainConfig, *, name: str, backbone: Backbone 
                     loss = F.cross_entropy(logits, targets[rows]) if loss_fn is None else loss_fn(logits, rows)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
+                if projection is not None:  # the prefix's gradient, into the MLP's parameters
+                    projection.backward()
                 _check_frozen(backbone)
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 lr = scheduler.get_last_lr()[0]  # the rate this step uses
                 optimiser.step()
+                if projection is not None:
+                    projection.write()
                 scheduler.step()
                 steps += 1
                 losses.append(loss.item())
@@ -270,6 +276,8 @@ def train(splits: Splits, config: TrainConfig, *, name: str, backbone: Backbone 
                 break
     train_seconds = time.perf_counter() - t0
     _restore(params, best_state)
+    if projection is not None:
+        projection.write()
     if exits is not None:  # exit classifiers (two-stage), confidence predictors, calibrated threshold
         weights["exits"] = train_exits(engine, task, train_data, dev, exits, config,
                                        torch.Generator().manual_seed(config.seed + 2))

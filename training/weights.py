@@ -17,6 +17,7 @@ from service.methods.lora import LoraWeights
 from service.methods.prefix import PrefixWeights
 from service.methods.prompt import PromptWeights
 from training.config import ConfigError, TrainConfig
+from training.reparam import PrefixProjection
 
 
 def init_weights(cfg: TrainConfig, backbone: Backbone, num_labels: int, generator: torch.Generator) -> dict[str, TaskWeights]:
@@ -51,19 +52,24 @@ def _init(cfg: TrainConfig, backbone: Backbone, num_labels: int, generator: torc
     return weights
 
 
-def parameter_groups(weights: dict[str, TaskWeights], model: torch.nn.Module | None, weight_decay: float) -> list[dict]:
+def parameter_groups(weights: dict[str, TaskWeights], model: torch.nn.Module | None, weight_decay: float,
+                     projection: PrefixProjection | None = None) -> list[dict]:
     """AdamW groups: decay weight matrices; never biases, LayerNorm, or virtual tokens.
 
     Biases and LayerNorm are exempt as in BERT's recipe. Prompt and prefix tensors are
     activations-in-waiting, not maps: decay would pull them towards the zero vector, which is no
-    meaningful prior for an embedding or a key."""
+    meaningful prior for an embedding or a key. A prefix trained through `projection` is stepped
+    through the MLP's parameters instead (its matrices decay, towards the unprojected start)."""
     decay: list[Tensor] = []
     no_decay: list[Tensor] = []
     for method, w in weights.items():
         for t in w.tensors().values():
-            if not t.requires_grad:  # stored, not trained (a demonstration pool's embeddings)
+            if not t.requires_grad or _driven(t, projection):  # stored, not trained / written by the MLP
                 continue
             (decay if t.dim() >= 2 and method not in ("prompt", "prefix") else no_decay).append(t)
+    if projection is not None:
+        decay.extend(projection.matrices())
+        no_decay.extend(projection.vectors())
     if model is not None:  # full fine-tuning: the copied backbone's own parameters too
         for p in model.parameters():  # 1-D: biases and LayerNorm gains
             (decay if p.dim() >= 2 else no_decay).append(p)
@@ -71,5 +77,19 @@ def parameter_groups(weights: dict[str, TaskWeights], model: torch.nn.Module | N
     return [g for g in groups if g["params"]]
 
 
-def trainable_tensors(weights: dict[str, TaskWeights]) -> list[Tensor]:
-    return [t for w in weights.values() for t in w.tensors().values() if t.requires_grad]
+def init_projection(cfg: TrainConfig, weights: dict[str, TaskWeights], generator: torch.Generator) -> PrefixProjection | None:
+    """The MLP a prefix trains through (`--prefix-projection`), or None."""
+    if cfg.method != "prefix" or not cfg.prefix.projection:
+        return None
+    return PrefixProjection(weights["prefix"], cfg.prefix.projection, generator)  # type: ignore[arg-type]
+
+
+def trainable_tensors(weights: dict[str, TaskWeights], projection: PrefixProjection | None = None) -> list[Tensor]:
+    """What the optimiser steps (and checkpoints save): the task's trainable tensors, with a projected
+    prefix replaced by its MLP's parameters."""
+    own = [t for w in weights.values() for t in w.tensors().values() if t.requires_grad and not _driven(t, projection)]
+    return own + ([] if projection is None else projection.parameters())
+
+
+def _driven(t: Tensor, projection: PrefixProjection | None) -> bool:
+    return projection is not None and any(t is d for d in projection.driven)

@@ -11,7 +11,7 @@ from service.engine.backbone import load_backbone
 from service.engine.engine import Engine
 from service.engine.families import SITES
 from service.engine.types import ClassifyItem
-from training.config import AdapterConfig, LoraConfig
+from training.config import AdapterConfig, LoraConfig, PrefixConfig
 from training.data import data_hash, load_splits
 from training.evaluate import load_published
 from training.publish import PublishError, save_full_result, save_to_store
@@ -26,6 +26,7 @@ CASES = {
     "adapter": dict(),
     "adapter-houlsby-gelu": dict(adapter=AdapterConfig(kind="houlsby", bottleneck=3, activation="gelu")),
     "prefix": dict(),
+    "prefix-projection": dict(prefix=PrefixConfig(4, projection=16)),
     "prompt": dict(),
     "head": dict(),
     "head-pooler-dense": dict(pooling="pooler", head_dense=True),
