@@ -6,7 +6,7 @@ One seed on sst2's 872 test rows carries about +-1.1 points of standard error pe
 gap to full fine-tuning measured once can pass or fail by a single row. This collects every run of
 each method's default (`bench/train_methods.py`'s rows at seed 42, `bench/train_defaults.py
 --seed S` re-runs) and reports, per method: test accuracy per seed, mean +- sample standard
-deviation, the mean's gap to full fine-tuning's mean, and the issue's target on that gap (the rule
+deviation, the mean's gap to full fine-tuning's mean at the same seeds, and the issue's target on that gap (the rule
 is in `bench/train_defaults.py`'s docstring, fixed before the re-runs). Writes
 bench/results/seed_spread.json.
 """
@@ -58,13 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     if "full" not in acc:
         raise SystemExit("no full fine-tuning rows: nothing to measure the gaps against")
     seeds = sorted({s for per in acc.values() for s in per})
-    full_mean = statistics.mean(acc["full"].values())
+    full = acc["full"]
     out, table = {}, []
     for method, per in acc.items():
+        paired = [s for s in per if s in full]  # the gap compares like with like: full at the same seeds
+        if not paired:
+            raise SystemExit(f"{method}: no run at a seed full fine-tuning also ran")
         vals = list(per.values())
         mean = statistics.mean(vals)
         std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        gap = 100 * (mean - full_mean)
+        gap = 100 * (statistics.mean(per[s] for s in paired) - statistics.mean(full[s] for s in paired))
         target = TARGETS.get(method)
         verdict = "" if target is None or method == "full" else ("PASS" if gap >= -target else "FAIL")
         out[method] = {"candidate": defaults[method], "test_accuracy": per, "mean": mean, "std": std,
