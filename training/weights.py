@@ -2,7 +2,9 @@
 
 The tensors are the serving format itself (`LoraWeights`, `AdapterWeights`, ... from
 `service/methods/`), created as leaf tensors with `requires_grad=True`: the optimiser updates
-exactly what `write_bundle` will store, so there is nothing to convert after training.
+exactly what `write_bundle` will store, so there is nothing to convert after training. The one
+exception is opt-in: a prefix trained through `--prefix-projection` is stepped through its MLP
+(`training/reparam.py`), which writes its output into the same serving tensors after every step.
 """
 from __future__ import annotations
 
