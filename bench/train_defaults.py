@@ -24,7 +24,8 @@ on the same CPU, so both are one device's draw); a candidate whose sst2 dev accu
 choice's goes on to agnews, the choice too; the method's default becomes the best mean dev accuracy
 over both data sets. Test accuracy again plays no part.
 
-Round 4: prefix tuning through Li & Liang's reparameterising MLP (`--prefix-projection`), same rule.
+Round 4: prefix tuning through Li & Liang's reparameterising MLP (`--prefix-projection`); round 5:
+a longer schedule for the prefix with dropout. Same rule.
 
 Seed spread (fixed before these ran): one seed on 872 sst2 test rows carries about +-1.1 points of
 standard error per accuracy, and the prefix missed its target by 0.06 points (one test row) at
