@@ -6,8 +6,8 @@ One seed on sst2's 872 test rows carries about +-1.1 points of standard error pe
 gap to full fine-tuning measured once can pass or fail by a single row. This collects every run of
 each method's default (`bench/train_methods.py`'s rows at seed 42, `bench/train_defaults.py
 --seed S` re-runs) and reports, per method: test accuracy per seed, mean +- sample standard
-deviation, the mean's gap to full fine-tuning's mean at the same seeds, and the issue's target on that gap (the rule
-is in `bench/train_defaults.py`'s docstring, fixed before the re-runs). Writes
+deviation, the gap to full fine-tuning at the same seeds, and the issue's target on that gap (the
+rule is in `bench/train_defaults.py`'s docstring, fixed before the re-runs). Writes
 bench/results/seed_spread.json.
 """
 from __future__ import annotations
