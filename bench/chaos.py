@@ -478,6 +478,37 @@ def summarize(samples: list[Sample], seconds: float) -> dict[str, Any]:
     }
 
 
+def scrape(urls: list[str]) -> list[dict[str, float]]:
+    """Each replica's forward counters from GET /metrics: batches, rows, forward seconds."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = []
+    for url in urls:
+        got = {"batches": 0.0, "rows": 0.0, "forward_s": 0.0}
+        for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=5).text):
+            for sample in family.samples:
+                if sample.name == "adaptserve_batch_size_count":
+                    got["batches"] = sample.value
+                elif sample.name == "adaptserve_batch_size_sum":
+                    got["rows"] = sample.value
+                elif sample.name == "adaptserve_forward_duration_seconds_sum":
+                    got["forward_s"] = sample.value
+        out.append(got)
+    return out
+
+
+def server_view(before: list[dict[str, float]], after: list[dict[str, float]], seconds: float) -> list[dict[str, Any]]:
+    """Per replica over a window: forwards, mean rows per forward, mean forward ms, and the share
+    of the window its forward thread was busy (what the queue's tail grows with)."""
+    out = []
+    for b, a in zip(before, after):
+        batches, rows, busy = (a[k] - b[k] for k in ("batches", "rows", "forward_s"))
+        out.append({"forwards": int(batches), "rows_per_forward": round(rows / batches, 2) if batches else None,
+                    "forward_ms_mean": round(1e3 * busy / batches, 1) if batches else None,
+                    "forward_busy": round(busy / seconds, 3) if seconds > 0 else None})
+    return out
+
+
 def per_second(samples: list[Sample]) -> list[dict[str, Any]]:
     """The phase second by second (by start time): requests started, and the p50 / max latency
     (ms) of the ok ones, to tell a steady tail from a stall or an overload episode."""
@@ -707,16 +738,18 @@ def main(argv: list[str] | None = None) -> int:
             rounds = []
             for i in range(args.saturation_rounds):
                 journal.event("saturation: closed loop", round=i, seconds=args.saturation_s, clients=args.clients)
-                t = time.monotonic()
+                t, counters = time.monotonic(), scrape(urls)
                 asyncio.run(closed_loop(journal, urls, tasks, args.clients, t + args.saturation_s, args.seed + 1 + 2 * i,
                                         f"saturation{i}", args.max_requests, inputs=(1, 1)))
                 saturated = summarize([s for s in journal.samples if s.phase == f"saturation{i}"], time.monotonic() - t)
+                saturated["servers"] = server_view(counters, scrape(urls), time.monotonic() - t)
                 rate = 0.7 * (saturated["requests_per_s"] or 0)
                 journal.event("saturation: open loop at 70%", round=i, rate=round(rate, 1))
-                t = time.monotonic()
+                t, counters = time.monotonic(), scrape(urls)
                 asyncio.run(open_loop(journal, urls, tasks, rate, args.saturation_s, args.seed + 2 + 2 * i, f"at70_{i}"))
                 phase = [s for s in journal.samples if s.phase == f"at70_{i}"]
                 at70 = summarize(phase, time.monotonic() - t)
+                at70["servers"] = server_view(counters, scrape(urls), time.monotonic() - t)
                 lat = at70["latency_ms"]
                 at70["p99_over_p50"] = round(lat["p99"] / lat["p50"], 2) if lat.get("p50") and lat.get("p99") else None
                 at70["per_second"] = per_second(phase)
