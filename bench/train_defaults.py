@@ -28,7 +28,8 @@ Round 4: prefix tuning through Li & Liang's reparameterising MLP (`--prefix-proj
 a longer schedule for the prefix with dropout. Round 6: the prefix under a two-layer head
 (`head_dense`: dense + tanh before the classifier, RoBERTa's head), with and without dropout.
 Round 7: lower rates for the direct prefix (1e-2 had lost to 5e-3 on sst2 dev), at 10 and 20
-epochs. Round 8: a 5-epoch schedule, so the rate has decayed where the prefix peaks. Same rule.
+epochs. Round 8: a 5-epoch schedule, so the rate has decayed where the prefix peaks. Round 9: the
+round-1 prefix with its weights averaged (`--ema`). Same rule.
 
 Seed spread (fixed before these ran): one seed on 872 sst2 test rows carries about +-1.1 points of
 standard error per accuracy, and the prefix missed its target by 0.06 points (one test row) at
@@ -122,6 +123,11 @@ CANDIDATES: list[tuple[str, str, dict]] = [
     # Round 8: at 10 epochs the prefix peaked at epoch 2-4 (seeds 13, 42, 87), where the linear decay
     # still held 60-85% of the peak rate; over 5 epochs the rate is down to 20-60% there.
     ("prefix-e5-lr5e-3", "prefix", {"epochs": 5, "lr": 5e-3}),
+    # Round 9: at its peak (epoch 2-4) the prefix is a single iterate of a run at 60-85% of a high
+    # rate. Polyak averaging (`--ema`) keeps the average of the last ~1 / (1 - decay) steps instead:
+    # about one epoch (195 steps on sst2) at 0.995, half of one at 0.99.
+    ("prefix-e10-lr5e-3-ema995", "prefix", {"epochs": 10, "lr": 5e-3, "ema": 0.995}),
+    ("prefix-e10-lr5e-3-ema99", "prefix", {"epochs": 10, "lr": 5e-3, "ema": 0.99}),
 ]
 # Relative cost of one step, to start the longest jobs first (measured s/step on an H200, 3k run).
 STEP_COST = {"lora": 1.4, "adapter": 1.1, "prefix": 1.0, "prompt": 0.7, "head": 0.6, "full": 1.0}

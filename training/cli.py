@@ -107,6 +107,9 @@ def build_train_parser(prog: str = "adaptserve train") -> argparse.ArgumentParse
     drops = ", ".join(f"{m} {p:g}" for m, p in DEFAULT_DROPOUT.items())
     g.add_argument("--dropout", type=float,
                    help=f"dropout on the backbone's hidden states and attention while training [per method: {drops}]")
+    g.add_argument("--ema", type=float, default=d.ema,
+                   help="keep an exponential moving average of the trained weights with this decay and score, "
+                        "checkpoint and publish it (0 = off) [%(default)s]")
     g.add_argument("--seed", type=int, default=d.seed, help="fixes the initial weights and data order [%(default)s]")
     g.add_argument("--max-length", type=int, default=d.max_length, help="tokens per input [%(default)s]")
     g.add_argument("--patience", type=int, default=d.patience,
@@ -169,7 +172,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         method=args.method, **sections, pooling=args.pooling, head_dense=args.head_dense, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
-        dropout=args.dropout,
+        dropout=args.dropout, ema=args.ema,
         seed=args.seed, max_length=args.max_length, patience=args.patience or None,
         select_metric=args.select_metric, max_steps=args.max_steps, **_early_exit_options(args),
     ).check()

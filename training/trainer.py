@@ -37,6 +37,7 @@ from training.data import LabelledData, Splits, data_hash
 from training.exits import train_exits, weighted_loss
 from training.full import trainable_copy
 from training.metrics import Metrics, compute_metrics
+from training.reparam import PrefixProjection
 from training.weights import init_projection, init_weights, parameter_groups, trainable_tensors
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,7 @@ def train(splits: Splits, config: TrainConfig, *, name: str, backbone: Backbone 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _warmup_then_decay(total, config.warmup_ratio))
     targets = torch.tensor(train_data.label_ids, dtype=torch.long, device=info.device)
 
+    average = WeightAverage(params, config.ema) if config.ema else None
     history: list[EpochRecord] = []
     best_score, best_epoch, best_state = -1.0, 0, None
     steps, t0 = 0, time.perf_counter()
@@ -253,6 +255,8 @@ def train(splits: Splits, config: TrainConfig, *, name: str, backbone: Backbone 
                 optimiser.step()
                 if projection is not None:
                     projection.write()
+                if average is not None:
+                    average.update(params)
                 scheduler.step()
                 steps += 1
                 losses.append(loss.item())
@@ -260,11 +264,16 @@ def train(splits: Splits, config: TrainConfig, *, name: str, backbone: Backbone 
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
                 if steps >= total:
                     break
+            live = None
+            if average is not None:  # dev scores (and the checkpoint keeps) the average
+                live = _snapshot(params)
+                _restore(params, average.values, projection)
             dev_m = evaluate(engine, task, dev, config.eval_batch_size, progress, desc=f"dev (epoch {epoch})")
             score = getattr(dev_m, config.select_metric)
             improved = score > best_score
             if improved:
                 best_score, best_epoch, best_state = score, epoch, _snapshot(params)
+            _restore(params, live, projection)  # training goes on from the live weights
             history.append(EpochRecord(epoch, steps, sum(losses) / max(1, len(losses)), dev_m,
                                        time.perf_counter() - e0, improved))
             say(f"epoch {epoch}: loss {history[-1].train_loss:.4f}  dev accuracy {dev_m.accuracy:.4f}  "
@@ -275,9 +284,7 @@ def train(splits: Splits, config: TrainConfig, *, name: str, backbone: Backbone 
                 say(f"early stop: dev {config.select_metric} has not improved for {config.patience} epoch(s)")
                 break
     train_seconds = time.perf_counter() - t0
-    _restore(params, best_state)
-    if projection is not None:
-        projection.write()
+    _restore(params, best_state, projection)
     if exits is not None:  # exit classifiers (two-stage), confidence predictors, calibrated threshold
         weights["exits"] = train_exits(engine, task, train_data, dev, exits, config,
                                        torch.Generator().manual_seed(config.seed + 2))
@@ -348,12 +355,32 @@ def _snapshot(params: list[Tensor]) -> list[Tensor]:
     return [p.detach().clone() for p in params]
 
 
-def _restore(params: list[Tensor], state: list[Tensor] | None) -> None:
+def _restore(params: list[Tensor], state: list[Tensor] | None, projection: PrefixProjection | None = None) -> None:
+    """Copy `state` into `params` (nothing if None); a projected prefix is rewritten from its MLP."""
     if state is None:
         return
     with torch.no_grad():
         for p, s in zip(params, state):
             p.copy_(s)
+    if projection is not None:
+        projection.write()
+
+
+class WeightAverage:
+    """An exponential moving average of the trained tensors (Polyak averaging, as in TensorFlow's
+    `ExponentialMovingAverage` with `num_updates`): after update t the decay is
+    min(decay, (1 + t) / (10 + t)), so the first steps are not pinned to the initial weights."""
+
+    def __init__(self, params: list[Tensor], decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.values = _snapshot(params)
+
+    def update(self, params: list[Tensor]) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
+        with torch.no_grad():
+            torch._foreach_lerp_(self.values, [p.detach() for p in params], 1.0 - d)
 
 
 def _split_list(splits: Splits) -> list[tuple[str, LabelledData]]:

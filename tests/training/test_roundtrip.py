@@ -27,6 +27,7 @@ CASES = {
     "adapter-houlsby-gelu": dict(adapter=AdapterConfig(kind="houlsby", bottleneck=3, activation="gelu")),
     "prefix": dict(),
     "prefix-projection": dict(prefix=PrefixConfig(4, projection=16)),
+    "prefix-projection-ema": dict(prefix=PrefixConfig(4, projection=16), ema=0.9),
     "prompt": dict(),
     "head": dict(),
     "head-pooler-dense": dict(pooling="pooler", head_dense=True),

@@ -139,3 +139,46 @@ def test_dropout_is_a_training_only_forward_option(tiny, csvs):
 def test_dropout_out_of_range_is_refused(value):
     with pytest.raises(ConfigError, match=r"--dropout must be in \[0, 1\)"):
         TrainConfig(method="lora", dropout=value).check()
+
+
+@pytest.mark.parametrize("method", ("lora", "prefix"))
+def test_ema_keeps_the_average_of_the_trained_weights(method, tiny, csvs, monkeypatch):
+    """--ema: the live weights train as without it, and what the run keeps (dev scores it, the
+    bundle holds it) is their moving average over the steps, warm-up decay included."""
+    splits = load_splits(csvs["train"], csvs["dev"])
+    trajectory: list[dict[int, torch.Tensor]] = []
+    step = torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        trajectory.append({id(p): p.detach().clone() for g in self.param_groups for p in g["params"]})
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    cfg = tiny_config(method, max_steps=3, ema=0.6)
+    result = train(splits, cfg, name="ema", backbone=tiny, progress=False)
+    live = trajectory[:]
+    trajectory.clear()
+    plain = train(splits, tiny_config(method, max_steps=3), name="ema", backbone=tiny, progress=False)
+    assert len(live) == len(trajectory) == 3
+
+    initial = init_weights(cfg, result.engine.backbone, 2, torch.Generator().manual_seed(cfg.seed))
+    start = {k: t for w in initial.values() for k, t in w.tensors().items()}
+    kept = {k: t for w in result.weights.values() for k, t in w.tensors().items()}
+    without = _tensors(plain)
+    for name, tensor in kept.items():
+        expected = start[name].clone()
+        for t, values in enumerate(live):
+            d = min(0.6, (1 + t) / (10 + t))
+            expected = d * expected + (1 - d) * values[id(tensor)]
+        torch.testing.assert_close(tensor.detach(), expected, rtol=0, atol=1e-6)
+        # the live weights of the last step are what a run without --ema keeps
+        assert torch.equal(live[-1][id(tensor)], without[name])
+    assert result.config.hyperparameters()["ema"] == 0.6
+    assert result.dev_metrics == trainer_mod.evaluate(result.engine, result.task, splits.dev, 64, False)
+
+
+@pytest.mark.parametrize("value", (-0.1, 1.0, "x"))
+def test_ema_out_of_range_is_refused(value):
+    with pytest.raises(ConfigError, match=r"--ema must be a decay in \[0, 1\)"):
+        TrainConfig(method="lora", ema=value).check()
