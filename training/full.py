@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from service.engine.backbone import Backbone, fingerprint
 from service.engine.bundle import write_bundle
 from service.engine.encoder import Encoder
-from service.engine.families import family_of, set_linear_layout
+from service.engine.families import family_of
 from service.methods.base import TaskWeights
 
 
@@ -25,7 +25,6 @@ def trainable_copy(backbone: Backbone) -> Backbone:
     """A deep copy of `backbone` whose parameters collect gradients; the original stays frozen."""
     model = copy.deepcopy(backbone.model).requires_grad_(True)
     family = family_of(model)
-    set_linear_layout(family, input_major=False)  # save_pretrained writes contiguous tensors only
     return dataclasses.replace(backbone, model=model, family=family, encoder=Encoder(family))
 
 

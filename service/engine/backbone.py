@@ -15,7 +15,7 @@ from transformers.activations import ACT2FN
 
 from service.engine.decoder import Decoder
 from service.engine.encoder import Encoder
-from service.engine.families import Family, family_of, set_linear_layout
+from service.engine.families import Family, family_of
 from service.engine.spec import BackboneInfo
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,6 @@ def load_backbone(path: str | Path | None = None, device: str = "auto", dtype: s
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = full.base_model if full is not full.base_model else full
     fam = family_of(model)
-    if dev.type == "cpu":
-        set_linear_layout(fam, input_major=True)
     n_params = sum(p.numel() for p in full.parameters())
     n_bytes = sum(p.numel() * p.element_size() for p in full.parameters())
     lm_head = _lm_head(full) if full is not model else None

@@ -302,27 +302,3 @@ def family_of(model: nn.Module) -> Family:
         f"backbone model_type {model_type!r} is not supported; supported encoder families: "
         + ", ".join(SUPPORTED)
     )
-
-
-def set_linear_layout(family: Family, input_major: bool) -> int:
-    """Store every layer linear's weight input-major ([in, out] in memory, still read as the
-    [out, in] `nn.Linear.weight` through a transposed view) or back in PyTorch's own order.
-
-    On the CPU, `F.linear` with an input-major weight runs as one `addmm` over contiguous columns,
-    and single-threaded MKL sgemm is 1.3-2x faster that way on the few-row, few-token inputs a
-    serving batch is made of (4-48 tokens on MiniLM's shapes; a tie from ~100 tokens up:
-    `bench/linear_layout.py`). The values, the state dict and the fingerprint stay the same; only
-    the summation order, so results move by float rounding. Trainable copies switch back (they save
-    with `save_pretrained`, which wants contiguous tensors). Returns how many weights moved."""
-    moved, seen = 0, set()
-    for layer in family.layers:
-        for name in layer.site_shapes():
-            lin = layer.site(name)
-            w = lin.weight
-            if id(lin) in seen or w.is_contiguous() != input_major:  # ALBERT shares modules across positions
-                continue
-            seen.add(id(lin))
-            data = w.detach().t().contiguous().t() if input_major else w.detach().contiguous()
-            lin.weight = nn.Parameter(data, requires_grad=w.requires_grad)
-            moved += 1
-    return moved
