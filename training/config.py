@@ -164,8 +164,9 @@ class TrainConfig:
     # steps (never at evaluation or serving). None: the method's default (DEFAULT_DROPOUT).
     dropout: float | None = None
     # Polyak averaging: the weights dev scores, the checkpoint keeps and the bundle holds are an
-    # exponential moving average of the trained ones with this decay (0 = off; the average's
-    # horizon is about 1 / (1 - ema) steps). Training itself steps the live weights as without it.
+    # exponential moving average of the trained ones (0 = off). After step t its decay is
+    # min(ema, (1 + t) / (10 + t)): an average over the last ~t / 9 steps early on, ~1 / (1 - ema)
+    # steps late. Training itself steps the live weights as without it.
     ema: float = 0.0
     seed: int = 42
     max_length: int = 128  # tokens per input; SST-2 sentences are ~25 tokens, AG News ~50
@@ -227,7 +228,7 @@ class TrainConfig:
         if self.dropout is not None and (not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1):
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout!r}")
         if not (isinstance(self.ema, (int, float)) and 0 <= self.ema < 1):
-            raise ConfigError(f"--ema must be a decay in [0, 1) (0 = off; 0.995 averages over ~200 steps), got {self.ema!r}")
+            raise ConfigError(f"--ema must be a decay in [0, 1) (0 = off), got {self.ema!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):

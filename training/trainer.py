@@ -380,7 +380,8 @@ class WeightAverage:
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         self.updates += 1
         with torch.no_grad():
-            torch._foreach_lerp_(self.values, [p.detach() for p in params], 1.0 - d)
+            for value, p in zip(self.values, params):
+                value.lerp_(p, 1.0 - d)
 
 
 def _split_list(splits: Splits) -> list[tuple[str, LabelledData]]:
