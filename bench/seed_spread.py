@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default="sst2")
     p.add_argument("--out", type=Path, default=RESULTS / "seed_spread.json")
     args = p.parse_args(argv)
-    reruns = args.reruns if args.reruns is not None else sorted(RESULTS.glob(f"train_defaults_cpu_{args.dataset}_seed*.json"))
+    reruns = args.reruns if args.reruns is not None else sorted(RESULTS.glob(f"train_defaults_cpu_{args.dataset}_*seed*.json"))
     defaults, acc = collect(args.base, reruns, args.dataset)
     if "full" not in acc:
         raise SystemExit("no full fine-tuning rows: nothing to measure the gaps against")

@@ -135,9 +135,10 @@ TRAIN_ROWS = {"sst2": 6227, "agnews": 9000}
 
 
 def config_for(method: str, fields: dict, seed: int) -> TrainConfig:
-    """A candidate's run. Dropout is 0 unless the candidate names it (rounds 1-2 trained without),
-    so a label keeps meaning the same run whatever training/config.py's defaults become."""
-    return replace(TrainConfig(method=method, seed=seed, dropout=0.0), **fields).check()
+    """A candidate's run. Dropout and averaging are off unless the candidate names them (rounds 1-2
+    trained without either), so a label keeps meaning the same run whatever training/config.py's
+    defaults become."""
+    return replace(TrainConfig(method=method, seed=seed, dropout=0.0, ema=0.0), **fields).check()
 
 
 def worker(jobs: mp.Queue, results: mp.Queue, args: argparse.Namespace) -> None:

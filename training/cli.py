@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 
 from training.config import (
     DEFAULT_DROPOUT,
+    DEFAULT_EMA,
     DEFAULT_EPOCHS,
     DEFAULT_LR,
     EXIT_LOSSES,
@@ -107,9 +108,10 @@ def build_train_parser(prog: str = "adaptserve train") -> argparse.ArgumentParse
     drops = ", ".join(f"{m} {p:g}" for m, p in DEFAULT_DROPOUT.items())
     g.add_argument("--dropout", type=float,
                    help=f"dropout on the backbone's hidden states and attention while training [per method: {drops}]")
-    g.add_argument("--ema", type=float, default=d.ema,
+    emas = ", ".join(f"{m} {e:g}" for m, e in DEFAULT_EMA.items())
+    g.add_argument("--ema", type=float,
                    help="keep an exponential moving average of the trained weights with this decay and score, "
-                        "checkpoint and publish it (0 = off) [%(default)s]")
+                        f"checkpoint and publish it (0 = off) [per method: {emas}]")
     g.add_argument("--seed", type=int, default=d.seed, help="fixes the initial weights and data order [%(default)s]")
     g.add_argument("--max-length", type=int, default=d.max_length, help="tokens per input [%(default)s]")
     g.add_argument("--patience", type=int, default=d.patience,

@@ -226,7 +226,7 @@ def train(splits: Splits, config: TrainConfig, *, name: str, backbone: Backbone 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, _warmup_then_decay(total, config.warmup_ratio))
     targets = torch.tensor(train_data.label_ids, dtype=torch.long, device=info.device)
 
-    average = WeightAverage(params, config.ema) if config.ema else None
+    average = WeightAverage(params, config.ema_decay) if config.ema_decay else None
     history: list[EpochRecord] = []
     best_score, best_epoch, best_state = -1.0, 0, None
     steps, t0 = 0, time.perf_counter()

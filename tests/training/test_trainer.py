@@ -6,7 +6,7 @@ import torch
 
 import training.trainer as trainer_mod
 from service.engine.backbone import load_backbone
-from training.config import ConfigError, TrainConfig
+from training.config import DEFAULT_EMA, ConfigError, TrainConfig
 from training.data import load_splits
 from training.metrics import Metrics
 from training.trainer import train
@@ -159,7 +159,7 @@ def test_ema_keeps_the_average_of_the_trained_weights(method, tiny, csvs, monkey
     result = train(splits, cfg, name="ema", backbone=tiny, progress=False)
     live = trajectory[:]
     trajectory.clear()
-    plain = train(splits, tiny_config(method, max_steps=3), name="ema", backbone=tiny, progress=False)
+    plain = train(splits, tiny_config(method, max_steps=3, ema=0.0), name="ema", backbone=tiny, progress=False)
     assert len(live) == len(trajectory) == 3
 
     initial = init_weights(cfg, result.engine.backbone, 2, torch.Generator().manual_seed(cfg.seed))
@@ -176,6 +176,15 @@ def test_ema_keeps_the_average_of_the_trained_weights(method, tiny, csvs, monkey
         assert torch.equal(live[-1][id(tensor)], without[name])
     assert result.config.hyperparameters()["ema"] == 0.6
     assert result.dev_metrics == trainer_mod.evaluate(result.engine, result.task, splits.dev, 64, False)
+
+
+def test_ema_default_is_per_method_and_zero_turns_it_off():
+    """Prefix tuning averages by default (DEFAULT_EMA, chosen on dev); the others do not; an explicit
+    value, 0 included, wins, and the bundle records the decay that ran."""
+    assert TrainConfig(method="prefix").hyperparameters()["ema"] == DEFAULT_EMA["prefix"] == 0.99
+    assert TrainConfig(method="lora").hyperparameters()["ema"] == 0.0
+    assert TrainConfig(method="prefix", ema=0.0).hyperparameters()["ema"] == 0.0
+    assert TrainConfig(method="lora", ema=0.9).hyperparameters()["ema"] == 0.9
 
 
 @pytest.mark.parametrize("value", (-0.1, 1.0, "x"))
