@@ -434,6 +434,9 @@ def chaos_thread(journal: Journal, args: argparse.Namespace, redis: RedisServer,
                 admin.step(client)
                 continue
             time.sleep(0.05)
+        if corrupt_at is not None:  # a phase too short for the Redis outages and the probe: probe now
+            out["corruption"] = probe_corruption(journal, store, urls)
+            journal.event("corruption probe", ok=out["corruption"]["ok"])
 
 
 def sample_rss(journal: Journal, replicas: list[Replica], stop: threading.Event) -> None:
@@ -478,13 +481,26 @@ def summarize(samples: list[Sample], seconds: float) -> dict[str, Any]:
     }
 
 
-def scrape(urls: list[str]) -> list[dict[str, float]]:
-    """Each replica's forward counters from GET /metrics: batches, rows, forward seconds."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process (all its threads) has used so far."""
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """The same per thread (thread id -> seconds)."""
+    return {t.id: t.user_time + t.system_time for t in psutil.Process(pid).threads()}
+
+
+def scrape(urls: list[str], pids: list[int]) -> list[dict[str, Any]]:
+    """Each replica's forward counters from GET /metrics (batches, rows, forward seconds) and its
+    CPU seconds so far; a last entry holds the harness's own CPU seconds."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out = []
-    for url in urls:
-        got = {"batches": 0.0, "rows": 0.0, "forward_s": 0.0}
+    for url, pid in zip(urls, pids):
+        got: dict[str, Any] = {"batches": 0.0, "rows": 0.0, "forward_s": 0.0, "cpu_s": cpu_seconds(pid),
+                               "threads": thread_cpu_seconds(pid)}
         for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=5).text):
             for sample in family.samples:
                 if sample.name == "adaptserve_batch_size_count":
@@ -494,19 +510,36 @@ def scrape(urls: list[str]) -> list[dict[str, float]]:
                 elif sample.name == "adaptserve_forward_duration_seconds_sum":
                     got["forward_s"] = sample.value
         out.append(got)
+    out.append({"cpu_s": cpu_seconds(os.getpid()), "machine": psutil.cpu_times()._asdict()})
     return out
 
 
-def server_view(before: list[dict[str, float]], after: list[dict[str, float]], seconds: float) -> list[dict[str, Any]]:
-    """Per replica over a window: forwards, mean rows per forward, mean forward ms, and the share
-    of the window its forward thread was busy (what the queue's tail grows with)."""
+def server_view(before: list[dict[str, Any]], after: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """Over a window, per replica: forwards, mean rows per forward, mean forward ms, the share of
+    the window its forward thread was busy (what the queue's tail grows with), the cores it used
+    (all threads) and the cores its busiest thread used (the forward thread: busy minus that is
+    time the forward waited, for a core or for the GIL); and the cores the harness itself used.
+    The replicas and the harness share the machine's cores, so their sum against os.cpu_count()
+    says whether it was oversubscribed."""
     out = []
-    for b, a in zip(before, after):
+    for b, a in zip(before[:-1], after[:-1]):
         batches, rows, busy = (a[k] - b[k] for k in ("batches", "rows", "forward_s"))
         out.append({"forwards": int(batches), "rows_per_forward": round(rows / batches, 2) if batches else None,
                     "forward_ms_mean": round(1e3 * busy / batches, 1) if batches else None,
-                    "forward_busy": round(busy / seconds, 3) if seconds > 0 else None})
-    return out
+                    "forward_busy": round(busy / seconds, 3) if seconds > 0 else None,
+                    "cpu_cores": round((a["cpu_s"] - b["cpu_s"]) / seconds, 3) if seconds > 0 else None,
+                    "busiest_thread_cores": round(max(
+                        (t - b["threads"].get(tid, 0.0) for tid, t in a["threads"].items()), default=0.0) / seconds, 3)
+                    if seconds > 0 else None})
+    harness = (after[-1]["cpu_s"] - before[-1]["cpu_s"]) / seconds if seconds > 0 else None
+    spent = {k: after[-1]["machine"][k] - before[-1]["machine"][k] for k in after[-1]["machine"]}
+    total = sum(spent.values())
+    return {"replicas": out, "harness_cpu_cores": round(harness, 3) if harness is not None else None,
+            "machine_cores": os.cpu_count(),
+            # the whole machine over the window: the share of its CPU time not idle, and the share
+            # the hypervisor gave to other guests (steal), which no process here can win back
+            "machine_busy": round(1 - (spent["idle"] + spent.get("iowait", 0.0)) / total, 3) if total else None,
+            "machine_steal": round(spent.get("steal", 0.0) / total, 3) if total else None}
 
 
 def per_second(samples: list[Sample]) -> list[dict[str, Any]]:
@@ -697,6 +730,7 @@ def main(argv: list[str] | None = None) -> int:
             replica.wait_ready(timeout_s=300)
             eventually(lambda r=replica: r.registry()["connected"], timeout_s=30)
         urls = [r.url for r in replicas]
+        pids = [r.process.pid for r in replicas]  # type: ignore[union-attr]
         journal.event("replicas ready", urls=urls)
         sampler = threading.Thread(target=sample_rss, args=(journal, replicas, stop_sampling), daemon=True)
         sampler.start()
@@ -738,18 +772,18 @@ def main(argv: list[str] | None = None) -> int:
             rounds = []
             for i in range(args.saturation_rounds):
                 journal.event("saturation: closed loop", round=i, seconds=args.saturation_s, clients=args.clients)
-                t, counters = time.monotonic(), scrape(urls)
+                t, counters = time.monotonic(), scrape(urls, pids)
                 asyncio.run(closed_loop(journal, urls, tasks, args.clients, t + args.saturation_s, args.seed + 1 + 2 * i,
                                         f"saturation{i}", args.max_requests, inputs=(1, 1)))
                 saturated = summarize([s for s in journal.samples if s.phase == f"saturation{i}"], time.monotonic() - t)
-                saturated["servers"] = server_view(counters, scrape(urls), time.monotonic() - t)
+                saturated["servers"] = server_view(counters, scrape(urls, pids), time.monotonic() - t)
                 rate = 0.7 * (saturated["requests_per_s"] or 0)
                 journal.event("saturation: open loop at 70%", round=i, rate=round(rate, 1))
-                t, counters = time.monotonic(), scrape(urls)
+                t, counters = time.monotonic(), scrape(urls, pids)
                 asyncio.run(open_loop(journal, urls, tasks, rate, args.saturation_s, args.seed + 2 + 2 * i, f"at70_{i}"))
                 phase = [s for s in journal.samples if s.phase == f"at70_{i}"]
                 at70 = summarize(phase, time.monotonic() - t)
-                at70["servers"] = server_view(counters, scrape(urls), time.monotonic() - t)
+                at70["servers"] = server_view(counters, scrape(urls, pids), time.monotonic() - t)
                 lat = at70["latency_ms"]
                 at70["p99_over_p50"] = round(lat["p99"] / lat["p50"], 2) if lat.get("p50") and lat.get("p99") else None
                 at70["per_second"] = per_second(phase)

@@ -1,6 +1,6 @@
 """The training targets judged on a mean over seeds instead of one draw.
 
-    python bench/seed_spread.py            # reads bench/results/train_methods.json + train_defaults_cpu_sst2_seed*.json
+    python bench/seed_spread.py            # reads bench/results/train_methods.json + train_defaults_cpu_sst2_*seed*.json
 
 One seed on sst2's 872 test rows carries about +-1.1 points of standard error per accuracy, so a
 gap to full fine-tuning measured once can pass or fail by a single row. This collects every run of
@@ -49,7 +49,7 @@ def collect(base: Path, reruns: list[Path], dataset: str) -> tuple[dict[str, str
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", type=Path, default=RESULTS / "train_methods.json", help="the seed-42 table's rows")
-    p.add_argument("--reruns", type=Path, nargs="*", help="[bench/results/train_defaults_cpu_sst2_seed*.json]")
+    p.add_argument("--reruns", type=Path, nargs="*", help="[bench/results/train_defaults_cpu_sst2_*seed*.json]")
     p.add_argument("--dataset", default="sst2")
     p.add_argument("--out", type=Path, default=RESULTS / "seed_spread.json")
     args = p.parse_args(argv)
