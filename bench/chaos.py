@@ -492,12 +492,13 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
     return {t.id: t.user_time + t.system_time for t in psutil.Process(pid).threads()}
 
 
-def scrape(urls: list[str], pids: list[int]) -> list[dict[str, Any]]:
-    """Each replica's forward counters from GET /metrics (batches, rows, forward seconds) and its
-    CPU seconds so far; a last entry holds the harness's own CPU seconds."""
+def scrape(urls: list[str], pids: list[int]) -> dict[str, Any]:
+    """Counters to difference over a window: each replica's forward counters from GET /metrics
+    (batches, rows, forward seconds) and CPU seconds (whole process and per thread), the harness's
+    own CPU seconds, and the machine's CPU times."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    out = []
+    replicas = []
     for url, pid in zip(urls, pids):
         got: dict[str, Any] = {"batches": 0.0, "rows": 0.0, "forward_s": 0.0, "cpu_s": cpu_seconds(pid),
                                "threads": thread_cpu_seconds(pid)}
@@ -509,35 +510,31 @@ def scrape(urls: list[str], pids: list[int]) -> list[dict[str, Any]]:
                     got["rows"] = sample.value
                 elif sample.name == "adaptserve_forward_duration_seconds_sum":
                     got["forward_s"] = sample.value
-        out.append(got)
-    out.append({"cpu_s": cpu_seconds(os.getpid()), "machine": psutil.cpu_times()._asdict()})
-    return out
+        replicas.append(got)
+    return {"replicas": replicas, "harness_cpu_s": cpu_seconds(os.getpid()), "machine": psutil.cpu_times()._asdict()}
 
 
-def server_view(before: list[dict[str, Any]], after: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+def server_view(before: dict[str, Any], after: dict[str, Any], seconds: float) -> dict[str, Any]:
     """Over a window, per replica: forwards, mean rows per forward, mean forward ms, the share of
     the window its forward thread was busy (what the queue's tail grows with), the cores it used
     (all threads) and the cores its busiest thread used (the forward thread: busy minus that is
-    time the forward waited, for a core or for the GIL); and the cores the harness itself used.
-    The replicas and the harness share the machine's cores, so their sum against os.cpu_count()
-    says whether it was oversubscribed."""
+    time the forward waited, for a core or for the GIL); the cores the harness itself used; and the
+    whole machine's busy and steal shares. The replicas and the harness share the machine's cores,
+    so their sum against os.cpu_count() says whether it was oversubscribed."""
     out = []
-    for b, a in zip(before[:-1], after[:-1]):
+    for b, a in zip(before["replicas"], after["replicas"]):
         batches, rows, busy = (a[k] - b[k] for k in ("batches", "rows", "forward_s"))
+        busiest = max((t - b["threads"].get(tid, 0.0) for tid, t in a["threads"].items()), default=0.0)
         out.append({"forwards": int(batches), "rows_per_forward": round(rows / batches, 2) if batches else None,
                     "forward_ms_mean": round(1e3 * busy / batches, 1) if batches else None,
-                    "forward_busy": round(busy / seconds, 3) if seconds > 0 else None,
-                    "cpu_cores": round((a["cpu_s"] - b["cpu_s"]) / seconds, 3) if seconds > 0 else None,
-                    "busiest_thread_cores": round(max(
-                        (t - b["threads"].get(tid, 0.0) for tid, t in a["threads"].items()), default=0.0) / seconds, 3)
-                    if seconds > 0 else None})
-    harness = (after[-1]["cpu_s"] - before[-1]["cpu_s"]) / seconds if seconds > 0 else None
-    spent = {k: after[-1]["machine"][k] - before[-1]["machine"][k] for k in after[-1]["machine"]}
+                    "forward_busy": round(busy / seconds, 3),
+                    "cpu_cores": round((a["cpu_s"] - b["cpu_s"]) / seconds, 3),
+                    "busiest_thread_cores": round(busiest / seconds, 3)})
+    spent = {k: after["machine"][k] - before["machine"][k] for k in after["machine"]}
     total = sum(spent.values())
-    return {"replicas": out, "harness_cpu_cores": round(harness, 3) if harness is not None else None,
+    return {"replicas": out, "harness_cpu_cores": round((after["harness_cpu_s"] - before["harness_cpu_s"]) / seconds, 3),
             "machine_cores": os.cpu_count(),
-            # the whole machine over the window: the share of its CPU time not idle, and the share
-            # the hypervisor gave to other guests (steal), which no process here can win back
+            # steal: CPU time the hypervisor gave to other guests, which no process here can win back
             "machine_busy": round(1 - (spent["idle"] + spent.get("iowait", 0.0)) / total, 3) if total else None,
             "machine_steal": round(spent.get("steal", 0.0) / total, 3) if total else None}
 
