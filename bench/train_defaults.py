@@ -140,6 +140,11 @@ CANDIDATES: list[tuple[str, str, dict]] = [
     # frozen encoder's token states).
     ("prefix-e10-lr5e-3-ema99-b16", "prefix", {"epochs": 10, "lr": 5e-3, "ema": 0.99, "batch_size": 16}),
     ("prefix-e10-lr5e-3-ema99-cls", "prefix", {"epochs": 10, "lr": 5e-3, "ema": 0.99, "pooling": "cls"}),
+    # Round 12, at round 9's default: the text at the positions the frozen encoder was pre-trained
+    # at. PEFT offsets a prefixed BERT's position ids by the prefix length, so [CLS] reads position
+    # 20's embedding and every token sits 20 places from where pre-training put it.
+    ("prefix-e10-lr5e-3-ema99-noshift", "prefix", {"epochs": 10, "lr": 5e-3, "ema": 0.99,
+                                                   "prefix": PrefixConfig(shift_positions=False)}),
 ]
 # Relative cost of one step, to start the longest jobs first (measured s/step on an H200, 3k run).
 STEP_COST = {"lora": 1.4, "adapter": 1.1, "prefix": 1.0, "prompt": 0.7, "head": 0.6, "full": 1.0}

@@ -138,6 +138,9 @@ class PrefixConfig:
     # Off by default: at 384 it lost on sst2 dev (0.838 at lr 5e-4, 0.848 with dropout, vs 0.861
     # direct; bench/train_defaults.py round 4).
     projection: int = 0
+    # Text positions start after the prefix (position ids offset by its length), as HF PEFT runs a
+    # prefix on BERT-family encoders; False keeps the text at the positions it was pre-trained at.
+    shift_positions: bool = True
 
     def check(self) -> None:
         if not isinstance(self.length, int) or not 1 <= self.length <= MAX_VIRTUAL_TOKENS:

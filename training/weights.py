@@ -45,7 +45,8 @@ def _init(cfg: TrainConfig, backbone: Backbone, num_labels: int, generator: torc
             info, kind=c.kind, bottleneck=c.size(info.hidden_size), activation=c.activation, generator=generator
         )
     elif cfg.method == "prefix":
-        weights["prefix"] = PrefixWeights.init(backbone, num_virtual_tokens=cfg.prefix.length, generator=generator)
+        weights["prefix"] = PrefixWeights.init(backbone, num_virtual_tokens=cfg.prefix.length,
+                                               shift_positions=cfg.prefix.shift_positions, generator=generator)
     elif cfg.method == "prompt":
         weights["prompt"] = PromptWeights.init(backbone, num_virtual_tokens=cfg.prompt.length, generator=generator)
     weights["head"] = HeadWeights.init(
