@@ -492,6 +492,9 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
     return {t.id: t.user_time + t.system_time for t in psutil.Process(pid).threads()}
 
 
+CACHE_COUNTERS = ("hits", "misses", "loads", "promotions")  # task cache lookups, from GET /metrics
+
+
 def scrape(urls: list[str], pids: list[int]) -> dict[str, Any]:
     """Counters to difference over a window: each replica's forward counters from GET /metrics
     (batches, rows, forward seconds) and CPU seconds (whole process and per thread), the harness's
@@ -501,7 +504,7 @@ def scrape(urls: list[str], pids: list[int]) -> dict[str, Any]:
     replicas = []
     for url, pid in zip(urls, pids):
         got: dict[str, Any] = {"batches": 0.0, "rows": 0.0, "forward_s": 0.0, "cpu_s": cpu_seconds(pid),
-                               "threads": thread_cpu_seconds(pid)}
+                               "threads": thread_cpu_seconds(pid), **dict.fromkeys(CACHE_COUNTERS, 0.0)}
         for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=5).text):
             for sample in family.samples:
                 if sample.name == "adaptserve_batch_size_count":
@@ -510,6 +513,8 @@ def scrape(urls: list[str], pids: list[int]) -> dict[str, Any]:
                     got["rows"] = sample.value
                 elif sample.name == "adaptserve_forward_duration_seconds_sum":
                     got["forward_s"] = sample.value
+                elif sample.name.removeprefix("adaptserve_cache_").removesuffix("_total") in CACHE_COUNTERS:
+                    got[sample.name.removeprefix("adaptserve_cache_").removesuffix("_total")] = sample.value
         replicas.append(got)
     return {"replicas": replicas, "harness_cpu_s": cpu_seconds(os.getpid()), "machine": psutil.cpu_times()._asdict()}
 
@@ -529,7 +534,9 @@ def server_view(before: dict[str, Any], after: dict[str, Any], seconds: float) -
                     "forward_ms_mean": round(1e3 * busy / batches, 1) if batches else None,
                     "forward_busy": round(busy / seconds, 3),
                     "cpu_cores": round((a["cpu_s"] - b["cpu_s"]) / seconds, 3),
-                    "busiest_thread_cores": round(busiest / seconds, 3)})
+                    "busiest_thread_cores": round(busiest / seconds, 3),
+                    # task lookups in the window: a miss waits for a store load or a promotion
+                    "cache": {k: int(a[k] - b[k]) for k in CACHE_COUNTERS}})
     spent = {k: after["machine"][k] - before["machine"][k] for k in after["machine"]}
     total = sum(spent.values())
     return {"replicas": out, "harness_cpu_cores": round((after["harness_cpu_s"] - before["harness_cpu_s"]) / seconds, 3),

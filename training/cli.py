@@ -51,6 +51,7 @@ _METHOD_FLAGS: dict[str, tuple[str, str, str, Callable[[str], Any]]] = {
     "--adapter-activation": ("adapter", "adapter", "activation", str),
     "--prefix-length": ("prefix", "prefix", "length", int),
     "--prefix-projection": ("prefix", "prefix", "projection", int),
+    "--prefix-shift-positions": ("prefix", "prefix", "shift_positions", bool),
     "--prompt-length": ("prompt", "prompt", "length", int),
 }
 
@@ -92,6 +93,10 @@ def build_train_parser(prog: str = "adaptserve train") -> argparse.ArgumentParse
     g.add_argument("--prefix-projection", type=int, metavar="SIZE",
                    help=f"train the prefix through an MLP of this hidden size, folded away at save "
                    f"(Li & Liang 2021); 0 = none [{d.prefix.projection}]")
+    g.add_argument("--prefix-shift-positions", action=argparse.BooleanOptionalAction,
+                   help="start the text's position ids after the prefix, as HF PEFT runs a prefixed BERT; "
+                   "--no-prefix-shift-positions keeps the text where the backbone was pre-trained "
+                   f"[{'shift' if d.prefix.shift_positions else 'no shift'}]")
     g.add_argument("--prompt-length", type=int, help=f"soft-prompt tokens [{d.prompt.length}]")
     g.add_argument("--pooling", choices=("cls", "mean", "pooler"), default=d.pooling,
                    help="how the head summarises the text [%(default)s: what MiniLM was trained for]")

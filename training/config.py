@@ -147,6 +147,8 @@ class PrefixConfig:
             raise ConfigError(f"--prefix-length must be an integer in [1, {MAX_VIRTUAL_TOKENS}], got {self.length!r}")
         if not isinstance(self.projection, int) or self.projection < 0:
             raise ConfigError(f"--prefix-projection must be a non-negative integer (0 = none), got {self.projection!r}")
+        if not isinstance(self.shift_positions, bool):
+            raise ConfigError(f"prefix shift_positions must be true or false, got {self.shift_positions!r}")
 
 
 @dataclass(frozen=True)
@@ -228,8 +230,10 @@ class TrainConfig:
         return {"lora": self.lora, "adapter": self.adapter, "prefix": self.prefix, "prompt": self.prompt}.get(self.method)
 
     def virtual_tokens(self) -> int:
-        """Positions the method takes from the backbone's position table (prompt/prefix)."""
-        return {"prefix": self.prefix.length, "prompt": self.prompt.length}.get(self.method, 0)
+        """Positions the method takes from the backbone's position table (a soft prompt; a prefix
+        that shifts the text's positions)."""
+        prefix = self.prefix.length if self.prefix.shift_positions else 0
+        return {"prefix": prefix, "prompt": self.prompt.length}.get(self.method, 0)
 
     def check(self) -> "TrainConfig":
         if self.method not in METHODS:

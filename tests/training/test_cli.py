@@ -129,6 +129,19 @@ def test_train_cli_publishes_a_servable_task(csvs, tiny, tiny_dir, tmp_path, cap
     assert task.weights["adapter"].bottleneck == 4
 
 
+def test_unshifted_prefix_keeps_the_text_positions(csvs, tiny, tiny_dir, tmp_path, capsys):
+    """--no-prefix-shift-positions: the prefix takes no positions from the table (so max length +
+    prefix may exceed it) and the bundle says the text is not shifted; shifted, the same is refused."""
+    base = ["--task", "unshifted", "--data", str(csvs["train"]), "--dev", str(csvs["dev"]), "--method", "prefix",
+            "--prefix-length", "8", "--backbone", str(tiny_dir), "--store", str(tmp_path / "store"),
+            "--max-steps", "1", "--batch-size", "8", "--max-length", "60", "--no-progress"]
+    assert main(base) == 1
+    assert "--max-length 60 + 8 virtual tokens exceeds the backbone's 64 positions" in _error_line(capsys, "adaptserve train")
+    assert main([*base, "--no-prefix-shift-positions"]) == 0
+    task = load_published(Engine(tiny), tmp_path / "store", "unshifted")
+    assert task.weights["prefix"].shift_positions is False and task.weights["prefix"].positions_used == 0
+
+
 def test_full_cli_writes_backbone_and_head(csvs, tiny_dir, tmp_path, capsys):
     rc = main(["--task", "full-task", "--data", str(csvs["train"]), "--dev", str(csvs["dev"]), "--method", "full",
                "--backbone", str(tiny_dir), "--publish-full", str(tmp_path / "full"), *FAST])

@@ -28,6 +28,7 @@ CASES = {
     "prefix": dict(),
     "prefix-projection": dict(prefix=PrefixConfig(4, projection=16)),
     "prefix-projection-ema": dict(prefix=PrefixConfig(4, projection=16), ema=0.9),
+    "prefix-unshifted": dict(prefix=PrefixConfig(4, shift_positions=False)),
     "prompt": dict(),
     "head": dict(),
     "head-pooler-dense": dict(pooling="pooler", head_dense=True),
