@@ -114,10 +114,10 @@ async def _start(state: ServiceState, engine: EngineLike | None) -> None:
         # The methods' slot pools (padded device copies of recently batched tasks) are capped at
         # the device tier's budget too, so device memory for tasks stays within twice the budget.
         slots.configure(settings.cache_max_bytes)
-        cache = TaskCache(
-            load, settings.cache_max_bytes, host_max_bytes=settings.cache_host_max_bytes,
-            to_host=to_host, to_device=to_device,
-        )
+        # On the CPU the device is host memory: the tiers then move tasks without copies or threads.
+        device = getattr(getattr(ready_engine, "backbone", None), "device", None)
+        copies = dict(to_host=to_host, to_device=to_device) if getattr(device, "type", "cpu") != "cpu" else {}
+        cache = TaskCache(load, settings.cache_max_bytes, host_max_bytes=settings.cache_host_max_bytes, **copies)
         trimmer = Trimmer(settings.malloc_trim_interval_s)
         scheduler = Scheduler(
             trimmer.wrap(engine.classify),

@@ -6,7 +6,9 @@
 * Evicted from the host tier too, it is only in the store, and the next request loads it.
 
 Lives on the event loop (no locks: only the loop touches it); loads, promotions and copies to
-host run in threads. Concurrent first requests for one key share one load or promotion. A
+host run in threads. Serving on the CPU, the device *is* host memory: the cache is made without copy
+functions, and a move between the tiers is bookkeeping done at once on the loop, with no thread and
+no copy (the tiers keep their own budgets). Concurrent first requests for one key share one load or promotion. A
 failed load is not remembered: its waiters all get the error and the next request tries again,
 so fixing a bundle on disk needs no restart.
 
@@ -69,15 +71,18 @@ class TaskCache(Generic[T]):
         max_bytes: int,
         *,
         host_max_bytes: int = 0,
-        to_host: Callable[[T], T] = _same,
-        to_device: Callable[[T], T] = _same,
+        to_host: Callable[[T], T] | None = None,
+        to_device: Callable[[T], T] | None = None,
     ) -> None:
-        """`load(key)`, `to_host(task)` and `to_device(task)` are blocking and run in threads."""
+        """`load(key)`, `to_host(task)` and `to_device(task)` are blocking and run in threads.
+        Without `to_host` and `to_device` the device tier is in host memory already: tasks move
+        between the tiers as they are."""
         if max_bytes < 1 or host_max_bytes < 0:
             raise ValueError("max_bytes must be positive and host_max_bytes >= 0")
         self._load = load
-        self._to_host = to_host
-        self._to_device = to_device
+        self._copies = to_host is not None or to_device is not None
+        self._to_host = to_host or _same
+        self._to_device = to_device or _same
         self.max_bytes = max_bytes
         self.host_max_bytes = host_max_bytes
         self._entries: OrderedDict[TaskKey, tuple[T, int]] = OrderedDict()  # device tier, LRU first
@@ -105,6 +110,10 @@ class TaskCache(Generic[T]):
             if host is not None:
                 self.stats.host_bytes -= host[1]
                 self.stats.host_entries = len(self._host)
+                if not self._copies:  # the same memory: nothing to copy, no thread to wait for
+                    self._insert(key, host[0])
+                    self.stats.promotions += 1
+                    return host[0]
                 pending = asyncio.ensure_future(self._promote(key, host[0]))
             else:
                 pending = asyncio.ensure_future(self._load_and_insert(key))
@@ -228,6 +237,9 @@ class TaskCache(Generic[T]):
     def _to_host_tier(self, key: TaskKey, task: T, size: int) -> None:
         if size > self.host_max_bytes:
             return  # no host tier, or the task alone exceeds it: back to the store only
+        if not self._copies:
+            self._add_to_host(key, task, size)
+            return
         self._demoting[key] = (task, size)
         job = asyncio.ensure_future(self._copy_to_host(key, task, size))
         self._background.add(job)
@@ -244,6 +256,9 @@ class TaskCache(Generic[T]):
         if self._demoting.get(key, (None,))[0] is not task:
             return  # promoted back (or dropped) while we copied
         del self._demoting[key]
+        self._add_to_host(key, host_task, size)
+
+    def _add_to_host(self, key: TaskKey, host_task: T, size: int) -> None:
         self._host[key] = (host_task, size)
         self.stats.demotions += 1
         self.stats.host_bytes += size

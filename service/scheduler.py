@@ -1,9 +1,12 @@
-"""Dynamic micro-batching: one queue of rows from every task, one loop that forms batches, one
-worker thread that runs the forward.
+"""Dynamic micro-batching: one queue of rows from every task, one forward thread that forms the
+batches and runs them.
 
 A batch closes when it holds `max_batch_size` rows or `max_wait_s` after its first row was queued,
-whichever comes first. The forward runs in a single worker thread so the event loop never blocks
-and forwards never overlap. Each request's rows resolve one future; a request may span batches.
+whichever comes first. The forward thread takes its next batch itself the moment a forward ends,
+so the event loop is off the path between two forwards: a busy loop (parsing requests, writing
+answers) never leaves the forward thread idle with rows queued. The loop only queues rows and
+delivers each finished batch's predictions. Forwards never overlap. Each request's rows resolve
+one future; a request may span batches.
 
 Rows are dropped before their forward when their request is already over: cancelled (client gone),
 past its deadline (failed with DeadlineExceeded), or failed in an earlier batch.
@@ -12,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -30,9 +33,12 @@ BatchObserver = Callable[[int, float], None]  # (rows in the batch, seconds the 
 @dataclass(eq=False)
 class _Request:
     future: asyncio.Future[list[Prediction]]
-    deadline: float  # loop.time() after which the request is failed, not run
+    deadline: float  # time.monotonic() after which the request is failed, not run
     results: list[Prediction | None]
     remaining: int
+    # Set on the event loop once the request is over (answered, failed, cancelled); the forward
+    # thread reads it to skip the request's queued rows (a plain attribute: no lock needed).
+    over: bool = False
 
 
 @dataclass(eq=False)
@@ -40,7 +46,7 @@ class _Row:
     request: _Request
     index: int  # position in the request's inputs
     item: ClassifyItem
-    queued_at: float = field(default=0.0)  # loop.time() when queued
+    queued_at: float = field(default=0.0)  # time.monotonic() when queued
 
 
 class Scheduler:
@@ -62,10 +68,10 @@ class Scheduler:
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self._on_batch = on_batch
-        self._queue: deque[_Row] = deque()
-        self._wakeup = asyncio.Event()  # set whenever rows arrive or stop() is called
-        self._worker: ThreadPoolExecutor | None = None
-        self._loop_task: asyncio.Task[None] | None = None
+        self._queue: deque[_Row] = deque()  # guarded by _ready's lock
+        self._ready = threading.Condition()  # notified when rows arrive and on stop()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
 
     @property
@@ -75,14 +81,14 @@ class Scheduler:
 
     @property
     def running(self) -> bool:
-        return self._loop_task is not None and not self._loop_task.done()
+        return self._thread is not None and self._thread.is_alive()
 
     async def start(self) -> None:
-        if self._loop_task is not None:
+        if self._thread is not None:
             raise RuntimeError("scheduler already started")
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptserve-forward")
-        self._loop_task = asyncio.create_task(self._run(), name="adaptserve-scheduler")
-        self._loop_task.add_done_callback(_log_crash)
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="adaptserve-forward", daemon=True)
+        self._thread.start()
 
     async def submit(self, items: Sequence[ClassifyItem], deadline: float) -> list[Prediction]:
         """Queue `items` as one request and wait for their predictions.
@@ -95,113 +101,138 @@ class Scheduler:
             raise ShuttingDown("server is shutting down" if self._stopping else "scheduler is not running")
         if not items:
             return []
-        if len(self._queue) + len(items) > self.max_queue:
-            raise Overloaded(
-                f"server is overloaded ({len(self._queue)} rows queued, limit {self.max_queue}); retry later"
-            )
         loop = asyncio.get_running_loop()
-        now = loop.time()
-        request = _Request(loop.create_future(), deadline, [None] * len(items), len(items))
-        self._queue.extend(_Row(request, i, item, now) for i, item in enumerate(items))
-        self._wakeup.set()
+        timeout = max(0.0, deadline - loop.time())
+        now = time.monotonic()  # the forward thread's clock (a loop's clock may be its own)
+        request = _Request(loop.create_future(), now + timeout, [None] * len(items), len(items))
+        with self._ready:
+            if len(self._queue) + len(items) > self.max_queue:
+                raise Overloaded(
+                    f"server is overloaded ({len(self._queue)} rows queued, limit {self.max_queue}); retry later"
+                )
+            self._queue.extend(_Row(request, i, item, now) for i, item in enumerate(items))
+            self._ready.notify()
         try:
             # asyncio.wait neither cancels the future on timeout nor delays our own cancellation,
             # so a caller that goes away marks its rows dead in this very step.
-            await asyncio.wait({request.future}, timeout=max(0.0, deadline - now))
+            await asyncio.wait({request.future}, timeout=timeout)
             if not request.future.done():
                 _fail(request, DeadlineExceeded("request deadline exceeded before its predictions were ready"))
             return request.future.result()
         finally:
-            # Client gone: its rows still queued are skipped when the batch loop reaches them.
+            # Client gone: its rows still queued are skipped when the forward thread reaches them.
+            request.over = True
             if not request.future.done():
                 request.future.cancel()
 
     async def stop(self) -> None:
         """Stop taking requests, finish every queued and in-flight row, then return."""
-        self._stopping = True
-        self._wakeup.set()
-        if self._loop_task is not None:
-            try:
-                await self._loop_task
-            except Exception:  # already logged by the loop
-                pass
-        if self._worker is not None:
-            self._worker.shutdown(wait=True)
+        with self._ready:
+            self._stopping = True
+            self._ready.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+    # -- the forward thread ----------------------------------------------------------------------
+    def _run(self) -> None:
         while True:
-            if not self._queue:
-                if self._stopping:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
+            try:
+                batch = self._next_batch()
+            except Exception:  # a bug: leave the rows to their deadlines rather than die silently
+                log.exception("the batching loop failed to form a batch")
                 continue
-            # Let the batch fill until it is full or its first row has waited max_wait_s;
-            # while stopping, flush what is there at once.
+            if batch is None:
+                return
+            if batch:
+                self._forward(batch)
+
+    def _next_batch(self) -> list[_Row] | None:
+        """Wait for rows, let the batch fill until it is full or its first row has waited
+        max_wait_s (while stopping, flush what is there at once), and take it. None: stopped
+        and drained."""
+        with self._ready:
+            while not self._queue:
+                if self._stopping:
+                    return None
+                self._ready.wait()
             close_at = self._queue[0].queued_at + self.max_wait_s
             while len(self._queue) < self.max_batch_size and not self._stopping:
-                remaining = close_at - loop.time()
+                remaining = close_at - time.monotonic()
                 if remaining <= 0:
                     break
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
-                except asyncio.TimeoutError:
-                    break
-            batch = self._take_batch(loop.time())
-            if batch:
-                await self._forward(batch)
+                self._ready.wait(remaining)
+            batch, late = self._take_batch(time.monotonic())
+        if late:
+            self._deliver_failure(late, DeadlineExceeded("request deadline exceeded while queued"))
+        return batch
 
-    def _take_batch(self, now: float) -> list[_Row]:
+    def _take_batch(self, now: float) -> tuple[list[_Row], list[_Request]]:
         batch: list[_Row] = []
+        late: list[_Request] = []
         while self._queue and len(batch) < self.max_batch_size:
             row = self._queue.popleft()
             request = row.request
-            if request.future.done():  # cancelled, timed out or failed in an earlier batch
+            if request.over:  # answered, cancelled, timed out or failed in an earlier batch
                 continue
             if now >= request.deadline:
-                _fail(request, DeadlineExceeded("request deadline exceeded while queued"))
+                request.over = True
+                late.append(request)
                 continue
             batch.append(row)
-        return batch
+        return batch, late
 
-    async def _forward(self, batch: list[_Row]) -> None:
-        loop = asyncio.get_running_loop()
+    def _forward(self, batch: list[_Row]) -> None:
         items = [row.item for row in batch]
         started = time.perf_counter()
         try:
-            predictions = await loop.run_in_executor(self._worker, self._classify, items)
+            predictions = self._classify(items)
             if len(predictions) != len(items):
                 raise RuntimeError(f"engine returned {len(predictions)} predictions for {len(items)} rows")
         except AdaptserveError as err:
-            for row in batch:
-                _fail(row.request, err)
+            self._deliver_failure([row.request for row in batch], err)
             return
         except Exception as err:
             log.exception("forward of a batch of %d rows failed", len(items))
             failure = InferenceFailed(f"inference failed: {type(err).__name__}: {err}")
-            for row in batch:
-                _fail(row.request, failure)
+            self._deliver_failure([row.request for row in batch], failure)
             return
         finally:
             if self._on_batch is not None:
                 self._on_batch(len(items), time.perf_counter() - started)
-        for row, prediction in zip(batch, predictions):
-            request = row.request
-            if request.future.done():
-                continue
-            request.results[row.index] = prediction
-            request.remaining -= 1
-            if request.remaining == 0:
-                request.future.set_result(request.results)  # type: ignore[arg-type]
+        self._call(_deliver, batch, predictions)
+
+    def _deliver_failure(self, requests: list[_Request], error: BaseException) -> None:
+        for request in requests:
+            request.over = True
+        self._call(_fail_all, requests, error)
+
+    def _call(self, fn: Callable[..., None], *args: object) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: nobody is waiting for these answers any more
+            pass
 
 
-def _log_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("the batching loop stopped on a bug; requests now get 503", exc_info=task.exception())
+def _deliver(batch: list[_Row], predictions: list[Prediction]) -> None:
+    """On the event loop: hand each row's prediction to its request; complete finished requests."""
+    for row, prediction in zip(batch, predictions):
+        request = row.request
+        if request.future.done():
+            continue
+        request.results[row.index] = prediction
+        request.remaining -= 1
+        if request.remaining == 0:
+            request.over = True
+            request.future.set_result(request.results)  # type: ignore[arg-type]
+
+
+def _fail_all(requests: list[_Request], error: BaseException) -> None:
+    for request in requests:
+        _fail(request, error)
 
 
 def _fail(request: _Request, error: BaseException) -> None:
+    request.over = True
     if not request.future.done():
         request.future.set_exception(error)

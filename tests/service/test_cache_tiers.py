@@ -105,6 +105,23 @@ async def test_a_task_asked_for_while_its_copy_to_host_runs_is_taken_back_from_t
 
 
 @async_test
+async def test_tiers_in_one_memory_move_tasks_at_once_without_copies() -> None:
+    """Serving on the CPU (no copy functions): eviction puts a task in the host tier in the same
+    step, and a promotion hands the same object back, with no thread and no store read."""
+    tiers = Tiers()
+    cache = TaskCache(tiers.load, 100, host_max_bytes=100)
+    first = await cache.get(A)
+    await cache.get(B)
+    await cache.get(C)  # A leaves the device
+    assert cache.location(A) == "host" and cache.host_keys() == [A]  # no copy in flight
+    back = await cache.get(A)  # B goes to host
+    assert back is first and cache.location(B) == "host" and tiers.loads == [A, B, C]
+    stats = cache.stats
+    assert (stats.promotions, stats.demotions, stats.evictions, stats.loads) == (1, 2, 2, 3)
+    assert (stats.bytes, stats.host_bytes, stats.host_entries) == (80, 40, 1)
+
+
+@async_test
 async def test_drop_task_forgets_every_version_in_every_tier() -> None:
     tiers = Tiers()
     cache = tiers.cache(host_max_bytes=100)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Sequence
 
 import pytest
@@ -96,6 +97,22 @@ async def test_concurrent_requests_share_a_batch_and_get_their_own_rows() -> Non
     )
     assert (labels(one), labels(two), labels(three)) == (["a", "b"], ["c"], ["d", "e", "f"])
     assert echo.batches == [list("abcdef")]
+    await scheduler.stop()
+
+
+@async_test
+async def test_the_next_batch_starts_while_the_event_loop_is_busy() -> None:
+    """The forward thread takes its next batch itself: a loop stuck in other work (parsing
+    requests, writing answers) does not leave it idle while rows are queued."""
+    echo = Echo()
+    scheduler = await started(echo, max_batch_size=2)
+    answer = asyncio.ensure_future(scheduler.submit(rows(*"abcdef"), FAR))  # three batches
+    await asyncio.sleep(0)  # the request is queued
+    busy_until = time.monotonic() + 5
+    while len(echo.batches) < 3 and time.monotonic() < busy_until:
+        time.sleep(0.005)  # the event loop is blocked: only the forward thread can move
+    assert echo.batches == [list("ab"), list("cd"), list("ef")]
+    assert labels(await answer) == list("abcdef")
     await scheduler.stop()
 
 
