@@ -6,11 +6,11 @@
 * Evicted from the host tier too, it is only in the store, and the next request loads it.
 
 Lives on the event loop (no locks: only the loop touches it); loads, promotions and copies to
-host run in threads. Serving on the CPU, the device *is* host memory: the cache is made without copy
-functions, and a move between the tiers is bookkeeping done at once on the loop, with no thread and
-no copy (the tiers keep their own budgets). Concurrent first requests for one key share one load or promotion. A
-failed load is not remembered: its waiters all get the error and the next request tries again,
-so fixing a bundle on disk needs no restart.
+host run in threads. Serving on the CPU, the device *is* host memory: the cache is made without
+copy functions, and a move between the tiers is bookkeeping done at once on the loop, with no
+thread and no copy (the tiers keep their own budgets). Concurrent first requests for one key
+share one load or promotion. A failed load is not remembered: its waiters all get the error and
+the next request tries again, so fixing a bundle on disk needs no restart.
 
 Evicting only drops the cache's reference. A batch that already holds the Task keeps it alive
 until the batch is done, so eviction never pulls weights out from under a forward. Keys are

@@ -135,16 +135,12 @@ class Scheduler:
 
     # -- the forward thread ----------------------------------------------------------------------
     def _run(self) -> None:
-        while True:
-            try:
-                batch = self._next_batch()
-            except Exception:  # a bug: leave the rows to their deadlines rather than die silently
-                log.exception("the batching loop failed to form a batch")
-                continue
-            if batch is None:
-                return
-            if batch:
-                self._forward(batch)
+        try:
+            while (batch := self._next_batch()) is not None:
+                if batch:
+                    self._forward(batch)
+        except Exception:  # a bug, not a failed forward (those fail their own batch and go on)
+            log.exception("the batching loop stopped on a bug; requests now get 503")
 
     def _next_batch(self) -> list[_Row] | None:
         """Wait for rows, let the batch fill until it is full or its first row has waited

@@ -117,6 +117,20 @@ async def test_the_next_batch_starts_while_the_event_loop_is_busy() -> None:
 
 
 @async_test
+async def test_a_bug_in_the_batching_loop_stops_it_and_later_requests_are_refused() -> None:
+    def broken(rows: int, seconds: float) -> None:
+        raise RuntimeError("observer bug")
+
+    scheduler = await started(Echo(), on_batch=broken)
+    loop = asyncio.get_running_loop()
+    with pytest.raises(DeadlineExceeded):  # its batch ran, but the loop died before answering
+        await scheduler.submit(rows("a"), loop.time() + 0.2)
+    await wait_until(lambda: not scheduler.running)
+    with pytest.raises(ShuttingDown, match="scheduler is not running"):
+        await scheduler.submit(rows("b"), FAR)
+
+
+@async_test
 async def test_batch_observer_sees_every_forward() -> None:
     seen: list[int] = []
     echo = Echo()
