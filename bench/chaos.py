@@ -513,8 +513,8 @@ def scrape(urls: list[str], pids: list[int]) -> dict[str, Any]:
                     got["rows"] = sample.value
                 elif sample.name == "adaptserve_forward_duration_seconds_sum":
                     got["forward_s"] = sample.value
-                elif sample.name.removeprefix("adaptserve_cache_").removesuffix("_total") in CACHE_COUNTERS:
-                    got[sample.name.removeprefix("adaptserve_cache_").removesuffix("_total")] = sample.value
+                elif (counter := sample.name.removeprefix("adaptserve_cache_").removesuffix("_total")) in CACHE_COUNTERS:
+                    got[counter] = sample.value
         replicas.append(got)
     return {"replicas": replicas, "harness_cpu_s": cpu_seconds(os.getpid()), "machine": psutil.cpu_times()._asdict()}
 

@@ -38,10 +38,10 @@ the default since. Same rule, the bar round 9's choice until round 13.
 Seed spread (fixed before these ran): one seed on 872 sst2 test rows carries about +-1.1 points of
 standard error per accuracy, and the prefix missed its target by 0.06 points (one test row) at
 seed 42. Each method's default (full-e3, lora-all-e10, adapter-rf8-e10-do, prefix-e10-lr5e-3;
-since round 9 prefix-e10-lr5e-3-ema99, since round 13 prefix-e10-lr1e-2-ema99) is re-run on sst2 at seeds 13 and 87 (`--seed`, this CPU,
-`train_defaults_cpu_sst2_*seed*.json`), and the targets are judged on the mean test accuracy over
-seeds 42, 13 and 87, each method against full fine-tuning's mean; the seed-42 rows stay in the
-table beside them.
+since round 9 prefix-e10-lr5e-3-ema99, since round 13 prefix-e10-lr1e-2-ema99) is re-run on sst2
+at seeds 13 and 87 (`--seed`, this CPU, `train_defaults_cpu_sst2_*seed*.json`), and the targets
+are judged on the mean test accuracy over seeds 42, 13 and 87, each method against full
+fine-tuning's mean; the seed-42 rows stay in the table beside them.
 
 Jobs run in `--workers` processes that share one device, so on a GPU the `train_s` of a row is
 measured with other jobs running beside it: compare it within this file, not with a run alone.

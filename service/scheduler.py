@@ -36,8 +36,9 @@ class _Request:
     deadline: float  # time.monotonic() after which the request is failed, not run
     results: list[Prediction | None]
     remaining: int
-    # Set on the event loop once the request is over (answered, failed, cancelled); the forward
-    # thread reads it to skip the request's queued rows (a plain attribute: no lock needed).
+    # True once the request is over: set by `submit` as it returns (answered, failed, timed out,
+    # cancelled), and by the forward thread as it fails the request's batch or finds it late. The
+    # forward thread reads it to skip the request's queued rows (a plain attribute: no lock needed).
     over: bool = False
 
 
@@ -219,7 +220,6 @@ def _deliver(batch: list[_Row], predictions: list[Prediction]) -> None:
         request.results[row.index] = prediction
         request.remaining -= 1
         if request.remaining == 0:
-            request.over = True
             request.future.set_result(request.results)  # type: ignore[arg-type]
 
 
@@ -229,6 +229,5 @@ def _fail_all(requests: list[_Request], error: BaseException) -> None:
 
 
 def _fail(request: _Request, error: BaseException) -> None:
-    request.over = True
     if not request.future.done():
         request.future.set_exception(error)

@@ -45,7 +45,8 @@ DEFAULT_LR: dict[str, float] = {
 DEFAULT_EPOCHS: dict[str, int] = {
     "lora": 10,  # dev 0.889 vs 0.883 at 3 (all linears)
     "adapter": 10,  # dev 0.885 vs 0.879 (bottleneck 24, no dropout)
-    "prefix": 10,  # dev 0.889 (lr 5e-3) vs 0.885 at 3 (lr 1e-2); averaged at 1e-2 early stopping ends it at 5-6 (best 3-4)
+    # dev 0.889 (lr 5e-3) vs 0.885 at 3 (lr 1e-2); averaged at 1e-2, early stopping ends it at 5-6 (best 3-4)
+    "prefix": 10,
     "prompt": 3,  # dev 0.865 vs 0.858 at 10: it peaked early on sst2
     "head": 10,  # dev 0.838 vs 0.831; a linear probe is cheap per epoch
     "full": 3,  # dev 0.896 vs 0.893 at 10
