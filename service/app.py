@@ -89,7 +89,8 @@ def _build_engine(settings: Settings) -> EngineLike:
     from service.engine.backbone import load_backbone
     from service.engine.engine import Engine
 
-    backbone = load_backbone(settings.backbone, device=settings.device, dtype=settings.dtype)
+    backbone = load_backbone(settings.backbone, device=settings.device, dtype=settings.dtype,
+                             small_batch_tokens=settings.small_batch_tokens)
     return Engine(backbone)
 
 

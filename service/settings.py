@@ -98,6 +98,14 @@ class Settings(BaseSettings):
         "or GPU busy at this size while a full batch still returns in milliseconds; tune with "
         "the benchmark.",
     )
+    small_batch_tokens: int = Field(
+        default=256, ge=0, le=1_000_000,
+        description="CPU, float32 encoders: batches of at most this many tokens run the frozen "
+        "layer linears on a second, input-major copy of their weights, which single-threaded MKL "
+        "reads faster at few rows (MiniLM forwards 1.07-1.23x at 1-4 short rows; about a tie by "
+        "a few hundred tokens, `bench/small_batch_layout.py`). Default 256. The copy costs the "
+        "layer linears' size once more (42 MB on MiniLM); 0 turns it off. No effect on a GPU.",
+    )
     max_wait_ms: float = Field(
         default=5.0, ge=0.0, le=10_000.0,
         description="How long the first row of a batch waits for others to join. Default 5 ms: "

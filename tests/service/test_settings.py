@@ -30,6 +30,7 @@ def test_arguments_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"device": "tpu"}, "ADAPTSERVE_DEVICE: device must be auto, cpu, cuda or cuda:N"),
         ({"dtype": "int8"}, "ADAPTSERVE_DTYPE: Input should be 'auto', 'float32', 'float16' or 'bfloat16'"),
         ({"max_batch_size": 0}, "ADAPTSERVE_MAX_BATCH_SIZE: Input should be greater than or equal to 1"),
+        ({"small_batch_tokens": -1}, "ADAPTSERVE_SMALL_BATCH_TOKENS: Input should be greater than or equal to 0"),
         ({"max_queue": 10}, "max_queue (10) is smaller than max_inputs_per_request (64)"),
         ({"request_timeout_s": 0}, "ADAPTSERVE_REQUEST_TIMEOUT_S: Input should be greater than 0"),
         ({"unknown_knob": 1}, "ADAPTSERVE_UNKNOWN_KNOB: Extra inputs are not permitted"),
