@@ -35,6 +35,12 @@ def test_cpu_backbone_wraps_every_layer_linear_around_the_models_own_parameters(
     assert minilm_backbone.info.fingerprint == plain.info.fingerprint
 
 
+def test_the_server_default_is_the_engine_default():
+    from service.settings import Settings
+
+    assert Settings.model_fields["small_batch_tokens"].default == SMALL_BATCH_TOKENS
+
+
 def test_small_inputs_read_the_copy_large_ones_and_trainable_weights_do_not():
     torch.manual_seed(0)
     lin = SmallBatchLinear(nn.Linear(8, 5), max_tokens=6)
