@@ -3,6 +3,7 @@ and one batch mixing all four, against the bare backbone.
 
     /work/venv/bin/python bench/engine_methods.py   # CPU fp32: ~1.5 min on 2 idle cores, 5-10 min on a busy shared box
     /work/venv/bin/python bench/engine_methods.py --quick
+    /work/venv/bin/python bench/engine_methods.py --small-batch-tokens 0   # without the CPU small-batch weight copy
     python bench/engine_methods.py --device cuda --dtype bfloat16
 
 Variants (batch 32, rows of 64 tokens after padding, Engine.logits on a pre-tokenised Batch,
@@ -33,7 +34,7 @@ from bench.harness import RESULTS, TOLERANCE, check, count_ops, default_rounds, 
 
 import torch  # noqa: E402
 
-from service.engine.backbone import load_backbone  # noqa: E402
+from service.engine.backbone import SMALL_BATCH_TOKENS, load_backbone  # noqa: E402
 from service.engine.engine import Batch, Engine  # noqa: E402
 from service.engine.types import ClassifyItem, TaskKey  # noqa: E402
 from tests.factories import publish, random_adapter, random_head, random_lora, random_prefix, random_prompt  # noqa: E402
@@ -63,11 +64,13 @@ def method_weights(variant: str, info, g: torch.Generator, i: int):
 
 def main() -> None:
     ap = parser(__doc__.split("\n")[0])
+    ap.add_argument("--small-batch-tokens", type=int, default=SMALL_BATCH_TOKENS,
+                    help="load_backbone's CPU small-batch layout threshold (0: none; docs/architecture.md)")
     args = ap.parse_args()
     setup_torch(args)
     B, T = args.batch, args.seq_len
 
-    bb = load_backbone(None, device=args.device, dtype=args.dtype)
+    bb = load_backbone(None, device=args.device, dtype=args.dtype, small_batch_tokens=args.small_batch_tokens)
     dev, dt, info = bb.device, bb.dtype, bb.info
     rounds = default_rounds(args, dev, cpu=11)
     engine = Engine(bb)
@@ -196,7 +199,7 @@ def main() -> None:
     write_json(args.out or RESULTS / "engine_methods.json", {
         "benchmark": "engine_methods",
         "environment": env,
-        "config": {"batch": B, "seq_len": T, "rounds": rounds, "quick": args.quick, "reduction_factor": REDUCTION,
+        "config": {"small_batch_tokens": args.small_batch_tokens, "batch": B, "seq_len": T, "rounds": rounds, "quick": args.quick, "reduction_factor": REDUCTION,
                    "virtual_tokens": list(P_RANGE), "lora": {"r": 8, "alpha": 16, "sites": ["query", "value"]},
                    "head": {"pooling": "pooler", "labels": len(LABELS)}, "backbone_params": info.num_params},
         "correctness": correctness,

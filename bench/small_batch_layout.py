@@ -7,8 +7,9 @@ Two engines over one loaded MiniLM (the same Parameters): `pytorch` runs every l
 `F.linear` on the [out, in] weight; `small-batch` is what `load_backbone` builds on a CPU, where
 inputs of at most `SMALL_BATCH_TOKENS` tokens use an input-major copy of the weight. Workloads:
 the chaos harness's tasks (random LoRA r=4 on query/value + head, 3-16 word texts) at 1-32 rows
-per batch, each call a fixed set of different batches; and 32 x 64-token batches of LoRA r=8 and
-of Houlsby adapters, which are over the threshold and must not change. One torch thread by
+per batch, each call a fixed set of different batches; and 32 x 64-token batches of LoRA r=8, of
+Houlsby adapters and of every method mixed (`bench/engine_methods.py`'s tasks), which are over the
+threshold: both layouts run the same `F.linear` there, so their ratio is the machine's spread. One torch thread by
 default (a serving replica's forward thread on a CPU). Printed: per workload the median ms per
 forward of each layout and their paired ratio (pytorch time / small-batch time per round: > 1
 means the small-batch layout is faster), and the largest logit difference between the layouts.
@@ -24,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.chaos import _texts as chaos_texts  # noqa: E402  (the texts the chaos load sends)
+from bench.engine_methods import METHOD_VARIANTS, method_weights  # noqa: E402
 from bench.harness import RESULTS, TOLERANCE, check, default_rounds, environment, interleaved, parser, setup_torch, table, texts, write_json  # noqa: E402
 
 import torch  # noqa: E402
@@ -72,6 +74,8 @@ def main() -> None:
     houlsby = [task(f"houlsby-{i}", {"adapter": random_adapter(info, g, kind="houlsby", bottleneck=info.hidden_size // 16),
                                      "head": random_head(info, g, pooling="pooler")}, 64) for i in range(8)]
 
+    mixed = [task(f"mixed-{v}-{i}", dict([method_weights(v, info, g, i), ("head", random_head(info, g, pooling="pooler"))]), 64)
+             for v in METHOD_VARIANTS for i in range(32 // len(METHOD_VARIANTS) + 1)]
     rng = random.Random(0)
     tok = engines["pytorch"]
     workloads: dict[str, list[Batch]] = {}
@@ -81,6 +85,8 @@ def main() -> None:
     rows64 = texts(32, 64, seed=0)
     workloads["lora 32x64"] = [tok.tokenize([ClassifyItem(lora[i % 8], rows64[i]) for i in range(32)])]
     workloads["houlsby 32x64"] = [tok.tokenize([ClassifyItem(houlsby[i % 8], rows64[i]) for i in range(32)])]
+    order = random.Random(1).sample(range(len(mixed)), 32)
+    workloads["mixed 32x64"] = [tok.tokenize([ClassifyItem(mixed[k], rows64[i]) for i, k in enumerate(order)])]
 
     results, out_rows, worst = {}, [], 0.0
     with torch.inference_mode():

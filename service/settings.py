@@ -102,7 +102,7 @@ class Settings(BaseSettings):
         default=256, ge=0, le=1_000_000,
         description="CPU, float32 encoders: batches of at most this many tokens run the frozen "
         "layer linears on a second, input-major copy of their weights, which single-threaded MKL "
-        "reads faster at few rows (MiniLM forwards 1.12-1.22x at 1-4 short rows; about a tie by "
+        "reads faster at few rows (MiniLM forwards 1.08-1.22x at 1-4 short rows; about a tie by "
         "a few hundred tokens, `bench/small_batch_layout.py`). Default 256. The copy costs the "
         "layer linears' size once more (42 MB on MiniLM); 0 turns it off. No effect on a GPU.",
     )

@@ -311,7 +311,7 @@ class SmallBatchLinear(nn.Linear):
     Single-threaded MKL sgemm reads `nn.Linear`'s [out, in] weight slowly when the input has few
     rows: a serving batch of 1-4 short texts is 10-60 tokens, and there the forward is bound by
     streaming the weights. With a contiguous [in, out] copy the same product runs as one `addmm`
-    over contiguous columns: whole MiniLM forwards 1.12-1.22x faster at 1-4 short rows, about a
+    over contiguous columns: whole MiniLM forwards 1.08-1.22x faster at 1-4 short rows, about a
     tie from a few hundred tokens up (`bench/small_batch_layout.py`). Inputs of more than
     `max_tokens` rows keep PyTorch's own layout, which is the faster one for large Houlsby
     batches (docs/reliability.md, run 7).
