@@ -15,7 +15,9 @@ What it does, all on 127.0.0.1 (nothing else is ever contacted) and bounded in t
    idle keep-alive connections; every replica's RSS is sampled every second;
 3. saturation phase, in rounds (the machine's speed drifts): the most requests/s C closed-loop
    clients get, then open-loop clients at 70% of that rate, and the p99/p50 latency ratio there;
-   the verdict takes the median round.
+   the verdict takes the median round. Each round ends with a closed-loop window half as long
+   that measures the capacity again: `load_vs_after` (the 70% rate over it) tells whether the
+   machine held its speed through the round. It is reported, not judged.
 
 Every answer is checked against the version that served it: one version per request, a label of
 that version, and that version active at some point during the request according to the
@@ -791,7 +793,17 @@ def main(argv: list[str] | None = None) -> int:
                 lat = at70["latency_ms"]
                 at70["p99_over_p50"] = round(lat["p99"] / lat["p50"], 2) if lat.get("p50") and lat.get("p99") else None
                 at70["per_second"] = per_second(phase)
-                rounds.append({"max": saturated, "rate_at_70pct": round(rate, 1), "at_70pct": at70})
+                # Diagnostic only (the verdict does not read it): the capacity again, right after
+                # the 70% window, in a closed-loop window half as long. `load_vs_after` is the 70%
+                # rate over it: near 0.7 when the machine held its speed, near 1 when the
+                # saturation window caught a fast stretch and "70%" was really the machine's limit.
+                t = time.monotonic()
+                asyncio.run(closed_loop(journal, urls, tasks, args.clients, t + args.saturation_s / 2, args.seed + 101 + 2 * i,
+                                        f"after{i}", args.max_requests, inputs=(1, 1)))
+                after = summarize([s for s in journal.samples if s.phase == f"after{i}"], time.monotonic() - t)
+                rounds.append({"max": saturated, "rate_at_70pct": round(rate, 1), "at_70pct": at70,
+                               "after": {k: after[k] for k in ("sent", "lost", "5xx", "requests_per_s")},
+                               "load_vs_after": round(rate / after["requests_per_s"], 3) if after["requests_per_s"] else None})
             ratios = [r["at_70pct"]["p99_over_p50"] for r in rounds]
             pooled = latency_ms([s for s in journal.samples if s.phase.startswith("at70_")])
             out["saturation"] = {
@@ -799,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
                 "p99_over_p50_per_round": ratios,
                 "p99_over_p50_median": statistics.median(r for r in ratios if r is not None) if any(ratios) else None,
                 "at_70pct_pooled_latency_ms": pooled,
-                **{k: sum(r[phase][k] for r in rounds for phase in ("max", "at_70pct")) for k in ("lost", "5xx")},
+                **{k: sum(r[phase][k] for r in rounds for phase in ("max", "at_70pct", "after")) for k in ("lost", "5xx")},
             }
 
         logs = "".join(r.logs() for r in replicas)
