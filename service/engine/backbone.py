@@ -119,8 +119,8 @@ def _lm_head(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor] |
 
 
 # Encoder inputs of at most this many tokens run the layer linears on an input-major weight copy
-# on a CPU (`SmallBatchLinear`): 1.08-1.22x on 1-4 short rows, a tie by a few hundred tokens.
-# The server's default is the same number (`Settings.small_batch_tokens`, which imports no torch).
+# on a CPU (`families.SmallBatchLinear` says why and what it measured). The server's default is
+# the same number (`Settings.small_batch_tokens`, which imports no torch; a test holds them equal).
 SMALL_BATCH_TOKENS = 256
 
 
