@@ -51,7 +51,7 @@ import torch  # noqa: E402
 from service.engine.backbone import load_backbone  # noqa: E402
 from service.engine.bundle import bundle_bytes  # noqa: E402
 from service.engine.engine import Engine  # noqa: E402
-from training.config import LoraConfig, TrainConfig  # noqa: E402
+from training.config import TrainConfig  # noqa: E402
 from training.data import LabelledData, Splits, load_splits, read_eval  # noqa: E402
 from training.evaluate import evaluate_served  # noqa: E402
 from training.pet import Pattern, PetConfig, read_unlabelled, run_pet  # noqa: E402

@@ -16,7 +16,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from a checkout
 
 from pydantic import ValidationError  # noqa: E402
 from pydantic.fields import FieldInfo  # noqa: E402
@@ -31,7 +32,6 @@ HEADER = """\
 # or export the variables you need. Every line is commented out, so a copy changes nothing until
 # you uncomment it; each value shown is the default, and an empty one means None, except where a
 # note above the line says otherwise.
-# docker-compose.yml and k8s/base/configmap.yaml set some of these for you (host, store, Redis).
 """
 
 # Example values for fields whose default is computed (an empty value would not mean "default").
@@ -58,6 +58,8 @@ OTHERS = """\
 # TORCH_VARIANT=cpu
 # Host port of the nginx front door.
 # HTTP_PORT=8080
+# Where the servers keep tasks: s3 (the MinIO bucket) or local (the shared `store` volume).
+# STORE_BACKEND=s3
 # MinIO root credentials (development only) and the bucket the store uses.
 # MINIO_ROOT_USER=adaptserve
 # MINIO_ROOT_PASSWORD=adaptserve-dev-only
@@ -101,6 +103,24 @@ def empty_is_refused(name: str) -> bool:
     return False
 
 
+def set_by(path: Path) -> list[str]:
+    """The settings a deployment file sets (its `ADAPTSERVE_NAME:` keys that are Settings fields)."""
+    fields = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
+    return sorted(set(re.findall(r"^\s+(ADAPTSERVE_[A-Z0-9_]+):", path.read_text(), flags=re.M)) & fields)
+
+
+def preset() -> str:
+    """Which settings the deployment files fix, named from the files themselves."""
+    lines = []
+    for path, how in ((REPO / "docker-compose.yml", "docker-compose.yml sets these in the servers' `environment:`, "
+                       "which takes precedence over `.env` (change them there, or through the compose "
+                       "variables they read, such as STORE_BACKEND below):"),
+                      (REPO / "k8s/base/configmap.yaml", "k8s/base/configmap.yaml sets these:")):
+        names = ", ".join(name.removeprefix(ENV_PREFIX) for name in set_by(path))
+        lines.append(textwrap.fill(f"{how} {names}.", 96, initial_indent="# ", subsequent_indent="# "))
+    return "\n".join(lines) + "\n"
+
+
 def render() -> str:
     blocks = []  # joined with one blank line between them
     where = sections()
@@ -121,7 +141,7 @@ def render() -> str:
             lines.append("# (leave unset for the default: an empty value is refused)")
         lines.append(f"# {ENV_PREFIX}{name.upper()}={value}")
         blocks.append("\n".join(lines))
-    return HEADER + "\n" + "\n\n".join(blocks) + "\n\n" + OTHERS
+    return HEADER + preset() + "\n" + "\n\n".join(blocks) + "\n\n" + OTHERS
 
 
 if __name__ == "__main__":

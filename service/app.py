@@ -90,7 +90,7 @@ def _build_engine(settings: Settings) -> EngineLike:
     from service.engine.engine import Engine
 
     backbone = load_backbone(settings.backbone, device=settings.device, dtype=settings.dtype,
-                             small_batch_tokens=settings.small_batch_tokens)
+                             small_batch_tokens=settings.small_batch_tokens, cache_dir=settings.cache_dir)
     return Engine(backbone)
 
 

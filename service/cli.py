@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -81,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     from service.errors import ConfigurationError
-    from service.settings import Settings, describe_validation_error
+    from service.settings import Settings, describe_validation_error, unknown_variables
 
     overrides = {field: getattr(args, field) for _, field, _, _ in _SERVE_FLAGS if getattr(args, field) is not None}
     try:
@@ -90,6 +91,14 @@ def serve(args: argparse.Namespace) -> int:
         print(f"adaptserve serve: invalid settings:\n{describe_validation_error(err)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    unknown = unknown_variables(os.environ)
+    if unknown:  # a warning, not an error: a platform may inject variables meant for others
+        logging.getLogger("service").warning(
+            "ignoring %s: no such setting (a typo? every setting is listed in .env.example)", ", ".join(unknown))
+    problem = _backbone_problem(settings)
+    if problem:
+        print(f"adaptserve serve: {problem}", file=sys.stderr)
+        return 2
 
     import uvicorn
 
@@ -110,6 +119,28 @@ def serve(args: argparse.Namespace) -> int:
     # processes would each load their own copy. Scale out with more replicas instead.
     uvicorn.run(app, host=settings.host, port=settings.port, workers=1, log_level=settings.log_level, lifespan="on")
     return 0
+
+
+def _backbone_problem(settings) -> str | None:
+    """What can never work about the backbone settings, checked before the server starts: a
+    missing model path or a GPU that is not there would otherwise leave a server that is alive but
+    never ready (other load errors do that on purpose: /readyz says why)."""
+    path = settings.backbone
+    if path is not None:
+        if path.suffix == ".gguf" and not path.is_file():
+            return f"ADAPTSERVE_BACKBONE: no GGUF file at {str(path)!r}"
+        if path.suffix != ".gguf" and not (path / "config.json").is_file():
+            what = "is not a directory" if not path.is_dir() else "has no config.json"
+            return f"ADAPTSERVE_BACKBONE: {str(path)!r} {what}; expected a local Hugging Face model folder or a .gguf file"
+    if settings.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return f"ADAPTSERVE_DEVICE={settings.device}, but PyTorch sees no CUDA device here; use auto or cpu"
+        index = int(settings.device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            return f"ADAPTSERVE_DEVICE={settings.device}, but PyTorch sees {torch.cuda.device_count()} CUDA device(s)"
+    return None
 
 
 def _run_external(command: str, argv: list[str]) -> int:

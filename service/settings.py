@@ -8,9 +8,10 @@ from __future__ import annotations
 import re
 import tempfile
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Mapping
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "ADAPTSERVE_"
@@ -21,7 +22,17 @@ _MAX_JSON_BYTES_PER_CHAR = 12
 _JSON_OVERHEAD_BYTES = 64 * 1024
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+# RFC 6750's b64token: what a client can send after `Authorization: Bearer ` unquoted. A token
+# outside it (a space, a quote, a bracket of a JSON list) could never be presented.
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
 _MiB = 1024 * 1024
+
+# ADAPTSERVE_* variables that are not server settings but are read by another part of the
+# project: the trainer's token for `--publish` (training/publish.py), which the Kubernetes
+# secret hands to the server pods too (k8s/base/secret.yaml, envFrom).
+OTHER_VARIABLES = frozenset({"ADAPTSERVE_ADMIN_TOKEN"})
+# Fields whose raw input an error message must not echo: tokens, and a Redis URL's password.
+_NO_ECHO_FIELDS = frozenset({"admin_tokens", "inference_tokens", "redis_url"})
 
 # Bearer tokens: `ADAPTSERVE_ADMIN_TOKENS=tok1,tok2` (comma-separated, not JSON: NoDecode), kept
 # as SecretStr so that a repr, a log line or a validation error never shows them.
@@ -56,7 +67,9 @@ def bundled_backbone_path() -> Path:
 class Settings(BaseSettings):
     """Every setting of the server. Env vars are the field names upper-cased with `ADAPTSERVE_`."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True)
+    # No inf or nan anywhere: an infinite timeout or cache is a typo, not a setting.
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True,
+                                      allow_inf_nan=False)
 
     # --- where things are -------------------------------------------------------------------
     store: Path = Field(
@@ -78,6 +91,12 @@ class Settings(BaseSettings):
         default="auto",
         description="Backbone dtype. Default auto: the engine picks (float32 on CPU, where half "
         "precision is slow; a half type on CUDA).",
+    )
+    cache_dir: Path | None = Field(
+        default=None,
+        description="Where a `.gguf` backbone is cached once converted to safetensors (converting "
+        "takes 20-40 s, loading the cache about 1 s). Default None: `~/.cache/adaptserve`; in a "
+        "container with a read-only root filesystem point it at a writable volume.",
     )
 
     # --- HTTP ---------------------------------------------------------------------------------
@@ -323,7 +342,7 @@ class Settings(BaseSettings):
     )
 
     @field_validator(
-        "backbone", "redis_url", "s3_bucket", "s3_endpoint_url", "s3_cache_dir", "admin_tokens_file",
+        "backbone", "cache_dir", "redis_url", "s3_bucket", "s3_endpoint_url", "s3_cache_dir", "admin_tokens_file",
         "inference_tokens_file", mode="before",
     )
     @classmethod
@@ -331,10 +350,32 @@ class Settings(BaseSettings):
         # `ADAPTSERVE_BACKBONE=` in an env file means "unset", not the current directory.
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("store", "host", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: object, info: ValidationInfo) -> object:
+        # Likewise `ADAPTSERVE_STORE=` is the default store, not the working directory, and
+        # `ADAPTSERVE_HOST=` is loopback, not every interface (which is what uvicorn makes of "").
+        if isinstance(value, str) and not value.strip():
+            return cls.model_fields[info.field_name].get_default(call_default_factory=True)  # type: ignore[index]
+        return value
+
     @field_validator("admin_tokens", "inference_tokens", mode="before")
     @classmethod
     def _split_tokens(cls, value: object) -> object:
         return split_tokens(value) if isinstance(value, str) else value
+
+    @field_validator("admin_tokens", "inference_tokens")
+    @classmethod
+    def _check_tokens(cls, value: list[SecretStr], info: ValidationInfo) -> list[SecretStr]:
+        _check_token_syntax(value)
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_redis_url(value)
+        return value
 
     @model_validator(mode="after")
     def _read_token_files(self) -> "Settings":
@@ -347,8 +388,16 @@ class Settings(BaseSettings):
             except (OSError, UnicodeDecodeError) as err:
                 # Name the file, never its contents.
                 raise ValueError(f"{field}_file {str(path)!r} cannot be read: {type(err).__name__}") from None
+            tokens = split_tokens(text)
+            if not tokens:
+                # An empty mounted secret would otherwise turn auth off without a word.
+                raise ValueError(
+                    f"{ENV_PREFIX}{field.upper()}_FILE {str(path)!r} holds no tokens; put at least one "
+                    "token in it, or unset the variable"
+                )
+            _check_token_syntax([SecretStr(token) for token in tokens], f" of {ENV_PREFIX}{field.upper()}_FILE {str(path)!r}")
             known = {token.get_secret_value() for token in getattr(self, field)}
-            extra = [SecretStr(token) for token in split_tokens(text) if token not in known]
+            extra = [SecretStr(token) for token in tokens if token not in known]
             setattr(self, field, [*getattr(self, field), *extra])
         return self
 
@@ -374,12 +423,12 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_limits_agree(self) -> "Settings":
         if self.store_backend == "s3" and not self.s3_bucket:
-            raise ValueError("store_backend=s3 needs ADAPTSERVE_S3_BUCKET")
+            raise ValueError("ADAPTSERVE_STORE_BACKEND=s3 needs ADAPTSERVE_S3_BUCKET")
         if self.redis_reconnect_min_s > self.redis_reconnect_max_s:
-            raise ValueError("redis_reconnect_min_s is larger than redis_reconnect_max_s")
+            raise ValueError("ADAPTSERVE_REDIS_RECONNECT_MIN_S is larger than ADAPTSERVE_REDIS_RECONNECT_MAX_S")
         if self.max_queue < self.max_inputs_per_request:
             raise ValueError(
-                f"max_queue ({self.max_queue}) is smaller than max_inputs_per_request "
+                f"ADAPTSERVE_MAX_QUEUE ({self.max_queue}) is smaller than ADAPTSERVE_MAX_INPUTS_PER_REQUEST "
                 f"({self.max_inputs_per_request}): a request at the input limit could never be queued"
             )
         return self
@@ -418,6 +467,44 @@ class Settings(BaseSettings):
         return self.max_wait_ms / 1000.0
 
 
+def _check_token_syntax(tokens: list[SecretStr], where: str = "") -> None:
+    """Refuse a token no client could send, naming its position and never the token."""
+    for n, token in enumerate(tokens, 1):
+        if not _TOKEN_RE.match(token.get_secret_value()):
+            raise ValueError(
+                f"token {n}{where} has characters a bearer token cannot hold (allowed: letters, digits "
+                "and -._~+/ with trailing =); separate tokens with commas, not a JSON list"
+            )
+
+
+def check_redis_url(url: str) -> None:
+    """A Redis URL redis-py can use (`redis://`, `rediss://` or `unix://`, a valid port, an integer
+    database), checked here so that a typo stops start-up with the setting's name."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as err:  # e.g. an unclosed [ of an IPv6 address
+        raise ValueError(f"is not a URL ({err}); e.g. redis://redis:6379/0") from None
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"must start with redis://, rediss:// or unix://, e.g. redis://redis:6379/0 (scheme: {parts.scheme!r})")
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number in 0-65535
+    except ValueError as err:
+        raise ValueError(f"has an invalid port: {err}") from None
+    if parts.scheme != "unix":
+        if not parts.hostname:
+            raise ValueError("names no host, e.g. redis://redis:6379/0")
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise ValueError(f"database must be a number, e.g. redis://redis:6379/0 (path: {db!r})")
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """`ADAPTSERVE_*` names in `environ` that are no setting (a typo is otherwise silent: pydantic
+    only reads the names it knows)."""
+    known = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields} | OTHER_VARIABLES
+    return sorted(name for name in environ if name.upper().startswith(ENV_PREFIX) and name.upper() not in known)
+
+
 def describe_validation_error(error: ValidationError) -> str:
     """One line per problem, naming the env var a user would set, e.g.
     `ADAPTSERVE_PORT: Input should be less than or equal to 65535 (got 70000)`."""
@@ -425,7 +512,8 @@ def describe_validation_error(error: ValidationError) -> str:
     for problem in error.errors():
         field = ".".join(str(part) for part in problem["loc"])
         where = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
-        got = f" (got {problem['input']!r})" if field and "input" in problem else ""
+        secret = field in _NO_ECHO_FIELDS
+        got = f" (got {problem['input']!r})" if field and "input" in problem and not secret else ""
         message = problem["msg"].removeprefix("Value error, ")
         lines.append(f"{where}: {message}{got}")
     return "\n".join(lines)

@@ -9,7 +9,9 @@ a liability. Works with AWS S3 and S3-compatible servers (`s3_endpoint_url`: Min
 
 Publishing a version PUTs the weights first and the config last, and a version is listed only
 once both objects exist; each PUT is atomic and durable when it returns (S3 is strongly
-consistent for new objects), so the registry never points at a partial version. Bundles are
+consistent for new objects), so the registry never points at a partial version. Publishing a
+version whose objects are there but damaged (missing, or not hashing to the version id) PUTs both
+again, each replacing its object in one step: that is how a re-upload repairs it. Bundles are
 fetched into a local cache directory (download to a temp dir, verify the content hash, rename):
 a version is immutable and named by its hash, so a cached copy never goes stale.
 """
@@ -60,7 +62,13 @@ class S3Store(BundleStore):
         self.pointer_ttl_s = pointer_ttl_s
         # One cache directory per bucket and prefix, so two stores never share copies.
         self.cache_dir = Path(cache_dir) / hashlib.sha256(f"{bucket}/{prefix}".encode()).hexdigest()[:16]
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # e.g. a read-only root filesystem in a pod
+            raise ConfigurationError(
+                f"ADAPTSERVE_S3_CACHE_DIR: cannot create {str(self.cache_dir)!r} ({err.strerror or err}); "
+                "point it at a writable directory such as a mounted emptyDir"
+            ) from None
         self._pointer_cache: dict[tuple[str, str], tuple[str | None, float]] = {}
         self._lock = threading.Lock()
 
@@ -74,13 +82,18 @@ class S3Store(BundleStore):
                 "ADAPTSERVE_STORE_BACKEND=s3 needs boto3: pip install 'adaptserve[s3]'"
             ) from None
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=settings.s3_endpoint_url,
-            region_name=region,
-            # Standard retries for throttling and 5xx; short connects so a dead endpoint is an error soon.
-            config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=30),
-        )
+        try:
+            client = boto3.session.Session().client(
+                "s3",
+                endpoint_url=settings.s3_endpoint_url,
+                region_name=region,
+                # Standard retries for throttling and 5xx; short connects so a dead endpoint is an error soon.
+                config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=30),
+            )
+        except ValueError as err:  # botocore: "Invalid endpoint: ...", a malformed region
+            raise ConfigurationError(
+                f"ADAPTSERVE_S3_ENDPOINT_URL / AWS_REGION: {err}; an endpoint looks like https://s3.example.com"
+            ) from None
         store = cls(client, settings.s3_bucket, settings.s3_prefix, settings.s3_cache_path,
                     pointer_ttl_s=settings.store_pointer_ttl_s)
         store.check_bucket()
@@ -212,8 +225,7 @@ class S3Store(BundleStore):
     def put_version(self, task: str, version: str, config_bytes: bytes, weights_bytes: bytes) -> bool:
         validate_task_name(task)
         validate_version(task, version)
-        existed = self.has_task(task) and version in self.versions(task)
-        if existed:
+        if self._stored_intact(task, version):
             return False
         self.pin_implicit_active(task)
         # Weights first, config last: a version is listed only once both exist.
@@ -245,6 +257,19 @@ class S3Store(BundleStore):
         shutil.rmtree(self.cache_dir / task, ignore_errors=True)
 
     # -- helpers -----------------------------------------------------------------------------------
+    def _stored_intact(self, task: str, version: str) -> bool:
+        """Whether both objects of `version` are in the bucket and hash to its id (content-hash ids):
+        publishing it again is a no-op only then, and otherwise repairs it (as `bundle_intact` locally)."""
+        from service.engine.bundle import content_version
+
+        blobs = []
+        for name in (CONFIG_FILE, WEIGHTS_FILE):  # the small config first: a new version stops there
+            data = self._get_bytes(self._key(task, version, name))
+            if data is None:
+                return False
+            blobs.append(data)
+        return not CONTENT_HASH_RE.fullmatch(version) or content_version(*blobs) == version
+
     def _get_bytes(self, key: str) -> bytes | None:
         from botocore.exceptions import ClientError
 

@@ -33,9 +33,14 @@ def default_backbone_path() -> Path:
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:  # torch's "Expected one of cpu, cuda, ... device type at start of ..."
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -125,21 +130,22 @@ SMALL_BATCH_TOKENS = 256
 
 
 def load_backbone(path: str | Path | None = None, device: str = "auto", dtype: str = "auto",
-                  small_batch_tokens: int = SMALL_BATCH_TOKENS) -> Backbone:
+                  small_batch_tokens: int = SMALL_BATCH_TOKENS, cache_dir: str | Path | None = None) -> Backbone:
     """Load a model folder (config + weights + tokenizer) or a .gguf file, freeze it, put it in
     inference mode. Encoders (BERT family) and Llama-family causal LMs are supported.
 
     `small_batch_tokens`: on a CPU with float32 weights, an encoder's layer linears also keep an
-    input-major copy of their weights for inputs of at most this many tokens (0: no copy)."""
+    input-major copy of their weights for inputs of at most this many tokens (0: no copy).
+    `cache_dir`: where a .gguf file's conversion is cached (`gguf.cache_root`)."""
     bundled = not path
     path = Path(path) if path else default_backbone_path()
+    dev = resolve_device(device)  # before a GGUF conversion: a bad device should not cost 20-40 s first
     if path.suffix == ".gguf":
         from service.engine.gguf import convert_gguf
 
-        path = convert_gguf(path)
+        path = convert_gguf(path, cache_dir)
     if not (path / "config.json").is_file():
         raise ValueError(f"backbone folder {str(path)!r} has no config.json: expected a local Hugging Face model folder")
-    dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     full = _auto_class(path).from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
     full.eval().requires_grad_(False)

@@ -13,8 +13,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("ADAPTSERVE_CACHE_DIR") or Path.home() / ".cache" / "adaptserve")
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """`cache_dir`, else the `ADAPTSERVE_CACHE_DIR` setting (`Settings.cache_dir`; the training CLI,
+    which has no Settings, reads the same variable here), else `~/.cache/adaptserve`."""
+    return Path(cache_dir or os.environ.get("ADAPTSERVE_CACHE_DIR") or Path.home() / ".cache" / "adaptserve")
 
 
 def _key(path: Path) -> str:
@@ -22,11 +24,11 @@ def _key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
-def convert_gguf(path: Path) -> Path:
+def convert_gguf(path: Path, cache_dir: str | Path | None = None) -> Path:
     """Return a cached HF folder (config, safetensors, tokenizer) for a .gguf file."""
     if not path.is_file():
         raise ValueError(f"GGUF backbone {str(path)!r} does not exist")
-    out = cache_root() / "gguf" / f"{path.stem}-{_key(path)}"
+    out = cache_root(cache_dir) / "gguf" / f"{path.stem}-{_key(path)}"
     if (out / "config.json").is_file():
         return out
     from safetensors.torch import save_file

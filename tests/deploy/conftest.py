@@ -33,11 +33,18 @@ def memory_bytes(quantity: str | int, binary_suffixes: bool = False) -> int:
     return int(float(number) * _UNITS[unit])
 
 
+def upload_bytes(settings) -> int:
+    """Memory one upload may hold while it is validated: the body, its unpacked files and the
+    parsed weights (Settings.max_concurrent_uploads says so)."""
+    return settings.upload_limit_bytes + settings.upload_uncompressed_limit_bytes + settings.upload_max_weights_bytes
+
+
 def worst_case_rss(settings) -> int:
-    """Baseline plus every byte of task cache that lives in host memory: on CPU both tiers."""
+    """Baseline plus every byte of task cache that lives in host memory (on CPU both tiers),
+    plus every upload that may be validated at once."""
     device = "cpu" if settings.device == "cpu" else "cuda"
     cache = settings.cache_host_max_bytes + (settings.cache_max_bytes if device == "cpu" else 0)
-    return BASELINE_RSS_BYTES[device] + cache
+    return BASELINE_RSS_BYTES[device] + cache + settings.max_concurrent_uploads * upload_bytes(settings)
 
 
 def tool(name: str) -> str:

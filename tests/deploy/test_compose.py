@@ -91,6 +91,16 @@ def test_training_job_publishes_to_the_servers() -> None:
     assert f"--publish=http://adaptserve:{port}" in job["command"]
 
 
+def nginx_body_limits() -> tuple[int, int]:
+    """client_max_body_size of docker/nginx.conf's server block and of its upload location."""
+    conf = (REPO / "docker/nginx.conf").read_text()
+    size = lambda text: memory_bytes(re.search(r"client_max_body_size\s+(\d+)m;", text)[1] + "Mi")  # noqa: E731
+    upload = re.search(r"location ~ \^/v1/tasks/\[\^/\]\+/versions\$ \{(.*?)\}", conf, flags=re.S)
+    assert upload, "docker/nginx.conf has no location for uploads (POST /v1/tasks/{task}/versions)"
+    server = conf.replace(upload[0], "")
+    return size(server), size(upload[1])
+
+
 def test_server_environment_is_accepted_by_settings(settings_from_env) -> None:
     services = compose()["services"]
     environment = {k: interpolate(str(v)) for k, v in services["adaptserve"]["environment"].items()}
@@ -102,6 +112,10 @@ def test_server_environment_is_accepted_by_settings(settings_from_env) -> None:
         services["minio-bucket"]["environment"]["S3_BUCKET"])
     limit = memory_bytes(services["adaptserve"]["deploy"]["resources"]["limits"]["memory"], binary_suffixes=True)
     assert limit >= worst_case_rss(settings), f"memory limit {limit} < worst case {worst_case_rss(settings)}"
+    # nginx lets through every body the servers accept, so the servers answer 413 themselves (JSON).
+    general, uploads = nginx_body_limits()
+    assert general > settings.body_limit_bytes, (general, settings.body_limit_bytes)
+    assert uploads > settings.upload_limit_bytes, (uploads, settings.upload_limit_bytes)
     for name, service in services.items():
         for key in (service.get("environment") or {}):
             if key.startswith("ADAPTSERVE_"):

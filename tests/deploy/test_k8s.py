@@ -133,6 +133,12 @@ def test_server_probes_resources_and_drain(directory: str, settings_from_env) ->
         limit = memory_bytes(container["resources"]["limits"]["memory"])
         assert limit >= worst_case_rss(settings), f"memory limit {limit} < worst case {worst_case_rss(settings)}"
 
+    # /tmp (where uploads are staged) holds every upload that may be validated at once.
+    tmp = next(v for v in pod["volumes"] if v["name"] == "tmp")
+    assert any(m["mountPath"] == "/tmp" and m["name"] == "tmp" for m in container["volumeMounts"])
+    staged = settings.max_concurrent_uploads * (settings.upload_max_weights_bytes + settings.upload_max_config_bytes)
+    assert memory_bytes(tmp["emptyDir"]["sizeLimit"]) >= staged, f"/tmp {tmp['emptyDir']['sizeLimit']} < {staged} bytes of uploads"
+
     # Drain: the grace period covers the preStop sleep, the longest request, and teardown.
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     grace = pod["terminationGracePeriodSeconds"]

@@ -88,6 +88,41 @@ def test_publish_list_resolve_fetch_delete(store: BundleStore, info) -> None:
         store.versions("sentiment")
 
 
+def _overwrite(store: BundleStore, key: TaskKey, name: str, data: bytes | None) -> None:
+    """Damage one stored file of `key` behind the store's back (None: remove it)."""
+    if isinstance(store, LocalStore):
+        path = store.root / key.name / key.version / name
+        if data is None:
+            path.unlink()
+        else:
+            path.write_bytes(data)
+        return
+    object_key = store._key(key.name, key.version, name)  # type: ignore[attr-defined]
+    if data is None:
+        store.client.delete_object(Bucket=store.bucket, Key=object_key)  # type: ignore[attr-defined]
+    else:
+        store.client.put_object(Bucket=store.bucket, Key=object_key, Body=data)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [lambda w: (WEIGHTS, w[:-1] + bytes([w[-1] ^ 1])), lambda w: (WEIGHTS, w[:-100]), lambda w: (CONFIG, None)],
+    ids=["a flipped bit", "truncated weights", "config missing"],
+)
+def test_publishing_a_damaged_version_again_repairs_it(store: BundleStore, info, damage) -> None:
+    config, weights = make_bundle(info, seed=1)
+    key = TaskKey("sentiment", content_version(config, weights))
+    store.put_version(key.name, key.version, config, weights)
+    _overwrite(store, key, *damage(weights))
+    with pytest.raises(TaskUnavailable):
+        store.bundle_dir(key)
+    assert store.put_version(key.name, key.version, config, weights) is True  # written again, not "already there"
+    repaired = store.bundle_dir(key)
+    assert (repaired / CONFIG).read_bytes() == config and (repaired / WEIGHTS).read_bytes() == weights
+    assert store.versions(key.name) == [key.version]
+    assert store.put_version(key.name, key.version, config, weights) is False  # intact now: a no-op
+
+
 def test_an_s3_object_that_does_not_match_its_content_hash_is_refused(moto, bucket: str, tmp_path: Path, info) -> None:
     import boto3
 
@@ -105,6 +140,16 @@ def test_an_s3_object_that_does_not_match_its_content_hash_is_refused(moto, buck
 def test_a_missing_bucket_is_a_configuration_error(moto, aws_env: None, tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="cannot be used"):
         create_app(s3_settings(moto, "no-such-bucket", tmp_path))
+
+
+def test_a_malformed_endpoint_or_an_unwritable_cache_dir_names_the_setting(aws_env: None, tmp_path: Path) -> None:
+    # Both fail before any request: no S3 server is needed.
+    with pytest.raises(ConfigurationError, match="ADAPTSERVE_S3_ENDPOINT_URL"):
+        create_app(Settings(store_backend="s3", s3_bucket="b", s3_endpoint_url="not a url", s3_cache_dir=tmp_path))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigurationError, match="ADAPTSERVE_S3_CACHE_DIR: cannot create"):
+        create_app(Settings(store_backend="s3", s3_bucket="b", s3_endpoint_url="http://127.0.0.1:9",
+                            s3_cache_dir=tmp_path / "a-file" / "cache"))
 
 
 def test_the_service_uploads_to_and_serves_from_s3(moto, bucket: str, tmp_path: Path, engine, info) -> None:

@@ -37,6 +37,9 @@ def test_serve_flags_override_env_and_run_one_worker(
         (["serve", "--port", "70000"], "ADAPTSERVE_PORT"),
         (["serve", "--device", "gpu"], "ADAPTSERVE_DEVICE"),
         (["serve", "--store", "/no/such/dir"], "is not a directory"),
+        (["serve", "--backbone", "/no/such/model"], "ADAPTSERVE_BACKBONE: '/no/such/model' is not a directory"),
+        (["serve", "--backbone", "/no/such/model.gguf"], "ADAPTSERVE_BACKBONE: no GGUF file"),
+        (["serve", "--redis-url", "localhost:6379"], "ADAPTSERVE_REDIS_URL: must start with redis://"),
     ],
 )
 def test_serve_refuses_bad_settings_with_a_clear_message(
@@ -45,6 +48,28 @@ def test_serve_refuses_bad_settings_with_a_clear_message(
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
     assert uvicorn_calls == []
+
+
+def test_serve_refuses_a_model_folder_without_config(tmp_path: Path, capsys: pytest.CaptureFixture, uvicorn_calls: list) -> None:
+    assert cli.main(["serve", "--store", str(tmp_path), "--backbone", str(tmp_path)]) == 2
+    assert "has no config.json" in capsys.readouterr().err and uvicorn_calls == []
+
+
+def test_serve_refuses_cuda_where_there_is_none(tmp_path: Path, capsys: pytest.CaptureFixture, uvicorn_calls: list) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    assert cli.main(["serve", "--store", str(tmp_path), "--device", "cuda"]) == 2
+    assert "PyTorch sees no CUDA device" in capsys.readouterr().err and uvicorn_calls == []
+
+
+def test_serve_warns_about_unknown_variables(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, uvicorn_calls: list, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("ADAPTSERVE_MAX_BATCHSIZE", "8")  # the typo of ADAPTSERVE_MAX_BATCH_SIZE
+    assert cli.main(["serve", "--store", str(tmp_path)]) == 0
+    assert "ADAPTSERVE_MAX_BATCHSIZE: no such setting" in caplog.text or "ignoring ADAPTSERVE_MAX_BATCHSIZE" in caplog.text
 
 
 @pytest.mark.parametrize("command, function", [("train", "main"), ("evaluate", "evaluate_main")])

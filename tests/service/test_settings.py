@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.settings import Settings, bundled_backbone_path, default_store_dir, describe_validation_error
+from service.settings import Settings, bundled_backbone_path, default_store_dir, describe_validation_error, unknown_variables
 
 
 def test_env_vars_use_the_adaptserve_prefix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -31,13 +31,19 @@ def test_arguments_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"dtype": "int8"}, "ADAPTSERVE_DTYPE: Input should be 'auto', 'float32', 'float16' or 'bfloat16'"),
         ({"max_batch_size": 0}, "ADAPTSERVE_MAX_BATCH_SIZE: Input should be greater than or equal to 1"),
         ({"small_batch_tokens": -1}, "ADAPTSERVE_SMALL_BATCH_TOKENS: Input should be greater than or equal to 0"),
-        ({"max_queue": 10}, "max_queue (10) is smaller than max_inputs_per_request (64)"),
+        ({"max_queue": 10}, "ADAPTSERVE_MAX_QUEUE (10) is smaller than ADAPTSERVE_MAX_INPUTS_PER_REQUEST (64)"),
         ({"request_timeout_s": 0}, "ADAPTSERVE_REQUEST_TIMEOUT_S: Input should be greater than 0"),
         ({"unknown_knob": 1}, "ADAPTSERVE_UNKNOWN_KNOB: Extra inputs are not permitted"),
-        ({"store_backend": "s3"}, "store_backend=s3 needs ADAPTSERVE_S3_BUCKET"),
+        ({"store_backend": "s3"}, "ADAPTSERVE_STORE_BACKEND=s3 needs ADAPTSERVE_S3_BUCKET"),
         ({"store_backend": "gcs"}, "ADAPTSERVE_STORE_BACKEND: Input should be 'local' or 's3'"),
         ({"redis_prefix": "a b"}, "ADAPTSERVE_REDIS_PREFIX: String should match pattern"),
-        ({"redis_reconnect_min_s": 9}, "redis_reconnect_min_s is larger than redis_reconnect_max_s"),
+        ({"redis_reconnect_min_s": 9}, "ADAPTSERVE_REDIS_RECONNECT_MIN_S is larger than ADAPTSERVE_REDIS_RECONNECT_MAX_S"),
+        ({"redis_timeout_s": "inf"}, "ADAPTSERVE_REDIS_TIMEOUT_S: Input should be a finite number"),
+        ({"max_wait_ms": "nan"}, "ADAPTSERVE_MAX_WAIT_MS: Input should be a finite number"),
+        ({"redis_url": "localhost:6379"}, "ADAPTSERVE_REDIS_URL: must start with redis://, rediss:// or unix://"),
+        ({"redis_url": "redis://redis:99999/0"}, "ADAPTSERVE_REDIS_URL: has an invalid port"),
+        ({"redis_url": "redis://redis:6379/zero"}, "ADAPTSERVE_REDIS_URL: database must be a number"),
+        ({"redis_url": "redis://:pw@[::1"}, "ADAPTSERVE_REDIS_URL: is not a URL"),
         ({"upload_max_compression_ratio": 0.5}, "ADAPTSERVE_UPLOAD_MAX_COMPRESSION_RATIO"),
     ],
 )
@@ -81,3 +87,50 @@ def test_s3_prefix_is_normalised_and_tokens_stay_secret(monkeypatch: pytest.Monk
     assert settings.s3_prefix == "tenants/a/" and Settings().s3_prefix == ""
     assert settings.auth_enabled and len(settings.inference_tokens) == 2
     assert "tok-a" not in repr(settings) and "tok-a" not in str(settings.model_dump())
+
+
+def test_an_empty_host_or_store_means_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not uvicorn's "" (every interface) nor Path("") (the working directory).
+    monkeypatch.setenv("ADAPTSERVE_HOST", "")
+    monkeypatch.setenv("ADAPTSERVE_STORE", " ")
+    settings = Settings()
+    assert (settings.host, settings.store) == ("127.0.0.1", default_store_dir())
+
+
+def test_an_empty_token_file_is_refused_not_an_open_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    empty = tmp_path / "admin-tokens"
+    empty.write_text("\n , \n")
+    monkeypatch.setenv("ADAPTSERVE_ADMIN_TOKENS_FILE", str(empty))
+    with pytest.raises(ValidationError) as error:
+        Settings()
+    assert f"ADAPTSERVE_ADMIN_TOKENS_FILE {str(empty)!r} holds no tokens" in describe_validation_error(error.value)
+    empty.write_text("tok-1\ntok-2\n")
+    assert len(Settings().admin_tokens) == 2
+
+
+@pytest.mark.parametrize("tokens", ['["secret-a","secret-b"]', "secret a", "secret-a,'secret-b'"])
+def test_tokens_no_client_could_send_are_refused_without_echoing_them(
+    monkeypatch: pytest.MonkeyPatch, tokens: str
+) -> None:
+    monkeypatch.setenv("ADAPTSERVE_INFERENCE_TOKENS", tokens)
+    with pytest.raises(ValidationError) as error:
+        Settings()
+    message = describe_validation_error(error.value)
+    assert message.startswith("ADAPTSERVE_INFERENCE_TOKENS: token ") and "cannot hold" in message
+    assert "secret" not in message
+
+
+def test_a_redis_password_is_not_echoed_in_errors() -> None:
+    with pytest.raises(ValidationError) as error:
+        Settings(redis_url="redis://:hunter2@redis:6379/x")
+    assert "hunter2" not in describe_validation_error(error.value)
+
+
+@pytest.mark.parametrize("url", ["redis://redis:6379/0", "rediss://user:pw@cache.example.com:6380", "unix:///run/redis.sock"])
+def test_redis_urls_redis_py_accepts_are_accepted(url: str) -> None:
+    assert Settings(redis_url=url).redis_url == url
+
+
+def test_unknown_adaptserve_variables_are_named() -> None:
+    environ = {"ADAPTSERVE_MAX_BATCHSIZE": "8", "ADAPTSERVE_PORT": "1", "ADAPTSERVE_ADMIN_TOKEN": "t", "HOME": "/"}
+    assert unknown_variables(environ) == ["ADAPTSERVE_MAX_BATCHSIZE"]
