@@ -9,8 +9,9 @@ Lives on the event loop (no locks: only the loop touches it); loads, promotions 
 host run in threads. Serving on the CPU, the device *is* host memory: the cache is made without
 copy functions, and a move between the tiers is bookkeeping done at once on the loop, with no
 thread and no copy (the tiers keep their own budgets). Concurrent first requests for one key
-share one load or promotion. A failed load is not remembered: its waiters all get the error and
-the next request tries again, so fixing a bundle on disk needs no restart.
+share one load or promotion. A failed load, whatever raised, is a 503 `task_unavailable` for that
+task alone (`load_or_unavailable`); it is not remembered: its waiters all get the error and the
+next request tries again, so fixing a bundle on disk needs no restart.
 
 Evicting only drops the cache's reference. A batch that already holds the Task keeps it alive
 until the batch is done, so eviction never pulls weights out from under a forward. Keys are
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from typing import Callable, Generic, Literal, Protocol, TypeVar
 
 from service.engine.types import TaskKey
-from service.errors import BundleError, TaskUnavailable
+from service.errors import AdaptserveError, BundleError, TaskUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -187,10 +188,7 @@ class TaskCache(Generic[T]):
     async def _load_and_insert(self, key: TaskKey) -> T:
         self.stats.loads += 1
         try:
-            try:
-                task = await asyncio.to_thread(self._load, key)
-            except (BundleError, OSError) as err:
-                raise as_unavailable(key, err) from err
+            task = await asyncio.to_thread(load_or_unavailable, self._load, key)
             self._insert(key, task)
             return task
         except BaseException:
@@ -285,7 +283,28 @@ def _retrieve_exception(future: asyncio.Future) -> None:
         future.exception()
 
 
+def load_or_unavailable(load: Callable[[TaskKey], T], key: TaskKey) -> T:
+    """`load(key)` (blocking), any failure a 503 `task_unavailable` naming the task and the reason:
+    whatever a stored bundle provokes while loading fails that task alone, never the request with
+    a 500. Errors that already say what is wrong (TaskUnavailable, StoreUnavailable) pass through."""
+    try:
+        return load(key)
+    except (BundleError, OSError) as err:
+        raise as_unavailable(key, err) from err
+    except AdaptserveError:
+        raise
+    except Exception as err:  # noqa: BLE001 - e.g. a TypeError a malformed config provokes in a parser
+        log.warning("task %s failed to load", key, exc_info=True)  # the traceback, once per load
+        raise as_unavailable(key, err) from err
+
+
 def as_unavailable(key: TaskKey, err: BaseException) -> TaskUnavailable:
     """The 503 for a stored task whose bundle cannot be loaded (a BundleError is only a 422
     when the bundle is the thing a client uploaded)."""
-    return TaskUnavailable(f"task {key} cannot be loaded: {getattr(err, 'message', err)}")
+    if isinstance(err, AdaptserveError):
+        reason = err.message
+    elif isinstance(err, OSError):
+        reason = str(err)
+    else:  # unexpected: its type is half the story (a KeyError says only 'x')
+        reason = f"{type(err).__name__}: {err}"
+    return TaskUnavailable(f"task {key} cannot be loaded: {reason}")

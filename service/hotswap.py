@@ -2,7 +2,8 @@
 
 The order of every change is what makes it safe:
 1. validate the upload completely (structure, then the engine's own parse against the
-   backbone) in a temporary directory outside the store: a refused upload touches nothing;
+   backbone, then one probe forward of two rows whose scores must be finite) in a temporary
+   directory outside the store: a refused upload touches nothing;
 2. publish the version durably (`BundleStore.put_version`: temp, fsync, rename);
 3. only then point the registry at it (activation), which tells every replica (feed).
 A version about to become active (upload, activate, rollback) is loaded before the registry
@@ -18,14 +19,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
-from service.engine.types import TaskKey
-from service.errors import BundleError, Overloaded, TaskNotFound, TaskUnavailable, UploadRejected, VersionNotFound
+from service.engine.types import ClassifyItem, TaskKey
+from service.errors import (
+    BundleError, Conflict, Overloaded, TaskNotFound, TaskUnavailable, UploadRejected, VersionNotFound,
+)
 from service.registry.base import TaskRecord
 from service.store import CONFIG_FILE, WEIGHTS_FILE, validate_task_name, validate_version
 from service.upload import BundleFiles, Part, UploadLimits, assemble
@@ -43,20 +47,35 @@ class UploadResult:
     task: str
     version: str
     active: bool
-    created: bool  # False: identical content was already stored under this version
+    created: bool  # False: identical content was already stored, intact, under this version
     source: str
     kind: str
 
 
 def load_upload(engine: "EngineLike", key: TaskKey, files: BundleFiles) -> "TaskLike":
     """Parse an assembled upload with the engine, exactly as serving will, from a directory outside
-    the store: shapes, layer counts, NaN/Inf, labels vs head, backbone fingerprint. Blocking.
+    the store: shapes, layer counts, NaN/Inf, labels vs head, backbone fingerprint. Then one probe
+    forward of two short rows through the engine's own classify (so templates, demonstrations and
+    exits run as they serve): finite weights can still overflow in arithmetic (a head of 3e38s)
+    and would answer NaN scores. Blocking, in the upload's worker thread, like the parse.
     UploadRejected for anything the bundle provokes; the store is never touched."""
     try:
         with tempfile.TemporaryDirectory(prefix="adaptserve-upload-") as tmp:
             (Path(tmp) / CONFIG_FILE).write_bytes(files.config)
             (Path(tmp) / WEIGHTS_FILE).write_bytes(files.weights)
-            return engine.load_task(Path(tmp), key)
+            task = engine.load_task(Path(tmp), key)
+        pair = "a second short text" if task.input_kind == "pair" else None
+        full_depth = None
+        if task.has_exits:  # row 1 exits as the task's policy says, row 2 runs every layer to the head
+            from service.methods.exits import ExitPolicy  # imports torch: only for exit tasks
+
+            full_depth = ExitPolicy("off")
+        probe = [ClassifyItem(task, "a short probe text", pair), ClassifyItem(task, "another one", pair, full_depth)]
+        for answer in engine.classify(probe):
+            if isinstance(answer, Exception) or not all(math.isfinite(v) for v in (answer.score, *answer.scores.values())):
+                raise BundleError("task outputs non-finite scores on a probe input: weights overflow "
+                                  "(some tensor is finite but too large for the backbone's arithmetic)")
+        return task
     except BundleError as err:
         raise UploadRejected([err.message]) from None
     except Exception as err:  # noqa: BLE001 - whatever a hostile bundle provokes is the bundle's problem
@@ -104,12 +123,17 @@ class TaskAdmin:
         key = TaskKey(task, version)
         async with self._lock(task):
             self.state.registry.require_writable()
+            if not activate and not await asyncio.to_thread(self._versions, task):
+                # A task's only version is the one it serves (the store's rule): there is no way to
+                # hold its first version back, so say so rather than serve it anyway.
+                raise Conflict(f"task {task!r} has no version yet; its first version serves at once: "
+                               "upload it without activate=false")
             created = await asyncio.to_thread(self.state.store.put_version, task, version, files.config, files.weights)
             if activate:
                 runtime.cache.insert(key, loaded)  # warm before the flip: the first request does not load
             meta = {"uploaded_at": round(time.time(), 3), "bytes": len(files.config) + len(files.weights),
                     "source": files.source, "kind": files.kind}
-            record = await self.state.registry.add_version(task, version, meta, activate=activate)
+            record = await self.state.registry.add_version(task, version, meta, activate=activate, created=created)
         log.info("task %s: %s version %s (%s upload)%s", task, "stored" if created else "re-sent", version,
                  files.source, ", now active" if record.active == version else "")
         return UploadResult(task, version, record.active == version, created, files.source, files.kind)
@@ -124,7 +148,8 @@ class TaskAdmin:
         validate_version(task, version)
         self.state.registry.require_writable()
         async with self._lock(task):
-            if not await asyncio.to_thread(self._has_version, task, version):
+            # TaskNotFound (404 task_not_found) when the task has nothing stored, as on every route.
+            if not await asyncio.to_thread(self.state.store.has_version, task, version):
                 raise VersionNotFound(f"task {task!r} has no version {version!r}")
             await self._preload(TaskKey(task, version))
             return await self.state.registry.activate(task, version)
@@ -209,12 +234,6 @@ class TaskAdmin:
             return self.state.store.versions(task)
         except TaskNotFound:
             return []
-
-    def _has_version(self, task: str, version: str) -> bool:
-        try:
-            return self.state.store.has_version(task, version)
-        except TaskNotFound:
-            return False
 
     # -- the change feed -------------------------------------------------------------------------
     def on_change(self, task: str, old: str | None, new: str | None) -> None:

@@ -9,7 +9,9 @@ delivers each finished batch's predictions. Forwards never overlap. Each request
 one future; a request may span batches.
 
 Rows are dropped before their forward when their request is already over: cancelled (client gone),
-past its deadline (failed with DeadlineExceeded), or failed in an earlier batch.
+past its deadline (failed with DeadlineExceeded), or failed in an earlier batch. A forward that
+raises fails every request of its batch; a row the engine answers with an error instead of a
+prediction (its task's weights produce non-finite scores) fails its own request alone.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from service.errors import AdaptserveError, DeadlineExceeded, InferenceFailed, O
 
 log = logging.getLogger(__name__)
 
-ClassifyFn = Callable[[Sequence[ClassifyItem]], "list[Prediction]"]
+# One answer per row: its Prediction, or the AdaptserveError that fails that row's request alone.
+ClassifyFn = Callable[[Sequence[ClassifyItem]], "list[Prediction | AdaptserveError]"]
 BatchObserver = Callable[[int, float], None]  # (rows in the batch, seconds the forward took)
 
 
@@ -211,11 +214,16 @@ class Scheduler:
             pass
 
 
-def _deliver(batch: list[_Row], predictions: list[Prediction]) -> None:
-    """On the event loop: hand each row's prediction to its request; complete finished requests."""
+def _deliver(batch: list[_Row], predictions: list[Prediction | AdaptserveError]) -> None:
+    """On the event loop: hand each row's prediction to its request; complete finished requests.
+    A row answered with an error fails its request (its rows still queued are then skipped)."""
     for row, prediction in zip(batch, predictions):
         request = row.request
         if request.future.done():
+            continue
+        if isinstance(prediction, AdaptserveError):
+            request.over = True
+            _fail(request, prediction)
             continue
         request.results[row.index] = prediction
         request.remaining -= 1

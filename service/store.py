@@ -3,7 +3,9 @@
 `BundleStore` holds what every backend shares (which version is active, listings) over a few
 primitives each backend implements; `LocalStore` is a directory, `service.store_s3.S3Store` a
 bucket with the same layout. A version is immutable once published: it is written to a temporary
-place, made durable, then appears under its name in one step.
+place, made durable, then appears under its name in one step. Publishing a version that is already
+stored intact changes nothing; publishing it over a damaged copy (a file missing, or files that no
+longer hash to the version id) replaces that copy, again in one step.
 
 The active version of a task is the id written in its `ACTIVE` pointer, or, without one, the only
 version present. Names from requests are checked against a safe pattern before any path or key
@@ -11,6 +13,7 @@ is built from them, and versions read back are checked the same way.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -20,6 +23,8 @@ from pathlib import Path
 
 from service.engine.types import TaskKey
 from service.errors import ConfigurationError, InvalidTaskName, TaskNotFound, TaskUnavailable, VersionNotFound
+
+log = logging.getLogger(__name__)
 
 TASK_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 # Versions are content hashes or human ids such as `v3`; same alphabet, upper case allowed.
@@ -100,7 +105,8 @@ class BundleStore:
 
     def put_version(self, task: str, version: str, config_bytes: bytes, weights_bytes: bytes) -> bool:
         """Publish a version durably: when this returns, both files are stored under `version`.
-        Returns False when that version was already there (same content, same id)."""
+        Returns False when that version was already there intact (same content, same id); True
+        when it was written: new, or replacing a damaged copy (see `bundle_intact`)."""
         raise NotImplementedError
 
     def delete_version(self, key: TaskKey) -> None:
@@ -179,7 +185,8 @@ class LocalStore(BundleStore):
         root = Path(root).expanduser()
         if not root.is_dir():
             raise ConfigurationError(
-                f"task store {str(root)!r} is not a directory; set ADAPTSERVE_STORE or --store"
+                f"task store {str(root)!r} is not a directory; give an existing store with --store "
+                "(the server also reads ADAPTSERVE_STORE)"
             )
         self.root = root.resolve()
 
@@ -242,10 +249,13 @@ class LocalStore(BundleStore):
             task_dir.mkdir(exist_ok=True)
             _fsync_dir(self.root)  # the new task directory's own entry must survive a crash too
         target = task_dir / version
-        if target.is_dir():
+        if bundle_intact(target, TaskKey(task, version)):
             return False
+        if os.path.lexists(target):
+            log.warning("task %s: stored version %s is damaged (a file missing, or files that do not hash to its id); "
+                        "replacing it with the copy being published", task, version)
         self.pin_implicit_active(task)
-        write_bundle_files(target, config_bytes, weights_bytes)
+        write_bundle_files(target, config_bytes, weights_bytes)  # swaps out a damaged copy in one step
         return True
 
     def delete_version(self, key: TaskKey) -> None:
@@ -289,6 +299,20 @@ def verify_bundle(path: Path, key: TaskKey, where: str) -> None:
             f"task {key} in {where} is corrupt: its files hash to {got}, not to their version id; "
             "re-upload the bundle or activate another version"
         )
+
+
+def bundle_intact(path: Path, key: TaskKey) -> bool:
+    """Whether `path` holds both files of `key`, hashing to its version id (content-hash ids).
+
+    Publishing a version again is a no-op only then; otherwise the stored copy is damaged (bit
+    rot, a truncated or partial copy, a hand edit) and publishing the same content repairs it."""
+    if not all((path / name).is_file() for name in (CONFIG_FILE, WEIGHTS_FILE)):
+        return False
+    try:
+        verify_bundle(path, key, str(path))
+    except TaskUnavailable:
+        return False
+    return True
 
 
 def _reason(err: OSError) -> str:

@@ -47,6 +47,8 @@ def evaluate_served(engine: Engine, task: Task, data: LabelledData, batch_size: 
             rows = order[i : i + batch_size]
             out = engine.classify([ClassifyItem(task, data.texts[r], pairs[r]) for r in rows])
             for r, p in zip(rows, out):
+                if isinstance(p, Exception):  # the task's weights produce non-finite scores
+                    raise p
                 preds[r] = index[p.label]
             bar.update(len(rows))
     return compute_metrics(predictions=preds, references=data.label_ids, label_names=data.label_names)

@@ -14,11 +14,12 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from service.api.deps import error_responses, service_state
 from service.api.schemas import Deleted, TaskState, TaskVersions, UploadResponse, VersionInfo
 from service.auth import require_admin, require_inference
-from service.errors import InvalidInput, UnsupportedMediaType
+from service.errors import ClientDisconnected, InvalidInput, UnsupportedMediaType
 from service.hotswap import TaskAdmin
 from service.registry.base import TaskRecord
 from service.state import ServiceState
@@ -36,7 +37,8 @@ UPLOAD_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"mu
         "adapter_model.safetensors": {"type": "string", "format": "binary", "description": "its weights (safetensors only)"},
         "bundle": {"type": "string", "format": "binary",
                    "description": "instead of the two files: one .zip or .tar.gz of a bundle or a PEFT adapter directory"},
-        "activate": {"type": "boolean", "description": "make the new version active (default true)"},
+        "activate": {"type": "boolean", "description": "make the new version active (default true; a task's "
+                                                        "first version always is: false is refused with 409)"},
     },
     "anyOf": [{"required": ["adapter_config.json", "adapter_model.safetensors"]}, {"required": ["bundle"]}],
 }}}}}
@@ -61,7 +63,8 @@ def _task_state(record: TaskRecord) -> TaskState:
     "/v1/tasks/{task}/versions",
     response_model=UploadResponse,
     status_code=201,
-    responses=error_responses(400, 401, 403, 413, 415, 422, 429, 503) | {200: {"model": UploadResponse}},
+    # 409: activate=false for a task's first version (a task's only version serves).
+    responses=error_responses(400, 401, 403, 409, 413, 415, 422, 429, 503) | {200: {"model": UploadResponse}},
     summary="Upload a task version (multipart: adapter_config.json + adapter_model.safetensors, or one .zip/.tar.gz)",
     dependencies=[Depends(require_admin)],
     openapi_extra=UPLOAD_BODY,
@@ -69,7 +72,8 @@ def _task_state(record: TaskRecord) -> TaskState:
 async def upload_version(
     task: str,
     request: Request,
-    activate: bool | None = Query(default=None, description="Make the new version active (default true)."),
+    activate: bool | None = Query(default=None, description="Make the new version active (default true; a task's "
+                                  "first version always is: false is refused with 409)."),
 ) -> Any:
     state = service_state(request)
     validate_task_name(task)
@@ -153,10 +157,14 @@ async def delete_task(task: str, request: Request) -> Deleted:
 
 
 async def _read_form(request: Request, part_bytes: int) -> tuple[list[Part], bool | None]:
-    """The file parts (each read up to `part_bytes + 1` bytes) and the `activate` form field."""
+    """The file parts (each read up to `part_bytes + 1` bytes) and the `activate` form field.
+    ClientDisconnected (499) when the client goes away while sending them: nothing to answer."""
     parts: list[Part] = []
     form_activate: bool | None = None
-    form = await request.form(max_files=_MAX_FORM_FILES, max_fields=_MAX_FORM_FIELDS, max_part_size=_MAX_FIELD_BYTES)
+    try:
+        form = await request.form(max_files=_MAX_FORM_FILES, max_fields=_MAX_FORM_FIELDS, max_part_size=_MAX_FIELD_BYTES)
+    except ClientDisconnect:
+        raise ClientDisconnected("client disconnected while sending its upload") from None
     try:
         for field, value in form.multi_items():
             if isinstance(value, UploadFile):

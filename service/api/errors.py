@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.errors import AdaptserveError
+from service.errors import AdaptserveError, ClientDisconnected
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ async def _adaptserve_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AdaptserveError)
     if exc.status_code >= 500:
         log.warning("%s %s -> %d %s: %s", request.method, request.url.path, exc.status_code, exc.error_type, exc.message)
+    elif isinstance(exc, ClientDisconnected):  # routine (a client timed out or gave up): worth a line, not a traceback
+        log.info("%s %s -> %d %s: %s", request.method, request.url.path, exc.status_code, exc.error_type, exc.message)
     return error_response(exc.status_code, exc.message, exc.error_type, exc.headers, exc.body())
 
 

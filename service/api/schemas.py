@@ -5,6 +5,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from service.methods.exits import threshold_problem
+
 TextPair = tuple[str, str]
 
 # The early-exit policies of `service.methods.exits.POLICIES`, spelled out so that this module
@@ -37,15 +39,11 @@ class EarlyExit(BaseModel):
 
     @model_validator(mode="after")
     def _threshold_fits_policy(self) -> "EarlyExit":
-        t = self.threshold
-        if t is None or self.policy == "off":
+        if self.threshold is None or self.policy == "off":
             return self
-        if self.policy == "confidence" and not 0.0 <= t <= 1.0:
-            raise ValueError(f"a confidence threshold is a probability in [0, 1], got {t}")
-        if self.policy == "entropy" and t < 0.0:
-            raise ValueError(f"an entropy threshold is >= 0 nats, got {t}")
-        if self.policy == "patience" and (t < 1 or t != int(t)):
-            raise ValueError(f"patience is a whole number of layers >= 1, got {t}")
+        problem = threshold_problem(self.policy, self.threshold)
+        if problem:
+            raise ValueError(problem)
         return self
 
 

@@ -9,9 +9,8 @@ from fastapi import APIRouter, Depends, Request
 from service.api.deps import error_responses, service_state
 from service.api.schemas import TaskInfo, TaskList, TaskSummary
 from service.auth import require_inference
-from service.cache import as_unavailable
+from service.cache import load_or_unavailable
 from service.engine.types import TaskKey
-from service.errors import BundleError
 
 router = APIRouter(dependencies=[Depends(require_inference)])
 
@@ -52,8 +51,7 @@ async def task_info(task: str, request: Request) -> TaskInfo:
     loaded = runtime.cache.peek(key)
     if loaded is None:
         # Load to describe, but do not cache: looking at a task should not evict served ones.
-        try:
-            loaded = await asyncio.to_thread(lambda: runtime.engine.load_task(state.store.bundle_dir(key), key))
-        except (BundleError, OSError) as err:
-            raise as_unavailable(key, err) from err
+        loaded = await asyncio.to_thread(
+            load_or_unavailable, lambda k: runtime.engine.load_task(state.store.bundle_dir(k), k), key
+        )
     return TaskInfo.model_validate({**loaded.info(), "name": key.name, "version": key.version, "location": location})

@@ -6,10 +6,14 @@ translated on the way in by `service.engine.peft_import`.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
+import shutil
+import sys
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -20,8 +24,10 @@ from torch import Tensor
 import service.methods  # noqa: F401  (registers every method)
 from service.engine.spec import OVERFLOWS, BackboneInfo, TaskSpec
 from service.engine.template import Template, TemplateError
+from service.engine.types import TaskKey
 from service.errors import BundleError, NoMatchingModuleError
 from service.methods.base import REGISTRY, TaskWeights
+from service.store import bundle_intact
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -54,8 +60,14 @@ def read_tensors(bundle_dir: Path) -> dict[str, Tensor]:
         raise BundleError(f"{WEIGHTS} is not a readable safetensors file: {e}") from None
 
 
-def parse(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: BackboneInfo, name: str) -> tuple[TaskSpec, dict[str, TaskWeights]]:
-    """Validate a native config + tensors against the backbone; report every problem at once."""
+def parse(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: BackboneInfo, name: str,
+          tokenizer: Any = None) -> tuple[TaskSpec, dict[str, TaskWeights]]:
+    """Validate a native config + tensors against the backbone; report every problem at once.
+
+    A task trained on another backbone is reported alone and briefly: every tensor of it would
+    misfit this one, and that list says nothing the fingerprint does not. `tokenizer` (the
+    backbone's) lets a prompt task's template be checked against its max_length."""
+    _check_fingerprint(cfg, backbone, name)
     problems: list[str] = []
     if cfg.get("format") != FORMAT:
         problems.append(f"'format' must be {FORMAT!r}, got {cfg.get('format')!r}")
@@ -80,12 +92,12 @@ def parse(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Backb
     overflow = cfg.get("overflow", "truncate")
     if overflow not in OVERFLOWS:
         problems.append(f"'overflow' must be one of {OVERFLOWS}, got {overflow!r}")
-    fp = (cfg.get("backbone") or {}).get("fingerprint")
-    if fp is not None and fp != backbone.fingerprint:
-        problems.append(
-            f"trained on backbone {str(fp)[:19]}..., but this service runs {backbone.fingerprint[:19]}...: "
-            "task weights only make sense on the backbone they were trained on"
-        )
+    trained_on = cfg.get("backbone") or {}
+    if not isinstance(trained_on, Mapping):
+        problems.append(f"'backbone' must be an object such as {{\"fingerprint\": \"sha256:...\"}}, "
+                        f"got {type(trained_on).__name__}")
+        trained_on = {}
+    fp = trained_on.get("fingerprint")
     named = tuple(f"{m}." for m in methods_cfg)
     stray = sorted(k for k in tensors if not k.startswith(named))
     if stray:
@@ -103,7 +115,7 @@ def parse(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Backb
         try:
             weights[m] = REGISTRY[m].parse(methods_cfg[m], own, backbone)
         except BundleError as e:
-            problems.append(str(e))
+            problems.append(_capped(str(e)))
     if "head" in weights and labels and weights["head"].num_labels != len(labels):  # type: ignore[attr-defined]
         problems.append(f"head has {weights['head'].num_labels} outputs but {len(labels)} labels are named")  # type: ignore[attr-defined]
     if "exits" in weights and labels:
@@ -113,7 +125,8 @@ def parse(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Backb
     if "exits" in weights and "head" not in weights:
         problems.append("early exit needs the task's head: the last layer is answered by it")
     if problems:
-        raise BundleError(f"task {name!r}: " + "; ".join(problems))
+        raise BundleError(f"task {name!r}: " + "; ".join(problems[:MAX_PROBLEMS])
+                          + (f"; ... and {len(problems) - MAX_PROBLEMS} more" if len(problems) > MAX_PROBLEMS else ""))
     template = None
     if cfg.get("template") is not None:
         try:
@@ -132,6 +145,8 @@ def parse(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Backb
     if "head" not in weights and "verbalizer" not in weights:
         raise BundleError(f"task {name!r}: a task needs an output: a 'head' or a 'verbalizer'")
     _check_lengths(weights, max_length, backbone, name)
+    if template is not None and tokenizer is not None:
+        _check_template_fits(template, weights, max_length, backbone, tokenizer, name)
     spec = TaskSpec(
         name=name,
         labels=tuple(labels),
@@ -146,6 +161,45 @@ def parse(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Backb
     return spec, weights
 
 
+# At most this many problems per bundle, and per method, are listed (the rest are counted): a
+# bundle for another architecture misfits every tensor, and a 15 KB error names nothing more.
+MAX_PROBLEMS = 8
+
+
+def _capped(message: str) -> str:
+    """A method's "where: p1; p2; ..." with at most MAX_PROBLEMS problems listed."""
+    where, sep, rest = message.partition(": ")
+    items = rest.split("; ") if sep else []
+    if len(items) <= MAX_PROBLEMS:
+        return message
+    return f"{where}: " + "; ".join(items[:MAX_PROBLEMS]) + f"; ... and {len(items) - MAX_PROBLEMS} more"
+
+
+def _check_fingerprint(cfg: Mapping[str, Any], backbone: BackboneInfo, name: str) -> None:
+    """A task trained on another backbone is refused first, in one short line."""
+    trained_on = cfg.get("backbone") if isinstance(cfg.get("backbone"), Mapping) else {}
+    fp = trained_on.get("fingerprint")
+    if fp is None or fp == backbone.fingerprint:
+        return
+    called = trained_on.get("name") or trained_on.get("model_type")
+    raise BundleError(
+        f"task {name!r}: trained on backbone {str(fp)[:19]}...{f' ({called})' if called else ''}, but this one is "
+        f"{backbone.fingerprint[:19]}... ({backbone.model_type}, {backbone.num_layers} layers): task weights only make "
+        "sense on the backbone they were trained on; load that one (--backbone, or ADAPTSERVE_BACKBONE for the service)"
+    )
+
+
+def _check_template_fits(template: Template, weights: Mapping[str, TaskWeights], max_length: int,
+                         backbone: BackboneInfo, tokenizer: Any, name: str) -> None:
+    """A template whose own tokens fill max_length would fail every request: refuse the bundle."""
+    # one demonstration per class of the pool (`DemosWeights.pick`)
+    demos = len(set(weights["demos"].labels)) if "demos" in weights else 0  # type: ignore[attr-defined]
+    try:
+        template.check_fits(tokenizer, max_length, backbone.kind == "decoder", demos)
+    except TemplateError as e:
+        raise BundleError(f"task {name!r}: {e}; raise its 'max_length' or shorten the template") from None
+
+
 def _check_lengths(weights: Mapping[str, TaskWeights], max_length: int, backbone: BackboneInfo, name: str) -> None:
     """Virtual tokens (soft prompt, prefix) share the position table with the text."""
     extra = sum(getattr(w, "positions_used", 0) for w in weights.values())
@@ -156,14 +210,15 @@ def _check_lengths(weights: Mapping[str, TaskWeights], max_length: int, backbone
         )
 
 
-def read_bundle(bundle_dir: Path, backbone: BackboneInfo, name: str) -> tuple[TaskSpec, dict[str, TaskWeights]]:
+def read_bundle(bundle_dir: Path, backbone: BackboneInfo, name: str,
+                tokenizer: Any = None) -> tuple[TaskSpec, dict[str, TaskWeights]]:
     cfg = read_config(bundle_dir)
     tensors = read_tensors(bundle_dir)
     if "peft_type" in cfg:
         from service.engine.peft_import import from_peft
 
         cfg, tensors = from_peft(cfg, tensors, backbone, name)
-    return parse(cfg, tensors, backbone, name)
+    return parse(cfg, tensors, backbone, name, tokenizer)
 
 
 def bundle_bytes(spec_cfg: Mapping[str, Any], weights: Mapping[str, TaskWeights]) -> tuple[bytes, bytes]:
@@ -186,36 +241,74 @@ def content_version(config_bytes: bytes, weights_bytes: bytes) -> str:
 
 
 def write_bundle_files(target: Path, config_bytes: bytes, weights_bytes: bytes) -> None:
-    """Write a bundle directory atomically: temp dir, fsync every file, rename into place."""
+    """Write a bundle directory atomically: temp dir, fsync every file, into place in one step.
+
+    Whatever is at `target` already is replaced: callers publish only where no intact copy is
+    (`service.store.bundle_intact`), so it is a damaged copy. It is removed only once the new copy
+    is in place, and a reader finds the old directory or the new one, never a half-written one."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it 0700: other users (a container's app user) must read it
+    replaced: Path | None = None
     try:
         for fname, data in ((CONFIG, config_bytes), (WEIGHTS, weights_bytes)):
             with open(tmp / fname, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-        if target.exists():  # same content hash: identical bundle already published
-            return
-        os.rename(tmp, target)
+        replaced = _into_place(tmp, target)
         dfd = os.open(target.parent, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
     finally:
-        if tmp.exists():
-            for p in tmp.iterdir():
-                p.unlink()
-            tmp.rmdir()
+        shutil.rmtree(tmp, ignore_errors=True)  # there only if something failed, or holding the swapped-out copy
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _into_place(new: Path, target: Path) -> Path | None:
+    """Move the finished directory `new` to `target`. Returns where a copy already at `target` went
+    (to be removed, now that the new one is in place), or None when nothing was there."""
+    if not os.path.lexists(target):
+        os.rename(new, target)
+        return None
+    if _exchange(new, target):  # one step: `new` now holds the old copy
+        return new
+    # Two renames: for the moment between them the version is absent, never half-written.
+    aside = target.with_name(f".replaced-{target.name}-{uuid.uuid4().hex[:8]}")
+    os.rename(target, aside)
+    try:
+        os.rename(new, target)
+    except OSError:
+        os.rename(aside, target)  # put the old copy back: a damaged version reports itself, a missing one is lost
+        raise
+    return aside
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux renameat2 with RENAME_EXCHANGE). False where the C
+    library, the kernel or the filesystem (NFS, some overlays) cannot: the caller renames twice."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28, musl >= 1.2.5
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
 def write_bundle(store: Path, name: str, spec_cfg: Mapping[str, Any], weights: Mapping[str, TaskWeights], activate: bool = True) -> str:
-    """Publish a task version into a local store and (optionally) make it the active one."""
+    """Publish a task version into a local store and (optionally) make it the active one. A version
+    already there intact is left as it is; a damaged copy of it (e.g. bit rot) is replaced."""
     cfg_b, w_b = bundle_bytes(spec_cfg, weights)
     version = content_version(cfg_b, w_b)
-    write_bundle_files(store / name / version, cfg_b, w_b)
+    if not bundle_intact(store / name / version, TaskKey(name, version)):  # new, or repairs a damaged copy
+        write_bundle_files(store / name / version, cfg_b, w_b)
     if activate:
         set_active(store, name, version)
     return version

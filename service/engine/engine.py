@@ -20,7 +20,7 @@ from service.engine.bundle import read_bundle
 from service.engine.encoder import Plan, State
 from service.engine.task import Task, disk_bytes
 from service.engine.types import ClassifyItem, Prediction, TaskKey
-from service.errors import BundleError
+from service.errors import BundleError, TaskUnavailable
 from service.methods.base import REGISTRY
 from service.methods.demos import Demo, DemosWeights, SentenceEncoder, bundled_sentence_encoder
 from service.methods.exits import ExitBatch, ExitPolicy
@@ -53,7 +53,7 @@ class Engine:
     # -- tasks ---------------------------------------------------------------------------------
     def load_task(self, bundle_dir: Path, key: TaskKey) -> Task:
         """Read, validate and place one task version on the device (blocking; thread-safe)."""
-        spec, weights = read_bundle(Path(bundle_dir), self.backbone.info, key.name)
+        spec, weights = read_bundle(Path(bundle_dir), self.backbone.info, key.name, self.backbone.tokenizer)
         if "demos" in weights:
             self._check_demos(weights["demos"], key)  # type: ignore[arg-type]
         return Task(key=key, spec=spec, weights=weights, backbone=self.backbone.info, bytes_on_disk=disk_bytes(Path(bundle_dir)))
@@ -270,16 +270,30 @@ class Engine:
     def _pooler(self):
         return self.backbone.family.pooler
 
-    def classify(self, items: Sequence[ClassifyItem]) -> list[Prediction]:
-        """One batched forward over rows of any tasks; blocking (run it in a worker thread)."""
+    def classify(self, items: Sequence[ClassifyItem]) -> list[Prediction | TaskUnavailable]:
+        """One batched forward over rows of any tasks; blocking (run it in a worker thread).
+
+        A row whose logits are not finite gets a `TaskUnavailable` instead of a Prediction (the
+        scheduler fails that row's request alone): weights that pass every bundle check can still
+        overflow in arithmetic (a head of 3e38s), and a NaN score must never reach a response."""
         if not items:
             return []
         batch = self.tokenize(items)
         policies = [it.exit_policy for it in items]
         with torch.inference_mode():
             rows = self.run(batch, policies if any(p is not None for p in policies) else None)
-        preds = []
+        preds: list[Prediction | TaskUnavailable] = []
+        overflowed: set[TaskKey] = set()
+        # One check over every row's logits (one sync); rows are looked at one by one only if it fails.
+        all_finite = bool(torch.isfinite(torch.cat([z.reshape(-1) for z, _ in rows])).all())
         for it, (z, layer) in zip(items, rows):
+            if not all_finite and not bool(torch.isfinite(z).all()):
+                key = it.task.key
+                overflowed.add(key)
+                preds.append(TaskUnavailable(
+                    f"task {key.name!r} (version {key.version}) cannot answer: its weights produce non-finite "
+                    f"scores (NaN or Inf logits at layer {layer}); publish a version with sane weights"))
+                continue
             p = torch.softmax(z, dim=-1)
             labels = it.task.labels
             best = int(p.argmax())
@@ -293,6 +307,8 @@ class Engine:
                     exit_layer=layer,
                 )
             )
+        for key in sorted(overflowed):
+            log.warning("task %s: its weights produce non-finite logits; its rows were refused", key)
         return preds
 
     def warmup(self) -> None:

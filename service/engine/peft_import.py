@@ -116,7 +116,7 @@ def _virtual(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Ba
     emb = names.get("prompt_embeddings")
     if emb is None:
         raise BundleError(f"PEFT {method} bundle has no 'prompt_embeddings' tensor")
-    p = cfg.get("num_virtual_tokens")
+    p = _virtual_tokens(cfg, required=True)
     if cfg.get("num_transformer_submodules", 1) not in (1, None):
         raise BundleError("PEFT bundles for encoder-decoder models are not supported")
     if emb.dim() != 2 or emb.shape[0] != p:
@@ -135,6 +135,31 @@ def _virtual(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Ba
     return {"num_virtual_tokens": p, "shift_positions": True}, {"prefix.keys": kv[0].contiguous(), "prefix.values": kv[1].contiguous()}
 
 
+def _virtual_tokens(cfg: Mapping[str, Any], *, required: bool) -> int:
+    """`num_virtual_tokens`: a positive integer where the method needs it (prefix, prompt), else
+    absent or a non-negative integer (JSON's true is not a count)."""
+    p = cfg.get("num_virtual_tokens")
+    if p is None and not required:
+        return 0
+    if not isinstance(p, int) or isinstance(p, bool) or p < (1 if required else 0):
+        raise BundleError(f"'num_virtual_tokens' must be a {'positive' if required else 'non-negative'} integer, got {p!r}")
+    return p
+
+
+def _extra_section(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The optional `adaptserve` section (labels, input_kind, ...): an object when present; its
+    fields are checked with the native config's (`bundle.parse`)."""
+    extra = cfg.get("adaptserve")
+    if extra is None:
+        return {}
+    if not isinstance(extra, dict):
+        raise BundleError(
+            "the 'adaptserve' section must be an object such as {\"labels\": [...], \"input_kind\": \"single\"}, "
+            f"got {type(extra).__name__}"
+        )
+    return dict(extra)
+
+
 def from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: BackboneInfo, name: str) -> tuple[dict, dict]:
     """(PEFT config, PEFT tensors) -> (native config, native tensors); `bundle.parse` validates the rest."""
     peft_type = str(cfg.get("peft_type", "")).upper()
@@ -145,6 +170,8 @@ def from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: B
         raise BundleError(f"task {name!r}: PEFT type {peft_type!r} is not supported (supported: {', '.join(kinds)})")
     method = kinds[peft_type]
     try:
+        extra = _extra_section(cfg)
+        virtual_tokens = _virtual_tokens(cfg, required=method != "lora")
         if method == "lora":
             section, native = _lora(cfg, tensors, backbone)
         else:
@@ -152,13 +179,12 @@ def from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: B
         head_section, head = _head(tensors, backbone)
     except BundleError as e:
         raise type(e)(f"task {name!r}: {e}") from None
-    extra = dict(cfg.get("adaptserve") or {})
     n = head["head.out.weight"].shape[0]
     out_cfg = {
         "format": FORMAT,
         "labels": extra.get("labels") or [f"LABEL_{i}" for i in range(n)],
         "input_kind": extra.get("input_kind", "single"),
-        "max_length": extra.get("max_length", min(128, backbone.max_positions - int(cfg.get("num_virtual_tokens") or 0))),
+        "max_length": extra.get("max_length", min(128, backbone.max_positions - virtual_tokens)),
         "methods": {method: section, "head": head_section},
         "peft": {"peft_type": peft_type, "base_model_name_or_path": cfg.get("base_model_name_or_path")},
     }

@@ -144,6 +144,29 @@ class Template:
             return ids[: last + 1], last
         return ids, ids.index(tokenizer.mask_token_id)
 
+    def check_fits(self, tokenizer, max_length: int, causal: bool, demos: int = 0) -> None:
+        """Raise `TemplateError` where no input could ever fit: the template's own tokens (special
+        tokens, literal text, the answer slot and, with `demos` demonstrations, their copies of the
+        template and label words plus separators) leave fewer than one token per input segment of
+        `max_length`. `encode` / `encode_with_demos` would refuse every request of such a task;
+        this is their budget, computed once (the fixed pieces do not depend on the text)."""
+        head, tail = special_frame(tokenizer)
+        fixed = lambda pieces: sum(len(ids) for k, ids in pieces if k in ("lit", "mask"))  # noqa: E731
+        own = fixed(self._pieces(tokenizer, "", None, causal, None))
+        if demos:
+            sep = tokenizer.encode("\n", add_special_tokens=False) if causal else (
+                [tokenizer.sep_token_id] if tokenizer.sep_token_id is not None else [])
+            # a demonstration is its own copy of the template with a one-token label word for {mask}
+            own += demos * (fixed(self._pieces(tokenizer, "", None, causal, 0)) + len(sep))
+        taken = len(head) + len(tail) + own
+        if max_length - taken < demos + 1:  # one token per segment at least, as the encoders require
+            with_demos = f" with {demos} demonstrations" if demos else ""
+            raise TemplateError(
+                f"template {self.source!r}{with_demos} leaves no room for the input within max_length {max_length}: "
+                f"its own tokens (special tokens, template text{', demonstrations' if demos else ''} and answer slot) "
+                f"take {taken}"
+            )
+
     def _pieces(self, tokenizer, text: str, text_pair: str | None, causal: bool,
                 fill: int | None) -> list[tuple[str, list[int]]]:
         """The template's pieces for one segment, tokenised as `encode` does; `fill` puts a label

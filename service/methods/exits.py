@@ -15,6 +15,7 @@ The final layer is always answered by the task's ordinary head.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -41,10 +42,27 @@ class ExitPolicy:
     threshold: float = DEFAULT_THRESHOLDS["confidence"]
 
     def __post_init__(self):
+        # A stored default is held to the request's rules (`threshold_problem`), so a bundle
+        # cannot keep a policy no request could ask for.
         if self.name not in POLICIES:
             raise ValueError(f"early-exit policy must be one of {POLICIES}, got {self.name!r}")
-        if self.name == "patience" and (self.threshold < 1 or self.threshold != int(self.threshold)):
-            raise ValueError(f"patience must be a positive whole number, got {self.threshold!r}")
+        problem = threshold_problem(self.name, self.threshold)
+        if problem:
+            raise ValueError(problem)
+
+
+def threshold_problem(policy: str, t: float) -> str | None:
+    """What is wrong with threshold `t` for `policy`, or None: the one rule for a request's
+    `early_exit` (service/api/schemas.py) and a bundle's stored policy."""
+    if not math.isfinite(t):
+        return f"an early-exit threshold must be a finite number, got {t!r}"
+    if policy == "confidence" and not 0.0 <= t <= 1.0:
+        return f"a confidence threshold is a probability in [0, 1], got {t!r}"
+    if policy == "entropy" and t < 0.0:
+        return f"an entropy threshold is >= 0 nats, got {t!r}"
+    if policy == "patience" and (t < 1 or t != int(t)):
+        return f"patience is a whole number of layers >= 1, got {t!r}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -208,11 +226,12 @@ class Exits(Method):
         pooling = section.get("pooling", "cls")
         if pooling not in POOLINGS:
             problems.add(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
+        name = section.get("policy", "confidence")
+        threshold = section.get("threshold", DEFAULT_THRESHOLDS.get(name, 0.9) if isinstance(name, str) else 0.9)
         try:
-            policy = ExitPolicy(section.get("policy", "confidence"),
-                                float(section.get("threshold", DEFAULT_THRESHOLDS.get(section.get("policy", "confidence"), 0.9))))
-        except (ValueError, TypeError) as e:
-            problems.add(str(e))
+            policy = ExitPolicy(name, float(threshold))
+        except (ValueError, TypeError) as e:  # not a number, or outside what a request may ask for
+            problems.add(f"stored policy {name!r} with threshold {threshold!r}: {e}")
             policy = ExitPolicy()
         layers_found = sorted({int(m.group(1)) for m in map(_KEY.match, tensors) if m})
         for k in tensors:

@@ -243,6 +243,8 @@ class Lora(Method):
                 pairs[(layer, site)] = (_to(a, backbone), _to(b, backbone))
         if not keys:
             problems.add("the bundle declares LoRA but has no lora.* tensors: it would change nothing")
+        found = {(int(m.group(1)), m.group(2)) for m in (_KEY.match(k + ".A") for k in keys) if m}
+        _check_stated(section, found, backbone, problems)
         problems.raise_if_any()
         return LoraWeights(r=r, alpha=float(alpha), use_rslora=bool(section.get("use_rslora", False)), pairs=pairs)
 
@@ -254,6 +256,36 @@ class Lora(Method):
         rows = POOL.gather(parts, row_part)
         sites = {(k[0], k[1]): k for k in rows.views}
         return PooledLoraBatch(rows, sites)
+
+
+def _check_stated(section: Mapping[str, Any], found: set[tuple[int, str]], backbone: BackboneInfo, problems: Problems) -> None:
+    """`layers` and `targets` are optional in the config (the tensors decide what is adapted), but
+    a config that states them must say what the tensors hold: `LoraWeights.config` writes both, so a
+    mismatch means the two files do not belong together, or a hand edit nobody can serve as written."""
+    have_layers = sorted({layer for layer, _ in found if layer >= 0})  # as `LoraWeights.config` lists them
+    have_sites = sorted({site for _, site in found})
+    if "layers" in section:
+        layers = section["layers"]
+        if not isinstance(layers, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in layers):
+            problems.add(f"'layers' must be a list of layer indices, got {layers!r}")
+        else:
+            missing = sorted({x for x in layers if not 0 <= x < backbone.num_layers})
+            if missing:
+                problems.add(f"'layers' names layers {missing}, but the backbone has {backbone.num_layers} layers "
+                             f"(0..{backbone.num_layers - 1})")
+            elif sorted(set(layers)) != have_layers:
+                problems.add(f"'layers' is {sorted(set(layers))}, but the lora.* tensors adapt layers {have_layers}")
+    if "targets" in section:
+        targets = section["targets"]
+        known = [*backbone.sites, *((POOLER[1],) if backbone.has_pooler else ())]
+        if not isinstance(targets, list) or not all(isinstance(x, str) for x in targets):
+            problems.add(f"'targets' must be a list of site names, got {targets!r}")
+        else:
+            unknown = sorted({x for x in targets if x not in known})
+            if unknown:
+                problems.add(f"'targets' names {unknown}, which are not sites of this backbone ({', '.join(known)})")
+            elif sorted(set(targets)) != have_sites:
+                problems.add(f"'targets' is {sorted(set(targets))}, but the lora.* tensors adapt {have_sites}")
 
 
 def _to(t: Tensor, backbone: BackboneInfo) -> Tensor:

@@ -22,6 +22,13 @@ from service.methods.prompt import MAX_VIRTUAL_TOKENS, sample_token_ids
 if TYPE_CHECKING:
     from service.engine.backbone import Backbone
 
+# Prefixes here are [L, P, hidden] split into the query heads, as BERT-family encoders attend. A
+# causal LM with grouped-query attention (SmolLM2: 9 query heads, 3 key/value heads) keeps keys
+# and values at the narrower KV width, and its forward (`service/engine/decoder.py`) has no
+# prefix path: refused on decoders, as docs/few_shot.md says, until it is built and tested.
+DECODER_REFUSAL = ("prefix tuning is not supported on causal-LM backbones (their attention has no prefix path); "
+                   "use lora, adapter or prompt there")
+
 
 @dataclass(frozen=True)
 class PrefixWeights(TaskWeights):
@@ -57,6 +64,8 @@ class PrefixWeights(TaskWeights):
         a reparameterising MLP. Random normal keys/values are off the scale of real ones (large:
         they swamp attention; small: they only dilute it); starting on the backbone's own scale,
         the prefix trains directly in the serving format, with no MLP to fold away afterwards."""
+        if backbone.info.kind == "decoder":
+            raise ValueError(DECODER_REFUSAL)
         if not isinstance(num_virtual_tokens, int) or not 1 <= num_virtual_tokens <= MAX_VIRTUAL_TOKENS:
             raise ValueError(f"prefix length must be an integer in [1, {MAX_VIRTUAL_TOKENS}], got {num_virtual_tokens!r}")
         from service.engine.encoder import Plan  # the encoder imports the method contract
@@ -140,6 +149,9 @@ class Prefix(Method):
 
     def parse(self, section: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: BackboneInfo) -> PrefixWeights:
         problems = Problems("prefix")
+        if backbone.kind == "decoder":
+            problems.add(DECODER_REFUSAL)
+            problems.raise_if_any()
         p = section.get("num_virtual_tokens")
         if not isinstance(p, int) or not 1 <= p <= MAX_VIRTUAL_TOKENS:
             problems.add(f"'num_virtual_tokens' must be an integer in [1, {MAX_VIRTUAL_TOKENS}], got {p!r}")

@@ -72,14 +72,22 @@ def _log(record: TaskRecord, action: str, version: str | None, history_max: int,
     return (*record.history, entry)[-history_max:]
 
 
-def with_upload(record: TaskRecord, version: str, meta: dict[str, Any], history_max: int) -> TaskRecord:
-    """Record a new version's metadata (does not activate it)."""
+def with_upload(record: TaskRecord, version: str, meta: dict[str, Any], history_max: int, *,
+                created: bool = True) -> TaskRecord:
+    """Record an uploaded version's metadata (does not activate it). `created`: the upload wrote the
+    version's files (new, or repairing a damaged copy). An upload of a version already stored
+    intact and already recorded changed nothing, and records nothing: its first upload stays."""
+    if not created and version in record.versions:
+        return record
     versions = {**record.versions, version: dict(meta)}
     return replace(record, versions=versions, history=_log(record, "upload", version, history_max))
 
 
 def activated(record: TaskRecord, version: str, history_max: int, action: str = "activate") -> TaskRecord:
-    """Make `version` active, pushing it on the rollback stack."""
+    """Make `version` active, pushing it on the rollback stack. Activating the active version is a
+    no-op: no history entry, no stack change."""
+    if record.active == version:
+        return record
     stack = record.stack
     if record.active is not None and (not stack or stack[-1] != record.active):
         stack = (*stack, record.active)  # an activation the registry did not see (e.g. a bare ACTIVE write)
@@ -158,8 +166,10 @@ class Registry:
     def require_writable(self) -> None:
         """Raise RegistryUnavailable (503) now if a write cannot succeed, before any work is done."""
 
-    async def add_version(self, task: str, version: str, meta: dict[str, Any], *, activate: bool) -> TaskRecord:
-        """Record an uploaded (already durable) version, and make it active if asked."""
+    async def add_version(self, task: str, version: str, meta: dict[str, Any], *, activate: bool,
+                          created: bool = True) -> TaskRecord:
+        """Record an uploaded (already durable) version, and make it active if asked. `created`: the
+        store wrote its files (see `with_upload`); a re-sent version already active changes nothing."""
         raise NotImplementedError
 
     async def activate(self, task: str, version: str) -> TaskRecord:

@@ -62,12 +62,16 @@ class LocalRegistry(Registry):
         return await asyncio.to_thread(self._read, task)
 
     # -- writes ----------------------------------------------------------------------------------
-    async def add_version(self, task: str, version: str, meta: dict[str, Any], *, activate: bool) -> TaskRecord:
+    async def add_version(self, task: str, version: str, meta: dict[str, Any], *, activate: bool,
+                          created: bool = True) -> TaskRecord:
         def change(record: TaskRecord) -> TaskRecord:
-            record = with_upload(record, version, meta, self.history_max)
+            record = with_upload(record, version, meta, self.history_max, created=created)
             return activated(record, version, self.history_max) if activate else record
 
-        return await self._write(task, change)
+        # A version this upload stored must not count as the implicit active one: a new task's first
+        # version, just written, is its only version with no ACTIVE yet, and would look active
+        # already (its upload logged as "from" itself). A version re-sent was serving before.
+        return await self._write(task, change, implicit=not created)
 
     async def activate(self, task: str, version: str) -> TaskRecord:
         def change(record: TaskRecord) -> TaskRecord:
@@ -97,19 +101,23 @@ class LocalRegistry(Registry):
             self._resolved.pop(task, None)
         self._notify(task, old, None)
 
-    async def _write(self, task: str, change: Callable[[TaskRecord], TaskRecord]) -> TaskRecord:
+    async def _write(self, task: str, change: Callable[[TaskRecord], TaskRecord], *, implicit: bool = True) -> TaskRecord:
         validate_task_name(task)
         async with self._write_lock:
-            record = await asyncio.to_thread(self._read, task)
+            record = await asyncio.to_thread(self._read, task, implicit)
             updated = change(record)
+            if updated == record:  # a no-op (e.g. the active version re-sent): nothing to write or tell
+                return updated
             await asyncio.to_thread(self._persist, updated)
             self._resolved.pop(task, None)
         self._notify(task, record.active, updated.active)
         return updated
 
     # -- files -----------------------------------------------------------------------------------
-    def _read(self, task: str) -> TaskRecord:
-        """The task's record: HISTORY.json reconciled with the ACTIVE pointer (the authority)."""
+    def _read(self, task: str, implicit: bool = True) -> TaskRecord:
+        """The task's record: HISTORY.json reconciled with the ACTIVE pointer (the authority).
+        `implicit`: without an ACTIVE pointer, the task's only version is its active one (it is
+        what the task serves)."""
         if not self.store.has_task(task):
             raise TaskNotFound(f"task {task!r} not found")
         text = self.store.read_pointer(task, HISTORY_FILE)
@@ -120,7 +128,10 @@ class LocalRegistry(Registry):
             except (ValueError, KeyError, TypeError) as err:
                 log.warning("task %s: ignoring unreadable %s (%s)", task, HISTORY_FILE, err)
         try:
-            active = self.store.active_version(task)
+            if implicit or self.store.read_pointer(task, ACTIVE_FILE) is not None:
+                active = self.store.active_version(task)
+            else:
+                active = None
         except TaskUnavailable:
             active = None
         if active != record.active:

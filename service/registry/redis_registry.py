@@ -315,9 +315,10 @@ class RedisRegistry(Registry):
                 "(classification keeps serving the versions this replica knows)"
             )
 
-    async def add_version(self, task: str, version: str, meta: dict[str, Any], *, activate: bool) -> TaskRecord:
+    async def add_version(self, task: str, version: str, meta: dict[str, Any], *, activate: bool,
+                          created: bool = True) -> TaskRecord:
         def change(record: TaskRecord | None) -> TaskRecord:
-            record = with_upload(record or TaskRecord(task), version, meta, self.history_max)
+            record = with_upload(record or TaskRecord(task), version, meta, self.history_max, created=created)
             return activated(record, version, self.history_max) if activate else record
 
         return await self._transact(task, change)  # type: ignore[return-value]
@@ -399,6 +400,8 @@ class RedisRegistry(Registry):
                     await pipe.watch(key)
                     old = _decode(await pipe.get(key), task)
                     new = change(old)  # may raise Conflict / TaskNotFound: the pipeline is reset on exit
+                    if new is not None and new == old:  # a no-op (e.g. the active version re-sent): no write, no feed entry
+                        return new
                     pipe.multi()
                     if new is None:
                         pipe.delete(key)

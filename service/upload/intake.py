@@ -64,7 +64,12 @@ class Part:
 
     @property
     def name(self) -> str:
-        """The name the part goes by: its file name's last component, else its field name."""
+        """The name the part goes by: its field name when that names a bundle file (the form the
+        OpenAPI document declares, whatever the client's file is called; it wins over the file
+        name), else its file name's last component (clients that name the files, not the
+        fields), else its field name."""
+        if self.field in (CONFIG_FILE, WEIGHTS_FILE):
+            return self.field
         return PurePosixPath((self.filename or "").replace("\\", "/")).name or self.field
 
 

@@ -1,6 +1,7 @@
 """Malformed bundles of every method are refused with an error that names the problem."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from service.engine.bundle import CONFIG, WEIGHTS
 from service.engine.engine import Engine
 from service.engine.types import TaskKey
 from service.errors import BundleError, NoMatchingModuleError
-from tests.factories import publish, random_head, random_method, tiny_backbone
+from service.methods.lora import POOLER
+from tests.factories import publish, random_head, random_lora, random_method, tiny_backbone
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +61,12 @@ CASES = [
     ("lora", None, lambda t: [t.pop(k) for k in list(t) if k.startswith("lora.")], "would change nothing"),
     ("lora", lambda c: _set(c, "methods.lora.r", 0), None, "'r' must be a positive integer"),
     ("lora", None, lambda t: t["lora.0.query.A"].__setitem__((0, 0), float("nan")), "NaN or Inf"),
+    # `layers` and `targets` are optional, but when stated they must say what the tensors hold
+    ("lora", lambda c: _set(c, "methods.lora.layers", [0, 1, 2]), None, "'layers' names layers [2], but the backbone has 2 layers (0..1)"),
+    ("lora", lambda c: _set(c, "methods.lora.layers", [0]), None, "'layers' is [0], but the lora.* tensors adapt layers [0, 1]"),
+    ("lora", lambda c: _set(c, "methods.lora.layers", "all"), None, "'layers' must be a list of layer indices"),
+    ("lora", lambda c: _set(c, "methods.lora.targets", ["query", "value"]), None, "'targets' is ['query', 'value'], but the lora.* tensors adapt ['query']"),
+    ("lora", lambda c: _set(c, "methods.lora.targets", ["q_proj"]), None, "'targets' names ['q_proj'], which are not sites of this backbone"),
     ("adapter", None, lambda t: t.__setitem__("adapter.0.ffn.up.weight", torch.zeros(H, 3)), "expected [32, 4]"),
     ("adapter", None, lambda t: t.pop("adapter.1.attn.down.bias"), "missing tensor 'adapter.1.attn.down.bias'"),
     ("adapter", None, lambda t: t.__setitem__("adapter.4.ffn.up.bias", torch.zeros(H)), "for layer 4, but the backbone has 2 layers"),
@@ -72,6 +80,7 @@ CASES = [
     ("prompt", None, lambda t: t.__setitem__("prompt.embeddings", torch.zeros(3, H + 2)), "expected [3, 32]"),
     ("prompt", None, lambda t: t.pop("prompt.embeddings"), "missing tensor 'prompt.embeddings'"),
     ("prompt", lambda c: _set(c, "max_length", 63), None, "virtual tokens exceeds"),
+    ("head", lambda c: _set(c, "backbone", ["sha256:0"]), None, "'backbone' must be an object"),
     ("head", lambda c: _set(c, "labels", ["a", "b", "c"]), None, "head has 2 outputs but 3 labels are named"),
     ("head", None, lambda t: t.pop("head.out.bias"), "missing tensor 'head.out.bias'"),
     ("head", lambda c: _set(c, "methods.head.pooling", "max"), None, "pooling 'max' is not one of"),
@@ -92,6 +101,21 @@ def test_malformed_bundle_is_refused(engine, tmp_path, method, cfg_fn, tensors_f
     with pytest.raises(BundleError) as e:
         engine.load_task(b, TaskKey("t", "bad"))
     assert message in str(e.value)
+
+
+def test_lora_layers_and_targets_may_be_left_out_or_name_the_pooler(engine, tmp_path):
+    b = _bundle(engine, tmp_path, "lora")
+    _edit(b, lambda c: (c["methods"]["lora"].pop("layers"), c["methods"]["lora"].pop("targets")))
+    engine.load_task(b, TaskKey("t", "unstated"))  # optional: the tensors decide
+    info = engine.backbone.info
+    g = torch.Generator().manual_seed(1)
+    lora = random_lora(info, g, layers=[1])
+    lora = dataclasses.replace(lora, pairs={**lora.pairs, POOLER: (torch.randn(lora.r, H), torch.randn(H, lora.r))})
+    v = publish(tmp_path / "p", "t", {"lora": lora, "head": random_head(info, g)}, ["a", "b"], fingerprint=info.fingerprint)
+    stated = json.loads((tmp_path / "p" / "t" / v / CONFIG).read_text())["methods"]["lora"]
+    assert (stated["layers"], stated["targets"]) == ([1], ["pooler", "query", "value"])
+    task = engine.load_task(tmp_path / "p" / "t" / v, TaskKey("t", v))
+    assert set(task.weights["lora"].pairs) == set(lora.pairs)
 
 
 def test_every_problem_reported_at_once(engine, tmp_path):
@@ -154,3 +178,44 @@ def test_peft_prefix_with_wrong_layer_count(engine, tmp_path):
     with pytest.raises(BundleError) as e:
         engine.load_task(d, TaskKey("t", "bad"))
     assert "3 layers x 2 x 32" in str(e.value) and "(2 layers x 2 x 32)" in str(e.value)
+
+
+def _peft_bundle(root: Path, peft_type: str, **config) -> Path:
+    """A PEFT-format bundle for the tiny BERT (LoRA on one query, or a 4-token soft prompt) + classifier."""
+    root.mkdir()
+    g = torch.Generator().manual_seed(0)
+    tensors = {"base_model.model.classifier.weight": torch.randn(2, H, generator=g),
+               "base_model.model.classifier.bias": torch.randn(2, generator=g)}
+    if peft_type == "LORA":
+        module = "base_model.model.bert.encoder.layer.0.attention.self.query"
+        tensors |= {f"{module}.lora_A.weight": torch.randn(2, H, generator=g), f"{module}.lora_B.weight": torch.randn(H, 2, generator=g)}
+        base = {"r": 2, "lora_alpha": 4, "target_modules": ["query"]}
+    else:
+        tensors["prompt_embeddings"] = torch.randn(4, H, generator=g)
+        base = {"num_virtual_tokens": 4}
+    cfg = {"peft_type": peft_type, "task_type": "SEQ_CLS", **base, "adaptserve": {"labels": ["neg", "pos"]}}
+    (root / CONFIG).write_text(json.dumps(cfg | config))
+    save_file(tensors, str(root / WEIGHTS))
+    return root
+
+
+# id -> (PEFT type, config keys replaced, expected message fragment)
+PEFT_CASES: dict[str, tuple[str, dict, str]] = {
+    "adaptserve section a list": ("LORA", {"adaptserve": [1, 2]}, "the 'adaptserve' section must be an object such as {\"labels\": [...]"),
+    "adaptserve section a string": ("PROMPT_TUNING", {"adaptserve": "neg,pos"}, "the 'adaptserve' section must be an object"),
+    "LoRA num_virtual_tokens text": ("LORA", {"num_virtual_tokens": "abc"}, "'num_virtual_tokens' must be a non-negative integer, got 'abc'"),
+    "prompt num_virtual_tokens text": ("PROMPT_TUNING", {"num_virtual_tokens": "abc"}, "'num_virtual_tokens' must be a positive integer, got 'abc'"),
+    "prompt num_virtual_tokens true": ("PROMPT_TUNING", {"num_virtual_tokens": True}, "'num_virtual_tokens' must be a positive integer, got True"),
+    "prompt num_virtual_tokens null": ("PROMPT_TUNING", {"num_virtual_tokens": None}, "'num_virtual_tokens' must be a positive integer, got None"),
+}
+
+
+@pytest.mark.parametrize("case", list(PEFT_CASES), ids=list(PEFT_CASES))
+def test_malformed_peft_config_is_a_bundle_error_naming_the_field(engine, tmp_path, case):
+    """Not the TypeError / ValueError a parser would raise on the way (they read as bugs, and
+    as `cannot convert dictionary update sequence element #0` to whoever uploaded the bundle)."""
+    peft_type, config, message = PEFT_CASES[case]
+    engine.load_task(_peft_bundle(tmp_path / "ok", peft_type), TaskKey("t", "ok"))  # the unedited bundle is fine
+    with pytest.raises(BundleError) as e:
+        engine.load_task(_peft_bundle(tmp_path / "bad", peft_type, **config), TaskKey("t", "bad"))
+    assert f"task 't': {message}" in str(e.value)

@@ -2,14 +2,18 @@
 compaction keeps rows and tasks aligned."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from service.engine.bundle import CONFIG
 from service.engine.engine import Engine
 from service.engine.types import ClassifyItem, TaskKey
+from service.errors import BundleError
 from service.methods.exits import ExitPolicy, ExitWeights
 from service.methods.head import pool
-from tests.factories import publish, random_head, random_method, tiny_backbone
+from tests.factories import publish, random_head, random_method
 from tests.engine.test_mixed_batch import _texts
 
 
@@ -134,6 +138,37 @@ def test_bad_exit_bundle_is_refused(setup, tmp_path):
     v = publish(tmp_path, "bad2", {"head": random_head(info, g, labels=3), "exits": ex}, ["a", "b", "c"])
     with pytest.raises(BundleError, match="exit classifiers have 2 outputs but 3 labels"):
         engine.load_task(tmp_path / "bad2" / v, TaskKey("bad2", v))
+
+
+# (policy, threshold) stored in a bundle's exits section -> fragment of the refusal: the rules the
+# request's `early_exit` follows (service/api/schemas.py), so no stored default is one a request
+# could not ask for (confidence 5 never exits; a NaN threshold reads back as null)
+STORED_POLICIES = [
+    ("confidence", 5, "a confidence threshold is a probability in [0, 1], got 5.0"),
+    ("confidence", -0.1, "a confidence threshold is a probability in [0, 1]"),
+    ("entropy", float("nan"), "an early-exit threshold must be a finite number, got nan"),
+    ("confidence", float("inf"), "must be a finite number"),
+    ("entropy", -0.5, "an entropy threshold is >= 0 nats"),
+    ("patience", 1.5, "whole number"),
+    ("sometimes", 0.5, "must be one of"),
+    ("entropy", None, "with threshold None"),
+]
+
+
+@pytest.mark.parametrize("policy,threshold,message", STORED_POLICIES, ids=[f"{p}-{t}" for p, t, _ in STORED_POLICIES])
+def test_stored_exit_policy_follows_the_request_rules(setup, tmp_path, policy, threshold, message):
+    engine, _ = setup
+    info = engine.backbone.info
+    g = torch.Generator().manual_seed(0)
+    v = publish(tmp_path, "t", {"head": random_head(info, g), "exits": random_exits(info, g, 2)}, ["a", "b"])
+    bundle = tmp_path / "t" / v
+    engine.load_task(bundle, TaskKey("t", "ok"))  # the unedited bundle loads
+    cfg = json.loads((bundle / CONFIG).read_text())
+    cfg["methods"]["exits"].update(policy=policy, threshold=threshold)
+    (bundle / CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(BundleError) as e:
+        engine.load_task(bundle, TaskKey("t", "bad"))
+    assert "exits: stored policy" in str(e.value) and message in str(e.value), str(e.value)
 
 
 def test_policy_validation():

@@ -1,11 +1,15 @@
 """Mixed batch == each task alone: the property everything else rests on."""
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import pytest
 import torch
 
 from service.engine.engine import Engine
 from service.engine.types import ClassifyItem, TaskKey
+from service.errors import TaskUnavailable
 from tests.factories import FAMILIES, WORDS, publish, random_head, random_method, tiny_backbone
 
 METHODS = ("lora", "adapter", "prefix", "prompt")
@@ -107,3 +111,24 @@ def test_albert_positions_keep_their_own_weights(tmp_path):
         t = engine.load_task(tmp_path / "s" / name / v, TaskKey(name, v))
         out.append(engine.logits(engine.tokenize([ClassifyItem(t, "good movie")]))[0])
     assert float((out[0] - out[1]).abs().max()) > 1e-4
+
+
+def test_a_task_whose_weights_overflow_fails_alone(tmp_path):
+    """Finite weights can still overflow in arithmetic (a head of +-3e38): that task's rows get
+    TaskUnavailable, never NaN scores, and the other rows of the same batch are answered as alone."""
+    engine = Engine(tiny_backbone("bert", tmp_path))
+    info = engine.backbone.info
+    tasks = _tasks(engine, tmp_path / "store", per_method=1)
+    head = random_head(info, torch.Generator().manual_seed(7))
+    huge = dataclasses.replace(head, out_w=torch.where(head.out_w > 0, 3e38, -3e38))
+    v = publish(tmp_path / "store", "overflow", {"head": huge}, ["a", "b"], fingerprint=info.fingerprint)
+    bad = engine.load_task(tmp_path / "store" / "overflow" / v, TaskKey("overflow", v))
+    items = [ClassifyItem(bad if i % 3 == 0 else tasks[i % len(tasks)], text) for i, text in enumerate(_texts(12, seed=3))]
+    for it, answer in zip(items, engine.classify(items)):
+        if it.task is bad:
+            assert isinstance(answer, TaskUnavailable), answer
+            assert "'overflow'" in answer.message and "non-finite scores" in answer.message
+            continue
+        alone = engine.classify([it])[0]
+        assert all(math.isfinite(p) for p in answer.scores.values()) and answer.label == alone.label
+        torch.testing.assert_close(torch.tensor(answer.logits), torch.tensor(alone.logits), atol=ATOL, rtol=0)

@@ -2,6 +2,7 @@
 byte as it was and the task serving the version it served."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
 import struct
@@ -17,9 +18,13 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from service.app import create_app
+from service.engine.bundle import bundle_bytes
 from service.engine.spec import BackboneInfo
+from service.methods.exits import ExitPolicy
 from service.settings import Settings
 from tests.hotswap.bundles import CONFIG, WEIGHTS, files, make_bundle, raw_safetensors, tar_gz_bytes, tree_hash, zip_bytes
+from tests.engine.test_early_exit import random_exits
+from tests.factories import random_head, random_lora
 from tests.hotswap.conftest import ADMIN, AUTH_ADMIN, AUTH_READER, READER
 from tests.service.api.harness import wait_ready
 
@@ -69,6 +74,17 @@ def _with(info: BackboneInfo, **replace: torch.Tensor) -> bytes:
     return st_save(tensors)
 
 
+def _peft(info: BackboneInfo, **config: Any) -> Upload:
+    """A PEFT LoRA bundle (one query of the tiny BERT, and its classifier), `config` merged into its config."""
+    import json
+
+    module, h = "base_model.model.bert.encoder.layer.0.attention.self.query", info.hidden_size
+    tensors = {f"{module}.lora_A.weight": torch.full((2, h), 0.01), f"{module}.lora_B.weight": torch.full((h, 2), 0.01),
+               "base_model.model.classifier.weight": torch.full((2, h), 0.1), "base_model.model.classifier.bias": torch.zeros(2)}
+    base = {"peft_type": "LORA", "task_type": "SEQ_CLS", "r": 2, "lora_alpha": 4, "target_modules": ["query"]}
+    return _two(json.dumps(base | config).encode(), st_save(tensors))
+
+
 def _two(config: bytes, weights: bytes) -> Upload:
     return Upload(files=files(config, weights))
 
@@ -99,6 +115,17 @@ def _good(info: BackboneInfo) -> tuple[bytes, bytes]:
     return make_bundle(info, seed=5)
 
 
+def _overflowing(info: BackboneInfo, exits: bool = False, **config: Any) -> Upload:
+    """A head of +-3e38: every tensor is finite, so only a forward shows that the logits overflow."""
+    g = torch.Generator().manual_seed(4)
+    head = random_head(info, g)
+    weights = {"lora": random_lora(info, g), "head": dataclasses.replace(head, out_w=torch.where(head.out_w > 0, 3e38, -3e38))}
+    if exits:  # the task's own policy sends every row out at layer 1: only a full-depth row meets the head
+        weights["exits"] = dataclasses.replace(random_exits(info, g, 2), policy=ExitPolicy("confidence", 0.0))
+    cfg = {"labels": ["neg", "pos"], "input_kind": "single", "max_length": 32, "backbone": {"fingerprint": info.fingerprint}}
+    return _two(*bundle_bytes(cfg | config, weights))
+
+
 # id -> (build(info) -> Upload, expected status, substrings every one of which a problem must contain)
 CASES: dict[str, tuple[Callable[[BackboneInfo], Upload], int, list[str]]] = {
     # --- safetensors only, never pickle
@@ -124,9 +151,15 @@ CASES: dict[str, tuple[Callable[[BackboneInfo], Upload], int, list[str]]] = {
     "more layers than the backbone": (lambda i: _two(_good(i)[0], _with(i, lora__7__query__A=torch.zeros(4, 32), lora__7__query__B=torch.zeros(32, 4))), 422, ["LoRA on layer 7, but the backbone has 2 layers"]),
     "NaN weights and a label count the head lacks": (lambda i: _two(_config(i, labels=["a", "b", "c"]), _with(i, lora__1__value__B=torch.full((32, 4), float("nan")))),
                                                      422, ["'lora.1.value.B' contains NaN or Inf", "head has 2 outputs but 3 labels"]),
+    "finite weights that overflow": (lambda i: _overflowing(i), 422, ["task outputs non-finite scores on a probe input: weights overflow"]),
+    "finite weights that overflow, pair task": (lambda i: _overflowing(i, input_kind="pair"), 422, ["non-finite scores on a probe input"]),
+    "finite weights that overflow behind early exits": (lambda i: _overflowing(i, exits=True), 422, ["non-finite scores on a probe input"]),
     "another backbone's fingerprint": (lambda i: _two(_config(i, backbone={"fingerprint": "sha256:" + "0" * 64}), _good(i)[1]), 422, ["trained on backbone sha256:0000"]),
     "no fingerprint": (lambda i: _two(_config(i, backbone=None), _good(i)[1]), 422, ["no backbone.fingerprint"]),
     "config not JSON": (lambda i: _two(b"{nope", _good(i)[1]), 422, [f"{CONFIG} is not UTF-8 JSON"]),
+    "PEFT config whose adaptserve section is a list": (lambda i: _peft(i, adaptserve=[1, 2]), 422, ["the 'adaptserve' section must be an object"]),
+    "PEFT config whose num_virtual_tokens is text": (lambda i: _peft(i, num_virtual_tokens="abc"), 422,
+                                                     ["'num_virtual_tokens' must be a non-negative integer, got 'abc'"]),
     "config not an object, weights not safetensors": (lambda i: _two(b"[1, 2]", b"\x01\x02"), 422, ["must hold a JSON object", "too short for a safetensors header"]),
     # --- size caps
     "config over its cap": (lambda i: _two(_good(i)[0] + b" " * 9 * KiB, _good(i)[1]), 413, [f"{CONFIG} is larger than the limit of 8192 bytes"]),

@@ -69,6 +69,40 @@ def _registry(url: str, store: LocalStore, **kwargs):
     return RedisRegistry(url, store, timeout_s=0.5, reconnect_min_s=0.05, reconnect_max_s=0.2, **kwargs)
 
 
+@pytest.fixture(params=["local", "redis"])
+def backend(request: pytest.FixtureRequest) -> RedisServer | None:
+    """None for the local registry, else the real redis-server of a Redis registry."""
+    return request.getfixturevalue("redis_server") if request.param == "redis" else None
+
+
+@async_test
+async def test_a_first_upload_comes_from_nothing_and_resending_the_active_version_records_nothing(
+    backend: RedisServer | None, tmp_path: Path
+) -> None:
+    (tmp_path / "store").mkdir()
+    store = LocalStore(tmp_path / "store")
+    registry = LocalRegistry(store) if backend is None else _registry(backend.url, store)
+    await registry.start()
+    try:
+        await wait_until(lambda: registry.status()["connected"])
+        write_task(tmp_path / "store", "t", "v1")  # stored as put_version leaves a new task: no ACTIVE yet
+        first = await registry.add_version("t", "v1", {"uploaded_at": 1.0}, activate=True)
+        assert [(h["action"], h["version"], h["from"]) for h in first.history] == [("upload", "v1", None),
+                                                                                    ("activate", "v1", None)]
+        feed_length = backend.client().xlen("adaptserve:changes") if backend else 0
+        again = await registry.add_version("t", "v1", {"uploaded_at": 2.0}, activate=True, created=False)
+        assert again == first and await registry.activate("t", "v1") == first
+        assert await registry.record("t") == first
+        if backend:  # no write, so no feed entry for the other replicas either
+            assert backend.client().xlen("adaptserve:changes") == feed_length
+        # A re-upload that repaired the stored copy (created) is recorded, but activates nothing new.
+        repaired = await registry.add_version("t", "v1", {"uploaded_at": 3.0}, activate=True, created=True)
+        assert [h["action"] for h in repaired.history] == ["upload", "activate", "upload"]
+        assert repaired.versions["v1"]["uploaded_at"] == 3.0 and repaired.stack == ("v1",)
+    finally:
+        await registry.stop()
+
+
 @async_test
 async def test_redis_registries_seed_from_the_store_share_writes_and_follow_the_feed(redis_server, tmp_path: Path) -> None:
     write_task(tmp_path / "store", "t", "v1")

@@ -5,11 +5,14 @@ import io
 import json
 import tarfile
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from fastapi.testclient import TestClient
 
+import service.engine.bundle
 from service.engine.bundle import content_version
+from service.engine.types import TaskKey
 from tests.hotswap.bundles import CONFIG, WEIGHTS, files, make_bundle, tar_gz_bytes, zip_bytes
 from tests.hotswap.conftest import AUTH_ADMIN, AUTH_READER
 
@@ -158,3 +161,110 @@ def test_a_peft_adapter_directory_uploads_as_an_archive(tmp_path: Path) -> None:
         assert response.json()["kind"] == "peft"
         served = client.post("/v1/tasks/peft-task/classify", json={"inputs": ["hello"]})
         assert served.status_code == 200 and served.json()["predictions"][0]["label"] in ("LABEL_0", "LABEL_1")
+
+
+def _flip_a_weights_byte(version_dir: Path) -> None:
+    data = bytearray((version_dir / WEIGHTS).read_bytes())
+    data[-1] ^= 0x01  # still a valid safetensors file: only the hash can tell
+    (version_dir / WEIGHTS).write_bytes(bytes(data))
+
+
+# id -> (damage to the stored copy, swap by exchange (else two renames), activate on the re-upload)
+DAMAGED: dict[str, tuple[Callable[[Path], None], bool, bool]] = {
+    "a flipped byte, swapped in one exchange": (_flip_a_weights_byte, True, True),
+    "a flipped byte, swapped by two renames": (_flip_a_weights_byte, False, True),
+    "the config missing, re-sent without activating": (lambda d: (d / CONFIG).unlink(), True, False),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED), ids=list(DAMAGED))
+def test_uploading_a_damaged_version_again_repairs_it(make_client, info, store: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       case: str) -> None:
+    damage, exchange, activate = DAMAGED[case]
+    swaps: list[bool] = []  # each attempt to exchange the new copy with the damaged one, and whether it did
+    real_exchange = service.engine.bundle._exchange
+
+    def exchange_or_not(a: Path, b: Path) -> bool:  # without: a filesystem lacking RENAME_EXCHANGE (NFS, some overlays)
+        swaps.append(exchange and real_exchange(a, b))
+        return swaps[-1]
+
+    monkeypatch.setattr(service.engine.bundle, "_exchange", exchange_or_not)
+    client = make_client()
+    v1 = upload(client, "sentiment", make_bundle(info, seed=1)).json()["version"]
+    bundle = make_bundle(info, seed=2)
+    v2 = upload(client, "sentiment", bundle, activate="false").json()["version"]
+    damage(store / "sentiment" / v2)
+    refused = client.post(f"{VERSIONS.format('sentiment')}/{v2}/activate", headers=AUTH_ADMIN)
+    assert refused.status_code == 422 and "not activated" in refused.json()["error"]
+
+    again = upload(client, "sentiment", bundle, activate=str(activate).lower())
+    assert again.status_code == 201, again.text
+    assert (again.json()["created"], again.json()["active"]) == (True, activate)  # not "identical content already stored"
+    assert swaps == [exchange]
+    assert (store / "sentiment" / v2 / CONFIG).read_bytes() == bundle[0]
+    assert (store / "sentiment" / v2 / WEIGHTS).read_bytes() == bundle[1]
+    # Nothing left beside the versions: no temporary directory, no swapped-out copy.
+    assert sorted(p.name for p in (store / "sentiment").iterdir()) == sorted([v1, v2, "ACTIVE", "HISTORY.json"])
+    if not activate:
+        assert client.post(f"{VERSIONS.format('sentiment')}/{v2}/activate", headers=AUTH_ADMIN).status_code == 200
+    client.app.state.service.runtime.cache.drop(TaskKey("sentiment", v2))  # served from the store's copy, not a cached one
+    assert classify_version(client) == v2
+
+
+def _parts(config_part: tuple[str, str], weights_part: tuple[str, str]) -> Callable[[bytes, bytes], dict]:
+    """httpx `files=` with the config under (field, file name) `config_part`, the weights under `weights_part`."""
+    return lambda config, weights: {config_part[0]: (config_part[1], config), weights_part[0]: (weights_part[1], weights)}
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        _parts((CONFIG, "cfg.json"), (WEIGHTS, "w.st")),  # curl -F "adapter_config.json=@local.json;filename=cfg.json"
+        _parts(("config", CONFIG), ("weights", WEIGHTS)),  # clients that name the files, not the fields
+        _parts((CONFIG, WEIGHTS), (WEIGHTS, CONFIG)),  # the two disagree: the field name wins
+    ],
+    ids=["field names, other file names", "file names, other field names", "field and file names disagree"],
+)
+def test_a_part_is_the_file_its_field_names(make_client, info, parts: Callable[[bytes, bytes], dict]) -> None:
+    client = make_client()
+    config, weights = make_bundle(info, seed=1)
+    response = client.post(VERSIONS.format("sentiment"), files=parts(config, weights), headers=AUTH_ADMIN)
+    assert response.status_code == 201, response.text
+    assert response.json()["version"] == content_version(config, weights)
+
+
+@pytest.mark.parametrize("how", [{"params": {"activate": "false"}}, {"data": {"activate": "no"}}], ids=["query", "form"])
+def test_the_first_version_of_a_task_cannot_be_held_back(make_client, info, store: Path, how: dict) -> None:
+    client = make_client()
+    bundle = make_bundle(info, seed=1)
+    refused = client.post(VERSIONS.format("sentiment"), files=files(*bundle), headers=AUTH_ADMIN, **how)
+    assert (refused.status_code, refused.json()["error_type"]) == (409, "conflict"), refused.text
+    assert "task 'sentiment' has no version yet" in refused.json()["error"]
+    assert "upload it without activate=false" in refused.json()["error"]
+    assert not (store / "sentiment").exists()  # nothing stored
+    assert client.get("/v1/tasks/sentiment", headers=AUTH_READER).status_code == 404
+    assert upload(client, "sentiment", bundle).json()["active"] is True  # as the message says
+
+
+def test_sending_the_active_version_again_changes_nothing(make_client, info, store: Path) -> None:
+    client = make_client()
+    bundle = make_bundle(info, seed=1)
+    version = upload(client, "sentiment", bundle).json()["version"]
+    before = client.get(VERSIONS.format("sentiment"), headers=AUTH_READER).json()
+    assert [(h["action"], h["version"], h["from"]) for h in before["history"]] == [("upload", version, None),
+                                                                                    ("activate", version, None)]
+    history_file = (store / "sentiment" / "HISTORY.json").read_bytes()
+
+    again = upload(client, "sentiment", bundle)
+    assert again.status_code == 200 and (again.json()["created"], again.json()["active"]) == (False, True)
+    same = client.post(f"{VERSIONS.format('sentiment')}/{version}/activate", headers=AUTH_ADMIN)
+    assert same.status_code == 200 and same.json()["history"] == before["history"]
+    assert client.get(VERSIONS.format("sentiment"), headers=AUTH_READER).json() == before  # uploaded_at too
+    assert (store / "sentiment" / "HISTORY.json").read_bytes() == history_file
+
+
+def test_activating_a_version_of_an_unknown_task_is_task_not_found(make_client, info) -> None:
+    client = make_client()
+    version = content_version(*make_bundle(info, seed=1))
+    response = client.post(f"{VERSIONS.format('nope')}/{version}/activate", headers=AUTH_ADMIN)
+    assert (response.status_code, response.json()["error_type"]) == (404, "task_not_found"), response.text

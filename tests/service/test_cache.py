@@ -8,7 +8,7 @@ import pytest
 
 from service.cache import TaskCache
 from service.engine.types import TaskKey
-from service.errors import BundleError, TaskUnavailable
+from service.errors import BundleError, StoreUnavailable, TaskUnavailable
 from tests.aio import async_test, wait_until
 
 A, B, C = TaskKey("a", "v1"), TaskKey("b", "v1"), TaskKey("c", "v1")
@@ -103,13 +103,35 @@ async def test_load_failure_reaches_every_waiter_and_is_retried_later() -> None:
     assert loader.calls == [A, A]
 
 
+@pytest.mark.parametrize(
+    "error, expected, message, tracebacks",
+    [
+        (TypeError("cannot convert dictionary update sequence element #0 to a sequence"), TaskUnavailable,
+         "task a@v1 cannot be loaded: TypeError: cannot convert dictionary update sequence", 1),
+        (ValueError("invalid literal for int() with base 10: 'abc'"), TaskUnavailable,
+         "task a@v1 cannot be loaded: ValueError: invalid literal for int()", 1),
+        (BundleError("r must be positive"), TaskUnavailable, "task a@v1 cannot be loaded: r must be positive", 0),
+        (StoreUnavailable("task store s3://b/ failed"), StoreUnavailable, "task store s3://b/ failed", 0),
+    ],
+    ids=["TypeError", "ValueError", "BundleError", "StoreUnavailable passes through"],
+)
 @async_test
-async def test_unexpected_loader_errors_pass_through_unchanged() -> None:
+async def test_whatever_a_load_raises_fails_that_task_alone(error: Exception, expected: type, message: str,
+                                                             tracebacks: int, caplog: pytest.LogCaptureFixture) -> None:
+    """A stored bundle that trips the loader is a 503 for its task, never a 500; an unexpected
+    error's traceback is logged once for a load that every waiter shared."""
     loader = Loader()
-    loader.error = ValueError("a bug")
+    loader.gate = threading.Event()
+    loader.error = error
     cache = TaskCache(loader, max_bytes=1000)
-    with pytest.raises(ValueError, match="a bug"):
-        await cache.get(A)
+    waiters = [asyncio.ensure_future(cache.get(A)) for _ in range(3)]
+    await wait_until(lambda: bool(loader.calls))
+    loader.gate.set()
+    for result in await asyncio.gather(*waiters, return_exceptions=True):
+        assert type(result) is expected and message in result.message
+    logged = [r for r in caplog.records if r.exc_info]
+    assert len(logged) == tracebacks and all(r.levelname == "WARNING" for r in logged)
+    assert loader.calls == [A] and cache.stats.load_failures == 1
 
 
 @async_test

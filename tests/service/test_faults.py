@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import json
 import os
 from pathlib import Path
 from typing import Callable, Iterator
@@ -14,6 +15,7 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from safetensors.torch import save_file
 
 from service.app import create_app
 from service.engine.backbone import load_backbone
@@ -68,6 +70,20 @@ def _eio_on(monkeypatch: pytest.MonkeyPatch, method: str, victim: Callable[[Path
     monkeypatch.setattr(Path, method, failing)
 
 
+def _peft_copied_in(store: Path, **config) -> None:
+    """A PEFT-format LoRA bundle copied into the store by hand and made victim's active version
+    (a human version id: there is no hash to check, the engine's parse is all there is)."""
+    bundle = store / "victim" / "peft1"
+    bundle.mkdir()
+    module, h = "base_model.model.bert.encoder.layer.0.attention.self.query", 32  # the tiny BERT's hidden size
+    save_file({f"{module}.lora_A.weight": torch.zeros(2, h), f"{module}.lora_B.weight": torch.zeros(h, 2),
+               "base_model.model.classifier.weight": torch.zeros(2, h), "base_model.model.classifier.bias": torch.zeros(2)},
+              str(bundle / WEIGHTS))
+    (bundle / CONFIG).write_text(json.dumps({"peft_type": "LORA", "task_type": "SEQ_CLS", "r": 2, "lora_alpha": 4,
+                                             "target_modules": ["query"], **config}))
+    (store / "victim" / "ACTIVE").write_text("peft1\n")
+
+
 # id -> (damage(store, monkeypatch), fragment of the 503's message)
 FAULTS: dict[str, tuple[Callable[[Path, pytest.MonkeyPatch], None], str]] = {
     "a flipped bit in the weights": (lambda s, m: _flip_last_byte(_active(s, "victim") / WEIGHTS), "is corrupt: its files hash to"),
@@ -82,6 +98,10 @@ FAULTS: dict[str, tuple[Callable[[Path, pytest.MonkeyPatch], None], str]] = {
                                  "its ACTIVE file in the store cannot be read (OSError: Input/output error"),
     "I/O error listing the versions": (lambda s, m: _eio_on(m, "iterdir", lambda p: p.name == "victim"),
                                        "its directory in the store cannot be listed"),
+    "a PEFT bundle whose adaptserve section is a list": (lambda s, m: _peft_copied_in(s, adaptserve=[1, 2]),
+                                                         "the 'adaptserve' section must be an object"),
+    "a PEFT bundle whose num_virtual_tokens is text": (lambda s, m: _peft_copied_in(s, num_virtual_tokens="abc"),
+                                                       "'num_virtual_tokens' must be a non-negative integer"),
 }
 
 
@@ -98,6 +118,9 @@ def test_a_damaged_store_fails_that_task_alone(store: Path, engine: Engine, monk
         assert response.status_code == 503, response.text
         assert response.json()["error_type"] == "task_unavailable" and fragment in response.json()["error"]
         assert "victim" in response.json()["error"]
+        described = client.get("/v1/tasks/victim")
+        assert (described.status_code, described.json()["error_type"]) == (503, "task_unavailable"), described.text
+        assert fragment in described.json()["error"]
         healthy = client.post("/v1/tasks/healthy/classify", json={"inputs": ["fun"]})
         assert healthy.status_code == 200, healthy.text
         listing = client.get("/v1/tasks").json()["tasks"]  # the listing names the broken task, never 500s
@@ -128,6 +151,24 @@ def test_a_corrupt_version_is_never_activated(store: Path, engine: Engine) -> No
         refused = client.post(f"/v1/tasks/victim/versions/{new}/activate")
         assert refused.status_code == 422 and "is corrupt" in refused.json()["error"]
         assert client.post("/v1/tasks/victim/classify", json={"inputs": ["fun"]}).json()["version"] == old
+
+
+def test_publishing_the_same_task_again_repairs_a_corrupt_copy(tmp_path: Path, engine: Engine) -> None:
+    """`write_bundle` (what training publishes with) over a version already stored: an intact copy
+    is left as it is, a corrupt one is replaced by the new copy."""
+    info = engine.backbone.info
+    g = torch.Generator().manual_seed(3)
+    weights = {"lora": random_lora(info, g), "head": random_head(info, g)}
+    version = publish(tmp_path, "t", weights, ["neg", "pos"], fingerprint=info.fingerprint)
+    bundle = tmp_path / "t" / version
+    original, inode = (bundle / WEIGHTS).read_bytes(), bundle.stat().st_ino
+    assert publish(tmp_path, "t", weights, ["neg", "pos"], fingerprint=info.fingerprint) == version
+    assert bundle.stat().st_ino == inode  # intact: not rewritten
+    _flip_last_byte(bundle / WEIGHTS)
+    assert publish(tmp_path, "t", weights, ["neg", "pos"], fingerprint=info.fingerprint) == version
+    assert (bundle / WEIGHTS).read_bytes() == original
+    verify_bundle(bundle, TaskKey("t", version), "here")
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == sorted(["ACTIVE", version])  # nothing left aside
 
 
 def test_only_content_hash_versions_are_checked(tmp_path: Path) -> None:
@@ -213,3 +254,25 @@ async def test_rows_sharing_a_batch_with_a_failing_task_fail_with_it(serving) ->
             assert good.json()["error_type"] == "inference_failed"
             next_two = await asyncio.gather(*(client.post("/v1/tasks/healthy/classify", json={"inputs": [t]}) for t in "cd"))
             assert [r.status_code for r in next_two] == [200, 200]
+
+
+@async_test
+async def test_a_stored_task_whose_weights_overflow_fails_alone_in_a_shared_batch(store: Path, engine: Engine,
+                                                                                   serving) -> None:
+    """A stored bundle (never uploaded, so never probed) whose finite weights overflow in arithmetic
+    (a head of +-3e38): its request gets 503 task_unavailable naming it, never `"score": null`,
+    and the request that shared its batch is answered."""
+    head = random_head(engine.backbone.info, torch.Generator().manual_seed(3))
+    huge = dataclasses.replace(head, out_w=torch.where(head.out_w > 0, 3e38, -3e38))
+    publish(store, "victim", {"head": huge}, ["neg", "pos"], fingerprint=engine.backbone.info.fingerprint)
+    app = serving(max_batch_size=2, max_wait_ms=2000.0)  # only a full batch of 2 goes
+    async with app.router.lifespan_context(app):
+        await wait_until(lambda: app.state.service.ready)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            bad, good = await asyncio.gather(client.post("/v1/tasks/victim/classify", json={"inputs": ["a"]}),
+                                             client.post("/v1/tasks/healthy/classify", json={"inputs": ["b"]}))
+            assert bad.status_code == 503, bad.text
+            assert bad.json()["error_type"] == "task_unavailable"
+            assert "'victim'" in bad.json()["error"] and "non-finite scores" in bad.json()["error"]
+            assert good.status_code == 200, good.text
+            assert all(isinstance(p, float) for p in good.json()["predictions"][0]["scores"].values())

@@ -46,6 +46,8 @@ CASES: list[tuple[str, str, str, dict[str, Any], int, str]] = [
     ("bundle is not JSON", "POST", "/v1/tasks/broken/classify", {"json": {"inputs": ["x"]}}, 503, "task_unavailable"),
     ("no active version", "POST", "/v1/tasks/ambiguous/classify", {"json": {"inputs": ["x"]}}, 503, "task_unavailable"),
     ("task info of a broken bundle", "GET", "/v1/tasks/broken", {}, 503, "task_unavailable"),
+    ("a bundle the engine trips on", "POST", "/v1/tasks/buggy/classify", {"json": {"inputs": ["x"]}}, 503, "task_unavailable"),
+    ("task info of a bundle the engine trips on", "GET", "/v1/tasks/buggy", {}, 503, "task_unavailable"),
     ("unknown route", "GET", "/v2/whatever", {}, 404, "not_found"),
     ("wrong method", "GET", CLASSIFY, {}, 405, "method_not_allowed"),
 ]
@@ -79,8 +81,26 @@ def test_error_messages_say_what_to_fix(client: TestClient, path: str, body: dic
     assert fragment in client.post(path, json=body).json()["error"]
 
 
-def test_a_genuine_bug_is_a_logged_500_with_the_same_body_shape(client: TestClient, caplog) -> None:
-    response = client.post("/v1/tasks/buggy/classify", json={"inputs": ["x"]})
+@pytest.mark.parametrize("method, path", [("POST", "/v1/tasks/buggy/classify"), ("GET", "/v1/tasks/buggy")])
+def test_a_task_whose_load_raises_fails_alone_with_its_traceback_logged_once(client: TestClient, caplog, method: str,
+                                                                              path: str) -> None:
+    """The fake engine raises a plain ValueError loading `buggy` (what a malformed config can
+    provoke in a parser): that task is unavailable, not the server broken."""
+    response = client.request(method, path, json={"inputs": ["x"]} if method == "POST" else None)
+    assert response.status_code == 503, response.text
+    assert response.json()["error"] == "task buggy@v1 cannot be loaded: ValueError: a bug in the engine"
+    tracebacks = [record for record in caplog.records if record.exc_info]
+    assert [record.levelname for record in tracebacks] == ["WARNING"]
+    assert not any("unhandled error" in record.message for record in caplog.records)
+    assert client.post(CLASSIFY, json={"inputs": ["fine"]}).status_code == 200  # the others keep serving
+
+
+def test_a_genuine_bug_is_a_logged_500_with_the_same_body_shape(client: TestClient, caplog, monkeypatch) -> None:
+    async def broken_listing() -> list:
+        raise RuntimeError("a bug in the registry")
+
+    monkeypatch.setattr(client.app.state.service.registry, "list_tasks", broken_listing)
+    response = client.get("/v1/tasks")
     assert response.status_code == 500
     assert response.json() == {"error": "internal server error", "error_type": "internal_error"}
     assert any("unhandled error" in record.message for record in caplog.records)
