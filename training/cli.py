@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from dataclasses import replace
@@ -214,6 +215,9 @@ def _train(args: argparse.Namespace) -> int:
             "--method full trains a whole new backbone as a baseline, not a task the service can load; "
             "pass --publish-full DIR to write the tuned backbone and its head, or --no-publish"
         )
+    # --data / --dev / --test are read (whole) just below, before any training
+    _check_paths(args.device, store=args.store, publish=args.publish, publish_full=args.publish_full,
+                 json_out=args.json_out)
     splits = load_splits(args.data, args.dev, args.test, **_columns(args))
     _setup_logging()
     from training.publish import publish_http, save_full_result, save_to_store
@@ -224,9 +228,9 @@ def _train(args: argparse.Namespace) -> int:
 
     prompt = prompt_spec(args.template, args.verbalizer, args.demos)
     backbone = _load_backbone(args.backbone, args.device, "float32")
-    config.check_backbone(backbone.info.max_positions, backbone.info.has_pooler)
-    if prompt is not None:  # fail before training: template, words, LM head
-        prompt.build(backbone, splits.train.label_names, splits.train.has_pairs)
+    config.check_backbone(backbone.info.max_positions, backbone.info.has_pooler, backbone.info.kind)
+    if prompt is not None:  # fail before training: template, words, LM head, room for the input
+        prompt.build(backbone, splits.train.label_names, splits.train.has_pairs, config.max_length)
     result = train(splits, config, name=args.task, backbone=backbone, progress=not args.no_progress, prompt=prompt)
 
     where = "not published (--no-publish)"
@@ -318,6 +322,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    _check_paths(args.device, json_out=args.json_out)  # --store is only read here
     store = LocalStore(args.store)
     key = TaskKey(args.task, args.version) if args.version else store.resolve(args.task)
     bundle = store.bundle_dir(key)
@@ -377,6 +382,57 @@ def _guarded(prog: str, run: Callable[[], int]) -> int:
         return 130
     print(f"{prog}: error: {message}", file=sys.stderr)
     return 1
+
+
+def _check_paths(device: str, *, inputs: Sequence[tuple[str, Path | None]] = (), store: Path | None = None,
+                 publish: str | None = None, publish_full: Path | None = None, json_out: Path | None = None) -> None:
+    """Before any work: the device, the files a run reads late (`inputs`: (flag, path)), and every
+    place it writes (--store / --publish-full directory, --publish URL, --json file). A run that
+    trains for an hour and then cannot write its result, or publishes and then cannot read its
+    test file, has wasted the hour or left a half-done job behind."""
+    from service.engine.backbone import resolve_device
+
+    try:
+        resolve_device(device)
+    except ValueError as err:
+        raise ConfigError(f"--device: {err}") from None
+    for flag, path in inputs:
+        if path is not None and not path.is_file():
+            raise DataError(f"{flag} {path}: {'is a directory' if path.is_dir() else 'file not found'}")
+        if path is not None and not os.access(path, os.R_OK):
+            raise DataError(f"{flag} {path}: permission denied")
+    if store is not None:
+        _check_dir("--store", store)
+    if publish is not None and not publish.startswith(("http://", "https://")):
+        raise ConfigError(f"--publish needs an http:// or https:// URL, got {publish!r}")
+    if publish_full is not None:
+        from training.full import holds_backbone
+
+        _check_dir("--publish-full", publish_full)
+        holds_backbone(publish_full)  # refuses a DIR that already holds a backbone: its tasks need it
+    out = json_out
+    if out is not None:
+        if out.is_dir():
+            raise ConfigError(f"--json {out}: is a directory; name a file")
+        parent = out.parent  # Path("x.json").parent is "."
+        if not parent.is_dir():
+            raise ConfigError(f"--json {out}: the directory {parent} does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+            raise ConfigError(f"--json {out}: permission denied")
+
+
+def _check_dir(flag: str, path: Path) -> None:
+    """`path` is a writable directory, or one that can be made (its nearest existing ancestor is)."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a dangling link: mkdir would fail on it
+            raise ConfigError(f"{flag} {path}: {existing} is a broken symbolic link")
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"cannot be made: {existing} is a file"
+        raise ConfigError(f"{flag} {path}: {where}, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: permission denied" + (f" (on {existing})" if existing != path else ""))
 
 
 def _load_backbone(path: Path | None, device: str, dtype: str):

@@ -6,12 +6,14 @@ Every check raises `ConfigError` with a message naming the option, so the CLI ca
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from service.engine.families import SITES
 from service.methods.adapter import ACTIVATIONS, PLACEMENTS
 from service.methods.head import POOLINGS
+from service.methods.prefix import DECODER_REFUSAL
 from service.methods.prompt import MAX_VIRTUAL_TOKENS
 
 Method = Literal["lora", "adapter", "prefix", "prompt", "head", "full"]
@@ -23,6 +25,9 @@ EXIT_LOSSES = ("two-stage", "weighted")
 EXIT_TARGETS = ("safe", "right", "agrees")
 # The TrainConfig fields that only apply with early_exit (CLI flags --exit-*; recorded in the bundle).
 EXIT_OPTIONS = ("exit_loss", "exit_target", "exit_max_drop", "exit_confidence")
+# The TrainConfig fields that are real numbers: each must be finite (`TrainConfig.check`).
+FLOAT_OPTIONS = ("lr", "weight_decay", "warmup_ratio", "max_grad_norm", "dropout", "ema", "exit_max_drop",
+                 "exit_confidence")
 
 # Learning rates per method, each from the paper or recipe whose method and defaults we follow.
 DEFAULT_LR: dict[str, float] = {
@@ -100,8 +105,8 @@ class LoraConfig:
     def check(self) -> None:
         if not isinstance(self.r, int) or self.r < 1:
             raise ConfigError(f"--lora-r must be a positive integer, got {self.r!r}")
-        if not self.alpha > 0:
-            raise ConfigError(f"--lora-alpha must be positive, got {self.alpha!r}")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ConfigError(f"--lora-alpha must be a positive finite number, got {self.alpha!r}")
         bad = [t for t in self.targets if t not in SITES]
         if bad or not self.targets:
             raise ConfigError(f"--lora-targets must name sites among {','.join(SITES)}; got {','.join(self.targets) or 'none'}")
@@ -250,6 +255,10 @@ class TrainConfig:
             value = self.num_epochs if name == "epochs" else getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+        for name in FLOAT_OPTIONS:  # inf passes "> 0" and would train NaN weights; NaN passes no range check
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):  # other types: each option's own check
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"--lr must be positive, got {self.lr!r}")
         if not 0 <= self.weight_decay < 1:
@@ -276,8 +285,11 @@ class TrainConfig:
             raise ConfigError(f"--select-metric must be one of {', '.join(SELECT_METRICS)}, got {self.select_metric!r}")
         return self
 
-    def check_backbone(self, max_positions: int, has_pooler: bool) -> None:
-        """The checks that need the backbone: positions left for text, and the pooler."""
+    def check_backbone(self, max_positions: int, has_pooler: bool, kind: str = "encoder") -> None:
+        """The checks that need the backbone: positions left for text, the pooler, and methods its
+        kind ("encoder" or "decoder", `BackboneInfo.kind`) cannot run."""
+        if self.method == "prefix" and kind == "decoder":
+            raise ConfigError(DECODER_REFUSAL)
         if self.max_length + self.virtual_tokens() > max_positions:
             extra = f" + {self.virtual_tokens()} virtual tokens" if self.virtual_tokens() else ""
             raise ConfigError(

@@ -459,9 +459,13 @@ def _column_indices(
         if name in available:
             return available.index(name)
         shown = ", ".join(available) if available else "none"
+        hint = ""
+        for sep, what, fmt in (("\t", "tabs", "tsv"), (",", "commas", "csv")):
+            if len(available) == 1 and sep in available[0]:  # one column holding separators: read as the wrong format
+                hint = f"; its header is one {noun} holding {what}: if the file is {fmt.upper()}, pass file_format={fmt}"
         raise DataError(
             f"{context}: no {noun} '{name}' ({has} {noun}s: {shown}); "
-            f"pass {param}= to use another {noun}"
+            f"pass {param}= to use another {noun}{hint}"
         )
 
     text_i = find(text_column, "text_column")

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from training.cli import _columns, _data_format_flags, _guarded, _load_backbone, _setup_logging
+from training.cli import _check_paths, _columns, _data_format_flags, _guarded, _load_backbone, _setup_logging
 from training.config import DEFAULT_LR, ConfigError, TrainConfig
 from training.pet import DEFAULT_TEMPERATURE, WEIGHTINGS
 from training.zeroshot import DEFAULT_SCALE
@@ -77,6 +77,8 @@ def _zeroshot(args: argparse.Namespace) -> int:
         raise ConfigError("--template needs --verbalizer: which word stands for each label")
     if args.descriptions is not None and (args.verbalizer is not None or args.pair):
         raise ConfigError("--descriptions builds a cosine head; --verbalizer and --pair belong to --template")
+    _check_paths(args.device, inputs=[("--test", args.test)], store=args.store, publish=args.publish,
+                 json_out=args.json_out)
     _setup_logging()
     backbone = _load_backbone(args.backbone, args.device, "float32")
     if args.template is not None:
@@ -85,11 +87,12 @@ def _zeroshot(args: argparse.Namespace) -> int:
     else:
         task = description_task(args.task, args.descriptions, backbone, labels=args.labels, scale=args.scale,
                                 max_length=args.max_length)
+    test = _read_test(args, task.task) if args.test is not None else None  # its problems stop the run unpublished
     published = _publish(args, lambda store: save_zeroshot(task, store), lambda: publish_zeroshot_http(task, args.publish, args.token))
     summary: dict[str, Any] = {"task": args.task, "kind": "prompt" if args.template else "descriptions",
                                "labels": list(task.labels), "methods": sorted(task.weights), **published}
-    if args.test is not None:
-        summary["test"] = _score(args, task.task, backbone).as_dict()
+    if test is not None:
+        summary["test"] = _score(args, task.task, backbone, test).as_dict()
     _report(args, summary)
     return 0
 
@@ -153,6 +156,8 @@ def _pet(args: argparse.Namespace) -> int:
     from training.report import format_table
 
     validate_task_name(args.task)
+    # the input files are all read before training
+    _check_paths(args.device, store=args.store, publish=args.publish, json_out=args.json_out)
     shared = dict(batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, patience=args.patience or None)
     config = PetConfig(
         teacher=TrainConfig(method=args.teacher_method, epochs=args.teacher_epochs, lr=args.teacher_lr,
@@ -200,13 +205,17 @@ def _publish(args: argparse.Namespace, to_store, to_url) -> dict[str, Any]:
     return {}
 
 
-def _score(args: argparse.Namespace, task, backbone):
-    from service.engine.engine import Engine
+def _read_test(args: argparse.Namespace, task):
     from training.data import read_eval
+
+    return read_eval(args.test, list(task.labels), **_columns(args))
+
+
+def _score(args: argparse.Namespace, task, backbone, data):
+    from service.engine.engine import Engine
     from training.evaluate import evaluate_served
     from training.report import format_metrics
 
-    data = read_eval(args.test, list(task.labels), **_columns(args))
     metrics = evaluate_served(Engine(backbone), task, data, progress=not args.no_progress)
     print(format_metrics(metrics, title=f"{args.task} on {args.test}"))
     return metrics

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -154,8 +155,8 @@ class PetConfig:
             raise ConfigError(f"--teacher-method must be lora, prompt, adapter or prefix, got {self.teacher.method!r}")
         if self.student.method not in ("lora", "adapter", "head", "prompt", "prefix"):
             raise ConfigError(f"--student-method must be lora, adapter, head, prompt or prefix, got {self.student.method!r}")
-        if not self.temperature > 0:
-            raise ConfigError(f"--temperature must be positive, got {self.temperature!r}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"--temperature must be a positive finite number, got {self.temperature!r}")
         if self.weighting not in WEIGHTINGS:
             raise ConfigError(f"--weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
         return self
@@ -227,6 +228,8 @@ def run_pet(splits: Splits, unlabelled: Sequence[str], patterns: Sequence[Patter
         raise ConfigError("PET needs unlabelled texts for the teachers to label")
     if (unlabelled_pairs is not None) != splits.train.has_pairs:
         raise ConfigError("the unlabelled rows must have text pairs exactly when the labelled ones do")
+    student_backbone = student_backbone if student_backbone is not None else load_backbone(None, dtype="float32")
+    _check_backbones(config, patterns, splits.train, teacher_backbone, student_backbone)
     t0 = time.perf_counter()
     train_data = splits.train
     teachers: list[Teacher] = []
@@ -261,7 +264,6 @@ def run_pet(splits: Splits, unlabelled: Sequence[str], patterns: Sequence[Patter
         labels=tuple(train_data.labels) + tuple(labels[i] for i in soft.argmax(-1).tolist()),
         label_names=labels, source=None,
     )
-    student_backbone = student_backbone if student_backbone is not None else load_backbone(None, dtype="float32")
     dev_targets = targets.to(student_backbone.device)
     temperature = config.temperature
 
@@ -276,6 +278,23 @@ def run_pet(splits: Splits, unlabelled: Sequence[str], patterns: Sequence[Patter
                      seconds=time.perf_counter() - t0)
 
 
+def _check_backbones(config: PetConfig, patterns: Sequence[Pattern], train_data: LabelledData,
+                     teacher_backbone: Backbone, student_backbone: Backbone) -> None:
+    """Everything that would stop the run part way, checked before the first teacher trains: each
+    model's method on its backbone, and each pattern (template, words, room within max_length)."""
+    for flag, cfg, bb in (("--teacher-method", config.teacher, teacher_backbone),
+                          ("--student-method", config.student, student_backbone)):
+        try:
+            cfg.check_backbone(bb.info.max_positions, bb.info.has_pooler, bb.info.kind)
+        except ConfigError as err:
+            raise ConfigError(f"{flag} {cfg.method} on {bb.name}: {err}") from None
+    for pattern in patterns:
+        try:
+            pattern.spec().build(teacher_backbone, train_data.label_names, train_data.has_pairs, config.teacher.max_length)
+        except ConfigError as err:
+            raise ConfigError(f"--patterns: pattern {pattern.name}: {err}") from None
+
+
 def ensemble_metrics(result: PetResult, data: LabelledData) -> Metrics:
     """The teachers' weighted ensemble itself on `data` (argmax of the averaged distributions)."""
     logits = [t.result.logits(list(data.texts), None if data.text_pairs is None else list(data.text_pairs)) for t in result.teachers]
@@ -284,12 +303,16 @@ def ensemble_metrics(result: PetResult, data: LabelledData) -> Metrics:
 
 
 def save_pet(result: PetResult, store: str | Path) -> str:
+    from training.publish import require_finite
+
+    require_finite(result.name, result.student.weights)
     return write_bundle(Path(store), result.name, result.bundle_config(), result.student.weights)
 
 
 def publish_pet_http(result: PetResult, base_url: str, token: str | None = None):
-    from training.publish import upload
+    from training.publish import require_finite, upload
 
+    require_finite(result.name, result.student.weights)
     cfg_b, w_b = bundle_bytes(result.bundle_config(), result.student.weights)
     return upload(base_url, result.name, cfg_b, w_b, token)
 

@@ -38,6 +38,9 @@ class VerbalizerError(ConfigError):
 
 
 # -- reading a verbalizer ----------------------------------------------------------------------------
+_ONE_ENTRY = " (a label's several words go in one entry: \"negative=terrible,bad\")"
+
+
 def parse_verbalizer(spec: str | Path | Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
     """Label -> words, from `"negative=terrible,bad;positive=great,good"`, a JSON object (inline or
     a .json file: `{"negative": ["terrible", "bad"], "positive": "great"}`) or a mapping."""
@@ -55,17 +58,18 @@ def parse_verbalizer(spec: str | Path | Mapping[str, Any]) -> dict[str, tuple[st
                 raise VerbalizerError(f"--verbalizer {spec}: the file is not UTF-8") from None
         if text.lstrip().startswith("{"):
             try:
-                raw = json.loads(text)
+                raw = json.loads(text, object_pairs_hook=lambda pairs: unique_labels(pairs, "--verbalizer", _ONE_ENTRY))
             except json.JSONDecodeError as err:
                 raise VerbalizerError(f"--verbalizer: not valid JSON: {err}") from None
         else:
-            raw = {}
+            entries = []
             for part in filter(None, (p.strip() for p in text.split(";"))):
                 label, eq, words = part.partition("=")
                 if not eq or not label.strip():
                     raise VerbalizerError(f"--verbalizer: {part!r} is not LABEL=word[,word...]; "
                                           "write e.g. \"negative=terrible,bad;positive=great,good\"")
-                raw[label.strip()] = [w for w in words.split(",")]
+                entries.append((label.strip(), [w for w in words.split(",")]))
+            raw = unique_labels(entries, "--verbalizer", _ONE_ENTRY)
     if not isinstance(raw, dict) or not raw:
         raise VerbalizerError("--verbalizer must map each label to one or more words")
     out: dict[str, tuple[str, ...]] = {}
@@ -77,6 +81,17 @@ def parse_verbalizer(spec: str | Path | Mapping[str, Any]) -> dict[str, tuple[st
         if not words:
             raise VerbalizerError(f"--verbalizer: label {label!r} has no words")
         out[str(label)] = tuple(words)
+    return out
+
+
+def unique_labels(pairs: Sequence[tuple[str, Any]], flag: str, hint: str = "") -> dict[str, Any]:
+    """(label, value) pairs as a dict; a label given twice is an error (a dict would keep the last).
+    Also the `object_pairs_hook` of a JSON form, so `{"neg": .., "neg": ..}` is refused the same way."""
+    out: dict[str, Any] = {}
+    for label, value in pairs:
+        if label in out:
+            raise ConfigError(f"{flag}: label {label!r} is given twice; give each label once{hint}")
+        out[label] = value
     return out
 
 
@@ -199,19 +214,27 @@ class PromptSpec:
     label_words: Mapping[str, Sequence[str]] = field(hash=False)
     demos: bool = False  # LM-BFF demonstrations: one training example per class, nearest by MiniLM cosine
 
-    def build(self, backbone: "Backbone", labels: Sequence[str], pair: bool) -> tuple[Template, VerbalizerWeights]:
-        """Check the spec against the backbone and labels; the parsed template and verbalizer."""
+    def build(self, backbone: "Backbone", labels: Sequence[str], pair: bool,
+              max_length: int | None = None) -> tuple[Template, VerbalizerWeights]:
+        """Check the spec against the backbone and labels (and, given `max_length`, that the
+        template and its demonstrations leave room for the input); the parsed template and verbalizer."""
         require_lm_head(backbone)
         causal = backbone.info.kind == "decoder"
         template = parse_template(self.template, pair=pair, causal=causal)
         words = order_by_labels(self.label_words, labels)
-        return template, resolve_verbalizer(backbone.tokenizer, template, words)
+        verbalizer = resolve_verbalizer(backbone.tokenizer, template, words)
+        if max_length is not None:
+            try:  # the demonstrations are one training example per class (training/demos.py)
+                template.check_fits(backbone.tokenizer, max_length, causal, len(labels) if self.demos else 0)
+            except TemplateError as err:
+                raise ConfigError(f"--template: {err}; raise --max-length or shorten the template") from None
+        return template, verbalizer
 
     def parsed_template(self, backbone: "Backbone", pair: bool) -> Template:
         return parse_template(self.template, pair=pair, causal=backbone.info.kind == "decoder")
 
     def attach(self, weights: dict[str, "TaskWeights"], engine: "Engine", train_data: "LabelledData",
-               method: str) -> dict[str, "TaskWeights"]:
+               method: str, max_length: int | None = None) -> dict[str, "TaskWeights"]:
         """The task's weights with the verbalizer (and the demonstration pool) in place of the head."""
         if method in ("head", "full"):
             raise ConfigError(
@@ -219,7 +242,7 @@ class PromptSpec:
                 "full fine-tuning copies only the encoder); choose lora, prompt or adapter, or publish it untrained "
                 "with `adaptserve zeroshot`"
             )
-        _, verbalizer = self.build(engine.backbone, train_data.label_names, train_data.has_pairs)
+        _, verbalizer = self.build(engine.backbone, train_data.label_names, train_data.has_pairs, max_length)
         out = {m: w for m, w in weights.items() if m != "head"}
         out["verbalizer"] = verbalizer
         if self.demos:

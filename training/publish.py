@@ -9,11 +9,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import httpx
+import torch
 
 from service.engine.bundle import CONFIG, WEIGHTS, bundle_bytes, content_version, write_bundle
 from training.full import FullArtifacts, save_full
+from service.methods.base import TaskWeights
 from training.trainer import TrainResult
 
 TOKEN_ENV = "ADAPTSERVE_ADMIN_TOKEN"
@@ -26,6 +29,19 @@ class PublishError(RuntimeError):
     """The task could not be published; the message says why and what to do."""
 
 
+def require_finite(name: str, weights: Mapping[str, TaskWeights]) -> None:
+    """Refuse to publish weights holding NaN or Inf: the service could never load them (every
+    bundle tensor is checked) and a task of them would have no sane answer anyway."""
+    bad = sorted(k for w in weights.values() for k, t in w.tensors().items()
+                 if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        raise PublishError(
+            f"task {name!r} was not published: its weights hold NaN or Inf ({', '.join(bad[:3])}"
+            f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}); training diverged (lower --lr) "
+            "or an option was out of range"
+        )
+
+
 def save_to_store(result: TrainResult, store: str | os.PathLike[str]) -> str:
     """Write the task's bundle into `<store>/<task>/<version>/` and make it active; the version."""
     if result.config.method == "full":
@@ -34,6 +50,7 @@ def save_to_store(result: TrainResult, store: str | os.PathLike[str]) -> str:
             "next to others; it is trained as a baseline. Pass --publish-full DIR to write the tuned "
             "backbone and its head anyway"
         )
+    require_finite(result.name, result.weights)
     return write_bundle(Path(store), result.name, result.bundle_config(), result.weights)
 
 
@@ -41,6 +58,7 @@ def save_full_result(result: TrainResult, out_dir: str | os.PathLike[str]) -> Fu
     """`--publish-full`: the fine-tuned backbone folder + a head-only store fingerprinted to it."""
     if result.config.method != "full":
         raise PublishError(f"--publish-full is for --method full; this task was trained with {result.config.method}")
+    require_finite(result.name, result.weights)
     return save_full(Path(out_dir), result.name, result.engine.backbone, result.bundle_config(), result.weights)
 
 
@@ -60,6 +78,7 @@ def publish_http(result: TrainResult, base_url: str, token: str | None = None, *
     if result.config.method == "full":
         raise PublishError("full fine-tuning is a baseline and is never uploaded to a service (its backbone "
                            "differs from the one the service runs); use --publish-full DIR to write it locally")
+    require_finite(result.name, result.weights)
     cfg_b, w_b = bundle_bytes(result.bundle_config(), result.weights)
     return upload(base_url, result.name, cfg_b, w_b, token, timeout=timeout)
 

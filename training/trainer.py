@@ -158,6 +158,8 @@ def evaluate(engine: Engine, task: Task, data: LabelledData, batch_size: int = 6
             rows = order[i : i + batch_size]
             items = _items(task, [data.texts[r] for r in rows], None if data.text_pairs is None else [data.text_pairs[r] for r in rows])
             z = forward(engine, items)
+            if not bool(torch.isfinite(z).all()):  # argmax would quietly score NaN rows as label 0
+                raise NonFiniteScores(f"the task's scores on the {desc} rows are NaN or Inf")
             for r, p in zip(rows, z.argmax(dim=-1).tolist()):
                 preds[r] = p
             bar.update(len(rows))
@@ -188,7 +190,7 @@ def train(splits: Splits, config: TrainConfig, *, name: str, backbone: Backbone 
     if backbone.dtype != torch.float32:
         raise ConfigError(f"training needs a float32 backbone, got {backbone.dtype} (load it with dtype='float32')")
     info = backbone.info
-    config.check_backbone(info.max_positions, info.has_pooler)
+    config.check_backbone(info.max_positions, info.has_pooler, info.kind)
     train_data, dev = splits.train, splits.dev
     labels = train_data.label_names
     input_kind = "pair" if train_data.has_pairs else "single"
@@ -203,7 +205,7 @@ def train(splits: Splits, config: TrainConfig, *, name: str, backbone: Backbone 
     weights = init_weights(config, run_backbone, len(labels), init_gen)
     template = None
     if prompt is not None:  # the verbalizer (+ demonstration pool) replaces the head
-        weights = prompt.attach(weights, engine, train_data, config.method)
+        weights = prompt.attach(weights, engine, train_data, config.method, config.max_length)
         template = prompt.parsed_template(run_backbone, input_kind == "pair")
     exits = None
     if config.early_exit:  # drawn after everything else, so --early-exit changes no other initial weight
@@ -245,6 +247,9 @@ def train(splits: Splits, config: TrainConfig, *, name: str, backbone: Backbone 
                 else:
                     logits = forward(engine, items, config.dropout_p)
                     loss = F.cross_entropy(logits, targets[rows]) if loss_fn is None else loss_fn(logits, rows)
+                if not torch.isfinite(loss):
+                    raise Diverged(_diverged(f"the loss is {loss.item()} at step {steps + 1}", config,
+                                             scheduler.get_last_lr()[0]))
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 if projection is not None:  # the prefix's gradient, into the MLP's parameters
@@ -252,7 +257,12 @@ def train(splits: Splits, config: TrainConfig, *, name: str, backbone: Backbone 
                 _check_frozen(backbone)
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 lr = scheduler.get_last_lr()[0]  # the rate this step uses
-                optimiser.step()
+                try:
+                    optimiser.step()
+                except RuntimeError as err:  # AdamW's step size lr / (1 - beta1^t) past float32's range
+                    if "overflow" not in str(err):
+                        raise
+                    raise Diverged(_diverged(f"the optimiser step overflows ({err})", config, lr)) from None
                 if projection is not None:
                     projection.write()
                 if average is not None:
@@ -268,7 +278,10 @@ def train(splits: Splits, config: TrainConfig, *, name: str, backbone: Backbone 
             if average is not None:  # dev scores (and the checkpoint keeps) the average
                 live = _snapshot(params)
                 _restore(params, average.values, projection)
-            dev_m = evaluate(engine, task, dev, config.eval_batch_size, progress, desc=f"dev (epoch {epoch})")
+            try:
+                dev_m = evaluate(engine, task, dev, config.eval_batch_size, progress, desc=f"dev (epoch {epoch})")
+            except NonFiniteScores as err:  # weights still finite, but too large for the forward
+                raise Diverged(_diverged(f"{err} after step {steps}", config)) from None
             score = getattr(dev_m, config.select_metric)
             improved = score > best_score
             if improved:
@@ -285,6 +298,8 @@ def train(splits: Splits, config: TrainConfig, *, name: str, backbone: Backbone 
                 break
     train_seconds = time.perf_counter() - t0
     _restore(params, best_state, projection)
+    if not all(bool(torch.isfinite(p).all()) for p in params):  # a step to Inf/NaN with a still-finite loss
+        raise Diverged(_diverged("the trained weights hold NaN or Inf", config))
     if exits is not None:  # exit classifiers (two-stage), confidence predictors, calibrated threshold
         weights["exits"] = train_exits(engine, task, train_data, dev, exits, config,
                                        torch.Generator().manual_seed(config.seed + 2))
@@ -302,6 +317,20 @@ def train(splits: Splits, config: TrainConfig, *, name: str, backbone: Backbone 
 
 
 # -- helpers -------------------------------------------------------------------------------------------
+class Diverged(ConfigError):
+    """Training blew up (a non-finite loss or weights): nothing is returned, so nothing is published."""
+
+
+class NonFiniteScores(ConfigError):
+    """`evaluate` met NaN / Inf logits: the weights it scores are broken."""
+
+
+def _diverged(what: str, config: TrainConfig, lr: float | None = None) -> str:
+    now = f", {lr:g} at this step" if lr is not None else ""
+    return (f"training diverged: {what}; the learning rate (peak {config.learning_rate:g}{now}) is the likely "
+            "cause: lower it (--lr; --teacher-lr / --student-lr for PET); nothing was published")
+
+
 def _exit_summary(cal: dict[str, Any]) -> str:
     parts = []
     for name, p in cal["policies"].items():

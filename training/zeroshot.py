@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -34,7 +35,7 @@ from service.methods.base import TaskWeights
 from service.methods.head import HeadWeights, pool
 from service.store import TASK_NAME_RE
 from training.config import ConfigError
-from training.prompting import PromptSpec, order_by_labels, parse_verbalizer
+from training.prompting import PromptSpec, order_by_labels, parse_verbalizer, unique_labels
 
 # all-MiniLM-L6-v2 was trained with sentence-transformers' MultipleNegativesRankingLoss at its
 # default scale 20 (temperature 0.05): softmax(20 x cosine) is the distribution its training
@@ -120,8 +121,8 @@ def prompt_task(name: str, template: str, verbalizer: str | Path | Mapping[str, 
     words = parse_verbalizer(verbalizer)
     names = parse_labels(labels) or tuple(words)
     spec = PromptSpec(template=template, label_words=order_by_labels(words, names))
-    parsed, vw = spec.build(backbone, names, pair)
     _check_length(max_length, backbone)
+    parsed, vw = spec.build(backbone, names, pair, max_length)
     return ZeroShotTask(name=name, labels=names, input_kind="pair" if pair else "single", max_length=max_length,
                         weights={"verbalizer": vw}, backbone=backbone, template=parsed, template_source=template,
                         provenance={"zeroshot": {"kind": "prompt", "template": template,
@@ -144,17 +145,18 @@ def parse_descriptions(spec: str | Path | Mapping[str, str]) -> dict[str, str]:
                 raise ConfigError(f"--descriptions {spec}: cannot read the file: {err}") from None
         if text.lstrip().startswith("{"):
             try:
-                raw = json.loads(text)
+                raw = json.loads(text, object_pairs_hook=lambda pairs: unique_labels(pairs, "--descriptions"))
             except json.JSONDecodeError as err:
                 raise ConfigError(f"--descriptions: not valid JSON: {err}") from None
         else:
-            raw = {}
+            entries = []
             for part in filter(None, (p.strip() for p in text.split(";"))):
                 label, eq, desc = part.partition("=")
                 if not eq or not label.strip():
                     raise ConfigError(f"--descriptions: {part!r} is not LABEL=description; write e.g. "
                                       "\"negative=a negative review;positive=a positive review\"")
-                raw[label.strip()] = desc
+                entries.append((label.strip(), desc))
+            raw = unique_labels(entries, "--descriptions")
     if not isinstance(raw, dict) or len(raw) < 2:
         raise ConfigError("--descriptions must describe at least 2 labels")
     out = {}
@@ -182,8 +184,8 @@ def description_task(name: str, descriptions: str | Path | Mapping[str, str], ba
                      max_length: int = 128) -> ZeroShotTask:
     """A zero-shot task on a sentence encoder: logits = scale x cosine(text, label description)."""
     _check_name(name)
-    if not scale > 0:
-        raise ConfigError(f"--scale must be positive, got {scale!r}")
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ConfigError(f"--scale must be a positive finite number, got {scale!r}")
     backbone = backbone if backbone is not None else load_backbone(None, dtype="float32")
     _check_length(max_length, backbone)
     desc = parse_descriptions(descriptions)
@@ -211,11 +213,15 @@ def _check_length(max_length: int, backbone: Backbone) -> None:
 # -- publishing --------------------------------------------------------------------------------------
 def save_zeroshot(task: ZeroShotTask, store: str | Path) -> str:
     """Write the task into `<store>/<name>/<version>/` and make it active; the version."""
+    from training.publish import require_finite
+
+    require_finite(task.name, task.weights)
     return write_bundle(Path(store), task.name, task.bundle_config(), task.weights)
 
 
 def publish_zeroshot_http(task: ZeroShotTask, base_url: str, token: str | None = None):
-    from training.publish import upload
+    from training.publish import require_finite, upload
 
+    require_finite(task.name, task.weights)
     cfg_b, w_b = bundle_bytes(task.bundle_config(), task.weights)
     return upload(base_url, task.name, cfg_b, w_b, token)

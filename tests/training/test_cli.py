@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 
 from service.engine.engine import Engine
 from training.cli import evaluate_main, main
@@ -16,6 +17,7 @@ from training.evaluate import load_published
 from training.publish import save_to_store
 from training.report import format_metrics
 from training.trainer import evaluate, train
+from tests.factories import random_head
 from tests.training.conftest import tiny_config
 
 FAST = ["--max-steps", "1", "--batch-size", "8", "--max-length", "24", "--no-progress"]
@@ -83,6 +85,36 @@ BAD_TRAIN = [
         "--max-length 24 + 60 virtual tokens exceeds the backbone's 64 positions"),
     Bad("pooler on a backbone without one", ["--task", "t", "--method", "head", "--pooling", "pooler", *TRAIN_OK.split(),
                                               "--backbone", "{tmp}/distil", "--max-length", "24"], "needs a backbone with a pooler"),
+    Bad("infinite lr", ["--task", "t", "--method", "lora", "--lr", "inf", *TRAIN_OK.split()], "--lr must be a finite number, got inf"),
+    Bad("nan warmup", ["--task", "t", "--method", "lora", "--warmup-ratio", "nan", *TRAIN_OK.split()],
+        "--warmup-ratio must be a finite number, got nan"),
+    Bad("infinite lora alpha", ["--task", "t", "--method", "lora", "--lora-alpha", "inf", *TRAIN_OK.split()],
+        "--lora-alpha must be a positive finite number, got inf"),
+    Bad("unknown device", ["--task", "t", "--method", "lora", "--device", "banana", *TRAIN_OK.split()],
+        "--device: unknown device 'banana': use auto, cpu, cuda or cuda:N"),
+    Bad("json into a missing directory", ["--task", "t", "--method", "head", *TRAIN_OK.split(), "--json", "{tmp}/no/dir/x.json"],
+        "--json {tmp}/no/dir/x.json: the directory {tmp}/no/dir does not exist"),
+    Bad("store is a file", ["--task", "t", "--method", "head", "--data", "{train}", "--dev", "{dev}", "--store", "{tmp}/afile"],
+        "--store {tmp}/afile: is a file, not a directory", files={"afile": "x"}),
+    Bad("store under a file", ["--task", "t", "--method", "head", "--data", "{train}", "--dev", "{dev}", "--store", "{tmp}/afile/s"],
+        "--store {tmp}/afile/s: cannot be made: {tmp}/afile is a file, not a directory", files={"afile": "x"}),
+    Bad("publish URL that is not http", ["--task", "t", "--method", "head", "--data", "{train}", "--dev", "{dev}",
+                                          "--publish", "ftp://host"], "--publish needs an http:// or https:// URL, got 'ftp://host'"),
+    Bad("tab-separated .csv", ["--task", "t", "--method", "head", "--data", "{tmp}/tabs.csv", "--dev", "{dev}", "--store", "{tmp}/s"],
+        "its header is one column holding tabs: if the file is TSV, pass --format tsv",
+        files={"tabs.csv": "text\tlabel\ngood\tpos\nbad\tneg\n"}),
+    Bad("prefix on a causal LM", ["--task", "t", "--method", "prefix", "--data", "{train}", "--dev", "{dev}", "--backbone", "{tmp}/lm",
+                                  "--template", "{{text}} it was {{mask}}", "--verbalizer", "neg=bad;pos=good", "--store", "{tmp}/s", *FAST],
+        "prefix tuning is not supported on causal-LM backbones"),
+    Bad("template leaves no room", ["--task", "t", "--method", "lora", "--data", "{train}", "--dev", "{dev}", "--backbone", "{tmp}/lm",
+                                    "--template", "{{text}} it was a very good and fun movie it was {{mask}}",
+                                    "--verbalizer", "neg=bad;pos=good", "--store", "{tmp}/s", *FAST[:4], "--max-length", "8"],
+        "leaves no room for the input within max_length 8: its own tokens (special tokens, template text and answer slot) "
+        "take 12; raise --max-length or shorten the template"),
+    Bad("repeated verbalizer label", ["--task", "t", "--method", "lora", "--data", "{train}", "--dev", "{dev}", "--backbone", "{tmp}/lm",
+                                      "--template", "{{text}} it was {{mask}}", "--verbalizer", "neg=bad;neg=terrible;pos=good",
+                                      "--store", "{tmp}/s"],
+        "--verbalizer: label 'neg' is given twice"),
     Bad("nothing listening at --publish", ["--task", "t", "--method", "head", "--data", "{train}", "--dev", "{dev}",
                                            "--backbone", "{backbone}", "--publish", "http://127.0.0.1:9", *FAST], "cannot reach http://127.0.0.1:9"),
     Bad("no output given", ["--task", "t", "--method", "lora", "--data", "{train}", "--dev", "{dev}"],
@@ -102,6 +134,10 @@ def test_train_bad_input(case, csvs, tiny_dir, tmp_path, capsys):
         from tests.factories import save_tiny_backbone
 
         save_tiny_backbone("distilbert", tmp_path / "distil")
+    if "{tmp}/lm" in case.args:
+        from tests.factories import save_tiny_lm
+
+        save_tiny_lm("causal", tmp_path / "lm")
     fill = dict(train=csvs["train"], dev=csvs["dev"], tmp=tmp_path, backbone=tiny_dir)
     args = [a.format(**fill) for a in case.args]
     if case.status == 2:  # argparse's own usage errors
@@ -110,7 +146,21 @@ def test_train_bad_input(case, csvs, tiny_dir, tmp_path, capsys):
         assert exit_.value.code == 2 and case.expected in capsys.readouterr().err
         return
     assert main(args) == case.status
-    assert case.expected in _error_line(capsys, "adaptserve train")
+    assert case.expected.format(**fill) in _error_line(capsys, "adaptserve train")
+    assert not (tmp_path / "store").exists() and not (tmp_path / "s").exists()  # nothing was published
+
+
+@pytest.mark.parametrize("lr", ["1e38", "1e20", "1e10"])
+def test_a_diverging_run_stops_and_publishes_nothing(lr, csvs, tiny_dir, tmp_path, capsys):
+    """1e38: AdamW's step overflows float32; 1e20: the loss turns NaN; 1e10 (one step): the weights
+    stay finite but the dev scores do not. Each stops with the learning rate named."""
+    rc = main(["--task", "t", "--method", "lora", "--data", str(csvs["train"]), "--dev", str(csvs["dev"]), "--lr", lr,
+               "--backbone", str(tiny_dir), "--store", str(tmp_path / "store"), "--json", str(tmp_path / "x.json"),
+               "--max-steps", "2" if lr != "1e10" else "1", "--batch-size", "8", "--max-length", "24", "--no-progress"])
+    assert rc == 1
+    line = _error_line(capsys, "adaptserve train")
+    assert "training diverged: " in line and f"the learning rate (peak {float(lr):g}" in line and "lower it (--lr" in line
+    assert not (tmp_path / "store").exists() and not (tmp_path / "x.json").exists()
 
 
 # -- train: the happy paths ----------------------------------------------------------------------------
@@ -151,6 +201,40 @@ def test_full_cli_writes_backbone_and_head(csvs, tiny_dir, tmp_path, capsys):
     rc = evaluate_main(["--task", "full-task", "--store", str(tmp_path / "full" / "store"), "--data", str(csvs["dev"]),
                         "--backbone", str(tmp_path / "full" / "backbone"), "--no-progress"])
     assert rc == 0 and "accuracy=" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["backbone", "store"]  # no temp folder left
+
+
+def test_second_publish_full_into_one_dir_is_refused(csvs, tiny_dir, tmp_path, capsys):
+    """A second run would overwrite DIR/backbone, which DIR/store's tasks are fingerprinted to:
+    refused before training, and the first run's task still loads."""
+    args = ["--task", "full-task", "--data", str(csvs["train"]), "--dev", str(csvs["dev"]), "--method", "full",
+            "--backbone", str(tiny_dir), "--publish-full", str(tmp_path / "full"), *FAST]
+    assert main(args) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "full" / "backbone").iterdir()}
+    assert main([*args, "--seed", "7"]) == 1
+    line = _error_line(capsys, "adaptserve train")
+    assert f"{tmp_path / 'full' / 'backbone'} already holds a backbone from an earlier run" in line
+    assert "pass a new --publish-full DIR" in line
+    assert {p.name: p.read_bytes() for p in (tmp_path / "full" / "backbone").iterdir()} == before
+    assert evaluate_main(["--task", "full-task", "--store", str(tmp_path / "full" / "store"), "--data", str(csvs["dev"]),
+                          "--backbone", str(tmp_path / "full" / "backbone"), "--no-progress"]) == 0
+
+
+def test_save_full_keeps_the_same_backbone_and_refuses_another(tiny, tmp_path):
+    from training.config import ConfigError
+    from training.full import save_full, trainable_copy
+
+    head = {"head": random_head(tiny.info, torch.Generator())}
+    cfg = {"labels": ["neg", "pos"], "max_length": 24}
+    tuned = trainable_copy(tiny)
+    first = save_full(tmp_path, "t", tuned, cfg, head)
+    again = save_full(tmp_path, "t", tuned, cfg, head)  # the very same backbone: kept, nothing rewritten
+    assert again.version == first.version
+    with torch.no_grad():
+        next(tuned.model.parameters()).add_(1.0)
+    with pytest.raises(ConfigError, match=r"already holds another backbone \(sha256:.*pass a new --publish-full DIR"):
+        save_full(tmp_path, "t", tuned, cfg, head)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["backbone", "store"]
 
 
 # -- evaluate ------------------------------------------------------------------------------------------
@@ -188,6 +272,10 @@ BAD_EVAL = [
     Bad("unknown version", ["--task", "ev", "--store", "{store}", "--data", "{test}", "--version", "v9"], "has no version 'v9'"),
     Bad("other backbone", ["--task", "ev", "--store", "{store}", "--data", "{test}", "--backbone", "{tmp}/other"],
         "trained on backbone"),
+    Bad("unknown device", ["--task", "ev", "--store", "{store}", "--data", "{test}", "--device", "banana"],
+        "--device: unknown device 'banana'"),
+    Bad("json into a missing directory", ["--task", "ev", "--store", "{store}", "--data", "{test}", "--json", "{tmp}/no/m.json"],
+        "the directory"),
 ]
 
 

@@ -24,3 +24,30 @@ def test_cli_without_epochs_uses_the_methods_default(tmp_path):
     args = build_train_parser().parse_args(
         ["--task", "t", "--method", "full", "--data", "x.csv", "--dev", "d.csv", "--store", str(tmp_path)])
     assert config_from_args(args).num_epochs == DEFAULT_EPOCHS["full"]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("lr", float("inf")), ("lr", float("nan")), ("weight_decay", float("nan")), ("warmup_ratio", float("-inf")),
+    ("max_grad_norm", float("inf")), ("dropout", float("nan")), ("ema", float("nan")), ("exit_max_drop", float("inf")),
+    ("exit_confidence", float("nan")),
+])
+def test_non_finite_numbers_are_refused(field, value):
+    """inf passes "> 0" (and trains NaN weights); every float option must be a finite number."""
+    with pytest.raises(ConfigError, match=f"--{field.replace('_', '-')} must be a finite number, got {value!r}"):
+        TrainConfig(method="lora", **{field: value}).check()
+
+
+def test_a_prefix_is_refused_on_a_causal_lm():
+    config = TrainConfig(method="prefix").check()
+    config.check_backbone(512, False, "encoder")
+    with pytest.raises(ConfigError, match="prefix tuning is not supported on causal-LM backbones"):
+        config.check_backbone(512, False, "decoder")
+    TrainConfig(method="lora").check().check_backbone(512, False, "decoder")
+
+
+@pytest.mark.parametrize("device", ["banana", "cpu:x", "", "cuda:-1"])
+def test_an_unknown_device_is_a_value_error(device):
+    from service.engine.backbone import resolve_device
+
+    with pytest.raises(ValueError, match=f"unknown device {device!r}: use auto, cpu, cuda or cuda:N"):
+        resolve_device(device)

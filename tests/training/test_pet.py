@@ -162,3 +162,32 @@ def test_pet_cli(pet_setup, tmp_path, capsys):
     pats.write_text("[]")
     assert pet_main(args) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("adaptserve pet: error: --patterns")
+
+
+@pytest.mark.parametrize("extra,patterns,message", [
+    (["--teacher-method", "prefix"], PATTERNS, "--teacher-method prefix on lm: prefix tuning is not supported on causal-LM backbones"),
+    (["--max-length", "8"], [*PATTERNS[:2], {"template": "the movie {text} is a very good and fun one it was {mask}",
+                                             "verbalizer": "negative=bad;positive=good", "name": "long"}],
+     "--patterns: pattern long: --template: template 'the movie {text} is a very good and fun one it was {mask}' leaves no room"),
+    (["--temperature", "inf"], PATTERNS, "--temperature must be a positive finite number, got inf"),
+])
+def test_pet_refuses_before_training_anything(extra, patterns, message, pet_setup, tmp_path, capsys, monkeypatch):
+    """What would stop the run part way (a prefix teacher on a causal LM, a pattern with no room for
+    the input) is found before the first teacher trains."""
+    import training.pet as pet_mod
+
+    monkeypatch.setattr(pet_mod, "train", lambda *a, **k: pytest.fail("a teacher trained before the run was checked"))
+    d, splits, _, lm_path = pet_setup
+    pats = tmp_path / "patterns.json"
+    pats.write_text(json.dumps(patterns))
+    unl = write_csv(tmp_path / "u.csv", rows(6, 25))
+    from tests.training.conftest import save_tiny_backbone
+
+    student = save_tiny_backbone("bert", tmp_path / "student")
+    args = ["--task", "pet-bad", "--data", splits.train.source, "--dev", splits.dev.source, "--unlabelled", str(unl),
+            "--patterns", str(pats), "--backbone", str(lm_path), "--student-backbone", str(student),
+            "--max-length", "32", "--store", str(tmp_path / "store"), "--no-progress", "--device", "cpu", *extra]
+    assert pet_main(args) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("adaptserve pet: error: ") and message in last, last
+    assert not (tmp_path / "store").exists()

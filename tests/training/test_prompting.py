@@ -15,7 +15,7 @@ from service.engine.template import Template
 from service.engine.types import ClassifyItem
 from training.cli import main
 from training.config import ConfigError
-from training.data import LabelledData, Splits, load_splits
+from training.data import load_splits
 from training.evaluate import load_published
 from training.prompting import PromptSpec, VerbalizerError, parse_verbalizer, prompt_spec, resolve_verbalizer
 from training.publish import save_to_store
@@ -90,6 +90,14 @@ def test_parse_verbalizer_forms(tmp_path):
     for bad, msg in [("negative", "not LABEL=word"), ("negative=;positive=great", "has no words"), ("{nope", "not valid JSON")]:
         with pytest.raises(VerbalizerError, match=msg):
             parse_verbalizer(bad)
+
+
+@pytest.mark.parametrize("spec", ["negative=bad;negative=awful;positive=good",
+                                  '{"negative": "bad", "negative": ["awful"], "positive": "good"}'])
+def test_a_repeated_verbalizer_label_is_refused(spec):
+    """A dict would keep the last entry of a label silently ("bad" dropped)."""
+    with pytest.raises(ConfigError, match="--verbalizer: label 'negative' is given twice; give each label once"):
+        parse_verbalizer(spec)
 
 
 def test_words_resolve_to_the_lm_heads_ids(lm):

@@ -155,3 +155,33 @@ def test_publish_to_the_real_service_then_classify(tiny_dir, tiny, csvs, tmp_pat
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("how", ["store", "http", "zeroshot store", "zeroshot http"])
+def test_weights_with_nan_or_inf_are_never_published(how, tiny, csvs, tmp_path, stand):
+    """Every tensor of a bundle is checked when the service loads it, so NaN / Inf weights would be an
+    active version that never loads: refused before anything is written or sent."""
+    import torch
+
+    from training.data import load_splits
+    from training.publish import publish_http, save_to_store
+    from training.trainer import train
+    from training.zeroshot import description_task, publish_zeroshot_http, save_zeroshot
+    from tests.training.conftest import tiny_config
+
+    if how.startswith("zeroshot"):
+        made = description_task("zs", "neg=a bad movie;pos=a good movie", tiny, max_length=24)
+        tensor = made.weights["head"].out_w
+        publish = {"zeroshot store": lambda: save_zeroshot(made, tmp_path / "store"),
+                   "zeroshot http": lambda: publish_zeroshot_http(made, stand.url)}[how]
+    else:
+        made = train(load_splits(csvs["train"], csvs["dev"]), tiny_config("lora", max_steps=1), name="t", backbone=tiny,
+                     progress=False)
+        tensor = made.weights["head"].tensors()["head.out.weight"]
+        publish = {"store": lambda: save_to_store(made, tmp_path / "store"),
+                   "http": lambda: publish_http(made, stand.url)}[how]
+    with torch.no_grad():
+        tensor[0, 0] = float("inf")
+    with pytest.raises(PublishError, match=r"was not published: its weights hold NaN or Inf \(head\.out\.weight\)"):
+        publish()
+    assert not (tmp_path / "store").exists() and stand.requests == []

@@ -81,6 +81,14 @@ def test_parse_descriptions():
             parse_descriptions(bad)
 
 
+@pytest.mark.parametrize("spec", ["neg=a bad film;pos=a good one;neg=an awful film",
+                                  '{"neg": "a bad film", "pos": "a good one", "neg": "an awful film"}'])
+def test_a_repeated_description_label_is_refused(spec):
+    """A dict would keep the last description of a label silently."""
+    with pytest.raises(ConfigError, match="--descriptions: label 'neg' is given twice"):
+        parse_descriptions(spec)
+
+
 def test_labels_must_match(tiny_dir):
     bb = load_backbone(tiny_dir, device="cpu", dtype="float32")
     with pytest.raises(ConfigError, match="describe exactly the labels negative, positive; missing positive; not a label: pos"):
@@ -107,3 +115,28 @@ def test_zeroshot_cli(tiny_dir, tmp_path, capsys):
                               "--max-length", "24"]) == 1
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith("adaptserve zeroshot: error: ") and message in last, last
+
+
+def test_zeroshot_checks_everything_before_publishing(tiny_dir, tmp_path, capsys):
+    """A template with no room for the input, a non-finite scale, a --test file that is missing or
+    has other labels, a --json in a missing directory: one line each, and nothing published."""
+    lm = save_tiny_lm("causal", tmp_path / "lm")
+    store = tmp_path / "store"
+    prompt = ["--backbone", str(lm), "--verbalizer", "negative=bad;positive=good"]
+    other_labels = write_csv(tmp_path / "other.csv", [("good fun", "pos"), ("bad plot", "neg")])
+    for bad, message in [
+        ([*prompt, "--template", "{text} it was a very good and fun movie it was {mask}", "--max-length", "8"],
+         "--template: template '{text} it was a very good and fun movie it was {mask}' leaves no room for the input "
+         "within max_length 8: its own tokens (special tokens, template text and answer slot) take 12"),
+        ([*prompt, "--template", "{text} it was {mask}", "--test", str(tmp_path / "nonexist.csv")],
+         f"--test {tmp_path / 'nonexist.csv'}: file not found"),
+        ([*prompt, "--template", "{text} it was {mask}", "--test", str(other_labels)], "labels not in the training labels"),
+        ([*prompt, "--template", "{text} it was {mask}", "--json", str(tmp_path / "no" / "s.json")], "does not exist"),
+        (["--backbone", str(tiny_dir), "--descriptions", "negative=a bad movie;positive=a good movie", "--scale", "inf"],
+         "--scale must be a positive finite number, got inf"),
+    ]:
+        args = ["--task", "z", *bad, "--store", str(store), "--device", "cpu", "--no-progress"]
+        assert zeroshot_main(args if "--max-length" in bad else [*args, "--max-length", "24"]) == 1
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("adaptserve zeroshot: error: ") and message in last, last
+        assert not store.exists()
