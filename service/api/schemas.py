@@ -32,8 +32,9 @@ class EarlyExit(BaseModel):
         "exit's softmax entropy (nats) <= threshold; `patience`: when `threshold` consecutive exits agree; "
         "`off`: run every layer."
     )
+    # strict: a JSON number only (not true, not "0.5"), as the OpenAPI document says
     threshold: float | None = Field(
-        default=None, allow_inf_nan=False,
+        default=None, allow_inf_nan=False, strict=True,
         description="Policy threshold; default: the policy's own (confidence 0.9, entropy 0.3, patience 2).",
     )
 
@@ -59,7 +60,7 @@ class ClassifyRequest(BaseModel):
         "pair tasks. At most `max_inputs_per_request` items of `max_chars_per_input` characters.",
     )
     timeout_ms: int | None = Field(
-        default=None, gt=0, le=3_600_000,
+        default=None, gt=0, le=3_600_000, strict=True,  # `true` is not 1 ms, nor "100" 100 ms
         description="Deadline for this request; capped by the server's `request_timeout_s`.",
     )
     early_exit: EarlyExit | None = Field(

@@ -338,7 +338,10 @@ class RedisRegistry(Registry):
 
     async def forget_version(self, task: str, version: str, remove_files: Callable[[], Awaitable[None]]) -> TaskRecord:
         validate_task_name(task)
-        if version not in await asyncio.to_thread(self._versions, task):
+        stored = await asyncio.to_thread(self._versions, task)
+        if not stored:  # as the local registry answers: the task itself is unknown
+            raise TaskNotFound(f"task {task!r} not found")
+        if version not in stored:
             raise VersionNotFound(f"task {task!r} has no version {version!r}")
 
         def change(record: TaskRecord | None) -> TaskRecord:

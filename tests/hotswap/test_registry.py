@@ -104,6 +104,27 @@ async def test_a_first_upload_comes_from_nothing_and_resending_the_active_versio
 
 
 @async_test
+async def test_forgetting_a_version_of_an_unknown_task_is_task_not_found(backend: RedisServer | None, tmp_path: Path) -> None:
+    (tmp_path / "store").mkdir()
+    store = LocalStore(tmp_path / "store")
+    registry = LocalRegistry(store) if backend is None else _registry(backend.url, store)
+    await registry.start()
+
+    async def nothing() -> None:
+        raise AssertionError("no files to remove")
+
+    try:
+        await wait_until(lambda: registry.status()["connected"])
+        with pytest.raises(TaskNotFound):
+            await registry.forget_version("nope", "v1", nothing)
+        write_task(tmp_path / "store", "t", "v1")
+        with pytest.raises(VersionNotFound):
+            await registry.forget_version("t", "v9", nothing)
+    finally:
+        await registry.stop()
+
+
+@async_test
 async def test_redis_registries_seed_from_the_store_share_writes_and_follow_the_feed(redis_server, tmp_path: Path) -> None:
     write_task(tmp_path / "store", "t", "v1")
     write_task(tmp_path / "store", "t", "v2")

@@ -57,6 +57,8 @@ def test_exit_layer_follows_the_requested_policy(client: TestClient, early_exit:
         ({"threshold": 0.5}, "early_exit.policy: Field required"),
         ({"policy": "confidence", "margin": 1}, "Extra inputs are not permitted"),
         ({"policy": "confidence", "threshold": "high"}, "valid number"),
+        ({"policy": "confidence", "threshold": "0.5"}, "valid number"),
+        ({"policy": "confidence", "threshold": True}, "valid number"),
     ],
 )
 def test_bad_early_exit_values_are_422_naming_the_problem(client: TestClient, early_exit: dict, message: str) -> None:
