@@ -141,18 +141,23 @@ def test_student_loss_is_the_distillation_loss(pet_setup, tiny, monkeypatch):
     assert res.config.weighting == "uniform" and [t.weight for t in res.teachers] == [1.0, 1.0, 1.0]
 
 
-def test_pet_cli(pet_setup, tmp_path, capsys):
-    d, splits, _, lm_path = pet_setup
-    pats = tmp_path / "patterns.json"
-    pats.write_text(json.dumps(PATTERNS))
-    unl = write_csv(tmp_path / "u.csv", rows(6, 25))
+def _pet_args(pet_setup, tmp_path, task: str, patterns: list) -> list[str]:
+    """`adaptserve pet` arguments for the tiny setup: 6 unlabelled rows, a tiny student, 32 tokens."""
     from tests.training.conftest import save_tiny_backbone
 
+    _, splits, _, lm_path = pet_setup
+    (tmp_path / "patterns.json").write_text(json.dumps(patterns))
+    unl = write_csv(tmp_path / "u.csv", rows(6, 25))
     student = save_tiny_backbone("bert", tmp_path / "student")
-    args = ["--task", "pet-cli", "--data", splits.train.source, "--dev", splits.dev.source, "--unlabelled", str(unl),
-            "--patterns", str(pats), "--backbone", str(lm_path), "--student-backbone", str(student),
-            "--teacher-max-steps", "1", "--student-epochs", "1", "--max-length", "32", "--batch-size", "8",
-            "--store", str(tmp_path / "store"), "--no-progress", "--device", "cpu", "--json", str(tmp_path / "s.json")]
+    return ["--task", task, "--data", splits.train.source, "--dev", splits.dev.source, "--unlabelled", str(unl),
+            "--patterns", str(tmp_path / "patterns.json"), "--backbone", str(lm_path), "--student-backbone", str(student),
+            "--max-length", "32", "--store", str(tmp_path / "store"), "--no-progress", "--device", "cpu"]
+
+
+def test_pet_cli(pet_setup, tmp_path, capsys):
+    args = [*_pet_args(pet_setup, tmp_path, "pet-cli", PATTERNS), "--teacher-max-steps", "1", "--student-epochs", "1",
+            "--batch-size", "8", "--json", str(tmp_path / "s.json")]
+    pats = tmp_path / "patterns.json"
     assert pet_main(args) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "teacher p1" in out and "student" in out
@@ -177,17 +182,7 @@ def test_pet_refuses_before_training_anything(extra, patterns, message, pet_setu
     import training.pet as pet_mod
 
     monkeypatch.setattr(pet_mod, "train", lambda *a, **k: pytest.fail("a teacher trained before the run was checked"))
-    d, splits, _, lm_path = pet_setup
-    pats = tmp_path / "patterns.json"
-    pats.write_text(json.dumps(patterns))
-    unl = write_csv(tmp_path / "u.csv", rows(6, 25))
-    from tests.training.conftest import save_tiny_backbone
-
-    student = save_tiny_backbone("bert", tmp_path / "student")
-    args = ["--task", "pet-bad", "--data", splits.train.source, "--dev", splits.dev.source, "--unlabelled", str(unl),
-            "--patterns", str(pats), "--backbone", str(lm_path), "--student-backbone", str(student),
-            "--max-length", "32", "--store", str(tmp_path / "store"), "--no-progress", "--device", "cpu", *extra]
-    assert pet_main(args) == 1
+    assert pet_main([*_pet_args(pet_setup, tmp_path, "pet-bad", patterns), *extra]) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("adaptserve pet: error: ") and message in last, last
     assert not (tmp_path / "store").exists()
