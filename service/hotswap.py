@@ -240,10 +240,12 @@ class TaskAdmin:
         """A task's active version changed (own write or another replica's): keep tiers tidy."""
         runtime = self.state.runtime
         log.info("task %s: active version %s -> %s", task, old, new)
-        if runtime is None:
+        if new is None:  # the task was deleted (an active version cannot be): its cache and metric series go
+            self.state.metrics.forget_task(task)
+            if runtime is not None:
+                runtime.cache.drop_task(task)
             return
-        if new is None:
-            runtime.cache.drop_task(task)
+        if runtime is None:
             return
         if old is not None:
             runtime.cache.demote(TaskKey(task, old))  # off the device; a rollback re-promotes it

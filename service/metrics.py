@@ -76,6 +76,12 @@ class Metrics:
             if layer is not None:
                 histogram.observe(layer)
 
+    def forget_task(self, task: str) -> None:
+        """Drop a deleted task's series: with tasks created and deleted all day, they would
+        otherwise pile up in every scrape."""
+        for metric in (self.requests, self.request_latency, self.exit_layer):
+            metric.remove_by_labels({"task": task})
+
     def observe_batch(self, rows: int, seconds: float) -> None:
         self.batch_size.observe(rows)
         self.forward_latency.observe(seconds)

@@ -199,6 +199,7 @@ def _early_exit_options(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """`adaptserve train ...`; returns the exit status."""
     args = build_train_parser().parse_args(argv)
+    _library_bars(args)
     return _guarded("adaptserve train", lambda: _train(args))
 
 
@@ -308,6 +309,7 @@ def build_evaluate_parser(prog: str = "adaptserve evaluate") -> argparse.Argumen
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
     """`adaptserve evaluate ...`; returns the exit status."""
     args = build_evaluate_parser().parse_args(argv)
+    _library_bars(args)
     return _guarded("adaptserve evaluate", lambda: _evaluate(args))
 
 
@@ -360,6 +362,15 @@ _PARAM = re.compile(r"\b(file_format|empty_text|text_column|text_pair_column|lab
 def _for_cli(message: str) -> str:
     """training.data names its Python parameters ("pass label_column= ..."); name the flags."""
     return _PARAM.sub(lambda m: "--format " if m.group(1) == "file_format" else f"--{m.group(1).replace('_', '-')} ", message)
+
+
+def _library_bars(args: argparse.Namespace) -> None:
+    """--no-progress quiets the libraries' bars too (transformers' "Loading weights", a GGUF
+    file's conversion), not only ours."""
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def _guarded(prog: str, run: Callable[[], int]) -> int:

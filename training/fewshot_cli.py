@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from training.cli import _check_paths, _columns, _data_format_flags, _guarded, _load_backbone, _setup_logging
+from training.cli import _check_paths, _columns, _data_format_flags, _guarded, _library_bars, _load_backbone, _setup_logging
 from training.config import DEFAULT_LR, ConfigError, TrainConfig
 from training.pet import DEFAULT_TEMPERATURE, WEIGHTINGS
 from training.zeroshot import DEFAULT_SCALE
@@ -65,6 +65,7 @@ def build_zeroshot_parser(prog: str = "adaptserve zeroshot") -> argparse.Argumen
 
 def zeroshot_main(argv: Sequence[str] | None = None) -> int:
     args = build_zeroshot_parser().parse_args(argv)
+    _library_bars(args)
     return _guarded("adaptserve zeroshot", lambda: _zeroshot(args))
 
 
@@ -146,6 +147,7 @@ def build_pet_parser(prog: str = "adaptserve pet") -> argparse.ArgumentParser:
 
 def pet_main(argv: Sequence[str] | None = None) -> int:
     args = build_pet_parser().parse_args(argv)
+    _library_bars(args)
     return _guarded("adaptserve pet", lambda: _pet(args))
 
 

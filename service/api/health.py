@@ -12,6 +12,8 @@ from service.api.schemas import Health, Readiness
 router = APIRouter()
 
 
+# HEAD too (load balancers probe with it), left out of the OpenAPI document: the same answer, no body.
+@router.head("/healthz", include_in_schema=False)
 @router.get("/healthz", response_model=Health, responses={503: {"model": Health}}, summary="Liveness")
 async def healthz(request: Request) -> Any:
     state = service_state(request)
@@ -20,6 +22,7 @@ async def healthz(request: Request) -> Any:
     return Health(status="ok")
 
 
+@router.head("/readyz", include_in_schema=False)
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, summary="Readiness")
 async def readyz(request: Request) -> Any:
     state = service_state(request)

@@ -98,8 +98,11 @@ def test_delete_refuses_the_active_version_but_deletes_the_task(make_client, inf
     assert client.post("/v1/tasks/sentiment/rollback", headers=AUTH_ADMIN).status_code == 409  # v1 is gone
     missing = client.delete(f"{VERSIONS.format('sentiment')}/{v1}", headers=AUTH_ADMIN)
     assert missing.status_code == 404 and missing.json()["error_type"] == "version_not_found"
+    assert client.post("/v1/tasks/sentiment/classify", json={"inputs": ["x"]}, headers=AUTH_READER).status_code == 200
+    assert 'task="sentiment"' in client.get("/metrics").text
     assert client.delete("/v1/tasks/sentiment", headers=AUTH_ADMIN).status_code == 200
     assert not (store / "sentiment").exists()
+    assert 'task="sentiment"' not in client.get("/metrics").text  # its series went with it
     gone = client.post("/v1/tasks/sentiment/classify", json={"inputs": ["x"]}, headers=AUTH_READER)
     assert gone.status_code == 404
     assert client.delete("/v1/tasks/sentiment", headers=AUTH_ADMIN).status_code == 404

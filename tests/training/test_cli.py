@@ -163,6 +163,18 @@ def test_a_diverging_run_stops_and_publishes_nothing(lr, csvs, tiny_dir, tmp_pat
     assert not (tmp_path / "store").exists() and not (tmp_path / "x.json").exists()
 
 
+def test_no_progress_quiets_the_libraries_bars_too(csvs, tiny_dir, tmp_path, capsys, monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.setattr(hf_logging, "_tqdm_active", True)  # whatever an earlier test left; restored after
+    args = ["--task", "t", "--method", "head", "--data", str(csvs["train"]), "--dev", str(csvs["dev"]), "--backbone",
+            str(tiny_dir), "--no-publish", "--max-steps", "1", "--batch-size", "8", "--max-length", "24"]
+    assert main(args) == 0
+    assert "Loading weights" in capsys.readouterr().err  # the bar this test is about, without the flag
+    assert main([*args, "--no-progress"]) == 0
+    assert "Loading weights" not in capsys.readouterr().err
+
+
 # -- train: the happy paths ----------------------------------------------------------------------------
 def test_train_cli_publishes_a_servable_task(csvs, tiny, tiny_dir, tmp_path, capsys):
     out = tmp_path / "run.json"

@@ -14,6 +14,9 @@ def test_ready_server(client: TestClient) -> None:
     ready = client.get("/readyz").json()
     assert ready["status"] == "ready"
     assert ready["backbone"]["name"] == "fake-minilm" and ready["backbone"]["fingerprint"] == "fake0000"
+    for probe in ("/healthz", "/readyz"):  # load balancers probe with HEAD: same status, no body
+        head = client.head(probe)
+        assert (head.status_code, head.content) == (200, b"")
 
 
 def test_not_ready_until_warmup_is_done(store: Path) -> None:
@@ -23,6 +26,7 @@ def test_not_ready_until_warmup_is_done(store: Path) -> None:
         assert client.get("/healthz").status_code == 200  # alive while loading
         starting = client.get("/readyz")
         assert starting.status_code == 503 and starting.json()["status"] == "starting"
+        assert client.head("/readyz").status_code == 503 and client.head("/healthz").status_code == 200  # HEAD agrees
         refused = client.post("/v1/tasks/sentiment/classify", json={"inputs": ["x"]})
         assert refused.status_code == 503 and refused.json()["error_type"] == "not_ready"
         engine.warmup_gate.set()
