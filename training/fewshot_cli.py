@@ -48,8 +48,8 @@ def build_zeroshot_parser(prog: str = "adaptserve zeroshot") -> argparse.Argumen
     kind.add_argument("--descriptions", help="(b) \"negative=a negative review;positive=a positive review\" or a JSON file")
     p.add_argument("--verbalizer", help="(a) \"negative=terrible,bad;positive=great,good\" or a JSON file")
     p.add_argument("--pair", action="store_true", help="(a) a sentence-pair task (the template has {text_pair})")
-    p.add_argument("--scale", type=float, default=DEFAULT_SCALE,
-                   help="(b) logits = scale x cosine [%(default)s: all-MiniLM-L6-v2's training temperature 0.05]")
+    p.add_argument("--scale", type=float, default=None,
+                   help=f"(b) logits = scale x cosine [{DEFAULT_SCALE:g}: all-MiniLM-L6-v2's training temperature 0.05]")
     p.add_argument("--max-length", type=int, default=TrainConfig(method="lora").max_length, help="[%(default)s]")
     p.add_argument("--backbone", type=Path, help="(a) an LM folder or .gguf; (b) an encoder [the bundled all-MiniLM-L6-v2]")
     p.add_argument("--device", default="auto", help="[%(default)s]")
@@ -78,6 +78,9 @@ def _zeroshot(args: argparse.Namespace) -> int:
         raise ConfigError("--template needs --verbalizer: which word stands for each label")
     if args.descriptions is not None and (args.verbalizer is not None or args.pair):
         raise ConfigError("--descriptions builds a cosine head; --verbalizer and --pair belong to --template")
+    if args.template is not None and args.scale is not None:
+        raise ConfigError("--scale belongs to --descriptions (it scales the cosine head); a --template task's "
+                          "scores come from the LM's own logits")
     _check_paths(args.device, inputs=[("--test", args.test)], store=args.store, publish=args.publish,
                  json_out=args.json_out)
     _setup_logging()
@@ -86,8 +89,8 @@ def _zeroshot(args: argparse.Namespace) -> int:
         task = prompt_task(args.task, args.template, args.verbalizer, backbone, labels=args.labels, pair=args.pair,
                            max_length=args.max_length)
     else:
-        task = description_task(args.task, args.descriptions, backbone, labels=args.labels, scale=args.scale,
-                                max_length=args.max_length)
+        task = description_task(args.task, args.descriptions, backbone, labels=args.labels,
+                                scale=DEFAULT_SCALE if args.scale is None else args.scale, max_length=args.max_length)
     test = _read_test(args, task.task) if args.test is not None else None  # its problems stop the run unpublished
     published = _publish(args, lambda store: save_zeroshot(task, store), lambda: publish_zeroshot_http(task, args.publish, args.token))
     summary: dict[str, Any] = {"task": args.task, "kind": "prompt" if args.template else "descriptions",

@@ -134,6 +134,7 @@ def test_zeroshot_checks_everything_before_publishing(tiny_dir, tmp_path, capsys
         ([*prompt, "--template", "{text} it was {mask}", "--json", str(tmp_path / "no" / "s.json")], "does not exist"),
         (["--backbone", str(tiny_dir), "--descriptions", "negative=a bad movie;positive=a good movie", "--scale", "inf"],
          "--scale must be a positive finite number, got inf"),
+        ([*prompt, "--template", "{text} it was {mask}", "--scale", "10"], "--scale belongs to --descriptions"),
     ]:
         args = ["--task", "z", *bad, "--store", str(store), "--device", "cpu", "--no-progress"]
         assert zeroshot_main(args if "--max-length" in bad else [*args, "--max-length", "24"]) == 1
