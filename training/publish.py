@@ -15,8 +15,8 @@ import httpx
 import torch
 
 from service.engine.bundle import CONFIG, WEIGHTS, bundle_bytes, content_version, write_bundle
-from training.full import FullArtifacts, save_full
 from service.methods.base import TaskWeights
+from training.full import FullArtifacts, save_full
 from training.trainer import TrainResult
 
 TOKEN_ENV = "ADAPTSERVE_ADMIN_TOKEN"

@@ -67,7 +67,7 @@ def parse(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Backb
     A task trained on another backbone is reported alone and briefly: every tensor of it would
     misfit this one, and that list says nothing the fingerprint does not. `tokenizer` (the
     backbone's) lets a prompt task's template be checked against its max_length."""
-    _check_fingerprint(cfg, backbone, name)
+    fp = _check_fingerprint(cfg, backbone, name)
     problems: list[str] = []
     if cfg.get("format") != FORMAT:
         problems.append(f"'format' must be {FORMAT!r}, got {cfg.get('format')!r}")
@@ -92,12 +92,9 @@ def parse(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Backb
     overflow = cfg.get("overflow", "truncate")
     if overflow not in OVERFLOWS:
         problems.append(f"'overflow' must be one of {OVERFLOWS}, got {overflow!r}")
-    trained_on = cfg.get("backbone") or {}
-    if not isinstance(trained_on, Mapping):
+    if not isinstance(cfg.get("backbone") or {}, Mapping):
         problems.append(f"'backbone' must be an object such as {{\"fingerprint\": \"sha256:...\"}}, "
-                        f"got {type(trained_on).__name__}")
-        trained_on = {}
-    fp = trained_on.get("fingerprint")
+                        f"got {type(cfg['backbone']).__name__}")
     named = tuple(f"{m}." for m in methods_cfg)
     stray = sorted(k for k in tensors if not k.startswith(named))
     if stray:
@@ -175,12 +172,13 @@ def _capped(message: str) -> str:
     return f"{where}: " + "; ".join(items[:MAX_PROBLEMS]) + f"; ... and {len(items) - MAX_PROBLEMS} more"
 
 
-def _check_fingerprint(cfg: Mapping[str, Any], backbone: BackboneInfo, name: str) -> None:
-    """A task trained on another backbone is refused first, in one short line."""
+def _check_fingerprint(cfg: Mapping[str, Any], backbone: BackboneInfo, name: str) -> str | None:
+    """The fingerprint the task was trained on (None if it names none). A task trained on another
+    backbone is refused first, in one short line."""
     trained_on = cfg.get("backbone") if isinstance(cfg.get("backbone"), Mapping) else {}
     fp = trained_on.get("fingerprint")
     if fp is None or fp == backbone.fingerprint:
-        return
+        return fp
     called = trained_on.get("name") or trained_on.get("model_type")
     raise BundleError(
         f"task {name!r}: trained on backbone {str(fp)[:19]}...{f' ({called})' if called else ''}, but this one is "
