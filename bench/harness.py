@@ -228,7 +228,9 @@ def check(label: str, ok: bool, detail: str) -> dict[str, object]:
 
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    tmp = path.with_name(path.name + ".tmp")  # a run killed mid-write leaves the previous file whole
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
     print(f"wrote {path}")
 
 

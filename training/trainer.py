@@ -95,15 +95,19 @@ class TrainResult:
             n += sum(p.numel() for p in self.engine.backbone.model.parameters())
         return n
 
-    def logits(self, texts: Sequence[str], pairs: Sequence[str] | None = None, batch_size: int = 64) -> Tensor:
-        """The trainer's own forward on `texts` (no gradient): [N, labels] fp32 on the CPU."""
-        task = self.task
-        out = []
+    def logits(self, texts: Sequence[str], pairs: Sequence[str] | None = None, batch_size: int | None = None) -> Tensor:
+        """The trainer's own forward on `texts` (no gradient): [N, labels] fp32 on the CPU, in the
+        order of `texts`. Batches of `batch_size` rows (default: the config's eval_batch_size) of
+        similar length, so a large unlabelled set pads little."""
+        task, size = self.task, batch_size or self.config.eval_batch_size
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]) + (len(pairs[i]) if pairs is not None else 0))
+        out = torch.empty(len(texts), len(self.label_names))
         with torch.no_grad():
-            for i in range(0, len(texts), batch_size):
-                items = _items(task, texts[i : i + batch_size], None if pairs is None else pairs[i : i + batch_size])
-                out.append(forward(self.engine, items).float().cpu())
-        return torch.cat(out)
+            for i in range(0, len(order), size):
+                rows = order[i : i + size]
+                items = _items(task, [texts[r] for r in rows], None if pairs is None else [pairs[r] for r in rows])
+                out[rows] = forward(self.engine, items).float().cpu()
+        return out
 
     def bundle_config(self) -> dict[str, Any]:
         """The non-tensor part of the bundle (`write_bundle` adds `format` and `methods`)."""

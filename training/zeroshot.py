@@ -73,7 +73,7 @@ class ZeroShotTask:
         for i in range(0, len(texts), batch_size):
             chunk = texts[i : i + batch_size]
             ps = [None] * len(chunk) if pairs is None else pairs[i : i + batch_size]
-            out.append(torch.stack(engine.logits(engine.tokenize([ClassifyItem(task, t, p) for t, p in zip(chunk, ps)]))))
+            out.append(torch.stack(engine.logits(engine.tokenize([ClassifyItem(task, t, p) for t, p in zip(chunk, ps)]))).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, len(self.labels))
 
     def bundle_config(self) -> dict[str, Any]:

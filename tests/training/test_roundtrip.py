@@ -108,3 +108,16 @@ def test_bundle_records_how_it_was_trained(tiny, csvs, tmp_path):
     assert set(cfg["metrics"]["dev"]["per_class"]) == {"neg", "pos"}
     assert cfg["metrics"]["test"]["n"] == 16
     assert (tmp_path / "rec" / "ACTIVE").read_text().strip() == version
+
+
+def test_trained_logits_batch_by_length_and_answer_in_input_order(tiny, csvs, tmp_path):
+    # TrainResult.logits sorts rows by length into batches (PET labels thousands of unlabelled rows
+    # with it); every row's logits must still come back at its own index, whatever the batch size.
+    splits = load_splits(csvs["train"], csvs["dev"])
+    result = train(splits, tiny_config("lora"), name="rt-order", backbone=tiny, progress=False)
+    texts = ["a much longer input than the others, " * 4, "short", *splits.dev.texts, "mid length input here", "x"]
+    one_by_one = torch.cat([result.logits([t], batch_size=1) for t in texts])
+    assert not torch.allclose(one_by_one[0], one_by_one[1], atol=1e-4)  # the rows differ, so order is visible
+    for size in (2, 3, len(texts)):
+        torch.testing.assert_close(result.logits(texts, batch_size=size), one_by_one, atol=ATOL, rtol=0)
+    assert result.logits([], batch_size=4).shape == (0, 2)
