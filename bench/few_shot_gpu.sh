@@ -44,6 +44,7 @@ $PY -c "from pathlib import Path; from service.engine.gguf import convert_gguf; 
 COMMON=(--device "$DEVICE" --no-progress --threads 2 --eval-batch 128 --unlabelled "${UNLABELLED:-0}"
         --student-batch 32 --student-epochs 3 --lm-steps "${LM_STEPS:-8}" --lm-path "$LM" --data-root "$DATA")
 [ -n "${MAX_TEST:-}" ] && COMMON+=(--max-test "$MAX_TEST")
+[ "${DEVICE%%:*}" = cuda ] && COMMON+=(--tf32)  # fp32 weights and sums; TF32 tensor-core products
 jobs_file="$WORK/jobs"
 : > "$jobs_file"
 IFS=, read -ra tasks <<< "$TASKS"
