@@ -52,11 +52,14 @@ def build(per_part: Sequence[tuple[Tensor, ...] | None], row_part: Tensor) -> Sl
                 pad += [0, shape[d] - t.shape[d]]
             padded.append(F.pad(t, pad) if any(pad) else t)
         tables.append(torch.stack(padded))
-    slot_of_part = torch.zeros(len(per_part), dtype=torch.long)
+    # Built on the device from row_part, never read back: the trainer builds a table per (layer,
+    # site) per batch, and a host copy or a check of the result there would wait for the GPU each time.
+    if len(per_part) == 1:  # one task in the batch (every trainer batch): every row is slot 1
+        return SlotTable(tuple(tables), torch.ones_like(row_part), True)
+    slot = torch.zeros_like(row_part)
     for s, (j, _) in enumerate(present, start=1):
-        slot_of_part[j] = s
-    slot = slot_of_part.to(row_part.device).index_select(0, row_part)
-    return SlotTable(tuple(tables), slot, len(present) == 1 and bool((slot == 1).all()))
+        slot.masked_fill_(row_part == j, s)
+    return SlotTable(tuple(tables), slot, False)  # the per-row path: right for any mix of parts
 
 
 def linear(x: Tensor, table: SlotTable, w: int, b: int | None = None) -> Tensor:

@@ -51,3 +51,21 @@ def test_cuda_fp32_matches_cpu_fp32(tmp_path):
     for x, y in zip(a, b):
         # TF32 may be on for matmuls on Ampere+; 1e-2 covers it, and fp32 proper is far tighter.
         torch.testing.assert_close(x, y, atol=1e-2, rtol=0)
+
+
+def test_training_tables_never_wait_for_the_gpu():
+    # The trainer builds a slot table per (layer, site) per batch: one device sync each (a host
+    # copy, or reading a check back) stalls a SmolLM2 forward 210 times. Any sync here raises.
+    from service.methods import slots
+
+    a, b = torch.randn(2, 3, device="cuda"), torch.randn(4, 3, device="cuda")
+    row_part = torch.tensor([1, 0, 2, 2, 0], device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        one = slots.build([(a,)], torch.zeros(5, dtype=torch.long, device="cuda"))
+        mixed = slots.build([(a,), None, (b,)], row_part)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert one.single and one.slot.tolist() == [1] * 5
+    assert not mixed.single and mixed.slot.tolist() == [0, 1, 2, 2, 1]

@@ -133,3 +133,21 @@ def test_pool_capped_in_bytes_evicts_least_recent_unpinned_slots(tmp_path, monke
     pool.gather([t.weights["lora"] for t in tasks[10:30]], torch.arange(20))
     assert all(pool._slot.get(k) == s for k, s in before.items())
     assert held.slot.numel() == 10
+
+
+def test_per_batch_tables_map_rows_to_slots_without_reading_the_device():
+    # slots.build runs once per (layer, site) per training batch: its row -> slot map is computed
+    # on the device from row_part (no host copy, no check read back), and `single` from the part
+    # count alone. The values must be what the per-row gather needs.
+    a, b = torch.randn(2, 3), torch.randn(4, 3)
+    one = slots.build([(a,)], torch.zeros(5, dtype=torch.long))
+    assert one.single and one.slot.tolist() == [1] * 5
+    torch.testing.assert_close(one.tables[0][1], a)
+    row_part = torch.tensor([1, 0, 2, 2, 0])
+    mixed = slots.build([(a,), None, (b,)], row_part)  # part 1 has no weights here: slot 0 (zeros)
+    assert not mixed.single and mixed.slot.tolist() == [0, 1, 2, 2, 1]
+    rows = mixed.rows(0)  # [B, 4, 3]: a zero-padded to b's shape
+    assert float(rows[0].abs().sum()) == 0.0
+    torch.testing.assert_close(rows[1][:2], a)
+    torch.testing.assert_close(rows[2], b)
+    assert slots.build([None, None], row_part[:2]) is None
