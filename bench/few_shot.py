@@ -1,6 +1,7 @@
 """Few-shot learning side by side: every data-efficient method on the same 16-shot splits.
 
     /work/venv/bin/python bench/few_shot.py                                  # the full grid: many CPU hours
+    bash bench/few_shot_gpu.sh         # the issue's grid (all test rows, --unlabelled 0) on a GPU, as parallel jobs
     /work/venv/bin/python bench/few_shot.py --tasks sst2,agnews --seeds 13,21 --max-test 500
     /work/venv/bin/python bench/few_shot.py --tasks sst2 --seeds 13 --max-test 100 --methods zs-desc,head  # smoke
 

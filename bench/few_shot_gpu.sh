@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# The whole few-shot grid (issue 7's benchmark: five tasks x five seeds, every method, all of each
-# test.csv, all of each train.csv as PET's unlabelled set) on one GPU machine, inside one device call.
+# The few-shot grid (issue 7's benchmark: five tasks x five seeds, every method, all of each
+# test.csv, all of each train.csv as PET's unlabelled set) on one GPU machine.
 #
-#   bash bench/few_shot_gpu.sh            # after bench/gpu_carry.py assemble staged everything
+#   bash bench/few_shot_gpu.sh                                   # after bench/gpu_carry.py assemble
+#   DONE=bench/results/few_shot_gpu bash bench/few_shot_gpu.sh   # only what the earlier runs lack
 #
 # The grid is cut into independent jobs, one per (task, seed) and method family (the MiniLM + LM
-# methods, SetFit, zero-shot), run $JOBS at a time on the one GPU; each job writes its rows as it
-# goes, so a job stopped at the deadline keeps what it finished. Then `bench/few_shot.py --summarize`
-# merges every job's rows into one table with the targets.
+# methods, SetFit, zero-shot), run $JOBS at a time on the one GPU, seed by seed; each job writes its
+# rows as it goes, so a job stopped at the deadline keeps what it finished, and every 20 s the rows
+# and logs so far are copied to $OUT/jobs.tar.gz. Then `bench/few_shot.py --summarize` merges every
+# job's rows into one table with the targets ($OUT/few_shot_gpu.json, $OUT/summary.txt).
 #
-# Env: OUT (results; default bench/results/few_shot_gpu), DEADLINE_S (seconds from the start
-# after which no job runs on; default 420), JOBS (default 8), DEVICE (default cuda), TASKS, SEEDS,
-# MAX_TEST / UNLABELLED / LM_STEPS (smoke runs only; default all rows, 8 steps), ADAPTSERVE_CARRY_STAGE.
+# Env: OUT (default bench/results/few_shot_gpu), DEADLINE_S (seconds from the start after which no
+# job runs on; default 420), JOBS (default 8), DEVICE (default cuda), TASKS, SEEDS, DONE (a folder
+# of earlier job JSONs: the jobs whose rows are all there are skipped), ADAPTSERVE_CARRY_STAGE,
+# and for smoke runs only MAX_TEST / UNLABELLED / LM_STEPS (default: all rows, 8 steps).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -57,6 +60,21 @@ for s in "${seeds[@]}"; do
     for t in "${tasks[@]}"; do echo "zs $t $s zs-prompt,zs-desc" >> "$jobs_file"; done
   fi
 done
+if [ -n "${DONE:-}" ]; then  # resume: drop the jobs whose every method already has its row in a JSON under $DONE
+  $PY - "$jobs_file" "$DONE" <<'PY' || exit 1
+import json, pathlib, sys
+jobs, done = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+have = {(r["task"], r["seed"], r["method"]) for f in done.rglob("*.json") for r in json.loads(f.read_text()).get("rows", [])}
+keep = []
+for line in jobs.read_text().splitlines():
+    kind, task, seed, methods = line.split()
+    key_seed = None if kind == "zs" else int(seed)  # zero-shot rows carry no seed
+    if not all((task, key_seed, m) in have for m in methods.split(",")):
+        keep.append(line)
+print(f"resume: {len(keep)} of {len(jobs.read_text().splitlines())} jobs left after {done}")
+jobs.write_text("".join(k + "\n" for k in keep))
+PY
+fi
 echo "$(wc -l < "$jobs_file") jobs, $JOBS at a time, deadline ${DEADLINE_S}s"
 
 run_job() {  # kind task seed methods
