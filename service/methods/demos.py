@@ -71,21 +71,22 @@ class DemosWeights(TaskWeights):
         """query [n, E] unit-norm -> per input, one `Demo` per label (in label order): the pool
         example of that label with the highest cosine similarity, the input itself excluded.
         A label with no (other) example in the pool is left out."""
-        sim = query.to(self.embeddings) @ self.embeddings.T  # [n, N] cosine similarities
+        # Scored on the device, chosen on the host: one copy back per batch, not a device read per
+        # row and label (on a GPU each of those waits for the queue).
+        sim = (query.to(self.embeddings) @ self.embeddings.T).float().cpu()  # [n, N] cosine similarities
         pool_pairs = self.text_pairs or (None,) * len(self.texts)
         same = torch.tensor([[t == pt and p == pp for pt, pp in zip(self.texts, pool_pairs)] for t, p in zip(texts, pairs)],
-                            dtype=torch.bool, device=sim.device).reshape(sim.shape)
+                            dtype=torch.bool).reshape(sim.shape)
         sim = sim.masked_fill(same, float("-inf"))  # never the input as its own demonstration
-        labels = torch.tensor(self.labels, device=sim.device)
         out: list[list[Demo]] = [[] for _ in texts]
         for c, word in enumerate(label_words):
-            members = (labels == c).nonzero().squeeze(1)  # [Nc]
-            if members.numel() == 0:
+            members = [j for j, label in enumerate(self.labels) if label == c]
+            if not members:
                 continue
-            best_sim, best = sim.index_select(1, members).max(dim=1)  # [n]
-            for r in range(len(texts)):
-                if best_sim[r] > float("-inf"):
-                    j = int(members[best[r]])
+            best_sim, best = sim[:, members].max(dim=1)  # [n]
+            for r, (score, k) in enumerate(zip(best_sim.tolist(), best.tolist())):
+                if score > float("-inf"):
+                    j = members[k]
                     out[r].append(Demo(self.texts[j], pool_pairs[j], word))
         return out
 
