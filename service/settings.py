@@ -208,6 +208,12 @@ class Settings(BaseSettings):
         description="Local directory where bundles fetched from S3 are kept (versions are immutable "
         "and content-addressed, so a copy never goes stale). Default: `<system temp>/adaptserve-s3-cache`.",
     )
+    s3_cache_max_bytes: int = Field(
+        default=1 << 30, ge=0,
+        description="s3 store: the most bytes of fetched bundles kept in s3_cache_dir. Past it, the "
+        "versions used least recently (and not in the last minute) are dropped, and fetched again "
+        "if needed. Default 1 GiB (hundreds of bundles). 0: no limit.",
+    )
     store_pointer_ttl_s: float = Field(
         default=1.0, ge=0.0,
         description="s3 store without Redis: how long an ACTIVE pointer read from the bucket is "

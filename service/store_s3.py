@@ -13,7 +13,9 @@ consistent for new objects), so the registry never points at a partial version. 
 version whose objects are there but damaged (missing, or not hashing to the version id) PUTs both
 again, each replacing its object in one step: that is how a re-upload repairs it. Bundles are
 fetched into a local cache directory (download to a temp dir, verify the content hash, rename):
-a version is immutable and named by its hash, so a cached copy never goes stale.
+a version is immutable and named by its hash, so a cached copy never goes stale. The cache is
+bounded (`s3_cache_max_bytes`): after a fetch, the copies used least recently go first, but never
+one used within `CACHE_GRACE_S` (a path just handed out is being read), so the bound is soft.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from service.store import (
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+CACHE_GRACE_S = 60.0  # a cached copy used this recently is never dropped: its reader may still be at it
 
 
 def _s3_errors(method: F) -> F:
@@ -55,8 +58,11 @@ def _s3_errors(method: F) -> F:
 class S3Store(BundleStore):
     cheap_pointers = False
 
-    def __init__(self, client: Any, bucket: str, prefix: str, cache_dir: Path, *, pointer_ttl_s: float = 1.0) -> None:
+    def __init__(self, client: Any, bucket: str, prefix: str, cache_dir: Path, *, pointer_ttl_s: float = 1.0,
+                 cache_max_bytes: int = 0, cache_grace_s: float = CACHE_GRACE_S) -> None:
         self.client = client
+        self.cache_max_bytes = cache_max_bytes
+        self.cache_grace_s = cache_grace_s
         self.bucket = bucket
         self.prefix = prefix
         self.pointer_ttl_s = pointer_ttl_s
@@ -71,6 +77,7 @@ class S3Store(BundleStore):
             ) from None
         self._pointer_cache: dict[tuple[str, str], tuple[str | None, float]] = {}
         self._lock = threading.Lock()
+        self._trim_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Any) -> "S3Store":
@@ -95,7 +102,7 @@ class S3Store(BundleStore):
                 f"ADAPTSERVE_S3_ENDPOINT_URL / AWS_REGION: {err}; an endpoint looks like https://s3.example.com"
             ) from None
         store = cls(client, settings.s3_bucket, settings.s3_prefix, settings.s3_cache_path,
-                    pointer_ttl_s=settings.store_pointer_ttl_s)
+                    pointer_ttl_s=settings.store_pointer_ttl_s, cache_max_bytes=settings.s3_cache_max_bytes)
         store.check_bucket()
         return store
 
@@ -184,6 +191,7 @@ class S3Store(BundleStore):
             raise TaskUnavailable(f"invalid version id {key.version!r} for task {key.name!r}")
         target = self.cache_dir / key.name / key.version
         if target.is_dir():
+            _touch(target)  # its mtime is its last use: the cache's LRU order, kept across restarts
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=target.parent))
@@ -208,7 +216,39 @@ class S3Store(BundleStore):
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        _touch(target)
+        self.trim_cache()
         return target
+
+    def trim_cache(self) -> list[TaskKey]:
+        """Drop cached copies, least recently used first, until they fit `cache_max_bytes`; never
+        one used within `cache_grace_s`. Returns what was dropped (it is fetched again on demand)."""
+        if not self.cache_max_bytes:
+            return []
+        with self._trim_lock:
+            entries, total = [], 0
+            for task_dir in self.cache_dir.iterdir():
+                if not task_dir.is_dir():
+                    continue
+                for version_dir in task_dir.iterdir():
+                    if version_dir.name.startswith(".") or not version_dir.is_dir():  # a fetch in flight
+                        continue
+                    try:
+                        size = sum(f.stat().st_size for f in version_dir.iterdir())
+                        used = version_dir.stat().st_mtime
+                    except OSError:  # dropped by a delete meanwhile
+                        continue
+                    entries.append((used, size, version_dir))
+                    total += size
+            dropped: list[TaskKey] = []
+            now = time.time()
+            for used, size, version_dir in sorted(entries):
+                if total <= self.cache_max_bytes or now - used < self.cache_grace_s:
+                    break
+                shutil.rmtree(version_dir, ignore_errors=True)
+                total -= size
+                dropped.append(TaskKey(version_dir.parent.name, version_dir.name))
+            return dropped
 
     def bundle_dir(self, key: TaskKey) -> Path:
         """The cached copy, checked against its hash; a copy that no longer matches (local disk
@@ -283,3 +323,10 @@ class S3Store(BundleStore):
     def _get_text(self, key: str) -> str | None:
         data = self._get_bytes(key)
         return None if data is None else data.decode("utf-8", errors="replace")
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:  # dropped meanwhile: the caller's read fails and fetches it again
+        pass

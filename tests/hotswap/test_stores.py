@@ -2,6 +2,7 @@
 HTTP server (moto_server, started here on a loopback port). The app then runs on the S3 store."""
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -177,6 +178,36 @@ def test_the_service_uploads_to_and_serves_from_s3(moto, bucket: str, tmp_path: 
         assert sorted(row["version"] for row in listed["versions"]) == sorted(versions)
         assert client.delete("/v1/tasks/sentiment", headers=AUTH_ADMIN).status_code == 200
         assert client.post("/v1/tasks/sentiment/classify", json={"inputs": ["x"]}, headers=AUTH_READER).status_code == 404
+
+
+def test_the_s3_cache_keeps_to_its_byte_budget_least_recently_used_first(moto, bucket: str, tmp_path: Path, info) -> None:
+    from service.store_s3 import S3Store
+
+    store = S3Store.from_settings(s3_settings(moto, bucket, tmp_path, s3_cache_max_bytes=1 << 20))
+    assert store.cache_max_bytes == 1 << 20  # the setting reaches the store
+    bundles = [make_bundle(info, seed=k) for k in range(4)]
+    keys = []
+    for config, weights in bundles:
+        keys.append(TaskKey("sentiment", content_version(config, weights)))
+        store.put_version("sentiment", keys[-1].version, config, weights)
+    one = max(len(c) + len(w) for c, w in bundles)
+    store.cache_max_bytes, store.cache_grace_s = int(2.5 * one), 0.0  # room for two copies
+    cached = lambda: {k for k in keys if (store.cache_dir / k.name / k.version).is_dir()}  # noqa: E731
+
+    def use(key: TaskKey) -> Path:
+        time.sleep(0.02)  # distinct mtimes: the cache's order of use
+        return store.bundle_dir(key)
+
+    use(keys[0]), use(keys[1])
+    use(keys[0])  # used again: now keys[1] is the least recently used
+    use(keys[2])
+    assert cached() == {keys[0], keys[2]}
+    again = use(keys[1])  # dropped copies are fetched again, whole and checked
+    assert (again / CONFIG).read_bytes() == bundles[1][0] and (again / WEIGHTS).read_bytes() == bundles[1][1]
+    assert cached() == {keys[2], keys[1]}
+    store.cache_grace_s = 3600.0  # everything was used within the grace period: nothing is dropped
+    use(keys[3])
+    assert cached() == {keys[2], keys[1], keys[3]} and store.trim_cache() == []
 
 
 def test_a_cached_s3_copy_that_rotted_on_local_disk_is_fetched_again(moto, bucket: str, tmp_path: Path, info) -> None:
