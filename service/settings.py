@@ -280,12 +280,13 @@ class Settings(BaseSettings):
     upload_max_bytes: int | None = Field(
         default=None, ge=1024,
         description="Largest upload request body (413 beyond, checked while reading). Default None: "
-        "weights + config limits + 1 MiB of multipart framing.",
+        "weights + config limits + 1 MiB of multipart framing. At least weights + config limits.",
     )
     upload_max_uncompressed_bytes: int | None = Field(
         default=None, ge=1024,
         description="Most bytes an uploaded archive may expand to (zip-bomb guard, counted while "
-        "decompressing, never trusted from headers). Default None: weights + config limits + 1 MiB.",
+        "decompressing, never trusted from headers). Default None: weights + config limits + 1 MiB. "
+        "At least weights + config limits.",
     )
     upload_max_compression_ratio: float = Field(
         default=200.0, ge=1.0,
@@ -437,6 +438,15 @@ class Settings(BaseSettings):
                 f"ADAPTSERVE_MAX_QUEUE ({self.max_queue}) is smaller than ADAPTSERVE_MAX_INPUTS_PER_REQUEST "
                 f"({self.max_inputs_per_request}): a request at the input limit could never be queued"
             )
+        files = self.upload_max_weights_bytes + self.upload_max_config_bytes
+        for name, value in (("UPLOAD_MAX_BYTES", self.upload_max_bytes),
+                            ("UPLOAD_MAX_UNCOMPRESSED_BYTES", self.upload_max_uncompressed_bytes)):
+            if value is not None and value < files:
+                raise ValueError(
+                    f"ADAPTSERVE_{name} ({value}) is smaller than ADAPTSERVE_UPLOAD_MAX_WEIGHTS_BYTES + "
+                    f"ADAPTSERVE_UPLOAD_MAX_CONFIG_BYTES ({files}): an upload within the file limits would be "
+                    "refused; lower the file limits too, or unset it (it then follows them)"
+                )
         return self
 
     @property

@@ -45,6 +45,9 @@ def test_arguments_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"redis_url": "redis://redis:6379/zero"}, "ADAPTSERVE_REDIS_URL: database must be a number"),
         ({"redis_url": "redis://:pw@[::1"}, "ADAPTSERVE_REDIS_URL: is not a URL"),
         ({"upload_max_compression_ratio": 0.5}, "ADAPTSERVE_UPLOAD_MAX_COMPRESSION_RATIO"),
+        ({"upload_max_bytes": 5000}, "ADAPTSERVE_UPLOAD_MAX_BYTES (5000) is smaller than ADAPTSERVE_UPLOAD_MAX_WEIGHTS_BYTES"),
+        ({"upload_max_weights_bytes": 4096, "upload_max_config_bytes": 2048, "upload_max_uncompressed_bytes": 6000},
+         "ADAPTSERVE_UPLOAD_MAX_UNCOMPRESSED_BYTES (6000) is smaller than"),
     ],
 )
 def test_invalid_settings_say_which_variable_to_fix(overrides: dict, message: str) -> None:
@@ -78,7 +81,8 @@ def test_bundled_backbone_is_the_packaged_minilm() -> None:
 def test_upload_limits_are_derived_from_the_file_limits_unless_set() -> None:
     settings = Settings(upload_max_weights_bytes=4096, upload_max_config_bytes=2048)
     assert settings.upload_limit_bytes == settings.upload_uncompressed_limit_bytes == 4096 + 2048 + 1024 * 1024
-    assert Settings(upload_max_bytes=5000).upload_limit_bytes == 5000
+    set_ = Settings(upload_max_weights_bytes=2048, upload_max_config_bytes=1024, upload_max_bytes=5000)
+    assert set_.upload_limit_bytes == 5000
 
 
 def test_s3_prefix_is_normalised_and_tokens_stay_secret(monkeypatch: pytest.MonkeyPatch) -> None:
