@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [m for m in methods if m not in METHODS] + [t for t in tasks if t not in TASKS]
     if bad:
         p.error(f"unknown method/task {bad}")
+    if args.lm_path is not None and not args.lm_path.exists():
+        p.error(f"--lm-path {args.lm_path}: no such file or folder")
     if min(args.eval_batch, args.student_batch) < 1 or args.unlabelled < 0:
         p.error("--eval-batch and --student-batch must be >= 1, --unlabelled >= 0")
     try:
