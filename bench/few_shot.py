@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                                     time.perf_counter() - t0 + prompt_run.train_seconds,
                                     f"{lm_name} teachers -> minilm student",
                                     teachers_test=teachers, teacher_weights=[t.weight for t in res.teachers],
-                                    unlabelled=len(texts)))
+                                    unlabelled=len(texts), label_s=res.label_seconds, student_s=res.student.train_seconds))
                     for k, t in enumerate(res.teachers[1:], start=2):
                         rows.append(row(task, seed, f"prompt[p{k}]", t.result.test_metrics.accuracy,
                                         t.result.test_metrics.macro_f1, task_bytes(t.result.bundle_config(), t.result.weights),

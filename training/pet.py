@@ -178,6 +178,7 @@ class PetResult:
     unlabelled: int
     config: PetConfig
     seconds: float
+    label_seconds: float = 0.0  # of `seconds`: the teachers labelling the unlabelled rows
 
     @property
     def name(self) -> str:
@@ -199,6 +200,7 @@ class PetResult:
                           **({"test_accuracy": t.result.test_metrics.accuracy} if t.result.test_metrics else {})}
                          for t in self.teachers],
             "seconds": round(self.seconds, 3),
+            "label_seconds": round(self.label_seconds, 3),
         }
         return cfg
 
@@ -250,10 +252,11 @@ def run_pet(splits: Splits, unlabelled: Sequence[str], patterns: Sequence[Patter
     weights = [t.weight for t in teachers]
     if not sum(weights) > 0:  # every pattern scored 0 before training: fall back to a plain average
         weights = [1.0] * len(teachers)
-    logits = []
+    logits, t_label = [], time.perf_counter()
     for t in tqdm(teachers, desc="label unlabelled", unit="pattern", disable=not progress):
         logits.append(t.result.logits(list(unlabelled), None if unlabelled_pairs is None else list(unlabelled_pairs)))
     soft = ensemble_soft_labels(logits, weights, config.temperature)  # [N, L]
+    label_seconds = time.perf_counter() - t_label
 
     labels = train_data.label_names
     onehot = F.one_hot(torch.tensor(train_data.label_ids), len(labels)).float()
@@ -275,7 +278,7 @@ def run_pet(splits: Splits, unlabelled: Sequence[str], patterns: Sequence[Patter
     student.data["labelled"] = {"file": Path(train_data.source).name if train_data.source else None, "rows": len(train_data)}
     student.data["unlabelled"] = {"rows": len(unlabelled)}
     return PetResult(student=student, teachers=teachers, soft_labels=soft, unlabelled=len(unlabelled), config=config,
-                     seconds=time.perf_counter() - t0)
+                     seconds=time.perf_counter() - t0, label_seconds=label_seconds)
 
 
 def _check_backbones(config: PetConfig, patterns: Sequence[Pattern], train_data: LabelledData,
