@@ -101,10 +101,10 @@ def prepare(out: Path, part_mib: float, files: list[tuple[str, Path]]) -> int:
                 "files": {dest: {"bytes": p.stat().st_size, "sha256": sha256(p)} for dest, p in files}}
     if out.exists():
         shutil.rmtree(out)
+    sources_by_dest = dict(files)
     for i, chunk in enumerate(chunks, 1):
         part = out / f"part{i}"
         part.mkdir(parents=True)
-        sources_by_dest = dict(files)
         for k, piece in enumerate(chunk):
             with open(sources_by_dest[piece["file"]], "rb") as f:
                 f.seek(piece["offset"])

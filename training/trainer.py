@@ -100,7 +100,7 @@ class TrainResult:
         order of `texts`. Batches of `batch_size` rows (default: the config's eval_batch_size) of
         similar length, so a large unlabelled set pads little."""
         task, size = self.task, batch_size or self.config.eval_batch_size
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]) + (len(pairs[i]) if pairs is not None else 0))
+        order = length_order(texts, pairs)
         out = torch.empty(len(texts), len(self.label_names))
         with torch.no_grad():
             for i in range(0, len(order), size):
@@ -360,8 +360,12 @@ def _items(task: Task, texts: Sequence[str], pairs: Sequence[str] | None) -> lis
 
 def by_length(data: LabelledData) -> list[int]:
     """Row indices by text length: batches of similar lengths pad less (answers do not change)."""
-    pairs = data.text_pairs or ("",) * len(data)
-    return sorted(range(len(data)), key=lambda i: len(data.texts[i]) + len(pairs[i]))
+    return length_order(data.texts, data.text_pairs)
+
+
+def length_order(texts: Sequence[str], pairs: Sequence[str] | None = None) -> list[int]:
+    """`by_length` for plain sequences of texts (and pairs)."""
+    return sorted(range(len(texts)), key=lambda i: len(texts[i]) + (len(pairs[i] or "") if pairs is not None else 0))
 
 
 def _warmup_then_decay(total: int, warmup_ratio: float):

@@ -118,19 +118,6 @@ class LoraBatch(MethodBatch):
         y = slots.linear(slots.linear(x3, t, 0), t, 1)  # (x A^T) B^T per row: [B, T, out]
         return y.reshape(*lead, y.shape[-1])
 
-    def add_linear_delta(self, layer: int, site: str, x: Tensor, y: Tensor) -> Tensor:
-        """One task (every trainer batch): y += (x A^T)(sB)^T in one fused multiply-add on y, which
-        the encoder owns; autograd keeps the gradients of A and B (the frozen linear's backward
-        needs x, not y). Several tasks: the per-row path."""
-        t = self._table((layer, site))
-        if t is None:
-            return y
-        if not t.single:
-            return y + self.linear_delta(layer, site, x)
-        y2 = y.reshape(-1, y.shape[-1])
-        y2.addmm_(x.reshape(-1, x.shape[-1]) @ t.tables[0][1].T, t.tables[1][1].T)
-        return y2.view(y.shape)
-
     def select(self, rows: Tensor) -> "LoraBatch":
         out = LoraBatch(self.parts, self.row_part.index_select(0, rows))
         out._tables = {k: None if v is None else v.select(rows) for k, v in self._tables.items()}
