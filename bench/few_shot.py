@@ -40,6 +40,7 @@ import json
 import math
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -149,12 +150,16 @@ def run_setfit(splits: Splits, test: LabelledData, seed: int, minilm_dir: Path, 
     names = list(splits.train.label_names)
     model = SetFitModel.from_pretrained(str(minilm_dir), device=str(device))
     # SetFit's paper setting: 20 contrastive pair iterations per example, 1 epoch, batch 16.
-    args = TrainingArguments(batch_size=16, num_epochs=1, num_iterations=iterations, seed=seed, report_to="none")
-    ds = Dataset.from_dict({"text": list(splits.train.texts), "label": list(splits.train.label_ids)})
-    trainer = Trainer(model=model, args=args, train_dataset=ds)
-    t0 = time.perf_counter()
-    trainer.train()
-    secs = time.perf_counter() - t0
+    # Its checkpoints go to a folder of this run's own: the default, ./checkpoints, is shared by
+    # parallel runs (the GPU grid's), and one run's cleanup there broke another's save.
+    with tempfile.TemporaryDirectory(prefix="setfit-") as out_dir:
+        args = TrainingArguments(output_dir=out_dir, batch_size=16, num_epochs=1, num_iterations=iterations, seed=seed,
+                                 report_to="none")
+        ds = Dataset.from_dict({"text": list(splits.train.texts), "label": list(splits.train.label_ids)})
+        trainer = Trainer(model=model, args=args, train_dataset=ds)
+        t0 = time.perf_counter()
+        trainer.train()
+        secs = time.perf_counter() - t0
     pred = [int(p) for p in model.predict(list(test.texts), batch_size=batch_size, as_numpy=True)]
     from training.metrics import compute_metrics
 
@@ -182,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--student-epochs", type=int, default=5, help="PET student epochs [%(default)s]")
     p.add_argument("--student-batch", type=int, default=STUDENT["batch_size"], help="PET student batch size [%(default)s]")
     p.add_argument("--student-max-steps", type=int,
-                   help="PET student: stop after N optimiser steps, as PET trains its final classifier for a fixed "
-                        "number of steps (caps agnews' 120k unlabelled rows; the other tasks stop on epochs first)")
+                   help="PET student: stop after N optimiser steps (a budget for a large --unlabelled set; PET "
+                        "itself trains its final classifier for a fixed number of steps) [no cap: the epochs decide]")
     p.add_argument("--student-lr", type=float, default=STUDENT["lr"], help="PET student learning rate [%(default)s]")
     p.add_argument("--weighting", choices=("prior", "dev", "uniform"), default="dev", help="PET pattern weights [%(default)s]")
     p.add_argument("--setfit-iterations", type=int, default=20, help="SetFit pair iterations [%(default)s: the paper's]")

@@ -14,9 +14,9 @@
 # Env: OUT (default bench/results/few_shot_gpu), DEADLINE_S (seconds from the start after which no
 # job runs on; default 420), JOBS (default 8), DEVICE (default cuda), TASKS, SEEDS, DONE (a folder
 # of earlier job JSONs: the jobs whose rows are all there are skipped), ADAPTSERVE_CARRY_STAGE,
-# STUDENT_MAX_STEPS (PET's student stops after this many steps; default 1000, which only agnews
-# reaches: 3 epochs of the other tasks' train.csv at batch 32 are 167-816 steps), and for smoke runs
-# only MAX_TEST / UNLABELLED / LM_STEPS (default: all rows, 8 steps).
+# STUDENT_MAX_STEPS (a cap on PET's student steps; default none: 3 epochs of train.csv at batch 32
+# are 150-840 steps), and for smoke runs only MAX_TEST / UNLABELLED / LM_STEPS (default: all rows,
+# 8 steps).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -47,8 +47,9 @@ $PY -c "from pathlib import Path; from service.engine.gguf import convert_gguf; 
   || { echo "GGUF conversion failed"; exit 1; }
 
 COMMON=(--device "$DEVICE" --no-progress --threads 2 --eval-batch 128 --unlabelled "${UNLABELLED:-0}"
-        --student-batch 32 --student-epochs 3 --student-max-steps "${STUDENT_MAX_STEPS:-1000}" --lm-steps "${LM_STEPS:-8}" --lm-path "$LM" --data-root "$DATA")
+        --student-batch 32 --student-epochs 3 --lm-steps "${LM_STEPS:-8}" --lm-path "$LM" --data-root "$DATA")
 [ -n "${MAX_TEST:-}" ] && COMMON+=(--max-test "$MAX_TEST")
+[ -n "${STUDENT_MAX_STEPS:-}" ] && COMMON+=(--student-max-steps "$STUDENT_MAX_STEPS")
 [ "${DEVICE%%:*}" = cuda ] && COMMON+=(--tf32)  # fp32 weights and sums; TF32 tensor-core products
 jobs_file="$WORK/jobs"
 : > "$jobs_file"
@@ -78,8 +79,9 @@ print(f"resume: {len(keep)} of {len(jobs.read_text().splitlines())} jobs left af
 jobs.write_text("".join(k + "\n" for k in keep))
 PY
 fi
-# The LM jobs of the largest task first, whatever their seed: they are the longest (PET labels all of
-# agnews' 120k train rows), and started last they would be the ones the deadline cuts.
+# agnews' LM jobs first, whatever their seed: they are the longest (the longest texts, four labels
+# and so four demonstrations per prompt, the most unlabelled rows), and started last they would be
+# the ones the deadline cuts.
 { grep "^lm agnews " "$jobs_file"; grep -v "^lm agnews " "$jobs_file"; } > "$jobs_file.ordered"
 mv "$jobs_file.ordered" "$jobs_file"
 echo "$(wc -l < "$jobs_file") jobs, $JOBS at a time, deadline ${DEADLINE_S}s"
