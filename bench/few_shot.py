@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown method/task {bad}")
     if args.lm_path is not None and not args.lm_path.exists():
         p.error(f"--lm-path {args.lm_path}: no such file or folder")
-    if min(args.eval_batch, args.student_batch) < 1 or args.unlabelled < 0 or (args.student_max_steps or 1) < 1:
+    if min(args.eval_batch, args.student_batch) < 1 or args.unlabelled < 0 or (args.student_max_steps is not None and args.student_max_steps < 1):
         p.error("--eval-batch, --student-batch and --student-max-steps must be >= 1, --unlabelled >= 0")
     try:
         device = torch.device(args.device)

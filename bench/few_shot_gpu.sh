@@ -13,7 +13,7 @@
 #
 # Env: OUT (default bench/results/few_shot_gpu), DEADLINE_S (seconds from the start after which no
 # job runs on; default 420), JOBS (default 8), DEVICE (default cuda), TASKS, SEEDS, DONE (a folder
-# of earlier job JSONs: the jobs whose rows are all there are skipped), ADAPTSERVE_CARRY_STAGE,
+# of earlier job JSONs: a job runs only the methods whose rows are not there), ADAPTSERVE_CARRY_STAGE,
 # STUDENT_MAX_STEPS (a cap on PET's student steps; default none: 3 epochs of train.csv at batch 32
 # are 150-840 steps), and for smoke runs only MAX_TEST / UNLABELLED / LM_STEPS (default: all rows,
 # 8 steps).
