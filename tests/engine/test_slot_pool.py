@@ -114,6 +114,18 @@ def test_slot_pool_tables_pad_and_slice_to_the_batch():
     assert float(got[0].sum()) == 7.0  # the reused slot holds nothing of the large task it replaced
 
 
+def test_batch_width_takes_each_dimension_from_any_task():
+    """Tasks of one layout count once; the slice is per dimension the widest of any layout."""
+    pool = slots.SlotPool(lambda w: {"k": (w.t,)})
+    a, b, c = _W(torch.ones(2, 5)), _W(torch.full((4, 3), 2.0)), _W(torch.full((2, 5), 3.0))
+    got = pool.gather([a, b, c], torch.tensor([0, 1, 2, 2])).rows("k", 0)
+    assert got.shape == (4, 4, 5)  # 4 from b, 5 from a and c
+    assert torch.equal(got[0, :2], a.t) and float(got[0, 2:].abs().sum()) == 0.0
+    assert torch.equal(got[1, :, :3], b.t) and float(got[1, :, 3:].abs().sum()) == 0.0
+    assert torch.equal(got[3, :2], c.t)
+    assert pool.gather([a, c], torch.tensor([0, 1])).rows("k", 0).shape == (2, 2, 5)
+
+
 def test_pool_capped_in_bytes_evicts_least_recent_unpinned_slots(tmp_path, monkeypatch):
     """Past the byte cap a new task takes the least recently batched slot no batch in flight
     holds; answers stay exact, an evicted task that comes back is written again."""
