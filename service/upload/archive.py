@@ -96,9 +96,11 @@ def _unzip(data: bytes, limits: ArchiveLimits, label: str) -> Unpacked:
             out.problems.append(f"{where} appears twice")
         seen.add(info.filename.rstrip("/"))
         mode = info.external_attr >> 16
+        # Only the file-type bits count: writers that store permissions alone (Python's
+        # ZipFile.writestr: 0o600) or no mode at all (DOS-style zips) mean a regular file.
         if stat.S_ISLNK(mode):
             out.problems.append(f"{where} is a symbolic link")
-        elif mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        elif stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             out.problems.append(f"{where} is a device, FIFO or socket, not a regular file")
         if info.flag_bits & 0x1:
             out.problems.append(f"{where} is encrypted")

@@ -22,6 +22,7 @@ from service.store import CONFIG_FILE, WEIGHTS_FILE
 from service.upload.archive import ArchiveLimits, archive_kind, unpack
 from service.upload.safetensors_header import HeaderLimits, check_safetensors
 
+ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")  # only the message uses names; bytes decide
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
 IGNORED_MEMBERS = {"readme.md", ".gitattributes"}  # what PEFT's save_pretrained / a hub folder add
 
@@ -114,6 +115,9 @@ def assemble(parts: list[Part], limits: UploadLimits) -> BundleFiles:
             problems.add(_pickle_refusal(name))
         elif archive_kind(part.data) is not None:
             archives.append(part)
+        elif name.lower().endswith(ARCHIVE_SUFFIXES):  # named like an archive, but its bytes are not one
+            problems.add(f"{name[:100]!r} is not a zip or gzip-compressed tar archive (its first bytes are neither); "
+                         f"send a .zip or .tar.gz of the bundle, or {CONFIG_FILE} + {WEIGHTS_FILE}")
         else:
             problems.add(f"unexpected file part {name[:100]!r}: send {CONFIG_FILE} + {WEIGHTS_FILE}, or one .zip / .tar.gz")
     if archives and named:

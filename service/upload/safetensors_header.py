@@ -36,10 +36,11 @@ def check_safetensors(data: bytes, limits: HeaderLimits, name: str = "adapter_mo
     if len(data) < 8:
         return [f"{name} is {len(data)} bytes: too short for a safetensors header"]
     (header_len,) = struct.unpack("<Q", data[:8])
+    if 8 + header_len > len(data):  # checked first: random bytes read as a length are rarely small
+        return [f"{name} is not a safetensors file: its first 8 bytes give a header of {header_len} bytes, "
+                f"but only {len(data) - 8} bytes follow"]
     if header_len > limits.max_header_bytes:
         return [f"{name}: header of {header_len} bytes exceeds the limit of {limits.max_header_bytes}"]
-    if 8 + header_len > len(data):
-        return [f"{name}: header claims {header_len} bytes but the file has only {len(data) - 8} after the length"]
     try:
         header = json.loads(data[8 : 8 + header_len].decode("utf-8"), object_pairs_hook=_no_duplicates)
     except _Duplicate as dup:

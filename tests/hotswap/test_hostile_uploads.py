@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import pickle
+import random
 import struct
 import tarfile
 from dataclasses import dataclass, field
@@ -134,8 +135,12 @@ CASES: dict[str, tuple[Callable[[BackboneInfo], Upload], int, list[str]]] = {
     "torch.save under the safetensors name": (lambda i: _two(_good(i)[0], _torch_save(_tensors(i))), 422, ["looks like a pickle"]),
     "raw pickle under the safetensors name": (lambda i: _two(_good(i)[0], pickle.dumps({"x": 1}, protocol=4)), 422, ["looks like a pickle"]),
     # --- the safetensors header, parsed by hand
-    "header over the size cap": (lambda i: _two(_good(i)[0], struct.pack("<Q", 10**6) + b"{}" + b" " * 100), 413, ["header of 1000000 bytes exceeds"]),
-    "header longer than the file": (lambda i: _two(_good(i)[0], raw_safetensors({}, b"", header_len=5000)), 422, ["header claims 5000 bytes"]),
+    "header over the size cap": (lambda i: _two(_good(i)[0], struct.pack("<Q", 20_000) + b"{" + b" " * 19_998 + b"}"), 413,
+                                 ["header of 20000 bytes exceeds the limit of 16384"]),
+    "header longer than the file": (lambda i: _two(_good(i)[0], raw_safetensors({}, b"", header_len=5000)), 422,
+                                    ["is not a safetensors file: its first 8 bytes give a header of 5000 bytes, but only"]),
+    "random bytes as the weights": (lambda i: _two(_good(i)[0], bytes(random.Random(7).randrange(256) for _ in range(5000))), 422,
+                                    ["is not a safetensors file"]),
     "header not JSON": (lambda i: _two(_good(i)[0], struct.pack("<Q", 8) + b"not json"), 422, ["header is not UTF-8 JSON"]),
     "integer dtype": (lambda i: _two(_good(i)[0], st_save({"head.out.weight": torch.ones(2, 32, dtype=torch.int64)})), 422, ["dtype 'I64' is not allowed"]),
     "offsets past the data": (lambda i: _two(_good(i)[0], raw_safetensors({"head.out.bias": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"1234")), 422, ["fall outside the 4-byte data section"]),
@@ -181,7 +186,9 @@ CASES: dict[str, tuple[Callable[[BackboneInfo], Upload], int, list[str]]] = {
     "unexpected member in an archive": (lambda i: _archive("b.zip", zip_bytes({CONFIG: _good(i)[0], WEIGHTS: _good(i)[1], "train.py": b"import os"})), 422, ["unexpected archive member 'train.py'"]),
     "pickle inside an archive": (lambda i: _archive("b.zip", zip_bytes({CONFIG: _good(i)[0], "adapter_model.bin": b"\x80\x04"})), 422, ["is a pickle format", f"{WEIGHTS} is missing"]),
     "corrupt zip": (lambda i: _archive("b.zip", b"PK\x03\x04" + b"\x00" * 64), 422, ["not a readable zip archive"]),
-    "single part that is no archive": (lambda i: _archive("b.zip", b"just some bytes"), 422, ["unexpected file part 'b.zip'"]),
+    "single part named .zip that is no archive": (lambda i: _archive("b.zip", b"just some bytes"), 422,
+                                                  ["'b.zip' is not a zip or gzip-compressed tar archive"]),
+    "single part that is no archive": (lambda i: _archive("b.dat", b"just some bytes"), 422, ["unexpected file part 'b.dat'"]),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import zipfile
 from pathlib import Path
 from typing import Callable
 
@@ -117,6 +118,26 @@ def test_archives_of_a_bundle_upload_like_the_two_files(make_client, info, kind:
     response = client.post(VERSIONS.format("sentiment"), files={"bundle": (f"bundle.{kind}", archive)}, headers=AUTH_ADMIN)
     assert response.status_code == 201, response.text
     assert (response.json()["version"], response.json()["source"]) == (content_version(config, weights), kind)
+    assert classify_version(client) == content_version(config, weights)
+
+
+@pytest.mark.parametrize("plain", [True, False], ids=["writestr-default", "zip-tool-mode"])
+def test_zips_whatever_their_writer_stores_as_the_mode(make_client, info, plain: bool) -> None:
+    """ZipFile.writestr(name, data) stores permissions without a file type (0o600 << 16): a regular
+    file all the same, as the `zip` tool's 0o100644 is."""
+    client = make_client()
+    config, weights = make_bundle(info, seed=5)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in ((CONFIG, config), (WEIGHTS, weights)):
+            if plain:
+                archive.writestr(name, data)
+            else:
+                member = zipfile.ZipInfo(name)
+                member.external_attr = 0o100644 << 16
+                archive.writestr(member, data)
+    response = client.post(VERSIONS.format("sentiment"), files={"bundle": ("b.zip", buffer.getvalue())}, headers=AUTH_ADMIN)
+    assert response.status_code == 201, response.text
     assert classify_version(client) == content_version(config, weights)
 
 
