@@ -20,7 +20,7 @@ from service import __version__
 from service.methods import slots
 from service.api import openapi, router
 from service.api.errors import install_error_handlers
-from service.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from service.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware, TrailingSlashMiddleware
 from service.auth import Tokens, warn_if_disabled
 from service.cache import TaskCache
 from service.hotswap import TaskAdmin
@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None, engine: EngineLike | None = Non
         version=__version__,
         description="Text classification with many parameter-efficient tasks over one frozen backbone.",
         lifespan=lifespan,
+        redirect_slashes=False,  # TrailingSlashMiddleware serves those paths instead
     )
     app.state.service = state
     install_error_handlers(app)
@@ -78,9 +79,11 @@ def create_app(settings: Settings | None = None, engine: EngineLike | None = Non
     openapi.install(app, settings)
     # Added last = outermost: metrics see the body limit's 413s too.
     app.add_middleware(
-        BodyLimitMiddleware, max_bytes=settings.body_limit_bytes, upload_max_bytes=settings.upload_limit_bytes
+        BodyLimitMiddleware, max_bytes=settings.body_limit_bytes, upload_max_bytes=settings.upload_limit_bytes,
+        read_timeout_s=settings.body_read_timeout_s,
     )
     app.add_middleware(RequestMetricsMiddleware, state=state)
+    app.add_middleware(TrailingSlashMiddleware)
     return app
 
 

@@ -92,6 +92,16 @@ class PayloadTooLarge(AdaptserveError):
     error_type = "payload_too_large"
 
 
+class BodyTimeout(AdaptserveError):
+    """The client stopped sending its request body part way (ADAPTSERVE_BODY_READ_TIMEOUT_S)."""
+
+    status_code = 408
+    error_type = "request_timeout"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"Connection": "close"})
+
+
 class Overloaded(AdaptserveError):
     """The scheduler's queue is full; the client should retry after `retry_after_s`."""
 

@@ -172,6 +172,14 @@ class Settings(BaseSettings):
         "12 bytes, the worst case of escaped JSON, plus 64 KiB), so it never trips before them.",
     )
 
+    body_read_timeout_s: float = Field(
+        default=15.0, gt=0.0, le=3600.0,
+        description="Longest wait for the next piece of a request body (classify JSON and uploads "
+        "alike); a client that stalls mid-body longer gets 408 and its connection closed, so a "
+        "stalled upload gives back its upload slot. Default 15 s: a live client on any link sends "
+        "something far more often; a slow one that keeps sending is never cut off.",
+    )
+
     # --- task cache ---------------------------------------------------------------------------
     cache_max_bytes: int = Field(
         default=256 * _MiB, ge=1,

@@ -64,7 +64,7 @@ def _task_state(record: TaskRecord) -> TaskState:
     response_model=UploadResponse,
     status_code=201,
     # 409: activate=false for a task's first version (a task's only version serves).
-    responses=error_responses(400, 401, 403, 409, 413, 415, 422, 429, 503) | {200: {"model": UploadResponse}},
+    responses=error_responses(400, 401, 403, 408, 409, 413, 415, 422, 429, 503) | {200: {"model": UploadResponse}},
     summary="Upload a task version (multipart: adapter_config.json + adapter_model.safetensors, or one .zip/.tar.gz)",
     dependencies=[Depends(require_admin)],
     openapi_extra=UPLOAD_BODY,

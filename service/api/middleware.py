@@ -1,17 +1,19 @@
-"""Pure ASGI middleware: the request body limit and per-task request metrics.
+"""Pure ASGI middleware: trailing slashes, the request body's size and read-timeout limits,
+and per-task request metrics.
 
 Pure ASGI (not BaseHTTPMiddleware) so neither adds a task per request nor hides the
 `http.disconnect` message that the classify route listens for.
 """
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import error_response
-from service.errors import PayloadTooLarge
+from service.errors import BodyTimeout, PayloadTooLarge
 from service.metrics import UNKNOWN_TASK
 from service.state import ServiceState
 
@@ -19,8 +21,28 @@ CLASSIFY_PATH = re.compile(r"^/v1/tasks/(?P<task>[^/]+)/classify/?$")
 UPLOAD_PATH = re.compile(r"^/v1/tasks/[^/]+/versions/?$")
 
 
+class TrailingSlashMiddleware:
+    """`/v1/tasks/x/classify/` is `/v1/tasks/x/classify`: the path is served without its trailing
+    slashes instead of redirected. A redirect (Starlette's default) answered before the token
+    check, built its Location from the Host header, and, with an encoded `%2e%2e/` in the path,
+    sent clients that resolve `..` to another route (a version's DELETE became the task's)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            scope = dict(scope, path=path.rstrip("/") or "/")
+            raw = scope.get("raw_path")
+            if raw:
+                scope["raw_path"] = raw.rstrip(b"/") or b"/"
+        await self.app(scope, receive, send)
+
+
 class BodyLimitMiddleware:
-    """413 for a body over its limit, judged by Content-Length and by the bytes actually read.
+    """413 for a body over its limit, judged by Content-Length and by the bytes actually read;
+    408 for a body that stops arriving (no piece of it for `read_timeout_s`).
 
     JSON bodies (limit `max_bytes`) are read here in full and replayed to the app, so an over-long
     chunked body is refused before any of it is parsed. Uploads (POST .../versions, limit
@@ -28,10 +50,12 @@ class BodyLimitMiddleware:
     caller's token before reading them, and the count stops them at the limit.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, upload_max_bytes: int | None = None) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_max_bytes: int | None = None,
+                 read_timeout_s: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.upload_max_bytes = upload_max_bytes if upload_max_bytes is not None else max_bytes
+        self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -50,12 +74,17 @@ class BodyLimitMiddleware:
                 await self._too_large(scope, receive, send, limit)
                 return
         if upload:
-            await self.app(scope, _counting(receive, limit), send)
+            await self.app(scope, _counting(receive, limit, self.read_timeout_s), send)
             return
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+            except asyncio.TimeoutError:
+                err = _stalled(self.read_timeout_s, size)
+                await error_response(err.status_code, err.message, err.error_type, err.headers)(scope, receive, send)
+                return
             if message["type"] == "http.disconnect":
                 return  # client left mid-body: nobody to answer
             chunk = message.get("body", b"")
@@ -85,20 +114,32 @@ class BodyLimitMiddleware:
         await response(scope, receive, send)
 
 
-def _counting(receive: Receive, limit: int) -> Receive:
-    """`receive` that raises PayloadTooLarge (413 via the error handlers) once the body passes `limit`."""
-    size = 0
+def _counting(receive: Receive, limit: int, timeout_s: float | None = None) -> Receive:
+    """`receive` that raises PayloadTooLarge (413 via the error handlers) once the body passes
+    `limit`, and BodyTimeout (408) when the next piece of the body takes over `timeout_s`."""
+    size, done = 0, False
 
     async def counted() -> Message:
-        nonlocal size
-        message = await receive()
+        nonlocal size, done
+        if done:  # the body is in: what follows is the wait for http.disconnect, which has no limit
+            return await receive()
+        try:
+            message = await asyncio.wait_for(receive(), timeout_s)
+        except asyncio.TimeoutError:
+            raise _stalled(timeout_s, size) from None
         if message["type"] == "http.request":
             size += len(message.get("body", b""))
             if size > limit:
                 raise PayloadTooLarge(f"request body larger than {limit} bytes")
+            done = not message.get("more_body", False)
         return message
 
     return counted
+
+
+def _stalled(timeout_s: float | None, size: int) -> BodyTimeout:
+    return BodyTimeout(f"the request body stopped arriving: nothing for {timeout_s:g} s after {size} bytes "
+                       "(ADAPTSERVE_BODY_READ_TIMEOUT_S); send the whole body without pausing")
 
 
 class RequestMetricsMiddleware:

@@ -33,9 +33,13 @@ def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Served]:
+    yield from _serve(tmp_path)
+
+
+def _serve(tmp_path: Path, **settings) -> Iterator[Served]:
     write_task(tmp_path, "sentiment", "v1")
     engine = FakeEngine()
-    app = create_app(Settings(store=tmp_path, max_body_bytes=4096, max_batch_size=1), engine=engine)
+    app = create_app(Settings(store=tmp_path, **{"max_body_bytes": 4096, "max_batch_size": 1, **settings}), engine=engine)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
@@ -119,3 +123,70 @@ def test_a_client_gone_mid_upload_is_a_499_logged_at_info_without_a_traceback(se
     assert not [record for record in caplog.records if record.exc_info or record.levelno >= logging.ERROR]
     with httpx.Client(base_url=served.url) as client:  # the server is none the worse
         assert client.post("/v1/tasks/sentiment/classify", json={"inputs": ["hello"]}).status_code == 200
+
+
+@pytest.fixture
+def impatient(tmp_path: Path) -> Iterator[Served]:
+    """A server that waits at most 0.5 s for the next piece of a body, with one upload slot."""
+    yield from _serve(tmp_path, body_read_timeout_s=0.5, max_concurrent_uploads=1)
+
+
+def _send_head(url: str, head: bytes) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    raw = socket.create_connection((host, int(port)), timeout=10)
+    raw.sendall(head)
+    return raw
+
+
+def _read_response(raw: socket.socket) -> tuple[int, bytes]:
+    data = b""
+    while chunk := raw.recv(65536):  # the server closes the connection after a 408
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+@pytest.mark.parametrize("route", ["classify", "upload"])
+def test_a_body_that_stops_arriving_gets_408_and_frees_the_upload_slot(impatient: Served, route: str) -> None:
+    if route == "classify":
+        head = (b"POST /v1/tasks/sentiment/classify HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n{\"inputs\": [")
+    else:
+        head = (b"POST /v1/tasks/sentiment/versions HTTP/1.1\r\nHost: test\r\n"
+                b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n")
+    started = time.monotonic()
+    with _send_head(impatient.url, head) as raw:
+        status, body = _read_response(raw)
+    assert status == 408 and b"request_timeout" in body and b"stopped arriving" in body
+    assert time.monotonic() - started < 5
+    with httpx.Client(base_url=impatient.url) as client:
+        # the slot is free again: a (bad) upload gets its own answer, not 429
+        upload = client.post("/v1/tasks/sentiment/versions", files={"x.dat": ("x.dat", b"junk")})
+        assert upload.status_code == 422, upload.text
+        assert client.post("/v1/tasks/sentiment/classify", json={"inputs": ["hi"]}).status_code == 200
+        if route == "classify":  # request metrics count classify requests only
+            assert 'adaptserve_requests_total{status="408",task="sentiment"} 1.0' in client.get("/metrics").text
+
+
+def test_a_slow_body_that_keeps_coming_is_read(impatient: Served) -> None:
+    body = b'{"inputs": ["slow but steady"]}'
+    head = (b"POST /v1/tasks/sentiment/classify HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode())
+    with _send_head(impatient.url, head) as raw:
+        for i in range(0, len(body), 8):  # 4 pieces 0.3 s apart: 0.9 s in all, each gap under 0.5 s
+            time.sleep(0.3)
+            raw.sendall(body[i : i + 8])
+        status, answer = _read_response(raw)
+    assert status == 200, answer
+
+
+def test_trailing_slashes_are_served_not_redirected(served: Served) -> None:
+    with httpx.Client(base_url=served.url) as client:
+        answer = client.post("/v1/tasks/sentiment/classify/", json={"inputs": ["hello"]})
+        assert answer.status_code == 200 and answer.json()["predictions"][0]["version"] == "v1"
+        assert client.get("/v1/tasks/").status_code == 200
+        # an encoded '..' is a version name (refused), never a redirect a client would resolve to another route
+        dots = client.delete("/v1/tasks/sentiment/versions/%2e%2e/")
+        assert dots.status_code in (404, 422) and "location" not in dots.headers
+        assert client.get("/v1/tasks/sentiment").status_code == 200
+        assert client.get("/v1/tasks/sentiment//", headers={"host": "evil.example"}).status_code == 200
