@@ -43,8 +43,9 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 def validate_task_name(name: str) -> str:
     """Return `name` if it is a safe task name, else raise `InvalidTaskName`."""
     if not isinstance(name, str) or not TASK_NAME_RE.fullmatch(name):
+        shown = name[:80] + "..." if isinstance(name, str) and len(name) > 80 else name
         raise InvalidTaskName(
-            f"invalid task name {name!r}: use 1-64 characters of a-z, 0-9, '.', '_' or '-', "
+            f"invalid task name {shown!r}: use 1-64 characters of a-z, 0-9, '.', '_' or '-', "
             "starting with a letter or digit"
         )
     return name

@@ -14,12 +14,13 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from service.api.deps import error_responses, service_state
 from service.api.schemas import Deleted, TaskState, TaskVersions, UploadResponse, VersionInfo
 from service.auth import require_admin, require_inference
-from service.errors import ClientDisconnected, InvalidInput, UnsupportedMediaType
+from service.errors import BadRequest, ClientDisconnected, InvalidInput, UnsupportedMediaType
 from service.hotswap import TaskAdmin
 from service.registry.base import TaskRecord
 from service.state import ServiceState
@@ -165,6 +166,11 @@ async def _read_form(request: Request, part_bytes: int) -> tuple[list[Part], boo
         form = await request.form(max_files=_MAX_FORM_FILES, max_fields=_MAX_FORM_FIELDS, max_part_size=_MAX_FIELD_BYTES)
     except ClientDisconnect:
         raise ClientDisconnected("client disconnected while sending its upload") from None
+    except HTTPException as err:  # Starlette's multipart parser: e.g. a file sent as a plain field (no filename)
+        if err.status_code != 400:
+            raise
+        raise BadRequest(f"the multipart body could not be read ({err.detail}); send each file as a file part with "
+                         "a filename, e.g. curl -F 'bundle=@bundle.zip'") from None
     try:
         for field, value in form.multi_items():
             if isinstance(value, UploadFile):

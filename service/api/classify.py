@@ -26,7 +26,7 @@ router = APIRouter()
     "/v1/tasks/{task}/classify",
     response_model=ClassifyResponse,
     # 500 is inference_failed: the batched forward this request shared raised (see the scheduler).
-    responses=error_responses(400, 401, 403, 404, 408, 413, 422, 429, 500, 503, 504),
+    responses=error_responses(400, 401, 403, 404, 408, 413, 415, 422, 429, 500, 503, 504),
     summary="Classify texts (or text pairs) with one task",
     dependencies=[Depends(require_inference)],
 )

@@ -76,6 +76,14 @@ class BodyLimitMiddleware:
         if upload:
             await self.app(scope, _counting(receive, limit, self.read_timeout_s), send)
             return
+        if scope.get("method") == "POST" and CLASSIFY_PATH.match(scope.get("path", "")):
+            media = dict(scope["headers"]).get(b"content-type", b"").split(b";")[0].strip().lower()
+            if not media:  # untyped: the body is JSON by the API's contract, so read it as such
+                scope = dict(scope, headers=[*scope["headers"], (b"content-type", b"application/json")])
+            elif not (media == b"application/json" or media.endswith(b"+json")):
+                await error_response(415, f"a classify body is JSON: send it with Content-Type: application/json, "
+                                     f"not {media[:60].decode('latin-1')!r}", "unsupported_media_type")(scope, receive, send)
+                return
         chunks: list[bytes] = []
         size = 0
         while True:

@@ -190,3 +190,25 @@ def test_trailing_slashes_are_served_not_redirected(served: Served) -> None:
         assert dots.status_code in (404, 422) and "location" not in dots.headers
         assert client.get("/v1/tasks/sentiment").status_code == 200
         assert client.get("/v1/tasks/sentiment//", headers={"host": "evil.example"}).status_code == 200
+
+
+def test_a_classify_body_that_is_not_json_by_its_type_is_415_and_says_so(served: Served) -> None:
+    with httpx.Client(base_url=served.url) as client:
+        body = b'{"inputs": ["hello"]}'
+        for media in ("text/plain", "application/x-www-form-urlencoded"):
+            answer = client.post("/v1/tasks/sentiment/classify", content=body, headers={"content-type": media})
+            assert answer.status_code == 415, answer.text
+            assert answer.json()["error_type"] == "unsupported_media_type" and "application/json" in answer.json()["error"]
+        for media in ("application/json; charset=utf-8", "application/vnd.api+json", None):  # JSON, or untyped: read
+            headers = {"content-type": media} if media else {}
+            answer = client.post("/v1/tasks/sentiment/classify", content=body, headers=headers)
+            assert answer.status_code == 200, (media, answer.text)
+
+
+def test_a_file_sent_as_a_plain_form_field_is_told_how_to_send_it(served: Served) -> None:
+    with httpx.Client(base_url=served.url) as client:  # curl -F 'bundle=<file' sends the bytes without a filename
+        answer = client.post("/v1/tasks/sentiment/versions", files={"bundle": (None, b"x" * 5000)})
+        assert answer.status_code == 400, answer.text
+        assert "send each file as a file part with a filename" in answer.json()["error"]
+        long = client.post("/v1/tasks/" + "A" * 5000 + "/classify", json={"inputs": ["x"]})
+        assert long.status_code == 422 and len(long.text) < 600
