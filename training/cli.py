@@ -414,8 +414,13 @@ def _check_paths(device: str, *, inputs: Sequence[tuple[str, Path | None]] = (),
             raise DataError(f"{flag} {path}: permission denied")
     if store is not None:
         _check_dir("--store", store)
-    if publish is not None and not publish.startswith(("http://", "https://")):
-        raise ConfigError(f"--publish needs an http:// or https:// URL, got {publish!r}")
+    if publish is not None:
+        from training.publish import PublishError, probe
+
+        try:
+            probe(publish)
+        except PublishError as err:
+            raise ConfigError(f"{err} (checked before training: start the service or fix --publish)") from None
     if publish_full is not None:
         from training.full import holds_backbone
 

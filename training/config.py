@@ -270,7 +270,8 @@ class TrainConfig:
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
-            raise ConfigError(f"--patience must be a positive integer, got {self.patience!r}")
+            raise ConfigError(f"--patience must be a positive integer (or 0 on the command line: never stop early), "
+                              f"got {self.patience!r}")
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise ConfigError(f"--max-steps must be a positive integer, got {self.max_steps!r}")
         if self.exit_loss not in EXIT_LOSSES:

@@ -295,6 +295,8 @@ def _resolve_format(source: str, file_format: str | None) -> FileFormat:
             )
         return file_format  # type: ignore[return-value]  # checked just above
     suffix = Path(source).suffix.lower()
+    if Path(source).is_dir():
+        raise DataError(f"{source}: is a directory, not a data file")
     if suffix not in _EXTENSIONS:
         shown = f"extension '{suffix}'" if suffix else "no extension"
         raise DataError(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -87,9 +88,7 @@ def upload(base_url: str, task: str, config_bytes: bytes, weights_bytes: bytes, 
            timeout: float = DEFAULT_TIMEOUT_S) -> Published:
     """Send one bundle's bytes; raises `PublishError` with a one-line reason on any failure."""
     token = token if token is not None else os.environ.get(TOKEN_ENV) or None
-    base = base_url.rstrip("/")
-    if not base.startswith(("http://", "https://")):
-        raise PublishError(f"--publish needs an http:// or https:// URL, got {base_url!r}")
+    base = check_url(base_url)
     url = f"{base}/v1/tasks/{task}/versions"
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     files = {
@@ -119,6 +118,28 @@ def upload(base_url: str, task: str, config_bytes: bytes, weights_bytes: bytes, 
             "service with uploads enabled? (or publish into its store directory with --store)"
         )
     raise PublishError(f"{url}: the server refused the bundle ({resp.status_code}: {reason})")
+
+
+def check_url(base_url: str) -> str:
+    """The service's base URL without trailing slashes; PublishError unless it is http(s) with a host."""
+    base = base_url.rstrip("/")
+    parsed = urllib.parse.urlsplit(base)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise PublishError(f"--publish needs an http:// or https:// URL with a host, got {base_url!r}")
+    return base
+
+
+def probe(base_url: str, timeout: float = 5.0) -> None:
+    """PublishError unless something answers HTTP at `base_url` (its /healthz; any status will do):
+    run before training, so an unreachable service is found before the work, not after it."""
+    base = check_url(base_url)
+    try:
+        with httpx.Client(timeout=timeout) as client:
+            client.get(f"{base}/healthz")
+    except httpx.TimeoutException:
+        raise PublishError(f"{base}: no answer within {timeout:.0f} s") from None
+    except httpx.HTTPError as err:
+        raise PublishError(f"cannot reach {base}: {err}") from None
 
 
 def _json(resp: httpx.Response) -> dict:

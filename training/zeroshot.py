@@ -101,7 +101,9 @@ def parse_labels(labels: str | Sequence[str] | None) -> tuple[str, ...] | None:
     if labels is None:
         return None
     items = [x.strip() for x in labels.split(",")] if isinstance(labels, str) else [str(x).strip() for x in labels]
-    items = [x for x in items if x]
+    if not all(items):
+        raise ConfigError(f"--labels has an empty label in {labels if isinstance(labels, str) else list(labels)!r}: "
+                          "write them as NAME,NAME,... with no empty entries")
     if len(items) < 2:
         raise ConfigError(f"--labels must name at least 2 labels, got {items}")
     if len(set(items)) != len(items):
@@ -118,8 +120,12 @@ def prompt_task(name: str, template: str, verbalizer: str | Path | Mapping[str, 
                 labels: str | Sequence[str] | None = None, pair: bool = False, max_length: int = 128) -> ZeroShotTask:
     """A zero-shot prompt task: the backbone's LM head reads each label's words after the template."""
     _check_name(name)
+    names = parse_labels(labels)
     words = parse_verbalizer(verbalizer)
-    names = parse_labels(labels) or tuple(words)
+    names = names or tuple(words)
+    if len(names) < 2:  # a one-label task answers the same for every input, and the engine refuses it
+        raise ConfigError(f"a task needs at least 2 labels; the verbalizer maps only {list(names)}: give every label "
+                          "its word(s), e.g. --verbalizer 'negative=terrible;positive=great'")
     spec = PromptSpec(template=template, label_words=order_by_labels(words, names))
     _check_length(max_length, backbone)
     parsed, vw = spec.build(backbone, names, pair, max_length)
@@ -188,8 +194,9 @@ def description_task(name: str, descriptions: str | Path | Mapping[str, str], ba
         raise ConfigError(f"--scale must be a positive finite number, got {scale!r}")
     backbone = backbone if backbone is not None else load_backbone(None, dtype="float32")
     _check_length(max_length, backbone)
+    names = parse_labels(labels)
     desc = parse_descriptions(descriptions)
-    names = parse_labels(labels) or tuple(desc)
+    names = names or tuple(desc)
     missing, extra = [n for n in names if n not in desc], [n for n in desc if n not in names]
     if missing or extra:
         raise ConfigError(f"--descriptions must describe exactly the labels {', '.join(names)}"

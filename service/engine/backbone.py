@@ -144,6 +144,8 @@ def load_backbone(path: str | Path | None = None, device: str = "auto", dtype: s
         from service.engine.gguf import convert_gguf
 
         path = convert_gguf(path, cache_dir)
+    if not path.exists():
+        raise ValueError(f"backbone {str(path)!r} does not exist: give a local Hugging Face model folder or a .gguf file")
     if not (path / "config.json").is_file():
         raise ValueError(f"backbone folder {str(path)!r} has no config.json: expected a local Hugging Face model folder")
     dt = resolve_dtype(dtype, dev)

@@ -244,11 +244,13 @@ def write_bundle_files(target: Path, config_bytes: bytes, weights_bytes: bytes) 
     Whatever is at `target` already is replaced: callers publish only where no intact copy is
     (`service.store.bundle_intact`), so it is a damaged copy. It is removed only once the new copy
     is in place, and a reader finds the old directory or the new one, never a half-written one."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700: other users (a container's app user) must read it
+    made_parent = not target.parent.exists()
     replaced: Path | None = None
+    tmp: Path | None = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700: other users (a container's app user) must read it
         for fname, data in ((CONFIG, config_bytes), (WEIGHTS, weights_bytes)):
             with open(tmp / fname, "wb") as f:
                 f.write(data)
@@ -260,8 +262,18 @@ def write_bundle_files(target: Path, config_bytes: bytes, weights_bytes: bytes) 
             os.fsync(dfd)
         finally:
             os.close(dfd)
+    except OSError as err:  # e.g. a full disk, whose message names no path: name the one being written
+        if made_parent:  # a task directory this call made is left only holding a version
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                target.parent.rmdir()
+            except OSError:
+                pass
+        raise OSError(err.errno, f"cannot write the bundle {target}: {err.strerror or err}") from err
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # there only if something failed, or holding the swapped-out copy
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # there only if something failed, or holding the swapped-out copy
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
 

@@ -107,3 +107,25 @@ def test_store_root_must_be_a_directory(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigurationError):
         LocalStore(tmp_path / "file")
+
+
+def test_a_failed_bundle_write_names_its_path_and_leaves_no_empty_task_directory(tmp_path, monkeypatch):
+    """A full disk: the error names the bundle being written, and a task directory the write made
+    for it is removed again; a task directory that was there already (with its versions) stays."""
+    import errno
+    import os as os_
+
+    import service.engine.bundle as bundle
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(bundle.os, "fsync", full)
+    with pytest.raises(OSError, match=r"cannot write the bundle .*new-task/v1: No space left on device") as err:
+        bundle.write_bundle_files(tmp_path / "new-task" / "v1", b"{}", b"x")
+    assert err.value.errno == errno.ENOSPC
+    assert not (tmp_path / "new-task").exists()
+    (tmp_path / "old-task" / "v0").mkdir(parents=True)
+    with pytest.raises(OSError, match="No space left"):
+        bundle.write_bundle_files(tmp_path / "old-task" / "v1", b"{}", b"x")
+    assert os_.listdir(tmp_path / "old-task") == ["v0"]  # no temp directory left either

@@ -81,6 +81,10 @@ BAD_TRAIN = [
         "--publish-full is for --method full"),
     Bad("not a backbone", ["--task", "t", "--method", "lora", "--data", "{train}", "--dev", "{dev}", "--backbone", "{tmp}", "--store", "{tmp}/s"],
         "has no config.json"),
+    Bad("backbone that does not exist", ["--task", "t", "--method", "lora", "--data", "{train}", "--dev", "{dev}", "--backbone",
+                                         "{tmp}/nowhere", "--store", "{tmp}/s"], "backbone '{tmp}/nowhere' does not exist"),
+    Bad("data that is a directory", ["--task", "t", "--method", "head", "--data", "{tmp}/adir", "--dev", "{dev}", "--store", "{tmp}/s"],
+        "{tmp}/adir: is a directory, not a data file", files={"adir/": ""}),
     Bad("prompt too long", ["--task", "t", "--method", "prompt", "--prompt-length", "60", *TRAIN_OK.split(), "--max-length", "24"],
         "--max-length 24 + 60 virtual tokens exceeds the backbone's 64 positions"),
     Bad("pooler on a backbone without one", ["--task", "t", "--method", "head", "--pooling", "pooler", *TRAIN_OK.split(),
@@ -99,7 +103,9 @@ BAD_TRAIN = [
     Bad("store under a file", ["--task", "t", "--method", "head", "--data", "{train}", "--dev", "{dev}", "--store", "{tmp}/afile/s"],
         "--store {tmp}/afile/s: cannot be made: {tmp}/afile is a file, not a directory", files={"afile": "x"}),
     Bad("publish URL that is not http", ["--task", "t", "--method", "head", "--data", "{train}", "--dev", "{dev}",
-                                          "--publish", "ftp://host"], "--publish needs an http:// or https:// URL, got 'ftp://host'"),
+                                          "--publish", "ftp://host"], "--publish needs an http:// or https:// URL with a host, got 'ftp://host'"),
+    Bad("publish URL without a host", ["--task", "t", "--method", "head", "--data", "{train}", "--dev", "{dev}",
+                                       "--publish", "http://"], "--publish needs an http:// or https:// URL with a host, got 'http://'"),
     Bad("tab-separated .csv", ["--task", "t", "--method", "head", "--data", "{tmp}/tabs.csv", "--dev", "{dev}", "--store", "{tmp}/s"],
         "its header is one column holding tabs: if the file is TSV, pass --format tsv",
         files={"tabs.csv": "text\tlabel\ngood\tpos\nbad\tneg\n"}),
@@ -322,3 +328,22 @@ def test_entry_points_run_evaluate(entry, published, csvs, tiny_dir, monkeypatch
             runpy.run_module("training", run_name="__main__")
         assert exit_.value.code == 0
     assert "ev@" in capsys.readouterr().out
+
+
+def test_an_unreachable_publish_url_is_found_before_training(csvs, tiny_dir, tmp_path, capsys, monkeypatch):
+    import socket
+
+    import training.trainer
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before checking --publish")
+
+    monkeypatch.setattr(training.trainer, "train", no_training)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--task", "t", "--method", "head", "--data", str(csvs["train"]), "--dev", str(csvs["dev"]),
+            "--backbone", str(tiny_dir), "--publish", f"http://127.0.0.1:{port}/"]
+    assert main(args) == 1
+    line = _error_line(capsys, "adaptserve train")
+    assert f"cannot reach http://127.0.0.1:{port}" in line and "checked before training" in line

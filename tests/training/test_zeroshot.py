@@ -14,7 +14,7 @@ from service.engine.types import ClassifyItem
 from training.config import ConfigError
 from training.evaluate import load_published
 from training.fewshot_cli import zeroshot_main
-from training.zeroshot import DEFAULT_SCALE, description_task, parse_descriptions, prompt_task, save_zeroshot
+from training.zeroshot import DEFAULT_SCALE, description_task, parse_descriptions, parse_labels, prompt_task, save_zeroshot
 from tests.factories import save_tiny_lm
 from tests.training.conftest import write_csv
 
@@ -141,3 +141,15 @@ def test_zeroshot_checks_everything_before_publishing(tiny_dir, tmp_path, capsys
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith("adaptserve zeroshot: error: ") and message in last, last
         assert not store.exists()
+
+
+def test_a_one_label_prompt_task_and_empty_labels_are_refused(tmp_path):
+    """One label would publish a task the engine refuses to load; an empty --labels entry is a typo."""
+    lm = load_backbone(save_tiny_lm("causal", tmp_path / "lm"), device="cpu", dtype="float32")
+    with pytest.raises(ConfigError, match=r"at least 2 labels; the verbalizer maps only \['positive'\]"):
+        prompt_task("zs-one", "{text} It was {mask}", "positive=good", lm, max_length=24)
+    with pytest.raises(ConfigError, match="--labels has an empty label in 'negative,,positive'"):
+        parse_labels("negative,,positive")
+    with pytest.raises(ConfigError, match="--labels has an empty label"):
+        prompt_task("zs-empty", "{text} It was {mask}", "negative=bad;positive=good", lm, labels="negative,positive,",
+                    max_length=24)
