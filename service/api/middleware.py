@@ -88,7 +88,7 @@ class BodyLimitMiddleware:
         size = 0
         while True:
             try:
-                message = await asyncio.wait_for(receive(), self.read_timeout_s)
+                message = await _within(receive, self.read_timeout_s)
             except asyncio.TimeoutError:
                 err = _stalled(self.read_timeout_s, size)
                 await error_response(err.status_code, err.message, err.error_type, err.headers)(scope, receive, send)
@@ -132,7 +132,7 @@ def _counting(receive: Receive, limit: int, timeout_s: float | None = None) -> R
         if done:  # the body is in: what follows is the wait for http.disconnect, which has no limit
             return await receive()
         try:
-            message = await asyncio.wait_for(receive(), timeout_s)
+            message = await _within(receive, timeout_s)
         except asyncio.TimeoutError:
             raise _stalled(timeout_s, size) from None
         if message["type"] == "http.request":
@@ -143,6 +143,19 @@ def _counting(receive: Receive, limit: int, timeout_s: float | None = None) -> R
         return message
 
     return counted
+
+
+_timeout = getattr(asyncio, "timeout", None)  # Python >= 3.11: no task per call, unlike wait_for
+
+
+async def _within(receive: Receive, timeout_s: float | None) -> Message:
+    """`receive()`, or asyncio.TimeoutError after `timeout_s` (None: no limit)."""
+    if timeout_s is None:
+        return await receive()
+    if _timeout is not None:
+        async with _timeout(timeout_s):
+            return await receive()
+    return await asyncio.wait_for(receive(), timeout_s)
 
 
 def _stalled(timeout_s: float | None, size: int) -> BodyTimeout:
