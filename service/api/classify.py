@@ -73,10 +73,11 @@ def _check_limits(inputs: Sequence[str | TextPair], settings: Settings) -> None:
             f"{len(inputs)} inputs in one request; the limit is {settings.max_inputs_per_request} (split the request)"
         )
     for index, item in enumerate(inputs):
-        for text in item if isinstance(item, tuple) else (item,):
+        sides = zip(("[0] (the text)", "[1] (the text pair)"), item) if isinstance(item, tuple) else (("", item),)
+        for side, text in sides:
             if len(text) > settings.max_chars_per_input:
                 raise PayloadTooLarge(
-                    f"inputs[{index}] has {len(text)} characters; the limit is {settings.max_chars_per_input}"
+                    f"inputs[{index}]{side} has {len(text)} characters; the limit is {settings.max_chars_per_input}"
                 )
 
 

@@ -76,6 +76,7 @@ def test_bad_request(client: TestClient, method: str, path: str, kwargs: dict, s
         (NLI, {"inputs": [["a", "b"], "c"]}, "task 'nli' classifies text pairs: inputs[1] must be [text, text_pair]"),
         (CLASSIFY, {"inputs": ["x"] * 5}, "5 inputs in one request; the limit is 4"),
         (CLASSIFY, {"inputs": ["ok", "x" * 51]}, "inputs[1] has 51 characters; the limit is 50"),
+        (NLI, {"inputs": [["a", "b"], ["ok", "x" * 51]]}, "inputs[1][1] (the text pair) has 51 characters; the limit is 50"),
         (CLASSIFY, {"inputs": []}, "body.inputs"),
         ("/v1/tasks/ambiguous/classify", {"inputs": ["x"]}, "no ACTIVE file"),
         ("/v1/tasks/broken/classify", {"inputs": ["x"]}, "cannot read adapter_config.json"),
