@@ -5,12 +5,13 @@ Both write the same two files `write_bundle` would (`adapter_config.json`,
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import httpx
 import torch
@@ -95,13 +96,8 @@ def upload(base_url: str, task: str, config_bytes: bytes, weights_bytes: bytes, 
         CONFIG: (CONFIG, config_bytes, "application/json"),
         WEIGHTS: (WEIGHTS, weights_bytes, "application/octet-stream"),
     }
-    try:
-        with httpx.Client(timeout=timeout) as client:
-            resp = client.post(url, files=files, headers=headers)
-    except httpx.TimeoutException:
-        raise PublishError(f"{url}: no answer within {timeout:.0f} s") from None
-    except httpx.HTTPError as err:
-        raise PublishError(f"cannot reach {base}: {err}") from None
+    with _reaching(base, url, timeout), httpx.Client(timeout=timeout) as client:
+        resp = client.post(url, files=files, headers=headers)
     body = _json(resp)
     if resp.is_success:
         version = str(body.get("version") or content_version(config_bytes, weights_bytes))
@@ -133,11 +129,17 @@ def probe(base_url: str, timeout: float = 5.0) -> None:
     """PublishError unless something answers HTTP at `base_url` (its /healthz; any status will do):
     run before training, so an unreachable service is found before the work, not after it."""
     base = check_url(base_url)
+    with _reaching(base, base, timeout), httpx.Client(timeout=timeout) as client:
+        client.get(f"{base}/healthz")
+
+
+@contextlib.contextmanager
+def _reaching(base: str, where: str, timeout: float) -> Iterator[None]:
+    """httpx's transport errors inside, as one-line PublishErrors."""
     try:
-        with httpx.Client(timeout=timeout) as client:
-            client.get(f"{base}/healthz")
+        yield
     except httpx.TimeoutException:
-        raise PublishError(f"{base}: no answer within {timeout:.0f} s") from None
+        raise PublishError(f"{where}: no answer within {timeout:.0f} s") from None
     except httpx.HTTPError as err:
         raise PublishError(f"cannot reach {base}: {err}") from None
 

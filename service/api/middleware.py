@@ -17,8 +17,9 @@ from service.errors import BodyTimeout, PayloadTooLarge
 from service.metrics import UNKNOWN_TASK
 from service.state import ServiceState
 
-CLASSIFY_PATH = re.compile(r"^/v1/tasks/(?P<task>[^/]+)/classify/?$")
-UPLOAD_PATH = re.compile(r"^/v1/tasks/[^/]+/versions/?$")
+# No trailing slash: TrailingSlashMiddleware, the outermost, strips it before these see the path.
+CLASSIFY_PATH = re.compile(r"^/v1/tasks/(?P<task>[^/]+)/classify$")
+UPLOAD_PATH = re.compile(r"^/v1/tasks/[^/]+/versions$")
 
 
 class TrailingSlashMiddleware:

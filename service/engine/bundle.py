@@ -263,19 +263,17 @@ def write_bundle_files(target: Path, config_bytes: bytes, weights_bytes: bytes) 
         finally:
             os.close(dfd)
     except OSError as err:  # e.g. a full disk, whose message names no path: name the one being written
-        if made_parent:  # a task directory this call made is left only holding a version
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-            try:
-                target.parent.rmdir()
-            except OSError:
-                pass
         raise OSError(err.errno, f"cannot write the bundle {target}: {err.strerror or err}") from err
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)  # there only if something failed, or holding the swapped-out copy
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
+        if made_parent and not os.path.lexists(target):  # a task directory made for a version that failed
+            try:
+                target.parent.rmdir()
+            except OSError:
+                pass
 
 
 def _into_place(new: Path, target: Path) -> Path | None:

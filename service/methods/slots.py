@@ -136,8 +136,8 @@ class SlotPool:
         self._lock = threading.Lock()
         self._slot: dict[int, int] = {}  # id(weights) -> slot
         self._owner: dict[int, int] = {}  # slot -> id(weights)
-        self._shapes: dict[int, dict[Key, tuple[torch.Size, ...]]] = {}  # slot -> key -> tensor shapes
-        self._layout: dict[int, frozenset] = {}  # slot -> its shapes, hashable: tasks alike share one
+        # slot -> its (key, tensor shapes) pairs; hashable, so tasks of one layout count once per batch
+        self._layout: dict[int, frozenset[tuple[Key, tuple[torch.Size, ...]]]] = {}
         self._lru: OrderedDict[int, None] = OrderedDict()  # slots in use, least recently batched first
         self._pins: Counter[int] = Counter()  # slot -> batches in flight using it
         self._released: deque[tuple[int | None, int]] = deque()  # (owner, slot) of collected weights
@@ -177,15 +177,14 @@ class SlotPool:
             pin = _Pin()
             self._pins.update(batch)
             weakref.finalize(pin, self._unpinned.append, frozenset(batch))
-            # one entry per distinct layout: tasks of the same method settings (most) count once
-            shapes = list({self._layout[s]: self._shapes[s] for s in batch}.values())
+            layouts = {self._layout[s] for s in batch}  # tasks of the same method settings (most) count once
             tables = dict(self._tables)  # a snapshot: growth later replaces tables, never edits these
         slot = torch.tensor(part_slot, device=row_part.device).index_select(0, row_part)  # [B]
         # per key, the largest shape among this batch's tasks: tables are sliced to it, so one
         # large-rank task elsewhere in the pool costs this batch nothing
         widest: dict[Key, list[list[int]]] = {}
-        for per_key in shapes:
-            for key, sh in per_key.items():
+        for layout in layouts:
+            for key, sh in layout:
                 w = widest.get(key)
                 if w is None:
                     widest[key] = [list(x) for x in sh]
@@ -201,8 +200,7 @@ class SlotPool:
     def _add(self, weights: Any, batch: set[int]) -> int:
         entries = self._entries(weights)
         s = self._free.pop() if self._free else self._room(batch)
-        self._shapes[s] = {key: tuple(t.shape for t in ts) for key, ts in entries.items()}
-        self._layout[s] = frozenset(self._shapes[s].items())
+        self._layout[s] = frozenset((key, tuple(t.shape for t in ts)) for key, ts in entries.items())
         self._lru[s] = None
         try:
             for key, ts in entries.items():
@@ -258,8 +256,7 @@ class SlotPool:
         owner = self._owner.pop(s, None)
         if owner is not None and self._slot.get(owner) == s:
             del self._slot[owner]
-        self._layout.pop(s, None)
-        for key in self._shapes.pop(s, {}):
+        for key, _ in self._layout.pop(s, ()):
             for table in self._tables.get(key, ()):
                 table[s].zero_()
         self._lru.pop(s, None)
