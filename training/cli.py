@@ -11,6 +11,7 @@ stdout, progress bars and per-epoch lines to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import re
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from training.config import (
     DEFAULT_DROPOUT,
@@ -295,7 +296,8 @@ def build_evaluate_parser(prog: str = "adaptserve evaluate") -> argparse.Argumen
     p.add_argument("--version", help="version to score [the task's active version]")
     p.add_argument("--backbone", type=Path, help="local encoder folder [the bundled all-MiniLM-L6-v2]")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [%(default)s]")
-    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 [%(default)s, as served]")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
+                   help="[%(default)s, as served]")
     p.add_argument("--batch-size", type=int, default=64, help="rows per forward [%(default)s]")
     p.add_argument("--text-column", default="text", help="[%(default)s]")
     p.add_argument("--text-pair-column", default=None, help="[text_pair if the file has one]")
@@ -328,13 +330,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     store = LocalStore(args.store)
     key = TaskKey(args.task, args.version) if args.version else store.resolve(args.task)
     bundle = store.bundle_dir(key)
-    labels = read_config(bundle).get("labels")
+    with _naming(key):
+        labels = read_config(bundle).get("labels")
     if not isinstance(labels, list):
         raise DataError(f"task {args.task!r} names no labels in its bundle")
     data = read_eval(args.data, labels, **_columns(args))
     _setup_logging()
     engine = Engine(_load_backbone(args.backbone, args.device, args.dtype))
-    task = engine.load_task(bundle, key)
+    with _naming(key):
+        task = engine.load_task(bundle, key)
     metrics = evaluate_served(engine, task, data, args.batch_size, progress=not args.no_progress)
     print(format_metrics(metrics, title=f"{key} on {args.data}"))
     if args.json_out is not None:
@@ -344,6 +348,19 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 # -- shared --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _naming(key) -> Iterator[None]:
+    """A bundle error names its file ("adapter_config.json is not valid JSON"); say whose."""
+    from service.errors import BundleError
+
+    try:
+        yield
+    except BundleError as err:
+        if str(key) in err.message or repr(key.name) in err.message:
+            raise
+        raise BundleError(f"task {key} in the store: {err.message}") from None
+
+
 def _data_format_flags(g) -> None:
     g.add_argument("--format", dest="file_format", choices=("csv", "tsv", "jsonl"),
                    help="file format [from the extension: .csv, .tsv, .jsonl/.ndjson]")

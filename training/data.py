@@ -21,6 +21,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
+from service.engine.types import unprintable
+
 FileFormat = Literal["csv", "tsv", "jsonl"]
 # What to do with a row whose text (or text pair) is empty: the default refuses, because it is
 # usually a broken export; "keep" reads it as "" (the public cr splits have 7 such rows, kept by
@@ -176,17 +178,17 @@ def read_eval(
     text_pair_column: str | None = None,
     label_column: str = DEFAULT_LABEL_COLUMN,
     empty_text: EmptyText = "error",
+    known_as: str = "the training labels",
 ) -> LabelledData:
     """Read a dev/test file and map its labels onto the training vocabulary ``label_names``.
 
-    A label that is not in ``label_names`` is an error (the model could never predict it).
+    A label that is not in ``label_names`` is an error (the model could never predict it);
+    ``known_as`` names that vocabulary in the message (a zero-shot task has no training labels).
     """
     source = str(path)
     label_names = _checked_label_order(label_names, "label_names")
     rows = _read_rows(path, file_format, text_column, text_pair_column, label_column, empty_text)
-    _check_labels_known(
-        source, rows, label_names, f"not in the training labels ({', '.join(label_names)})"
-    )
+    _check_labels_known(source, rows, label_names, f"not in {known_as} ({', '.join(label_names)})")
     return _dataset(rows, label_names, source)
 
 
@@ -523,6 +525,9 @@ def _row(
     label_value = cell(*label, allow_int=True).strip()
     if not label_value:
         raise DataError(f"{source}: {where}: empty '{label[0]}'; every row needs a label")
+    if unprintable(label_value):
+        raise DataError(f"{source}: {where}: '{label[0]}' {label_value!r} holds a control character "
+                        "(a tab, a newline, NUL); labels must be printable text")
     first = text_cell(*text)
     second = None if text_pair is None else text_cell(*text_pair)
     if first is None or (text_pair is not None and second is None):

@@ -213,7 +213,7 @@ def _publish(args: argparse.Namespace, to_store, to_url) -> dict[str, Any]:
 def _read_test(args: argparse.Namespace, task):
     from training.data import read_eval
 
-    return read_eval(args.test, list(task.labels), **_columns(args))
+    return read_eval(args.test, list(task.labels), **_columns(args), known_as="the task's labels")
 
 
 def _score(args: argparse.Namespace, task, backbone, data):

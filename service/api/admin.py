@@ -99,6 +99,7 @@ async def upload_version(
     return JSONResponse(body.model_dump(), status_code=201 if result.created else 200)
 
 
+@router.head("/v1/tasks/{task}/versions", include_in_schema=False, dependencies=[Depends(require_inference)])
 @router.get(
     "/v1/tasks/{task}/versions",
     response_model=TaskVersions,

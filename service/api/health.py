@@ -13,6 +13,7 @@ router = APIRouter()
 
 
 # HEAD too (load balancers probe with it), left out of the OpenAPI document: the same answer, no body.
+# Every GET route of the service answers HEAD so.
 @router.head("/healthz", include_in_schema=False)
 @router.get("/healthz", response_model=Health, responses={503: {"model": Health}}, summary="Liveness")
 async def healthz(request: Request) -> Any:
@@ -47,6 +48,7 @@ def _describe_backbone(backbone: Any) -> dict[str, Any]:
     return described
 
 
+@router.head("/metrics", include_in_schema=False)
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
     text, content_type = service_state(request).metrics.render()

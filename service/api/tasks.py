@@ -15,6 +15,8 @@ from service.engine.types import TaskKey
 router = APIRouter(dependencies=[Depends(require_inference)])
 
 
+# HEAD beside each GET (the same status and headers, no body), left out of the OpenAPI document.
+@router.head("/v1/tasks", include_in_schema=False)
 @router.get(
     "/v1/tasks", response_model=TaskList, responses=error_responses(401, 403, 503),
     summary="List tasks and their active versions",
@@ -37,6 +39,7 @@ async def list_tasks(request: Request) -> TaskList:
     )
 
 
+@router.head("/v1/tasks/{task}", include_in_schema=False)
 @router.get(
     "/v1/tasks/{task}",
     response_model=TaskInfo,

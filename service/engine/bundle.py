@@ -24,7 +24,7 @@ from torch import Tensor
 import service.methods  # noqa: F401  (registers every method)
 from service.engine.spec import OVERFLOWS, BackboneInfo, TaskSpec
 from service.engine.template import Template, TemplateError
-from service.engine.types import TaskKey
+from service.engine.types import TaskKey, unprintable
 from service.errors import BundleError, NoMatchingModuleError
 from service.methods.base import REGISTRY, TaskWeights
 from service.store import bundle_intact
@@ -83,6 +83,8 @@ def parse(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Backb
         labels = []
     elif len(set(labels)) != len(labels):
         problems.append(f"'labels' has duplicates: {labels}")
+    if bad := [x for x in labels if unprintable(x)]:
+        problems.append(f"'labels' must be printable text (no control characters such as NUL or newlines): {bad}")
     kind = cfg.get("input_kind", "single")
     if kind not in INPUT_KINDS:
         problems.append(f"'input_kind' must be one of {INPUT_KINDS}, got {kind!r}")

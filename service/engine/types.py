@@ -5,6 +5,7 @@ cache and the HTTP layer only see these.
 """
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,3 +46,10 @@ class Prediction:
     version: str
     logits: tuple[float, ...] = field(default=(), repr=False)
     exit_layer: int | None = None
+
+
+def unprintable(label: str) -> bool:
+    """Whether a label holds a control character (NUL, a newline, a tab) or an unpaired surrogate.
+    Labels answer in JSON and show in logs and dashboards, so bundles and training data refuse
+    them. Format characters pass: Persian and Indic words need the zero-width (non-)joiner."""
+    return any(unicodedata.category(c) in ("Cc", "Cs") for c in label)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from service.engine.bundle import CONFIG, WEIGHTS
 from service.engine.engine import Engine
-from service.engine.types import TaskKey
+from service.engine.types import TaskKey, unprintable
 from service.errors import BundleError, NoMatchingModuleError
 from service.methods.lora import POOLER
 from tests.factories import publish, random_head, random_lora, random_method, tiny_backbone
@@ -88,6 +88,8 @@ CASES = [
     ("head", None, lambda t: t.__setitem__("lora.0.query.A", torch.zeros(2, H)), "tensors belonging to no method"),
     ("head", lambda c: _set(c, "backbone.fingerprint", "sha256:" + "0" * 64), None, "task weights only make sense on the backbone"),
     ("head", lambda c: _set(c, "labels", ["a", "a"]), None, "'labels' has duplicates"),
+    ("head", lambda c: _set(c, "labels", ["a", "b\x00"]), None, "'labels' must be printable text"),
+    ("head", lambda c: _set(c, "labels", ["a", "two\nlines"]), None, "'labels' must be printable text"),
     ("head", lambda c: _set(c, "input_kind", "triple"), None, "'input_kind' must be one of"),
     ("head", lambda c: c.pop("methods"), None, "'methods' must be a non-empty object"),
 ]
@@ -219,3 +221,8 @@ def test_malformed_peft_config_is_a_bundle_error_naming_the_field(engine, tmp_pa
     with pytest.raises(BundleError) as e:
         engine.load_task(_peft_bundle(tmp_path / "bad", peft_type, **config), TaskKey("t", "bad"))
     assert f"task 't': {message}" in str(e.value)
+
+
+def test_labels_refuse_control_characters_but_keep_format_characters() -> None:
+    assert unprintable("pos\x00") and unprintable("a\tb") and unprintable("\ud800")
+    assert not unprintable("می\u200cخواهم") and not unprintable("👍🏽") and not unprintable("très bien")

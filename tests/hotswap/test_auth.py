@@ -86,6 +86,14 @@ def test_inference_and_admin_tokens_read_and_classify(client: TestClient, method
     assert _call(client, method, path, headers).status_code == 200
 
 
+@pytest.mark.parametrize("path", [path for method, path in READ_ROUTES if method == "GET"] + ["/metrics"])
+@pytest.mark.parametrize("headers", [AUTH_READER, {}], ids=["inference", "no token"])
+def test_every_get_route_answers_head_as_it_answers_get(client: TestClient, path: str, headers: dict) -> None:
+    get, head = client.get(path, headers=headers), client.head(path, headers=headers)
+    assert get.status_code == (401 if not headers and path != "/metrics" else 200)
+    assert (head.status_code, head.headers["content-type"], head.content) == (get.status_code, get.headers["content-type"], b"")
+
+
 def test_probes_and_metrics_need_no_token(client: TestClient) -> None:
     for path in ("/healthz", "/readyz", "/metrics"):
         assert client.get(path).status_code == 200

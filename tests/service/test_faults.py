@@ -153,6 +153,24 @@ def test_a_corrupt_version_is_never_activated(store: Path, engine: Engine) -> No
         assert client.post("/v1/tasks/victim/classify", json={"inputs": ["fun"]}).json()["version"] == old
 
 
+def test_a_version_damaged_on_disk_is_not_activated_from_its_cached_copy(store: Path, engine: Engine) -> None:
+    """A version still cached in memory but damaged on disk would serve until the next restart
+    or eviction, and fail on every replica that loads it: activation and rollback check the files."""
+    info = engine.backbone.info
+    g = torch.Generator().manual_seed(6)
+    old = _active(store, "victim").name
+    new = publish(store, "victim", {"lora": random_lora(info, g), "head": random_head(info, g)}, ["neg", "pos"],
+                  fingerprint=info.fingerprint)
+    with TestClient(create_app(Settings(store=store, max_wait_ms=1.0), engine=engine)) as client:
+        wait_ready(client)
+        assert client.post("/v1/tasks/victim/classify", json={"inputs": ["fun"]}).json()["version"] == new
+        assert client.post(f"/v1/tasks/victim/versions/{old}/activate").status_code == 200  # `new` stays cached
+        _flip_last_byte(store / "victim" / new / WEIGHTS)
+        for refused in (client.post(f"/v1/tasks/victim/versions/{new}/activate"), client.post("/v1/tasks/victim/rollback")):
+            assert refused.status_code == 422 and "is corrupt" in refused.json()["error"], refused.text
+        assert client.post("/v1/tasks/victim/classify", json={"inputs": ["fun"]}).json()["version"] == old
+
+
 def test_publishing_the_same_task_again_repairs_a_corrupt_copy(tmp_path: Path, engine: Engine) -> None:
     """`write_bundle` (what training publishes with) over a version already stored: an intact copy
     is left as it is, a corrupt one is replaced by the new copy."""

@@ -313,6 +313,25 @@ def test_evaluate_bad_input(case, published, csvs, tiny_dir, tmp_path, capsys):
     assert case.expected in _error_line(capsys, "adaptserve evaluate")
 
 
+def test_evaluate_names_the_task_of_a_broken_bundle(csvs, tiny_dir, tmp_path, capsys):
+    bundle = tmp_path / "store" / "hand" / "v1"  # a hand-named version: no content hash to catch the edit
+    bundle.mkdir(parents=True)
+    (bundle / "adapter_config.json").write_text('{"labels": ["neg", "pos"],')
+    (bundle / "adapter_model.safetensors").write_bytes(b"")
+    (bundle.parent / "ACTIVE").write_text("v1\n")
+    args = ["--task", "hand", "--store", str(tmp_path / "store"), "--data", str(csvs["test"]), "--backbone", str(tiny_dir)]
+    assert evaluate_main(args + ["--no-progress"]) == 1
+    assert "task hand@v1 in the store: adapter_config.json is not valid UTF-8 JSON" in _error_line(capsys, "adaptserve evaluate")
+
+
+def test_evaluate_names_the_dtypes_it_knows(published, csvs, tiny_dir, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        evaluate_main(["--task", "ev", "--store", str(published[0]), "--data", str(csvs["test"]), "--dtype", "int8",
+                       "--backbone", str(tiny_dir)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--dtype: invalid choice: 'int8'" in err and "bfloat16" in err
+
+
 @pytest.mark.parametrize("entry", ["python -m training", "adaptserve"])
 def test_entry_points_run_evaluate(entry, published, csvs, tiny_dir, monkeypatch, capsys):
     """`python -m training evaluate ...` and `adaptserve evaluate ...` (service.cli) reach evaluate_main."""

@@ -130,7 +130,7 @@ def test_zeroshot_checks_everything_before_publishing(tiny_dir, tmp_path, capsys
          "within max_length 8: its own tokens (special tokens, template text and answer slot) take 12"),
         ([*prompt, "--template", "{text} it was {mask}", "--test", str(tmp_path / "nonexist.csv")],
          f"--test {tmp_path / 'nonexist.csv'}: file not found"),
-        ([*prompt, "--template", "{text} it was {mask}", "--test", str(other_labels)], "labels not in the training labels"),
+        ([*prompt, "--template", "{text} it was {mask}", "--test", str(other_labels)], "labels not in the task's labels"),
         ([*prompt, "--template", "{text} it was {mask}", "--json", str(tmp_path / "no" / "s.json")], "does not exist"),
         (["--backbone", str(tiny_dir), "--descriptions", "negative=a bad movie;positive=a good movie", "--scale", "inf"],
          "--scale must be a positive finite number, got inf"),
