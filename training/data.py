@@ -367,11 +367,16 @@ def _read_delimited(
             n_records += 1
             where = f"row {n_records} (line {start_line})"
             if len(record) != len(header):
-                hint = (
-                    "quote fields that contain commas"
-                    if fmt == "csv"
-                    else "fields must not contain tab characters"
-                )
+                if fmt == "csv" and len(record) < len(header) and last_line > start_line:
+                    # csv read on past the line end inside a quote: usually one never closed
+                    hint = (
+                        f"a quoted field runs from line {start_line} to line {last_line}; "
+                        'close its quote, and double any quote inside a quoted field ("")'
+                    )
+                elif fmt == "csv":
+                    hint = "quote fields that contain commas"
+                else:
+                    hint = "fields must not contain tab characters"
                 raise DataError(
                     f"{source}: {where} has {len(record)} fields but the header has "
                     f"{len(header)} ({hint})"
