@@ -123,12 +123,14 @@ class BundleStore:
     # -- shared ----------------------------------------------------------------------------------
     def list_tasks(self) -> list[TaskListing]:
         """Every task, sorted, each with its active version or the reason it has none. Never
-        raises for one broken task."""
+        raises for one broken task. A directory with no version yet is not listed."""
         listings = []
         for name in self.task_names():
             try:
                 listings.append(TaskListing(name, self.active_version(name)))
-            except (TaskUnavailable, TaskNotFound) as err:
+            except TaskNotFound:  # gone since the listing, or no version yet
+                continue
+            except TaskUnavailable as err:
                 listings.append(TaskListing(name, None, err.message))
         return listings
 
@@ -144,8 +146,8 @@ class BundleStore:
                 raise TaskUnavailable(f"task {task!r}: ACTIVE names version {version!r}, which is not in the store")
             return version
         versions = self.versions(task)
-        if not versions:
-            raise TaskUnavailable(f"task {task!r} has no versions in the store")
+        if not versions:  # a first upload still writing its files, or one that stopped: not a task yet
+            raise TaskNotFound(f"task {task!r} not found: it has no version in the store yet")
         if len(versions) > 1:
             raise TaskUnavailable(
                 f"task {task!r} has {len(versions)} versions ({', '.join(versions)}) and no ACTIVE "

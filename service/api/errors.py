@@ -7,11 +7,13 @@ with its traceback and answered with a bare 500.
 from __future__ import annotations
 
 import logging
+from typing import Iterable, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match, Route
 
 from service.errors import AdaptserveError, ClientDisconnected
 
@@ -67,7 +69,28 @@ def _describe(problem: dict) -> str:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     error_type = _HTTP_ERROR_TYPES.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, str(exc.detail), error_type, getattr(exc, "headers", None))
+    headers = getattr(exc, "headers", None)
+    if exc.status_code == 405:
+        headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+    return error_response(exc.status_code, str(exc.detail), error_type, headers)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path: Starlette's 405 names only the first route
+    that matched the path (`GET /v1/tasks/{task}` but not `DELETE`, nor a `HEAD` beside it)."""
+    scope = {**request.scope, "method": "GET"}
+    methods = {m for route in _routes(request.app.router.routes) if route.matches(scope)[0] is not Match.NONE
+               for m in route.methods or ()}
+    return ", ".join(sorted(methods))
+
+
+def _routes(routes: Iterable[BaseRoute]) -> Iterator[Route]:
+    for route in routes:
+        nested = getattr(route, "original_router", None)  # FastAPI keeps an included router whole
+        if nested is not None:
+            yield from _routes(nested.routes)
+        elif isinstance(route, Route):
+            yield route
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:

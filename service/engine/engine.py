@@ -19,6 +19,7 @@ from service.engine.backbone import Backbone
 from service.engine.bundle import read_bundle
 from service.engine.encoder import Plan, State
 from service.engine.task import Task, disk_bytes
+from service.engine.truncation import cut_pairs
 from service.engine.types import ClassifyItem, Prediction, TaskKey
 from service.errors import BundleError, TaskUnavailable
 from service.methods.base import REGISTRY
@@ -125,6 +126,8 @@ class Engine:
             for (max_length, is_pair), rows in plain.items():
                 texts = [items[r].text for r in rows]
                 pairs = [items[r].text_pair for r in rows] if is_pair else None
+                if pairs is not None:  # the tokenizer's own pair truncation is slow on long sides
+                    texts, pairs = cut_pairs(tok, texts, pairs, max_length)  # type: ignore[arg-type]
                 # Longer inputs are truncated to the task's max_length (documented per task);
                 # the HTTP layer refuses over-long *characters* before we get here.
                 enc = tok(texts, pairs, truncation=True, max_length=max_length)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from service.engine.truncation import longest_first
+
 _SLOT = re.compile(r"\{(\w*)\}")
 SLOTS = ("text", "text_pair", "mask")
 
@@ -88,10 +90,7 @@ class Template:
         budget = max_length - specials - sum(len(ids) for k, ids in pieces if k in ("lit", "mask"))
         if budget < 1:
             raise TemplateError(f"template {self.source!r} leaves no room for the input within max_length {max_length}")
-        inputs = [i for i, (k, _) in enumerate(pieces) if k in ("text", "text_pair")]
-        while sum(len(pieces[i][1]) for i in inputs) > budget:  # longest first, one token at a time
-            i = max(inputs, key=lambda i: len(pieces[i][1]))
-            pieces[i] = (pieces[i][0], pieces[i][1][:-1])
+        _truncate_inputs(pieces, budget)
         body = [t for _, ids in pieces for t in ids]
         ids = head + body + tail
         if causal:
@@ -131,10 +130,7 @@ class Template:
         if budget < len(segments):
             raise TemplateError(f"template {self.source!r} with {len(demos)} demonstrations leaves no room for the "
                                 f"inputs within max_length {max_length}")
-        inputs = [i for i, (k, _) in enumerate(pieces) if k in ("text", "text_pair")]
-        while sum(len(pieces[i][1]) for i in inputs) > budget:  # longest first, one token at a time
-            i = max(inputs, key=lambda i: len(pieces[i][1]))
-            pieces[i] = (pieces[i][0], pieces[i][1][:-1])
+        _truncate_inputs(pieces, budget)
         body = [t for _, ids in pieces for t in ids]
         ids = head + body + tail
         if causal:  # the answer is read at the last template token (see `encode`)
@@ -209,3 +205,11 @@ def special_frame(tokenizer) -> tuple[list[int], list[int]]:
         frame = ([], [])
     tokenizer._adaptserve_frame = frame
     return frame
+
+
+def _truncate_inputs(pieces: list[tuple[str, list[int]]], budget: int) -> None:
+    """Cut the input pieces (text, text_pair) in place, longest first, until they fit `budget`."""
+    inputs = [i for i, (k, _) in enumerate(pieces) if k in ("text", "text_pair")]
+    kept = longest_first([len(pieces[i][1]) for i in inputs], budget)
+    for i, n in zip(inputs, kept):
+        pieces[i] = (pieces[i][0], pieces[i][1][:n])

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from service.engine.spec import BackboneInfo
+from service.engine.truncation import cut_pairs
 from service.methods.base import Method, Problems, TaskWeights, register, take
 
 if TYPE_CHECKING:
@@ -163,6 +164,8 @@ class SentenceEncoder:
                 second = None if pairs is None or all(p is None for p in pairs[i : i + batch_size]) else \
                     [p or "" for p in pairs[i : i + batch_size]]
                 with self._lock:
+                    if second is not None:  # as Engine.tokenize: cut long sides before the pair truncation
+                        chunk, second = cut_pairs(b.tokenizer, chunk, second, SENTENCE_MAX_LENGTH)
                     enc = b.tokenizer(chunk, second, truncation=True, max_length=SENTENCE_MAX_LENGTH, padding=True,
                                       return_tensors="pt")
                 mask = enc["attention_mask"].to(b.device)

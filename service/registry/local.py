@@ -132,7 +132,7 @@ class LocalRegistry(Registry):
                 active = self.store.active_version(task)
             else:
                 active = None
-        except TaskUnavailable:
+        except (TaskUnavailable, TaskNotFound):  # a broken pointer, or no version yet
             active = None
         if active != record.active:
             record = replace(record, active=active)

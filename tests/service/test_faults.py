@@ -153,6 +153,18 @@ def test_a_corrupt_version_is_never_activated(store: Path, engine: Engine) -> No
         assert client.post("/v1/tasks/victim/classify", json={"inputs": ["fun"]}).json()["version"] == old
 
 
+def test_a_task_directory_with_no_version_yet_is_not_a_task(store: Path, engine: Engine) -> None:
+    """What a first upload looks like while its files are written (or after it stopped): 404, as
+    for any unknown task, not a 503 telling clients to retry; and not listed."""
+    (store / "pending" / ".tmp-upload").mkdir(parents=True)
+    with TestClient(create_app(Settings(store=store, max_wait_ms=1.0), engine=engine)) as client:
+        wait_ready(client)
+        for response in (client.post("/v1/tasks/pending/classify", json={"inputs": ["fun"]}), client.get("/v1/tasks/pending")):
+            assert (response.status_code, response.json()["error_type"]) == (404, "task_not_found"), response.text
+            assert "no version in the store yet" in response.json()["error"]
+        assert "pending" not in {row["name"] for row in client.get("/v1/tasks").json()["tasks"]}
+
+
 def test_a_version_damaged_on_disk_is_not_activated_from_its_cached_copy(store: Path, engine: Engine) -> None:
     """A version still cached in memory but damaged on disk would serve until the next restart
     or eviction, and fail on every replica that loads it: activation and rollback check the files."""

@@ -60,7 +60,7 @@ def test_resolve_active_version(store: LocalStore, task: str, expected: TaskKey)
     [
         ("missing", TaskNotFound, "not found"),
         ("ambiguous", TaskUnavailable, "2 versions (v1, v2) and no ACTIVE"),
-        ("empty", TaskUnavailable, "no versions"),
+        ("empty", TaskNotFound, "no version in the store yet"),  # a first upload still writing, or a stopped one
         ("dangling", TaskUnavailable, "'v9', which is not in the store"),
         ("escape", TaskUnavailable, "invalid version id"),
     ],
@@ -81,7 +81,7 @@ def test_bundle_dir_refuses_unsafe_or_missing_versions(store: LocalStore) -> Non
 
 def test_list_tasks_reports_broken_tasks_without_failing(store: LocalStore) -> None:
     listings = {listing.name: listing for listing in store.list_tasks()}
-    assert sorted(listings) == ["ambiguous", "chosen", "dangling", "empty", "escape", "single"]
+    assert sorted(listings) == ["ambiguous", "chosen", "dangling", "escape", "single"]  # "empty" is no task yet
     assert listings["chosen"] == TaskListing("chosen", "v2")
     assert listings["single"] == TaskListing("single", "v1")
     assert listings["ambiguous"].version is None and "ACTIVE" in (listings["ambiguous"].error or "")

@@ -69,6 +69,20 @@ def test_bad_request(client: TestClient, method: str, path: str, kwargs: dict, s
     assert body["error"]
 
 
+@pytest.mark.parametrize("method, path, allowed", [
+    ("OPTIONS", "/v1/tasks/sentiment", "DELETE, GET, HEAD"),  # two routes share the path
+    ("PUT", "/v1/tasks/sentiment/versions", "GET, HEAD, POST"),
+    ("POST", "/v1/tasks", "GET, HEAD"),
+    ("POST", "/metrics", "GET, HEAD"),
+    ("GET", CLASSIFY, "POST"),
+])
+def test_a_405_allows_every_method_the_path_serves(client: TestClient, method: str, path: str, allowed: str) -> None:
+    response = client.request(method, path)
+    assert (response.status_code, response.headers["allow"]) == (405, allowed)
+    for other in {"GET", "HEAD"} & set(allowed.split(", ")):  # the harmless ones it names are served
+        assert client.request(other, path).status_code == 200
+
+
 @pytest.mark.parametrize(
     "path, body, fragment",
     [
