@@ -72,7 +72,24 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     headers = getattr(exc, "headers", None)
     if exc.status_code == 405:
         headers = {**(headers or {}), "Allow": _allowed_methods(request)}
-    return error_response(exc.status_code, str(exc.detail), error_type, headers)
+    detail = str(exc.detail)
+    if exc.status_code == 400 and exc.__cause__ is not None and detail == _FASTAPI_BODY_ERROR:
+        detail = f"request body cannot be read as JSON: {_unreadable(exc.__cause__)}"
+    return error_response(exc.status_code, detail, error_type, headers)
+
+
+# What FastAPI says when reading a JSON body raised anything but a JSON syntax error.
+_FASTAPI_BODY_ERROR = "There was an error parsing the body"
+
+
+def _unreadable(cause: BaseException) -> str:
+    if isinstance(cause, UnicodeDecodeError):
+        return f"it is not UTF-8 (byte 0x{cause.object[cause.start]:02x} at offset {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "it nests arrays or objects too deeply"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "it holds an integer of more than 4300 digits"
+    return f"{type(cause).__name__}: {str(cause)[:200]}"
 
 
 def _allowed_methods(request: Request) -> str:

@@ -19,6 +19,7 @@ from service.state import ServiceState
 
 # No trailing slash: TrailingSlashMiddleware, the outermost, strips it before these see the path.
 CLASSIFY_PATH = re.compile(r"^/v1/tasks/(?P<task>[^/]+)/classify$")
+CHARSET = re.compile(rb"charset\s*=\s*\"?([^\";\s]+)", re.IGNORECASE)
 UPLOAD_PATH = re.compile(r"^/v1/tasks/[^/]+/versions$")
 
 
@@ -78,13 +79,25 @@ class BodyLimitMiddleware:
             await self.app(scope, _counting(receive, limit, self.read_timeout_s), send)
             return
         if scope.get("method") == "POST" and CLASSIFY_PATH.match(scope.get("path", "")):
-            media = dict(scope["headers"]).get(b"content-type", b"").split(b";")[0].strip().lower()
+            headers = dict(scope["headers"])
+            media, _, params = headers.get(b"content-type", b"").partition(b";")
+            media = media.strip().lower()
+            charset = CHARSET.search(params)
+            coding = headers.get(b"content-encoding", b"identity").strip().lower()
+            refusal = None
+            if media and not (media == b"application/json" or media.endswith(b"+json")):
+                refusal = (f"a classify body is JSON: send it with Content-Type: application/json, "
+                           f"not {media[:60].decode('latin-1')!r}")
+            elif charset is not None and charset.group(1).lower() not in (b"utf-8", b"utf8"):
+                refusal = f"a classify body is UTF-8 JSON, not {charset.group(1)[:30].decode('latin-1')}: encode it as UTF-8"
+            elif coding not in (b"", b"identity"):
+                refusal = f"a classify body is sent uncompressed, not with Content-Encoding {coding[:30].decode('latin-1')!r}"
+            if refusal is not None:
+                accept = {"Accept-Encoding": "identity"} if coding not in (b"", b"identity") else None  # RFC 7694
+                await error_response(415, refusal, "unsupported_media_type", accept)(scope, receive, send)
+                return
             if not media:  # untyped: the body is JSON by the API's contract, so read it as such
                 scope = dict(scope, headers=[*scope["headers"], (b"content-type", b"application/json")])
-            elif not (media == b"application/json" or media.endswith(b"+json")):
-                await error_response(415, f"a classify body is JSON: send it with Content-Type: application/json, "
-                                     f"not {media[:60].decode('latin-1')!r}", "unsupported_media_type")(scope, receive, send)
-                return
         chunks: list[bytes] = []
         size = 0
         while True:
