@@ -80,7 +80,7 @@ def create_app(settings: Settings | None = None, engine: EngineLike | None = Non
     # Added last = outermost: metrics see the body limit's 413s too.
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.body_limit_bytes, upload_max_bytes=settings.upload_limit_bytes,
-        read_timeout_s=settings.body_read_timeout_s,
+        read_timeout_s=settings.body_read_timeout_s, tokens=state.tokens,
     )
     app.add_middleware(RequestMetricsMiddleware, state=state)
     app.add_middleware(TrailingSlashMiddleware)

@@ -13,7 +13,9 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import error_response
-from service.errors import BodyTimeout, PayloadTooLarge
+from service.auth import Scope as Grant
+from service.auth import Tokens, check
+from service.errors import AdaptserveError, BodyTimeout, PayloadTooLarge
 from service.metrics import UNKNOWN_TASK
 from service.state import ServiceState
 
@@ -53,8 +55,9 @@ class BodyLimitMiddleware:
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int, upload_max_bytes: int | None = None,
-                 read_timeout_s: float | None = None) -> None:
+                 read_timeout_s: float | None = None, tokens: Tokens | None = None) -> None:
         self.app = app
+        self.tokens = tokens  # checked before a classify body is read (the route checks again)
         self.max_bytes = max_bytes
         self.upload_max_bytes = upload_max_bytes if upload_max_bytes is not None else max_bytes
         self.read_timeout_s = read_timeout_s
@@ -80,6 +83,13 @@ class BodyLimitMiddleware:
             return
         if scope.get("method") == "POST" and CLASSIFY_PATH.match(scope.get("path", "")):
             headers = dict(scope["headers"])
+            if self.tokens is not None:  # nobody without a token gets a body of theirs read and buffered
+                try:
+                    check(self.tokens, headers[b"authorization"].decode("latin-1") if b"authorization" in headers else None,
+                          Grant.inference)
+                except AdaptserveError as err:
+                    await error_response(err.status_code, err.message, err.error_type, err.headers)(scope, receive, send)
+                    return
             media, _, params = headers.get(b"content-type", b"").partition(b";")
             media = media.strip().lower()
             charset = CHARSET.search(params)

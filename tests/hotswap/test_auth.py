@@ -94,6 +94,23 @@ def test_every_get_route_answers_head_as_it_answers_get(client: TestClient, path
     assert (head.status_code, head.headers["content-type"], head.content) == (get.status_code, get.headers["content-type"], b"")
 
 
+@pytest.mark.parametrize("case", ["no token", "bad content type", "not JSON", "over the limit"])
+def test_a_classify_body_is_not_read_without_a_token(client: TestClient, case: str) -> None:
+    """The token is checked before the body is read, buffered or judged: 401 whatever the body."""
+    body = {"no token": b'{"inputs": ["fun"]}', "bad content type": b"fun", "not JSON": b"{inputs",
+            "over the limit": b'{"inputs": ["' + b"x" * 10_000_000 + b'"]}'}[case]
+    headers = {"content-type": "text/plain" if case == "bad content type" else "application/json"}
+
+    def body_read():  # a streamed body: this runs only when the server pulls it
+        read.append(True)
+        yield body
+
+    read: list[bool] = []
+    response = client.post("/v1/tasks/sentiment/classify", content=body_read(), headers=headers)
+    assert response.status_code == 401 and response.json()["error_type"] == "unauthorized", response.text
+    assert read == []  # the server never pulled the body
+
+
 def test_probes_and_metrics_need_no_token(client: TestClient) -> None:
     for path in ("/healthz", "/readyz", "/metrics"):
         assert client.get(path).status_code == 200
