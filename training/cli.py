@@ -230,7 +230,8 @@ def _train(args: argparse.Namespace) -> int:
 
     prompt = prompt_spec(args.template, args.verbalizer, args.demos)
     backbone = _load_backbone(args.backbone, args.device, "float32")
-    config.check_backbone(backbone.info.max_positions, backbone.info.has_pooler, backbone.info.kind)
+    info = backbone.info
+    config.check_backbone(info.max_positions, info.has_pooler, info.kind, info.hidden_size)
     if prompt is not None:  # fail before training: template, words, LM head, room for the input
         prompt.build(backbone, splits.train.label_names, splits.train.has_pairs, config.max_length)
     result = train(splits, config, name=args.task, backbone=backbone, progress=not args.no_progress, prompt=prompt)

@@ -284,13 +284,22 @@ class TrainConfig:
             raise ConfigError(f"--exit-confidence must be in [0.5, 1), got {self.exit_confidence!r}")
         if self.select_metric not in SELECT_METRICS:
             raise ConfigError(f"--select-metric must be one of {', '.join(SELECT_METRICS)}, got {self.select_metric!r}")
+        if not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**63:
+            raise ConfigError(f"--seed must be an integer in [-2^63, 2^63), got {self.seed!r}")
         return self
 
-    def check_backbone(self, max_positions: int, has_pooler: bool, kind: str = "encoder") -> None:
-        """The checks that need the backbone: positions left for text, the pooler, and methods its
-        kind ("encoder" or "decoder", `BackboneInfo.kind`) cannot run."""
+    def check_backbone(self, max_positions: int, has_pooler: bool, kind: str = "encoder",
+                       hidden_size: int | None = None) -> None:
+        """The checks that need the backbone: positions left for text, the pooler, methods its
+        kind ("encoder" or "decoder", `BackboneInfo.kind`) cannot run, and sizes past its width."""
         if self.method == "prefix" and kind == "decoder":
             raise ConfigError(DECODER_REFUSAL)
+        if hidden_size is not None and self.method == "lora" and self.lora.r > hidden_size:
+            raise ConfigError(f"--lora-r {self.lora.r} exceeds the backbone's hidden size {hidden_size}: a rank past "
+                              "a linear's narrower side adds parameters and no capacity")
+        if hidden_size is not None and self.method == "adapter" and self.adapter.size(hidden_size) > hidden_size:
+            raise ConfigError(f"--adapter-bottleneck {self.adapter.size(hidden_size)} exceeds the backbone's hidden size "
+                              f"{hidden_size}: a bottleneck is narrower than the layer it adapts")
         if self.max_length + self.virtual_tokens() > max_positions:
             extra = f" + {self.virtual_tokens()} virtual tokens" if self.virtual_tokens() else ""
             raise ConfigError(

@@ -347,7 +347,10 @@ def _read_delimited(
             io.StringIO(content, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE
         )
     else:
-        reader = csv.reader(io.StringIO(content, newline=""))
+        # strict: a quote closed mid-field (`"a" b`) is an error, not a field that swallows the
+        # rows up to the next quote
+        reader = csv.reader(io.StringIO(content, newline=""), strict=True)
+    last_line = 0  # the line the last complete record ended on
     try:
         header = [name.strip() for name in next(reader)]
         repeated = sorted(k for k, c in Counter(header).items() if c > 1)
@@ -367,16 +370,11 @@ def _read_delimited(
             n_records += 1
             where = f"row {n_records} (line {start_line})"
             if len(record) != len(header):
-                if fmt == "csv" and len(record) < len(header) and last_line > start_line:
-                    # csv read on past the line end inside a quote: usually one never closed
-                    hint = (
-                        f"a quoted field runs from line {start_line} to line {last_line}; "
-                        'close its quote, and double any quote inside a quoted field ("")'
-                    )
-                elif fmt == "csv":
-                    hint = "quote fields that contain commas"
-                else:
-                    hint = "fields must not contain tab characters"
+                hint = (
+                    "quote fields that contain commas"
+                    if fmt == "csv"
+                    else "fields must not contain tab characters"
+                )
                 raise DataError(
                     f"{source}: {where} has {len(record)} fields but the header has "
                     f"{len(header)} ({hint})"
@@ -392,8 +390,10 @@ def _read_delimited(
             if row is not None:
                 rows.append(row)
     except csv.Error as err:
+        hint = (f" (in the record that starts on line {last_line + 1}: a quote opened there and never closed, or a "
+                'quote inside a quoted field not doubled ("")?)' if fmt == "csv" else "")
         raise DataError(
-            f"{source}: cannot parse line {reader.line_num} as {fmt.upper()}: {err}"
+            f"{source}: cannot parse line {reader.line_num} as {fmt.upper()}: {err}{hint}"
         ) from None
     if n_records == 0:
         raise DataError(f"{source}: has a header but no data rows")
@@ -485,6 +485,12 @@ def _column_indices(
         pair_i = available.index(DEFAULT_TEXT_PAIR_COLUMN)
     else:
         pair_i = None
+    named = [(param, i) for param, i in (("text_column", text_i), ("text_pair_column", pair_i), ("label_column", label_i))
+             if i is not None]
+    shared = [f"{param}={available[i]!r}" for param, i in named if sum(j == i for _, j in named) > 1]
+    if shared:
+        raise DataError(f"{context}: {' and '.join(shared)} name the same {noun}; "
+                        f"the text, the text pair and the label each need their own {noun}")
     return text_i, pair_i, label_i
 
 
@@ -518,6 +524,11 @@ def _row(
 
     def text_cell(column: str, value: object) -> str | None:
         value = cell(column, value)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:  # JSON's "\ud800" escapes decode to half a character
+            raise DataError(f"{source}: {where}: '{column}' holds a lone surrogate ({value[err.start]!r} at character "
+                            f"{err.start}), which is not text; fix the escape that produced it") from None
         if value.strip() or empty_text == "keep":
             return value
         if empty_text == "skip":
@@ -532,7 +543,7 @@ def _row(
         raise DataError(f"{source}: {where}: empty '{label[0]}'; every row needs a label")
     if unprintable(label_value):
         raise DataError(f"{source}: {where}: '{label[0]}' {label_value!r} holds a control character "
-                        "(a tab, a newline, NUL); labels must be printable text")
+                        "(a tab, a newline, NUL) or a lone surrogate; labels must be printable text")
     first = text_cell(*text)
     second = None if text_pair is None else text_cell(*text_pair)
     if first is None or (text_pair is not None and second is None):

@@ -211,9 +211,14 @@ def _publish(args: argparse.Namespace, to_store, to_url) -> dict[str, Any]:
 
 
 def _read_test(args: argparse.Namespace, task):
+    """The --test file, checked against the task (its labels, pairs or single texts) before
+    anything is published."""
     from training.data import read_eval
+    from training.evaluate import check_inputs
 
-    return read_eval(args.test, list(task.labels), **_columns(args), known_as="the task's labels")
+    data = read_eval(args.test, list(task.labels), **_columns(args), known_as="the task's labels")
+    check_inputs(task, data)
+    return data
 
 
 def _score(args: argparse.Namespace, task, backbone, data):

@@ -37,6 +37,8 @@ def resolve_device(device: str = "auto") -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:  # torch's "Expected one of cpu, cuda, ... device type at start of ..."
         raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from e
+    if dev.type not in ("cpu", "cuda"):  # torch names more (mps, xpu, meta, ...); this build runs on these
+        raise ValueError(f"device {device!r} is not supported: use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():

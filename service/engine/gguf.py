@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -35,8 +36,17 @@ def convert_gguf(path: Path, cache_dir: str | Path | None = None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors (once; cached in %s)", path.name, out)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ImportError as err:  # transformers reads GGUF through the `gguf` package, not a dependency
+        raise ValueError(f"GGUF backbone {str(path)!r} needs the `gguf` package to be read: pip install gguf "
+                         f"({str(err)[:160]})") from None
+    except (struct.error, ValueError, KeyError, IndexError, EOFError) as err:
+        # A cut-short file (a partial download) fails deep in the reader: a struct that does not
+        # unpack, an array that does not reshape, a metadata key that is missing.
+        raise ValueError(f"GGUF backbone {str(path)!r} cannot be read ({str(err)[:160]}): is it a complete .gguf "
+                         f"file? It is {path.stat().st_size:,} bytes here; a download cut short fails this way") from None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
     try:

@@ -126,6 +126,16 @@ BAD_TRAIN = [
     Bad("no output given", ["--task", "t", "--method", "lora", "--data", "{train}", "--dev", "{dev}"],
         "one of the arguments --store --publish --publish-full --no-publish is required", status=2),
     Bad("unknown method", ["--task", "t", "--method", "bitfit", *TRAIN_OK.split()], "argument --method: invalid choice", status=2),
+    Bad("LoRA rank past the hidden size", ["--task", "t", "--method", "lora", "--lora-r", "33", *TRAIN_OK.split()],
+        "--lora-r 33 exceeds the backbone's hidden size 32"),
+    Bad("bottleneck past the hidden size", ["--task", "t", "--method", "adapter", "--adapter-bottleneck", "100000",
+                                            *TRAIN_OK.split()],
+        "--adapter-bottleneck 100000 exceeds the backbone's hidden size 32"),
+    Bad("seed past 64 bits", ["--task", "t", "--method", "head", "--seed", str(2**64 - 1), "--data", "{train}", "--dev", "{dev}",
+                              "--store", "{tmp}/s"], "--seed must be an integer in [-2^63, 2^63)"),
+    Bad("a device this build does not run on", ["--task", "t", "--method", "head", "--device", "mps", "--data", "{train}",
+                                                "--dev", "{dev}", "--store", "{tmp}/s"],
+        "device 'mps' is not supported: use auto, cpu, cuda or cuda:N"),
 ]
 
 

@@ -124,6 +124,8 @@ def test_zeroshot_checks_everything_before_publishing(tiny_dir, tmp_path, capsys
     store = tmp_path / "store"
     prompt = ["--backbone", str(lm), "--verbalizer", "negative=bad;positive=good"]
     other_labels = write_csv(tmp_path / "other.csv", [("good fun", "pos"), ("bad plot", "neg")])
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("text,text_pair,label\ngood,fun,positive\nbad,plot,negative\n")
     for bad, message in [
         ([*prompt, "--template", "{text} it was a very good and fun movie it was {mask}", "--max-length", "8"],
          "--template: template '{text} it was a very good and fun movie it was {mask}' leaves no room for the input "
@@ -131,6 +133,7 @@ def test_zeroshot_checks_everything_before_publishing(tiny_dir, tmp_path, capsys
         ([*prompt, "--template", "{text} it was {mask}", "--test", str(tmp_path / "nonexist.csv")],
          f"--test {tmp_path / 'nonexist.csv'}: file not found"),
         ([*prompt, "--template", "{text} it was {mask}", "--test", str(other_labels)], "labels not in the task's labels"),
+        ([*prompt, "--template", "{text} it was {mask}", "--test", str(pairs)], "classifies single texts, but the file has a pair column"),
         ([*prompt, "--template", "{text} it was {mask}", "--json", str(tmp_path / "no" / "s.json")], "does not exist"),
         (["--backbone", str(tiny_dir), "--descriptions", "negative=a bad movie;positive=a good movie", "--scale", "inf"],
          "--scale must be a positive finite number, got inf"),
