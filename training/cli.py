@@ -219,7 +219,7 @@ def _train(args: argparse.Namespace) -> int:
         )
     # --data / --dev / --test are read (whole) just below, before any training
     _check_paths(args.device, store=args.store, publish=args.publish, publish_full=args.publish_full,
-                 json_out=args.json_out)
+                 json_out=args.json_out, token=args.token)
     splits = load_splits(args.data, args.dev, args.test, **_columns(args))
     _setup_logging()
     from training.publish import publish_http, save_full_result, save_to_store
@@ -414,7 +414,8 @@ def _guarded(prog: str, run: Callable[[], int]) -> int:
 
 
 def _check_paths(device: str, *, inputs: Sequence[tuple[str, Path | None]] = (), store: Path | None = None,
-                 publish: str | None = None, publish_full: Path | None = None, json_out: Path | None = None) -> None:
+                 publish: str | None = None, publish_full: Path | None = None, json_out: Path | None = None,
+                 token: str | None = None) -> None:
     """Before any work: the device, the files a run reads late (`inputs`: (flag, path)), and every
     place it writes (--store / --publish-full directory, --publish URL, --json file). A run that
     trains for an hour and then cannot write its result, or publishes and then cannot read its
@@ -436,9 +437,9 @@ def _check_paths(device: str, *, inputs: Sequence[tuple[str, Path | None]] = (),
         from training.publish import PublishError, probe
 
         try:
-            probe(publish)
+            probe(publish, token)
         except PublishError as err:
-            raise ConfigError(f"{err} (checked before training: start the service or fix --publish)") from None
+            raise ConfigError(f"{err} (checked before training)") from None
     if publish_full is not None:
         from training.full import holds_backbone
 

@@ -125,12 +125,21 @@ def check_url(base_url: str) -> str:
     return base
 
 
-def probe(base_url: str, timeout: float = 5.0) -> None:
-    """PublishError unless something answers HTTP at `base_url` (its /healthz; any status will do):
-    run before training, so an unreachable service is found before the work, not after it."""
+def probe(base_url: str, token: str | None = None, timeout: float = 5.0) -> None:
+    """PublishError unless something answers HTTP at `base_url` (its /healthz; any status will do)
+    and takes the token (`token`, else $ADAPTSERVE_ADMIN_TOKEN) on a read route: run before
+    training, so an unreachable service or a missing or wrong token is found before the work, not
+    after it. (A token that may read but not publish is found only at the upload: no admin route
+    is free of effects to ask.)"""
+    token = token if token is not None else os.environ.get(TOKEN_ENV) or None
     base = check_url(base_url)
     with _reaching(base, base, timeout), httpx.Client(timeout=timeout) as client:
         client.get(f"{base}/healthz")
+        resp = client.get(f"{base}/v1/tasks", headers={"Authorization": f"Bearer {token}"} if token else {})
+    if resp.status_code == 401:
+        reason = _json(resp).get("error") or resp.reason_phrase
+        hint = "pass --token or set ADAPTSERVE_ADMIN_TOKEN" if not token else "check the admin token"
+        raise PublishError(f"{base}: the service refused the token (401: {reason}); {hint}")
 
 
 @contextlib.contextmanager

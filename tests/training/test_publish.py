@@ -107,7 +107,7 @@ def test_upload_needs_an_http_url():
         upload("localhost:8000", "sst2", CFG, WTS)
 
 
-def test_publish_to_the_real_service_then_classify(tiny_dir, tiny, csvs, tmp_path):
+def test_publish_to_the_real_service_then_classify(tiny_dir, tiny, csvs, tmp_path, monkeypatch):
     """Train, upload to the real app under uvicorn on a free loopback port, and classify over
     HTTP: the service answers with the trainer's own probabilities."""
     import socket
@@ -120,7 +120,7 @@ def test_publish_to_the_real_service_then_classify(tiny_dir, tiny, csvs, tmp_pat
     from service.app import create_app
     from service.settings import Settings
     from training.data import load_splits
-    from training.publish import publish_http
+    from training.publish import TOKEN_ENV, probe, publish_http
     from training.trainer import train
     from tests.training.conftest import tiny_config
 
@@ -138,6 +138,12 @@ def test_publish_to_the_real_service_then_classify(tiny_dir, tiny, csvs, tmp_pat
         while not server.started:
             assert time.monotonic() < give_up, "server did not start"
             time.sleep(0.02)
+        monkeypatch.delenv(TOKEN_ENV, raising=False)  # the probe before training finds a missing or wrong token
+        with pytest.raises(PublishError, match=r"refused the token \(401: .*\); pass --token or set ADAPTSERVE_ADMIN_TOKEN"):
+            probe(url)
+        with pytest.raises(PublishError, match=r"refused the token \(401: .*\); check the admin token"):
+            probe(url, "wrong")
+        probe(url, "adm1n")
         result = train(load_splits(csvs["train"], csvs["dev"]), tiny_config("lora"), name="via-http", backbone=tiny,
                        progress=False)
         with pytest.raises(PublishError, match="not authorised"):
