@@ -271,7 +271,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.json_out is not None:
         summary = {"task": args.task, "method": config.method, "trainable_params": result.trainable_params,
                    "bundle_bytes": bundle_bytes, "published": published, **result.bundle_config()}
-        args.json_out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        write_json(args.json_out, summary)
     return 0
 
 
@@ -343,12 +343,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     metrics = evaluate_served(engine, task, data, args.batch_size, progress=not args.no_progress)
     print(format_metrics(metrics, title=f"{key} on {args.data}"))
     if args.json_out is not None:
-        args.json_out.write_text(json.dumps({"task": str(key), "data": str(args.data), **metrics.as_dict()}, indent=2) + "\n",
-                                 encoding="utf-8")
+        write_json(args.json_out, {"task": str(key), "data": str(args.data), **metrics.as_dict()})
     return 0
 
 
 # -- shared --------------------------------------------------------------------------------------------
+def write_json(path: Path, summary: dict[str, Any]) -> None:
+    """--json's file; a write that fails (a full disk) names it. What was published stays published."""
+    try:
+        path.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"--json {path}: cannot be written ({err.strerror or err}); the run's other results "
+                          "(printed above) stand") from None
+
+
 @contextlib.contextmanager
 def _naming(key) -> Iterator[None]:
     """A bundle error names its file ("adapter_config.json is not valid JSON"); say whose."""

@@ -369,6 +369,9 @@ def _read_delimited(
                 continue
             n_records += 1
             where = f"row {n_records} (line {start_line})"
+            if [cell.strip() for cell in record] == header:
+                raise DataError(f"{source}: {where} repeats the header (files joined into one?); remove it, or its "
+                                f"'{header[label_i]}' would become a class of its own")
             if len(record) != len(header):
                 hint = (
                     "quote fields that contain commas"

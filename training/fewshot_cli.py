@@ -13,11 +13,12 @@ line `adaptserve <verb>: error: ...` and exit status 1; tables to stdout, progre
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from training.cli import _check_paths, _columns, _data_format_flags, _guarded, _library_bars, _load_backbone, _setup_logging
+from training.cli import (
+    _check_paths, _columns, _data_format_flags, _guarded, _library_bars, _load_backbone, _setup_logging, write_json,
+)
 from training.config import DEFAULT_LR, ConfigError, TrainConfig
 from training.pet import DEFAULT_TEMPERATURE, WEIGHTINGS
 from training.zeroshot import DEFAULT_SCALE
@@ -233,4 +234,4 @@ def _score(args: argparse.Namespace, task, backbone, data):
 
 def _report(args: argparse.Namespace, summary: dict[str, Any]) -> None:
     if args.json_out is not None:
-        args.json_out.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+        write_json(args.json_out, summary)

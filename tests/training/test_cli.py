@@ -6,6 +6,7 @@ import json
 import runpy
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -357,6 +358,21 @@ def test_entry_points_run_evaluate(entry, published, csvs, tiny_dir, monkeypatch
             runpy.run_module("training", run_name="__main__")
         assert exit_.value.code == 0
     assert "ev@" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device every write to fails with ENOSPC)")
+def test_a_json_file_that_cannot_be_written_is_named(published, csvs, tiny_dir, capsys):
+    args = ["--task", "ev", "--store", str(published[0]), "--data", str(csvs["test"]), "--backbone", str(tiny_dir),
+            "--json", "/dev/full", "--no-progress"]
+    assert evaluate_main(args) == 1
+    assert "--json /dev/full: cannot be written (No space left on device)" in _error_line(capsys, "adaptserve evaluate")
+
+
+def test_an_unknown_command_is_named(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["python -m training", "bogus", "--task", "t"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("training", run_name="__main__")
+    assert exit_.value.code == 2 and "unknown command 'bogus': use train, evaluate, pet or zeroshot" in capsys.readouterr().err
 
 
 def test_an_unreachable_publish_url_is_found_before_training(csvs, tiny_dir, tmp_path, capsys, monkeypatch):

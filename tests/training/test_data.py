@@ -66,6 +66,8 @@ BAD_CASES = [
         ["text_pair_column='label' and label_column='label' name the same column"], kwargs={"text_pair_column": "label"}),
     Bad("text column as the text pair", "same2.csv", TRAIN,
         ["text_column='text' and text_pair_column='text' name the same column"], kwargs={"text_pair_column": "text"}),
+    Bad("header again mid-file", "joined.csv", "text,label\ngood,pos\ntext,label\nbad,neg\n",
+        ["row 2 (line 3) repeats the header (files joined into one?)"]),
     Bad("repeated header", "dup.csv", "text,label,text\na,positive,b\n",
         ["the header repeats column 'text'"]),
     Bad("empty text cell", "cells.csv", "text,label\ngood,positive\n,negative\n",
