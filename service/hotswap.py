@@ -165,12 +165,14 @@ class TaskAdmin:
             return await self.state.registry.rollback(task, versions.__contains__)
 
     async def _preload(self, key: TaskKey) -> None:
-        """Load the version about to serve; refuse the change if it cannot load. Its stored files
-        are checked against its id even when a copy is cached: a version damaged on disk would
-        serve only until the next restart or eviction, and every other replica loads from disk."""
+        """Load the version about to serve; refuse the change if it cannot load. A load from the
+        store checks the files against the id; a cached copy skips that, so its stored files are
+        checked here: a version damaged on disk would serve only until the next restart or
+        eviction, and every other replica loads from disk."""
         runtime = self.state.require_runtime()
         try:
-            await asyncio.to_thread(self.state.store.bundle_dir, key)
+            if runtime.cache.peek(key) is not None:  # in any tier: get() would not read the store
+                await asyncio.to_thread(self.state.store.bundle_dir, key)
             await runtime.cache.get(key)
         except TaskUnavailable as err:
             raise BundleError(f"version {key.version!r} of task {key.name!r} cannot be served, so it was not "

@@ -88,10 +88,9 @@ def publish_http(result: TrainResult, base_url: str, token: str | None = None, *
 def upload(base_url: str, task: str, config_bytes: bytes, weights_bytes: bytes, token: str | None = None, *,
            timeout: float = DEFAULT_TIMEOUT_S) -> Published:
     """Send one bundle's bytes; raises `PublishError` with a one-line reason on any failure."""
-    token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+    token, headers = _bearer(token)
     base = check_url(base_url)
     url = f"{base}/v1/tasks/{task}/versions"
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
     files = {
         CONFIG: (CONFIG, config_bytes, "application/json"),
         WEIGHTS: (WEIGHTS, weights_bytes, "application/octet-stream"),
@@ -104,8 +103,7 @@ def upload(base_url: str, task: str, config_bytes: bytes, weights_bytes: bytes, 
         return Published(url=url, version=version, response=body)
     reason = body.get("error") or resp.text.strip()[:200] or resp.reason_phrase
     if resp.status_code in (401, 403):
-        hint = "pass --token or set ADAPTSERVE_ADMIN_TOKEN" if not token else "check the admin token"
-        raise PublishError(f"{url}: not authorised ({resp.status_code}: {reason}); {hint}")
+        raise PublishError(f"{url}: not authorised ({resp.status_code}: {reason}); {_token_hint(token)}")
     if resp.status_code == 404 and body.get("error_type") not in (None, "not_found"):
         raise PublishError(f"{url}: {resp.status_code} {reason}")
     if resp.status_code in (404, 405):
@@ -131,15 +129,24 @@ def probe(base_url: str, token: str | None = None, timeout: float = 5.0) -> None
     training, so an unreachable service or a missing or wrong token is found before the work, not
     after it. (A token that may read but not publish is found only at the upload: no admin route
     is free of effects to ask.)"""
-    token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+    token, headers = _bearer(token)
     base = check_url(base_url)
     with _reaching(base, base, timeout), httpx.Client(timeout=timeout) as client:
         client.get(f"{base}/healthz")
-        resp = client.get(f"{base}/v1/tasks", headers={"Authorization": f"Bearer {token}"} if token else {})
+        resp = client.get(f"{base}/v1/tasks", headers=headers)
     if resp.status_code == 401:
         reason = _json(resp).get("error") or resp.reason_phrase
-        hint = "pass --token or set ADAPTSERVE_ADMIN_TOKEN" if not token else "check the admin token"
-        raise PublishError(f"{base}: the service refused the token (401: {reason}); {hint}")
+        raise PublishError(f"{base}: the service refused the token (401: {reason}); {_token_hint(token)}")
+
+
+def _bearer(token: str | None) -> tuple[str | None, dict[str, str]]:
+    """`token`, else $ADAPTSERVE_ADMIN_TOKEN, and the headers that send it."""
+    token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+    return token, {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _token_hint(token: str | None) -> str:
+    return "pass --token or set ADAPTSERVE_ADMIN_TOKEN" if not token else "check the admin token"
 
 
 @contextlib.contextmanager

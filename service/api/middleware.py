@@ -68,7 +68,8 @@ class BodyLimitMiddleware:
             return
         upload = scope.get("method") == "POST" and UPLOAD_PATH.match(scope.get("path", "")) is not None
         limit = self.upload_max_bytes if upload else self.max_bytes
-        declared = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
         if declared is not None:
             try:
                 declared_bytes = int(declared)
@@ -82,7 +83,6 @@ class BodyLimitMiddleware:
             await self.app(scope, _counting(receive, limit, self.read_timeout_s), send)
             return
         if scope.get("method") == "POST" and CLASSIFY_PATH.match(scope.get("path", "")):
-            headers = dict(scope["headers"])
             if self.tokens is not None:  # nobody without a token gets a body of theirs read and buffered
                 try:
                     check(self.tokens, headers[b"authorization"].decode("latin-1") if b"authorization" in headers else None,
@@ -94,16 +94,17 @@ class BodyLimitMiddleware:
             media = media.strip().lower()
             charset = CHARSET.search(params)
             coding = headers.get(b"content-encoding", b"identity").strip().lower()
+            compressed = coding not in (b"", b"identity")
             refusal = None
             if media and not (media == b"application/json" or media.endswith(b"+json")):
                 refusal = (f"a classify body is JSON: send it with Content-Type: application/json, "
                            f"not {media[:60].decode('latin-1')!r}")
             elif charset is not None and charset.group(1).lower() not in (b"utf-8", b"utf8"):
                 refusal = f"a classify body is UTF-8 JSON, not {charset.group(1)[:30].decode('latin-1')}: encode it as UTF-8"
-            elif coding not in (b"", b"identity"):
+            elif compressed:
                 refusal = f"a classify body is sent uncompressed, not with Content-Encoding {coding[:30].decode('latin-1')!r}"
             if refusal is not None:
-                accept = {"Accept-Encoding": "identity"} if coding not in (b"", b"identity") else None  # RFC 7694
+                accept = {"Accept-Encoding": "identity"} if compressed else None  # RFC 7694
                 await error_response(415, refusal, "unsupported_media_type", accept)(scope, receive, send)
                 return
             if not media:  # untyped: the body is JSON by the API's contract, so read it as such
