@@ -78,6 +78,15 @@ def bearer_token(header: str | None) -> bytes:
         raise Unauthorized("malformed Authorization header: the token must be ASCII") from None
 
 
+def authorization(values: list[str]) -> str | None:
+    """The request's one Authorization header (None if it has none). Two are refused: proxies and
+    frameworks disagree on which one counts (Starlette reads the first, a dict of the raw headers
+    the last), so a request must not get to choose."""
+    if len(values) > 1:
+        raise Unauthorized(f"{len(values)} Authorization headers: send exactly one ('Authorization: Bearer <token>')")
+    return values[0] if values else None
+
+
 def check(tokens: Tokens, header: str | None, needed: Scope) -> None:
     """Raise Unauthorized / Forbidden unless `header` grants `needed` (no-op when auth is off)."""
     if not tokens.enabled:
@@ -104,7 +113,7 @@ def require(needed: Scope) -> Callable[..., Awaitable[None]]:
         # never awaits: FastAPI runs a plain `def` dependency in its thread pool, a hand-off to a
         # worker thread and back on every request for a few microseconds of comparisons (it cost
         # ~0.2 ms of CPU per request: docs/reliability.md).
-        check(request.app.state.service.tokens, request.headers.get("authorization"), needed)
+        check(request.app.state.service.tokens, authorization(request.headers.getlist("authorization")), needed)
 
     dependency.__name__ = f"require_{needed.value}"
     return dependency

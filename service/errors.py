@@ -173,6 +173,10 @@ class BundleError(AdaptserveError):
     status_code = 422
     error_type = "invalid_bundle"
 
+    def __init__(self, message: str, *, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems) if problems else [message]  # each problem on its own
+
 
 class UploadRejected(BundleError):
     """An uploaded bundle failed validation; `problems` names every problem found. 413 when any
@@ -185,7 +189,8 @@ class UploadRejected(BundleError):
         if too_large:
             self.status_code = 413
         count = len(self.problems)
-        super().__init__(f"upload refused, {count} problem{'s' if count != 1 else ''}: " + "; ".join(self.problems))
+        super().__init__(f"upload refused, {count} problem{'s' if count != 1 else ''}: " + "; ".join(self.problems),
+                         problems=self.problems)
 
     def body(self) -> dict[str, Any]:
         return {"problems": self.problems}

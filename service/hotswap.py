@@ -76,7 +76,7 @@ def load_upload(engine: "EngineLike", key: TaskKey, files: BundleFiles) -> "Task
                                   "(some tensor is finite but too large for the backbone's arithmetic)")
         return task
     except BundleError as err:
-        raise UploadRejected([err.message]) from None
+        raise UploadRejected(err.problems) from None
     except Exception as err:  # noqa: BLE001 - whatever a hostile bundle provokes is the bundle's problem
         log.warning("task %s: upload failed to load in the engine", key.name, exc_info=True)
         raise UploadRejected([f"the bundle cannot be loaded: {type(err).__name__}: {err}"]) from None

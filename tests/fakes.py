@@ -11,11 +11,11 @@ import json
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from service.engine.types import ClassifyItem, Prediction, TaskKey
+from service.engine.types import INLINE_TOKENIZE_CHARS, ClassifyItem, Encoded, Prediction, TaskKey
 from service.errors import BundleError
 
 GATE_TIMEOUT_S = 5.0  # a test that forgets to open the gate fails instead of hanging
@@ -62,6 +62,8 @@ class FakeEngine:
         self.batches: list[list[str]] = []  # texts of every forward, in order
         self.gate: threading.Event | None = None  # when set, classify waits for it ...
         self.in_forward = threading.Event()  # ... after setting this
+        self.pretokenized: list[str] = []  # the thread of every pretokenize call
+        self.untokenized_rows = 0  # rows that reached classify without their tokens
         self._lock = threading.Lock()
 
     def load_task(self, bundle_dir: Path, key: TaskKey) -> FakeTask:
@@ -86,6 +88,7 @@ class FakeEngine:
         texts = [item.text for item in items]
         with self._lock:
             self.batches.append(texts)
+            self.untokenized_rows += sum(item.encoded is None for item in items)
         for text in texts:
             if text == "boom":
                 raise RuntimeError("boom")
@@ -96,6 +99,18 @@ class FakeEngine:
     def token_counts(self, items: Sequence[ClassifyItem]) -> list[int]:
         """Whitespace words plus the two special tokens a BERT tokenizer adds ([CLS], [SEP])."""
         return [len(item.text.split()) + len((item.text_pair or "").split()) + 2 + bool(item.text_pair) for item in items]
+
+    def pretokenize(self, items: Sequence[ClassifyItem]) -> list[ClassifyItem]:
+        """Whitespace words as the tokens; rows of a `pretokenize_inline` miss come here."""
+        with self._lock:
+            self.pretokenized.append(threading.current_thread().name)
+        return [replace(it, encoded=Encoded([0] * (len(it.text.split()) + 2), None, 0)) for it in items]
+
+    def pretokenize_inline(self, items: Sequence[ClassifyItem]) -> list[ClassifyItem] | None:
+        """Like the engine: rows of up to INLINE_TOKENIZE_CHARS characters in all, at once."""
+        if sum(len(it.text) + len(it.text_pair or "") for it in items) > INLINE_TOKENIZE_CHARS:
+            return None
+        return self.pretokenize(items)
 
     def warmup(self) -> None:
         if self.warmup_gate is not None:

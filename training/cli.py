@@ -155,9 +155,9 @@ def build_train_parser(prog: str = "adaptserve train") -> argparse.ArgumentParse
 
     g = p.add_argument_group("output")
     out = g.add_mutually_exclusive_group(required=True)
-    out.add_argument("--store", type=Path, help="publish into this local store directory (made active)")
+    out.add_argument("--store", type=directory, help="publish into this local store directory (made active)")
     out.add_argument("--publish", metavar="URL", help="upload to a running service at URL")
-    out.add_argument("--publish-full", metavar="DIR", type=Path,
+    out.add_argument("--publish-full", metavar="DIR", type=directory,
                      help="--method full only: write the tuned backbone to DIR/backbone and its head to DIR/store")
     out.add_argument("--no-publish", action="store_true", help="train and report only")
     g.add_argument("--token", help="admin bearer token for --publish [$ADAPTSERVE_ADMIN_TOKEN]")
@@ -292,7 +292,7 @@ def build_evaluate_parser(prog: str = "adaptserve evaluate") -> argparse.Argumen
         "(Engine.load_task + Engine.classify): accuracy, macro-F1 and a per-class table.",
     )
     p.add_argument("--task", required=True, help="task name in the store")
-    p.add_argument("--store", required=True, type=Path, help="local store directory")
+    p.add_argument("--store", required=True, type=directory, help="local store directory")
     p.add_argument("--data", required=True, type=Path, help="labelled file (.csv, .tsv or .jsonl)")
     p.add_argument("--version", help="version to score [the task's active version]")
     p.add_argument("--backbone", type=Path, help="local encoder folder [the bundled all-MiniLM-L6-v2]")
@@ -462,6 +462,15 @@ def _check_paths(device: str, *, inputs: Sequence[tuple[str, Path | None]] = (),
             raise ConfigError(f"--json {out}: the directory {parent} does not exist")
         if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
             raise ConfigError(f"--json {out}: permission denied")
+
+
+def directory(value: str) -> Path:
+    """An argparse type for directories the command writes into: an empty value is refused, not
+    read as the current directory (`Path("")` is `.`), which would scatter a store's task folders
+    into wherever the command ran. Write `.` to mean that."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("an empty path; name the directory (write . for the current one)")
+    return Path(value)
 
 
 def _check_dir(flag: str, path: Path) -> None:

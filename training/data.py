@@ -13,6 +13,7 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -29,6 +30,8 @@ FileFormat = Literal["csv", "tsv", "jsonl"]
 # LM-BFF, so "keep" is what reproduces published numbers); "skip" drops the row.
 EmptyText = Literal["error", "keep", "skip"]
 PathLike = str | os.PathLike[str]
+
+log = logging.getLogger(__name__)
 
 # Column names of the project's normalised data (see /work/shared/data/README.md).
 DEFAULT_TEXT_COLUMN = "text"
@@ -159,6 +162,7 @@ def read_train(
             f"{source}: every training row ({len(rows)}) has label '{only}'; a classifier needs "
             f"at least two classes (is '{label_column}' the right label column?)"
         )
+    _warn_near_duplicates(source, counts)
     if label_order is None:
         label_names = _sorted_labels(counts)
     else:
@@ -562,6 +566,18 @@ def _row(
 
 # --------------------------------------------------------------------------------------------
 # Labels
+
+
+def _warn_near_duplicates(source: str, counts: Counter) -> None:
+    """Labels that differ only in case ('Pos', 'pos') are separate classes, as written; say so,
+    since that is more often a slip in the file than two classes."""
+    groups: dict[str, list[str]] = {}
+    for label in counts:
+        groups.setdefault(label.casefold(), []).append(label)
+    for same in (sorted(g) for g in groups.values() if len(g) > 1):
+        log.warning("%s: labels %s differ only in case (%s rows); they are trained as %d separate "
+                    "classes: if they are one, write them alike", source, _quoted(same),
+                    ", ".join(str(counts[x]) for x in same), len(same))
 
 
 def _sorted_labels(labels: Iterable[str]) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from training.cli import (
-    _check_paths, _columns, _data_format_flags, _guarded, _library_bars, _load_backbone, _setup_logging, write_json,
+    _check_paths, _columns, _data_format_flags, _guarded, _library_bars, _load_backbone, _setup_logging, directory, write_json,
 )
 from training.config import DEFAULT_LR, ConfigError, TrainConfig
 from training.pet import DEFAULT_TEMPERATURE, WEIGHTINGS
@@ -27,7 +27,7 @@ from training.zeroshot import DEFAULT_SCALE
 def _output_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     out = g.add_mutually_exclusive_group(required=True)
-    out.add_argument("--store", type=Path, help="publish into this local store directory (made active)")
+    out.add_argument("--store", type=directory, help="publish into this local store directory (made active)")
     out.add_argument("--publish", metavar="URL", help="upload to a running service at URL")
     out.add_argument("--no-publish", action="store_true", help="build and report only")
     g.add_argument("--token", help="admin bearer token for --publish [$ADAPTSERVE_ADMIN_TOKEN]")

@@ -22,6 +22,7 @@ from training.full import FullArtifacts, save_full
 from training.trainer import TrainResult
 
 TOKEN_ENV = "ADAPTSERVE_ADMIN_TOKEN"
+SERVER_TOKENS_ENV = "ADAPTSERVE_ADMIN_TOKENS"  # the server's list (service.settings), comma-separated
 # Uploads are a few hundred KB; the server validates the bundle against the backbone before
 # answering, which takes well under a second. 60 s leaves room for a slow link or a busy server.
 DEFAULT_TIMEOUT_S = 60.0
@@ -75,8 +76,7 @@ def publish_http(result: TrainResult, base_url: str, token: str | None = None, *
                  timeout: float = DEFAULT_TIMEOUT_S) -> Published:
     """POST the bundle to `{base_url}/v1/tasks/{task}/versions` as multipart form data.
 
-    The bearer token comes from `token` or, if None, the ADAPTSERVE_ADMIN_TOKEN environment
-    variable."""
+    The bearer token comes from `token` or, if None, the environment (`_bearer`)."""
     if result.config.method == "full":
         raise PublishError("full fine-tuning is a baseline and is never uploaded to a service (its backbone "
                            "differs from the one the service runs); use --publish-full DIR to write it locally")
@@ -125,7 +125,7 @@ def check_url(base_url: str) -> str:
 
 def probe(base_url: str, token: str | None = None, timeout: float = 5.0) -> None:
     """PublishError unless something answers HTTP at `base_url` (its /healthz; any status will do)
-    and takes the token (`token`, else $ADAPTSERVE_ADMIN_TOKEN) on a read route: run before
+    and takes the token (`token`, else the environment's: `_bearer`) on a read route: run before
     training, so an unreachable service or a missing or wrong token is found before the work, not
     after it. (A token that may read but not publish is found only at the upload: no admin route
     is free of effects to ask.)"""
@@ -140,13 +140,17 @@ def probe(base_url: str, token: str | None = None, timeout: float = 5.0) -> None
 
 
 def _bearer(token: str | None) -> tuple[str | None, dict[str, str]]:
-    """`token`, else $ADAPTSERVE_ADMIN_TOKEN, and the headers that send it."""
-    token = token if token is not None else os.environ.get(TOKEN_ENV) or None
+    """`token`, else $ADAPTSERVE_ADMIN_TOKEN, else the first of the server's own
+    $ADAPTSERVE_ADMIN_TOKENS (a job run beside the server, with its environment), and the headers
+    that send it."""
+    if token is None:
+        token = os.environ.get(TOKEN_ENV) or next(
+            (t.strip() for t in os.environ.get(SERVER_TOKENS_ENV, "").split(",") if t.strip()), None)
     return token, {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def _token_hint(token: str | None) -> str:
-    return "pass --token or set ADAPTSERVE_ADMIN_TOKEN" if not token else "check the admin token"
+    return f"pass --token or set {TOKEN_ENV}" if not token else "check the admin token"
 
 
 @contextlib.contextmanager

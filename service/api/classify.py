@@ -5,7 +5,7 @@ cache loads it, the scheduler batches its rows with everyone else's."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Coroutine, Sequence, TypeVar
+from typing import Any, Callable, Coroutine, Sequence, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 
@@ -51,7 +51,8 @@ async def classify(task: str, body: ClassifyRequest, request: Request) -> Classi
         except asyncio.TimeoutError:
             raise DeadlineExceeded(f"task {key} did not load within the request's deadline") from None
         items = _to_items(loaded, key, body.inputs, _exit_policy(loaded, key, body.early_exit))
-        await _refuse_overflow(runtime.engine, loaded, key, items)
+        await _refuse_overflow(runtime.engine, loaded, key, items, deadline)
+        items = await _pretokenize(runtime.engine, items, deadline)
         predictions = await runtime.scheduler.submit(items, deadline)
         if getattr(loaded, "has_exits", False):
             state.metrics.observe_exits(key.name, [p.exit_layer for p in predictions])
@@ -81,20 +82,39 @@ def _check_limits(inputs: Sequence[str | TextPair], settings: Settings) -> None:
                 )
 
 
-async def _refuse_overflow(engine: EngineLike, task: TaskLike, key: TaskKey, items: list[ClassifyItem]) -> None:
+async def _refuse_overflow(engine: EngineLike, task: TaskLike, key: TaskKey, items: list[ClassifyItem],
+                           deadline: float) -> None:
     """413 when the task's overflow policy is `refuse` and an input is longer than its max_length
     tokens. Checked before the rows are queued, so an over-long input never takes a place in a
     batch or fails anyone else's; `truncate` tasks (the default) never pay for the count."""
     if task.overflow != "refuse":
         return
     max_length = task.max_length
-    counts = await asyncio.to_thread(engine.token_counts, items)  # the tokenizer is CPU work: off the loop
+    counts = await _in_thread(engine.token_counts, items, deadline)  # the tokenizer is CPU work: off the loop
     for index, count in enumerate(counts):
         if count > max_length:
             raise PayloadTooLarge(
                 f"inputs[{index}] is {count} tokens; task {key.name!r} takes at most {max_length} "
                 "(its overflow policy is 'refuse': shorten the input)"
             )
+
+
+async def _pretokenize(engine: EngineLike, items: list[ClassifyItem], deadline: float) -> list[ClassifyItem]:
+    """The rows with their tokens, made here and not on the forward thread, so that a request's
+    tokenising never delays another's forward: short rows at once on the loop, the rest in a
+    worker thread (`Engine.pretokenize`)."""
+    inline = engine.pretokenize_inline(items)
+    return inline if inline is not None else await _in_thread(engine.pretokenize, items, deadline)
+
+
+async def _in_thread(fn: Callable[[list[ClassifyItem]], T], items: list[ClassifyItem], deadline: float) -> T:
+    """fn(items) in a worker thread, within the request's deadline (504 past it: the thread
+    finishes on its own, its result unused)."""
+    loop = asyncio.get_running_loop()
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(fn, items), timeout=max(0.0, deadline - loop.time()))
+    except asyncio.TimeoutError:
+        raise DeadlineExceeded("request deadline exceeded while its inputs were being tokenised") from None
 
 
 def _exit_policy(task: TaskLike, key: TaskKey, early_exit: EarlyExit | None) -> Any:

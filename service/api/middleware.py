@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import error_response
 from service.auth import Scope as Grant
-from service.auth import Tokens, check
+from service.auth import Tokens, authorization, check
 from service.errors import AdaptserveError, BodyTimeout, PayloadTooLarge
 from service.metrics import UNKNOWN_TASK
 from service.state import ServiceState
@@ -85,7 +85,7 @@ class BodyLimitMiddleware:
         if scope.get("method") == "POST" and CLASSIFY_PATH.match(scope.get("path", "")):
             if self.tokens is not None:  # nobody without a token gets a body of theirs read and buffered
                 try:
-                    check(self.tokens, headers[b"authorization"].decode("latin-1") if b"authorization" in headers else None,
+                    check(self.tokens, authorization([v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"]),
                           Grant.inference)
                 except AdaptserveError as err:
                     await error_response(err.status_code, err.message, err.error_type, err.headers)(scope, receive, send)

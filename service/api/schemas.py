@@ -69,6 +69,15 @@ class ClassifyRequest(BaseModel):
         "(tasks trained with exit classifiers only).",
     )
 
+    @field_validator("timeout_ms", mode="before")
+    @classmethod
+    def _whole_number(cls, value: Any) -> Any:
+        # 1e3 and 1000.0 are JSON's spellings of 1000 too (a client that computes the deadline
+        # sends them); 1000.5 is still refused, as are `true` and "100".
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+
     @field_validator("inputs")
     @classmethod
     def _valid_unicode(cls, inputs: list[str | TextPair]) -> list[str | TextPair]:

@@ -114,7 +114,7 @@ def parse(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Backb
         try:
             weights[m] = REGISTRY[m].parse(methods_cfg[m], own, backbone)
         except BundleError as e:
-            problems.append(_capped(str(e)))
+            problems.extend(e.problems)
     if "head" in weights and labels and weights["head"].num_labels != len(labels):  # type: ignore[attr-defined]
         problems.append(f"head has {weights['head'].num_labels} outputs but {len(labels)} labels are named")  # type: ignore[attr-defined]
     if "exits" in weights and labels:
@@ -124,8 +124,8 @@ def parse(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Backb
     if "exits" in weights and "head" not in weights:
         problems.append("early exit needs the task's head: the last layer is answered by it")
     if problems:
-        raise BundleError(f"task {name!r}: " + "; ".join(problems[:MAX_PROBLEMS])
-                          + (f"; ... and {len(problems) - MAX_PROBLEMS} more" if len(problems) > MAX_PROBLEMS else ""))
+        listed = problems[:MAX_PROBLEMS] + ([f"... and {len(problems) - MAX_PROBLEMS} more"] if len(problems) > MAX_PROBLEMS else [])
+        raise BundleError(f"task {name!r}: " + "; ".join(listed), problems=[f"task {name!r}: {p}" for p in listed])
     template = None
     if cfg.get("template") is not None:
         try:
@@ -160,18 +160,9 @@ def parse(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Backb
     return spec, weights
 
 
-# At most this many problems per bundle, and per method, are listed (the rest are counted): a
+# At most this many problems per bundle are listed (the rest are counted): a
 # bundle for another architecture misfits every tensor, and a 15 KB error names nothing more.
 MAX_PROBLEMS = 8
-
-
-def _capped(message: str) -> str:
-    """A method's "where: p1; p2; ..." with at most MAX_PROBLEMS problems listed."""
-    where, sep, rest = message.partition(": ")
-    items = rest.split("; ") if sep else []
-    if len(items) <= MAX_PROBLEMS:
-        return message
-    return f"{where}: " + "; ".join(items[:MAX_PROBLEMS]) + f"; ... and {len(items) - MAX_PROBLEMS} more"
 
 
 def _check_fingerprint(cfg: Mapping[str, Any], backbone: BackboneInfo, name: str) -> str | None:

@@ -6,9 +6,10 @@ encoder once, and applies each row's own head.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +21,7 @@ from service.engine.bundle import read_bundle
 from service.engine.encoder import Plan, State
 from service.engine.task import Task, disk_bytes
 from service.engine.truncation import cut_pairs
-from service.engine.types import ClassifyItem, Prediction, TaskKey
+from service.engine.types import INLINE_TOKENIZE_CHARS, ClassifyItem, Encoded, Prediction, TaskKey
 from service.errors import BundleError, TaskUnavailable
 from service.methods.base import REGISTRY
 from service.methods.demos import Demo, DemosWeights, SentenceEncoder, bundled_sentence_encoder
@@ -49,6 +50,8 @@ class Engine:
     def __init__(self, backbone: Backbone):
         self.backbone = backbone
         self._tok_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
+        self._inline_tok = None  # the event loop's own copy (`pretokenize_inline`), made on first use
+        self._inline_lock = threading.Lock()
         self._sentences: SentenceEncoder | None = None  # loaded on first use (tasks with demonstrations)
 
     # -- tasks ---------------------------------------------------------------------------------
@@ -88,8 +91,106 @@ class Engine:
         return demos.pick(query, texts, pairs, words)  # type: ignore[attr-defined]
 
     # -- batching ------------------------------------------------------------------------------
+    # Serving tokenises a request's rows before they are queued (`pretokenize`), on the event loop
+    # when they are short and in a worker thread otherwise, so that the forward thread only pads
+    # them into tensors (`collate`): a request of long text pairs (or of a task whose
+    # demonstrations need a sentence-encoder forward) no longer holds up every other task's
+    # forward, and on a GPU the tokenizer's work overlaps the forward of the batch before.
+
+    def pretokenize(self, items: Sequence[ClassifyItem]) -> list[ClassifyItem]:
+        """The same rows, each carrying its tokens (`Encoded`). Blocking, thread-safe (rows queue
+        for the shared tokenizer); run it off the event loop."""
+        with self._tok_lock:
+            encoded = self._encode(items, self.backbone.tokenizer)
+        return [replace(it, encoded=e) for it, e in zip(items, encoded)]
+
+    def pretokenize_inline(self, items: Sequence[ClassifyItem]) -> list[ClassifyItem] | None:
+        """`pretokenize` done at once by the event loop, on its own copy of the tokenizer, or None
+        when the rows are not cheap enough for that: over `INLINE_TOKENIZE_CHARS` characters in all, a task
+        with demonstrations (picking them is a sentence-encoder forward), or that copy busy (it
+        never waits). The caller then runs `pretokenize` in a thread."""
+        if sum(len(it.text) + len(it.text_pair or "") for it in items) > INLINE_TOKENIZE_CHARS:
+            return None
+        if any("demos" in it.task.weights for it in items):
+            return None
+        if not self._inline_lock.acquire(blocking=False):
+            return None
+        try:
+            if self._inline_tok is None and not self._copy_tokenizer(wait=False):
+                return None
+            encoded = self._encode(items, self._inline_tok)
+        finally:
+            self._inline_lock.release()
+        return [replace(it, encoded=e) for it, e in zip(items, encoded)]
+
+    def _copy_tokenizer(self, wait: bool) -> bool:
+        """Make the event loop's copy of the tokenizer (read under the shared lock: a call on
+        another thread rewrites the tokenizer's truncation settings). False: the lock was busy."""
+        if not self._tok_lock.acquire(blocking=wait):
+            return False
+        try:
+            if self._inline_tok is None:
+                self._inline_tok = copy.deepcopy(self.backbone.tokenizer)
+        finally:
+            self._tok_lock.release()
+        return True
+
     def tokenize(self, items: Sequence[ClassifyItem]) -> Batch:
-        """Tokenise each row with its own task's max_length, then right-pad to one length."""
+        """The rows as one padded batch, tokenising those that are not yet (`pretokenize`)."""
+        todo = [r for r, it in enumerate(items) if it.encoded is None]
+        encoded: list[Encoded | None] = [it.encoded for it in items]
+        if todo:
+            with self._tok_lock:
+                for r, e in zip(todo, self._encode([items[r] for r in todo], self.backbone.tokenizer)):
+                    encoded[r] = e
+        return self.collate(items, encoded)  # type: ignore[arg-type]
+
+    def _encode(self, items: Sequence[ClassifyItem], tok) -> list[Encoded]:
+        """Tokenise each row with its own task's max_length (and template); the caller holds
+        `tok`'s lock."""
+        tasks: list[Task] = []
+        index: dict[int, int] = {}
+        rows_of: list[list[int]] = []
+        for r, it in enumerate(items):
+            j = index.setdefault(id(it.task), len(tasks))
+            if j == len(tasks):
+                tasks.append(it.task)
+                rows_of.append([])
+            rows_of[j].append(r)
+        out: list[Encoded | None] = [None] * len(items)
+        causal = self.backbone.info.kind == "decoder"
+        # Rows of plain (template-free) tasks with the same max_length and input kind share one
+        # tokenizer call: a batch of 32 tasks is one call, not 32.
+        plain: dict[tuple[int, bool], list[int]] = {}
+        for j, task in enumerate(tasks):
+            rows = rows_of[j]
+            template = task.spec.template
+            if template is not None:  # prompt tasks: template pieces + truncated inputs
+                demos = self._demonstrations(task, [items[r] for r in rows])
+                for k, r in enumerate(rows):
+                    if demos is None:
+                        ids, answer = template.encode(tok, items[r].text, items[r].text_pair, task.spec.max_length, causal)
+                    else:  # LM-BFF: the input's prompt plus one labelled example per class
+                        ids, answer = template.encode_with_demos(tok, items[r].text, items[r].text_pair, demos[k],
+                                                                 task.spec.max_length, causal)
+                    out[r] = Encoded(ids, None, answer)
+                continue
+            plain.setdefault((task.spec.max_length, task.input_kind == "pair"), []).extend(rows)
+        for (max_length, is_pair), rows in plain.items():
+            texts = [items[r].text for r in rows]
+            pairs = [items[r].text_pair for r in rows] if is_pair else None
+            if pairs is not None:  # the tokenizer's own pair truncation is slow on long sides
+                texts, pairs = cut_pairs(tok, texts, pairs, max_length)  # type: ignore[arg-type]
+            # Longer inputs are truncated to the task's max_length (documented per task);
+            # the HTTP layer refuses over-long *characters* before we get here.
+            enc = tok(texts, pairs, truncation=True, max_length=max_length)
+            types = enc["token_type_ids"] if "token_type_ids" in enc else None
+            for k, r in enumerate(rows):
+                out[r] = Encoded(enc["input_ids"][k], None if types is None else types[k], 0)
+        return out  # type: ignore[return-value]
+
+    def collate(self, items: Sequence[ClassifyItem], encoded: Sequence[Encoded]) -> Batch:
+        """Right-pad the rows' tokens to one length: the forward's tensors, and the task of each row."""
         tasks: list[Task] = []
         index: dict[int, int] = {}
         row_part = []
@@ -98,51 +199,15 @@ class Engine:
             if j == len(tasks):
                 tasks.append(it.task)
             row_part.append(j)
-        ids: list[list[int] | None] = [None] * len(items)
-        types: list[list[int] | None] = [None] * len(items)
-        answer = [0] * len(items)
         tok = self.backbone.tokenizer
-        causal = self.backbone.info.kind == "decoder"
-        rows_of: list[list[int]] = [[] for _ in tasks]
-        for r, j in enumerate(row_part):
-            rows_of[j].append(r)
-        # Rows of plain (template-free) tasks with the same max_length and input kind share one
-        # tokenizer call: a batch of 32 tasks is one call, not 32.
-        plain: dict[tuple[int, bool], list[int]] = {}
-        with self._tok_lock:
-            for j, task in enumerate(tasks):
-                rows = rows_of[j]
-                template = task.spec.template
-                if template is not None:  # prompt tasks: template pieces + truncated inputs
-                    demos = self._demonstrations(task, [items[r] for r in rows])
-                    for k, r in enumerate(rows):
-                        if demos is None:
-                            ids[r], answer[r] = template.encode(tok, items[r].text, items[r].text_pair, task.spec.max_length, causal)
-                        else:  # LM-BFF: the input's prompt plus one labelled example per class
-                            ids[r], answer[r] = template.encode_with_demos(tok, items[r].text, items[r].text_pair, demos[k],
-                                                                           task.spec.max_length, causal)
-                    continue
-                plain.setdefault((task.spec.max_length, task.input_kind == "pair"), []).extend(rows)
-            for (max_length, is_pair), rows in plain.items():
-                texts = [items[r].text for r in rows]
-                pairs = [items[r].text_pair for r in rows] if is_pair else None
-                if pairs is not None:  # the tokenizer's own pair truncation is slow on long sides
-                    texts, pairs = cut_pairs(tok, texts, pairs, max_length)  # type: ignore[arg-type]
-                # Longer inputs are truncated to the task's max_length (documented per task);
-                # the HTTP layer refuses over-long *characters* before we get here.
-                enc = tok(texts, pairs, truncation=True, max_length=max_length)
-                for k, r in enumerate(rows):
-                    ids[r] = enc["input_ids"][k]
-                    types[r] = enc["token_type_ids"][k] if "token_type_ids" in enc else None
-        t = max(len(x) for x in ids)  # type: ignore[arg-type]
+        t = max(len(e.ids) for e in encoded)
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         # right-pad in Python, then one tensor each (not a tensor op per row)
-        input_ids = torch.tensor([x + [pad] * (t - len(x)) for x in ids], dtype=torch.long)  # type: ignore[operator]
-        mask = torch.tensor([[1] * len(x) + [0] * (t - len(x)) for x in ids], dtype=torch.long)  # type: ignore[arg-type]
-        has_types = self.backbone.family.embeddings.token_type is not None
+        input_ids = torch.tensor([e.ids + [pad] * (t - len(e.ids)) for e in encoded], dtype=torch.long)
+        mask = torch.tensor([[1] * len(e.ids) + [0] * (t - len(e.ids)) for e in encoded], dtype=torch.long)
         tt = None
-        if has_types:
-            tt = torch.tensor([(ty if ty is not None else [0] * len(x)) + [0] * (t - len(x)) for x, ty in zip(ids, types)],  # type: ignore[arg-type]
+        if self.backbone.family.embeddings.token_type is not None:
+            tt = torch.tensor([(e.types if e.types is not None else [0] * len(e.ids)) + [0] * (t - len(e.ids)) for e in encoded],
                               dtype=torch.long)
         dev = self.backbone.device
         return Batch(
@@ -151,7 +216,7 @@ class Engine:
             token_type_ids=None if tt is None else tt.to(dev),
             tasks=tasks,
             row_part=torch.tensor(row_part, dtype=torch.long, device=dev),
-            answer_pos=torch.tensor(answer, dtype=torch.long, device=dev),
+            answer_pos=torch.tensor([e.answer for e in encoded], dtype=torch.long, device=dev),
         )
 
     def token_counts(self, items: Sequence[ClassifyItem]) -> list[int]:
@@ -315,7 +380,9 @@ class Engine:
         return preds
 
     def warmup(self) -> None:
-        """One real forward through the backbone (readiness means this has succeeded)."""
+        """One real forward through the backbone (readiness means this has succeeded), and the
+        event loop's tokenizer copy made before the first request."""
+        self._copy_tokenizer(wait=True)
         tok = self.backbone.tokenizer
         enc = tok(["warm up"], return_tensors="pt")
         dev = self.backbone.device

@@ -34,6 +34,25 @@ class ClassifyItem:
     text_pair: str | None = None
     # Per-request early-exit override (service.methods.exits.ExitPolicy); None = the task's default.
     exit_policy: Any = None
+    # The row's tokens (`Encoded`), made before it was queued (`Engine.pretokenize`); None: the
+    # forward that runs it tokenises it.
+    encoded: "Encoded | None" = None
+
+
+# A request of at most this many characters (texts and pairs together) is tokenised on the event
+# loop, which takes about 0.1 ms on MiniLM; a longer one goes to a worker thread (`Engine.pretokenize`).
+INLINE_TOKENIZE_CHARS = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """One row as the encoder reads it: token ids with the special tokens, truncated to its task's
+    max_length (a prompt task's template included), their token types, and the position a
+    verbalizer reads (0 for a classification head)."""
+
+    ids: list[int]
+    types: list[int] | None
+    answer: int
 
 
 @dataclass(frozen=True)

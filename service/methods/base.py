@@ -154,7 +154,7 @@ class Problems:
         if self.items:
             from service.errors import BundleError
 
-            raise BundleError(f"{self.where}: " + "; ".join(self.items))
+            raise BundleError(f"{self.where}: " + "; ".join(self.items), problems=[f"{self.where}: {i}" for i in self.items])
 
 
 def take(tensors: Mapping[str, Tensor], name: str, shape: tuple[int, ...], problems: Problems) -> Tensor | None:

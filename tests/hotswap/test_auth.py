@@ -66,6 +66,17 @@ def test_missing_malformed_and_wrong_tokens_are_401(client: TestClient, method: 
     assert response.headers["www-authenticate"].startswith("Bearer")
 
 
+@pytest.mark.parametrize("method, path", [("POST", "/v1/tasks/sentiment/classify"), ("GET", "/v1/tasks")])
+@pytest.mark.parametrize("order", ["valid first", "valid last"])
+def test_two_authorization_headers_are_401(client: TestClient, method: str, path: str, order: str) -> None:
+    """Whichever one is valid: the middleware and the route would otherwise each read another."""
+    good, bad = AUTH_ADMIN["Authorization"], "Bearer not-a-token"
+    pair = [("Authorization", good), ("Authorization", bad)][:: 1 if order == "valid first" else -1]
+    body = {"json": {"inputs": ["fun"]}} if path.endswith("classify") else {}
+    response = client.request(method, path, headers=pair, **body)
+    assert response.status_code == 401 and "2 Authorization headers" in response.json()["error"], response.text
+
+
 @pytest.mark.parametrize("method, path", ADMIN_ROUTES)
 def test_an_inference_token_on_admin_routes_is_403(client: TestClient, method: str, path: str) -> None:
     response = _call(client, method, path, AUTH_READER)

@@ -236,6 +236,17 @@ def test_hostile_upload_is_refused_and_changes_nothing(served: Served, info, cas
     assert after == before and after[2] == v1
 
 
+def test_each_problem_the_engine_finds_is_its_own_entry(served: Served, info) -> None:
+    """Problems from the engine's parse (a method's tensors, the labels against the head) are
+    listed one per entry, as the upload checks' own are, not joined into one string."""
+    upload = CASES["NaN weights and a label count the head lacks"][0](info)
+    body = served.client.post(f"/v1/tasks/{upload.task}/versions", files=upload.files, headers=AUTH_ADMIN).json()
+    nan = [p for p in body["problems"] if "contains NaN or Inf" in p]
+    labels = [p for p in body["problems"] if "head has 2 outputs but 3 labels" in p]
+    assert len(nan) == 1 and len(labels) == 1 and nan != labels, body["problems"]
+    assert all("; " not in p for p in body["problems"]), body["problems"]
+
+
 @pytest.mark.parametrize(
     "task, kwargs, status, error_type",
     [

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.engine.backbone import load_backbone
 from service.engine.engine import Engine
-from service.engine.types import ClassifyItem, TaskKey
+from service.engine.types import INLINE_TOKENIZE_CHARS, ClassifyItem, TaskKey
 from service.settings import Settings
 from tests.factories import publish, random_head, random_lora, save_tiny_backbone
 from tests.service.api.harness import wait_ready
@@ -56,6 +56,24 @@ def test_served_predictions_equal_the_engine_alone(client: TestClient, tiny: tup
     for served, alone in zip(body["predictions"], expected):
         assert served["label"] == alone.label
         assert served["scores"] == pytest.approx(alone.scores, abs=1e-5)
+
+
+def test_a_busy_tokenizer_holds_up_long_requests_only(tiny: tuple[Path, Path]) -> None:
+    """While the shared tokenizer is busy (a long request being tokenised), short requests are
+    tokenised by the event loop on its own copy and answered; a long one waits for it in a worker
+    thread, never past its deadline, and never on the forward thread."""
+    backbone_dir, store = tiny
+    engine = Engine(load_backbone(backbone_dir, device="cpu", dtype="float32"))
+    long = "word " * (INLINE_TOKENIZE_CHARS // 5 + 1)
+    settings = Settings(store=store, backbone=backbone_dir, device="cpu", dtype="float32", max_chars_per_input=len(long))
+    with TestClient(create_app(settings, engine=engine)) as client:
+        wait_ready(client, timeout_s=60)
+        with engine._tok_lock:
+            short = client.post("/v1/tasks/sentiment/classify", json={"inputs": ["good", "bad"]})
+            late = client.post("/v1/tasks/sentiment/classify", json={"inputs": [long], "timeout_ms": 300})
+        assert short.status_code == 200, short.text
+        assert late.status_code == 504 and "tokenised" in late.json()["error"]
+        assert client.post("/v1/tasks/sentiment/classify", json={"inputs": [long]}).status_code == 200
 
 
 def test_real_tasks_check_their_input_kind(client: TestClient) -> None:

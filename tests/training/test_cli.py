@@ -127,6 +127,8 @@ BAD_TRAIN = [
     Bad("no output given", ["--task", "t", "--method", "lora", "--data", "{train}", "--dev", "{dev}"],
         "one of the arguments --store --publish --publish-full --no-publish is required", status=2),
     Bad("unknown method", ["--task", "t", "--method", "bitfit", *TRAIN_OK.split()], "argument --method: invalid choice", status=2),
+    Bad("empty --store", ["--task", "t", "--method", "head", "--data", "{train}", "--dev", "{dev}", "--store", ""],
+        "argument --store: an empty path; name the directory (write . for the current one)", status=2),
     Bad("LoRA rank past the hidden size", ["--task", "t", "--method", "lora", "--lora-r", "33", *TRAIN_OK.split()],
         "--lora-r 33 exceeds the backbone's hidden size 32"),
     Bad("bottleneck past the hidden size", ["--task", "t", "--method", "adapter", "--adapter-bottleneck", "100000",

@@ -361,3 +361,16 @@ def test_real_kshot_splits(task: str) -> None:
     assert set(splits.train.label_counts().values()) == {16}
     assert splits.dev.label_names == splits.train.label_names
     assert splits.train.has_pairs == (task in ("rte", "mrpc"))
+
+
+def test_labels_differing_only_in_case_are_kept_apart_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = write(tmp_path / "t.csv", "text,label\ngood,Pos\nfine,pos\nnice,pos \nbad,neg\n")
+    with caplog.at_level("WARNING", logger="training.data"):
+        data = read_train(path)
+    assert data.label_names == ("Pos", "neg", "pos")  # cells are stripped: 'pos ' is 'pos'
+    (record,) = caplog.records
+    assert "labels 'Pos', 'pos' differ only in case (1, 2 rows)" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="training.data"):
+        read_train(write(tmp_path / "ok.csv", TRAIN))
+    assert caplog.records == []

@@ -120,7 +120,7 @@ def test_publish_to_the_real_service_then_classify(tiny_dir, tiny, csvs, tmp_pat
     from service.app import create_app
     from service.settings import Settings
     from training.data import load_splits
-    from training.publish import TOKEN_ENV, probe, publish_http
+    from training.publish import SERVER_TOKENS_ENV, TOKEN_ENV, probe, publish_http
     from training.trainer import train
     from tests.training.conftest import tiny_config
 
@@ -139,11 +139,19 @@ def test_publish_to_the_real_service_then_classify(tiny_dir, tiny, csvs, tmp_pat
             assert time.monotonic() < give_up, "server did not start"
             time.sleep(0.02)
         monkeypatch.delenv(TOKEN_ENV, raising=False)  # the probe before training finds a missing or wrong token
+        monkeypatch.delenv(SERVER_TOKENS_ENV, raising=False)
         with pytest.raises(PublishError, match=r"refused the token \(401: .*\); pass --token or set ADAPTSERVE_ADMIN_TOKEN"):
             probe(url)
         with pytest.raises(PublishError, match=r"refused the token \(401: .*\); check the admin token"):
             probe(url, "wrong")
         probe(url, "adm1n")
+        monkeypatch.setenv(SERVER_TOKENS_ENV, " ,adm1n, other")  # the server's own list: its first token
+        probe(url)
+        monkeypatch.setenv(TOKEN_ENV, "wrong")  # the trainer's own variable comes first
+        with pytest.raises(PublishError, match="check the admin token"):
+            probe(url)
+        monkeypatch.delenv(TOKEN_ENV)
+        monkeypatch.delenv(SERVER_TOKENS_ENV)
         result = train(load_splits(csvs["train"], csvs["dev"]), tiny_config("lora"), name="via-http", backbone=tiny,
                        progress=False)
         with pytest.raises(PublishError, match="not authorised"):

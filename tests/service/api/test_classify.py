@@ -3,7 +3,9 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
+from service.engine.types import INLINE_TOKENIZE_CHARS
 from tests.fakes import FakeEngine
+from tests.service.api.harness import make_app, wait_ready
 
 
 def test_classify_single_texts(client: TestClient, engine: FakeEngine) -> None:
@@ -20,6 +22,24 @@ def test_classify_single_texts(client: TestClient, engine: FakeEngine) -> None:
         assert prediction["score"] == max(prediction["scores"].values())
         assert prediction["version"] == "v1"
     assert engine.seen_texts() == {"good", "bad!"}
+
+
+def test_rows_reach_the_forward_tokenised_by_the_event_loop(client: TestClient, engine: FakeEngine) -> None:
+    assert client.post("/v1/tasks/nli/classify", json={"inputs": [["a", "b"], ["c", "d"]]}).status_code == 200
+    assert engine.untokenized_rows == 0 and len(engine.pretokenized) == 1
+    assert not engine.pretokenized[0].startswith(("asyncio_", "adaptserve-forward"))  # no thread hop for short rows
+
+
+def test_a_long_request_is_tokenised_in_a_worker_thread(store, engine: FakeEngine) -> None:
+    """Over INLINE_TOKENIZE_CHARS the loop hands the tokenizer work to a thread (asyncio_N): never the loop
+    (every request waits on it), never the forward thread (every task waits on it)."""
+    text = "word " * (INLINE_TOKENIZE_CHARS // 5 + 1)
+    with TestClient(make_app(store, engine, max_chars_per_input=len(text), max_body_bytes=4 * len(text))) as big:
+        wait_ready(big)
+        assert big.post("/v1/tasks/sentiment/classify", json={"inputs": [text]}).status_code == 200
+        assert big.post("/v1/tasks/sentiment/classify", json={"inputs": ["short"]}).status_code == 200
+    assert [name.startswith("asyncio_") for name in engine.pretokenized] == [True, False]
+    assert engine.untokenized_rows == 0
 
 
 def test_classify_pairs_uses_the_active_version(client: TestClient, engine: FakeEngine) -> None:
@@ -51,6 +71,13 @@ def test_activating_a_new_version_serves_it_without_restart(client: TestClient, 
 def test_client_timeout_beyond_the_server_deadline_is_capped(client: TestClient) -> None:
     response = client.post("/v1/tasks/sentiment/classify", json={"inputs": ["x"], "timeout_ms": 3_600_000})
     assert response.status_code == 200
+
+
+@pytest.mark.parametrize("raw", [b"1e3", b"1000.0", b"1000"])
+def test_a_whole_timeout_in_any_json_spelling_is_accepted(client: TestClient, raw: bytes) -> None:
+    body = b'{"inputs": ["x"], "timeout_ms": ' + raw + b"}"
+    response = client.post("/v1/tasks/sentiment/classify", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text
 
 
 def test_a_slow_forward_past_the_deadline_is_504(client: TestClient) -> None:

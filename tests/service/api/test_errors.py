@@ -34,6 +34,7 @@ CASES: list[tuple[str, str, str, dict[str, Any], int, str]] = [
     ("timeout a numeric string", "POST", CLASSIFY, {"json": {"inputs": ["x"], "timeout_ms": "100"}}, 422, "validation_error"),
     ("timeout true (not 1 ms)", "POST", CLASSIFY, {"json": {"inputs": ["x"], "timeout_ms": True}}, 422, "validation_error"),
     ("timeout beyond any integer", "POST", CLASSIFY, {"json": {"inputs": ["x"], "timeout_ms": 1e308}}, 422, "validation_error"),
+    ("timeout a fraction of a ms", "POST", CLASSIFY, {"json": {"inputs": ["x"], "timeout_ms": 1000.5}}, 422, "validation_error"),
     ("body is a list", "POST", CLASSIFY, {"json": ["x"]}, 422, "validation_error"),
     ("no body", "POST", CLASSIFY, {}, 422, "validation_error"),
     ("lone surrogate", "POST", CLASSIFY, {"content": b'{"inputs": ["\\ud800"]}', "headers": JSON}, 422, "validation_error"),
