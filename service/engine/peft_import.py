@@ -81,7 +81,7 @@ def _lora(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Backb
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         problems.append("per-module rank_pattern / alpha_pattern are not supported")
     if problems:
-        raise BundleError("PEFT LoRA bundle: " + "; ".join(problems))
+        raise BundleError("PEFT LoRA bundle: " + "; ".join(problems), problems=[f"PEFT LoRA bundle: {p}" for p in problems])
     out: dict[str, Tensor] = {}
     unmatched = []
     for key, t in tensors.items():
@@ -178,7 +178,7 @@ def from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: B
             section, native = _virtual(cfg, tensors, backbone, method)
         head_section, head = _head(tensors, backbone)
     except BundleError as e:
-        raise type(e)(f"task {name!r}: {e}") from None
+        raise type(e)(f"task {name!r}: {e}", problems=[f"task {name!r}: {p}" for p in e.problems]) from None
     n = head["head.out.weight"].shape[0]
     out_cfg = {
         "format": FORMAT,
