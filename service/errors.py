@@ -151,7 +151,8 @@ class RegistryUnavailable(ServiceUnavailable):
 
 
 class StoreUnavailable(ServiceUnavailable):
-    """The task store (an S3 endpoint) failed or cannot be reached."""
+    """The task store failed or cannot be reached: an S3 endpoint, or a local store whose directory
+    is gone or unreadable (an unmounted volume)."""
 
     error_type = "store_unavailable"
 

@@ -243,7 +243,8 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(
         default=2.0, gt=0.0,
         description="Connect and command timeout against Redis. Default 2 s: an admin write fails "
-        "with 503 quickly when Redis is away, yet a healthy Redis answers in well under a millisecond.",
+        "with 503 quickly when Redis is away (within twice this: it tries once more on a fresh connection), "
+        "yet a healthy Redis answers in well under a millisecond.",
     )
     redis_reconnect_min_s: float = Field(
         default=0.1, gt=0.0,

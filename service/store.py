@@ -13,6 +13,7 @@ is built from them, and versions read back are checked the same way.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.engine.types import TaskKey
-from service.errors import ConfigurationError, InvalidTaskName, TaskNotFound, TaskUnavailable, VersionNotFound
+from service.errors import ConfigurationError, InvalidTaskName, StoreUnavailable, TaskNotFound, TaskUnavailable, VersionNotFound
 
 log = logging.getLogger(__name__)
 
@@ -197,10 +198,34 @@ class LocalStore(BundleStore):
         return f"local:{self.root}"
 
     def task_names(self) -> list[str]:
-        return sorted(e.name for e in self.root.iterdir() if e.is_dir() and TASK_NAME_RE.fullmatch(e.name))
+        try:
+            entries = list(self.root.iterdir())
+        except OSError as err:
+            raise self._unavailable(err) from err
+        return sorted(e.name for e in entries if e.is_dir() and TASK_NAME_RE.fullmatch(e.name))
 
     def has_task(self, name: str) -> bool:
-        return bool(TASK_NAME_RE.fullmatch(name)) and (self.root / name).is_dir()
+        if not TASK_NAME_RE.fullmatch(name):
+            return False
+        if (self.root / name).is_dir():
+            return True
+        self._require_root()  # "no such task" only from a store that is there to ask
+        return False
+
+    def _require_root(self) -> None:
+        """StoreUnavailable (503) when the store's directory itself is gone or unreadable (an
+        unmounted volume, a renamed directory): every task then looks absent, and a 404, a listing
+        without tasks or a delete that skips the files would each tell a lie about them."""
+        try:
+            if not self.root.is_dir():
+                raise FileNotFoundError(2, "No such directory")
+            os.listdir(self.root)
+        except OSError as err:
+            raise self._unavailable(err) from err
+
+    def _unavailable(self, err: OSError) -> StoreUnavailable:
+        return StoreUnavailable(f"the task store {self.describe()} cannot be read ({_reason(err)}); "
+                                "check that its volume is mounted and readable")
 
     def versions(self, task: str) -> list[str]:
         task_dir = self._task_dir(task)
@@ -247,18 +272,28 @@ class LocalStore(BundleStore):
 
         validate_task_name(task)
         validate_version(task, version)
+        self._require_root()  # never re-create a task's directory under a store that went away
         task_dir = self.root / task
-        if not task_dir.is_dir():
-            task_dir.mkdir(exist_ok=True)
-            _fsync_dir(self.root)  # the new task directory's own entry must survive a crash too
         target = task_dir / version
-        if bundle_intact(target, TaskKey(task, version)):
-            return False
-        if os.path.lexists(target):
-            log.warning("task %s: stored version %s is damaged (a file missing, or files that do not hash to its id); "
-                        "replacing it with the copy being published", task, version)
-        self.pin_implicit_active(task)
-        write_bundle_files(target, config_bytes, weights_bytes)  # swaps out a damaged copy in one step
+        key = TaskKey(task, version)
+        try:
+            if not task_dir.is_dir():
+                task_dir.mkdir(exist_ok=True)
+                _fsync_dir(self.root)  # the new task directory's own entry must survive a crash too
+            if bundle_intact(target, key):
+                return False
+            if os.path.lexists(target):
+                log.warning("task %s: stored version %s is damaged (a file missing, or files that do not hash to its id); "
+                            "replacing it with the copy being published", task, version)
+            self.pin_implicit_active(task)
+            write_bundle_files(target, config_bytes, weights_bytes)  # swaps out a damaged copy in one step
+        except OSError as err:
+            # Another replica placed the same version (same content, same id) between our check and
+            # our rename: its copy is as good as ours.
+            if err.errno in (errno.ENOTEMPTY, errno.EEXIST) and bundle_intact(target, key):
+                return False
+            raise StoreUnavailable(f"the task store {self.describe()} cannot store task {task!r} version {version}: "
+                                   f"{err.strerror or err}") from err  # a full disk is the store's state, not a bug
         return True
 
     def delete_version(self, key: TaskKey) -> None:
@@ -279,6 +314,7 @@ class LocalStore(BundleStore):
     def _task_dir(self, task: str) -> Path:
         path = self.root / validate_task_name(task)
         if not path.is_dir():
+            self._require_root()
             raise TaskNotFound(f"task {task!r} not found")
         return path
 

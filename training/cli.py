@@ -210,6 +210,10 @@ def _train(args: argparse.Namespace) -> int:
 
     validate_task_name(args.task)
     config = config_from_args(args)
+    if config.early_exit and (args.template is not None or args.verbalizer is not None):
+        raise ConfigError("--early-exit trains exit classifiers that hand the last layer to the task's head, and a "
+                          "prompt task (--template/--verbalizer) answers through its verbalizer, not a head: drop "
+                          "--early-exit, or train a head without a template")
     if args.publish_full is not None and config.method != "full":
         raise ConfigError(f"--publish-full is for --method full; use --store or --publish for {config.method}")
     if config.method == "full" and (args.store is not None or args.publish is not None):

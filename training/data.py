@@ -33,6 +33,11 @@ PathLike = str | os.PathLike[str]
 
 log = logging.getLogger(__name__)
 
+# The csv module refuses fields over 128 KiB by default; a long document is a valid training text
+# (truncated to --max-length anyway), so allow up to this many characters per field.
+MAX_FIELD_CHARS = 16 * 1024 * 1024
+csv.field_size_limit(max(csv.field_size_limit(), MAX_FIELD_CHARS))
+
 # Column names of the project's normalised data (see /work/shared/data/README.md).
 DEFAULT_TEXT_COLUMN = "text"
 DEFAULT_TEXT_PAIR_COLUMN = "text_pair"
@@ -397,6 +402,10 @@ def _read_delimited(
             if row is not None:
                 rows.append(row)
     except csv.Error as err:
+        if "field larger than field limit" in str(err):
+            raise DataError(f"{source}: the record that starts on line {last_line + 1} has a field of more than "
+                            f"{MAX_FIELD_CHARS:,} characters" + (" (or a quote opened there and never closed)" if fmt == "csv" else "")
+                            ) from None
         hint = (f" (in the record that starts on line {last_line + 1}: a quote opened there and never closed, or a "
                 'quote inside a quoted field not doubled ("")?)' if fmt == "csv" else "")
         raise DataError(

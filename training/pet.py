@@ -106,6 +106,9 @@ def read_unlabelled(path: str | Path, text_column: str = "text", text_pair_colum
         raise DataError(f"{path}: no '{text_column}' column (columns: {', '.join(records[0])}); pass --text-column")
     if text_pair_column is not None and records and text_pair_column not in records[0]:
         raise DataError(f"{path}: no '{text_pair_column}' column for the text pairs")
+    if text_pair_column is None and records and "text_pair" in records[0]:  # the default pair column, as train reads it
+        raise DataError(f"{path}: the task classifies single texts (its labelled data has no pairs), but this file has "
+                        "a 'text_pair' column; drop the column, or train on pairs")
     rows = [(str(r[text_column] or ""), None if text_pair_column is None else str(r[text_pair_column] or ""))
             for r in records]
     rows = [r for r in rows if r[0].strip()]
@@ -306,9 +309,10 @@ def ensemble_metrics(result: PetResult, data: LabelledData) -> Metrics:
 
 
 def save_pet(result: PetResult, store: str | Path) -> str:
-    from training.publish import require_finite
+    from training.publish import require_finite, require_loadable
 
     require_finite(result.name, result.student.weights)
+    require_loadable(result.name, result.bundle_config(), result.student.weights, result.student.engine.backbone)
     return write_bundle(Path(store), result.name, result.bundle_config(), result.student.weights)
 
 

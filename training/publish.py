@@ -54,7 +54,28 @@ def save_to_store(result: TrainResult, store: str | os.PathLike[str]) -> str:
             "backbone and its head anyway"
         )
     require_finite(result.name, result.weights)
+    require_loadable(result.name, result.bundle_config(), result.weights, result.engine.backbone)
     return write_bundle(Path(store), result.name, result.bundle_config(), result.weights)
+
+
+def require_loadable(name: str, config: Mapping, weights: Mapping[str, TaskWeights], backbone) -> None:
+    """PublishError unless the bundle reads back the way the service reads it (`read_bundle`
+    against the backbone it was made for). An upload gets this check from the server; a write
+    into a store directory has no server in between, and an unloadable version made active there
+    takes a serving task down."""
+    import tempfile
+
+    from service.engine.bundle import read_bundle
+    from service.errors import BundleError
+
+    cfg_b, w_b = bundle_bytes(config, weights)
+    with tempfile.TemporaryDirectory(prefix="adaptserve-check-") as tmp:
+        (Path(tmp) / CONFIG).write_bytes(cfg_b)
+        (Path(tmp) / WEIGHTS).write_bytes(w_b)
+        try:
+            read_bundle(Path(tmp), backbone.info, name, backbone.tokenizer)
+        except BundleError as err:
+            raise PublishError(f"the task would not load in the service ({err.message}); nothing was published") from None
 
 
 def save_full_result(result: TrainResult, out_dir: str | os.PathLike[str]) -> FullArtifacts:
@@ -101,7 +122,7 @@ def upload(base_url: str, task: str, config_bytes: bytes, weights_bytes: bytes, 
     if resp.is_success:
         version = str(body.get("version") or content_version(config_bytes, weights_bytes))
         return Published(url=url, version=version, response=body)
-    reason = body.get("error") or resp.text.strip()[:200] or resp.reason_phrase
+    reason = body.get("error") or _text_reason(resp)
     if resp.status_code in (401, 403):
         raise PublishError(f"{url}: not authorised ({resp.status_code}: {reason}); {_token_hint(token)}")
     if resp.status_code == 404 and body.get("error_type") not in (None, "not_found"):
@@ -132,7 +153,10 @@ def probe(base_url: str, token: str | None = None, timeout: float = 5.0) -> None
     token, headers = _bearer(token)
     base = check_url(base_url)
     with _reaching(base, base, timeout), httpx.Client(timeout=timeout) as client:
-        client.get(f"{base}/healthz")
+        health = client.get(f"{base}/healthz")
+        if not isinstance(_json(health).get("status"), str):  # any adaptserve answers {"status": ...}, even failing
+            raise PublishError(f"{base}: no adaptserve service answers there (GET /healthz: {health.status_code}, "
+                               f"{_kind(health)}); check the --publish URL")
         resp = client.get(f"{base}/v1/tasks", headers=headers)
     if resp.status_code == 401:
         reason = _json(resp).get("error") or resp.reason_phrase
@@ -162,6 +186,21 @@ def _reaching(base: str, where: str, timeout: float) -> Iterator[None]:
         raise PublishError(f"{where}: no answer within {timeout:.0f} s") from None
     except httpx.HTTPError as err:
         raise PublishError(f"cannot reach {base}: {err}") from None
+
+
+def _kind(resp: httpx.Response) -> str:
+    """What a non-adaptserve answer was, for a one-line message."""
+    kind = resp.headers.get("content-type", "").split(";")[0].strip()
+    return f"a {kind} body" if kind else "no content type"
+
+
+def _text_reason(resp: httpx.Response) -> str:
+    """A body that is not adaptserve's JSON error, as one short line: an HTML error page (a proxy,
+    another server) is named, not dumped."""
+    if "html" in resp.headers.get("content-type", "").lower():
+        return f"{resp.reason_phrase}, an HTML page: not an adaptserve answer"
+    text = " ".join(resp.text.split())
+    return (text[:200] + (" ..." if len(text) > 200 else "")) or resp.reason_phrase
 
 
 def _json(resp: httpx.Response) -> dict:

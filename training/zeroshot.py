@@ -170,6 +170,12 @@ def parse_descriptions(spec: str | Path | Mapping[str, str]) -> dict[str, str]:
         if not isinstance(desc, str) or not desc.strip():
             raise ConfigError(f"--descriptions: label {label!r} needs a non-empty description")
         out[str(label)] = desc.strip()
+    seen: dict[str, str] = {}
+    for label, desc in out.items():
+        if desc in seen:  # one embedding for both: argmax always picks the first, the other is never predicted
+            raise ConfigError(f"--descriptions: labels {seen[desc]!r} and {label!r} have the same description "
+                              f"{desc!r}; a label is told apart by its description, so give each its own")
+        seen[desc] = label
     return out
 
 
@@ -220,9 +226,10 @@ def _check_length(max_length: int, backbone: Backbone) -> None:
 # -- publishing --------------------------------------------------------------------------------------
 def save_zeroshot(task: ZeroShotTask, store: str | Path) -> str:
     """Write the task into `<store>/<name>/<version>/` and make it active; the version."""
-    from training.publish import require_finite
+    from training.publish import require_finite, require_loadable
 
     require_finite(task.name, task.weights)
+    require_loadable(task.name, task.bundle_config(), task.weights, task.backbone)
     return write_bundle(Path(store), task.name, task.bundle_config(), task.weights)
 
 

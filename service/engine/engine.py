@@ -1,8 +1,9 @@
 """The batched multi-task engine: many tasks' rows, one forward of the shared backbone.
 
 `classify` takes rows that may each belong to a different task (and method), tokenises them
-per task, builds the per-method batch tables (`Plan`) from the distinct tasks present, runs the
-encoder once, and applies each row's own head.
+per task (unless they arrive tokenised: `pretokenize`, which serving runs before the queue), builds
+the per-method batch tables (`Plan`) from the distinct tasks present, runs the encoder once, and
+applies each row's own head.
 """
 from __future__ import annotations
 

@@ -36,11 +36,15 @@ class TaskRecord:
     history: tuple[dict[str, Any], ...] = ()
     # version -> metadata recorded at upload (uploaded_at, bytes, source).
     versions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Versions deleted since their last upload, most recent last: an activation that raced the
+    # delete on another replica reads them in its own transaction and is refused, instead of
+    # pointing the task at files about to go.
+    deleted: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(
             {"name": self.name, "active": self.active, "stack": list(self.stack), "history": list(self.history),
-             "versions": self.versions},
+             "versions": self.versions, "deleted": list(self.deleted)},
             sort_keys=True,
         )
 
@@ -53,6 +57,7 @@ class TaskRecord:
             stack=tuple(str(v) for v in data.get("stack") or ()),
             history=tuple(dict(h) for h in data.get("history") or ()),
             versions={str(k): dict(v) for k, v in (data.get("versions") or {}).items()},
+            deleted=tuple(str(v) for v in data.get("deleted") or ()),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -80,14 +85,17 @@ def with_upload(record: TaskRecord, version: str, meta: dict[str, Any], history_
     if not created and version in record.versions:
         return record
     versions = {**record.versions, version: dict(meta)}
-    return replace(record, versions=versions, history=_log(record, "upload", version, history_max))
+    return replace(record, versions=versions, deleted=tuple(v for v in record.deleted if v != version),
+                   history=_log(record, "upload", version, history_max))
 
 
 def activated(record: TaskRecord, version: str, history_max: int, action: str = "activate") -> TaskRecord:
     """Make `version` active, pushing it on the rollback stack. Activating the active version is a
-    no-op: no history entry, no stack change."""
+    no-op: no history entry, no stack change. A version deleted since its last upload is refused."""
     if record.active == version:
         return record
+    if version in record.deleted:
+        raise VersionNotFound(f"task {record.name!r} has no version {version!r} (it was deleted)")
     stack = record.stack
     if record.active is not None and (not stack or stack[-1] != record.active):
         stack = (*stack, record.active)  # an activation the registry did not see (e.g. a bare ACTIVE write)
@@ -116,7 +124,9 @@ def without_version(record: TaskRecord, version: str, history_max: int) -> TaskR
         )
     versions = {k: v for k, v in record.versions.items() if k != version}
     stack = tuple(v for v in record.stack if v != version)
-    return replace(record, versions=versions, stack=stack, history=_log(record, "delete_version", version, history_max))
+    deleted = (*(v for v in record.deleted if v != version), version)[-history_max:]
+    return replace(record, versions=versions, stack=stack, deleted=deleted,
+                   history=_log(record, "delete_version", version, history_max))
 
 
 class Registry:

@@ -392,8 +392,23 @@ class RedisRegistry(Registry):
                     ) from None
         self._apply(task, new)
         if new is not None and new.active is not None:
-            await asyncio.to_thread(self._mirror_active, task, new.active)
+            await self._mirror(task, new.active)
         return new
+
+    async def _mirror(self, task: str, version: str) -> None:
+        """Mirror the active version into the store's ACTIVE pointer, then read Redis again and
+        mirror once more if it moved meanwhile. Two replicas' writes can land in the pointer in
+        the wrong order (the mirror runs after EXEC, outside any lock they share), but whichever
+        writes last checks Redis after its write, so the pointer ends at what Redis says."""
+        for _ in range(4):
+            await asyncio.to_thread(self._mirror_active, task, version)
+            try:
+                now = _decode(await self._writer.get(self._task_key(task)), task)  # type: ignore[union-attr]
+            except (RedisError, OSError):
+                return  # Redis went away: the pointer keeps what this write committed
+            if now is None or now.active is None or now.active == version:
+                return
+            version = now.active
 
     async def _commit(self, key: str, task: str, change: Callable[[TaskRecord | None], TaskRecord | None]) -> TaskRecord | None:
         assert self._writer is not None

@@ -10,7 +10,7 @@ import pytest
 
 from service.engine.types import TaskKey
 from service.errors import Conflict, RegistryUnavailable, TaskNotFound, VersionNotFound
-from service.registry.base import TaskRecord, activated, rolled_back, without_version
+from service.registry.base import TaskRecord, activated, rolled_back, with_upload, without_version
 from service.registry.local import LocalRegistry
 from service.store import ACTIVE_FILE, HISTORY_FILE, LocalStore
 from tests.aio import async_test, wait_until
@@ -164,6 +164,73 @@ async def test_redis_registries_seed_from_the_store_share_writes_and_follow_the_
     finally:
         await first.stop()
         await second.stop()
+
+
+def test_a_deleted_version_cannot_be_activated_until_it_is_uploaded_again() -> None:
+    record = activated(activated(TaskRecord("t"), "v0", history_max=10), "v1", history_max=10)
+    record = without_version(record, "v0", history_max=10)
+    assert record.deleted == ("v0",) and TaskRecord.from_json(record.to_json()) == record
+    with pytest.raises(VersionNotFound, match="deleted"):
+        activated(record, "v0", history_max=10)
+    again = with_upload(record, "v0", {"uploaded_at": 1.0}, history_max=10)
+    assert again.deleted == () and activated(again, "v0", history_max=10).active == "v0"
+    assert TaskRecord.from_json('{"name": "t", "active": "v1"}').deleted == ()  # a record written before tombstones
+
+
+@async_test
+async def test_an_activation_racing_a_delete_on_another_replica_is_refused(redis_server, tmp_path: Path) -> None:
+    """Replica A deletes v0 (its record committed, its files not yet removed) while replica B
+    activates v0, whose files B still finds: B's transaction reads the delete and is refused,
+    so the task never points at files that are about to go."""
+    write_task(tmp_path / "store", "t", "v0")
+    write_task(tmp_path / "store", "t", "v1")
+    (tmp_path / "store" / "t" / ACTIVE_FILE).write_text("v1")
+    store = LocalStore(tmp_path / "store")
+    a, b = _registry(redis_server.url, store), _registry(redis_server.url, store)
+    await a.start()
+    await b.start()
+    committed, go_on = asyncio.Event(), asyncio.Event()
+
+    async def remove_files() -> None:  # runs after A's record is committed: hold it there
+        committed.set()
+        await go_on.wait()
+        store.delete_version(TaskKey("t", "v0"))
+
+    try:
+        await wait_until(lambda: a.connected and b.connected)
+        deleting = asyncio.ensure_future(a.forget_version("t", "v0", remove_files))
+        await committed.wait()
+        assert store.has_version("t", "v0")  # B's own check of the files passes
+        with pytest.raises(VersionNotFound, match="deleted"):
+            await b.activate("t", "v0")
+        go_on.set()
+        await deleting
+        record = await b.record("t")
+        assert record.active == "v1" and not store.has_version("t", "v0")
+    finally:
+        go_on.set()
+        await a.stop()
+        await b.stop()
+
+
+@async_test
+async def test_the_active_pointer_ends_at_what_redis_says_when_mirrors_land_out_of_order(redis_server, tmp_path: Path) -> None:
+    """Two replicas' pointer writes can land in the wrong order; the late one reads Redis again."""
+    write_task(tmp_path / "store", "t", "v1")
+    write_task(tmp_path / "store", "t", "v2")
+    (tmp_path / "store" / "t" / ACTIVE_FILE).write_text("v1")
+    store = LocalStore(tmp_path / "store")
+    a, b = _registry(redis_server.url, store), _registry(redis_server.url, store)
+    await a.start()
+    await b.start()
+    try:
+        await wait_until(lambda: a.connected and b.connected)
+        await b.activate("t", "v2")  # Redis and the pointer: v2
+        await a._mirror("t", "v1")  # A's mirror of an older write, landing after B's
+        assert (tmp_path / "store" / "t" / ACTIVE_FILE).read_text().strip() == "v2"
+    finally:
+        await a.stop()
+        await b.stop()
 
 
 @async_test

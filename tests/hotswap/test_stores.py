@@ -221,3 +221,68 @@ def test_a_cached_s3_copy_that_rotted_on_local_disk_is_fetched_again(moto, bucke
     (cached / WEIGHTS).write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))  # local disk trouble
     again = store.bundle_dir(TaskKey("sentiment", version))
     assert (again / WEIGHTS).read_bytes() == weights and (again / CONFIG).read_bytes() == config
+
+
+def test_a_version_another_replica_placed_first_is_already_stored(tmp_path: Path, info, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two replicas upload the same bundle at once: both find no copy, both write, the second
+    rename meets the first one's directory. Same content, same id: that copy is as good as ours."""
+    import os
+    import shutil
+
+    from service.engine import bundle
+
+    (tmp_path / "store").mkdir()
+    store = LocalStore(tmp_path / "store")
+    config, weights = make_bundle(info, seed=1)
+    version = content_version(config, weights)
+
+    def the_other_replica_first(new: Path, target: Path):
+        shutil.copytree(new, target)  # its identical copy lands between our check and our rename
+        os.rename(new, target)  # ENOTEMPTY
+
+    monkeypatch.setattr(bundle, "_into_place", the_other_replica_first)
+    assert store.put_version("sentiment", version, config, weights) is False
+    assert store.bundle_dir(TaskKey("sentiment", version)).is_dir()
+    assert [p.name for p in (tmp_path / "store" / "sentiment").iterdir() if p.name.startswith(".tmp-")] == []
+
+
+def test_a_local_store_whose_directory_went_away_is_unavailable_not_empty(tmp_path: Path, info) -> None:
+    """An unmounted or renamed store directory is a 503 for every store call, never "no such
+    task" (a 404, an empty listing, a delete that skips the files) nor a re-created task directory."""
+    from service.errors import StoreUnavailable
+
+    (tmp_path / "store").mkdir()
+    store = LocalStore(tmp_path / "store")
+    config, weights = make_bundle(info, seed=1)
+    version = content_version(config, weights)
+    store.put_version("sentiment", version, config, weights)
+    (tmp_path / "store").rename(tmp_path / "elsewhere")
+    calls = {"has_task": lambda: store.has_task("sentiment"), "versions": lambda: store.versions("sentiment"),
+             "task_names": store.task_names, "fetch": lambda: store.fetch(TaskKey("sentiment", version)),
+             "put_version": lambda: store.put_version("other", version, config, weights)}
+    for name, call in calls.items():
+        with pytest.raises(StoreUnavailable, match="cannot be read"):
+            call()
+    assert not (tmp_path / "store").exists()  # put_version made nothing
+    (tmp_path / "elsewhere").rename(tmp_path / "store")
+    assert store.has_task("sentiment") and not store.has_task("nope")
+    with pytest.raises(TaskNotFound):
+        store.versions("nope")
+
+
+def test_a_full_disk_is_the_store_unavailable_naming_the_bundle(tmp_path: Path, info, monkeypatch: pytest.MonkeyPatch) -> None:
+    """503 store_unavailable for an upload the disk cannot take, not a 500."""
+    import errno
+
+    from service.engine import bundle
+    from service.errors import StoreUnavailable
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    (tmp_path / "store").mkdir()
+    store = LocalStore(tmp_path / "store")
+    config, weights = make_bundle(info, seed=1)
+    monkeypatch.setattr(bundle.os, "fsync", full)
+    with pytest.raises(StoreUnavailable, match=r"cannot store task 'sentiment' .*No space left on device"):
+        store.put_version("sentiment", content_version(config, weights), config, weights)

@@ -374,3 +374,23 @@ def test_labels_differing_only_in_case_are_kept_apart_with_a_warning(tmp_path: P
     with caplog.at_level("WARNING", logger="training.data"):
         read_train(write(tmp_path / "ok.csv", TRAIN))
     assert caplog.records == []
+
+
+def test_a_long_document_is_a_valid_field_and_a_runaway_one_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fields past the csv module's 128 KiB default are read (a long text is truncated to
+    --max-length later); past this reader's own limit the message says what happened, without
+    blaming a quote the file does not have."""
+    import csv
+
+    from training import data as data_module
+
+    long_text = "word " * 60_000  # 300,000 characters, unquoted
+    path = write(tmp_path / "long.csv", f"text,label\n{long_text},pos\nshort,neg\n")
+    assert read_train(path).texts[0].strip() == long_text.strip()
+    monkeypatch.setattr(data_module, "MAX_FIELD_CHARS", 100_000)
+    limit = csv.field_size_limit(100_000)
+    try:
+        with pytest.raises(DataError, match=r"the record that starts on line 2 has a field of more than 100,000 characters"):
+            read_train(path)
+    finally:
+        csv.field_size_limit(limit)

@@ -11,7 +11,7 @@ import torch
 from service.engine.engine import Engine
 from service.engine.types import ClassifyItem
 from training.config import ConfigError, TrainConfig
-from training.data import load_splits
+from training.data import DataError, load_splits
 from training.evaluate import load_published
 from training.fewshot_cli import pet_main
 from training.pet import (
@@ -74,6 +74,16 @@ def test_read_unlabelled_ignores_labels(tmp_path):
     texts, pairs = read_unlabelled(f)
     assert texts == ["good fun", "bad plot"] and pairs is None
     assert len(read_unlabelled(f, limit=1)[0]) == 1
+
+
+def test_a_pair_column_in_the_unlabelled_file_of_a_single_text_task_is_refused(tmp_path):
+    """Dropped without a word, the pairs would teach the student on half of each input."""
+    f = tmp_path / "u.csv"
+    f.write_text("text,text_pair\ngood fun,a film\nbad plot,another\n", encoding="utf-8")
+    with pytest.raises(DataError, match="classifies single texts .* but this file has a 'text_pair' column"):
+        read_unlabelled(f)
+    texts, pairs = read_unlabelled(f, text_pair_column="text_pair")
+    assert pairs == ["a film", "another"]
 
 
 @pytest.fixture(scope="module")

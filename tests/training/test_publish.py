@@ -12,7 +12,7 @@ from typing import Iterator
 import pytest
 
 from service.engine.bundle import CONFIG, WEIGHTS, content_version
-from training.publish import PublishError, upload
+from training.publish import PublishError, probe, upload
 
 
 @dataclass
@@ -37,7 +37,8 @@ def stand() -> Iterator[Stand]:
             state.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "files": files})
             body = state.body if isinstance(state.body, str) else json.dumps(state.body)
             self.send_response(state.status)
-            self.send_header("Content-Type", "application/json" if isinstance(state.body, dict) else "text/plain")
+            kind = "text/html" if isinstance(state.body, str) and state.body.startswith("<!DOCTYPE") else "text/plain"
+            self.send_header("Content-Type", "application/json" if isinstance(state.body, dict) else kind)
             self.send_header("Content-Length", str(len(body.encode())))
             self.end_headers()
             self.wfile.write(body.encode())
@@ -83,13 +84,35 @@ def test_upload_reads_the_token_from_the_environment(stand, monkeypatch):
     (422, {"error": "task 'sst2': head has 3 outputs but 2 labels", "error_type": "invalid_bundle"}, "t",
      "refused the bundle (422: task 'sst2': head has 3 outputs but 2 labels)"),
     (500, "boom", "t", "refused the bundle (500: boom)"),
-], ids=["404-route", "405", "404-app", "401", "403", "422", "500"])
+    (501, "<!DOCTYPE HTML>\n<html>\n<body>\n<h1>Error response</h1>\n</body>\n</html>\n", "t",
+     "refused the bundle (501: Not Implemented, an HTML page: not an adaptserve answer)"),
+    (500, "a traceback\n  line two\n" + "x" * 400, "t", "refused the bundle (500: a traceback line two xxx"),
+], ids=["404-route", "405", "404-app", "401", "403", "422", "500", "501-html", "500-long-text"])
 def test_upload_errors_are_one_clear_line(stand, monkeypatch, status, body, token, expected):
     monkeypatch.delenv("ADAPTSERVE_ADMIN_TOKEN", raising=False)
     stand.status, stand.body = status, body
     with pytest.raises(PublishError) as err:
         upload(stand.url, "sst2", CFG, WTS, token=token)
     assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_probe_finds_a_server_that_is_not_adaptserve_before_training(tmp_path):
+    """Another HTTP server at the URL (its /healthz a 404 page) is named before any training."""
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: Quiet(*a, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(PublishError, match=r"no adaptserve service answers there \(GET /healthz: 404, a text/html body\)"):
+            probe(url, "t")
+    finally:
+        server.shutdown()
 
 
 def test_upload_to_nothing_listening():
@@ -199,3 +222,23 @@ def test_weights_with_nan_or_inf_are_never_published(how, tiny, csvs, tmp_path, 
     with pytest.raises(PublishError, match=r"was not published: its weights hold NaN or Inf \(head\.out\.weight\)"):
         publish()
     assert not (tmp_path / "store").exists() and stand.requests == []
+
+
+def test_a_bundle_the_service_would_not_load_is_never_written_to_a_store(tiny, csvs, tmp_path):
+    """A store write has no server to refuse it: the bundle is read back as the service reads it
+    first, and a version that would not load is not published (nor made active)."""
+    from training.data import load_splits
+    from training.publish import require_loadable, save_to_store
+    from training.trainer import train
+    from tests.training.conftest import tiny_config
+
+    result = train(load_splits(csvs["train"], csvs["dev"]), tiny_config("head", max_steps=1), name="t", backbone=tiny,
+                   progress=False)
+    require_loadable(result.name, result.bundle_config(), result.weights, result.engine.backbone)  # as trained: fine
+    bad = {**result.bundle_config(), "labels": ["a", "b", "c"]}  # the head has two outputs
+    with pytest.raises(PublishError, match=r"would not load in the service \(.*head has 2 outputs but 3 labels.*nothing was published"):
+        require_loadable(result.name, bad, result.weights, result.engine.backbone)
+    result.bundle_config = lambda: bad  # type: ignore[method-assign]
+    with pytest.raises(PublishError, match="would not load"):
+        save_to_store(result, tmp_path / "store")
+    assert not (tmp_path / "store" / "t").exists()

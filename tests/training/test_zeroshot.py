@@ -76,7 +76,8 @@ def test_description_zeroshot_is_scaled_cosine(tiny_dir, tmp_path):
 def test_parse_descriptions():
     assert parse_descriptions("neg=a bad, boring film;pos=a good one") == {"neg": "a bad, boring film", "pos": "a good one"}
     assert parse_descriptions('{"a": "x", "b": "y"}') == {"a": "x", "b": "y"}
-    for bad, msg in [("neg=only one", "at least 2"), ("neg=x;pos=", "needs a non-empty description"), ("neg x;pos=y", "not LABEL=")]:
+    for bad, msg in [("neg=only one", "at least 2"), ("neg=x;pos=", "needs a non-empty description"), ("neg x;pos=y", "not LABEL="),
+                     ("neg=a movie review;pos= a movie review ", "labels 'neg' and 'pos' have the same description 'a movie review'")]:
         with pytest.raises(ConfigError, match=msg):
             parse_descriptions(bad)
 
