@@ -49,6 +49,8 @@ async def classify(task: str, body: ClassifyRequest, request: Request) -> Classi
         try:
             loaded = await asyncio.wait_for(runtime.cache.get(key), timeout=max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
+            if runtime.cache.peek(key) is not None:  # it was there: the deadline (a timeout_ms of 1) was simply too short
+                raise DeadlineExceeded("request deadline exceeded before its rows were queued") from None
             raise DeadlineExceeded(f"task {key} did not load within the request's deadline") from None
         items = _to_items(loaded, key, body.inputs, _exit_policy(loaded, key, body.early_exit))
         await _refuse_overflow(runtime.engine, loaded, key, items, deadline)

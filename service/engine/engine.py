@@ -51,6 +51,7 @@ class Engine:
     def __init__(self, backbone: Backbone):
         self.backbone = backbone
         self._tok_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
+        self._loading_tok = _Locked(backbone.tokenizer, self._tok_lock)  # what task loads read templates with
         self._inline_tok = None  # the event loop's own copy (`pretokenize_inline`), made on first use
         self._inline_lock = threading.Lock()
         self._sentences: SentenceEncoder | None = None  # loaded on first use (tasks with demonstrations)
@@ -58,7 +59,7 @@ class Engine:
     # -- tasks ---------------------------------------------------------------------------------
     def load_task(self, bundle_dir: Path, key: TaskKey) -> Task:
         """Read, validate and place one task version on the device (blocking; thread-safe)."""
-        spec, weights = read_bundle(Path(bundle_dir), self.backbone.info, key.name, self.backbone.tokenizer)
+        spec, weights = read_bundle(Path(bundle_dir), self.backbone.info, key.name, self._loading_tok)
         if "demos" in weights:
             self._check_demos(weights["demos"], key)  # type: ignore[arg-type]
         return Task(key=key, spec=spec, weights=weights, backbone=self.backbone.info, bytes_on_disk=disk_bytes(Path(bundle_dir)))
@@ -394,6 +395,34 @@ class Engine:
                 enc["token_type_ids"].to(dev) if "token_type_ids" in enc and self.backbone.family.embeddings.token_type is not None else None,
                 Plan(),
             )
+
+
+class _Locked:
+    """The shared tokenizer for callers outside the engine's own locked sections (task loads, on
+    the cache's loader threads, checking that a template fits): every call holds the tokenizer
+    lock. A fast tokenizer rewrites its truncation settings on every call, so a load's unlocked
+    call landing inside a request's tokenising turned that request's truncation off: rows queued
+    at full length, answered from the wrong tokens, or past the position table (a 500 for the
+    whole batch)."""
+
+    def __init__(self, tokenizer, lock: threading.Lock):
+        self._tokenizer = tokenizer
+        self._lock = lock
+
+    def __call__(self, *args, **kwargs):
+        with self._lock:
+            return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._tokenizer, name)
+        if not callable(attr):
+            return attr
+
+        def locked(*args, **kwargs):
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return locked
 
 
 class Outputs:

@@ -56,6 +56,7 @@ def mlm_rows(tmp_path_factory: pytest.TempPathFactory) -> tuple[Engine, list[Cla
     tasks = [engine.load_task(root / "store" / "prompt" / plain, TaskKey("prompt", plain)),
              engine.load_task(root / "store" / "lmbff" / lmbff, TaskKey("lmbff", lmbff))]
     rng = random.Random(1)
+    engine.store = root / "store"  # for tests that load the tasks again
     return engine, [ClassifyItem(tasks[k % 2], _text(rng, rng.randint(1, 30))) for k in range(6)]
 
 
@@ -133,3 +134,20 @@ def test_long_pairs_are_cut_before_the_queue_as_the_forward_cut_them(minilm_engi
     ready = engine.pretokenize(long)
     assert all(len(it.encoded.ids) == pair_task.spec.max_length for it in ready)
     assert [p.label for p in engine.classify(ready)] == [p.label for p in engine.classify(long)]
+
+
+def test_a_task_load_takes_the_tokenizer_lock_for_its_template_check(mlm_rows) -> None:
+    """Loading a template task tokenises its template (does it fit max_length?) on a cache loader
+    thread. Unlocked, that call rewrote the shared tokenizer's truncation settings under a request
+    being tokenised in a worker thread, whose rows then went untruncated."""
+    engine, rows = mlm_rows
+    key = next(it.task.key for it in rows if "demos" not in it.task.weights)
+    loaded: list = []
+    with engine._tok_lock:  # a request's rows being tokenised
+        loader = threading.Thread(target=lambda: loaded.append(engine.load_task(engine.store / key.name / key.version, key)))
+        loader.start()
+        loader.join(timeout=1.0)
+        waited = loader.is_alive()
+    loader.join(timeout=60)
+    assert waited, "the load used the tokenizer without its lock"
+    assert loaded and loaded[0].key == key

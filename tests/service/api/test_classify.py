@@ -85,6 +85,13 @@ def test_a_slow_forward_past_the_deadline_is_504(client: TestClient) -> None:
     assert response.status_code == 504 and response.json()["error_type"] == "deadline_exceeded"
 
 
+def test_a_deadline_too_short_for_a_resident_task_does_not_blame_its_load(client: TestClient) -> None:
+    assert client.post("/v1/tasks/sentiment/classify", json={"inputs": ["x"]}).status_code == 200  # resident now
+    answers = [client.post("/v1/tasks/sentiment/classify", json={"inputs": ["x"], "timeout_ms": 1}) for _ in range(20)]
+    late = [r.json()["error"] for r in answers if r.status_code == 504]
+    assert late and not any("did not load" in message for message in late), late
+
+
 def test_openapi_documents_the_routes(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     assert {"/v1/tasks/{task}/classify", "/v1/tasks", "/v1/tasks/{task}", "/healthz", "/readyz"} <= set(schema["paths"])
