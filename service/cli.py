@@ -91,6 +91,10 @@ def serve(args: argparse.Namespace) -> int:
         print(f"adaptserve serve: invalid settings:\n{describe_validation_error(err)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("botocore", "boto3", "s3transfer", "urllib3"):
+        # Their debug records carry signed request headers (AWS access key ids, signatures, session
+        # tokens): debugging adaptserve must not write credentials to its log.
+        logging.getLogger(chatty).setLevel(max(logging.INFO, logging.getLogger().level))
     unknown = unknown_variables(os.environ)
     if unknown:  # a warning, not an error: a platform may inject variables meant for others
         logging.getLogger("service").warning(
@@ -98,6 +102,11 @@ def serve(args: argparse.Namespace) -> int:
     problem = _backbone_problem(settings)
     if problem:
         print(f"adaptserve serve: {problem}", file=sys.stderr)
+        return 2
+
+    sock = _listening_socket(settings.host, settings.port)  # before the backbone loads: fail in a second
+    if isinstance(sock, str):
+        print(f"adaptserve serve: {sock}", file=sys.stderr)
         return 2
 
     import uvicorn
@@ -117,8 +126,39 @@ def serve(args: argparse.Namespace) -> int:
     freeze_startup_heap()
     # One worker: the engine holds the backbone and the task cache in this process; more
     # processes would each load their own copy. Scale out with more replicas instead.
-    uvicorn.run(app, host=settings.host, port=settings.port, workers=1, log_level=settings.log_level, lifespan="on")
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=1, log_level=settings.log_level,
+                            lifespan="on")
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _listening_socket(host: str, port: int):
+    """The server's socket, bound now, or what is wrong with --host/--port as one line: a host
+    that does not resolve or is not this machine's, a port in use or not ours to take. (uvicorn
+    would find these only after the backbone loaded, and exit 3 without naming the setting.)"""
+    import errno
+    import socket
+
+    where = f"--host {host!r} / ADAPTSERVE_HOST"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        return f"{where}: cannot resolve {host!r} to an address to listen on ({err})"
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            return f"--port {port} / ADAPTSERVE_PORT: port {port} on {host} is already in use (another server?)"
+        if err.errno == errno.EADDRNOTAVAIL:
+            return f"{where}: {host} is not an address of this machine"
+        if err.errno == errno.EACCES:
+            return f"--port {port} / ADAPTSERVE_PORT: not allowed to listen on port {port} (ports below 1024 need privileges)"
+        return f"{where}, --port {port}: cannot listen on {host}:{port} ({err.strerror or err})"
+    sock.set_inheritable(True)
+    return sock
 
 
 def _backbone_problem(settings) -> str | None:

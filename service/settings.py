@@ -225,7 +225,9 @@ class Settings(BaseSettings):
     store_pointer_ttl_s: float = Field(
         default=1.0, ge=0.0,
         description="s3 store without Redis: how long an ACTIVE pointer read from the bucket is "
-        "reused before it is read again. Default 1 s: bounds both staleness and GETs per second. "
+        "reused before it is read again (in the background: requests meanwhile get the version "
+        "known, also while the bucket is unreachable; 0 reads it on every request). Default 1 s: "
+        "bounds both staleness and GETs per second. "
         "(A local store reads its ACTIVE file on every request: a stat and a tiny read.)",
     )
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -36,6 +37,7 @@ from service.store import (
     validate_task_name, validate_version, verify_bundle,
 )
 
+log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 CACHE_GRACE_S = 60.0  # a cached copy used this recently is never dropped: its reader may still be at it
 
@@ -50,7 +52,11 @@ def _s3_errors(method: F) -> F:
         try:
             return method(self, *args, **kwargs)
         except (ClientError, BotoCoreError) as err:
-            raise StoreUnavailable(f"task store {self.describe()} failed: {err}") from err
+            # The client hears what failed, not the endpoint's URL, the bucket's keys or a request id;
+            # the log keeps the whole error.
+            log.warning("task store %s: %s failed: %s", self.describe(), method.__name__, err)
+            what = err.response.get("Error", {}).get("Code", "error") if isinstance(err, ClientError) else type(err).__name__
+            raise StoreUnavailable(f"task store {self.describe()} failed ({what}); see the server log") from err
 
     return wrapped  # type: ignore[return-value]
 
@@ -94,8 +100,10 @@ class S3Store(BundleStore):
                 "s3",
                 endpoint_url=settings.s3_endpoint_url,
                 region_name=region,
-                # Standard retries for throttling and 5xx; short connects so a dead endpoint is an error soon.
-                config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=30),
+                # Standard retries for throttling and 5xx, two attempts in all; short connects and reads so
+                # a dead or hung endpoint is an error within seconds (a bundle is a few hundred KB), not
+                # the 2 minutes of botocore's defaults, which outlast any request's deadline.
+                config=Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=3, read_timeout=10),
             )
         except ValueError as err:  # botocore: "Invalid endpoint: ...", a malformed region
             raise ConfigurationError(

@@ -42,7 +42,14 @@ async def classify(task: str, body: ClassifyRequest, request: Request) -> Classi
 
     # Resolved once: every row of this request runs on this version, whatever is activated meanwhile
     # (the batch holds the Task object). In memory with Redis; a stat + tiny read with a local store.
-    key = await state.registry.resolve(task)
+    if state.registry.may_block:  # a remote store's pointer, for a task this replica has not read yet
+        try:
+            key = await asyncio.wait_for(state.registry.resolve(task), timeout=max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"the active version of task {task!r} could not be read from the store within "
+                                   "the request's deadline") from None
+    else:
+        key = await state.registry.resolve(task)
     _check_limits(body.inputs, settings)
 
     async def answer() -> ClassifyResponse:

@@ -157,6 +157,8 @@ class Registry:
         return {"backend": self.backend, "connected": True}
 
     # -- reads (every request) -------------------------------------------------------------------
+    may_block = False  # whether `resolve` may wait on I/O (callers then bound it by their deadline)
+
     async def resolve(self, task: str) -> TaskKey:
         """The version `task` serves now: TaskNotFound / TaskUnavailable when there is none."""
         raise NotImplementedError

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from dataclasses import replace
 from typing import Any, Awaitable, Callable
 
 from service.engine.types import TaskKey
-from service.errors import TaskNotFound, TaskUnavailable, VersionNotFound
+from service.errors import StoreUnavailable, TaskNotFound, TaskUnavailable, VersionNotFound
 from service.registry.base import (
     Registry, TaskRecord, activated, require_version, rolled_back, with_upload, without_version,
 )
@@ -35,19 +36,62 @@ class LocalRegistry(Registry):
         self._write_lock = asyncio.Lock()
         # Remote stores only: task -> (active key, loop time read), so a request is not an S3 GET.
         self._resolved: dict[str, tuple[TaskKey, float]] = {}
+        self._refreshing: set[str] = set()  # tasks whose pointer is being read again in the background
+        self._warned_at = float("-inf")
 
     # -- reads -----------------------------------------------------------------------------------
+    @property
+    def may_block(self) -> bool:
+        """Whether `resolve` can wait on the store (a remote one, for a task not seen yet)."""
+        return not self.store.cheap_pointers
+
     async def resolve(self, task: str) -> TaskKey:
+        """The active version. On a remote store (S3) the pointer is cached for `pointer_ttl_s`;
+        once stale, a request answers with the version it knows while one background read per task
+        refreshes it, so a slow or unreachable store never holds up a task this replica already
+        serves (it keeps serving it, and says so in the log). A task not seen yet, or a TTL of 0,
+        waits for the store."""
         validate_task_name(task)
         if self.store.cheap_pointers:
             return self.store.resolve(task)  # a stat and a tiny read: fine on the loop
-        now = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
         hit = self._resolved.get(task)
-        if hit is not None and now - hit[1] < self.pointer_ttl_s:
+        if hit is not None and loop.time() - hit[1] < self.pointer_ttl_s:
             return hit[0]
-        key = await asyncio.to_thread(self.store.resolve, task)
-        self._resolved[task] = (key, now)
+        if hit is not None and self.pointer_ttl_s > 0:
+            if task not in self._refreshing:
+                self._refreshing.add(task)
+                refresh = loop.create_task(self._refresh(task, hit[0]))
+                refresh.add_done_callback(lambda _: self._refreshing.discard(task))
+            return hit[0]
+        try:
+            key = await asyncio.to_thread(self.store.resolve, task)
+        except StoreUnavailable:
+            if hit is None:
+                raise
+            self._stale(task, hit[0])
+            return hit[0]
+        self._resolved[task] = (key, loop.time())
         return key
+
+    async def _refresh(self, task: str, known: TaskKey) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            key = await asyncio.to_thread(self.store.resolve, task)
+        except (TaskNotFound, TaskUnavailable):
+            self._resolved.pop(task, None)  # the store's own answer: the next request gets it
+            return
+        except Exception:  # noqa: BLE001 - the store is away: keep serving what we know, retry after the TTL
+            self._stale(task, known)
+            return
+        self._resolved[task] = (key, loop.time())
+
+    def _stale(self, task: str, known: TaskKey) -> None:
+        self._resolved[task] = (known, asyncio.get_running_loop().time())
+        if time.monotonic() - self._warned_at > 30.0:  # once per outage, not once per task per second
+            self._warned_at = time.monotonic()
+            log.warning("the task store %s cannot be read; tasks keep serving the versions this replica "
+                        "last read (e.g. %s) until it answers again", self.store.describe(), known)
 
     def known(self, task: str) -> bool:
         if self.store.cheap_pointers:

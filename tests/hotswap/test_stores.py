@@ -286,3 +286,41 @@ def test_a_full_disk_is_the_store_unavailable_naming_the_bundle(tmp_path: Path, 
     monkeypatch.setattr(bundle.os, "fsync", full)
     with pytest.raises(StoreUnavailable, match=r"cannot store task 'sentiment' .*No space left on device"):
         store.put_version("sentiment", content_version(config, weights), config, weights)
+
+
+def test_a_hung_s3_endpoint_does_not_stall_the_tasks_a_replica_serves(tmp_path: Path, aws_env: None, engine, info) -> None:
+    """S3 stops answering (SIGSTOP: connections open, no replies). A task this replica serves keeps
+    answering at once with the version it last read (the pointer is refreshed in the background),
+    and a task it has never read gets 504 within the request's deadline, not after botocore's
+    retries (two minutes before)."""
+    import os
+    import signal
+
+    import boto3
+
+    moto = MotoServer().start()
+    try:
+        name = f"tasks-{uuid.uuid4().hex[:10]}"
+        boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1").create_bucket(Bucket=name)
+        settings = s3_settings(moto, name, tmp_path, max_wait_ms=1.0).model_copy(update={"store_pointer_ttl_s": 0.2})
+        with TestClient(create_app(settings, engine=engine)) as client:
+            wait_ready(client)
+            upload = client.post("/v1/tasks/sentiment/versions", files=files(*make_bundle(info, seed=1)))
+            assert upload.status_code == 201, upload.text
+            assert client.post("/v1/tasks/sentiment/classify", json={"inputs": ["fun"]}).status_code == 200
+            os.kill(moto.process.pid, signal.SIGSTOP)
+            try:
+                time.sleep(0.3)  # the pointer is stale now
+                for _ in range(3):
+                    started = time.monotonic()
+                    served = client.post("/v1/tasks/sentiment/classify", json={"inputs": ["fun"]})
+                    assert served.status_code == 200 and served.json()["version"] == upload.json()["version"]
+                    assert time.monotonic() - started < 3.0
+                started = time.monotonic()
+                unseen = client.post("/v1/tasks/other/classify", json={"inputs": ["x"], "timeout_ms": 1000})
+                assert unseen.status_code == 504 and "could not be read from the store" in unseen.json()["error"]
+                assert time.monotonic() - started < 5.0
+            finally:
+                os.kill(moto.process.pid, signal.SIGCONT)
+    finally:
+        moto.stop()

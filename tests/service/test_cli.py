@@ -10,12 +10,27 @@ from service import cli
 
 
 @pytest.fixture
-def uvicorn_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple, dict]]:
+def uvicorn_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """(uvicorn.Config, sockets) of every server `serve` would run; the sockets are closed."""
     import uvicorn
 
-    calls: list[tuple[tuple, dict]] = []
-    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: calls.append((args, kwargs)))
+    calls: list[tuple] = []
+
+    def run(server, sockets=None) -> None:
+        calls.append((server.config, [s.getsockname() for s in sockets or []]))
+        for sock in sockets or []:
+            sock.close()
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
     return calls
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_serve_flags_override_env_and_run_one_worker(
@@ -23,12 +38,36 @@ def test_serve_flags_override_env_and_run_one_worker(
 ) -> None:
     monkeypatch.setenv("ADAPTSERVE_MAX_BATCH_SIZE", "8")
     monkeypatch.setenv("ADAPTSERVE_MAX_QUEUE", "500")
-    code = cli.main(["serve", "--store", str(tmp_path), "--max-batch-size", "16", "--port", "8123"])
+    port = _free_port()
+    code = cli.main(["serve", "--store", str(tmp_path), "--max-batch-size", "16", "--host", "127.0.0.1", "--port", str(port)])
     assert code == 0
-    (app,), kwargs = uvicorn_calls[0]
-    settings = app.state.service.settings
+    (config, sockets), = uvicorn_calls
+    settings = config.app.state.service.settings
     assert (settings.store, settings.max_batch_size, settings.max_queue) == (tmp_path, 16, 500)
-    assert (kwargs["port"], kwargs["workers"]) == (8123, 1)
+    assert (config.port, config.workers, sockets) == (port, 1, [("127.0.0.1", port)])
+
+
+@pytest.mark.parametrize("case", ["port in use", "host that does not resolve", "host not of this machine"])
+def test_serve_refuses_a_place_it_cannot_listen_on_before_loading_anything(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture, uvicorn_calls: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    import service.app
+
+    monkeypatch.setattr(service.app, "create_app", lambda *a, **k: pytest.fail("the app was built"))
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen(1)
+    port = held.getsockname()[1]
+    host, expected = {"port in use": ("127.0.0.1", f"--port {port} / ADAPTSERVE_PORT: port {port} on 127.0.0.1 is already in use"),
+                      "host that does not resolve": ("no-such-host.invalid", "ADAPTSERVE_HOST: cannot resolve 'no-such-host.invalid'"),
+                      "host not of this machine": ("192.0.2.1", "ADAPTSERVE_HOST: 192.0.2.1 is not an address of this machine")}[case]
+    try:
+        code = cli.main(["serve", "--store", str(tmp_path), "--host", host, "--port", str(port if case == "port in use" else _free_port())])
+    finally:
+        held.close()
+    assert code == 2 and expected in capsys.readouterr().err and uvicorn_calls == []
 
 
 @pytest.mark.parametrize(
@@ -106,3 +145,21 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture) -> None:
         cli.main(["--help"])
     out = capsys.readouterr().out
     assert all(command in out for command in ("serve", "train", "evaluate"))
+
+
+def test_debug_logging_keeps_the_aws_sdk_quiet(tmp_path: Path, uvicorn_calls: list) -> None:
+    """botocore's debug records hold signed request headers: never in adaptserve's log."""
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.DEBUG)  # what basicConfig(level=DEBUG) does where no handler was set up before
+    try:
+        assert cli.main(["serve", "--store", str(tmp_path), "--log-level", "debug", "--host", "127.0.0.1",
+                         "--port", str(_free_port())]) == 0
+        for name in ("botocore", "boto3", "s3transfer", "urllib3"):
+            assert logging.getLogger(name).getEffectiveLevel() >= logging.INFO, name
+    finally:
+        root.setLevel(level)
+        for name in ("botocore", "boto3", "s3transfer", "urllib3"):
+            logging.getLogger(name).setLevel(logging.NOTSET)
