@@ -404,8 +404,9 @@ class Settings(BaseSettings):
             try:
                 text = path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as err:
-                # Name the file, never its contents.
-                raise ValueError(f"{field}_file {str(path)!r} cannot be read: {type(err).__name__}") from None
+                # Name the variable and the file, never its contents.
+                why = "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else (err.strerror or type(err).__name__)
+                raise ValueError(f"{ENV_PREFIX}{field.upper()}_FILE {str(path)!r} cannot be read ({why})") from None
             tokens = split_tokens(text)
             if not tokens:
                 # An empty mounted secret would otherwise turn auth off without a word.

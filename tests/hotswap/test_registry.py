@@ -3,6 +3,7 @@ a real redis-server started here): seeding, transactions, the feed, resync, outa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 
@@ -177,60 +178,58 @@ def test_a_deleted_version_cannot_be_activated_until_it_is_uploaded_again() -> N
     assert TaskRecord.from_json('{"name": "t", "active": "v1"}').deleted == ()  # a record written before tombstones
 
 
+@contextlib.asynccontextmanager
+async def _two_replicas(url: str, tmp_path: Path, versions: tuple[str, ...], active: str):
+    """(store, replica a, replica b): two Redis registries over one store holding task t."""
+    for version in versions:
+        write_task(tmp_path / "store", "t", version)
+    (tmp_path / "store" / "t" / ACTIVE_FILE).write_text(active)
+    store = LocalStore(tmp_path / "store")
+    a, b = _registry(url, store), _registry(url, store)
+    await a.start()
+    await b.start()
+    try:
+        await wait_until(lambda: a.connected and b.connected)
+        yield store, a, b
+    finally:
+        await a.stop()
+        await b.stop()
+
+
 @async_test
 async def test_an_activation_racing_a_delete_on_another_replica_is_refused(redis_server, tmp_path: Path) -> None:
     """Replica A deletes v0 (its record committed, its files not yet removed) while replica B
     activates v0, whose files B still finds: B's transaction reads the delete and is refused,
     so the task never points at files that are about to go."""
-    write_task(tmp_path / "store", "t", "v0")
-    write_task(tmp_path / "store", "t", "v1")
-    (tmp_path / "store" / "t" / ACTIVE_FILE).write_text("v1")
-    store = LocalStore(tmp_path / "store")
-    a, b = _registry(redis_server.url, store), _registry(redis_server.url, store)
-    await a.start()
-    await b.start()
     committed, go_on = asyncio.Event(), asyncio.Event()
+    async with _two_replicas(redis_server.url, tmp_path, ("v0", "v1"), "v1") as (store, a, b):
 
-    async def remove_files() -> None:  # runs after A's record is committed: hold it there
-        committed.set()
-        await go_on.wait()
-        store.delete_version(TaskKey("t", "v0"))
+        async def remove_files() -> None:  # runs after A's record is committed: hold it there
+            committed.set()
+            await go_on.wait()
+            store.delete_version(TaskKey("t", "v0"))
 
-    try:
-        await wait_until(lambda: a.connected and b.connected)
-        deleting = asyncio.ensure_future(a.forget_version("t", "v0", remove_files))
-        await committed.wait()
-        assert store.has_version("t", "v0")  # B's own check of the files passes
-        with pytest.raises(VersionNotFound, match="deleted"):
-            await b.activate("t", "v0")
-        go_on.set()
-        await deleting
-        record = await b.record("t")
-        assert record.active == "v1" and not store.has_version("t", "v0")
-    finally:
-        go_on.set()
-        await a.stop()
-        await b.stop()
+        try:
+            deleting = asyncio.ensure_future(a.forget_version("t", "v0", remove_files))
+            await committed.wait()
+            assert store.has_version("t", "v0")  # B's own check of the files passes
+            with pytest.raises(VersionNotFound, match="deleted"):
+                await b.activate("t", "v0")
+            go_on.set()
+            await deleting
+            record = await b.record("t")
+            assert record.active == "v1" and not store.has_version("t", "v0")
+        finally:
+            go_on.set()
 
 
 @async_test
 async def test_the_active_pointer_ends_at_what_redis_says_when_mirrors_land_out_of_order(redis_server, tmp_path: Path) -> None:
     """Two replicas' pointer writes can land in the wrong order; the late one reads Redis again."""
-    write_task(tmp_path / "store", "t", "v1")
-    write_task(tmp_path / "store", "t", "v2")
-    (tmp_path / "store" / "t" / ACTIVE_FILE).write_text("v1")
-    store = LocalStore(tmp_path / "store")
-    a, b = _registry(redis_server.url, store), _registry(redis_server.url, store)
-    await a.start()
-    await b.start()
-    try:
-        await wait_until(lambda: a.connected and b.connected)
+    async with _two_replicas(redis_server.url, tmp_path, ("v1", "v2"), "v1") as (_, a, b):
         await b.activate("t", "v2")  # Redis and the pointer: v2
         await a._mirror("t", "v1")  # A's mirror of an older write, landing after B's
         assert (tmp_path / "store" / "t" / ACTIVE_FILE).read_text().strip() == "v2"
-    finally:
-        await a.stop()
-        await b.stop()
 
 
 @async_test
