@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import sys
 from dataclasses import dataclass
 from enum import Enum
 from typing import Awaitable, Callable, Sequence
@@ -125,10 +126,12 @@ require_admin = require(Scope.admin)
 
 def warn_if_disabled(tokens: Tokens) -> None:
     if not tokens.enabled:
-        log.warning(
-            "AUTH IS DISABLED: no ADAPTSERVE_ADMIN_TOKENS or ADAPTSERVE_INFERENCE_TOKENS configured. "
-            "Anyone who can reach this port can classify AND upload, activate, roll back and delete "
-            "tasks. Configure tokens before exposing this server beyond a trusted network."
-        )
+        message = ("AUTH IS DISABLED: no ADAPTSERVE_ADMIN_TOKENS or ADAPTSERVE_INFERENCE_TOKENS configured. "
+                   "Anyone who can reach this port can classify AND upload, activate, roll back and delete "
+                   "tasks. Configure tokens before exposing this server beyond a trusted network.")
+        if log.isEnabledFor(logging.WARNING):
+            log.warning(message)
+        else:  # --log-level error must not hide this one
+            print(f"WARNING {message}", file=sys.stderr, flush=True)
     else:
         log.info("auth enabled: %d admin token(s), %d inference token(s)", len(tokens.admin), len(tokens.inference))

@@ -207,7 +207,7 @@ class TaskCache(Generic[T]):
                 return await self._load_and_insert(key)
             self._insert(key, task)
             self.stats.promotions += 1
-            log.info("promoted task %s from host memory to the device", key)
+            log.debug("promoted task %s from host memory to the device", key)
             return task
         finally:
             self._pending.pop(key, None)
@@ -228,9 +228,9 @@ class TaskCache(Generic[T]):
             self.stats.bytes -= old_size
             self.stats.entries = len(self._entries)
             self.stats.evictions += 1
-            log.info("evicted task %s (%d bytes) from the device tier", old_key, old_size)
+            log.debug("evicted task %s (%d bytes) from the device tier", old_key, old_size)
             self._to_host_tier(old_key, old_task, old_size)
-        log.info("task %s resident on the device (%d bytes)", key, size)
+        log.debug("task %s resident on the device (%d bytes)", key, size)
 
     def _to_host_tier(self, key: TaskKey, task: T, size: int) -> None:
         if size > self.host_max_bytes:
@@ -266,7 +266,7 @@ class TaskCache(Generic[T]):
             self.stats.host_evictions += 1
             self.stats.host_bytes -= old_size
             self.stats.host_entries = len(self._host)
-            log.info("evicted task %s (%d bytes) from the host tier", old_key, old_size)
+            log.debug("evicted task %s (%d bytes) from the host tier", old_key, old_size)
 
     def _count_device(self) -> None:
         self.stats.bytes = sum(size for _, size in self._entries.values())

@@ -116,9 +116,14 @@ class TaskAdmin:
         validate_task_name(task)
         runtime = self.state.require_runtime()  # the engine validates the bundle
         self.state.registry.require_writable()  # fail before any work while the registry is away
-        files = assemble(parts, self.limits)
-        version = content_version(files.config, files.weights)
-        loaded = await self._validate_with_engine(task, version, files)
+        try:
+            files = assemble(parts, self.limits)
+            version = content_version(files.config, files.weights)
+            loaded = await self._validate_with_engine(task, version, files)
+        except UploadRejected as err:  # an admin event: one line, whatever the access log says
+            log.info("task %s: upload refused (%d problem%s): %s", task, len(err.problems),
+                     "" if len(err.problems) == 1 else "s", "; ".join(err.problems)[:500])
+            raise
         key = TaskKey(task, version)
         async with self._lock(task):
             self.state.registry.require_writable()
@@ -191,7 +196,9 @@ class TaskAdmin:
                 self.state.runtime.cache.drop(key)
 
         async with self._lock(task):
-            return await self.state.registry.forget_version(task, version, remove_files)
+            record = await self.state.registry.forget_version(task, version, remove_files)
+        log.info("task %s: version %s deleted", task, version)
+        return record
 
     async def delete_task(self, task: str) -> None:
         validate_task_name(task)

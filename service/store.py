@@ -212,6 +212,42 @@ class LocalStore(BundleStore):
         self._require_root()  # "no such task" only from a store that is there to ask
         return False
 
+    # What a write that died (a crash, a kill, a full disk) can leave behind: a version's temporary
+    # directory, a deleted task or version not yet removed, a damaged copy swapped aside, a pointer's
+    # temporary file. Never visible as tasks or versions (their names start with a dot).
+    LEFTOVER = re.compile(r"^\.(tmp-|deleted-|replaced-|ACTIVE\.|HISTORY\.json\.).*")
+
+    def sweep_leftovers(self, older_than_s: float = 3600.0) -> int:
+        """Remove leftovers of writes that died, at least `older_than_s` old (a replica sharing the
+        store may be writing one right now); the number removed. Run when the server starts."""
+        import time
+
+        cutoff = time.time() - older_than_s
+        removed = 0
+        try:
+            dirs = [self.root, *(e for e in self.root.iterdir() if e.is_dir() and TASK_NAME_RE.fullmatch(e.name))]
+        except OSError:
+            return 0
+        for parent in dirs:
+            try:
+                entries = [e for e in parent.iterdir() if self.LEFTOVER.match(e.name)]
+            except OSError:
+                continue
+            for entry in entries:
+                try:
+                    if entry.lstat().st_mtime > cutoff:
+                        continue
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
+                    removed += 1
+                except OSError as err:
+                    log.warning("store: cannot remove the leftover %s (%s)", entry, _reason(err))
+        if removed:
+            log.info("store: removed %d leftovers of interrupted writes from %s", removed, self.describe())
+        return removed
+
     def _require_root(self) -> None:
         """StoreUnavailable (503) when the store's directory itself is gone or unreadable (an
         unmounted volume, a renamed directory): every task then looks absent, and a 404, a listing
@@ -378,4 +414,6 @@ def open_store(settings) -> BundleStore:  # settings: service.settings.Settings
         from service.store_s3 import S3Store
 
         return S3Store.from_settings(settings)
-    return LocalStore(settings.store)
+    store = LocalStore(settings.store)
+    store.sweep_leftovers()
+    return store

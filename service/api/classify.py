@@ -63,7 +63,7 @@ async def classify(task: str, body: ClassifyRequest, request: Request) -> Classi
         await _refuse_overflow(runtime.engine, loaded, key, items, deadline)
         items = await _pretokenize(runtime.engine, items, deadline)
         predictions = await runtime.scheduler.submit(items, deadline)
-        if getattr(loaded, "has_exits", False):
+        if getattr(loaded, "has_exits", False) and state.registry.known(key.name):  # deleted meanwhile: no series back
             state.metrics.observe_exits(key.name, [p.exit_layer for p in predictions])
         return ClassifyResponse(
             task=key.name,

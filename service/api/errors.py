@@ -7,6 +7,7 @@ with its traceback and answered with a bare 500.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Iterable, Iterator
 
 from fastapi import FastAPI, Request
@@ -15,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match, Route
 
-from service.errors import AdaptserveError, ClientDisconnected
+from service.errors import AdaptserveError, ClientDisconnected, DeadlineExceeded
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,30 @@ def error_response(
 
 async def _adaptserve_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AdaptserveError)
-    if exc.status_code >= 500:
-        log.warning("%s %s -> %d %s: %s", request.method, request.url.path, exc.status_code, exc.error_type, exc.message)
-    elif isinstance(exc, ClientDisconnected):  # routine (a client timed out or gave up): worth a line, not a traceback
-        log.info("%s %s -> %d %s: %s", request.method, request.url.path, exc.status_code, exc.error_type, exc.message)
+    line = ("%s %s -> %d %s: %s", request.method, request.url.path, exc.status_code, exc.error_type, exc.message)
+    if isinstance(exc, (ClientDisconnected, DeadlineExceeded)):
+        # Routine, and the client's own choice (it went away, or asked for timeout_ms: 1): a line at
+        # INFO, never a WARNING per request that any client could flood the log with.
+        log.info(*line)
+    elif exc.status_code >= 500 and _first_in_a_while(exc.error_type, exc.message):
+        log.warning(*line)  # a broken task answers every request with one message: it is logged once a minute
     return error_response(exc.status_code, exc.message, exc.error_type, exc.headers, exc.body())
+
+
+_LAST_LOGGED: dict[tuple[str, str], float] = {}
+_REPEAT_S = 60.0
+
+
+def _first_in_a_while(error_type: str, message: str) -> bool:
+    """True once per `_REPEAT_S` for each distinct (error type, message)."""
+    now = time.monotonic()
+    key = (error_type, message)
+    if now - _LAST_LOGGED.get(key, float("-inf")) < _REPEAT_S:
+        return False
+    if len(_LAST_LOGGED) > 1024:  # messages name tasks and versions: keep the table bounded
+        _LAST_LOGGED.clear()
+    _LAST_LOGGED[key] = now
+    return True
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -65,11 +65,13 @@ def _head(tensors: Mapping[str, Tensor], backbone: BackboneInfo) -> tuple[dict[s
         )
     section: dict[str, Any] = {"pooling": pooling, "dense": dense is not None}
     t = {"head.out.weight": names[f"{out}.weight"], "head.out.bias": names.get(f"{out}.bias")}
+    used = {f"{out}.weight", f"{out}.bias"}
     if dense is not None:
         section["dense_activation"] = _DENSE_ACT.get(backbone.model_type, "tanh")
         t["head.dense.weight"] = names.get(f"{dense}.weight")
         t["head.dense.bias"] = names.get(f"{dense}.bias")
-    return section, {k: v for k, v in t.items() if v is not None}
+        used |= {f"{dense}.weight", f"{dense}.bias"}
+    return section, {k: v for k, v in t.items() if v is not None}, used
 
 
 def _lora(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: BackboneInfo) -> tuple[dict, dict]:
@@ -80,6 +82,10 @@ def _lora(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Backb
         problems.append(f"LoRA bias={cfg.get('bias')!r} trains backbone biases; only bias='none' is supported")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         problems.append("per-module rank_pattern / alpha_pattern are not supported")
+    if cfg.get("lora_bias"):
+        problems.append("lora_bias=True (a bias on lora_B) is not supported")
+    if cfg.get("trainable_token_indices"):
+        problems.append("trainable_token_indices (trained embedding rows) are not supported")
     if problems:
         raise BundleError("PEFT LoRA bundle: " + "; ".join(problems), problems=[f"PEFT LoRA bundle: {p}" for p in problems])
     out: dict[str, Tensor] = {}
@@ -88,7 +94,7 @@ def _lora(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Backb
         k = _strip(key)
         for ab in ("A", "B"):
             marker = f".lora_{ab}."
-            if marker in k:
+            if k.endswith(f"{marker}weight"):  # a lora_B.bias, lora_embedding_A, ... is not LoRA on a linear
                 module = k.split(marker)[0]
                 hit = _module_site(module, backbone)
                 if hit is None:
@@ -135,6 +141,27 @@ def _virtual(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Ba
     return {"num_virtual_tokens": p, "shift_positions": True}, {"prefix.keys": kv[0].contiguous(), "prefix.values": kv[1].contiguous()}
 
 
+def _refuse_unused(tensors: Mapping[str, Tensor], method: str, head_names: set[str]) -> None:
+    """Every tensor of the bundle must be one this import applies. Another one (modules_to_save
+    beyond the classifier, LoRA on embeddings, a lora_B bias, trainable token rows) is trained
+    state the service would silently drop: it would then answer otherwise than the adapter."""
+    unused = []
+    for key in tensors:
+        k = _strip(key)
+        if k in head_names:
+            continue
+        if method == "lora" and (k.endswith(".lora_A.weight") or k.endswith(".lora_B.weight")):
+            continue
+        if method != "lora" and k == "prompt_embeddings":
+            continue
+        unused.append(k)
+    if unused:
+        shown = ", ".join(sorted(unused)[:5]) + (f" ... and {len(unused) - 5} more" if len(unused) > 5 else "")
+        raise BundleError(f"PEFT bundle holds tensors this service cannot apply, so it would answer otherwise than "
+                          f"the adapter: {shown} (supported: LoRA on the encoder's linears and the pooler, prompt or "
+                          "prefix embeddings, and the classifier in modules_to_save)")
+
+
 def _virtual_tokens(cfg: Mapping[str, Any], *, required: bool) -> int:
     """`num_virtual_tokens`: a positive integer where the method needs it (prefix, prompt), else
     absent or a non-negative integer (JSON's true is not a count)."""
@@ -176,7 +203,8 @@ def from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: B
             section, native = _lora(cfg, tensors, backbone)
         else:
             section, native = _virtual(cfg, tensors, backbone, method)
-        head_section, head = _head(tensors, backbone)
+        head_section, head, head_names = _head(tensors, backbone)
+        _refuse_unused(tensors, method, head_names)
     except BundleError as e:
         raise type(e)(f"task {name!r}: {e}", problems=[f"task {name!r}: {p}" for p in e.problems]) from None
     n = head["head.out.weight"].shape[0]

@@ -95,7 +95,7 @@ def activated(record: TaskRecord, version: str, history_max: int, action: str = 
     if record.active == version:
         return record
     if version in record.deleted:
-        raise VersionNotFound(f"task {record.name!r} has no version {version!r} (it was deleted)")
+        raise VersionNotFound(f"task {record.name!r} has no version {version!r} (it was deleted; upload it again to use it)")
     stack = record.stack
     if record.active is not None and (not stack or stack[-1] != record.active):
         stack = (*stack, record.active)  # an activation the registry did not see (e.g. a bare ACTIVE write)

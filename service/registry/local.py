@@ -120,6 +120,9 @@ class LocalRegistry(Registry):
     async def activate(self, task: str, version: str) -> TaskRecord:
         def change(record: TaskRecord) -> TaskRecord:
             require_version(self.store.versions(task), task, version)
+            # One replica, writes serialised: the files are the truth. A version deleted and then
+            # written into the store again by hand or by `adaptserve train --store` may serve.
+            record = replace(record, deleted=tuple(v for v in record.deleted if v != version))
             return activated(record, version, self.history_max)
 
         return await self._write(task, change)

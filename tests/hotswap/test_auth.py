@@ -177,6 +177,20 @@ def test_no_tokens_means_auth_off_and_a_loud_warning(make_client, caplog: pytest
     assert len(warnings) == 1
 
 
+def test_the_auth_off_warning_survives_a_quiet_log_level(capsys: pytest.CaptureFixture) -> None:
+    """--log-level error hides warnings; not this one."""
+    from service.auth import Tokens, warn_if_disabled
+
+    logger = logging.getLogger("service.auth")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        warn_if_disabled(Tokens())
+    finally:
+        logger.setLevel(level)
+    assert "AUTH IS DISABLED" in capsys.readouterr().err
+
+
 def test_every_configured_token_is_compared() -> None:
     tokens = Tokens(admin=(b"a" * 20, b"b" * 20), inference=(b"c" * 20,))
     assert tokens.scope_of(b"b" * 20) is Scope.admin

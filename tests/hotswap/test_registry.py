@@ -37,6 +37,26 @@ def test_rollback_walks_back_the_activation_stack_skipping_missing_versions() ->
 
 
 @async_test
+async def test_the_local_registry_activates_a_deleted_version_written_back_into_the_store(tmp_path: Path) -> None:
+    """One replica: the files are the truth. A version deleted, then published again straight into
+    the store (`adaptserve train --store` with the same seed), can be activated."""
+    write_task(tmp_path, "t", "v1", active=True)
+    write_task(tmp_path, "t", "v2")
+    store = LocalStore(tmp_path)
+    registry = LocalRegistry(store)
+
+    async def remove_files() -> None:
+        store.delete_version(TaskKey("t", "v2"))
+
+    assert (await registry.forget_version("t", "v2", remove_files)).deleted == ("v2",)
+    with pytest.raises(VersionNotFound):
+        await registry.activate("t", "v2")
+    write_task(tmp_path, "t", "v2")
+    record = await registry.activate("t", "v2")
+    assert record.active == "v2" and record.deleted == ()
+
+
+@async_test
 async def test_the_local_registry_follows_a_bare_active_write(tmp_path: Path) -> None:
     write_task(tmp_path, "t", "v1", active=True)
     registry = LocalRegistry(LocalStore(tmp_path))

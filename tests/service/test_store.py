@@ -129,3 +129,28 @@ def test_a_failed_bundle_write_names_its_path_and_leaves_no_empty_task_directory
     with pytest.raises(OSError, match="No space left"):
         bundle.write_bundle_files(tmp_path / "old-task" / "v1", b"{}", b"x")
     assert os_.listdir(tmp_path / "old-task") == ["v0"]  # no temp directory left either
+
+
+def test_leftovers_of_interrupted_writes_are_swept_when_old(tmp_path):
+    """A crash mid-write leaves a temporary directory or a renamed-aside copy; the server removes
+    those an hour old when it starts, never a fresh one (another replica may be writing it) and
+    never a task, a version or a pointer."""
+    import os
+    import time
+
+    from tests.fakes import write_task
+
+    write_task(tmp_path, "t", "v1", active=True)
+    old = time.time() - 2 * 3600
+    leftovers = [tmp_path / "t" / ".tmp-abc123", tmp_path / "t" / ".replaced-v1-1234abcd", tmp_path / ".deleted-gone-5678abcd"]
+    for d in leftovers:
+        (d / "inner").mkdir(parents=True)
+        os.utime(d, (old, old))
+    (tmp_path / "t" / ".ACTIVE.deadbeef.tmp").write_text("v9")
+    os.utime(tmp_path / "t" / ".ACTIVE.deadbeef.tmp", (old, old))
+    fresh = tmp_path / "t" / ".tmp-writing-now"
+    fresh.mkdir()
+    store = LocalStore(tmp_path)
+    assert store.sweep_leftovers() == 4
+    assert not any(d.exists() for d in leftovers) and not (tmp_path / "t" / ".ACTIVE.deadbeef.tmp").exists()
+    assert fresh.is_dir() and store.versions("t") == ["v1"] and store.active_version("t") == "v1"

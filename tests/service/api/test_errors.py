@@ -158,3 +158,19 @@ def test_a_number_past_pythons_digit_limit_is_named() -> None:
     with pytest.raises(ValueError) as err:
         int("9" * 5000)
     assert _unreadable(err.value) == "it holds an integer of more than 4300 digits"
+
+
+def test_a_client_cannot_flood_the_warning_log(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    """timeout_ms: 1 (a 504 of the client's own choosing) logs at INFO; a broken task answering
+    every request with one 503 is a WARNING once, not once per request."""
+    import logging
+
+    from service.api import errors
+
+    errors._LAST_LOGGED.clear()
+    caplog.set_level(logging.INFO, logger="service.api.errors")
+    statuses = [client.post(CLASSIFY, json={"inputs": ["x"], "timeout_ms": 1}).status_code for _ in range(5)]
+    statuses += [client.post("/v1/tasks/broken/classify", json={"inputs": ["x"]}).status_code for _ in range(5)]
+    assert statuses.count(503) == 5 and 504 in statuses
+    warnings = [r.getMessage() for r in caplog.records if r.name == "service.api.errors" and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "broken" in warnings[0], warnings
