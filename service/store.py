@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,13 +221,11 @@ class LocalStore(BundleStore):
     def sweep_leftovers(self, older_than_s: float = 3600.0) -> int:
         """Remove leftovers of writes that died, at least `older_than_s` old (a replica sharing the
         store may be writing one right now); the number removed. Run when the server starts."""
-        import time
-
         cutoff = time.time() - older_than_s
         removed = 0
         try:
-            dirs = [self.root, *(e for e in self.root.iterdir() if e.is_dir() and TASK_NAME_RE.fullmatch(e.name))]
-        except OSError:
+            dirs = [self.root, *(self.root / name for name in self.task_names())]
+        except StoreUnavailable:
             return 0
         for parent in dirs:
             try:

@@ -5,7 +5,7 @@ cache loads it, the scheduler batches its rows with everyone else's."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable, Coroutine, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Coroutine, Sequence, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 
@@ -43,22 +43,16 @@ async def classify(task: str, body: ClassifyRequest, request: Request) -> Classi
     # Resolved once: every row of this request runs on this version, whatever is activated meanwhile
     # (the batch holds the Task object). In memory with Redis; a stat + tiny read with a local store.
     if state.registry.may_block:  # a remote store's pointer, for a task this replica has not read yet
-        try:
-            key = await asyncio.wait_for(state.registry.resolve(task), timeout=max(0.0, deadline - loop.time()))
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded(f"the active version of task {task!r} could not be read from the store within "
-                                   "the request's deadline") from None
+        key = await _within(deadline, state.registry.resolve(task), lambda: (
+            f"the active version of task {task!r} could not be read from the store within the request's deadline"))
     else:
         key = await state.registry.resolve(task)
     _check_limits(body.inputs, settings)
 
     async def answer() -> ClassifyResponse:
-        try:
-            loaded = await asyncio.wait_for(runtime.cache.get(key), timeout=max(0.0, deadline - loop.time()))
-        except asyncio.TimeoutError:
-            if runtime.cache.peek(key) is not None:  # it was there: the deadline (a timeout_ms of 1) was simply too short
-                raise DeadlineExceeded("request deadline exceeded before its rows were queued") from None
-            raise DeadlineExceeded(f"task {key} did not load within the request's deadline") from None
+        loaded = await _within(deadline, runtime.cache.get(key), lambda: (
+            "request deadline exceeded before its rows were queued"  # it was there: a timeout_ms of 1
+            if runtime.cache.peek(key) is not None else f"task {key} did not load within the request's deadline"))
         items = _to_items(loaded, key, body.inputs, _exit_policy(loaded, key, body.early_exit))
         await _refuse_overflow(runtime.engine, loaded, key, items, deadline)
         items = await _pretokenize(runtime.engine, items, deadline)
@@ -119,11 +113,16 @@ async def _pretokenize(engine: EngineLike, items: list[ClassifyItem], deadline: 
 async def _in_thread(fn: Callable[[list[ClassifyItem]], T], items: list[ClassifyItem], deadline: float) -> T:
     """fn(items) in a worker thread, within the request's deadline (504 past it: the thread
     finishes on its own, its result unused)."""
-    loop = asyncio.get_running_loop()
+    return await _within(deadline, asyncio.to_thread(fn, items),
+                         lambda: "request deadline exceeded while its inputs were being tokenised")
+
+
+async def _within(deadline: float, work: Awaitable[T], late: Callable[[], str]) -> T:
+    """`work`'s result, or DeadlineExceeded (504) with the message `late()` once the deadline passes."""
     try:
-        return await asyncio.wait_for(asyncio.to_thread(fn, items), timeout=max(0.0, deadline - loop.time()))
+        return await asyncio.wait_for(work, timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
     except asyncio.TimeoutError:
-        raise DeadlineExceeded("request deadline exceeded while its inputs were being tokenised") from None
+        raise DeadlineExceeded(late()) from None
 
 
 def _exit_policy(task: TaskLike, key: TaskKey, early_exit: EarlyExit | None) -> Any:

@@ -150,14 +150,9 @@ class Engine:
     def _encode(self, items: Sequence[ClassifyItem], tok) -> list[Encoded]:
         """Tokenise each row with its own task's max_length (and template); the caller holds
         `tok`'s lock."""
-        tasks: list[Task] = []
-        index: dict[int, int] = {}
-        rows_of: list[list[int]] = []
-        for r, it in enumerate(items):
-            j = index.setdefault(id(it.task), len(tasks))
-            if j == len(tasks):
-                tasks.append(it.task)
-                rows_of.append([])
+        tasks, row_part = _by_task(items)
+        rows_of: list[list[int]] = [[] for _ in tasks]
+        for r, j in enumerate(row_part):
             rows_of[j].append(r)
         out: list[Encoded | None] = [None] * len(items)
         causal = self.backbone.info.kind == "decoder"
@@ -193,14 +188,7 @@ class Engine:
 
     def collate(self, items: Sequence[ClassifyItem], encoded: Sequence[Encoded]) -> Batch:
         """Right-pad the rows' tokens to one length: the forward's tensors, and the task of each row."""
-        tasks: list[Task] = []
-        index: dict[int, int] = {}
-        row_part = []
-        for it in items:
-            j = index.setdefault(id(it.task), len(tasks))
-            if j == len(tasks):
-                tasks.append(it.task)
-            row_part.append(j)
+        tasks, row_part = _by_task(items)
         tok = self.backbone.tokenizer
         t = max(len(e.ids) for e in encoded)
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -395,6 +383,19 @@ class Engine:
                 enc["token_type_ids"].to(dev) if "token_type_ids" in enc and self.backbone.family.embeddings.token_type is not None else None,
                 Plan(),
             )
+
+
+def _by_task(items: Sequence[ClassifyItem]) -> tuple[list[Task], list[int]]:
+    """The distinct tasks of the rows, in first-seen order, and each row's index among them."""
+    tasks: list[Task] = []
+    index: dict[int, int] = {}
+    row_part = []
+    for it in items:
+        j = index.setdefault(id(it.task), len(tasks))
+        if j == len(tasks):
+            tasks.append(it.task)
+        row_part.append(j)
+    return tasks, row_part
 
 
 class _Locked:
