@@ -93,6 +93,7 @@ class Sample:
     row_versions: tuple[str, ...] = ()
     labels: tuple[str, ...] = ()
     phase: str = "chaos"
+    server: dict[str, tuple[float, str | None]] | None = None  # the answer's Server-Timing: name -> (ms, desc)
 
 
 @dataclass
@@ -183,12 +184,13 @@ async def _classify(session: aiohttp.ClientSession, url: str, task: str, texts: 
             raw = await resp.read()
             status = resp.status
             retry_after = resp.headers.get("Retry-After")
+            server_timing = resp.headers.get("Server-Timing")
     except aiohttp.ClientConnectorError as err:  # never connected: refused, not lost
         return Sample(started, time.monotonic(), task, replica, -1, f"connect: {type(err).__name__}", phase=phase)
     except (aiohttp.ClientError, asyncio.TimeoutError) as err:
         return Sample(started, time.monotonic(), task, replica, 0, f"{type(err).__name__}: {err}"[:200], phase=phase)
     finished = time.monotonic()
-    sample = Sample(started, finished, task, replica, status, phase=phase)
+    sample = Sample(started, finished, task, replica, status, phase=phase, server=parse_server_timing(server_timing))
     try:
         body = json.loads(raw)
     except ValueError:
@@ -205,6 +207,42 @@ async def _classify(session: aiohttp.ClientSession, url: str, task: str, texts: 
         if status == 429 and retry_after:
             await asyncio.sleep(min(float(retry_after), 1.0))  # honour Retry-After (capped: the run is bounded)
     return sample
+
+
+def parse_server_timing(header: str | None) -> dict[str, tuple[float, str | None]] | None:
+    """'queue;dur=12.5, forward;dur=27.6;desc="3 rows"' -> {"queue": (12.5, None), "forward": (27.6, "3 rows")}"""
+    if not header:
+        return None
+    spans = {}
+    for span in header.split(","):
+        name, *params = span.strip().split(";")
+        fields = dict(param.split("=", 1) for param in params if "=" in param)
+        spans[name] = (float(fields.get("dur", "nan")), fields["desc"].strip('"') if "desc" in fields else None)
+    return spans
+
+
+def tail_breakdown(samples: list[Sample]) -> dict[str, Any] | None:
+    """Where the time of the middle requests (p45-p55 by latency) and of the slowest 1% went, from
+    the server's Server-Timing: mean ms of each span, the rest (HTTP, the event loop, the network
+    stack) as `outside`, the mean rows of the forwards they ran in and where their task came from."""
+    timed = sorted((s for s in samples if s.status == 200 and s.server), key=lambda s: s.finished - s.started)
+    if len(timed) < 100:
+        return None
+
+    def mean_of(group: list[Sample]) -> dict[str, Any]:
+        spans = ("task", "tokenize", "queue", "forward")
+        out: dict[str, Any] = {"requests": len(group),
+                               "latency_ms": round(statistics.mean(1e3 * (s.finished - s.started) for s in group), 1)}
+        for name in spans:
+            out[f"{name}_ms"] = round(statistics.mean(s.server.get(name, (0.0, None))[0] for s in group), 1)
+        out["outside_ms"] = round(out["latency_ms"] - sum(out[f"{name}_ms"] for name in spans), 1)
+        out["batch_rows"] = round(statistics.mean(int((s.server.get("forward", (0, "0 rows"))[1] or "0").split()[0])
+                                                  for s in group), 1)
+        out["task_from"] = dict(Counter(s.server.get("task", (0, "?"))[1] for s in group))
+        return out
+
+    n = len(timed)
+    return {"p45_p55": mean_of(timed[int(0.45 * n):int(0.55 * n)]), "slowest_1pct": mean_of(timed[int(0.99 * n):])}
 
 
 async def closed_loop(journal: Journal, urls: list[str], tasks: list[str], clients: int, until: float, seed: int,
@@ -384,7 +422,8 @@ def flip_a_byte(path: Path) -> bytes:
 
 
 def probe_corruption(journal: Journal, store: Path, urls: list[str]) -> dict[str, Any]:
-    """Corrupt the spare task's active bundle on disk, ask both replicas for it, repair, ask again."""
+    """Corrupt the spare task's active bundle on disk, ask both replicas for it, repair, ask again
+    (as a client that honours Retry-After)."""
     version = (store / VICTIM / "ACTIVE").read_text().strip()
     weights = store / VICTIM / version / "adapter_model.safetensors"
     original = flip_a_byte(weights)
@@ -398,9 +437,14 @@ def probe_corruption(journal: Journal, store: Path, urls: list[str]) -> dict[str
                                             "error": body.get("error")})
         weights.write_bytes(original)
         journal.event("bundle repaired", task=VICTIM)
-        for url in urls:
-            response = client.post(f"{url}/v1/tasks/{VICTIM}/classify", json={"inputs": ["is it back"]})
-            result["after_repair"].append({"status": response.status_code, "version": response.json().get("version")})
+        for url in urls:  # a replica remembers the failed load for a second (Retry-After): honour it
+            for attempt in range(1, 4):
+                response = client.post(f"{url}/v1/tasks/{VICTIM}/classify", json={"inputs": ["is it back"]})
+                if response.status_code != 503 or "Retry-After" not in response.headers:
+                    break
+                time.sleep(min(float(response.headers["Retry-After"]), 5.0))
+            result["after_repair"].append({"status": response.status_code, "version": response.json().get("version"),
+                                           "attempts": attempt})
     result["ok"] = (all(r["status"] == 503 and r["error_type"] == "task_unavailable" and "corrupt" in (r["error"] or "")
                         for r in result["while_corrupt"])
                     and all(r["status"] == 200 and r["version"] == version for r in result["after_repair"]))
@@ -793,6 +837,7 @@ def main(argv: list[str] | None = None) -> int:
                 lat = at70["latency_ms"]
                 at70["p99_over_p50"] = round(lat["p99"] / lat["p50"], 2) if lat.get("p50") and lat.get("p99") else None
                 at70["per_second"] = per_second(phase)
+                at70["where_the_time_went"] = tail_breakdown(phase)
                 # Diagnostic only (the verdict does not read it): the capacity again, right after
                 # the 70% window, in a closed-loop window half as long. `load_vs_after` is the 70%
                 # rate over it: near 0.7 when the machine held its speed, near 1 when the

@@ -121,7 +121,8 @@ async def _start(state: ServiceState, engine: EngineLike | None) -> None:
         # On the CPU the device is host memory: the tiers then move tasks without copies or threads.
         device = getattr(getattr(ready_engine, "backbone", None), "device", None)
         copies = dict(to_host=to_host, to_device=to_device) if getattr(device, "type", "cpu") != "cpu" else {}
-        cache = TaskCache(load, settings.cache_max_bytes, host_max_bytes=settings.cache_host_max_bytes, **copies)
+        cache = TaskCache(load, settings.cache_max_bytes, host_max_bytes=settings.cache_host_max_bytes,
+                          failure_ttl_s=settings.failed_load_retry_s, **copies)
         trimmer = Trimmer(settings.malloc_trim_interval_s)
         scheduler = Scheduler(
             trimmer.wrap(engine.classify),

@@ -10,8 +10,10 @@ host run in threads. Serving on the CPU, the device *is* host memory: the cache 
 copy functions, and a move between the tiers is bookkeeping done at once on the loop, with no
 thread and no copy (the tiers keep their own budgets). Concurrent first requests for one key
 share one load or promotion. A failed load, whatever raised, is a 503 `task_unavailable` for that
-task alone (`load_or_unavailable`); it is not remembered: its waiters all get the error and the
-next request tries again, so fixing a bundle on disk needs no restart.
+task alone (`load_or_unavailable`). A bundle that cannot load is remembered for `failure_ttl_s`
+(`ADAPTSERVE_FAILED_LOAD_RETRY_S`): its requests meanwhile get the same 503 with Retry-After, so a
+broken task under load is not re-read and re-hashed per request; then the store is read again,
+so fixing a bundle on disk needs no restart.
 
 Evicting only drops the cache's reference. A batch that already holds the Task keeps it alive
 until the batch is done, so eviction never pulls weights out from under a forward. Keys are
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Generic, Literal, Protocol, TypeVar
@@ -48,6 +52,7 @@ class CacheStats:
     misses: int = 0  # get() did not (it loaded, promoted, or joined one in flight)
     loads: int = 0  # loads from the store started; < misses when requests shared a load
     load_failures: int = 0
+    failures_repeated: int = 0  # get() answered with a failed load it remembered, without a load
     evictions: int = 0  # tasks evicted from the device tier
     bytes: int = 0  # device tier bytes now
     entries: int = 0  # device tier tasks now
@@ -74,12 +79,15 @@ class TaskCache(Generic[T]):
         host_max_bytes: int = 0,
         to_host: Callable[[T], T] | None = None,
         to_device: Callable[[T], T] | None = None,
+        failure_ttl_s: float = 0.0,
     ) -> None:
         """`load(key)`, `to_host(task)` and `to_device(task)` are blocking and run in threads.
         Without `to_host` and `to_device` the device tier is in host memory already: tasks move
-        between the tiers as they are."""
-        if max_bytes < 1 or host_max_bytes < 0:
-            raise ValueError("max_bytes must be positive and host_max_bytes >= 0")
+        between the tiers as they are. A load that fails with TaskUnavailable (a corrupt or
+        unreadable bundle) is remembered for `failure_ttl_s`: meanwhile get() raises it again
+        at once instead of re-reading and re-hashing the files for every request."""
+        if max_bytes < 1 or host_max_bytes < 0 or failure_ttl_s < 0:
+            raise ValueError("max_bytes must be positive, host_max_bytes and failure_ttl_s >= 0")
         self._load = load
         self._copies = to_host is not None or to_device is not None
         self._to_host = to_host or _same
@@ -92,6 +100,8 @@ class TaskCache(Generic[T]):
         self._demoting: dict[TaskKey, tuple[T, int]] = {}
         self._pending: dict[TaskKey, asyncio.Future[T]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self.failure_ttl_s = failure_ttl_s
+        self._failed: dict[TaskKey, tuple[str, float]] = {}  # key -> (message, time.monotonic() it is retried)
         self.stats = CacheStats()
 
     async def get(self, key: TaskKey) -> T:
@@ -103,6 +113,7 @@ class TaskCache(Generic[T]):
         self.stats.misses += 1
         pending = self._pending.get(key)
         if pending is None:
+            self._raise_if_failed(key)
             demoting = self._demoting.pop(key, None)
             if demoting is not None:  # its copy to host is still running: take the device copy back
                 self._insert(key, demoting[0])
@@ -123,8 +134,14 @@ class TaskCache(Generic[T]):
         # shield: a waiter that gives up (client gone, deadline) must not cancel the load others share.
         return await asyncio.shield(pending)
 
+    def forget_failure(self, key: TaskKey) -> None:
+        """The next get() of `key` reads the store even if its last load failed moments ago
+        (an admin activating it wants today's files, not a remembered error)."""
+        self._failed.pop(key, None)
+
     def insert(self, key: TaskKey, task: T) -> None:
         """Put an already loaded task on the device tier (e.g. the one an upload validated)."""
+        self._failed.pop(key, None)
         if key in self._entries or key in self._pending:
             return
         self._demoting.pop(key, None)
@@ -166,7 +183,7 @@ class TaskCache(Generic[T]):
 
     def drop_task(self, name: str) -> None:
         """Forget every version of task `name` in every tier (the task was deleted)."""
-        for tier in (self._entries, self._demoting, self._host):
+        for tier in (self._entries, self._demoting, self._host, self._failed):
             for key in [k for k in tier if k.name == name]:
                 del tier[key]
         self._count_device()
@@ -174,7 +191,7 @@ class TaskCache(Generic[T]):
 
     def drop(self, key: TaskKey) -> None:
         """Forget one version in every tier (the version was deleted)."""
-        for tier in (self._entries, self._demoting, self._host):
+        for tier in (self._entries, self._demoting, self._host, self._failed):
             tier.pop(key, None)
         self._count_device()
         self._count_host()
@@ -191,11 +208,38 @@ class TaskCache(Generic[T]):
             task = await asyncio.to_thread(load_or_unavailable, self._load, key)
             self._insert(key, task)
             return task
+        except TaskUnavailable as err:
+            self.stats.load_failures += 1
+            if self.failure_ttl_s <= 0:
+                raise
+            self._remember_failure(key, err.message)
+            raise self._failure(key) from err
         except BaseException:
             self.stats.load_failures += 1
             raise
         finally:
             self._pending.pop(key, None)
+
+    def _remember_failure(self, key: TaskKey, message: str) -> None:
+        now = time.monotonic()
+        if len(self._failed) >= 1024:  # bounded by the stored versions anyway; expired ones go first
+            self._failed = {k: v for k, v in self._failed.items() if v[1] > now}
+        self._failed[key] = (message, now + self.failure_ttl_s)
+
+    def _raise_if_failed(self, key: TaskKey) -> None:
+        failed = self._failed.get(key)
+        if failed is None:
+            return
+        if time.monotonic() >= failed[1]:
+            del self._failed[key]
+            return
+        self.stats.failures_repeated += 1
+        raise self._failure(key)
+
+    def _failure(self, key: TaskKey) -> TaskUnavailable:
+        """A fresh 503 for a remembered failure, with Retry-After: when the store is read again."""
+        message, retry_at = self._failed[key]
+        return TaskUnavailable(message, headers={"Retry-After": str(max(1, math.ceil(retry_at - time.monotonic())))})
 
     async def _promote(self, key: TaskKey, host_task: T) -> T:
         try:

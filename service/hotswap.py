@@ -178,6 +178,7 @@ class TaskAdmin:
         try:
             if runtime.cache.peek(key) is not None:  # in any tier: get() would not read the store
                 await asyncio.to_thread(self.state.store.bundle_dir, key)
+            runtime.cache.forget_failure(key)  # judge today's files, not a load that failed a moment ago
             await runtime.cache.get(key)
         except TaskUnavailable as err:
             raise BundleError(f"version {key.version!r} of task {key.name!r} cannot be served, so it was not "

@@ -125,6 +125,8 @@ class _LiveCollector(Collector):
             ("adaptserve_cache_misses", stats.misses, "Task lookups that had to load or wait for a load."),
             ("adaptserve_cache_loads", stats.loads, "Task loads started (concurrent misses share one)."),
             ("adaptserve_cache_load_failures", stats.load_failures, "Task loads that failed."),
+            ("adaptserve_cache_failures_repeated", stats.failures_repeated,
+             "Task lookups answered with a load failure remembered for ADAPTSERVE_FAILED_LOAD_RETRY_S, without a load."),
             ("adaptserve_cache_evictions", stats.evictions, "Tasks evicted from the device tier to stay within its byte budget."),
             ("adaptserve_cache_promotions", stats.promotions, "Tasks moved back from the host tier to the device (no store read)."),
             ("adaptserve_cache_demotions", stats.demotions, "Tasks moved from the device to the host tier."),

@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from service.engine.types import ClassifyItem, Prediction
@@ -33,12 +33,26 @@ ClassifyFn = Callable[[Sequence[ClassifyItem]], "list[Prediction | AdaptserveErr
 BatchObserver = Callable[[int, float], None]  # (rows in the batch, seconds the forward took)
 
 
+@dataclass
+class Timing:
+    """Where one request's time went inside the scheduler, in seconds (the `Server-Timing` answer
+    header). Written by the forward thread before it hands the request its answer, so read it
+    once `submit` has returned."""
+
+    queued: float = 0.0  # from queueing its rows to the start of the first forward that held one
+    forward: float = 0.0  # from that start to the end of the last forward that held one
+    batch_rows: int = 0  # rows in the largest of those forwards (its own and other requests')
+
+
 @dataclass(eq=False)
 class _Request:
     future: asyncio.Future[list[Prediction]]
     deadline: float  # time.monotonic() after which the request is failed, not run
     results: list[Prediction | None]
     remaining: int
+    queued_at: float  # time.monotonic() when its rows were queued
+    timing: Timing | None = None
+    first_forward: float | None = None  # time.monotonic() when its first forward started
     # True once the request is over: set by `submit` as it returns (answered, failed, timed out,
     # cancelled), and by the forward thread as it fails the request's batch or finds it late. The
     # forward thread reads it to skip the request's queued rows (a plain attribute: no lock needed).
@@ -50,7 +64,6 @@ class _Row:
     request: _Request
     index: int  # position in the request's inputs
     item: ClassifyItem
-    queued_at: float = field(default=0.0)  # time.monotonic() when queued
 
 
 class Scheduler:
@@ -94,12 +107,13 @@ class Scheduler:
         self._thread = threading.Thread(target=self._run, name="adaptserve-forward", daemon=True)
         self._thread.start()
 
-    async def submit(self, items: Sequence[ClassifyItem], deadline: float) -> list[Prediction]:
+    async def submit(self, items: Sequence[ClassifyItem], deadline: float, timing: Timing | None = None) -> list[Prediction]:
         """Queue `items` as one request and wait for their predictions.
 
         `deadline` is in `asyncio.get_running_loop().time()` units. Raises Overloaded when the
         queue cannot take every row, DeadlineExceeded when the deadline passes first,
         ShuttingDown after stop(). Cancelling the caller drops its rows that have not run yet.
+        `timing`, when given, is filled in as the request's rows run.
         """
         if self._stopping or not self.running:
             raise ShuttingDown("server is shutting down" if self._stopping else "scheduler is not running")
@@ -108,13 +122,13 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         timeout = max(0.0, deadline - loop.time())
         now = time.monotonic()  # the forward thread's clock (a loop's clock may be its own)
-        request = _Request(loop.create_future(), now + timeout, [None] * len(items), len(items))
+        request = _Request(loop.create_future(), now + timeout, [None] * len(items), len(items), now, timing)
         with self._ready:
             if len(self._queue) + len(items) > self.max_queue:
                 raise Overloaded(
                     f"server is overloaded ({len(self._queue)} rows queued, limit {self.max_queue}); retry later"
                 )
-            self._queue.extend(_Row(request, i, item, now) for i, item in enumerate(items))
+            self._queue.extend(_Row(request, i, item) for i, item in enumerate(items))
             self._ready.notify()
         try:
             # asyncio.wait neither cancels the future on timeout nor delays our own cancellation,
@@ -155,7 +169,7 @@ class Scheduler:
                 if self._stopping:
                     return None
                 self._ready.wait()
-            close_at = self._queue[0].queued_at + self.max_wait_s
+            close_at = self._queue[0].request.queued_at + self.max_wait_s
             while len(self._queue) < self.max_batch_size and not self._stopping:
                 remaining = close_at - time.monotonic()
                 if remaining <= 0:
@@ -184,6 +198,7 @@ class Scheduler:
     def _forward(self, batch: list[_Row]) -> None:
         items = [row.item for row in batch]
         started = time.perf_counter()
+        started_at = time.monotonic()
         try:
             predictions = self._classify(items)
             if len(predictions) != len(items):
@@ -199,6 +214,7 @@ class Scheduler:
         finally:
             if self._on_batch is not None:
                 self._on_batch(len(items), time.perf_counter() - started)
+        _time(batch, started_at, time.monotonic())
         self._call(_deliver, batch, predictions)
 
     def _deliver_failure(self, requests: list[_Request], error: BaseException) -> None:
@@ -212,6 +228,19 @@ class Scheduler:
             self._loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the loop is closed: nobody is waiting for these answers any more
             pass
+
+
+def _time(batch: list[_Row], started: float, ended: float) -> None:
+    """On the forward thread: note this forward in the timing of each request it served."""
+    for request in {id(row.request): row.request for row in batch}.values():
+        timing = request.timing
+        if timing is None:
+            continue
+        if request.first_forward is None:
+            request.first_forward = started
+            timing.queued = started - request.queued_at
+        timing.forward = ended - request.first_forward
+        timing.batch_rows = max(timing.batch_rows, len(batch))
 
 
 def _deliver(batch: list[_Row], predictions: list[Prediction | AdaptserveError]) -> None:

@@ -194,6 +194,14 @@ class Settings(BaseSettings):
         "the tier off. Default 1 GiB: host memory is an order of magnitude cheaper than device "
         "memory, so four times the device budget.",
     )
+    failed_load_retry_s: float = Field(
+        default=1.0, ge=0.0, le=3600.0,
+        description="After a task version fails to load (a bundle corrupt or unreadable in the "
+        "store), its requests get that 503 at once, with Retry-After, for this many seconds before "
+        "the store is read again. Default 1: a broken task under heavy traffic costs one read and "
+        "hash of its files per second per replica instead of one per request, and a repaired "
+        "bundle serves within a second. 0: every request reads the store again.",
+    )
 
     # --- task store backend -------------------------------------------------------------------
     store_backend: Literal["local", "s3"] = Field(

@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Awaitable, Callable, Coroutine, Sequence, TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 
 from service.api.deps import error_responses, service_state
 from service.api.schemas import ClassifyRequest, ClassifyResponse, EarlyExit, PredictionOut, TextPair
 from service.auth import require_inference
 from service.engine.types import ClassifyItem, TaskKey
 from service.errors import ClientDisconnected, DeadlineExceeded, InvalidInput, PayloadTooLarge
+from service.scheduler import Timing
 from service.settings import Settings
 from service.state import EngineLike, TaskLike
 
@@ -30,7 +31,7 @@ router = APIRouter()
     summary="Classify texts (or text pairs) with one task",
     dependencies=[Depends(require_inference)],
 )
-async def classify(task: str, body: ClassifyRequest, request: Request) -> ClassifyResponse:
+async def classify(task: str, body: ClassifyRequest, request: Request, response: Response) -> ClassifyResponse:
     state = service_state(request)
     settings = state.settings
     runtime = state.require_runtime()
@@ -38,7 +39,8 @@ async def classify(task: str, body: ClassifyRequest, request: Request) -> Classi
     if body.timeout_ms is not None:
         timeout_s = min(timeout_s, body.timeout_ms / 1000.0)
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
+    started = loop.time()
+    deadline = started + timeout_s
 
     # Resolved once: every row of this request runs on this version, whatever is activated meanwhile
     # (the batch holds the Task object). In memory with Redis; a stat + tiny read with a local store.
@@ -50,13 +52,20 @@ async def classify(task: str, body: ClassifyRequest, request: Request) -> Classi
     _check_limits(body.inputs, settings)
 
     async def answer() -> ClassifyResponse:
+        source = runtime.cache.location(key)
         loaded = await _within(deadline, runtime.cache.get(key), lambda: (
             "request deadline exceeded before its rows were queued"  # it was there: a timeout_ms of 1
             if runtime.cache.peek(key) is not None else f"task {key} did not load within the request's deadline"))
+        found = loop.time()
         items = _to_items(loaded, key, body.inputs, _exit_policy(loaded, key, body.early_exit))
         await _refuse_overflow(runtime.engine, loaded, key, items, deadline)
         items = await _pretokenize(runtime.engine, items, deadline)
-        predictions = await runtime.scheduler.submit(items, deadline)
+        tokenised = loop.time()
+        timing = Timing()
+        predictions = await runtime.scheduler.submit(items, deadline, timing)
+        response.headers["Server-Timing"] = _server_timing(
+            ("task", found - started, source), ("tokenize", tokenised - found, None), ("queue", timing.queued, None),
+            ("forward", timing.forward, f"{timing.batch_rows} rows"), ("total", loop.time() - started, None))
         if getattr(loaded, "has_exits", False) and state.registry.known(key.name):  # deleted meanwhile: no series back
             state.metrics.observe_exits(key.name, [p.exit_layer for p in predictions])
         return ClassifyResponse(
@@ -69,6 +78,13 @@ async def classify(task: str, body: ClassifyRequest, request: Request) -> Classi
         )
 
     return await _unless_disconnected(request, answer())
+
+
+def _server_timing(*spans: tuple[str, float, str | None]) -> str:
+    """A `Server-Timing` header (W3C): where the request's time went, in ms. `task` is finding the
+    version and its weights (desc: the tier they came from: device, host or store), `queue` the wait
+    for a forward, `forward` the forwards its rows ran in (desc: the largest batch's rows)."""
+    return ", ".join(f"{name};dur={1e3 * seconds:.1f}" + (f';desc="{desc}"' if desc else "") for name, seconds, desc in spans)
 
 
 def _check_limits(inputs: Sequence[str | TextPair], settings: Settings) -> None:

@@ -8,6 +8,7 @@ import dataclasses
 import errno
 import json
 import os
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -127,15 +128,48 @@ def test_a_damaged_store_fails_that_task_alone(store: Path, engine: Engine, monk
         assert {row["name"] for row in listing} == {"victim", "healthy"}
 
 
+def _metric(client: TestClient, name: str) -> float:
+    line, = (line for line in client.get("/metrics").text.splitlines() if line.startswith(name + " "))
+    return float(line.split()[1])
+
+
 def test_a_repaired_bundle_serves_again_without_a_restart(store: Path, engine: Engine) -> None:
+    """The failed load is remembered for ADAPTSERVE_FAILED_LOAD_RETRY_S (its requests get the 503
+    without a store read), then the store is read again."""
     weights = _active(store, "victim") / WEIGHTS
     original = weights.read_bytes()
     _flip_last_byte(weights)
-    with TestClient(create_app(Settings(store=store, max_wait_ms=1.0), engine=engine)) as client:
+    with TestClient(create_app(Settings(store=store, max_wait_ms=1.0, failed_load_retry_s=0.5), engine=engine)) as client:
+        wait_ready(client)
+        for _ in range(5):
+            refused = client.post("/v1/tasks/victim/classify", json={"inputs": ["fun"]})
+            assert refused.status_code == 503 and "is corrupt" in refused.json()["error"]
+            assert refused.headers["Retry-After"] == "1"
+        assert _metric(client, "adaptserve_cache_load_failures_total") == 1  # one read and hash, not five
+        assert _metric(client, "adaptserve_cache_failures_repeated_total") == 4
+        weights.write_bytes(original)
+        assert client.post("/v1/tasks/victim/classify", json={"inputs": ["fun"]}).status_code == 503  # remembered
+        time.sleep(0.5)
+        assert client.post("/v1/tasks/victim/classify", json={"inputs": ["fun"]}).status_code == 200
+
+
+def test_activating_a_repaired_version_reads_its_files_again(store: Path, engine: Engine) -> None:
+    """An admin's activation judges the files as they are now, not a load that failed moments ago."""
+    info = engine.backbone.info
+    g = torch.Generator().manual_seed(7)
+    old = _active(store, "victim").name
+    new = publish(store, "victim", {"lora": random_lora(info, g), "head": random_head(info, g)}, ["neg", "pos"],
+                  fingerprint=info.fingerprint)
+    weights = store / "victim" / new / WEIGHTS
+    original = weights.read_bytes()
+    _flip_last_byte(weights)
+    with TestClient(create_app(Settings(store=store, max_wait_ms=1.0, failed_load_retry_s=3600), engine=engine)) as client:
         wait_ready(client)
         assert client.post("/v1/tasks/victim/classify", json={"inputs": ["fun"]}).status_code == 503
         weights.write_bytes(original)
-        assert client.post("/v1/tasks/victim/classify", json={"inputs": ["fun"]}).status_code == 200
+        assert client.post(f"/v1/tasks/victim/versions/{old}/activate").status_code == 200
+        assert client.post(f"/v1/tasks/victim/versions/{new}/activate").status_code == 200
+        assert client.post("/v1/tasks/victim/classify", json={"inputs": ["fun"]}).json()["version"] == new
 
 
 def test_a_corrupt_version_is_never_activated(store: Path, engine: Engine) -> None:

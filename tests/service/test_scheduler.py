@@ -9,7 +9,7 @@ import pytest
 
 from service.engine.types import ClassifyItem, Prediction, TaskKey
 from service.errors import DeadlineExceeded, InferenceFailed, InvalidInput, Overloaded, ShuttingDown
-from service.scheduler import Scheduler
+from service.scheduler import Scheduler, Timing
 from tests.aio import async_test, wait_until
 from tests.fakes import FakeTask
 
@@ -257,3 +257,33 @@ async def test_submit_before_start_is_refused() -> None:
     scheduler = Scheduler(Echo(), max_batch_size=1, max_wait_s=0, max_queue=1)
     with pytest.raises(ShuttingDown, match="not running"):
         await scheduler.submit(rows("a"), FAR)
+
+
+@async_test
+async def test_timing_says_how_long_a_request_queued_and_ran() -> None:
+    echo = Echo()
+    scheduler = await started(echo, max_batch_size=4)
+    first = await blocked_in_forward(scheduler, echo)
+    waiting = Timing()
+    second = asyncio.ensure_future(scheduler.submit(rows(*"abcdef"), FAR, waiting))  # two batches, after "first"
+    await asyncio.sleep(0.05)
+    echo.gate.set()
+    assert labels(await second) == list("abcdef")
+    await first
+    assert echo.batches == [["first"], list("abcd"), list("ef")]
+    assert waiting.queued >= 0.04  # it waited for the held forward
+    assert 0 <= waiting.forward < waiting.queued  # both of its forwards ran at once after it
+    assert waiting.batch_rows == 4
+    await scheduler.stop()
+
+
+@async_test
+async def test_timing_is_optional_and_left_alone_for_a_failed_request() -> None:
+    echo = Echo()
+    scheduler = await started(echo)
+    timing = Timing()
+    with pytest.raises(InferenceFailed):
+        await scheduler.submit(rows("boom"), FAR, timing)
+    assert timing == Timing()  # no forward finished for it
+    assert labels(await scheduler.submit(rows("fine"), FAR)) == ["fine"]
+    await scheduler.stop()
