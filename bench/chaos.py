@@ -322,9 +322,14 @@ def _request_bytes(host: str, task: str, body: bytes, keep_alive: bool) -> tuple
     return head, body
 
 
+SLOW_KINDS = ("slow-sender", "slow-reader", "idle-holder", "slow-head")
+
+
 def slow_client(kind: str, journal: Journal, url: str, tasks: list[str], until: float, seed: int) -> None:
     """`slow-sender`: the body in pieces, 0.5 s apart; `slow-reader`: waits 1 s, then reads 64
-    bytes every 20 ms; `idle-holder`: one keep-alive connection, idle 3 s between requests."""
+    bytes every 20 ms; `idle-holder`: one keep-alive connection, idle 3 s between requests;
+    `slow-head` (slowloris): a request line and one header, then nothing (the server's header
+    deadline, ADAPTSERVE_HEADER_READ_TIMEOUT_S, should answer 408 and close)."""
     rng = random.Random(seed)
     host, port = url.removeprefix("http://").split(":")
     sock: socket.socket | None = None
@@ -342,7 +347,10 @@ def slow_client(kind: str, journal: Journal, url: str, tasks: list[str], until: 
             else:
                 with socket.create_connection((host, int(port)), timeout=CLIENT_TIMEOUT_S) as conn:
                     head, payload = _request_bytes(url, task, body, keep_alive=False)
-                    if kind == "slow-sender":
+                    if kind == "slow-head":
+                        conn.sendall(b"\r\n".join(head.split(b"\r\n")[:2]) + b"\r\n")  # the line and Host: no end
+                        status = _read_response(conn)
+                    elif kind == "slow-sender":
                         conn.sendall(head)
                         step = max(1, len(payload) // 4)
                         for i in range(0, len(payload), step):
@@ -719,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis-restarts", type=int, default=2, help="times Redis is SIGKILLed and restarted")
     p.add_argument("--redis-down-s", type=float, default=5.0, help="seconds Redis stays down each time")
     p.add_argument("--admin-every-s", type=float, default=3.0, help="seconds between uploads/activations/rollbacks")
-    p.add_argument("--slow-clients", type=int, default=3, help="slow clients (one of each kind, cycling)")
+    p.add_argument("--slow-clients", type=int, default=4, help="slow clients (one of each kind, cycling)")
     p.add_argument("--saturation-s", type=float, default=20.0, help="seconds of each saturation window (0: skip)")
     p.add_argument("--saturation-rounds", type=int, default=3,
                    help="rounds of (closed-loop saturation window, open-loop window at 70%% of it)")
@@ -791,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
         admin = Admin(journal, urls, tasks, bundles, args.seed)
         chaos = threading.Thread(target=chaos_thread,
                                  args=(journal, args, redis, admin, store, urls, start, until, out), daemon=True)
-        slow = [threading.Thread(target=slow_client, args=(("slow-sender", "slow-reader", "idle-holder")[k % 3], journal,
+        slow = [threading.Thread(target=slow_client, args=(SLOW_KINDS[k % len(SLOW_KINDS)], journal,
                                                            urls[k % 2], tasks, until, args.seed + k), daemon=True)
                 for k in range(args.slow_clients)]
         journal.event("chaos phase", seconds=args.duration, clients=args.clients)

@@ -24,7 +24,7 @@ from service.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from service.auth import Tokens, warn_if_disabled
 from service.cache import TaskCache
 from service.hotswap import TaskAdmin
-from service.memory import Trimmer
+from service.memory import Trimmer, check_cache_budget, memory_limit_bytes
 from service.metrics import Metrics
 from service.registry import open_registry
 from service.scheduler import Scheduler
@@ -121,6 +121,9 @@ async def _start(state: ServiceState, engine: EngineLike | None) -> None:
         # On the CPU the device is host memory: the tiers then move tasks without copies or threads.
         device = getattr(getattr(ready_engine, "backbone", None), "device", None)
         copies = dict(to_host=to_host, to_device=to_device) if getattr(device, "type", "cpu") != "cpu" else {}
+        too_big = check_cache_budget(settings.cache_max_bytes, settings.cache_host_max_bytes, not copies, memory_limit_bytes())
+        if too_big:
+            log.warning("%s", too_big)
         cache = TaskCache(load, settings.cache_max_bytes, host_max_bytes=settings.cache_host_max_bytes,
                           failure_ttl_s=settings.failed_load_retry_s, **copies)
         trimmer = Trimmer(settings.malloc_trim_interval_s)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import sys
 from dataclasses import dataclass
 from enum import Enum
 from typing import Awaitable, Callable, Sequence
@@ -24,6 +23,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
 from service.errors import Forbidden, Unauthorized
+from service.logs import warn_always
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +129,6 @@ def warn_if_disabled(tokens: Tokens) -> None:
         message = ("AUTH IS DISABLED: no ADAPTSERVE_ADMIN_TOKENS or ADAPTSERVE_INFERENCE_TOKENS configured. "
                    "Anyone who can reach this port can classify AND upload, activate, roll back and delete "
                    "tasks. Configure tokens before exposing this server beyond a trusted network.")
-        if log.isEnabledFor(logging.WARNING):
-            log.warning(message)
-        else:  # --log-level error must not hide this one
-            print(f"WARNING {message}", file=sys.stderr, flush=True)
+        warn_always(log, message)
     else:
         log.info("auth enabled: %d admin token(s), %d inference token(s)", len(tokens.admin), len(tokens.inference))

@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 from pydantic import ValidationError
 
 from service import __version__
+from service.logs import warn_always
 
 # Subcommands owned by other packages: name -> (module, function, help). The function gets the
 # remaining argv and returns an exit code (or None for 0).
@@ -97,8 +98,8 @@ def serve(args: argparse.Namespace) -> int:
         logging.getLogger(chatty).setLevel(max(logging.INFO, logging.getLogger().level))
     unknown = unknown_variables(os.environ)
     if unknown:  # a warning, not an error: a platform may inject variables meant for others
-        logging.getLogger("service").warning(
-            "ignoring %s: no such setting (a typo? every setting is listed in .env.example)", ", ".join(unknown))
+        warn_always(logging.getLogger("service"),
+                    f"ignoring {', '.join(unknown)}: no such setting (a typo? every setting is listed in .env.example)")
     problem = _backbone_problem(settings)
     if problem:
         print(f"adaptserve serve: {problem}", file=sys.stderr)
@@ -112,6 +113,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.server import uvicorn_config
 
     try:
         app = create_app(settings)
@@ -124,11 +126,7 @@ def serve(args: argparse.Namespace) -> int:
     from service.memory import freeze_startup_heap
 
     freeze_startup_heap()
-    # One worker: the engine holds the backbone and the task cache in this process; more
-    # processes would each load their own copy. Scale out with more replicas instead.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=1, log_level=settings.log_level,
-                            lifespan="on")
-    uvicorn.Server(config).run(sockets=[sock])
+    uvicorn.Server(uvicorn_config(app, settings)).run(sockets=[sock])
     return 0
 
 

@@ -219,6 +219,8 @@ class TaskAdmin:
         validate_task_name(task)
         stored = await asyncio.to_thread(self._versions, task)
         record = await self._record(task, known_in_store=bool(stored))
+        if not stored and record.active is None:  # a first upload still writing its files: not a task yet
+            raise TaskNotFound(f"task {task!r} not found: it has no version in the store yet")
         cache = self.state.runtime.cache if self.state.runtime is not None else None
         rows = []
         for version in stored:

@@ -27,8 +27,10 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import os
 import threading
 import time
+from pathlib import Path
 from typing import Callable, TypeVar
 
 log = logging.getLogger(__name__)
@@ -99,3 +101,34 @@ def freeze_startup_heap() -> int:
     frozen = gc.get_freeze_count()
     log.info("froze %d startup objects out of the garbage collector's passes", frozen)
     return frozen
+
+
+def memory_limit_bytes() -> int | None:
+    """The most memory this process can have: the cgroup's limit in a container (v2 or v1), else
+    the machine's physical memory; None where neither can be read."""
+    physical = None
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and (physical is None or int(text) < physical):  # "max" or a huge v1 value: no limit
+            return int(text)
+    return physical
+
+
+def check_cache_budget(device_bytes: int, host_bytes: int, on_cpu: bool, limit: int | None) -> str | None:
+    """A warning when the task cache's tiers may hold more than the process can have (`limit`):
+    on a CPU both tiers are host memory. None when they fit, or the limit is unknown."""
+    need = device_bytes + host_bytes if on_cpu else host_bytes
+    if limit is None or need <= limit:
+        return None
+    tiers = ("ADAPTSERVE_CACHE_MAX_BYTES + ADAPTSERVE_CACHE_HOST_MAX_BYTES (both tiers are host memory on a CPU)"
+             if on_cpu else "ADAPTSERVE_CACHE_HOST_MAX_BYTES")
+    return (f"the task cache may grow to {need / 2**20:,.0f} MiB ({tiers}), more than the {limit / 2**20:,.0f} MiB "
+            "this process can have: a full cache would be killed for memory; lower the budget")
+

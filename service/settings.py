@@ -172,6 +172,14 @@ class Settings(BaseSettings):
         "12 bytes, the worst case of escaped JSON, plus 64 KiB), so it never trips before them.",
     )
 
+    header_read_timeout_s: float = Field(
+        default=15.0, gt=0.0, le=3600.0,
+        description="Longest a connection may take to send a request's line and headers, counted from "
+        "the connection opening (its first request) or from the request's first byte (later ones): "
+        "past it the connection is closed, with 408 if part of a request had arrived. Default 15 s, "
+        "as the body timeout: a client that never finishes its headers (slowloris) would otherwise "
+        "hold its connection open for good. Applies to `adaptserve serve`.",
+    )
     body_read_timeout_s: float = Field(
         default=15.0, gt=0.0, le=3600.0,
         description="Longest wait for the next piece of a request body (classify JSON and uploads "

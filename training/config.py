@@ -42,6 +42,11 @@ DEFAULT_LR: dict[str, float] = {
     "full": 5e-5,  # Devlin et al. (2019) fine-tuning grid {5e-5, 3e-5, 2e-5}; small BERTs like the top
 }
 
+# The largest --lr accepted: 10x the largest rate any of these methods is trained with in the
+# literature (Lester et al.'s 0.3 for soft prompts, with Adafactor). Far above it AdamW's first
+# steps move every weight by ~lr, so a typo like 1e30 publishes finite but absurd weights.
+MAX_LR = 3.0
+
 # Epochs per method. Devlin et al.'s (2019) 2-4 suit full fine-tuning; methods that train few
 # parameters converge more slowly (Houlsby et al. 2019 searched {3, 20} epochs for adapters, Hu et al.
 # 2021 trained LoRA 60 epochs on SST-2). Each value was chosen between 3 and 10 on dev accuracy, mean
@@ -259,8 +264,9 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, float) and not math.isfinite(value):  # other types: each option's own check
                 raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr!r}")
+        if self.lr is not None and not 0 < self.lr <= MAX_LR:
+            raise ConfigError(f"--lr must be in (0, {MAX_LR:g}], got {self.lr!r} (the methods' defaults are "
+                              f"{min(DEFAULT_LR.values()):g} to {max(DEFAULT_LR.values()):g})")
         if not 0 <= self.weight_decay < 1:
             raise ConfigError(f"--weight-decay must be in [0, 1), got {self.weight_decay!r}")
         if self.dropout is not None and (not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1):

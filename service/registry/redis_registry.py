@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 BLOCK_S = 1.0  # one blocking XREAD; also how soon a silently dead connection is noticed (plus the timeout)
 _MAX_WATCH_RETRIES = 32  # optimistic transaction retries under contention on one task
 _BATCH_REFRESH = 64  # more distinct tasks than this in one read: resync everything instead
+# A deleted task's tombstone lives this long: an activation that checked the task's files before
+# another replica deleted it reaches its transaction well within it (a file check takes
+# milliseconds, an S3 listing seconds), sees the tombstone and is refused.
+DELETED_TTL_S = 60
 
 
 def redact_url(url: str) -> str:
@@ -104,6 +108,9 @@ class RedisRegistry(Registry):
     # -- keys ------------------------------------------------------------------------------------
     def _task_key(self, task: str) -> str:
         return f"{self.prefix}:task:{task}"  # task names are validated: no separators, no wildcards
+
+    def _deleted_key(self, task: str) -> str:
+        return f"{self.prefix}:deleted:{task}"
 
     @property
     def _tasks_key(self) -> str:
@@ -324,9 +331,12 @@ class RedisRegistry(Registry):
         return await self._transact(task, change)  # type: ignore[return-value]
 
     async def activate(self, task: str, version: str) -> TaskRecord:
+        """A stored task Redis has no record of (copied into the store) is registered here, unless
+        another replica deleted it since its files were checked (the tombstone says so)."""
         validate_task_name(task)
         require_version(await asyncio.to_thread(self._versions, task), task, version)
-        return await self._transact(task, lambda record: activated(record or TaskRecord(task), version, self.history_max))  # type: ignore[return-value]
+        return await self._transact(task, lambda record: activated(record or TaskRecord(task), version, self.history_max),  # type: ignore[return-value]
+                                    refuse_deleted=True)
 
     async def rollback(self, task: str, exists: Callable[[str], bool]) -> TaskRecord:
         def change(record: TaskRecord | None) -> TaskRecord:
@@ -370,16 +380,18 @@ class RedisRegistry(Registry):
         except TaskNotFound:
             return []
 
-    async def _transact(self, task: str, change: Callable[[TaskRecord | None], TaskRecord | None]) -> TaskRecord | None:
+    async def _transact(self, task: str, change: Callable[[TaskRecord | None], TaskRecord | None], *,
+                        refuse_deleted: bool = False) -> TaskRecord | None:
         """WATCH/GET/MULTI/SET+SADD+XADD/EXEC with retries on conflict; then apply locally at once
-        (read-your-writes on this replica, without waiting for our own feed entry)."""
+        (read-your-writes on this replica, without waiting for our own feed entry).
+        `refuse_deleted`: TaskNotFound instead of a new record for a task deleted moments ago."""
         validate_task_name(task)
         self.require_writable()
         assert self._writer is not None
         key = self._task_key(task)
         for attempt in (1, 2):  # a pooled connection may have died with the old Redis: one fresh try
             try:
-                new = await self._commit(key, task, change)
+                new = await self._commit(key, task, change, refuse_deleted)
                 break
             except WatchError:
                 raise RegistryUnavailable(f"task {task!r} is being changed concurrently; retry") from None
@@ -410,13 +422,17 @@ class RedisRegistry(Registry):
                 return
             version = now.active
 
-    async def _commit(self, key: str, task: str, change: Callable[[TaskRecord | None], TaskRecord | None]) -> TaskRecord | None:
+    async def _commit(self, key: str, task: str, change: Callable[[TaskRecord | None], TaskRecord | None],
+                      refuse_deleted: bool = False) -> TaskRecord | None:
         assert self._writer is not None
+        deleted = self._deleted_key(task)
         async with self._writer.pipeline(transaction=True) as pipe:
             for _ in range(_MAX_WATCH_RETRIES):
                 try:
-                    await pipe.watch(key)
+                    await pipe.watch(key, deleted)
                     old = _decode(await pipe.get(key), task)
+                    if old is None and refuse_deleted and await pipe.exists(deleted):
+                        raise TaskNotFound(f"task {task!r} not found: it was deleted while this change was being made")
                     new = change(old)  # may raise Conflict / TaskNotFound: the pipeline is reset on exit
                     if new is not None and new == old:  # a no-op (e.g. the active version re-sent): no write, no feed entry
                         return new
@@ -424,9 +440,12 @@ class RedisRegistry(Registry):
                     if new is None:
                         pipe.delete(key)
                         pipe.srem(self._tasks_key, task)
+                        pipe.set(deleted, "1", ex=DELETED_TTL_S)
                     else:
                         pipe.set(key, new.to_json())
                         pipe.sadd(self._tasks_key, task)
+                        if old is None:  # created again (an upload): the tombstone no longer applies
+                            pipe.delete(deleted)
                     pipe.xadd(self._stream_key, self._entry(task, new), maxlen=self.stream_maxlen, approximate=True)
                     await pipe.execute()
                     return new

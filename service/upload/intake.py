@@ -20,7 +20,7 @@ from typing import Any
 from service.errors import UploadRejected
 from service.store import CONFIG_FILE, WEIGHTS_FILE
 from service.upload.archive import ArchiveLimits, archive_kind, unpack
-from service.upload.safetensors_header import HeaderLimits, check_safetensors
+from service.upload.safetensors_header import DuplicateKey, HeaderLimits, check_safetensors, no_duplicate_keys
 
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")  # only the message uses names; bytes decide
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
@@ -187,7 +187,11 @@ def _bundle_members(files: dict[str, bytes], problems: _Problems) -> dict[str, b
 def _check_config(config: bytes, limits: UploadLimits, problems: _Problems) -> str:
     """That the config is a JSON object, and which kind of bundle it describes."""
     try:
-        data = json.loads(config.decode("utf-8"))
+        data = json.loads(config.decode("utf-8"), object_pairs_hook=no_duplicate_keys)
+    except DuplicateKey as dup:
+        problems.add(f"{CONFIG_FILE} names the key {str(dup.args[0])[:100]!r} twice in one object: "
+                     "JSON readers disagree on which value counts, so give it once")
+        return "native"
     except (UnicodeDecodeError, ValueError) as err:
         problems.add(f"{CONFIG_FILE} is not UTF-8 JSON ({err})")
         return "native"

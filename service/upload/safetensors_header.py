@@ -42,8 +42,8 @@ def check_safetensors(data: bytes, limits: HeaderLimits, name: str = "adapter_mo
     if header_len > limits.max_header_bytes:
         return [f"{name}: header of {header_len} bytes exceeds the limit of {limits.max_header_bytes}"]
     try:
-        header = json.loads(data[8 : 8 + header_len].decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except _Duplicate as dup:
+        header = json.loads(data[8 : 8 + header_len].decode("utf-8"), object_pairs_hook=no_duplicate_keys)
+    except DuplicateKey as dup:
         return [f"{name}: header names tensor {dup.args[0]!r} twice"]
     except (UnicodeDecodeError, ValueError) as err:
         return [f"{name}: header is not UTF-8 JSON ({err})"]
@@ -105,14 +105,16 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-class _Duplicate(ValueError):
-    pass
+class DuplicateKey(ValueError):
+    """A JSON object names one key twice (args[0]: the key). Parsers disagree on which value
+    counts (Python's json keeps the last), so an uploaded file that does so is refused."""
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`object_pairs_hook` for json.loads: DuplicateKey instead of silently keeping the last."""
     seen: dict[str, Any] = {}
     for key, value in pairs:
         if key in seen:
-            raise _Duplicate(key)
+            raise DuplicateKey(key)
         seen[key] = value
     return seen

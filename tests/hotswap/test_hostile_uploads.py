@@ -162,6 +162,8 @@ CASES: dict[str, tuple[Callable[[BackboneInfo], Upload], int, list[str]]] = {
     "another backbone's fingerprint": (lambda i: _two(_config(i, backbone={"fingerprint": "sha256:" + "0" * 64}), _good(i)[1]), 422, ["trained on backbone sha256:0000"]),
     "no fingerprint": (lambda i: _two(_config(i, backbone=None), _good(i)[1]), 422, ["no backbone.fingerprint"]),
     "config not JSON": (lambda i: _two(b"{nope", _good(i)[1]), 422, [f"{CONFIG} is not UTF-8 JSON"]),
+    "config naming a key twice": (lambda i: _two(b'{"labels": ["a", "b"], ' + _good(i)[0][1:], _good(i)[1]), 422,
+                                  [f"{CONFIG} names the key 'labels' twice in one object"]),
     "PEFT config whose adaptserve section is a list": (lambda i: _peft(i, adaptserve=[1, 2]), 422, ["the 'adaptserve' section must be an object"]),
     "PEFT config whose num_virtual_tokens is text": (lambda i: _peft(i, num_virtual_tokens="abc"), 422,
                                                      ["'num_virtual_tokens' must be a non-negative integer, got 'abc'"]),

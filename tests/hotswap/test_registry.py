@@ -244,6 +244,40 @@ async def test_an_activation_racing_a_delete_on_another_replica_is_refused(redis
 
 
 @async_test
+async def test_an_activation_racing_a_task_delete_on_another_replica_is_refused(redis_server, tmp_path: Path) -> None:
+    """Replica A deletes the whole task (its record gone, its files not yet) while replica B
+    activates v0, whose files B still finds, and may already have applied A's delete from the
+    feed: B's transaction finds the tombstone and is refused, so no record of the task comes
+    back pointing at files that are about to go. An upload afterwards creates the task again."""
+    committed, go_on = asyncio.Event(), asyncio.Event()
+    async with _two_replicas(redis_server.url, tmp_path, ("v0", "v1"), "v1") as (store, a, b):
+
+        async def remove_files() -> None:  # runs after A's delete is committed: hold it there
+            committed.set()
+            await go_on.wait()
+            store.delete_task("t")
+
+        try:
+            deleting = asyncio.ensure_future(a.delete_task("t", remove_files))
+            await committed.wait()
+            await wait_until(lambda: not b.known("t"))  # the worst case: B has applied the delete
+            assert store.has_version("t", "v0")  # B's own check of the files passes
+            with pytest.raises(TaskNotFound, match="deleted while"):
+                await b.activate("t", "v0")
+            go_on.set()
+            await deleting
+            for replica in (a, b):
+                with pytest.raises(TaskNotFound):
+                    await replica.record("t")
+            write_task(tmp_path / "store", "t", "v2")
+            record = await b.add_version("t", "v2", {"uploaded_at": 1.0}, activate=True)
+            assert record.active == "v2"
+            assert (await b.activate("t", "v2")).active == "v2"  # the tombstone is gone with the upload
+        finally:
+            go_on.set()
+
+
+@async_test
 async def test_the_active_pointer_ends_at_what_redis_says_when_mirrors_land_out_of_order(redis_server, tmp_path: Path) -> None:
     """Two replicas' pointer writes can land in the wrong order; the late one reads Redis again."""
     async with _two_replicas(redis_server.url, tmp_path, ("v1", "v2"), "v1") as (_, a, b):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import sys
 import types
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from service import cli
+from service.server import HeaderTimeoutProtocol
 
 
 @pytest.fixture
@@ -38,6 +40,7 @@ def test_serve_flags_override_env_and_run_one_worker(
 ) -> None:
     monkeypatch.setenv("ADAPTSERVE_MAX_BATCH_SIZE", "8")
     monkeypatch.setenv("ADAPTSERVE_MAX_QUEUE", "500")
+    monkeypatch.setenv("ADAPTSERVE_HEADER_READ_TIMEOUT_S", "7")
     port = _free_port()
     code = cli.main(["serve", "--store", str(tmp_path), "--max-batch-size", "16", "--host", "127.0.0.1", "--port", str(port)])
     assert code == 0
@@ -45,6 +48,7 @@ def test_serve_flags_override_env_and_run_one_worker(
     settings = config.app.state.service.settings
     assert (settings.store, settings.max_batch_size, settings.max_queue) == (tmp_path, 16, 500)
     assert (config.port, config.workers, sockets) == (port, 1, [("127.0.0.1", port)])
+    assert issubclass(config.http, HeaderTimeoutProtocol) and config.http.header_timeout_s == 7.0  # slowloris deadline
 
 
 @pytest.mark.parametrize("case", ["port in use", "host that does not resolve", "host not of this machine"])
@@ -109,6 +113,17 @@ def test_serve_warns_about_unknown_variables(
     monkeypatch.setenv("ADAPTSERVE_MAX_BATCHSIZE", "8")  # the typo of ADAPTSERVE_MAX_BATCH_SIZE
     assert cli.main(["serve", "--store", str(tmp_path)]) == 0
     assert "ADAPTSERVE_MAX_BATCHSIZE: no such setting" in caplog.text or "ignoring ADAPTSERVE_MAX_BATCHSIZE" in caplog.text
+
+
+def test_the_unknown_variable_warning_survives_a_quiet_log_level(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, uvicorn_calls: list, capsys: pytest.CaptureFixture
+) -> None:
+    """--log-level error hides warnings; not a mistyped setting's (the service would run without it)."""
+    monkeypatch.setenv("ADAPTSERVE_MAX_BATCHSIZE", "8")
+    logger = logging.getLogger("service")
+    monkeypatch.setattr(logger, "level", logging.ERROR)  # what basicConfig(level=ERROR) does outside pytest
+    assert cli.main(["serve", "--store", str(tmp_path), "--log-level", "error"]) == 0
+    assert "WARNING ignoring ADAPTSERVE_MAX_BATCHSIZE: no such setting" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command, function", [("train", "main"), ("evaluate", "evaluate_main")])

@@ -193,7 +193,8 @@ def test_a_task_directory_with_no_version_yet_is_not_a_task(store: Path, engine:
     (store / "pending" / ".tmp-upload").mkdir(parents=True)
     with TestClient(create_app(Settings(store=store, max_wait_ms=1.0), engine=engine)) as client:
         wait_ready(client)
-        for response in (client.post("/v1/tasks/pending/classify", json={"inputs": ["fun"]}), client.get("/v1/tasks/pending")):
+        for response in (client.post("/v1/tasks/pending/classify", json={"inputs": ["fun"]}), client.get("/v1/tasks/pending"),
+                         client.get("/v1/tasks/pending/versions")):
             assert (response.status_code, response.json()["error_type"]) == (404, "task_not_found"), response.text
             assert "no version in the store yet" in response.json()["error"]
         assert "pending" not in {row["name"] for row in client.get("/v1/tasks").json()["tasks"]}

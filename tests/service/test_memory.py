@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from service.memory import Trimmer, _malloc_trim, freeze_startup_heap
+from service.memory import Trimmer, _malloc_trim, check_cache_budget, freeze_startup_heap, memory_limit_bytes
 
 GLIBC = _malloc_trim() is not None
 
@@ -98,3 +98,29 @@ def test_freeze_moves_live_objects_out_of_collections() -> None:
     finally:
         gc.unfreeze()
     assert id(marker[0]) in {id(o) for o in gc.get_objects(2)}
+
+
+def test_the_memory_limit_is_this_machines_or_its_containers() -> None:
+    limit = memory_limit_bytes()
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert limit is not None and 0 < limit <= physical
+
+
+MiB = 2**20
+
+
+@pytest.mark.parametrize("device, host, on_cpu, fits", [
+    (256 * MiB, 768 * MiB, True, True),  # both tiers host memory: 1 GiB of 1 GiB
+    (256 * MiB, 769 * MiB, True, False),
+    (10**30, 0, True, False),  # a typo'd budget
+    (10**30, 512 * MiB, False, True),  # on a GPU the device tier is not host memory
+    (0, 2 * 1024 * MiB, False, False),
+])
+def test_a_cache_budget_beyond_the_memory_limit_is_named(device: int, host: int, on_cpu: bool, fits: bool) -> None:
+    warning = check_cache_budget(device, host, on_cpu, limit=1024 * MiB)
+    assert (warning is None) == fits
+    if not fits:
+        assert "ADAPTSERVE_CACHE_HOST_MAX_BYTES" in warning and "1,024 MiB this process can have" in warning
+        assert ("ADAPTSERVE_CACHE_MAX_BYTES" in warning) == on_cpu
+    assert check_cache_budget(device, host, on_cpu, limit=None) is None  # unknown: nothing to say
+

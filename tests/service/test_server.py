@@ -14,6 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from service.app import create_app
+from service.server import uvicorn_config
 from service.settings import Settings
 from tests.fakes import FakeEngine, write_task
 
@@ -39,10 +40,11 @@ def served(tmp_path: Path) -> Iterator[Served]:
 def _serve(tmp_path: Path, **settings) -> Iterator[Served]:
     write_task(tmp_path, "sentiment", "v1")
     engine = FakeEngine()
-    app = create_app(Settings(store=tmp_path, **{"max_body_bytes": 4096, "max_batch_size": 1, **settings}), engine=engine)
+    config = Settings(store=tmp_path, **{"max_body_bytes": 4096, "max_batch_size": 1, **settings})
+    app = create_app(config, engine=engine)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(uvicorn_config(app, config, log_level="warning"))  # as `adaptserve serve` runs it
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -176,6 +178,54 @@ def test_a_slow_body_that_keeps_coming_is_read(impatient: Served) -> None:
         for i in range(0, len(body), 8):  # 4 pieces 0.3 s apart: 0.9 s in all, each gap under 0.5 s
             time.sleep(0.3)
             raw.sendall(body[i : i + 8])
+        status, answer = _read_response(raw)
+    assert status == 200, answer
+
+
+@pytest.fixture
+def strict_heads(tmp_path: Path) -> Iterator[Served]:
+    """A server that gives each request 0.5 s to finish its line and headers."""
+    yield from _serve(tmp_path, header_read_timeout_s=0.5)
+
+
+HEAD = b"POST /v1/tasks/sentiment/classify HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+
+
+def _request(close: bool = True) -> bytes:
+    body = b'{"inputs": ["hi"]}'
+    return HEAD + b"Content-Length: %d\r\n" % len(body) + (b"Connection: close\r\n" if close else b"") + b"\r\n" + body
+
+
+def test_headers_that_never_finish_get_408_and_the_connection_closed(strict_heads: Served) -> None:
+    started = time.monotonic()
+    with _send_head(strict_heads.url, HEAD) as raw:  # a slowloris: the blank line never comes
+        status, body = _read_response(raw)
+    assert status == 408 and b"request_timeout" in body and b"headers not complete within 0.5 s" in body
+    assert time.monotonic() - started < 5
+
+
+def test_a_connection_that_sends_nothing_is_closed_without_an_answer(strict_heads: Served) -> None:
+    with _send_head(strict_heads.url, b"") as raw:
+        assert raw.recv(65536) == b""  # closed, no unsolicited 408 for a request never made
+
+
+def test_a_kept_alive_connection_gets_the_same_deadline_for_its_next_request(strict_heads: Served) -> None:
+    with _send_head(strict_heads.url, _request(close=False)) as raw:
+        data = b""
+        while b"predictions" not in data:
+            data += raw.recv(65536)
+        assert data.startswith(b"HTTP/1.1 200")
+        raw.sendall(HEAD)  # the second request stalls in its headers
+        status, body = _read_response(raw)
+    assert status == 408 and b"request_timeout" in body
+
+
+def test_headers_that_arrive_slowly_but_in_time_are_served(strict_heads: Served) -> None:
+    request = _request()
+    with _send_head(strict_heads.url, b"") as raw:
+        for i in range(0, len(request), len(request) // 3 + 1):  # 3 pieces 0.1 s apart
+            raw.sendall(request[i : i + len(request) // 3 + 1])
+            time.sleep(0.1)
         status, answer = _read_response(raw)
     assert status == 200, answer
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
@@ -82,3 +83,13 @@ def test_each_app_has_its_own_metrics(store: Path) -> None:
         first.post("/v1/tasks/sentiment/classify", json={"inputs": ["x"]})
         assert 'task="sentiment"' in first.get("/metrics").text
         assert 'task="sentiment"' not in second.get("/metrics").text
+
+
+def test_a_cache_budget_beyond_the_memory_is_warned_of_at_start(store: Path, engine: FakeEngine, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="service.app"):
+        with TestClient(make_app(store, engine, cache_max_bytes=10**30)) as client:
+            wait_ready(client)
+            assert client.post("/v1/tasks/sentiment/classify", json={"inputs": ["x"]}).status_code == 200  # it serves
+    warned = [r.getMessage() for r in caplog.records if "ADAPTSERVE_CACHE_MAX_BYTES" in r.getMessage()]
+    assert len(warned) == 1 and "this process can have" in warned[0]
+
