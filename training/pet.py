@@ -23,6 +23,7 @@ import csv
 import io
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -152,8 +153,11 @@ class PetConfig:
     weighting: str = "prior"  # PET's weighted ensemble: accuracy on the training set before training
 
     def check(self) -> "PetConfig":
-        self.teacher.check()
-        self.student.check()
+        for role, config in (("teacher", self.teacher), ("student", self.student)):
+            try:
+                config.check()
+            except ConfigError as err:  # name the flag as `adaptserve pet` spells it (--teacher-lr, not --lr)
+                raise ConfigError(re.sub(r"--(lr|epochs|max-steps)\b", rf"--{role}-\1", str(err))) from None
         if self.teacher.method not in ("lora", "prompt", "adapter", "prefix"):
             raise ConfigError(f"--teacher-method must be lora, prompt, adapter or prefix, got {self.teacher.method!r}")
         if self.student.method not in ("lora", "adapter", "head", "prompt", "prefix"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -67,6 +68,17 @@ def test_patterns_file(tmp_path):
     f.write_text(json.dumps([{"template": "x"}] * 3))
     with pytest.raises(ConfigError, match="pattern 1 needs"):
         load_patterns(str(f))
+
+
+@pytest.mark.parametrize("role, bad, message", [
+    ("teacher", {"lr": 10.0}, "--teacher-lr must be in (0, 3]"),
+    ("student", {"lr": -1.0}, "--student-lr must be in (0, 3]"),
+    ("teacher", {"epochs": 0}, "--teacher-epochs must be an integer >= 1"),
+])
+def test_a_bad_teacher_or_student_option_is_named_as_pet_spells_it(role, bad, message):
+    config = PetConfig(**{role: TrainConfig(method="lora", **bad)})
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config.check()
 
 
 def test_read_unlabelled_ignores_labels(tmp_path):
