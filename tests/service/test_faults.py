@@ -54,6 +54,17 @@ def _active(store: Path, task: str) -> Path:
     return store / task / (store / task / "ACTIVE").read_text().strip()
 
 
+def _with_a_second_version(store: Path, engine: Engine, seed: int) -> tuple[str, str]:
+    """(the victim's active version, a new version of it published beside; the task's pointer
+    then names the new one)."""
+    info = engine.backbone.info
+    g = torch.Generator().manual_seed(seed)
+    old = _active(store, "victim").name
+    new = publish(store, "victim", {"lora": random_lora(info, g), "head": random_head(info, g)}, ["neg", "pos"],
+                  fingerprint=info.fingerprint)
+    return old, new
+
+
 def _flip_last_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01  # still a valid safetensors file: only the hash can tell
@@ -155,11 +166,7 @@ def test_a_repaired_bundle_serves_again_without_a_restart(store: Path, engine: E
 
 def test_activating_a_repaired_version_reads_its_files_again(store: Path, engine: Engine) -> None:
     """An admin's activation judges the files as they are now, not a load that failed moments ago."""
-    info = engine.backbone.info
-    g = torch.Generator().manual_seed(7)
-    old = _active(store, "victim").name
-    new = publish(store, "victim", {"lora": random_lora(info, g), "head": random_head(info, g)}, ["neg", "pos"],
-                  fingerprint=info.fingerprint)
+    old, new = _with_a_second_version(store, engine, seed=7)
     weights = store / "victim" / new / WEIGHTS
     original = weights.read_bytes()
     _flip_last_byte(weights)
@@ -173,11 +180,7 @@ def test_activating_a_repaired_version_reads_its_files_again(store: Path, engine
 
 
 def test_a_corrupt_version_is_never_activated(store: Path, engine: Engine) -> None:
-    info = engine.backbone.info
-    g = torch.Generator().manual_seed(5)
-    old = _active(store, "victim").name
-    new = publish(store, "victim", {"lora": random_lora(info, g), "head": random_head(info, g)}, ["neg", "pos"],
-                  fingerprint=info.fingerprint)
+    old, new = _with_a_second_version(store, engine, seed=5)
     (store / "victim" / "ACTIVE").write_text(old + "\n")
     _flip_last_byte(store / "victim" / new / WEIGHTS)
     with TestClient(create_app(Settings(store=store, max_wait_ms=1.0), engine=engine)) as client:
@@ -203,11 +206,7 @@ def test_a_task_directory_with_no_version_yet_is_not_a_task(store: Path, engine:
 def test_a_version_damaged_on_disk_is_not_activated_from_its_cached_copy(store: Path, engine: Engine) -> None:
     """A version still cached in memory but damaged on disk would serve until the next restart
     or eviction, and fail on every replica that loads it: activation and rollback check the files."""
-    info = engine.backbone.info
-    g = torch.Generator().manual_seed(6)
-    old = _active(store, "victim").name
-    new = publish(store, "victim", {"lora": random_lora(info, g), "head": random_head(info, g)}, ["neg", "pos"],
-                  fingerprint=info.fingerprint)
+    old, new = _with_a_second_version(store, engine, seed=6)
     with TestClient(create_app(Settings(store=store, max_wait_ms=1.0), engine=engine)) as client:
         wait_ready(client)
         assert client.post("/v1/tasks/victim/classify", json={"inputs": ["fun"]}).json()["version"] == new
