@@ -24,6 +24,7 @@ from service.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from service.auth import Tokens, warn_if_disabled
 from service.cache import TaskCache
 from service.hotswap import TaskAdmin
+from service.logs import warn_always
 from service.memory import Trimmer, check_cache_budget, memory_limit_bytes
 from service.metrics import Metrics
 from service.registry import open_registry
@@ -123,7 +124,7 @@ async def _start(state: ServiceState, engine: EngineLike | None) -> None:
         copies = dict(to_host=to_host, to_device=to_device) if getattr(device, "type", "cpu") != "cpu" else {}
         too_big = check_cache_budget(settings.cache_max_bytes, settings.cache_host_max_bytes, not copies, memory_limit_bytes())
         if too_big:
-            log.warning("%s", too_big)
+            warn_always(log, too_big)
         cache = TaskCache(load, settings.cache_max_bytes, host_max_bytes=settings.cache_host_max_bytes,
                           failure_ttl_s=settings.failed_load_retry_s, **copies)
         trimmer = Trimmer(settings.malloc_trim_interval_s)

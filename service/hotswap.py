@@ -155,8 +155,13 @@ class TaskAdmin:
             # TaskNotFound (404 task_not_found) when the task has nothing stored, as on every route.
             if not await asyncio.to_thread(self.state.store.has_version, task, version):
                 raise VersionNotFound(f"task {task!r} has no version {version!r}")
-            await self._preload(TaskKey(task, version))
-            return await self.state.registry.activate(task, version)
+            key = TaskKey(task, version)
+            await self._preload(key)
+            try:
+                return await self.state.registry.activate(task, version)
+            except (TaskNotFound, VersionNotFound):  # deleted meanwhile: the copy just loaded must not linger
+                self.state.require_runtime().cache.drop(key)
+                raise
 
     async def rollback(self, task: str) -> TaskRecord:
         validate_task_name(task)

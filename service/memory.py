@@ -127,7 +127,7 @@ def check_cache_budget(device_bytes: int, host_bytes: int, on_cpu: bool, limit: 
     need = device_bytes + host_bytes if on_cpu else host_bytes
     if limit is None or need <= limit:
         return None
-    tiers = ("ADAPTSERVE_CACHE_MAX_BYTES + ADAPTSERVE_CACHE_HOST_MAX_BYTES (both tiers are host memory on a CPU)"
+    tiers = ("ADAPTSERVE_CACHE_MAX_BYTES + ADAPTSERVE_CACHE_HOST_MAX_BYTES: on a CPU both tiers are host memory"
              if on_cpu else "ADAPTSERVE_CACHE_HOST_MAX_BYTES")
     return (f"the task cache may grow to {need / 2**20:,.0f} MiB ({tiers}), more than the {limit / 2**20:,.0f} MiB "
             "this process can have: a full cache would be killed for memory; lower the budget")

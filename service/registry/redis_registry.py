@@ -432,7 +432,10 @@ class RedisRegistry(Registry):
                     await pipe.watch(key, deleted)
                     old = _decode(await pipe.get(key), task)
                     if old is None and refuse_deleted and await pipe.exists(deleted):
-                        raise TaskNotFound(f"task {task!r} not found: it was deleted while this change was being made")
+                        raise TaskNotFound(
+                            f"task {task!r} was deleted less than {DELETED_TTL_S} s ago, so a version of it found in "
+                            "the store is not registered again yet (it may be a copy the delete is removing); "
+                            "upload the bundle to create the task again now")
                     new = change(old)  # may raise Conflict / TaskNotFound: the pipeline is reset on exit
                     if new is not None and new == old:  # a no-op (e.g. the active version re-sent): no write, no feed entry
                         return new

@@ -116,3 +116,29 @@ def test_two_replicas_follow_each_other_through_redis(cluster, info) -> None:
     listed = httpx.get(f"{b.url}/v1/tasks/sentiment/versions", headers=AUTH_READER, timeout=5).json()
     assert listed["active"] == v0 and {v0, v1} <= {row["version"] for row in listed["versions"]}
     assert "registry: Redis is back" in b.logs()
+
+
+def test_a_bundle_copied_back_right_after_a_task_delete_waits_for_an_upload(cluster, tmp_path: Path, info) -> None:
+    """A deletes the task; its files are copied back into the store by hand at once. B does not
+    register them by an activation within the tombstone's minute (it cannot tell them from a copy
+    the delete is still removing), says so, and keeps no loaded copy of them; an upload does."""
+    import shutil
+
+    redis, a, b, v0 = cluster
+    task_dir = tmp_path / "store" / "sentiment"
+    kept = tmp_path / "kept"
+    shutil.copytree(task_dir / v0, kept)
+    assert httpx.delete(f"{a.url}/v1/tasks/sentiment", headers=AUTH_ADMIN, timeout=10).status_code == 200
+    eventually(lambda: httpx.get(f"{b.url}/v1/tasks/sentiment", headers=AUTH_READER, timeout=5).status_code == 404)
+    shutil.copytree(kept, task_dir / v0)
+
+    refused = httpx.post(f"{b.url}/v1/tasks/sentiment/versions/{v0}/activate", headers=AUTH_ADMIN, timeout=10)
+    assert refused.status_code == 404 and "deleted less than 60 s ago" in refused.json()["error"], refused.text
+    assert "upload the bundle" in refused.json()["error"]
+    listed = httpx.get(f"{b.url}/v1/tasks/sentiment/versions", headers=AUTH_READER, timeout=5).json()
+    assert [(row["version"], row["location"]) for row in listed["versions"]] == [(v0, "store")]  # not left loaded
+
+    bundle = (kept / "adapter_config.json").read_bytes(), (kept / "adapter_model.safetensors").read_bytes()
+    upload = httpx.post(f"{a.url}/v1/tasks/sentiment/versions", files=files(*bundle), headers=AUTH_ADMIN, timeout=10)
+    assert upload.status_code == 200 and upload.json()["version"] == v0 and upload.json()["active"], upload.text  # files were there
+    follows(b, v0)
