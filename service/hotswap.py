@@ -133,6 +133,7 @@ class TaskAdmin:
                 raise Conflict(f"task {task!r} has no version yet; its first version serves at once: "
                                "upload it without activate=false")
             created = await asyncio.to_thread(self.state.store.put_version, task, version, files.config, files.weights)
+            runtime.cache.forget_failure(key)  # its files are whole now (a damaged copy was just replaced)
             if activate:
                 runtime.cache.insert(key, loaded)  # warm before the flip: the first request does not load
             meta = {"uploaded_at": round(time.time(), 3), "bytes": len(files.config) + len(files.weights),
@@ -224,8 +225,8 @@ class TaskAdmin:
         validate_task_name(task)
         stored = await asyncio.to_thread(self._versions, task)
         record = await self._record(task, known_in_store=bool(stored))
-        if not stored and record.active is None:  # a first upload still writing its files: not a task yet
-            raise TaskNotFound(f"task {task!r} not found: it has no version in the store yet")
+        if not stored and record.active is None:  # as classify says it: 404 while a first upload writes
+            await asyncio.to_thread(self.state.store.resolve, task)  # its files, 503 if ACTIVE names a lost one
         cache = self.state.runtime.cache if self.state.runtime is not None else None
         rows = []
         for version in stored:

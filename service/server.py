@@ -1,12 +1,17 @@
-"""The uvicorn server the CLI runs: its config, and a deadline for each request's head.
+"""The uvicorn server the CLI runs: its config, and limits on each request's head.
 
 uvicorn times a request's body only through the app (`BodyLimitMiddleware`) and an idle
-keep-alive connection only after a response; a client that opens a connection and never finishes
-a request line and headers (slowloris) never reaches the app and was held open indefinitely. Here
-each connection gets `header_read_timeout_s` from its opening, and each later request from its
-first byte, to finish its head. Past it the connection is closed: with a 408 when part of a head
-had arrived, silently when nothing had (a client that pre-opened a connection and later sends a
-request on it must not read an unsolicited 408 as its answer).
+keep-alive connection only after a response, and httptools buffers a head of any size; a client
+that opens a connection and never finishes a request line and headers (slowloris), or streams
+headers without end, never reaches the app and was held open indefinitely, its buffered bytes
+growing. Here each connection gets `header_read_timeout_s` from its opening, and each later
+request from its first byte (or from any byte, a stray CRLF included, after an answer), to finish
+its head, and a head may be at most `max_header_bytes`. Past the deadline the connection is
+closed: with a 408 when part of a head had arrived, silently when nothing had (a client that
+pre-opened a connection and later sends a request on it must not read an unsolicited 408 as its
+answer), and after the answer in flight when a pipelined head stalls behind it (HTTP answers go
+in order: a 408 sent first would read as the answer to the request before). Past the size: 431
+and close.
 """
 from __future__ import annotations
 
@@ -22,16 +27,21 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+LINGER_S = 2.0  # how long a refused connection is read (and dropped) after its answer, before the close
+
 
 class HeaderTimeoutProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline for each request's line and headers."""
+    """uvicorn's httptools protocol with a deadline and a size cap for each request's head."""
 
-    header_timeout_s: float = 15.0  # set per server by `header_timeout_protocol`
+    header_timeout_s: float = 15.0  # both set per server by `header_timeout_protocol`
+    max_header_bytes: int = 64 * 1024
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_started = False  # a byte of the current request's head has been parsed
+        self._head_bytes = 0  # bytes received while the current head is incomplete
+        self._discarding = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -40,6 +50,22 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._discarding:  # refused: read and drop the rest until the close (see `_refuse`)
+            return
+        super().data_received(data)
+        if self.transport.is_closing():
+            return
+        if self._head_started:  # this data left a head unfinished
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_header_bytes:
+                self._refuse(431, "Request Header Fields Too Large", "headers_too_large",
+                             f"request line and headers over {self.max_header_bytes} bytes")
+        elif self._head_timer is None and self.timeout_keep_alive_task is None and self._idle():
+            # Bytes that began no request (a stray CRLF after an answer) stopped uvicorn's idle
+            # timer: time the connection from here as if a head had begun.
+            self._arm_head_timer()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -50,7 +76,11 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm_head_timer()
         self._head_started = False
+        self._head_bytes = 0
         super().on_headers_complete()
+
+    def _idle(self) -> bool:
+        return self.cycle is None or self.cycle.response_complete
 
     def _arm_head_timer(self) -> None:
         self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
@@ -64,22 +94,39 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         self._head_timer = None
         if self.transport.is_closing():
             return
+        if not self._idle():  # a pipelined head stalled behind the answer in flight: close after it
+            self.cycle.keep_alive = False
+            return
         if not self._head_started:  # nothing of a request yet: close without an answer
             self.transport.close()
             return
+        self._refuse(408, "Request Timeout", "request_timeout",
+                     f"request headers not complete within {self.header_timeout_s:g} s")
+
+    def _refuse(self, status: int, reason: str, error_type: str, message: str) -> None:
+        """Answer a head the app never saw, in the app's error format, and close."""
+        self._disarm_head_timer()
         client = "%s:%d" % self.client if self.client else "a client"
-        log.info("closed the connection of %s: its request line and headers took over %.0f s", client,
-                 self.header_timeout_s)
-        body = json.dumps({"error": f"request headers not complete within {self.header_timeout_s:g} s",
-                           "error_type": "request_timeout"}).encode()
-        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
-        self.transport.close()
+        log.info("closed the connection of %s: %s", client, message)
+        if not self._idle():  # never ahead of the answer in flight
+            self.cycle.keep_alive = False
+            self.flow.pause_reading()
+            return
+        body = json.dumps({"error": message, "error_type": error_type}).encode()
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                             b"connection: close\r\n\r\n%s" % (status, reason.encode(), len(body), body))
+        # A lingering close: closing with the client's bytes still unread makes the kernel send a
+        # reset, which can destroy the answer before the client reads it. So send our side's end
+        # (FIN), keep reading and dropping what still comes, and close a moment later.
+        self._discarding = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
 
 
-def header_timeout_protocol(seconds: float) -> type[HeaderTimeoutProtocol]:
+def header_timeout_protocol(seconds: float, max_bytes: int = HeaderTimeoutProtocol.max_header_bytes) -> type[HeaderTimeoutProtocol]:
     """The protocol class for one server (uvicorn builds a protocol per connection from a class)."""
-    return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"header_timeout_s": seconds})
+    return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"header_timeout_s": seconds, "max_header_bytes": max_bytes})
 
 
 def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:
@@ -87,5 +134,6 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Co
     engine holds the backbone and the task cache in this process; more processes would each load
     their own copy. Scale out with more replicas instead."""
     options: dict[str, Any] = dict(host=settings.host, port=settings.port, workers=1, log_level=settings.log_level,
-                                   lifespan="on", http=header_timeout_protocol(settings.header_read_timeout_s))
+                                   lifespan="on",
+                                   http=header_timeout_protocol(settings.header_read_timeout_s, settings.max_header_bytes))
     return uvicorn.Config(app, **(options | overrides))

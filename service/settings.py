@@ -173,12 +173,20 @@ class Settings(BaseSettings):
     )
 
     header_read_timeout_s: float = Field(
-        default=15.0, gt=0.0, le=3600.0,
+        default=15.0, ge=0.1, le=3600.0,
         description="Longest a connection may take to send a request's line and headers, counted from "
         "the connection opening (its first request) or from the request's first byte (later ones): "
         "past it the connection is closed, with 408 if part of a request had arrived. Default 15 s, "
         "as the body timeout: a client that never finishes its headers (slowloris) would otherwise "
         "hold its connection open for good. Applies to `adaptserve serve`.",
+    )
+    max_header_bytes: int = Field(
+        default=64 * 1024, ge=1024, le=16 * 1024 * 1024,
+        description="Largest request line plus headers in bytes; beyond it 431 and the connection "
+        "closed, before the app sees the request. Default 64 KiB: this API's requests carry a few "
+        "hundred bytes of headers, and proxies commonly allow 8-64 KiB (nginx's "
+        "large_client_header_buffers 4 x 8k, Node 16 KiB); without a cap the parser buffers a "
+        "head of any size. Applies to `adaptserve serve`.",
     )
     body_read_timeout_s: float = Field(
         default=15.0, gt=0.0, le=3600.0,

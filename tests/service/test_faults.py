@@ -179,6 +179,30 @@ def test_activating_a_repaired_version_reads_its_files_again(store: Path, engine
         assert client.post("/v1/tasks/victim/classify", json={"inputs": ["fun"]}).json()["version"] == new
 
 
+def test_an_upload_that_repairs_a_version_forgets_its_failed_load(store: Path, engine: Engine) -> None:
+    """Re-uploading a damaged version's files (even without activating anything) replaces the
+    copy on disk: its requests serve at once, not after the remembered failure runs out."""
+    bundle = _active(store, "victim")
+    config, original = (bundle / CONFIG).read_bytes(), (bundle / WEIGHTS).read_bytes()
+    _flip_last_byte(bundle / WEIGHTS)
+    with TestClient(create_app(Settings(store=store, max_wait_ms=1.0, failed_load_retry_s=3600), engine=engine)) as client:
+        wait_ready(client)
+        assert client.post("/v1/tasks/victim/classify", json={"inputs": ["fun"]}).status_code == 503
+        upload = client.post("/v1/tasks/victim/versions", files={CONFIG: (CONFIG, config), WEIGHTS: (WEIGHTS, original)},
+                             data={"activate": "false"})
+        assert upload.status_code == 201 and upload.json()["active"], upload.text
+        assert client.post("/v1/tasks/victim/classify", json={"inputs": ["fun"]}).status_code == 200
+
+
+def test_the_versions_of_a_task_whose_pointer_names_a_lost_version_say_so(store: Path, engine: Engine) -> None:
+    (store / "lost").mkdir()
+    (store / "lost" / "ACTIVE").write_text("deadbeefdeadbeef\n")
+    with TestClient(create_app(Settings(store=store, max_wait_ms=1.0), engine=engine)) as client:
+        wait_ready(client)
+        for response in (client.post("/v1/tasks/lost/classify", json={"inputs": ["fun"]}), client.get("/v1/tasks/lost/versions")):
+            assert response.status_code == 503 and "ACTIVE names version 'deadbeefdeadbeef'" in response.json()["error"]
+
+
 def test_a_corrupt_version_is_never_activated(store: Path, engine: Engine) -> None:
     old, new = _with_a_second_version(store, engine, seed=5)
     (store / "victim" / "ACTIVE").write_text(old + "\n")

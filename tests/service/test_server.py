@@ -73,6 +73,18 @@ def test_real_server_round_trip(served: Served) -> None:
         assert 'adaptserve_requests_total{status="200",task="sentiment"} 1.0' in client.get("/metrics").text
 
 
+def test_server_timing_is_finer_than_the_event_loops_clock(served: Served) -> None:
+    """uvloop's loop.time() counts whole milliseconds: spans timed with it would all be integers and
+    could add up to more than the total."""
+    with httpx.Client(base_url=served.url) as client:
+        timings = [client.post("/v1/tasks/sentiment/classify", json={"inputs": ["hello"]}).headers["server-timing"]
+                   for _ in range(5)]
+    spans = [{part.split(";")[0]: float(part.split("dur=")[1].split(";")[0]) for part in t.split(", ")} for t in timings]
+    assert any(not span["total"].is_integer() for span in spans), timings
+    for span in spans:
+        assert span["task"] + span["tokenize"] + span["queue"] + span["forward"] <= span["total"] + 0.3  # rounding
+
+
 def test_a_closed_connection_drops_the_request_before_its_forward(served: Served) -> None:
     engine, state = served.engine, served.app.state.service
     with httpx.Client(base_url=served.url, timeout=10) as client:
@@ -218,6 +230,47 @@ def test_a_kept_alive_connection_gets_the_same_deadline_for_its_next_request(str
         raw.sendall(HEAD)  # the second request stalls in its headers
         status, body = _read_response(raw)
     assert status == 408 and b"request_timeout" in body
+
+
+def test_a_stray_crlf_after_an_answer_does_not_hold_the_connection_open(strict_heads: Served) -> None:
+    """A bare CRLF begins no request but stops uvicorn's idle timer; the head deadline still runs."""
+    with _send_head(strict_heads.url, _request(close=False)) as raw:
+        data = b""
+        while b"predictions" not in data:
+            data += raw.recv(65536)
+        started = time.monotonic()
+        raw.sendall(b"\r\n")
+        assert raw.recv(65536) == b""  # closed, silently: no request had begun
+    assert time.monotonic() - started < 5
+
+
+def test_a_pipelined_head_that_stalls_waits_for_the_answer_before_it(strict_heads: Served) -> None:
+    """HTTP answers go in order: the request in flight is answered first, then the connection
+    closes; a 408 sent ahead would read as the answer to that request."""
+    body = b'{"inputs": ["sleep:1.0"]}'  # a forward that outlasts the 0.5 s head deadline
+    slow = HEAD + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    with _send_head(strict_heads.url, slow + b"GET /healthz HTTP/1.1\r\nHo") as raw:
+        data = b""
+        while chunk := raw.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200") and b"predictions" in data
+    assert data.count(b"HTTP/1.1 ") == 1  # then closed: the stalled head got no answer
+
+
+@pytest.mark.parametrize("head", ["one huge header", "many headers", "a huge request line"])
+def test_a_head_over_the_size_cap_gets_431(tmp_path: Path, head: str) -> None:
+    served = next(_serve(tmp_path, max_header_bytes=4096))
+    filler = {"one huge header": b"X-Big: " + b"a" * 8000 + b"\r\n",
+              "many headers": b"".join(b"X-%d: v\r\n" % i for i in range(1000)),
+              "a huge request line": b""}[head]
+    line = b"GET /healthz?" + b"q" * 8000 + b" HTTP/1.1\r\n" if head == "a huge request line" else b"GET /healthz HTTP/1.1\r\n"
+    with _send_head(served.url, b"") as raw:
+        for i in range(0, len(line + filler), 1000):  # in pieces, as a client streaming it would
+            raw.sendall((line + filler)[i:i + 1000])
+        status, body = _read_response(raw)
+    assert status == 431 and b"headers_too_large" in body and b"over 4096 bytes" in body
+    with httpx.Client(base_url=served.url) as client:
+        assert client.get("/healthz", headers={"X-Fine": "v" * 2000}).status_code == 200  # under the cap
 
 
 def test_headers_that_arrive_slowly_but_in_time_are_served(strict_heads: Served) -> None:
