@@ -9,9 +9,11 @@ request from its first byte (or from any byte, a stray CRLF included, after an a
 its head, and a head may be at most `max_header_bytes`. Past the deadline the connection is
 closed: with a 408 when part of a head had arrived, silently when nothing had (a client that
 pre-opened a connection and later sends a request on it must not read an unsolicited 408 as its
-answer), and after the answer in flight when a pipelined head stalls behind it (HTTP answers go
-in order: a 408 sent first would read as the answer to the request before). Past the size: 431
-and close.
+answer), and after the answers in flight when a pipelined head stalls behind them (HTTP answers
+go in order: a 408 sent first would read as the answer to the request before). Past the size: 431
+and close. A chunked body's trailer fields count against the same cap and are never kept (the app
+reads none). A client's FIN still means it is gone, as in uvicorn: that is how a request whose
+client left is dropped before its forward, so a client that only half-closes loses its answer.
 """
 from __future__ import annotations
 
@@ -31,7 +33,10 @@ LINGER_S = 2.0  # how long a refused connection is read (and dropped) after its 
 
 
 class HeaderTimeoutProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline and a size cap for each request's head."""
+    """uvicorn's httptools protocol with a deadline and a size cap for each request's head.
+
+    Every parser callback is a no-op once the connection is refused (`_discarding`): the read being
+    parsed may still hold the rest of the refused request, which must never reach the app."""
 
     header_timeout_s: float = 15.0  # both set per server by `header_timeout_protocol`
     max_header_bytes: int = 64 * 1024
@@ -40,9 +45,20 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_started = False  # a byte of the current request's head has been parsed
-        self._head_bytes = 0  # bytes received while the current head is incomplete
-        self._discarding = False
+        # The head's size two ways, the cap applied to the larger: what the parser has reported
+        # (the URL, each header once whole: exact, but a header still arriving is not in it), and
+        # the bytes of the reads since the head began (counts a header still arriving; leaves out
+        # the read it began in when a previous request ended in that read too, as its body's bytes
+        # are in it: a pipelined head is then counted from its next read on).
+        self._head_parsed = 0
+        self._head_streamed = 0
+        self._head_began_now = False  # the head began in the read being parsed
+        self._message_ended_now = False  # a request ended in the read being parsed
+        self._trailer_bytes = 0  # a chunked body's trailer fields: counted, never kept
+        self._discarding = False  # refused: further bytes are dropped, unparsed
+        self._close_after_answers = False  # refused behind requests in flight: close once they are answered
 
+    # -- the connection ----------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_head_timer()
@@ -52,35 +68,90 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._discarding:  # refused: read and drop the rest until the close (see `_refuse`)
+        if self._discarding:
             return
+        self._head_began_now = self._message_ended_now = False
         super().data_received(data)
-        if self.transport.is_closing():
+        if self.transport.is_closing() or self._discarding:
             return
-        if self._head_started:  # this data left a head unfinished
-            self._head_bytes += len(data)
-            if self._head_bytes > self.max_header_bytes:
-                self._refuse(431, "Request Header Fields Too Large", "headers_too_large",
-                             f"request line and headers over {self.max_header_bytes} bytes")
+        if self._head_started:  # this read left a head unfinished
+            if not (self._head_began_now and self._message_ended_now):
+                self._head_streamed += len(data)
+            self._check_head_size()
         elif self._head_timer is None and self.timeout_keep_alive_task is None and self._idle():
             # Bytes that began no request (a stray CRLF after an answer) stopped uvicorn's idle
             # timer: time the connection from here as if a head had begun.
             self._arm_head_timer()
 
+    def on_response_complete(self) -> None:
+        if self._close_after_answers and not self.pipeline:
+            self.server_state.total_requests += 1
+            self._linger()
+            return
+        super().on_response_complete()
+
+    # -- parser callbacks --------------------------------------------------------------------------
     def on_message_begin(self) -> None:
+        if self._discarding:
+            return
         super().on_message_begin()
-        self._head_started = True
+        self._head_started, self._head_began_now = True, True
+        self._head_parsed = len(" HTTP/1.1\r\n\r\n")  # the request line's framing and the blank line
+        self._head_streamed = self._trailer_bytes = 0
         if self._head_timer is None:  # a later request on a kept-alive connection
             self._arm_head_timer()
 
+    def on_url(self, url: bytes) -> None:
+        if self._discarding:
+            return
+        if not self.url:  # the first piece of the URL: the method and its space come before it
+            self._head_parsed += len(self.parser.get_method()) + 1
+        super().on_url(url)
+        self._head_parsed += len(url)
+        self._check_head_size()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._discarding:
+            return
+        if not self._head_started:  # a trailer field after a chunked body: the app reads none
+            self._trailer_bytes += len(name) + len(value) + 4
+            if self._trailer_bytes > self.max_header_bytes:
+                log.info("closed the connection of %s: its body's trailer fields passed %d bytes", self._who(),
+                         self.max_header_bytes)
+                self._discarding = True
+                self.transport.close()  # mid-request: the app sees the client gone
+            return
+        super().on_header(name, value)
+        self._head_parsed += len(name) + len(value) + 4  # ": " and CRLF
+        self._check_head_size()
+
     def on_headers_complete(self) -> None:
+        if self._discarding:
+            return
         self._disarm_head_timer()
         self._head_started = False
-        self._head_bytes = 0
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        if not self._discarding:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._discarding:
+            self._message_ended_now = True
+            super().on_message_complete()
+
+    # -- limits ------------------------------------------------------------------------------------
     def _idle(self) -> bool:
         return self.cycle is None or self.cycle.response_complete
+
+    def _who(self) -> str:
+        return "%s:%d" % self.client if self.client else "a client"
+
+    def _check_head_size(self) -> None:
+        if not self._discarding and max(self._head_parsed, self._head_streamed) > self.max_header_bytes:
+            self._refuse(431, "Request Header Fields Too Large", "headers_too_large",
+                         f"request line and headers over {self.max_header_bytes} bytes")
 
     def _arm_head_timer(self) -> None:
         self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
@@ -92,32 +163,33 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self.transport.is_closing():
+        if self.transport.is_closing() or self._discarding:
             return
-        if not self._idle():  # a pipelined head stalled behind the answer in flight: close after it
-            self.cycle.keep_alive = False
-            return
-        if not self._head_started:  # nothing of a request yet: close without an answer
+        if self._idle() and not self._head_started:  # nothing of a request yet: close without an answer
             self.transport.close()
             return
         self._refuse(408, "Request Timeout", "request_timeout",
                      f"request headers not complete within {self.header_timeout_s:g} s")
 
     def _refuse(self, status: int, reason: str, error_type: str, message: str) -> None:
-        """Answer a head the app never saw, in the app's error format, and close."""
+        """Answer a head the app never saw, in the app's error format, and close. Behind requests
+        still being answered (pipelining) no answer is sent: HTTP answers go in order, and one sent
+        now would read as the answer to the request before; the connection closes after theirs."""
         self._disarm_head_timer()
-        client = "%s:%d" % self.client if self.client else "a client"
-        log.info("closed the connection of %s: %s", client, message)
-        if not self._idle():  # never ahead of the answer in flight
-            self.cycle.keep_alive = False
-            self.flow.pause_reading()
+        self._discarding = True
+        log.info("closed the connection of %s: %s", self._who(), message)
+        if not self._idle():
+            self._close_after_answers = True
             return
         body = json.dumps({"error": message, "error_type": error_type}).encode()
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                              b"connection: close\r\n\r\n%s" % (status, reason.encode(), len(body), body))
-        # A lingering close: closing with the client's bytes still unread makes the kernel send a
-        # reset, which can destroy the answer before the client reads it. So send our side's end
-        # (FIN), keep reading and dropping what still comes, and close a moment later.
+        self._linger()
+
+    def _linger(self) -> None:
+        """A lingering close: closing with the client's bytes still unread makes the kernel send a
+        reset, which can destroy the answer before the client reads it. So send our side's end
+        (FIN), keep reading and dropping what still comes, and close a moment later."""
         self._discarding = True
         if self.transport.can_write_eof():
             self.transport.write_eof()

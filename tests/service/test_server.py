@@ -273,6 +273,67 @@ def test_a_head_over_the_size_cap_gets_431(tmp_path: Path, head: str) -> None:
         assert client.get("/healthz", headers={"X-Fine": "v" * 2000}).status_code == 200  # under the cap
 
 
+@pytest.fixture
+def small_heads(tmp_path: Path) -> Iterator[Served]:
+    """A server that takes heads of at most 1024 bytes."""
+    yield from _serve(tmp_path, max_header_bytes=1024)
+
+
+def _head_of(size: int) -> bytes:
+    """A GET head of exactly `size` bytes."""
+    start, end = b"GET /healthz HTTP/1.1\r\nX-Pad: ", b"\r\n\r\n"
+    return start + b"a" * (size - len(start) - len(end)) + end
+
+
+@pytest.mark.parametrize("size, status", [(1024, 200), (1025, 431), (60_000, 431)])
+def test_the_head_cap_holds_whatever_the_packets(small_heads: Served, size: int, status: int) -> None:
+    with _send_head(small_heads.url, _head_of(size)) as raw:  # one write: the head completes in one read
+        assert _read_response(raw)[0] == status
+
+
+def test_a_pipelined_head_is_not_charged_for_the_body_before_it(small_heads: Served, caplog) -> None:
+    """A read holding a request's 3 KB body and the start of the next head must not count the body
+    against the next head's 1 KiB. (uvicorn itself does not answer a request pipelined behind a
+    POST, so the test reads the server's log, not a second answer.)"""
+    caplog.set_level(logging.INFO, logger="service.server")
+    body = b'{"inputs": ["' + b"a" * 3000 + b'"]}'
+    with _send_head(small_heads.url, HEAD + b"Content-Length: %d\r\n\r\n" % len(body) + body
+                    + b"GET /healthz HTTP/1.1\r\nHost: t\r\n") as raw:
+        assert raw.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(0.2)
+    assert "over 1024 bytes" not in caplog.text
+
+
+def test_trailers_count_against_the_head_cap(small_heads: Served) -> None:
+    """A chunked body's trailer fields are never kept; past the cap the connection is dropped."""
+    chunk = b'{"inputs": ["good"]}'
+    head = HEAD + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + b"%x\r\n" % len(chunk) + chunk + b"\r\n0\r\n"
+    with _send_head(small_heads.url, head + b"X-T: small\r\n\r\n") as raw:
+        assert _read_response(raw)[0] == 200  # a few trailer bytes: fine
+    with _send_head(small_heads.url, head) as raw:
+        try:
+            for _ in range(100):
+                raw.sendall(b"X-T: " + b"a" * 100 + b"\r\n")
+            received = raw.recv(65536)
+        except (BrokenPipeError, ConnectionResetError):
+            received = b""
+    assert received == b""  # closed, unanswered: the client is treated as gone
+    with httpx.Client(base_url=small_heads.url) as client:
+        assert client.post("/v1/tasks/sentiment/classify", json={"inputs": ["fine"]}).status_code == 200
+
+
+def test_an_oversized_head_behind_a_request_in_flight_closes_after_its_answer(small_heads: Served) -> None:
+    body = b'{"inputs": ["sleep:0.5"]}'
+    slow = HEAD + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    with _send_head(small_heads.url, slow + b"GET /healthz HTTP/1.1\r\n") as raw:
+        for _ in range(20):
+            raw.sendall(b"X-A: " + b"a" * 100 + b"\r\n")
+        data = b""
+        while chunk := raw.recv(65536):  # a clean end (FIN), not a reset
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200") and data.count(b"HTTP/1.1 ") == 1
+
+
 def test_headers_that_arrive_slowly_but_in_time_are_served(strict_heads: Served) -> None:
     request = _request()
     with _send_head(strict_heads.url, b"") as raw:
