@@ -24,3 +24,13 @@ def wait_ready(client: TestClient, timeout_s: float = 5.0) -> None:
     while client.get("/readyz").status_code != 200:
         assert time.monotonic() < give_up, "server never got ready"
         time.sleep(0.005)
+
+
+def server_timing(header: str) -> dict[str, tuple[float, str | None]]:
+    """A `Server-Timing` header as {name: (ms, desc or None)}."""
+    spans = {}
+    for span in header.split(", "):
+        name, *params = span.split(";")
+        fields = dict(param.split("=", 1) for param in params)
+        spans[name] = (float(fields["dur"]), fields["desc"].strip('"') if "desc" in fields else None)
+    return spans

@@ -5,7 +5,7 @@ from fastapi.testclient import TestClient
 
 from service.engine.types import INLINE_TOKENIZE_CHARS
 from tests.fakes import FakeEngine
-from tests.service.api.harness import make_app, wait_ready
+from tests.service.api.harness import make_app, server_timing, wait_ready
 
 
 def test_classify_single_texts(client: TestClient, engine: FakeEngine) -> None:
@@ -62,21 +62,12 @@ def test_a_task_is_loaded_once_and_then_served_from_the_cache(client: TestClient
     assert [key.name for key in engine.loads] == ["sentiment"]
 
 
-def _server_timing(response) -> dict[str, tuple[float, str | None]]:
-    spans = {}
-    for span in response.headers["server-timing"].split(", "):
-        name, *params = span.split(";")
-        fields = dict(param.split("=", 1) for param in params)
-        spans[name] = (float(fields["dur"]), fields["desc"].strip('"') if "desc" in fields else None)
-    return spans
-
-
 def test_the_answer_says_where_its_time_went(client: TestClient) -> None:
     first = client.post("/v1/tasks/sentiment/classify", json={"inputs": ["sleep:0.05", "b", "c"]})
     again = client.post("/v1/tasks/sentiment/classify", json={"inputs": ["x"]})
-    spans = _server_timing(first)
+    spans = server_timing(first.headers["server-timing"])
     assert list(spans) == ["task", "tokenize", "queue", "forward", "total"]
-    assert spans["task"][1] == "store" and _server_timing(again)["task"][1] == "device"  # loaded, then cached
+    assert spans["task"][1] == "store" and server_timing(again.headers["server-timing"])["task"][1] == "device"  # loaded, then cached
     assert spans["forward"] == (pytest.approx(spans["forward"][0]), "3 rows") and spans["forward"][0] >= 50
     assert all(dur >= 0 for dur, _ in spans.values())
     assert sum(spans[name][0] for name in ("task", "tokenize", "queue", "forward")) <= spans["total"][0] + 0.5  # rounding
