@@ -204,6 +204,11 @@ class Packing:
 
     @classmethod
     def of(cls, keep: Tensor) -> "Packing | None":
+        if keep.device.type != "cpu":
+            # Packing saves arithmetic, which a GPU at serving shapes has to spare: it waits on
+            # the CPU launching its kernels. There, packing cost ~100 more ops a MiniLM batch
+            # (pack and unpack around every layer) and a device sync (`nonzero`), for nothing.
+            return None
         bsz, s = keep.shape
         index = keep.reshape(-1).nonzero().squeeze(1)  # one device sync per batch (and per compaction)
         if index.numel() > (1 - cls.MIN_PADDING) * bsz * s:

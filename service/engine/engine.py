@@ -318,7 +318,7 @@ class Engine:
             ids = alive.tolist()
             for r, z in enumerate(final):
                 out[ids[r]] = (z, n_layers)
-        return [(z.float().cpu(), layer) for z, layer in out]  # type: ignore[misc]
+        return _to_host(out)  # type: ignore[arg-type]
 
     def logits(self, batch: Batch, policies: Sequence[ExitPolicy | None] | None = None) -> list[Tensor]:
         """Per row: its task's logits (fp32, on CPU)."""
@@ -452,3 +452,13 @@ class Outputs:
                 if z is not None:
                     out[r] = z
         return out  # type: ignore[return-value]
+
+
+def _to_host(rows: Sequence[tuple[Tensor, int]]) -> list[tuple[Tensor, int]]:
+    """Every row's logits as fp32 on the CPU, in one device-to-host copy: one sync per batch
+    rather than a cast, a copy and a sync per row (on a GPU those were 64 of a batch's ~270 ops)."""
+    if not rows:
+        return []
+    zs = [z if z.dim() == 1 else z.reshape(-1) for z, _ in rows]
+    parts = torch.cat(zs).float().cpu().split([z.numel() for z in zs])  # cat promotes mixed dtypes
+    return [(p if z.dim() == 1 else p.view(z.shape), layer) for p, (z, layer) in zip(parts, rows)]

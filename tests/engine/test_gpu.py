@@ -69,3 +69,30 @@ def test_training_tables_never_wait_for_the_gpu():
         torch.cuda.set_sync_debug_mode("default")
     assert one.single and one.slot.tolist() == [1] * 5
     assert not mixed.single and mixed.slot.tolist() == [0, 1, 2, 2, 1]
+
+
+def test_serving_a_mixed_batch_syncs_at_most_twice(tmp_path):
+    """On a GPU the host runs ahead queueing kernels; every sync makes it wait for the device. A
+    batch of LoRA, adapter and head-only tasks may sync only where the host must read the device:
+    the head's row-to-task map and the one copy of the logits back. Failing, it names each sync's
+    line."""
+    import warnings
+
+    engine = Engine(load_backbone(_path(), device="cuda", dtype="bfloat16"))
+    tasks = [t for t in _tasks(engine, tmp_path / "store", per_method=2)
+             if t.key.name.startswith(("lora-", "adapter-", "head-only"))]
+    texts = _texts(4 * len(tasks), seed=4)
+    batch = engine.tokenize([ClassifyItem(tasks[i % len(tasks)], t) for i, t in enumerate(texts)])
+    with torch.inference_mode():
+        engine.run(batch)  # warm: first-call allocations and lazy inits are not the point
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                rows = engine.run(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}" for w in seen if "synchroniz" in str(w.message)]
+    assert len(rows) == len(texts)
+    assert len(syncs) <= 2, syncs

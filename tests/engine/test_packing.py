@@ -93,3 +93,13 @@ def test_packed_ffn_passes_gradients_to_task_weights(tmp_path, monkeypatch):
         grads.append(torch.cat([t.grad.flatten() for t in params]))
     assert float(grads[0].abs().max()) > 0
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_a_gpu_batch_is_never_packed():
+    """Off the CPU the padded layout is used whatever the padding: packing would add ~100 ops and
+    a device sync a MiniLM batch to a forward that waits on kernel launches, not arithmetic. (The
+    meta device stands in for a GPU: it has no data, so `nonzero` there would fail.)"""
+    keep = torch.zeros(4, 16, dtype=torch.bool)
+    keep[:, :3] = True  # 81% padding
+    assert Packing.of(keep) is not None
+    assert Packing.of(keep.to("meta")) is None
