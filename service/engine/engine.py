@@ -45,6 +45,7 @@ class Batch:
     tasks: list[Task]  # distinct tasks, in first-seen order
     row_part: Tensor  # [B] index into tasks
     answer_pos: Tensor | None = None  # [B] token index a verbalizer reads (template tasks), else None
+    part_of_row: list[int] | None = None  # row_part as a host list, where known: reading it back is a device sync
 
 
 class Engine:
@@ -207,6 +208,7 @@ class Engine:
             tasks=tasks,
             row_part=torch.tensor(row_part, dtype=torch.long, device=dev),
             answer_pos=torch.tensor([e.answer for e in encoded], dtype=torch.long, device=dev),
+            part_of_row=row_part,
         )
 
     def token_counts(self, items: Sequence[ClassifyItem]) -> list[int]:
@@ -226,9 +228,11 @@ class Engine:
                 counts.append(len(ids))
         return counts
 
-    def plan(self, tasks: Sequence[Task], row_part: Tensor, dropout: float = 0.0) -> tuple[Plan, "Outputs"]:
+    def plan(self, tasks: Sequence[Task], row_part: Tensor, dropout: float = 0.0,
+             part_of_row: list[int] | None = None) -> tuple[Plan, "Outputs"]:
         """Per-method tables for the tasks of one batch; the head batch is returned apart.
-        `dropout` is for training forwards only (`Plan.dropout`)."""
+        `dropout` is for training forwards only (`Plan.dropout`); `part_of_row` is row_part on the
+        host, if the caller has it."""
         batches = []
         for name, method in sorted(REGISTRY.items(), key=lambda kv: kv[1].order):
             if method.stage != "encoder":
@@ -236,8 +240,11 @@ class Engine:
             b = method.batch([t.weights.get(name) for t in tasks], row_part)
             if b is not None:
                 batches.append(b)
+        heads = REGISTRY["head"].batch([t.weights.get("head") for t in tasks], row_part)
+        if heads is not None:
+            heads.part_of_row = part_of_row  # type: ignore[attr-defined]
         head = Outputs(
-            REGISTRY["head"].batch([t.weights.get("head") for t in tasks], row_part),  # type: ignore[arg-type]
+            heads,  # type: ignore[arg-type]
             REGISTRY["verbalizer"].batch([t.weights.get("verbalizer") for t in tasks], row_part),  # type: ignore[arg-type]
         )
         return Plan(tuple(batches), dropout), head
@@ -290,13 +297,13 @@ class Engine:
         """
         enc = self.backbone.encoder
         n_layers = enc.num_layers
-        plan, head = self.plan(batch.tasks, batch.row_part)
+        plan, head = self.plan(batch.tasks, batch.row_part, part_of_row=batch.part_of_row)
         if head.head is None and head.verbalizer is None:
             raise RuntimeError("no task in this batch has a classification head or verbalizer")
         head.answer = batch.answer_pos
         exits = self._exit_batch(batch, policies)
         out: list[tuple[Tensor, int] | None] = [None] * batch.input_ids.shape[0]
-        alive = torch.arange(batch.input_ids.shape[0], device=batch.input_ids.device)  # original row ids
+        ids = list(range(batch.input_ids.shape[0]))  # the original row of each row still running
         st = enc.embed(batch.input_ids, batch.attention_mask, batch.token_type_ids, plan)
         for i in range(n_layers):
             st = enc.layer(i, st)
@@ -305,17 +312,17 @@ class Engine:
             leave, logits = exits.decide(i, st.hidden, st.keep, st.text_start, st.text_len)
             if not bool(leave.any()):
                 continue
-            ids = alive.tolist()  # one device sync, not one per row
             for r, z in logits.items():
                 out[ids[r]] = (z, i + 1)
-            stay = (~leave).nonzero().squeeze(1).to(alive.device)
-            if stay.numel() == 0:
+            stay = (~leave).nonzero().squeeze(1)
+            kept = stay.tolist()
+            if not kept:
                 break
-            alive, st, head, exits = alive[stay], st.select(stay), head.select(stay), exits.select(stay)
+            ids = [ids[k] for k in kept]
+            st, head, exits = st.select(stay), head.select(stay), exits.select(stay)
         else:
             st = enc.finish(st)
             final = head.logits(st, self._pooler(), self.backbone.lm_head)
-            ids = alive.tolist()
             for r, z in enumerate(final):
                 out[ids[r]] = (z, n_layers)
         return _to_host(out)  # type: ignore[arg-type]

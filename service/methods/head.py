@@ -121,6 +121,7 @@ class HeadBatch(MethodBatch):
     def __init__(self, parts: Sequence[HeadWeights | None], row_part: Tensor):
         self.parts = parts
         self.row_part = row_part
+        self.part_of_row: list[int] | None = None  # row_part on the host, when the engine knows it
 
     def select(self, rows: Tensor) -> "HeadBatch":
         return HeadBatch(self.parts, self.row_part.index_select(0, rows))
@@ -132,14 +133,15 @@ class HeadBatch(MethodBatch):
         (with any task's pooler LoRA from the batch's own tables); each row then keeps its task's
         choice. Serving projects all rows with one bmm over pooled classifiers; training (weights
         with gradients) projects per task."""
-        part_of_row = self.row_part.tolist()
+        # on a GPU, reading row_part back would wait here for the whole encoder to finish
+        part_of_row = self.part_of_row if self.part_of_row is not None else self.row_part.tolist()
         present = sorted({j for j in part_of_row if self.parts[j] is not None})
         if not present:
             return [None] * hidden.shape[0]
         parts = self.parts
 
         def rows_where(pred) -> Tensor:  # [B] bool: rows whose task satisfies pred
-            flags = torch.tensor([p is not None and pred(p) for p in parts], device=hidden.device)
+            flags = slots.to_device([p is not None and pred(p) for p in parts], hidden.device)
             return flags.index_select(0, self.row_part)
 
         kinds = sorted({parts[j].pooling for j in present})
@@ -160,7 +162,7 @@ class HeadBatch(MethodBatch):
         for j in present:  # task-owned dense layers (RoBERTa-shaped heads): rare, per task
             p = parts[j]
             if p.dense_w is not None:
-                rows = (self.row_part == j).nonzero().squeeze(1)
+                rows = slots.to_device([r for r, k in enumerate(part_of_row) if k == j], x.device, torch.long)
                 x = x.index_copy(0, rows, ACT2FN[p.dense_activation](x.index_select(0, rows) @ p.dense_w.T + p.dense_b))
         out: list[Tensor | None] = [None] * hidden.shape[0]
         if slots.poolable([parts[j] for j in present]):

@@ -114,8 +114,8 @@ class PrefixBatch(MethodBatch):
         else:
             self.table = slots.build([None if p is None else (p.keys, p.values) for p in parts], row_part)
         dev = row_part.device
-        plen = torch.tensor([0 if p is None else p.num_virtual_tokens for p in parts], device=dev)
-        shift = torch.tensor([p.positions_used if p is not None else 0 for p in parts], device=dev)
+        plen = slots.to_device([0 if p is None else p.num_virtual_tokens for p in parts], dev)
+        shift = slots.to_device([p.positions_used if p is not None else 0 for p in parts], dev)
         self.plen = plen.index_select(0, row_part)  # [B]
         self.shift = shift.index_select(0, row_part)  # [B]
         pmax = max(p.num_virtual_tokens for p in parts if p is not None)

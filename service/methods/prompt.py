@@ -95,7 +95,7 @@ class PromptBatch(MethodBatch):
             self.table = slots.OneKey(POOL.gather(parts, row_part))
         else:
             self.table = slots.build([None if p is None else (p.embeddings,) for p in parts], row_part)
-        lengths = torch.tensor([0 if p is None else p.num_virtual_tokens for p in parts], device=row_part.device)
+        lengths = slots.to_device([0 if p is None else p.num_virtual_tokens for p in parts], row_part.device)
         self.lengths = lengths.index_select(0, row_part)  # [B]
 
     def prompt(self) -> tuple[Tensor, Tensor]:

@@ -102,6 +102,15 @@ def use_spans(device: torch.device, rows_using: int, rows: int, wide: bool = Fal
     return spans(device) and (wide or rows_using <= SPAN_MAX_SHARE * rows)
 
 
+def to_device(values: Sequence, device: torch.device, dtype: torch.dtype | None = None) -> Tensor:
+    """A host list as a tensor on `device`, without waiting for the device. A blocking copy from
+    host memory (what `torch.tensor(values, device="cuda")` does) first drains every kernel queued
+    before it; a non-blocking one from pageable memory is staged by the driver at once, so the
+    list may go right after."""
+    t = torch.tensor(values, dtype=dtype)
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+
 def poolable(parts: Sequence[object | None]) -> bool:
     """Serving weights go through the pool; weights that train (leaf tensors collecting gradients)
     must not, since a copy in a table would neither see optimizer steps nor pass gradients back."""
@@ -179,7 +188,7 @@ class SlotPool:
             weakref.finalize(pin, self._unpinned.append, frozenset(batch))
             layouts = {self._layout[s] for s in batch}  # tasks of the same method settings (most) count once
             tables = dict(self._tables)  # a snapshot: growth later replaces tables, never edits these
-        slot = torch.tensor(part_slot, device=row_part.device).index_select(0, row_part)  # [B]
+        slot = to_device(part_slot, row_part.device).index_select(0, row_part)  # [B]
         # per key, the largest shape among this batch's tasks: tables are sliced to it, so one
         # large-rank task elsewhere in the pool costs this batch nothing
         widest: dict[Key, list[list[int]]] = {}
