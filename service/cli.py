@@ -16,7 +16,7 @@ import importlib
 import logging
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from pydantic import ValidationError
 
@@ -53,6 +53,7 @@ _SERVE_FLAGS: list[tuple[str, str, Callable[[str], object], str]] = [
     ("--store-backend", "store_backend", str, "local or s3"),
     ("--cache-host-max-bytes", "cache_host_max_bytes", int, "byte budget of tasks kept in host memory"),
 ]
+_FLAG_OF = {field: flag for flag, field, _, _ in _SERVE_FLAGS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,10 +87,11 @@ def serve(args: argparse.Namespace) -> int:
     from service.settings import Settings, describe_validation_error, unknown_variables
 
     overrides = {field: getattr(args, field) for _, field, _, _ in _SERVE_FLAGS if getattr(args, field) is not None}
+    flags = {field: _FLAG_OF[field] for field in overrides}  # what a message names by its flag
     try:
         settings = Settings(**overrides)
     except ValidationError as err:
-        print(f"adaptserve serve: invalid settings:\n{describe_validation_error(err)}", file=sys.stderr)
+        print(f"adaptserve serve: invalid settings:\n{describe_validation_error(err, flags)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("botocore", "boto3", "s3transfer", "urllib3"):
@@ -100,12 +102,12 @@ def serve(args: argparse.Namespace) -> int:
     if unknown:  # a warning, not an error: a platform may inject variables meant for others
         warn_always(logging.getLogger("service"),
                     f"ignoring {', '.join(unknown)}: no such setting (a typo? every setting is listed in .env.example)")
-    problem = _backbone_problem(settings)
+    problem = _backbone_problem(settings, flags)
     if problem:
         print(f"adaptserve serve: {problem}", file=sys.stderr)
         return 2
 
-    sock = _listening_socket(settings.host, settings.port)  # before the backbone loads: fail in a second
+    sock = _listening_socket(settings.host, settings.port, flags)  # before the backbone loads: fail in a second
     if isinstance(sock, str):
         print(f"adaptserve serve: {sock}", file=sys.stderr)
         return 2
@@ -130,14 +132,26 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _listening_socket(host: str, port: int):
-    """The server's socket, bound now, or what is wrong with --host/--port as one line: a host
-    that does not resolve or is not this machine's, a port in use or not ours to take. (uvicorn
-    would find these only after the backbone loaded, and exit 3 without naming the setting.)"""
+def _named(field: str, flags: Mapping[str, str]) -> str:
+    """A `serve` setting as a message names it: as the user gave it (`--port`, or `ADAPTSERVE_PORT`
+    if the environment set it), or, for a default, both places it could be changed."""
+    from service.settings import ENV_PREFIX, setting_name
+
+    variable = f"{ENV_PREFIX}{field.upper()}"
+    if field in flags or variable in {name.upper() for name in os.environ}:  # env names match in any case
+        return setting_name(field, flags)
+    return f"{_FLAG_OF[field]} / {variable}"
+
+
+def _listening_socket(host: str, port: int, flags: Mapping[str, str]):
+    """The server's socket, bound now, or what is wrong with the host/port settings as one line: a
+    host that does not resolve or is not this machine's, a port in use or not ours to take. (uvicorn
+    would find these only after the backbone loaded, and exit 3 without naming the setting.)
+    `flags`: the settings the command line set, named by their flag."""
     import errno
     import socket
 
-    where = f"--host {host!r} / ADAPTSERVE_HOST"
+    where, port_name = _named("host", flags), _named("port", flags)
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except (socket.gaierror, UnicodeError) as err:
@@ -149,35 +163,38 @@ def _listening_socket(host: str, port: int):
     except OSError as err:
         sock.close()
         if err.errno == errno.EADDRINUSE:
-            return f"--port {port} / ADAPTSERVE_PORT: port {port} on {host} is already in use (another server?)"
+            return f"{port_name}: port {port} on {host} is already in use (another server?)"
         if err.errno == errno.EADDRNOTAVAIL:
             return f"{where}: {host} is not an address of this machine"
         if err.errno == errno.EACCES:
-            return f"--port {port} / ADAPTSERVE_PORT: not allowed to listen on port {port} (ports below 1024 need privileges)"
-        return f"{where}, --port {port}: cannot listen on {host}:{port} ({err.strerror or err})"
+            return f"{port_name}: not allowed to listen on port {port} (ports below 1024 need privileges)"
+        return f"{where}, {port_name}: cannot listen on {host}:{port} ({err.strerror or err})"
     sock.set_inheritable(True)
     return sock
 
 
-def _backbone_problem(settings) -> str | None:
+def _backbone_problem(settings, flags: Mapping[str, str]) -> str | None:
     """What can never work about the backbone settings, checked before the server starts: a
     missing model path or a GPU that is not there would otherwise leave a server that is alive but
-    never ready (other load errors do that on purpose: /readyz says why)."""
+    never ready (other load errors do that on purpose: /readyz says why). `flags`: the settings
+    the command line set, named by their flag."""
     path = settings.backbone
     if path is not None:
+        backbone = _named("backbone", flags)
         if path.suffix == ".gguf" and not path.is_file():
-            return f"ADAPTSERVE_BACKBONE: no GGUF file at {str(path)!r}"
+            return f"{backbone}: no GGUF file at {str(path)!r}"
         if path.suffix != ".gguf" and not (path / "config.json").is_file():
             what = "is not a directory" if not path.is_dir() else "has no config.json"
-            return f"ADAPTSERVE_BACKBONE: {str(path)!r} {what}; expected a local Hugging Face model folder or a .gguf file"
+            return f"{backbone}: {str(path)!r} {what}; expected a local Hugging Face model folder or a .gguf file"
     if settings.device.startswith("cuda"):
         import torch
 
+        device = _named("device", flags)
         if not torch.cuda.is_available():
-            return f"ADAPTSERVE_DEVICE={settings.device}, but PyTorch sees no CUDA device here; use auto or cpu"
+            return f"{device}: {settings.device!r}, but PyTorch sees no CUDA device here; use auto or cpu"
         index = int(settings.device.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
-            return f"ADAPTSERVE_DEVICE={settings.device}, but PyTorch sees {torch.cuda.device_count()} CUDA device(s)"
+            return f"{device}: {settings.device!r}, but PyTorch sees {torch.cuda.device_count()} CUDA device(s)"
     return None
 
 

@@ -557,15 +557,33 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     return sorted(name for name in environ if name.upper().startswith(ENV_PREFIX) and name.upper() not in known)
 
 
-def describe_validation_error(error: ValidationError) -> str:
-    """One line per problem, naming the env var a user would set, e.g.
-    `ADAPTSERVE_PORT: Input should be less than or equal to 65535 (got 70000)`."""
+def describe_validation_error(error: ValidationError, flags: Mapping[str, str] | None = None) -> str:
+    """One line per problem, naming each setting as the user gave it: by its flag where the command
+    line set it (`flags`: field -> flag, e.g. {"port": "--port"}), else by its env var, e.g.
+    `--port: Input should be less than or equal to 65535 (got 70000)` or
+    `ADAPTSERVE_PORT: ... (got '70000')`. Messages that name other settings name them the same way."""
+    flags = flags or {}
     lines = []
     for problem in error.errors():
         field = ".".join(str(part) for part in problem["loc"])
-        where = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
+        where = setting_name(field, flags) if field else "settings"
         secret = field in _NO_ECHO_FIELDS
         got = f" (got {problem['input']!r})" if field and "input" in problem and not secret else ""
-        message = problem["msg"].removeprefix("Value error, ")
+        message = name_flags(problem["msg"].removeprefix("Value error, "), flags)
         lines.append(f"{where}: {message}{got}")
     return "\n".join(lines)
+
+
+def setting_name(field: str, flags: Mapping[str, str] | None = None) -> str:
+    """A setting's name for a message: its flag if the command line set it (`flags`: field ->
+    flag), else its env var. A flag the user typed, reported as a variable they never set, sends
+    them looking in the wrong place."""
+    return (flags or {}).get(field) or f"{ENV_PREFIX}{field.upper()}"
+
+
+def name_flags(message: str, flags: Mapping[str, str]) -> str:
+    """`message` with every env var of a setting the command line set written as its flag
+    (validators name settings by their env var: they do not know where a value came from)."""
+    for field, flag in flags.items():
+        message = re.sub(rf"\b{ENV_PREFIX}{field.upper()}\b", flag, message)
+    return message

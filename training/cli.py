@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -222,7 +223,7 @@ def _train(args: argparse.Namespace) -> int:
             "pass --publish-full DIR to write the tuned backbone and its head, or --no-publish"
         )
     # --data / --dev / --test are read (whole) just below, before any training
-    _check_paths(args.device, store=args.store, publish=args.publish, publish_full=args.publish_full,
+    _check_paths(args.device, store=args.store, task=args.task, publish=args.publish, publish_full=args.publish_full,
                  json_out=args.json_out, token=args.token)
     splits = load_splits(args.data, args.dev, args.test, **_columns(args))
     _setup_logging()
@@ -426,12 +427,13 @@ def _guarded(prog: str, run: Callable[[], int]) -> int:
 
 
 def _check_paths(device: str, *, inputs: Sequence[tuple[str, Path | None]] = (), store: Path | None = None,
-                 publish: str | None = None, publish_full: Path | None = None, json_out: Path | None = None,
-                 token: str | None = None) -> None:
+                 task: str | None = None, publish: str | None = None, publish_full: Path | None = None,
+                 json_out: Path | None = None, token: str | None = None) -> None:
     """Before any work: the device, the files a run reads late (`inputs`: (flag, path)), and every
-    place it writes (--store / --publish-full directory, --publish URL, --json file). A run that
-    trains for an hour and then cannot write its result, or publishes and then cannot read its
-    test file, has wasted the hour or left a half-done job behind."""
+    place it writes (--store directory and `task`'s directory in it, --publish-full directory,
+    --publish URL, --json file). A run that trains for an hour and then cannot write its result,
+    or publishes and then cannot read its test file, has wasted the hour or left a half-done job
+    behind."""
     from service.engine.backbone import resolve_device
 
     try:
@@ -444,6 +446,8 @@ def _check_paths(device: str, *, inputs: Sequence[tuple[str, Path | None]] = (),
         if path is not None and not os.access(path, os.R_OK):
             raise DataError(f"{flag} {path}: permission denied")
     if store is not None:
+        if task is not None:
+            _check_task_dir(store, task)
         _check_dir("--store", store)
     if publish is not None:
         from training.publish import PublishError, probe
@@ -487,8 +491,42 @@ def _check_dir(flag: str, path: Path) -> None:
     if not existing.is_dir():
         where = "is a file" if existing == path else f"cannot be made: {existing} is a file"
         raise ConfigError(f"{flag} {path}: {where}, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
+    if existing == path and (why := _unwritable(path)):  # the directory itself: probed with a real write
+        raise ConfigError(f"{flag} {path}: cannot be written into ({why}); make it writable by this user, or "
+                          f"pass another {flag}")
+    if not os.access(existing, os.W_OK | os.X_OK):  # an ancestor it would be made in: not ours to write a probe into
         raise ConfigError(f"{flag} {path}: permission denied" + (f" (on {existing})" if existing != path else ""))
+
+
+def _check_task_dir(store: Path, task: str) -> None:
+    """`<store>/<task>/`, where an earlier version left it, takes the new version and the ACTIVE
+    pointer (service.engine.bundle.write_bundle): one that refuses writes would otherwise be found
+    only after training, at the publish."""
+    task_dir = store / task
+    if task_dir.is_symlink() and not task_dir.exists():
+        raise ConfigError(f"--store {store}: the task directory {task_dir} is a broken symbolic link")
+    if not task_dir.exists():
+        return  # made at the publish, in the store: _check_dir's
+    if not task_dir.is_dir():
+        raise ConfigError(f"--store {store}: {task_dir} is a file, not a task directory; move it away, or pass "
+                          "another --store")
+    why = _unwritable(task_dir)
+    if why:
+        raise ConfigError(f"--store {store}: the task directory {task_dir} cannot be written into ({why}); make it "
+                          f"writable by this user (e.g. chmod u+w {task_dir}), or pass another --store")
+
+
+def _unwritable(directory: Path) -> str | None:
+    """Why no file can be made in `directory`, or None: a probe file, made and removed at once
+    (a dot-name no store lists). Not os.access: root passes it whatever the mode bits say, and some
+    file systems (/proc, /sys, a network mount that checks on the server) refuse only the write."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".adaptserve-probe-", dir=directory)
+    except OSError as err:
+        return err.strerror or str(err)
+    os.close(fd)
+    os.unlink(probe)
+    return None
 
 
 def _load_backbone(path: Path | None, device: str, dtype: str):

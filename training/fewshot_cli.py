@@ -82,7 +82,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
     if args.template is not None and args.scale is not None:
         raise ConfigError("--scale belongs to --descriptions (it scales the cosine head); a --template task's "
                           "scores come from the LM's own logits")
-    _check_paths(args.device, inputs=[("--test", args.test)], store=args.store, publish=args.publish,
+    _check_paths(args.device, inputs=[("--test", args.test)], store=args.store, task=args.task, publish=args.publish,
                  json_out=args.json_out, token=args.token)
     _setup_logging()
     backbone = _load_backbone(args.backbone, args.device, "float32")
@@ -163,7 +163,8 @@ def _pet(args: argparse.Namespace) -> int:
 
     validate_task_name(args.task)
     # the input files are all read before training
-    _check_paths(args.device, store=args.store, publish=args.publish, json_out=args.json_out, token=args.token)
+    _check_paths(args.device, store=args.store, task=args.task, publish=args.publish, json_out=args.json_out,
+                 token=args.token)
     shared = dict(batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, patience=args.patience or None)
     config = PetConfig(
         teacher=TrainConfig(method=args.teacher_method, epochs=args.teacher_epochs, lr=args.teacher_lr,

@@ -64,9 +64,9 @@ def test_serve_refuses_a_place_it_cannot_listen_on_before_loading_anything(
     held.bind(("127.0.0.1", 0))
     held.listen(1)
     port = held.getsockname()[1]
-    host, expected = {"port in use": ("127.0.0.1", f"--port {port} / ADAPTSERVE_PORT: port {port} on 127.0.0.1 is already in use"),
-                      "host that does not resolve": ("no-such-host.invalid", "ADAPTSERVE_HOST: cannot resolve 'no-such-host.invalid'"),
-                      "host not of this machine": ("192.0.2.1", "ADAPTSERVE_HOST: 192.0.2.1 is not an address of this machine")}[case]
+    host, expected = {"port in use": ("127.0.0.1", f"--port: port {port} on 127.0.0.1 is already in use"),
+                      "host that does not resolve": ("no-such-host.invalid", "--host: cannot resolve 'no-such-host.invalid'"),
+                      "host not of this machine": ("192.0.2.1", "--host: 192.0.2.1 is not an address of this machine")}[case]
     try:
         code = cli.main(["serve", "--store", str(tmp_path), "--host", host, "--port", str(port if case == "port in use" else _free_port())])
     finally:
@@ -74,22 +74,76 @@ def test_serve_refuses_a_place_it_cannot_listen_on_before_loading_anything(
     assert code == 2 and expected in capsys.readouterr().err and uvicorn_calls == []
 
 
+def test_serve_names_a_port_from_the_environment_by_its_variable(
+    tmp_path: Path, capsys: pytest.CaptureFixture, uvicorn_calls: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen(1)
+    port = held.getsockname()[1]
+    monkeypatch.setenv("ADAPTSERVE_PORT", str(port))
+    try:
+        code = cli.main(["serve", "--store", str(tmp_path), "--host", "127.0.0.1"])
+    finally:
+        held.close()
+    assert code == 2 and f"adaptserve serve: ADAPTSERVE_PORT: port {port} on 127.0.0.1 is already in use" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
-    "argv, message",
+    "flags, env, name",
     [
-        (["serve", "--port", "70000"], "ADAPTSERVE_PORT"),
-        (["serve", "--device", "gpu"], "ADAPTSERVE_DEVICE"),
-        (["serve", "--store", "/no/such/dir"], "is not a directory"),
-        (["serve", "--backbone", "/no/such/model"], "ADAPTSERVE_BACKBONE: '/no/such/model' is not a directory"),
-        (["serve", "--backbone", "/no/such/model.gguf"], "ADAPTSERVE_BACKBONE: no GGUF file"),
-        (["serve", "--redis-url", "localhost:6379"], "ADAPTSERVE_REDIS_URL: must start with redis://"),
+        ({"port": "--port"}, {}, "--port"),
+        ({"port": "--port"}, {"ADAPTSERVE_PORT": "9000"}, "--port"),  # the flag overrides the variable
+        ({}, {"ADAPTSERVE_PORT": "9000"}, "ADAPTSERVE_PORT"),
+        ({}, {"adaptserve_port": "9000"}, "ADAPTSERVE_PORT"),  # pydantic-settings reads names in any case
+        ({}, {}, "--port / ADAPTSERVE_PORT"),  # the default: both places it could be changed
     ],
 )
-def test_serve_refuses_bad_settings_with_a_clear_message(
-    argv: list[str], message: str, capsys: pytest.CaptureFixture, uvicorn_calls: list
+def test_a_serve_setting_is_named_where_it_was_set(
+    flags: dict, env: dict, name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    for variable in ("ADAPTSERVE_PORT", "adaptserve_port"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in env.items():
+        monkeypatch.setenv(variable, value)
+    assert cli._named("port", flags) == name
+
+
+@pytest.mark.parametrize(
+    "argv, env, message",
+    [
+        # a value the command line gave is named by its flag ...
+        (["serve", "--port", "70000"], {}, "--port: Input should be less than or equal to 65535 (got 70000)"),
+        (["serve", "--max-batch-size", "0"], {}, "--max-batch-size: Input should be greater than or equal to 1 (got 0)"),
+        (["serve", "--device", "gpu"], {}, "--device: device must be auto, cpu, cuda or cuda:N"),
+        (["serve", "--store", "/no/such/dir"], {}, "task store '/no/such/dir' is not a directory; give an existing store with --store"),
+        (["serve", "--backbone", "/no/such/model"], {}, "--backbone: '/no/such/model' is not a directory"),
+        (["serve", "--backbone", "/no/such/model.gguf"], {}, "--backbone: no GGUF file"),
+        (["serve", "--redis-url", "localhost:6379"], {}, "--redis-url: must start with redis://"),
+        (["serve", "--max-queue", "10"], {}, "--max-queue (10) is smaller than ADAPTSERVE_MAX_INPUTS_PER_REQUEST (64)"),
+        # ... one the environment gave, by its variable (a flag overrides it: the flag's value is the one refused)
+        (["serve"], {"ADAPTSERVE_MAX_BATCH_SIZE": "0"}, "ADAPTSERVE_MAX_BATCH_SIZE: Input should be greater than or equal to 1 (got '0')"),
+        (["serve"], {"ADAPTSERVE_BACKBONE": "/no/such/model"}, "ADAPTSERVE_BACKBONE: '/no/such/model' is not a directory"),
+        (["serve", "--max-inputs-per-request", "20"], {"ADAPTSERVE_MAX_QUEUE": "10"},
+         "ADAPTSERVE_MAX_QUEUE (10) is smaller than --max-inputs-per-request (20)"),
+        (["serve", "--max-batch-size", "0"], {"ADAPTSERVE_MAX_BATCH_SIZE": "8"}, "--max-batch-size: Input should be greater"),
+    ],
+)
+def test_serve_refuses_bad_settings_naming_them_as_given(
+    argv: list[str], env: dict[str, str], message: str, capsys: pytest.CaptureFixture, uvicorn_calls: list,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     assert cli.main(argv) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err
+    # A typed flag is never reported as its variable. (The store's own message offers both: "give an
+    # existing store with --store (the server also reads ADAPTSERVE_STORE)".)
+    for flag in (a for a in argv if a.startswith("--") and a != "--store"):
+        assert f"ADAPTSERVE_{flag[2:].replace('-', '_').upper()}" not in err
     assert uvicorn_calls == []
 
 

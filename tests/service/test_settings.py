@@ -56,6 +56,28 @@ def test_invalid_settings_say_which_variable_to_fix(overrides: dict, message: st
     assert message in describe_validation_error(error.value)
 
 
+@pytest.mark.parametrize(
+    "overrides, flags, message",
+    [
+        ({"max_batch_size": 0}, {"max_batch_size": "--max-batch-size"}, "--max-batch-size: Input should be greater than or equal to 1 (got 0)"),
+        # a cross-field check names each setting as it was given: here one flag, one default
+        ({"max_queue": 10}, {"max_queue": "--max-queue"}, "settings: --max-queue (10) is smaller than ADAPTSERVE_MAX_INPUTS_PER_REQUEST (64)"),
+        ({"max_queue": 10, "max_inputs_per_request": 20}, {"max_inputs_per_request": "--max-inputs-per-request"},
+         "settings: ADAPTSERVE_MAX_QUEUE (10) is smaller than --max-inputs-per-request (20)"),
+        ({"store_backend": "s3"}, {"store_backend": "--store-backend"}, "settings: --store-backend=s3 needs ADAPTSERVE_S3_BUCKET"),
+        # a field not in `flags` keeps its variable's name, even when another field is a flag
+        ({"port": 70000, "max_batch_size": 0}, {"port": "--port"}, "ADAPTSERVE_MAX_BATCH_SIZE: Input should be greater"),
+    ],
+)
+def test_invalid_settings_from_flags_are_named_by_their_flag(overrides: dict, flags: dict, message: str) -> None:
+    with pytest.raises(ValidationError) as error:
+        Settings(**overrides)
+    described = describe_validation_error(error.value, flags)
+    assert message in described
+    for field in flags:  # the user typed the flag and never set the variable
+        assert f"ADAPTSERVE_{field.upper()}" not in described
+
+
 @pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", " CUDA:0 "])
 def test_devices(device: str) -> None:
     assert Settings(device=device).device == device.strip().lower()

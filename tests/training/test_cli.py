@@ -175,6 +175,45 @@ def test_train_bad_input(case, csvs, tiny_dir, tmp_path, capsys):
     assert not (tmp_path / "store").exists() and not (tmp_path / "s").exists()  # nothing was published
 
 
+# Directories the publish cannot write into, found before training. Root writes through mode bits
+# (the chmod case is skipped for it, as tests/training/test_data.py's unreadable file is); sysfs and
+# procfs refuse a new file to anyone, root included, and /sys and /proc/self pass os.access for root.
+UNWRITABLE = [
+    ("read-only task directory", "{tmp}/store", "t", "the task directory {tmp}/store/t cannot be written into (Permission denied); "
+     "make it writable by this user (e.g. chmod u+w {tmp}/store/t), or pass another --store"),
+    ("task directory that refuses files", "/sys", "kernel", "--store /sys: the task directory /sys/kernel cannot be written into"),
+    ("store that refuses files", "/proc/self/fd", "t", "--store /proc/self/fd: cannot be written into"),
+    ("task directory that is a file", "{tmp}/store", "t", "--store {tmp}/store: {tmp}/store/t is a file, not a task directory"),
+]
+
+
+@pytest.mark.parametrize("store, task, expected", [c[1:] for c in UNWRITABLE], ids=[c[0] for c in UNWRITABLE])
+def test_a_store_that_cannot_take_the_task_is_refused_before_training(
+        store, task, expected, csvs, tiny_dir, tmp_path, capsys, monkeypatch):
+    """The publish writes the new version and ACTIVE into <store>/<task>/ (or makes it in <store>):
+    one that refuses writes used to be found only after training, at the write."""
+    import os
+
+    fill = dict(tmp=tmp_path)
+    store, expected = Path(store.format(**fill)), expected.format(**fill)
+    if store.is_relative_to(tmp_path):
+        store.mkdir()
+        if "is a file" in expected:
+            (store / task).write_text("x")
+        else:
+            if os.geteuid() == 0:
+                pytest.skip("root writes into a read-only directory")
+            (store / task).mkdir(mode=0o555)
+    elif not (store / task if task == "kernel" else store).is_dir():
+        pytest.skip(f"needs {store} (Linux)")
+    monkeypatch.setattr("training.trainer.train", lambda *a, **k: pytest.fail("trained before the store was checked"))
+    assert main(["--task", task, "--method", "head", "--data", str(csvs["train"]), "--dev", str(csvs["dev"]),
+                 "--backbone", str(tiny_dir), "--store", str(store), *FAST]) == 1
+    assert expected in _error_line(capsys, "adaptserve train")
+    if store.is_relative_to(tmp_path):
+        assert [p.name for p in store.iterdir()] == [task]  # no probe file left behind
+
+
 @pytest.mark.parametrize("lr", ["1e38", "1e20", "1e10"])
 def test_a_diverging_run_stops_and_publishes_nothing(lr, csvs, tiny_dir, tmp_path, capsys, monkeypatch):
     """1e38: AdamW's step overflows float32; 1e20: the loss turns NaN; 1e10 (one step): the weights

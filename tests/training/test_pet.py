@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,12 +199,16 @@ def test_pet_cli(pet_setup, tmp_path, capsys):
                                              "verbalizer": "negative=bad;positive=good", "name": "long"}],
      "--patterns: pattern long: --template: template 'the movie {text} is a very good and fun one it was {mask}' leaves no room"),
     (["--temperature", "inf"], PATTERNS, "--temperature must be a positive finite number, got inf"),
+    # sysfs refuses a new file to anyone, root too (tests/training/test_cli.py: UNWRITABLE)
+    (["--task", "kernel", "--store", "/sys"], PATTERNS, "--store /sys: the task directory /sys/kernel cannot be written into"),
 ])
 def test_pet_refuses_before_training_anything(extra, patterns, message, pet_setup, tmp_path, capsys, monkeypatch):
     """What would stop the run part way (a prefix teacher on a causal LM, a pattern with no room for
     the input) is found before the first teacher trains."""
     import training.pet as pet_mod
 
+    if "/sys" in extra and not Path("/sys/kernel").is_dir():
+        pytest.skip("needs /sys (Linux)")
     monkeypatch.setattr(pet_mod, "train", lambda *a, **k: pytest.fail("a teacher trained before the run was checked"))
     assert pet_main([*_pet_args(pet_setup, tmp_path, "pet-bad", patterns), *extra]) == 1
     last = capsys.readouterr().err.strip().splitlines()[-1]

@@ -3,6 +3,7 @@ published in one command and served by the engine as built."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -145,6 +146,17 @@ def test_zeroshot_checks_everything_before_publishing(tiny_dir, tmp_path, capsys
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith("adaptserve zeroshot: error: ") and message in last, last
         assert not store.exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs /sys (Linux): it refuses a new file to anyone, root too")
+def test_zeroshot_refuses_a_task_directory_it_cannot_write_before_loading_anything(tiny_dir, capsys, monkeypatch):
+    import training.fewshot_cli as fewshot_cli
+
+    monkeypatch.setattr(fewshot_cli, "_load_backbone", lambda *a, **k: pytest.fail("the backbone loaded before the store was checked"))
+    assert zeroshot_main(["--task", "kernel", "--labels", "negative,positive", "--descriptions", "negative=bad;positive=good",
+                          "--backbone", str(tiny_dir), "--store", "/sys", "--device", "cpu", "--no-progress"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("adaptserve zeroshot: error: --store /sys: the task directory /sys/kernel cannot be written into"), last
 
 
 def test_a_one_label_prompt_task_and_empty_labels_are_refused(tmp_path):
