@@ -181,6 +181,13 @@ class TaskAdmin:
         checked here: a version damaged on disk would serve only until the next restart or
         eviction, and every other replica loads from disk."""
         runtime = self.state.require_runtime()
+        # The store itself, never a copy of it (an S3 store's local cache may still hold a version
+        # whose object is gone from the bucket, which every other replica would then fail to load).
+        missing = await asyncio.to_thread(self.state.store.missing_files, key)
+        if missing:
+            raise BundleError(f"version {key.version!r} of task {key.name!r} cannot be served, so it was not "
+                              f"activated: {' and '.join(missing)} missing from {self.state.store.describe()}; "
+                              "upload the bundle again (the same files repair it) or delete the version")
         try:
             if runtime.cache.peek(key) is not None:  # in any tier: get() would not read the store
                 await asyncio.to_thread(self.state.store.bundle_dir, key)
