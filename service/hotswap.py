@@ -92,7 +92,7 @@ class TaskAdmin:
         self._background: set[asyncio.Task[None]] = set()
         self.max_uploads = state.settings.max_concurrent_uploads
         self._upload_slots = asyncio.Semaphore(self.max_uploads)
-        state.registry.subscribe(self.on_change)
+        state.registry.subscribe(self.on_change, self.on_versions_deleted)
 
     def _lock(self, task: str) -> asyncio.Lock:
         return self._locks.setdefault(task, asyncio.Lock())
@@ -181,6 +181,13 @@ class TaskAdmin:
         checked here: a version damaged on disk would serve only until the next restart or
         eviction, and every other replica loads from disk."""
         runtime = self.state.require_runtime()
+        # The store itself, never a copy of it (an S3 store's local cache may still hold a version
+        # whose object is gone from the bucket, which every other replica would then fail to load).
+        missing = await asyncio.to_thread(self.state.store.missing_files, key)
+        if missing:
+            raise BundleError(f"version {key.version!r} of task {key.name!r} cannot be served, so it was not "
+                              f"activated: {' and '.join(missing)} missing from {self.state.store.describe()}; "
+                              "upload the bundle again (the same files repair it) or delete the version")
         try:
             if runtime.cache.peek(key) is not None:  # in any tier: get() would not read the store
                 await asyncio.to_thread(self.state.store.bundle_dir, key)
@@ -273,6 +280,17 @@ class TaskAdmin:
             job = asyncio.ensure_future(self._prefetch(TaskKey(task, new)))
             self._background.add(job)
             job.add_done_callback(self._background.discard)
+
+    def on_versions_deleted(self, task: str, versions: tuple[str, ...]) -> None:
+        """Versions of a task were deleted (own write or another replica's): every tier forgets its
+        copies, which nothing resolves to any more. A batch holding one finishes with it."""
+        runtime = self.state.runtime
+        if runtime is None:
+            return
+        for key in (TaskKey(task, version) for version in versions):
+            if runtime.cache.peek(key) is not None:  # a first sync hears every tombstone: log only a copy let go
+                log.info("task %s: version %s was deleted; its cached copy is dropped", task, key.version)
+            runtime.cache.drop(key)
 
     async def _prefetch(self, key: TaskKey) -> None:
         runtime = self.state.runtime

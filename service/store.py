@@ -87,12 +87,19 @@ class BundleStore:
         raise NotImplementedError
 
     def versions(self, task: str) -> list[str]:
-        """The complete version ids present for `task`, sorted; TaskNotFound if it has nothing."""
+        """The version ids published for `task`, sorted; TaskNotFound if it has nothing. A published
+        version with a file missing or damaged is listed (it exists, and activating it is refused
+        naming what is wrong); a version still being written or deleted is not."""
         raise NotImplementedError
 
     def has_version(self, task: str, version: str) -> bool:
-        """Whether `version` of `task` is stored (complete)."""
+        """Whether `version` of `task` is stored (whole or damaged, as `versions` lists it)."""
         return VERSION_RE.fullmatch(version) is not None and version in self.versions(task)
+
+    def missing_files(self, key: TaskKey) -> list[str]:
+        """The files of a stored version that are not in the store itself (never a local copy of
+        it): empty for a whole version, else what an activation must name when it refuses it."""
+        raise NotImplementedError
 
     def read_pointer(self, task: str, pointer: str) -> str | None:
         """A small text file beside the versions (`ACTIVE`, `HISTORY.json`); None if absent."""
@@ -272,6 +279,10 @@ class LocalStore(BundleStore):
     def has_version(self, task: str, version: str) -> bool:
         return VERSION_RE.fullmatch(version) is not None and (self._task_dir(task) / version).is_dir()
 
+    def missing_files(self, key: TaskKey) -> list[str]:
+        path = self._task_dir(key.name) / validate_version(key.name, key.version)
+        return [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (path / name).is_file()]
+
     def read_pointer(self, task: str, pointer: str) -> str | None:
         path = self._task_dir(task) / _pointer(pointer)
         try:
@@ -363,10 +374,13 @@ def verify_bundle(path: Path, key: TaskKey, where: str) -> None:
         return
     from service.engine.bundle import content_version  # hashlib only; kept beside the writer
 
-    try:
-        config, weights = (path / CONFIG_FILE).read_bytes(), (path / WEIGHTS_FILE).read_bytes()
-    except OSError as err:
-        raise TaskUnavailable(f"task {key} in {where} cannot be read ({_reason(err)})") from err
+    blobs = []
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        try:
+            blobs.append((path / name).read_bytes())
+        except OSError as err:
+            raise TaskUnavailable(f"task {key} in {where}: its {name} cannot be read ({_reason(err)})") from err
+    config, weights = blobs
     got = content_version(config, weights)
     if got != key.version:
         raise TaskUnavailable(

@@ -7,9 +7,13 @@ boto3 (`pip install adaptserve[s3]`): the reference S3 client, whose credential 
 config files, instance and pod roles) is what operators expect; speaking SigV4 by hand would be
 a liability. Works with AWS S3 and S3-compatible servers (`s3_endpoint_url`: MinIO, Ceph, moto).
 
-Publishing a version PUTs the weights first and the config last, and a version is listed only
-once both objects exist; each PUT is atomic and durable when it returns (S3 is strongly
-consistent for new objects), so the registry never points at a partial version. Publishing a
+Publishing a version PUTs the weights first and the config last, and deleting one removes the
+config first: the config object marks a version as published, so a version is listed once its
+config exists; each PUT is atomic and durable when it returns (S3 is strongly consistent for new
+objects), so the registry never points at a version still being written. A version whose weights
+object went missing is still listed (it exists, damaged: activating it is refused with 422 naming
+the missing object), and so is one whose config alone went missing, once its weights are older
+than `partial_grace_s` (younger, they may be a publish between its two PUTs). Publishing a
 version whose objects are there but damaged (missing, or not hashing to the version id) PUTs both
 again, each replacing its object in one step: that is how a re-upload repairs it. Bundles are
 fetched into a local cache directory (download to a temp dir, verify the content hash, rename):
@@ -40,6 +44,12 @@ from service.store import (
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 CACHE_GRACE_S = 60.0  # a cached copy used this recently is never dropped: its reader may still be at it
+# Weights without a config object are a publish between its two PUTs (the config follows at once: one
+# small PUT, under 30 s even with the client's retries and timeouts in `from_settings`) or a delete
+# between its two DELETEs; older than this, they are a version whose config went missing (a hand
+# delete, a write that died), listed so that it can be named, repaired by an upload, or deleted.
+# Ten times that bound: LastModified is the bucket's clock, compared with this replica's.
+PARTIAL_GRACE_S = 300.0
 
 
 def _s3_errors(method: F) -> F:
@@ -65,8 +75,10 @@ class S3Store(BundleStore):
     cheap_pointers = False
 
     def __init__(self, client: Any, bucket: str, prefix: str, cache_dir: Path, *, pointer_ttl_s: float = 1.0,
-                 cache_max_bytes: int = 0, cache_grace_s: float = CACHE_GRACE_S) -> None:
+                 cache_max_bytes: int = 0, cache_grace_s: float = CACHE_GRACE_S,
+                 partial_grace_s: float = PARTIAL_GRACE_S) -> None:
         self.client = client
+        self.partial_grace_s = partial_grace_s
         self.cache_max_bytes = cache_max_bytes
         self.cache_grace_s = cache_grace_s
         self.bucket = bucket
@@ -129,15 +141,15 @@ class S3Store(BundleStore):
     def _key(self, *parts: str) -> str:
         return self.prefix + "/".join(parts)
 
-    def _list(self, prefix: str, delimiter: str | None = None) -> tuple[list[str], list[str]]:
-        """(object keys, common prefixes) under `prefix`, all pages."""
-        keys: list[str] = []
+    def _list(self, prefix: str, delimiter: str | None = None) -> tuple[dict[str, float], list[str]]:
+        """({object key: last modified, unix time}, common prefixes) under `prefix`, all pages."""
+        keys: dict[str, float] = {}
         prefixes: list[str] = []
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
         if delimiter:
             kwargs["Delimiter"] = delimiter
         for page in self.client.get_paginator("list_objects_v2").paginate(**kwargs):
-            keys += [obj["Key"] for obj in page.get("Contents", [])]
+            keys |= {obj["Key"]: obj["LastModified"].timestamp() for obj in page.get("Contents", [])}
             prefixes += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
         return keys, prefixes
 
@@ -161,12 +173,21 @@ class S3Store(BundleStore):
         keys, _ = self._list(self._key(task, ""))
         if not keys:
             raise TaskNotFound(f"task {task!r} not found")
-        files: dict[str, set[str]] = {}
-        for key in keys:
+        files: dict[str, dict[str, float]] = {}  # version -> {file name: last modified}
+        for key, modified in keys.items():
             parts = key[len(self._key(task, "")):].split("/")
             if len(parts) == 2 and VERSION_RE.fullmatch(parts[0]):
-                files.setdefault(parts[0], set()).add(parts[1])
-        return sorted(v for v, names in files.items() if {CONFIG_FILE, WEIGHTS_FILE} <= names)
+                files.setdefault(parts[0], {})[parts[1]] = modified
+        settled = time.time() - self.partial_grace_s
+        return sorted(v for v, names in files.items()
+                      if CONFIG_FILE in names or names.get(WEIGHTS_FILE, settled) < settled)
+
+    @_s3_errors
+    def missing_files(self, key: TaskKey) -> list[str]:
+        validate_task_name(key.name)
+        validate_version(key.name, key.version)
+        keys, _ = self._list(self._key(key.name, key.version, ""))
+        return [name for name in (CONFIG_FILE, WEIGHTS_FILE) if self._key(key.name, key.version, name) not in keys]
 
     @_s3_errors
     def read_pointer(self, task: str, pointer: str) -> str | None:
@@ -208,7 +229,7 @@ class S3Store(BundleStore):
             for name in (CONFIG_FILE, WEIGHTS_FILE):
                 data = self._get_bytes(self._key(key.name, key.version, name))
                 if data is None:
-                    raise TaskUnavailable(f"task {key.name!r} has no version {key.version!r} in the store")
+                    raise self._incomplete(key)
                 blobs[name] = data
                 (tmp / name).write_bytes(data)
             if CONTENT_HASH_RE.fullmatch(key.version):
@@ -276,7 +297,7 @@ class S3Store(BundleStore):
         if self._stored_intact(task, version):
             return False
         self.pin_implicit_active(task)
-        # Weights first, config last: a version is listed only once both exist.
+        # Weights first, config last: a version is listed once its config exists.
         self.client.put_object(Bucket=self.bucket, Key=self._key(task, version, WEIGHTS_FILE), Body=weights_bytes)
         self.client.put_object(Bucket=self.bucket, Key=self._key(task, version, CONFIG_FILE), Body=config_bytes)
         return True
@@ -296,8 +317,9 @@ class S3Store(BundleStore):
         keys, _ = self._list(self._key(task, ""))
         if not keys:
             raise TaskNotFound(f"task {task!r} not found")
-        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
-            batch = [{"Key": k} for k in keys[start : start + 1000]]
+        names = sorted(keys)
+        for start in range(0, len(names), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = [{"Key": k} for k in names[start : start + 1000]]
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
         with self._lock:
             for pointer in POINTERS:
@@ -305,6 +327,15 @@ class S3Store(BundleStore):
         shutil.rmtree(self.cache_dir / task, ignore_errors=True)
 
     # -- helpers -----------------------------------------------------------------------------------
+    def _incomplete(self, key: TaskKey) -> TaskUnavailable:
+        """Why `key` cannot be fetched, an object of it being absent: no such version, or which
+        of its objects went missing."""
+        missing = self.missing_files(key)
+        if len(missing) == 2:
+            return TaskUnavailable(f"task {key.name!r} has no version {key.version!r} in the store")
+        return TaskUnavailable(f"task {key} in {self.describe()} is incomplete: {' and '.join(missing) or 'a file'} "
+                               "missing; upload the bundle again (the same files repair it) or activate another version")
+
     def _stored_intact(self, task: str, version: str) -> bool:
         """Whether both objects of `version` are in the bucket and hash to its id (content-hash ids):
         publishing it again is a no-op only then, and otherwise repairs it (as `bundle_intact` locally)."""

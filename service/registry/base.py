@@ -22,6 +22,8 @@ from service.store import TaskListing, validate_task_name
 
 # Called on the event loop after a task's active version changed: (task, old, new); new None = deleted.
 ChangeListener = Callable[[str, "str | None", "str | None"], None]
+# Called on the event loop after versions of a task were deleted (never its active one): (task, versions).
+DeletionListener = Callable[[str, "tuple[str, ...]"], None]
 
 
 @dataclass(frozen=True)
@@ -136,15 +138,27 @@ class Registry:
 
     def __init__(self) -> None:
         self._listeners: list[ChangeListener] = []
+        self._deletion_listeners: list[DeletionListener] = []
 
-    def subscribe(self, listener: ChangeListener) -> None:
+    def subscribe(self, listener: ChangeListener, on_deleted: DeletionListener | None = None) -> None:
+        """`listener` hears every change of a task's active version, `on_deleted` every deletion of
+        versions that were not active (a deleted task is `listener`'s new None), whichever replica
+        made it."""
         self._listeners.append(listener)
+        if on_deleted is not None:
+            self._deletion_listeners.append(on_deleted)
 
     def _notify(self, task: str, old: str | None, new: str | None) -> None:
         if old == new:
             return
         for listener in self._listeners:
             listener(task, old, new)
+
+    def _notify_deleted(self, task: str, versions: tuple[str, ...]) -> None:
+        if not versions:
+            return
+        for listener in self._deletion_listeners:
+            listener(task, versions)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -214,6 +228,6 @@ def require_version(versions: Iterable[str], task: str, version: str) -> None:
 
 
 __all__ = [
-    "ChangeListener", "Registry", "TaskRecord", "activated", "rolled_back", "with_upload", "without_version",
+    "ChangeListener", "DeletionListener", "Registry", "TaskRecord", "activated", "rolled_back", "with_upload", "without_version",
     "require_active", "require_version", "validate_task_name",
 ]

@@ -139,7 +139,8 @@ class LocalRegistry(Registry):
             await remove_files()
             await asyncio.to_thread(self._write_history, updated)
             self._resolved.pop(task, None)
-            return updated
+        self._notify_deleted(task, (version,))
+        return updated
 
     async def delete_task(self, task: str, remove_files: Callable[[], Awaitable[None]]) -> None:
         async with self._write_lock:

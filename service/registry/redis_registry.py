@@ -249,10 +249,7 @@ class RedisRegistry(Registry):
         self._records = fresh
         self.resyncs += 1
         for task in sorted(set(old) | set(fresh)):
-            before, after = old.get(task), fresh.get(task)
-            if (before.active if before else None) != (after.active if after else None):
-                self.changes_applied += 1
-                self._notify(task, before.active if before else None, after.active if after else None)
+            self._heard(task, old.get(task), fresh.get(task))
 
     async def _seed(self, client: aioredis.Redis) -> None:
         """First use of this Redis (no `seeded` marker): register every task of the store with
@@ -288,10 +285,19 @@ class RedisRegistry(Registry):
             self._records.pop(task, None)
         else:
             self._records[task] = record
-        old, new = (before.active if before else None), (record.active if record else None)
+        self._heard(task, before, record)
+
+    def _heard(self, task: str, before: TaskRecord | None, after: TaskRecord | None) -> None:
+        """Tell the listeners what changed from `before` to `after`: the active version, and the
+        versions deleted since (their tombstones in the record; a resync after an outage finds the
+        ones deleted meanwhile too). A whole task deleted is only an active version gone to None."""
+        old, new = (before.active if before else None), (after.active if after else None)
         if old != new:
             self.changes_applied += 1
             self._notify(task, old, new)
+        if after is not None:
+            known = set(before.deleted) if before is not None else set()
+            self._notify_deleted(task, tuple(v for v in after.deleted if v not in known))
 
     # -- reads -----------------------------------------------------------------------------------
     async def resolve(self, task: str) -> TaskKey:

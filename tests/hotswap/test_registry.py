@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -275,6 +276,25 @@ async def test_an_activation_racing_a_task_delete_on_another_replica_is_refused(
             assert (await b.activate("t", "v2")).active == "v2"  # the tombstone is gone with the upload
         finally:
             go_on.set()
+
+
+@async_test
+async def test_a_version_deleted_on_one_replica_is_heard_by_the_other(redis_server, tmp_path: Path) -> None:
+    """B's deletion listener hears what A deleted, through the feed or, for a delete made while B
+    was away from Redis, through the resync when it is back; the active version is untouched."""
+    async with _two_replicas(redis_server.url, tmp_path, ("v0", "v1", "v2"), "v2") as (store, a, b):
+        changes: list[tuple] = []
+        deleted: list[tuple] = []
+        b.subscribe(lambda *change: changes.append(change), lambda *gone: deleted.append(gone))
+
+        async def remove_files() -> None:
+            pass
+
+        await a.forget_version("t", "v0", remove_files)
+        await wait_until(lambda: deleted == [("t", ("v0",))], timeout_s=1)
+        b._records["t"] = replace(b._records["t"], deleted=())  # as if B had been away for that delete
+        await b._resync(b._writer)
+        assert deleted == [("t", ("v0",)), ("t", ("v0",))] and changes == []
 
 
 @async_test

@@ -142,3 +142,29 @@ def test_a_bundle_copied_back_right_after_a_task_delete_waits_for_an_upload(clus
     upload = httpx.post(f"{a.url}/v1/tasks/sentiment/versions", files=files(*bundle), headers=AUTH_ADMIN, timeout=10)
     assert upload.status_code == 200 and upload.json()["version"] == v0 and upload.json()["active"], upload.text  # files were there
     follows(b, v0)
+
+
+def cache_figure(replica: Replica, name: str) -> float:
+    """One unlabelled series of the replica's /metrics, e.g. `adaptserve_cache_host_entries`."""
+    text = httpx.get(f"{replica.url}/metrics", timeout=5).text
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith(f"{name} "))
+
+
+def test_a_version_deleted_on_one_replica_leaves_the_others_caches(cluster, info) -> None:
+    """B served v0, then followed A to v1: v0 waits in B's host tier for a rollback. A deletes v0;
+    B drops its copy once it hears the delete (before, it kept it until evicted), and keeps
+    serving v1 throughout."""
+    redis, a, b, v0 = cluster
+    assert served_version(b) == v0  # loaded on B
+    upload = httpx.post(f"{a.url}/v1/tasks/sentiment/versions", files=files(*make_bundle(info, seed=11)),
+                        headers=AUTH_ADMIN, timeout=10)
+    assert upload.status_code == 201, upload.text
+    v1 = upload.json()["version"]
+    follows(b, v1)
+    assert cache_figure(b, "adaptserve_cache_host_entries") == 1  # v0, demoted by the swap
+
+    assert httpx.delete(f"{a.url}/v1/tasks/sentiment/versions/{v0}", headers=AUTH_ADMIN, timeout=10).status_code == 200
+    eventually(lambda: cache_figure(b, "adaptserve_cache_host_entries") == 0, timeout_s=FEED_DEADLINE_S)
+    assert cache_figure(b, "adaptserve_cache_host_bytes") == 0
+    assert f"version {v0} was deleted; its cached copy is dropped" in b.logs()
+    assert served_version(b) == v1

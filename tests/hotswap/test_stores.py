@@ -2,6 +2,7 @@
 HTTP server (moto_server, started here on a loopback port). The app then runs on the S3 store."""
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from pathlib import Path
@@ -122,6 +123,54 @@ def test_publishing_a_damaged_version_again_repairs_it(store: BundleStore, info,
     assert (repaired / CONFIG).read_bytes() == config and (repaired / WEIGHTS).read_bytes() == weights
     assert store.versions(key.name) == [key.version]
     assert store.put_version(key.name, key.version, config, weights) is False  # intact now: a no-op
+
+
+@pytest.mark.parametrize("gone", [WEIGHTS, CONFIG])
+def test_a_version_with_a_file_missing_is_listed_and_names_it(store: BundleStore, info, gone: str) -> None:
+    """Both stores list a published version that lost a file (it exists, damaged: an activation
+    names what is missing) and say which file when it is fetched."""
+    (c1, w1), (c2, w2) = make_bundle(info, seed=1), make_bundle(info, seed=2)
+    whole, key = TaskKey("sentiment", content_version(c1, w1)), TaskKey("sentiment", content_version(c2, w2))
+    store.put_version(whole.name, whole.version, c1, w1)
+    store.put_version(key.name, key.version, c2, w2)
+    _overwrite(store, key, gone, None)
+    if not isinstance(store, LocalStore) and gone == CONFIG:
+        # Weights alone are a publish between its two PUTs until they are older than the grace period.
+        assert store.versions(key.name) == [whole.version]
+        store.partial_grace_s = 0.0  # type: ignore[attr-defined]
+    assert store.versions(key.name) == sorted([whole.version, key.version]) and store.has_version(key.name, key.version)
+    assert store.missing_files(key) == [gone] and store.missing_files(whole) == []
+    with pytest.raises(TaskUnavailable, match=re.escape(gone)):
+        store.bundle_dir(key)
+    store.delete_version(key)  # what an admin can do with it, besides uploading it again
+    assert store.versions(key.name) == [whole.version]
+
+
+def test_an_s3_version_that_lost_an_object_is_listed_and_refused_naming_it(moto, bucket: str, tmp_path: Path, engine,
+                                                                           info) -> None:
+    """Its weights object deleted from the bucket, a version is listed and activating it is 422
+    naming the object (not 404 "no such version"), even while this replica's local cache of the
+    bucket still holds a copy: every other replica would load it from the bucket."""
+    import boto3
+
+    settings = s3_settings(moto, bucket, tmp_path, admin_tokens=ADMIN, inference_tokens=READER, max_wait_ms=1.0)
+    with TestClient(create_app(settings, engine=engine)) as client:
+        wait_ready(client)
+        v1, v2 = (client.post("/v1/tasks/sentiment/versions", files=files(*make_bundle(info, seed=seed)),
+                              headers=AUTH_ADMIN).json()["version"] for seed in (1, 2))
+        client.app.state.service.store.bundle_dir(TaskKey("sentiment", v1))  # a local copy of it
+        boto3.client("s3", endpoint_url=moto.url).delete_object(Bucket=bucket, Key=f"team-a/sentiment/{v1}/{WEIGHTS}")
+
+        listed = client.get("/v1/tasks/sentiment/versions", headers=AUTH_READER).json()
+        assert sorted(row["version"] for row in listed["versions"]) == sorted([v1, v2])
+        refused = client.post(f"/v1/tasks/sentiment/versions/{v1}/activate", headers=AUTH_ADMIN)
+        assert refused.status_code == 422 and refused.json()["error_type"] == "invalid_bundle", refused.text
+        assert "not activated" in refused.json()["error"] and f"{WEIGHTS} missing" in refused.json()["error"]
+        served = client.post("/v1/tasks/sentiment/classify", json={"inputs": ["fun"]}, headers=AUTH_READER)
+        assert served.json()["version"] == v2
+        assert client.delete(f"/v1/tasks/sentiment/versions/{v1}", headers=AUTH_ADMIN).status_code == 200
+        listed = client.get("/v1/tasks/sentiment/versions", headers=AUTH_READER).json()
+        assert [row["version"] for row in listed["versions"]] == [v2]
 
 
 def test_an_s3_object_that_does_not_match_its_content_hash_is_refused(moto, bucket: str, tmp_path: Path, info) -> None:
