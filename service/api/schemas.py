@@ -1,17 +1,20 @@
 """Request and response bodies of the HTTP API (these are what /docs shows)."""
 from __future__ import annotations
 
+import math
+import sys
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from service.methods.exits import threshold_problem
+from service.methods.exits import READ_AS_INF, threshold_problem
 
 TextPair = tuple[str, str]
 
 # The early-exit policies of `service.methods.exits.POLICIES`, spelled out so that this module
 # (and every request validation) does not import torch; a test keeps the two lists equal.
 ExitPolicyName = Literal["confidence", "entropy", "patience", "off"]
+MAX_TIMEOUT_MS = 3_600_000  # one hour: the longest deadline a request may ask for
 
 
 class ErrorBody(BaseModel):
@@ -38,6 +41,15 @@ class EarlyExit(BaseModel):
         description="Policy threshold; default: the policy's own (confidence 0.9, entropy 0.3, patience 2).",
     )
 
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _threshold_is_a_float(cls, value: Any, info: ValidationInfo) -> Any:
+        # JSON numbers have no range: an integer of 400 digits fits no float (pydantic would call it
+        # "not a valid number") and 1e400 reads as inf. Say that it is out of range, and the range.
+        if _beyond_floats(value):
+            raise ValueError(threshold_problem(info.data.get("policy", "off"), value))
+        return value
+
     @model_validator(mode="after")
     def _threshold_fits_policy(self) -> "EarlyExit":
         if self.threshold is None or self.policy == "off":
@@ -60,7 +72,7 @@ class ClassifyRequest(BaseModel):
         "pair tasks. At most `max_inputs_per_request` items of `max_chars_per_input` characters.",
     )
     timeout_ms: int | None = Field(
-        default=None, gt=0, le=3_600_000, strict=True,  # `true` is not 1 ms, nor "100" 100 ms
+        default=None, gt=0, le=MAX_TIMEOUT_MS, strict=True,  # `true` is not 1 ms, nor "100" 100 ms
         description="Deadline for this request; capped by the server's `request_timeout_s`.",
     )
     early_exit: EarlyExit | None = Field(
@@ -76,6 +88,9 @@ class ClassifyRequest(BaseModel):
         # sends them); 1000.5 is still refused, as are `true` and "100".
         if isinstance(value, float) and value.is_integer():
             return int(value)
+        if isinstance(value, float) and not math.isfinite(value):  # pydantic: "not a valid integer"
+            raise ValueError(f"must be a whole number of milliseconds in [1, {MAX_TIMEOUT_MS}], got {value!r}"
+                             + (f" ({READ_AS_INF})" if math.isinf(value) else ""))
         return value
 
     @field_validator("inputs")
@@ -89,6 +104,13 @@ class ClassifyRequest(BaseModel):
                 except UnicodeEncodeError:
                     raise ValueError(f"inputs[{index}] is not valid Unicode (it holds a lone surrogate)") from None
         return inputs
+
+
+def _beyond_floats(value: Any) -> bool:
+    """A JSON number no float holds: an integer past ±1.8e308, or one that json read as inf or NaN."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max
 
 
 class PredictionOut(BaseModel):

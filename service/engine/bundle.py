@@ -33,6 +33,7 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 FORMAT = "adaptserve/1"
 INPUT_KINDS = ("single", "pair")
+MIN_MAX_LENGTH = 2  # the least max_length a task may declare
 
 
 def read_config(bundle_dir: Path) -> dict[str, Any]:
@@ -89,8 +90,8 @@ def parse(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Backb
     if kind not in INPUT_KINDS:
         problems.append(f"'input_kind' must be one of {INPUT_KINDS}, got {kind!r}")
     max_length = cfg.get("max_length", 128)
-    if not isinstance(max_length, int) or not 2 <= max_length <= backbone.max_positions:
-        problems.append(f"'max_length' must be an integer in [2, {backbone.max_positions}], got {max_length!r}")
+    if not isinstance(max_length, int) or not MIN_MAX_LENGTH <= max_length <= backbone.max_positions:
+        problems.append(f"'max_length' must be an integer in [{MIN_MAX_LENGTH}, {backbone.max_positions}], got {max_length!r}")
     overflow = cfg.get("overflow", "truncate")
     if overflow not in OVERFLOWS:
         problems.append(f"'overflow' must be one of {OVERFLOWS}, got {overflow!r}")

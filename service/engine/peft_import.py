@@ -15,10 +15,11 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
-from service.engine.bundle import FORMAT
+from service.engine.bundle import FORMAT, MIN_MAX_LENGTH
 from service.engine.spec import BackboneInfo
 from service.errors import BundleError, NoMatchingModuleError
 from service.methods.lora import POOLER
+from service.methods.prompt import MAX_VIRTUAL_TOKENS
 
 # PEFT names LoRA tensors "base_model.model.<path>" and prompt-learning heads "base_model.<path>".
 _PREFIXES = ("base_model.model.", "base_model.")
@@ -173,6 +174,25 @@ def _virtual_tokens(cfg: Mapping[str, Any], *, required: bool) -> int:
     return p
 
 
+def _check_virtual_fits(p: int, backbone: BackboneInfo) -> None:
+    """Refuse a prompt or prefix longer than this server serves on this backbone, naming the limit
+    and why, before a max_length is derived from what the virtual tokens leave of the positions
+    (which would otherwise come out below 2, even negative, and be reported as a second problem)."""
+    room = backbone.max_positions - MIN_MAX_LENGTH  # prompt and prefix tokens take positions (`positions_used`)
+    limit = min(MAX_VIRTUAL_TOKENS, room)
+    if p <= limit:
+        return
+    why = []
+    if p > MAX_VIRTUAL_TOKENS:
+        why.append(f"this server serves at most {MAX_VIRTUAL_TOKENS} virtual tokens (longer prompts cost "
+                   "more than they have been shown to help)")
+    if p > room:
+        why.append(f"this {backbone.model_type} backbone has {backbone.max_positions} positions, which the virtual "
+                   f"tokens share with at least {MIN_MAX_LENGTH} text tokens")
+    raise BundleError(f"'num_virtual_tokens' is {p}, more than the {limit} allowed here: {'; and '.join(why)}; "
+                      f"train the adapter with num_virtual_tokens <= {limit}")
+
+
 def _extra_section(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The optional `adaptserve` section (labels, input_kind, ...): an object when present; its
     fields are checked with the native config's (`bundle.parse`)."""
@@ -201,7 +221,9 @@ def from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: B
         virtual_tokens = _virtual_tokens(cfg, required=method != "lora")
         if method == "lora":
             section, native = _lora(cfg, tensors, backbone)
+            virtual_tokens = 0  # PEFT's LoRA ignores num_virtual_tokens: it takes no positions
         else:
+            _check_virtual_fits(virtual_tokens, backbone)
             section, native = _virtual(cfg, tensors, backbone, method)
         head_section, head, head_names = _head(tensors, backbone)
         _refuse_unused(tensors, method, head_names)

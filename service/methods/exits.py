@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -51,17 +52,35 @@ class ExitPolicy:
             raise ValueError(problem)
 
 
+# What each policy's threshold must be: the rule for a request's `early_exit` and a stored policy.
+THRESHOLD_RULES = {
+    "confidence": "a confidence threshold is a probability in [0, 1]",
+    "entropy": "an entropy threshold is >= 0 nats",
+    "patience": "patience is a whole number of layers >= 1",
+}
+_FINITE = "an early-exit threshold must be a finite number"
+_FLOAT_RANGE = "±1.8e308"  # sys.float_info.max: past it a JSON number fits no float
+READ_AS_INF = f"JSON numbers beyond {_FLOAT_RANGE}, such as 1e400, read as inf"
+
+
 def threshold_problem(policy: str, t: float) -> str | None:
     """What is wrong with threshold `t` for `policy`, or None: the one rule for a request's
-    `early_exit` (service/api/schemas.py) and a bundle's stored policy."""
-    if not math.isfinite(t):
-        return f"an early-exit threshold must be a finite number, got {t!r}"
+    `early_exit` (service/api/schemas.py) and a bundle's stored policy. `t` may be any JSON number,
+    an integer too long for a float included."""
+    rule = THRESHOLD_RULES.get(policy, _FINITE)
+    if isinstance(t, int) and abs(t) > sys.float_info.max:  # JSON integers have no size limit
+        return f"{rule}, got a {len(str(abs(t)))}-digit number: out of range (beyond {_FLOAT_RANGE})"
+    if math.isnan(t):
+        return f"{_FINITE}, got {t!r}"
+    if math.isinf(t):
+        return f"{_FINITE}, got {t!r} ({READ_AS_INF})" if rule == _FINITE else \
+            f"{rule}, got {t!r}: it must be a finite number ({READ_AS_INF})"
     if policy == "confidence" and not 0.0 <= t <= 1.0:
-        return f"a confidence threshold is a probability in [0, 1], got {t!r}"
+        return f"{rule}, got {t!r}"
     if policy == "entropy" and t < 0.0:
-        return f"an entropy threshold is >= 0 nats, got {t!r}"
+        return f"{rule}, got {t!r}"
     if policy == "patience" and (t < 1 or t != int(t)):
-        return f"patience is a whole number of layers >= 1, got {t!r}"
+        return f"{rule}, got {t!r}"
     return None
 
 

@@ -3,7 +3,7 @@
 An upload is either the two files (`adapter_config.json`, `adapter_model.safetensors`) as
 multipart parts, or one `.zip` / `.tar.gz` holding a bundle or a Hugging Face PEFT adapter
 directory (the same two names, optionally inside one top-level folder, optionally with a
-README.md). Pickle weights (`adapter_model.bin`, `*.pt`, ...) are refused by name and by
+README.md; the metadata macOS adds is ignored). Pickle weights (`adapter_model.bin`, `*.pt`, ...) are refused by name and by
 content: loading a pickle runs code.
 
 `assemble` checks what can be checked without the backbone (sizes, archive members, the
@@ -25,6 +25,13 @@ from service.upload.safetensors_header import DuplicateKey, HeaderLimits, check_
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")  # only the message uses names; bytes decide
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
 IGNORED_MEMBERS = {"readme.md", ".gitattributes"}  # what PEFT's save_pretrained / a hub folder add
+# What macOS adds to an archive it makes (Finder's Compress, `ditto -c -k`, bsdtar): the AppleDouble
+# metadata of each file, `._<name>`, under a top-level `__MACOSX/` folder (zip) or beside the file
+# (tar), and Finder's `.DS_Store`. Metadata, never bundle files: dropped after the archive's own checks
+# (names, types, member count and sizes count them as any member) and never read as a bundle file.
+MACOS_FOLDER = "__MACOSX"
+MACOS_FILES = ".DS_Store"
+APPLEDOUBLE_PREFIX = "._"
 
 
 @dataclass(frozen=True)
@@ -165,12 +172,15 @@ def assemble(parts: list[Part], limits: UploadLimits) -> BundleFiles:
 
 
 def _bundle_members(files: dict[str, bytes], problems: _Problems) -> dict[str, bytes]:
-    """The bundle files among an archive's members, all at its root or all in one folder."""
+    """The bundle files among an archive's members, all at its root or all in one folder
+    (macOS metadata aside: it neither counts as a member nor decides where the bundle is)."""
     paths = {name: PurePosixPath(name).parts for name in files}
+    paths = {name: parts for name, parts in paths.items() if not _macos_metadata(parts)}
     tops = {parts[0] for parts in paths.values() if len(parts) > 1}
     strip = len(tops) == 1 and all(len(parts) > 1 for parts in paths.values())
     named: dict[str, bytes] = {}
-    for name, data in files.items():
+    for name in paths:
+        data = files[name]
         parts = paths[name][1:] if strip else paths[name]
         inner = "/".join(parts)
         if len(parts) != 1:
@@ -182,6 +192,11 @@ def _bundle_members(files: dict[str, bytes], problems: _Problems) -> dict[str, b
         elif inner.lower() not in IGNORED_MEMBERS:
             problems.add(f"unexpected archive member {name[:100]!r}: a bundle holds only {CONFIG_FILE} and {WEIGHTS_FILE}")
     return named
+
+
+def _macos_metadata(parts: tuple[str, ...]) -> bool:
+    return bool(parts) and (parts[0] == MACOS_FOLDER or parts[-1] == MACOS_FILES
+                            or parts[-1].startswith(APPLEDOUBLE_PREFIX))
 
 
 def _check_config(config: bytes, limits: UploadLimits, problems: _Problems) -> str:

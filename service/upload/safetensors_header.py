@@ -61,44 +61,57 @@ def _check_entries(header: dict[str, Any], data_len: int, limits: HeaderLimits, 
         problems.append(f"{name}: __metadata__ must map strings to strings")
     if len(header) > limits.max_tensors:
         return problems + [f"{name}: {len(header)} tensors exceed the limit of {limits.max_tensors}"]
+    # Every in-bounds range a tensor claims, its entry refused or not: a tensor refused for its
+    # dtype or shape still owns its bytes, and reporting them as belonging to no tensor would
+    # name a second problem that is not there.
     ranges: list[tuple[int, int, str]] = []
+    unplaced = False  # an entry whose range cannot be read: gaps then prove no hidden bytes
     for tensor, entry in header.items():
         where = f"{name}: tensor {tensor[:80]!r}"
         if len(tensor) > MAX_NAME_CHARS:
             problems.append(f"{where}...: name longer than {MAX_NAME_CHARS} characters")
+            unplaced = True
             continue
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             problems.append(f"{where}: entry must have exactly dtype, shape and data_offsets")
+            unplaced = True
             continue
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
-            problems.append(f"{where}: dtype {dtype!r} is not allowed (only {', '.join(ALLOWED_DTYPES)})")
-            continue
-        if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
-            problems.append(f"{where}: shape must be a list of non-negative integers")
-            continue
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
-            problems.append(f"{where}: data_offsets must be two non-negative integers")
-            continue
-        begin, end = offsets
-        if not begin <= end <= data_len:
-            problems.append(f"{where}: data_offsets [{begin}, {end}] fall outside the {data_len}-byte data section")
-            continue
-        expected = math.prod(shape) * ALLOWED_DTYPES[dtype]
-        if end - begin != expected:
-            problems.append(f"{where}: {end - begin} bytes of data for shape {shape} in {dtype} ({expected} expected)")
-            continue
-        ranges.append((begin, end, tensor))
+        offsets = entry["data_offsets"]
+        if isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets) \
+                and offsets[0] <= offsets[1] <= data_len:
+            ranges.append((offsets[0], offsets[1], tensor))
+        else:
+            unplaced = True
+        problem = _entry_problem(entry["dtype"], entry["shape"], offsets, data_len)
+        if problem:
+            problems.append(f"{where}: {problem}")
     covered = 0
     for begin, end, tensor in sorted(ranges):
         if begin < covered:
             problems.append(f"{name}: tensor {tensor[:80]!r} overlaps another tensor's data (offset {begin} < {covered})")
-        elif begin > covered:
+        elif begin > covered and not unplaced:
             problems.append(f"{name}: {begin - covered} bytes at offset {covered} belong to no tensor")
         covered = max(covered, end)
     if not problems and covered != data_len:
         problems.append(f"{name}: {data_len - covered} trailing bytes after the last tensor")
     return problems
+
+
+def _entry_problem(dtype: Any, shape: Any, offsets: Any, data_len: int) -> str | None:
+    """What is wrong with one tensor's dtype, shape and data_offsets, or None."""
+    if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
+        return f"dtype {dtype!r} is not allowed (only {', '.join(ALLOWED_DTYPES)})"
+    if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+        return "shape must be a list of non-negative integers"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        return "data_offsets must be two non-negative integers"
+    begin, end = offsets
+    if not begin <= end <= data_len:
+        return f"data_offsets [{begin}, {end}] fall outside the {data_len}-byte data section"
+    expected = math.prod(shape) * ALLOWED_DTYPES[dtype]
+    if end - begin != expected:
+        return f"{end - begin} bytes of data for shape {shape} in {dtype} ({expected} expected)"
+    return None
 
 
 def _is_count(value: Any) -> bool:

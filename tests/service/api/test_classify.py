@@ -91,6 +91,20 @@ def test_a_whole_timeout_in_any_json_spelling_is_accepted(client: TestClient, ra
     assert response.status_code == 200, response.text
 
 
+@pytest.mark.parametrize("raw, message", [
+    (b"1e400", "must be a whole number of milliseconds in [1, 3600000], got inf "
+               "(JSON numbers beyond ±1.8e308, such as 1e400, read as inf)"),
+    (b"4" * 400 + b".0", "must be a whole number of milliseconds in [1, 3600000], got inf"),
+    (b"NaN", "must be a whole number of milliseconds in [1, 3600000], got nan"),
+    (b"4" * 400, "Input should be less than or equal to 3600000"),
+], ids=["1e400", "400-digit decimal", "NaN", "400 digits"])
+def test_a_timeout_no_float_holds_is_422_naming_the_range(client: TestClient, raw: bytes, message: str) -> None:
+    body = b'{"inputs": ["x"], "timeout_ms": ' + raw + b"}"
+    response = client.post("/v1/tasks/sentiment/classify", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422 and response.json()["error_type"] == "validation_error"
+    assert response.json()["error"].startswith(f"body.timeout_ms: {message}"), response.text
+
+
 def test_a_slow_forward_past_the_deadline_is_504(client: TestClient) -> None:
     response = client.post("/v1/tasks/sentiment/classify", json={"inputs": ["sleep:0.3"], "timeout_ms": 20})
     assert response.status_code == 504 and response.json()["error_type"] == "deadline_exceeded"

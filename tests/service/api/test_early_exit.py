@@ -67,6 +67,32 @@ def test_bad_early_exit_values_are_422_naming_the_problem(client: TestClient, ea
     assert message in response.json()["error"]
 
 
+# JSON numbers have no range: thresholds no float holds are refused naming the range, not as
+# "not a valid number" (a 400-digit integer) or a bare "finite number" (1e400 reads as inf).
+OUT_OF_RANGE = "out of range (beyond ±1.8e308)"
+READ_AS_INF = "it must be a finite number (JSON numbers beyond ±1.8e308, such as 1e400, read as inf)"
+
+
+@pytest.mark.parametrize(
+    "policy, raw, message",
+    [
+        ("confidence", b"4" * 400, f"a confidence threshold is a probability in [0, 1], got a 400-digit number: {OUT_OF_RANGE}"),
+        ("patience", b"-" + b"9" * 400, f"patience is a whole number of layers >= 1, got a 400-digit number: {OUT_OF_RANGE}"),
+        ("off", b"4" * 400, f"an early-exit threshold must be a finite number, got a 400-digit number: {OUT_OF_RANGE}"),
+        ("entropy", b"1e400", f"an entropy threshold is >= 0 nats, got inf: {READ_AS_INF}"),
+        ("confidence", b"-" + b"4" * 400 + b".5", f"a confidence threshold is a probability in [0, 1], got -inf: {READ_AS_INF}"),
+        ("confidence", b"NaN", "an early-exit threshold must be a finite number, got nan"),
+        ("confidence", b"4" * 300, "a confidence threshold is a probability in [0, 1], got 4.444444444444445e+299"),
+    ],
+    ids=["400 digits", "-400 digits, patience", "400 digits, off", "1e400", "400-digit decimal", "NaN", "300 digits fit"],
+)
+def test_a_threshold_no_float_holds_is_422_naming_the_range(client: TestClient, policy: str, raw: bytes, message: str) -> None:
+    body = b'{"inputs": ["a"], "early_exit": {"policy": "%s", "threshold": %s}}' % (policy.encode(), raw)
+    response = client.post(CLASSIFY.format("exiting"), content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422 and response.json()["error_type"] == "validation_error"
+    assert response.json()["error"].endswith(f": {message}"), response.text
+
+
 def test_an_exit_policy_for_a_task_without_exit_heads_is_refused(client: TestClient) -> None:
     response = client.post(CLASSIFY.format("plain"), json={"inputs": ["a"], "early_exit": {"policy": "entropy"}})
     assert response.status_code == 422 and "no early-exit classifiers" in response.json()["error"]
