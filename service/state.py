@@ -33,6 +33,11 @@ class TaskLike(Protocol):
 
     def info(self) -> dict[str, Any]: ...
 
+    def exit_threshold(self, policy: str) -> float | None:
+        """The threshold a request naming only `policy` gets: the task's calibrated one, or None
+        (the engine's default for that policy)."""
+        ...
+
 
 class EngineLike(Protocol):
     """What the service needs of the engine (`service.engine.engine.Engine`); the seam tests fake."""

@@ -50,6 +50,9 @@ class FakeTask:
             "input_kind": self.input_kind,
         }
 
+    def exit_threshold(self, policy: str) -> float | None:
+        return None  # no calibration: the engine's defaults
+
 
 class FakeEngine:
     def __init__(self, *, task_nbytes: int = 1000, warmup_error: Exception | None = None) -> None:

@@ -156,7 +156,11 @@ def _exit_policy(task: TaskLike, key: TaskKey, early_exit: EarlyExit | None) -> 
         )
     from service.methods.exits import DEFAULT_THRESHOLDS, ExitPolicy  # imports torch: only when asked
 
-    threshold = early_exit.threshold if early_exit.threshold is not None else DEFAULT_THRESHOLDS[early_exit.policy]
+    threshold = early_exit.threshold
+    if threshold is None:  # the task's calibrated threshold for this policy (docs/training.md), else the default
+        threshold = task.exit_threshold(early_exit.policy)
+    if threshold is None:
+        threshold = DEFAULT_THRESHOLDS[early_exit.policy]
     try:
         return ExitPolicy(early_exit.policy, float(threshold))
     except ValueError as err:  # the schema checks the same ranges; this is the engine's last word

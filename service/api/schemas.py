@@ -38,7 +38,7 @@ class EarlyExit(BaseModel):
     # strict: a JSON number only (not true, not "0.5"), as the OpenAPI document says
     threshold: float | None = Field(
         default=None, allow_inf_nan=False, strict=True,
-        description="Policy threshold; default: the policy's own (confidence 0.9, entropy 0.3, patience 2).",
+        description="Policy threshold; default: the task's calibrated one for this policy (`adaptserve train --early-exit` stores one per policy), else the policy's own (confidence 0.9, entropy 0.3, patience 2).",
     )
 
     @field_validator("threshold", mode="before")

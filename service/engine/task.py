@@ -43,6 +43,12 @@ class Task:
         """Whether the task has early-exit classifiers (so a per-request exit policy applies)."""
         return "exits" in self.weights
 
+    def exit_threshold(self, policy: str) -> float | None:
+        """The threshold a request naming only `policy` gets: this task's calibrated one (stored
+        by `adaptserve train --early-exit`), else None for `DEFAULT_THRESHOLDS`."""
+        exits = self.weights.get("exits")
+        return None if exits is None or policy == "off" else exits.threshold_for(policy)  # type: ignore[attr-defined]
+
     @property
     def nbytes(self) -> int:
         """Bytes the task occupies on the engine's device (what the cache budget counts)."""

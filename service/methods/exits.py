@@ -149,6 +149,51 @@ class ExitWeights(TaskWeights):
         return torch.sigmoid(z @ c2w.T + c2b).squeeze(-1)
 
 
+def _shown(value: Any) -> str:
+    """A stored value for a message: whole if short, else its start and its length."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:16]}... ({len(text)} characters)"
+
+
+def _stored_threshold(policy: Any, value: Any) -> float:
+    """A threshold from a bundle as a float; ValueError naming the rule where it is no number
+    or no float can hold it (a JSON integer has no size limit, and float() of 400 digits raises
+    OverflowError, which no bundle check expected)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"a threshold is a number, got {type(value).__name__}")
+    huge = isinstance(value, int) and abs(value) > sys.float_info.max
+    problem = threshold_problem(policy if isinstance(policy, str) else "", value if huge else float(value))
+    if problem:
+        raise ValueError(problem)
+    return float(value)
+
+
+def _calibration_problems(calibration: Any) -> list[str]:
+    """What is wrong with a bundle's calibration record where the service reads it: a request
+    naming only a policy takes `policies.<policy>.threshold` (null: not calibrated, the default
+    applies). The rest of the record is kept as written and only shown (`GET /v1/tasks/{task}`)."""
+    if not isinstance(calibration, dict):
+        return [f"calibration must be a JSON object, got {type(calibration).__name__}"]
+    stored = calibration.get("policies")
+    if stored is None:
+        return []
+    if not isinstance(stored, dict):
+        return [f"calibration.policies must be a JSON object of policy -> {{\"threshold\": ...}}, got {type(stored).__name__}"]
+    problems = []
+    for name in ("confidence", "entropy", "patience"):
+        record = stored.get(name)
+        if record is None:
+            continue
+        if not isinstance(record, dict):
+            problems.append(f"calibration.policies.{name} must be a JSON object, got {type(record).__name__}")
+        elif record.get("threshold") is not None:
+            try:
+                _stored_threshold(name, record["threshold"])
+            except ValueError as e:
+                problems.append(f"calibration.policies.{name}.threshold {_shown(record['threshold'])}: {e}")
+    return problems
+
+
 # Policy codes for the per-row tables: the decision is one vectorised comparison per policy.
 _CODES = {"confidence": 1, "entropy": 2, "patience": 3}
 
@@ -248,10 +293,13 @@ class Exits(Method):
         name = section.get("policy", "confidence")
         threshold = section.get("threshold", DEFAULT_THRESHOLDS.get(name, 0.9) if isinstance(name, str) else 0.9)
         try:
-            policy = ExitPolicy(name, float(threshold))
+            policy = ExitPolicy(name, _stored_threshold(name, threshold))
         except (ValueError, TypeError) as e:  # not a number, or outside what a request may ask for
-            problems.add(f"stored policy {name!r} with threshold {threshold!r}: {e}")
+            problems.add(f"stored policy {name!r} with threshold {_shown(threshold)}: {e}")
             policy = ExitPolicy()
+        calibration = section.get("calibration") or {}
+        for problem in _calibration_problems(calibration):
+            problems.add(problem)
         layers_found = sorted({int(m.group(1)) for m in map(_KEY.match, tensors) if m})
         for k in tensors:
             if not _KEY.match(k):
@@ -278,7 +326,7 @@ class Exits(Method):
             if all(t is not None for t in got):
                 layers[layer] = tuple(t.to(device=backbone.device, dtype=backbone.dtype).contiguous() for t in got)
         problems.raise_if_any()
-        return ExitWeights(pooling=pooling, layers=layers, policy=policy, calibration=dict(section.get("calibration") or {}))
+        return ExitWeights(pooling=pooling, layers=layers, policy=policy, calibration=dict(calibration))
 
     def batch(self, parts: Sequence[TaskWeights | None], row_part: Tensor) -> ExitBatch | None:
         raise NotImplementedError("exits are batched by Engine with per-row policies (Exits.batch_rows)")

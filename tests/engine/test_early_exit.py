@@ -152,6 +152,8 @@ STORED_POLICIES = [
     ("patience", 1.5, "whole number"),
     ("sometimes", 0.5, "must be one of"),
     ("entropy", None, "with threshold None"),
+    ("confidence", 10**400, "got a 401-digit number: out of range"),  # float() of it raised OverflowError
+    ("confidence", "0.9", "a threshold is a number, got str"),
 ]
 
 
@@ -176,3 +178,35 @@ def test_policy_validation():
         ExitPolicy("sometimes")
     with pytest.raises(ValueError, match="whole number"):
         ExitPolicy("patience", 1.5)
+
+
+# A bundle's calibration record, where the service reads it: `policies.<policy>.threshold` is what a
+# request naming only that policy gets (`ExitWeights.threshold_for`), so it follows the same rules.
+BAD_CALIBRATIONS = [
+    ({"policies": {"entropy": {"threshold": -1}}}, "calibration.policies.entropy.threshold -1: an entropy threshold is >= 0"),
+    ({"policies": {"confidence": {"threshold": 10**400}}}, "401-digit number"),
+    ({"policies": {"patience": {"threshold": "2"}}}, "calibration.policies.patience.threshold '2': a threshold is a number"),
+    ({"policies": {"patience": 2}}, "calibration.policies.patience must be a JSON object, got int"),
+    ({"policies": ["confidence"]}, "calibration.policies must be a JSON object"),
+    ("calibrated", "calibration must be a JSON object, got str"),
+]
+
+
+@pytest.mark.parametrize("calibration,message", BAD_CALIBRATIONS, ids=[m[:24] for _, m in BAD_CALIBRATIONS])
+def test_a_stored_calibration_the_service_reads_is_checked_at_load(setup, tmp_path, calibration, message):
+    engine, _ = setup
+    info = engine.backbone.info
+    g = torch.Generator().manual_seed(0)
+    v = publish(tmp_path, "t", {"head": random_head(info, g), "exits": random_exits(info, g, 2)}, ["a", "b"])
+    bundle = tmp_path / "t" / v
+    cfg = json.loads((bundle / CONFIG).read_text())
+    cfg["methods"]["exits"]["calibration"] = {"policies": {"entropy": {"threshold": None, "met": False},
+                                                           "patience": {"threshold": 3}}, "notes": [1, "kept"]}
+    (bundle / CONFIG).write_text(json.dumps(cfg))
+    task = engine.load_task(bundle, TaskKey("t", "ok"))  # uncalibrated (null) and unread fields are fine
+    assert task.weights["exits"].threshold_for("patience") == 3.0
+    cfg["methods"]["exits"]["calibration"] = calibration
+    (bundle / CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(BundleError) as e:
+        engine.load_task(bundle, TaskKey("t", "bad"))
+    assert message in str(e.value), str(e.value)

@@ -132,3 +132,42 @@ def test_the_real_engine_exits_where_the_request_says(tmp_path: Path) -> None:
         assert [p["exit_layer"] for p in off.json()["predictions"]] == [2, 2]
         assert off.json()["predictions"][0]["scores"] == pytest.approx(late.json()["predictions"][0]["scores"])
         assert 'adaptserve_exit_layer_count{task="exiting"} 6.0' in client.get("/metrics").text
+
+
+def test_a_request_naming_only_a_policy_gets_the_tasks_calibrated_threshold(tmp_path: Path) -> None:
+    """`adaptserve train --early-exit` stores a calibrated threshold per policy; a request naming a
+    policy without a threshold gets it (docs/training.md), not the engine-wide default. The exit
+    classifiers here answer logits of 0 (entropy ln 2) and the fresh confidence predictors ~0.5, so
+    the defaults (entropy 0.3, confidence 0.9) exit no row and the calibrated 5.0 and 0.0 every row."""
+    import dataclasses
+
+    from service.engine.backbone import load_backbone
+    from service.methods.exits import ExitPolicy
+
+    backbone_dir = save_tiny_backbone("bert", tmp_path / "backbone")
+    info = load_backbone(backbone_dir, device="cpu", dtype="float32").info
+    g = torch.Generator().manual_seed(0)
+    exits = ExitWeights.init(info, num_labels=2, generator=g)
+    for out_w, out_b, *_ in exits.layers.values():
+        out_w.data.zero_()
+        out_b.data.zero_()
+    calibration = {"policies": {"entropy": {"threshold": 5.0, "met": True}, "confidence": {"threshold": 0.0, "met": True},
+                                "patience": {"threshold": None, "met": False}}}
+    exits = dataclasses.replace(exits, policy=ExitPolicy("off"), calibration=calibration)
+    publish(tmp_path / "store", "calibrated", {"head": random_head(info, g), "exits": exits}, ["neg", "pos"],
+            fingerprint=info.fingerprint)
+    app = create_app(Settings(store=tmp_path / "store", backbone=backbone_dir, device="cpu", dtype="float32"))
+    with TestClient(app) as client:
+        wait_ready(client, timeout_s=60)
+        url = CLASSIFY.format("calibrated")
+
+        def layers(early_exit: dict) -> list[int]:
+            response = client.post(url, json={"inputs": ["good", "bad"], "early_exit": early_exit})
+            assert response.status_code == 200, response.text
+            return [p["exit_layer"] for p in response.json()["predictions"]]
+
+        assert layers({"policy": "entropy"}) == [1, 1]  # calibrated 5.0
+        assert layers({"policy": "entropy", "threshold": 0.3}) == [2, 2]  # the default, asked for
+        assert layers({"policy": "confidence"}) == [1, 1]  # calibrated 0.0
+        assert layers({"policy": "confidence", "threshold": 0.9}) == [2, 2]
+        assert layers({"policy": "patience"}) == [2, 2]  # not calibrated: the default 2, and 2 layers
