@@ -102,7 +102,7 @@ def serve(args: argparse.Namespace) -> int:
     if unknown:  # a warning, not an error: a platform may inject variables meant for others
         warn_always(logging.getLogger("service"),
                     f"ignoring {', '.join(unknown)}: no such setting (a typo? every setting is listed in .env.example)")
-    problem = _backbone_problem(settings, flags)
+    problem = _store_problem(settings, flags) or _backbone_problem(settings, flags)
     if problem:
         print(f"adaptserve serve: {problem}", file=sys.stderr)
         return 2
@@ -171,6 +171,16 @@ def _listening_socket(host: str, port: int, flags: Mapping[str, str]):
         return f"{where}, {port_name}: cannot listen on {host}:{port} ({err.strerror or err})"
     sock.set_inheritable(True)
     return sock
+
+
+def _store_problem(settings, flags: Mapping[str, str]) -> str | None:
+    """A local store that is not a directory, named as the user gave it (the store itself would
+    refuse it too, but cannot know whether a flag or the environment said where it is)."""
+    root = settings.store.expanduser()
+    if settings.store_backend != "local" or root.is_dir():
+        return None
+    return (f"{_named('store', flags)}: task store {str(root)!r} is not a directory; create it, or point to an "
+            "existing store (a new store is an empty directory)")
 
 
 def _backbone_problem(settings, flags: Mapping[str, str]) -> str | None:

@@ -68,7 +68,8 @@ class Settings(BaseSettings):
     """Every setting of the server. Env vars are the field names upper-cased with `ADAPTSERVE_`."""
 
     # No inf or nan anywhere: an infinite timeout or cache is a typo, not a setting.
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True,
+    # env_ignore_empty: `ADAPTSERVE_PORT=` in an env file means "unset", as it does for every setting
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", validate_default=True, env_ignore_empty=True,
                                       allow_inf_nan=False)
 
     # --- where things are -------------------------------------------------------------------

@@ -379,7 +379,8 @@ def verify_bundle(path: Path, key: TaskKey, where: str) -> None:
         try:
             blobs.append((path / name).read_bytes())
         except OSError as err:
-            raise TaskUnavailable(f"task {key} in {where}: its {name} cannot be read ({_reason(err)})") from err
+            raise TaskUnavailable(f"task {key} in {where}: its {name} cannot be read ({_reason(err)}); "
+                                  "upload the bundle again (the same files repair it) or activate another version") from err
     config, weights = blobs
     got = content_version(config, weights)
     if got != key.version:

@@ -189,7 +189,8 @@ def _check_virtual_fits(p: int, backbone: BackboneInfo) -> None:
     if p > room:
         why.append(f"this {backbone.model_type} backbone has {backbone.max_positions} positions, which the virtual "
                    f"tokens share with at least {MIN_MAX_LENGTH} text tokens")
-    raise BundleError(f"'num_virtual_tokens' is {p}, more than the {limit} allowed here: {'; and '.join(why)}; "
+    shown = p if p < 10**12 else f"a {len(str(p))}-digit number"
+    raise BundleError(f"'num_virtual_tokens' is {shown}, more than the {limit} allowed here: {'; and '.join(why)}; "
                       f"train the adapter with num_virtual_tokens <= {limit}")
 
 

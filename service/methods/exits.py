@@ -297,7 +297,8 @@ class Exits(Method):
         except (ValueError, TypeError) as e:  # not a number, or outside what a request may ask for
             problems.add(f"stored policy {name!r} with threshold {_shown(threshold)}: {e}")
             policy = ExitPolicy()
-        calibration = section.get("calibration") or {}
+        calibration = section.get("calibration")
+        calibration = {} if calibration is None else calibration  # "", [], 0 and false are no object either
         for problem in _calibration_problems(calibration):
             problems.add(problem)
         layers_found = sorted({int(m.group(1)) for m in map(_KEY.match, tensors) if m})

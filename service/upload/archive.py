@@ -74,6 +74,18 @@ def check_member_name(name: str) -> str | None:
     return None
 
 
+def _seen_twice(name: str, seen: dict[str, str]) -> str | None:
+    """Why `name` duplicates an earlier member, or None; records it in `seen`. Names are compared
+    as the path they extract to: `./x`, `a//x` and `a/./x` are `x`, `a/x` and `a/x`, so an archive
+    cannot hold two different copies of one bundle file (which one counts would be up to the tool)."""
+    path = str(PurePosixPath(name))
+    first = seen.get(path)
+    if first is None:
+        seen[path] = name
+        return None
+    return "appears twice" if first.rstrip("/") == name.rstrip("/") else f"appears twice (also as {first[:100]!r})"
+
+
 def _unzip(data: bytes, limits: ArchiveLimits, label: str) -> Unpacked:
     out = Unpacked()
     try:
@@ -86,15 +98,12 @@ def _unzip(data: bytes, limits: ArchiveLimits, label: str) -> Unpacked:
         out.too_large = True
         return out
     declared = 0
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     for info in infos:
         where = f"{label}: member {info.filename[:100]!r}"
-        reason = check_member_name(info.filename)
+        reason = check_member_name(info.filename) or _seen_twice(info.filename, seen)
         if reason:
             out.problems.append(f"{where} {reason}")
-        if info.filename.rstrip("/") in seen:
-            out.problems.append(f"{where} appears twice")
-        seen.add(info.filename.rstrip("/"))
         mode = info.external_attr >> 16
         # Only the file-type bits count: writers that store permissions alone (Python's
         # ZipFile.writestr: 0o600) or no mode at all (DOS-style zips) mean a regular file.
@@ -177,7 +186,7 @@ def _untar(data: bytes, limits: ArchiveLimits, label: str) -> Unpacked:
     reader = _CountingReader(gzip.GzipFile(fileobj=io.BytesIO(data)), cap)
     members = 0
     payload = 0
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     files: dict[str, bytes] = {}
     try:
         with tarfile.open(fileobj=io.BufferedReader(reader), mode="r|") as archive:
@@ -188,12 +197,9 @@ def _untar(data: bytes, limits: ArchiveLimits, label: str) -> Unpacked:
                     out.too_large = True
                     break
                 where = f"{label}: member {member.name[:100]!r}"
-                reason = check_member_name(member.name)
+                reason = check_member_name(member.name) or _seen_twice(member.name, seen)
                 if reason:
                     out.problems.append(f"{where} {reason}")
-                if member.name.rstrip("/") in seen:
-                    out.problems.append(f"{where} appears twice")
-                seen.add(member.name.rstrip("/"))
                 if member.issym() or member.islnk():
                     out.problems.append(f"{where} is a {'symbolic' if member.issym() else 'hard'} link")
                     continue

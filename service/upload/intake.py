@@ -132,6 +132,7 @@ def assemble(parts: list[Part], limits: UploadLimits) -> BundleFiles:
     if len(archives) > 1:
         problems.add(f"{len(archives)} archives sent; send one")
     source = "files"
+    ignored: list[str] = []  # an archive's macOS metadata, named only if a bundle file is then missing
     unreadable = bool(archives and named) or len(archives) > 1  # no way to tell which files are meant
     if len(archives) == 1 and not named:
         archive = archives[0]
@@ -144,19 +145,19 @@ def assemble(parts: list[Part], limits: UploadLimits) -> BundleFiles:
             for problem in unpacked.problems:
                 problems.add(problem, too_large=unpacked.too_large)
             unreadable = bool(unpacked.problems)
-            named = _bundle_members(unpacked.files, problems)
+            named, ignored = _bundle_members(unpacked.files, problems)
     if unreadable:
         problems.raise_if_any()  # the files themselves are out of reach: nothing more to check
 
     # From here on every check runs, so one answer names every problem found.
     config, weights = named.get(CONFIG_FILE), named.get(WEIGHTS_FILE)
     if config is None:
-        problems.add(f"{CONFIG_FILE} is missing")
+        problems.add(_missing(CONFIG_FILE, ignored))
     elif len(config) > limits.config_bytes:
         problems.add(f"{CONFIG_FILE} is larger than the limit of {limits.config_bytes} bytes", too_large=True)
         config = None
     if weights is None:
-        problems.add(f"{WEIGHTS_FILE} is missing")
+        problems.add(_missing(WEIGHTS_FILE, ignored))
     elif len(weights) > limits.weights_bytes:
         problems.add(f"{WEIGHTS_FILE} is larger than the limit of {limits.weights_bytes} bytes", too_large=True)
         weights = None
@@ -171,10 +172,11 @@ def assemble(parts: list[Part], limits: UploadLimits) -> BundleFiles:
     return BundleFiles(config=config, weights=weights, source=source, kind=kind)
 
 
-def _bundle_members(files: dict[str, bytes], problems: _Problems) -> dict[str, bytes]:
-    """The bundle files among an archive's members, all at its root or all in one folder
-    (macOS metadata aside: it neither counts as a member nor decides where the bundle is)."""
+def _bundle_members(files: dict[str, bytes], problems: _Problems) -> tuple[dict[str, bytes], list[str]]:
+    """The bundle files among an archive's members, all at its root or all in one folder, and the
+    macOS metadata set aside (it neither counts as a member nor decides where the bundle is)."""
     paths = {name: PurePosixPath(name).parts for name in files}
+    ignored = [name for name, parts in paths.items() if _macos_metadata(parts)]
     paths = {name: parts for name, parts in paths.items() if not _macos_metadata(parts)}
     tops = {parts[0] for parts in paths.values() if len(parts) > 1}
     strip = len(tops) == 1 and all(len(parts) > 1 for parts in paths.values())
@@ -191,7 +193,17 @@ def _bundle_members(files: dict[str, bytes], problems: _Problems) -> dict[str, b
             problems.add(_pickle_refusal(name))
         elif inner.lower() not in IGNORED_MEMBERS:
             problems.add(f"unexpected archive member {name[:100]!r}: a bundle holds only {CONFIG_FILE} and {WEIGHTS_FILE}")
-    return named
+    return named, ignored
+
+
+def _missing(file: str, ignored: list[str]) -> str:
+    """`file` is missing, and, where the archive has macOS metadata of that name, that it was
+    seen and why it does not count (an archive of only `__MACOSX/` copies looks complete)."""
+    seen = [name for name in ignored if PurePosixPath(name).name in (file, APPLEDOUBLE_PREFIX + file)]
+    if not seen:
+        return f"{file} is missing"
+    return (f"{file} is missing: the archive has {seen[0][:100]!r}, which is macOS metadata (under {MACOS_FOLDER}/ "
+            f"or named {APPLEDOUBLE_PREFIX}*) and ignored; put the file itself in the archive")
 
 
 def _macos_metadata(parts: tuple[str, ...]) -> bool:

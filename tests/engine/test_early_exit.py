@@ -189,6 +189,9 @@ BAD_CALIBRATIONS = [
     ({"policies": {"patience": 2}}, "calibration.policies.patience must be a JSON object, got int"),
     ({"policies": ["confidence"]}, "calibration.policies must be a JSON object"),
     ("calibrated", "calibration must be a JSON object, got str"),
+    ("", "calibration must be a JSON object, got str"),
+    ([], "calibration must be a JSON object, got list"),
+    (False, "calibration must be a JSON object, got bool"),
 ]
 
 

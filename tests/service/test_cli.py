@@ -118,7 +118,7 @@ def test_a_serve_setting_is_named_where_it_was_set(
         (["serve", "--port", "70000"], {}, "--port: Input should be less than or equal to 65535 (got 70000)"),
         (["serve", "--max-batch-size", "0"], {}, "--max-batch-size: Input should be greater than or equal to 1 (got 0)"),
         (["serve", "--device", "gpu"], {}, "--device: device must be auto, cpu, cuda or cuda:N"),
-        (["serve", "--store", "/no/such/dir"], {}, "task store '/no/such/dir' is not a directory; give an existing store with --store"),
+        (["serve", "--store", "/no/such/dir"], {}, "--store: task store '/no/such/dir' is not a directory; create it"),
         (["serve", "--backbone", "/no/such/model"], {}, "--backbone: '/no/such/model' is not a directory"),
         (["serve", "--backbone", "/no/such/model.gguf"], {}, "--backbone: no GGUF file"),
         (["serve", "--redis-url", "localhost:6379"], {}, "--redis-url: must start with redis://"),
@@ -126,6 +126,7 @@ def test_a_serve_setting_is_named_where_it_was_set(
         # ... one the environment gave, by its variable (a flag overrides it: the flag's value is the one refused)
         (["serve"], {"ADAPTSERVE_MAX_BATCH_SIZE": "0"}, "ADAPTSERVE_MAX_BATCH_SIZE: Input should be greater than or equal to 1 (got '0')"),
         (["serve"], {"ADAPTSERVE_BACKBONE": "/no/such/model"}, "ADAPTSERVE_BACKBONE: '/no/such/model' is not a directory"),
+        (["serve"], {"ADAPTSERVE_STORE": "/no/such/dir"}, "ADAPTSERVE_STORE: task store '/no/such/dir' is not a directory"),
         (["serve", "--max-inputs-per-request", "20"], {"ADAPTSERVE_MAX_QUEUE": "10"},
          "ADAPTSERVE_MAX_QUEUE (10) is smaller than --max-inputs-per-request (20)"),
         (["serve", "--max-batch-size", "0"], {"ADAPTSERVE_MAX_BATCH_SIZE": "8"}, "--max-batch-size: Input should be greater"),
@@ -140,10 +141,13 @@ def test_serve_refuses_bad_settings_naming_them_as_given(
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err
-    # A typed flag is never reported as its variable. (The store's own message offers both: "give an
-    # existing store with --store (the server also reads ADAPTSERVE_STORE)".)
-    for flag in (a for a in argv if a.startswith("--") and a != "--store"):
+    # A typed flag is never reported as its variable, nor a variable as a flag.
+    for flag in (a for a in argv if a.startswith("--")):
         assert f"ADAPTSERVE_{flag[2:].replace('-', '_').upper()}" not in err
+    for variable in env:
+        flag = "--" + variable.removeprefix("ADAPTSERVE_").lower().replace("_", "-")
+        if flag not in argv:
+            assert f"{flag}:" not in err and f"with {flag}" not in err
     assert uvicorn_calls == []
 
 

@@ -123,6 +123,18 @@ def test_an_empty_host_or_store_means_the_default(monkeypatch: pytest.MonkeyPatc
     assert (settings.host, settings.store) == ("127.0.0.1", default_store_dir())
 
 
+def test_an_empty_variable_means_unset_for_every_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An env file written from .env.example leaves blank lines like `ADAPTSERVE_PORT=`: they mean
+    # "unset" for numbers and choices as they do for paths, not "refuse to start".
+    for name in ("PORT", "MAX_BATCH_SIZE", "MAX_WAIT_MS", "LOG_LEVEL", "DEVICE", "ADMIN_TOKENS"):
+        monkeypatch.setenv(f"ADAPTSERVE_{name}", "")
+    settings = Settings()
+    defaults = {name: Settings.model_fields[name].get_default(call_default_factory=True)
+                for name in ("port", "max_batch_size", "max_wait_ms", "log_level", "device")}
+    assert {name: getattr(settings, name) for name in defaults} == defaults
+    assert settings.admin_tokens == []
+
+
 def test_an_empty_token_file_is_refused_not_an_open_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     empty = tmp_path / "admin-tokens"
     empty.write_text("\n , \n")

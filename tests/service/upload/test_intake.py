@@ -75,11 +75,31 @@ def test_macos_metadata_still_counts_for_the_archive_checks(blob: bytes, message
     assert refused.value.status_code == (413 if too_large else 422)
 
 
-def test_metadata_alone_is_no_bundle() -> None:
-    blob = _zip({f"__MACOSX/._{CONFIG}": APPLEDOUBLE, f"._{WEIGHTS}": APPLEDOUBLE})
+def test_metadata_alone_is_no_bundle_and_the_refusal_says_what_it_saw() -> None:
+    blob = _zip({f"__MACOSX/{CONFIG}": CFG, f"._{WEIGHTS}": APPLEDOUBLE, "__MACOSX/._other": APPLEDOUBLE})
     with pytest.raises(UploadRejected) as refused:
         assemble([Part("bundle", "bundle.zip", blob)], _limits())
-    assert refused.value.problems == [f"{CONFIG} is missing", f"{WEIGHTS} is missing"]
+    ignored = "which is macOS metadata (under __MACOSX/ or named ._*) and ignored; put the file itself in the archive"
+    assert refused.value.problems == [f"{CONFIG} is missing: the archive has '__MACOSX/{CONFIG}', {ignored}",
+                                      f"{WEIGHTS} is missing: the archive has '._{WEIGHTS}', {ignored}"]
+    with pytest.raises(UploadRejected) as refused:  # nothing of that name: the plain message
+        assemble([Part("bundle", "bundle.zip", _zip({CONFIG: CFG, "__MACOSX/._other": APPLEDOUBLE}))], _limits())
+    assert refused.value.problems == [f"{WEIGHTS} is missing"]
+
+
+@pytest.mark.parametrize("pack", [_zip, tar_gz_bytes], ids=["zip", "tar.gz"])
+@pytest.mark.parametrize("first, second", [(CONFIG, f"./{CONFIG}"), (f"b/{CONFIG}", f"b//{CONFIG}"),
+                                           (f"b/{CONFIG}", f"b/./{CONFIG}")])
+def test_one_file_under_two_spellings_is_refused(pack, first: str, second: str) -> None:
+    """Names are compared as the path they extract to: otherwise an archive could hold two
+    different configs, and which one a tool extracts (or the server keeps) would be up to it."""
+    folder = first.rpartition("/")[0]
+    weights = f"{folder}/{WEIGHTS}" if folder else WEIGHTS
+    blob = pack({first: CFG, weights: WTS, second: CFG.replace(b"neg", b"bad")})
+    with pytest.raises(UploadRejected) as refused:
+        assemble([Part("bundle", "bundle.zip", blob)], _limits())
+    assert any(f"member {second!r} appears twice (also as {first!r})" in p for p in refused.value.problems), \
+        refused.value.problems
 
 
 def test_a_finder_zip_is_stored_without_its_metadata(tmp_path: Path) -> None:
