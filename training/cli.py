@@ -467,9 +467,11 @@ def _check_paths(device: str, *, inputs: Sequence[tuple[str, Path | None]] = (),
             raise ConfigError(f"--json {out}: is a directory; name a file")
         parent = out.parent  # Path("x.json").parent is "."
         if not parent.is_dir():
-            raise ConfigError(f"--json {out}: the directory {parent} does not exist")
-        if not os.access(parent, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
-            raise ConfigError(f"--json {out}: permission denied")
+            what = "is a file" if parent.exists() else "does not exist"
+            raise ConfigError(f"--json {out}: the directory {parent} {what}")
+        why = _unwritable_file(out) if out.exists() else _unwritable(parent)  # a real write, not os.access (root)
+        if why:
+            raise ConfigError(f"--json {out}: cannot be written ({why}); name a file this user can write")
 
 
 def directory(value: str) -> Path:
@@ -494,8 +496,8 @@ def _check_dir(flag: str, path: Path) -> None:
     if existing == path and (why := _unwritable(path)):  # the directory itself: probed with a real write
         raise ConfigError(f"{flag} {path}: cannot be written into ({why}); make it writable by this user, or "
                           f"pass another {flag}")
-    if not os.access(existing, os.W_OK | os.X_OK):  # an ancestor it would be made in: not ours to write a probe into
-        raise ConfigError(f"{flag} {path}: permission denied" + (f" (on {existing})" if existing != path else ""))
+    if existing != path and (why := _unwritable(existing, directory=True)):  # where it would be made: a real mkdir
+        raise ConfigError(f"{flag} {path}: cannot be made in {existing} ({why}); pass a {flag} this user can create")
 
 
 def _check_task_dir(store: Path, task: str) -> None:
@@ -516,16 +518,31 @@ def _check_task_dir(store: Path, task: str) -> None:
                           f"writable by this user (e.g. chmod u+w {task_dir}), or pass another --store")
 
 
-def _unwritable(directory: Path) -> str | None:
-    """Why no file can be made in `directory`, or None: a probe file, made and removed at once
-    (a dot-name no store lists). Not os.access: root passes it whatever the mode bits say, and some
-    file systems (/proc, /sys, a network mount that checks on the server) refuse only the write."""
+def _unwritable(parent: Path, directory: bool = False) -> str | None:
+    """Why no file (or, `directory`, no folder) can be made in `parent`, or None: a probe, made and
+    removed at once (a dot-name no store lists). Not os.access: root passes it whatever the mode
+    bits say, and some file systems (/proc, /sys, a network mount that checks on the server)
+    refuse only the write."""
     try:
-        fd, probe = tempfile.mkstemp(prefix=".adaptserve-probe-", dir=directory)
+        if directory:
+            os.rmdir(tempfile.mkdtemp(prefix=".adaptserve-probe-", dir=parent))
+            return None
+        fd, probe = tempfile.mkstemp(prefix=".adaptserve-probe-", dir=parent)
     except OSError as err:
         return err.strerror or str(err)
     os.close(fd)
     os.unlink(probe)
+    return None
+
+
+def _unwritable_file(path: Path) -> str | None:
+    """Why the existing file `path` cannot be written, or None: opened for appending, which
+    changes nothing (no byte written, the content and the modification time stay)."""
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as err:
+        return err.strerror or str(err)
     return None
 
 

@@ -161,15 +161,25 @@ def probe(base_url: str, token: str | None = None, timeout: float = 5.0) -> None
     if resp.status_code == 401:
         reason = _json(resp).get("error") or resp.reason_phrase
         raise PublishError(f"{base}: the service refused the token (401: {reason}); {_token_hint(token)}")
+    if not resp.is_success:  # a proxy that answers /healthz but not /v1, a service failing: found now, not after
+        reason = _json(resp).get("error") or _text_reason(resp)
+        raise PublishError(f"{base}: GET /v1/tasks answered {resp.status_code} ({reason}); the upload goes to /v1 too, "
+                           "so check the --publish URL and the service")
 
 
 def _bearer(token: str | None) -> tuple[str | None, dict[str, str]]:
     """`token`, else $ADAPTSERVE_ADMIN_TOKEN, else the first of the server's own
     $ADAPTSERVE_ADMIN_TOKENS (a job run beside the server, with its environment), and the headers
     that send it."""
+    where = "--token"
     if token is None:
+        where = TOKEN_ENV if os.environ.get(TOKEN_ENV, "").strip() else SERVER_TOKENS_ENV
         token = os.environ.get(TOKEN_ENV) or next(
             (t.strip() for t in os.environ.get(SERVER_TOKENS_ENV, "").split(",") if t.strip()), None)
+    token = token.strip() if token else None  # a secret file's trailing newline is no part of the token
+    if token and not all("!" <= c <= "~" for c in token):  # what an HTTP header carries after "Bearer "
+        raise PublishError(f"{where}: the admin token holds a space, a control or a non-ASCII character, which no "
+                           "bearer token can carry; check the value (tokens are printable ASCII)")
     return token, {"Authorization": f"Bearer {token}"} if token else {}
 
 
@@ -191,7 +201,7 @@ def _reaching(base: str, where: str, timeout: float) -> Iterator[None]:
 def _kind(resp: httpx.Response) -> str:
     """What a non-adaptserve answer was, for a one-line message."""
     kind = resp.headers.get("content-type", "").split(";")[0].strip()
-    return f"a {kind} body" if kind else "no content type"
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind} body" if kind else "no content type"
 
 
 def _text_reason(resp: httpx.Response) -> str:

@@ -184,6 +184,8 @@ UNWRITABLE = [
     ("task directory that refuses files", "/sys", "kernel", "--store /sys: the task directory /sys/kernel cannot be written into"),
     ("store that refuses files", "/proc/self/fd", "t", "--store /proc/self/fd: cannot be written into"),
     ("task directory that is a file", "{tmp}/store", "t", "--store {tmp}/store: {tmp}/store/t is a file, not a task directory"),
+    ("store still to be made where nothing can be", "/proc/adaptserve-store", "t",
+     "--store /proc/adaptserve-store: cannot be made in /proc ("),
 ]
 
 
@@ -204,7 +206,7 @@ def test_a_store_that_cannot_take_the_task_is_refused_before_training(
             if os.geteuid() == 0:
                 pytest.skip("root writes into a read-only directory")
             (store / task).mkdir(mode=0o555)
-    elif not (store / task if task == "kernel" else store).is_dir():
+    elif not (store / task if task == "kernel" else store if store.exists() else store.parent).is_dir():
         pytest.skip(f"needs {store} (Linux)")
     monkeypatch.setattr("training.trainer.train", lambda *a, **k: pytest.fail("trained before the store was checked"))
     assert main(["--task", task, "--method", "head", "--data", str(csvs["train"]), "--dev", str(csvs["dev"]),
@@ -442,3 +444,39 @@ def test_an_unreachable_publish_url_is_found_before_training(csvs, tiny_dir, tmp
     assert main(args) == 1
     line = _error_line(capsys, "adaptserve train")
     assert f"cannot reach http://127.0.0.1:{port}" in line and "checked before training" in line
+
+
+@pytest.mark.parametrize("json_out, expected", [
+    ("/proc/adaptserve.json", "--json /proc/adaptserve.json: cannot be written ("),  # procfs: no new files, even for root
+    ("/proc/version", "--json /proc/version: cannot be written ("),  # there, and not writable by root either
+    ("{tmp}/afile/x.json", "--json {tmp}/afile/x.json: the directory {tmp}/afile is a file"),
+])
+def test_a_json_file_that_cannot_be_written_is_refused_before_training(
+        json_out, expected, csvs, tiny_dir, tmp_path, capsys, monkeypatch):
+    """--json is written last: a path os.access passes for root but no write reaches (procfs) used
+    to be found after training and publishing, exit 1 with the task published."""
+    (tmp_path / "afile").write_text("x")
+    json_out, expected = json_out.format(tmp=tmp_path), expected.format(tmp=tmp_path)
+    if not Path(json_out).parent.exists():
+        pytest.skip("needs /proc (Linux)")
+    before = Path(json_out).read_bytes() if Path(json_out).is_file() else None
+    monkeypatch.setattr("training.trainer.train", lambda *a, **k: pytest.fail("trained before --json was checked"))
+    assert main(["--task", "t", "--method", "head", "--data", str(csvs["train"]), "--dev", str(csvs["dev"]),
+                 "--backbone", str(tiny_dir), "--no-publish", "--json", json_out, *FAST]) == 1
+    assert expected in _error_line(capsys, "adaptserve train")
+    if before is not None:
+        assert Path(json_out).read_bytes() == before
+
+
+@pytest.mark.parametrize("token, expected", [
+    ("adm-s\u00e9cret", "--token: the admin token holds a space, a control or a non-ASCII character"),
+    ("adm secret", "--token: the admin token holds a space"),
+])
+def test_a_token_no_header_can_carry_is_named_before_training(token, expected, csvs, tiny_dir, capsys, monkeypatch):
+    """It used to end in a UnicodeEncodeError traceback (non-ASCII) or 'cannot reach' the server."""
+    monkeypatch.setattr("training.trainer.train", lambda *a, **k: pytest.fail("trained before the token was checked"))
+    args = ["--task", "t", "--method", "head", "--data", str(csvs["train"]), "--dev", str(csvs["dev"]),
+            "--backbone", str(tiny_dir), "--publish", "http://127.0.0.1:9/", "--token", token]
+    assert main(args) == 1
+    line = _error_line(capsys, "adaptserve train")
+    assert expected in line and "cannot reach" not in line and token not in line

@@ -242,3 +242,43 @@ def test_a_bundle_the_service_would_not_load_is_never_written_to_a_store(tiny, c
     with pytest.raises(PublishError, match="would not load"):
         save_to_store(result, tmp_path / "store")
     assert not (tmp_path / "store" / "t").exists()
+
+
+def test_the_token_loses_a_secret_files_newline_and_nothing_else(monkeypatch):
+    from training.publish import SERVER_TOKENS_ENV, TOKEN_ENV, _bearer
+
+    monkeypatch.delenv(SERVER_TOKENS_ENV, raising=False)
+    monkeypatch.setenv(TOKEN_ENV, "adm-secret\n")
+    assert _bearer(None) == ("adm-secret", {"Authorization": "Bearer adm-secret"})
+    monkeypatch.setenv(TOKEN_ENV, "adm\x01secret")
+    with pytest.raises(PublishError, match=f"{TOKEN_ENV}: the admin token holds a space, a control"):
+        _bearer(None)
+    assert _bearer(" t0k ") == ("t0k", {"Authorization": "Bearer t0k"})
+
+
+@pytest.mark.parametrize("status", [404, 403, 502])
+def test_the_probe_needs_the_v1_routes_to_answer_too(status):
+    """A proxy that answers /healthz but refuses or misroutes /v1 used to pass the probe: only a
+    401 there counted, and the upload then failed after training."""
+    import threading
+
+    class Half(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            code, body = (200, b'{"status": "ok"}') if self.path == "/healthz" else (status, b"<html>no</html>")
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json" if code == 200 else "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Half)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(PublishError, match=rf"GET /v1/tasks answered {status} \(.*an HTML page.*\); the upload goes to /v1"):
+            probe(url, "t")
+    finally:
+        server.shutdown()
