@@ -2,6 +2,7 @@
 endpoint does not exist yet, so a stand-in records what it is sent and answers as configured)."""
 from __future__ import annotations
 
+import contextlib
 import email.parser
 import json
 import threading
@@ -96,23 +97,28 @@ def test_upload_errors_are_one_clear_line(stand, monkeypatch, status, body, toke
     assert expected in str(err.value) and "\n" not in str(err.value)
 
 
+@contextlib.contextmanager
+def _stand_in(handler) -> Iterator[str]:
+    """Another HTTP server on a free loopback port, answering with `handler`: its URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
 def test_the_probe_finds_a_server_that_is_not_adaptserve_before_training(tmp_path):
     """Another HTTP server at the URL (its /healthz a 404 page) is named before any training."""
     import http.server
-    import threading
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: Quiet(*a, directory=str(tmp_path)))
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with _stand_in(lambda *a: Quiet(*a, directory=str(tmp_path))) as url:
         with pytest.raises(PublishError, match=r"no adaptserve service answers there \(GET /healthz: 404, a text/html body\)"):
             probe(url, "t")
-    finally:
-        server.shutdown()
 
 
 def test_upload_to_nothing_listening():
@@ -260,7 +266,6 @@ def test_the_token_loses_a_secret_files_newline_and_nothing_else(monkeypatch):
 def test_the_probe_needs_the_v1_routes_to_answer_too(status):
     """A proxy that answers /healthz but refuses or misroutes /v1 used to pass the probe: only a
     401 there counted, and the upload then failed after training."""
-    import threading
 
     class Half(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
@@ -274,11 +279,6 @@ def test_the_probe_needs_the_v1_routes_to_answer_too(status):
         def log_message(self, *args) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Half)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with _stand_in(Half) as url:
         with pytest.raises(PublishError, match=rf"GET /v1/tasks answered {status} \(.*an HTML page.*\); the upload goes to /v1"):
             probe(url, "t")
-    finally:
-        server.shutdown()
