@@ -108,7 +108,35 @@ def publish_http(result: TrainResult, base_url: str, token: str | None = None, *
 
 def upload(base_url: str, task: str, config_bytes: bytes, weights_bytes: bytes, token: str | None = None, *,
            timeout: float = DEFAULT_TIMEOUT_S) -> Published:
-    """Send one bundle's bytes; raises `PublishError` with a one-line reason on any failure."""
+    """Send one bundle's bytes; raises `PublishError` with a one-line reason on any failure. The
+    upload comes after the training, so a failed one keeps the bundle in a temporary folder and
+    says how to send it again: a service that went down mid-run costs a re-send, not the run."""
+    try:
+        return _send(base_url, task, config_bytes, weights_bytes, token, timeout)
+    except PublishError as err:
+        kept = _keep(task, config_bytes, weights_bytes)
+        if kept is None:
+            raise
+        url = f"{base_url.rstrip('/')}/v1/tasks/{task}/versions"
+        raise PublishError(f"{err}; the bundle is kept in {kept}: once that is fixed, send it with curl -H 'Authorization: Bearer "
+                           f"<admin token>' -F {CONFIG}=@{kept / CONFIG} -F {WEIGHTS}=@{kept / WEIGHTS} {url}") from None
+
+
+def _keep(task: str, config_bytes: bytes, weights_bytes: bytes) -> Path | None:
+    """The bundle's two files in a new temporary folder (None if even that fails: a full disk)."""
+    import tempfile
+
+    try:
+        kept = Path(tempfile.mkdtemp(prefix=f"adaptserve-unpublished-{task}-"))
+        (kept / CONFIG).write_bytes(config_bytes)
+        (kept / WEIGHTS).write_bytes(weights_bytes)
+    except OSError:
+        return None
+    return kept
+
+
+def _send(base_url: str, task: str, config_bytes: bytes, weights_bytes: bytes, token: str | None,
+          timeout: float) -> Published:
     token, headers = _bearer(token)
     base = check_url(base_url)
     url = f"{base}/v1/tasks/{task}/versions"

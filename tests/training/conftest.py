@@ -36,6 +36,15 @@ def write_csv(path: Path, data: list[tuple[str, ...]], pairs: bool = False) -> P
     return path
 
 
+@pytest.fixture(autouse=True)
+def _kept_bundles_stay_in_the_test(tmp_path, monkeypatch) -> None:
+    """A failed upload keeps its bundle in a temporary folder (training.publish.upload): the tests'
+    own, not the machine's /tmp."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     return save_tiny_backbone("bert", tmp_path_factory.mktemp("tiny") / "bert", seed=0)

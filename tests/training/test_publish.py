@@ -7,6 +7,7 @@ import email.parser
 import json
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator
 
@@ -282,3 +283,24 @@ def test_the_probe_needs_the_v1_routes_to_answer_too(status):
     with _stand_in(Half) as url:
         with pytest.raises(PublishError, match=rf"GET /v1/tasks answered {status} \(.*an HTML page.*\); the upload goes to /v1"):
             probe(url, "t")
+
+
+def test_a_failed_upload_keeps_the_bundle_and_says_how_to_send_it_again():
+    """The upload comes after the training: a service that went down mid-run used to cost the run."""
+    import re
+    import shutil
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(PublishError) as err:
+        upload(f"http://127.0.0.1:{port}/", "sst2", CFG, WTS, token="t", timeout=5)
+    message = str(err.value)
+    assert message.startswith(f"cannot reach http://127.0.0.1:{port}") and "\n" not in message
+    kept = Path(re.search(r"the bundle is kept in (\S+):", message).group(1))
+    try:
+        assert (kept / CONFIG).read_bytes() == CFG and (kept / WEIGHTS).read_bytes() == WTS
+        assert f"-F {CONFIG}=@{kept / CONFIG} -F {WEIGHTS}=@{kept / WEIGHTS} http://127.0.0.1:{port}/v1/tasks/sst2/versions" in message
+    finally:
+        shutil.rmtree(kept)
