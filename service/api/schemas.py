@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from service.methods.exits import READ_AS_INF, threshold_problem
+from service.methods.exits import READ_AS_INF, threshold_problem, too_long_for_float
 
 TextPair = tuple[str, str]
 
@@ -108,9 +107,7 @@ class ClassifyRequest(BaseModel):
 
 def _beyond_floats(value: Any) -> bool:
     """A JSON number no float holds: an integer past ±1.8e308, or one that json read as inf or NaN."""
-    if isinstance(value, float):
-        return not math.isfinite(value)
-    return isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max
+    return not math.isfinite(value) if isinstance(value, float) else too_long_for_float(value)
 
 
 class PredictionOut(BaseModel):

@@ -45,7 +45,8 @@ class Task:
 
     def exit_threshold(self, policy: str) -> float | None:
         """The threshold a request naming only `policy` gets: this task's calibrated one (stored
-        by `adaptserve train --early-exit`), else None for `DEFAULT_THRESHOLDS`."""
+        by `adaptserve train --early-exit`) or the policy's default (`ExitWeights.threshold_for`);
+        None where no threshold applies (no exit classifiers, or `off`)."""
         exits = self.weights.get("exits")
         return None if exits is None or policy == "off" else exits.threshold_for(policy)  # type: ignore[attr-defined]
 

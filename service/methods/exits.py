@@ -63,12 +63,18 @@ _FLOAT_RANGE = "±1.8e308"  # sys.float_info.max: past it a JSON number fits no 
 READ_AS_INF = f"JSON numbers beyond {_FLOAT_RANGE}, such as 1e400, read as inf"
 
 
+def too_long_for_float(value: Any) -> bool:
+    """A JSON integer no float holds (past ±1.8e308): JSON integers have no size limit, and
+    float() of one raises OverflowError."""
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max
+
+
 def threshold_problem(policy: str, t: float) -> str | None:
     """What is wrong with threshold `t` for `policy`, or None: the one rule for a request's
     `early_exit` (service/api/schemas.py) and a bundle's stored policy. `t` may be any JSON number,
     an integer too long for a float included."""
     rule = THRESHOLD_RULES.get(policy, _FINITE)
-    if isinstance(t, int) and abs(t) > sys.float_info.max:  # JSON integers have no size limit
+    if too_long_for_float(t):
         return f"{rule}, got a {len(str(abs(t)))}-digit number: out of range (beyond {_FLOAT_RANGE})"
     if math.isnan(t):
         return f"{_FINITE}, got {t!r}"
@@ -161,8 +167,7 @@ def _stored_threshold(policy: Any, value: Any) -> float:
     OverflowError, which no bundle check expected)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"a threshold is a number, got {type(value).__name__}")
-    huge = isinstance(value, int) and abs(value) > sys.float_info.max
-    problem = threshold_problem(policy if isinstance(policy, str) else "", value if huge else float(value))
+    problem = threshold_problem(policy if isinstance(policy, str) else "", value if too_long_for_float(value) else float(value))
     if problem:
         raise ValueError(problem)
     return float(value)
@@ -180,7 +185,7 @@ def _calibration_problems(calibration: Any) -> list[str]:
     if not isinstance(stored, dict):
         return [f"calibration.policies must be a JSON object of policy -> {{\"threshold\": ...}}, got {type(stored).__name__}"]
     problems = []
-    for name in ("confidence", "entropy", "patience"):
+    for name in THRESHOLD_RULES:  # the policies a threshold applies to
         record = stored.get(name)
         if record is None:
             continue

@@ -77,8 +77,7 @@ def _check_entries(header: dict[str, Any], data_len: int, limits: HeaderLimits, 
             unplaced = True
             continue
         offsets = entry["data_offsets"]
-        if isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets) \
-                and offsets[0] <= offsets[1] <= data_len:
+        if _is_pair_of_counts(offsets) and offsets[0] <= offsets[1] <= data_len:
             ranges.append((offsets[0], offsets[1], tensor))
         else:
             unplaced = True
@@ -103,7 +102,7 @@ def _entry_problem(dtype: Any, shape: Any, offsets: Any, data_len: int) -> str |
         return f"dtype {dtype!r} is not allowed (only {', '.join(ALLOWED_DTYPES)})"
     if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
         return "shape must be a list of non-negative integers"
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+    if not _is_pair_of_counts(offsets):
         return "data_offsets must be two non-negative integers"
     begin, end = offsets
     if not begin <= end <= data_len:
@@ -112,6 +111,10 @@ def _entry_problem(dtype: Any, shape: Any, offsets: Any, data_len: int) -> str |
     if end - begin != expected:
         return f"{end - begin} bytes of data for shape {shape} in {dtype} ({expected} expected)"
     return None
+
+
+def _is_pair_of_counts(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(_is_count(v) for v in value)
 
 
 def _is_count(value: Any) -> bool:
