@@ -18,6 +18,9 @@ so fixing a bundle on disk needs no restart.
 Evicting only drops the cache's reference. A batch that already holds the Task keeps it alive
 until the batch is done, so eviction never pulls weights out from under a forward. Keys are
 `TaskKey(name, version)`: two versions of a task are two entries, so a swap never mixes them.
+Dropping a key (its version or task was deleted) also lets go of a load or promotion of it in
+flight: that one still answers its waiters but inserts nothing and remembers no failure, so a
+deleted version never comes back into a tier it was dropped from.
 """
 from __future__ import annotations
 
@@ -182,16 +185,17 @@ class TaskCache(Generic[T]):
             self._to_host_tier(key, *entry)
 
     def drop_task(self, name: str) -> None:
-        """Forget every version of task `name` in every tier (the task was deleted)."""
-        for tier in (self._entries, self._demoting, self._host, self._failed):
+        """Forget every version of task `name` in every tier and let go of its loads in flight
+        (the task was deleted)."""
+        for tier in (self._entries, self._demoting, self._host, self._failed, self._pending):
             for key in [k for k in tier if k.name == name]:
                 del tier[key]
         self._count_device()
         self._count_host()
 
     def drop(self, key: TaskKey) -> None:
-        """Forget one version in every tier (the version was deleted)."""
-        for tier in (self._entries, self._demoting, self._host, self._failed):
+        """Forget one version in every tier and let go of its load in flight (the version was deleted)."""
+        for tier in (self._entries, self._demoting, self._host, self._failed, self._pending):
             tier.pop(key, None)
         self._count_device()
         self._count_host()
@@ -206,11 +210,12 @@ class TaskCache(Generic[T]):
         self.stats.loads += 1
         try:
             task = await asyncio.to_thread(load_or_unavailable, self._load, key)
-            self._insert(key, task)
+            if self._wanted(key):
+                self._insert(key, task)
             return task
         except TaskUnavailable as err:
             self.stats.load_failures += 1
-            if self.failure_ttl_s <= 0:
+            if self.failure_ttl_s <= 0 or not self._wanted(key):
                 raise
             self._remember_failure(key, err.message)
             raise self._failure(key) from err
@@ -218,7 +223,13 @@ class TaskCache(Generic[T]):
             self.stats.load_failures += 1
             raise
         finally:
-            self._pending.pop(key, None)
+            if self._wanted(key):
+                del self._pending[key]
+
+    def _wanted(self, key: TaskKey) -> bool:
+        """Whether the load or promotion running now is still the one the cache waits for: a drop
+        (the version was deleted) lets it go, and a get() after that starts a load of its own."""
+        return self._pending.get(key) is asyncio.current_task()
 
     def _remember_failure(self, key: TaskKey, message: str) -> None:
         now = time.monotonic()
@@ -247,14 +258,15 @@ class TaskCache(Generic[T]):
                 task = await asyncio.to_thread(self._to_device, host_task)
             except Exception as err:  # noqa: BLE001 - e.g. device out of memory: the store may still do
                 log.warning("promoting task %s from host memory failed (%s); loading it from the store", key, err)
-                self._pending.pop(key, None)
-                return await self._load_and_insert(key)
-            self._insert(key, task)
-            self.stats.promotions += 1
-            log.debug("promoted task %s from host memory to the device", key)
+                return await self._load_and_insert(key)  # still this key's pending: new requests join it
+            if self._wanted(key):
+                self._insert(key, task)
+                self.stats.promotions += 1
+                log.debug("promoted task %s from host memory to the device", key)
             return task
         finally:
-            self._pending.pop(key, None)
+            if self._wanted(key):
+                del self._pending[key]
 
     def _insert(self, key: TaskKey, task: T) -> None:
         size = int(task.nbytes)

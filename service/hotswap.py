@@ -271,6 +271,7 @@ class TaskAdmin:
             self.state.metrics.forget_task(task)
             if runtime is not None:
                 runtime.cache.drop_task(task)
+            self.state.store.drop_local_task(task)  # on the loop: see on_versions_deleted
             return
         if runtime is None:
             return
@@ -283,11 +284,17 @@ class TaskAdmin:
 
     def on_versions_deleted(self, task: str, versions: tuple[str, ...]) -> None:
         """Versions of a task were deleted (own write or another replica's): every tier forgets its
-        copies, which nothing resolves to any more. A batch holding one finishes with it."""
+        copies, which nothing resolves to any more, and so does the store's local copy (an S3
+        store's disk cache). A batch holding one finishes with it.
+
+        The local copy goes here on the event loop, not in a thread: a few small files per version,
+        and removed before the next feed entry is applied, so a removal never races the fetch of
+        the same version uploaded again right after (same content, same id)."""
         runtime = self.state.runtime
-        if runtime is None:
-            return
         for key in (TaskKey(task, version) for version in versions):
+            self.state.store.drop_local_copy(key)
+            if runtime is None:
+                continue
             if runtime.cache.peek(key) is not None:  # a first sync hears every tombstone: log only a copy let go
                 log.info("task %s: version %s was deleted; its cached copy is dropped", task, key.version)
             runtime.cache.drop(key)

@@ -129,6 +129,14 @@ class BundleStore:
     def describe(self) -> str:
         raise NotImplementedError
 
+    def drop_local_copy(self, key: TaskKey) -> None:
+        """Remove this replica's local copy of a version that another replica deleted from the shared
+        store (an S3 store's disk cache). A store whose files are the only copy (a local directory,
+        shared by the replicas) has nothing of its own to drop. Never raises."""
+
+    def drop_local_task(self, task: str) -> None:
+        """As `drop_local_copy`, for every version of a task that another replica deleted."""
+
     # -- shared ----------------------------------------------------------------------------------
     def list_tasks(self) -> list[TaskListing]:
         """Every task, sorted, each with its active version or the reason it has none. Never

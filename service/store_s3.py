@@ -19,7 +19,9 @@ again, each replacing its object in one step: that is how a re-upload repairs it
 fetched into a local cache directory (download to a temp dir, verify the content hash, rename):
 a version is immutable and named by its hash, so a cached copy never goes stale. The cache is
 bounded (`s3_cache_max_bytes`): after a fetch, the copies used least recently go first, but never
-one used within `CACHE_GRACE_S` (a path just handed out is being read), so the bound is soft.
+one used within `CACHE_GRACE_S` (a path just handed out is being read), so the bound is soft. A
+version or task deleted leaves the cache at once: on the replica that deleted it, and on every
+other replica when it hears the delete (`drop_local_copy`, `drop_local_task`).
 """
 from __future__ import annotations
 
@@ -309,7 +311,7 @@ class S3Store(BundleStore):
         # Config first: the version stops being listed before its weights go.
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key.name, key.version, name))
-        shutil.rmtree(self.cache_dir / key.name / key.version, ignore_errors=True)
+        self.drop_local_copy(key)
 
     @_s3_errors
     def delete_task(self, task: str) -> None:
@@ -324,7 +326,16 @@ class S3Store(BundleStore):
         with self._lock:
             for pointer in POINTERS:
                 self._pointer_cache.pop((task, pointer), None)
-        shutil.rmtree(self.cache_dir / task, ignore_errors=True)
+        self.drop_local_task(task)
+
+    def drop_local_copy(self, key: TaskKey) -> None:
+        # Names heard from the registry feed: a path is built only from valid ones (fetch caches no other).
+        if TASK_NAME_RE.fullmatch(key.name) and VERSION_RE.fullmatch(key.version):
+            shutil.rmtree(self.cache_dir / key.name / key.version, ignore_errors=True)
+
+    def drop_local_task(self, task: str) -> None:
+        if TASK_NAME_RE.fullmatch(task):
+            shutil.rmtree(self.cache_dir / task, ignore_errors=True)
 
     # -- helpers -----------------------------------------------------------------------------------
     def _incomplete(self, key: TaskKey) -> TaskUnavailable:

@@ -1,9 +1,11 @@
 """Two real replicas (`python -m service serve`) sharing one store and a real redis-server:
 a change on one is served by the other within a second; both keep serving while Redis is gone
 (admin writes get 503); when it returns they resync, including changes they could not have
-been told about."""
+been told about. A delete on one empties the other's caches, in memory and (over an S3 bucket
+on moto_server) on disk."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -16,7 +18,7 @@ from service.engine.bundle import content_version
 from tests.factories import publish, random_head, random_lora
 from tests.hotswap.bundles import files, make_bundle
 from tests.hotswap.conftest import ADMIN, AUTH_ADMIN, AUTH_READER, READER
-from tests.hotswap.servers import RedisServer, Replica, eventually
+from tests.hotswap.servers import MotoServer, RedisServer, Replica, eventually
 
 FEED_DEADLINE_S = 1.0  # a change must reach the other replica within this
 TEMPORARY_PASSWORD = "keeps-replicas-out-while-the-test-edits-redis"
@@ -43,22 +45,35 @@ def cluster(tmp_path: Path, backbone_dir: Path, info) -> Iterator[tuple[RedisSer
     v0 = publish(store, "sentiment", {"lora": random_lora(info, g), "head": random_head(info, g)}, ["neg", "pos"],
                  fingerprint=info.fingerprint)
     redis = RedisServer(tmp_path / "redis").start()
-    env = {
-        "ADAPTSERVE_STORE": str(store), "ADAPTSERVE_BACKBONE": str(backbone_dir), "ADAPTSERVE_DEVICE": "cpu",
+    env = {"ADAPTSERVE_STORE": str(store), **replica_env(backbone_dir, redis)}
+    try:
+        with replicas(tmp_path, env, env) as (a, b):
+            yield redis, a, b, v0
+    finally:
+        redis.kill()
+
+
+def replica_env(backbone_dir: Path, redis: RedisServer) -> dict[str, str]:
+    return {
+        "ADAPTSERVE_BACKBONE": str(backbone_dir), "ADAPTSERVE_DEVICE": "cpu",
         "ADAPTSERVE_DTYPE": "float32", "ADAPTSERVE_REDIS_URL": redis.url, "ADAPTSERVE_REDIS_TIMEOUT_S": "0.5",
         "ADAPTSERVE_REDIS_RECONNECT_MAX_S": "0.3", "ADAPTSERVE_MAX_WAIT_MS": "1",
         "ADAPTSERVE_ADMIN_TOKENS": ADMIN, "ADAPTSERVE_INFERENCE_TOKENS": READER, "ADAPTSERVE_LOG_LEVEL": "debug",
     }
-    a, b = Replica("a", tmp_path, env).start(), Replica("b", tmp_path, env).start()
+
+
+@contextlib.contextmanager
+def replicas(tmp_path: Path, env_a: dict[str, str], env_b: dict[str, str]) -> Iterator[tuple[Replica, Replica]]:
+    """Replicas A and B, ready and connected to Redis; stopped after, their logs checked for tokens."""
+    a, b = Replica("a", tmp_path, env_a).start(), Replica("b", tmp_path, env_b).start()
     try:
         for replica in (a, b):
             replica.wait_ready()
             eventually(lambda r=replica: r.registry()["connected"], timeout_s=10)
-        yield redis, a, b, v0
+        yield a, b
     finally:
         for replica in (a, b):
             replica.stop()
-        redis.kill()
         logs = a.logs() + b.logs()
         assert ADMIN not in logs and READER not in logs, "a token reached a replica's log"
 
@@ -168,3 +183,55 @@ def test_a_version_deleted_on_one_replica_leaves_the_others_caches(cluster, info
     assert cache_figure(b, "adaptserve_cache_host_bytes") == 0
     assert f"version {v0} was deleted; its cached copy is dropped" in b.logs()
     assert served_version(b) == v1
+
+
+@pytest.fixture
+def s3_cluster(tmp_path: Path, backbone_dir: Path) -> Iterator[tuple[Replica, Replica, Path]]:
+    """Replicas A and B over one bucket on moto_server and one redis-server, each with its own disk
+    cache of S3 bundles (as pods each have theirs): (A, B, B's disk cache)."""
+    boto3 = pytest.importorskip("boto3")
+    aws = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    moto = MotoServer().start()
+    redis = RedisServer(tmp_path / "redis").start()
+    try:
+        boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1", aws_access_key_id="testing",
+                     aws_secret_access_key="testing").create_bucket(Bucket="tasks")
+        env = {"ADAPTSERVE_STORE_BACKEND": "s3", "ADAPTSERVE_S3_BUCKET": "tasks", "ADAPTSERVE_S3_ENDPOINT_URL": moto.url,
+               **aws, **replica_env(backbone_dir, redis)}
+        with replicas(tmp_path, env | {"ADAPTSERVE_S3_CACHE_DIR": str(tmp_path / "s3-cache-a")},
+                      env | {"ADAPTSERVE_S3_CACHE_DIR": str(tmp_path / "s3-cache-b")}) as (a, b):
+            yield a, b, tmp_path / "s3-cache-b"
+    finally:
+        redis.kill()
+        moto.stop()
+
+
+def test_a_version_or_task_deleted_on_one_replica_leaves_the_others_s3_disk_cache(s3_cluster, info) -> None:
+    """B fetched v0 and v1 from S3 into its own disk cache. A deletes v0: B removes its copy of v0
+    once it hears the delete (before, it stayed until the cache's byte budget pushed it out) and
+    keeps v1 and serves it. A deletes the task: B removes every copy of it."""
+    a, b, b_cache = s3_cluster
+
+    def on_b_disk(*parts: str) -> bool:  # under the cache's per-bucket directory
+        return any(b_cache.glob("/".join(("*", *parts))))
+
+    def upload(seed: int) -> str:
+        response = httpx.post(f"{a.url}/v1/tasks/sentiment/versions", files=files(*make_bundle(info, seed=seed)),
+                              headers=AUTH_ADMIN, timeout=10)
+        assert response.status_code == 201, response.text
+        return response.json()["version"]
+
+    v0 = upload(10)
+    eventually(lambda: httpx.get(f"{b.url}/v1/tasks/sentiment", headers=AUTH_READER, timeout=5).status_code == 200,
+               timeout_s=FEED_DEADLINE_S)
+    assert served_version(b) == v0 and on_b_disk("sentiment", v0)
+    v1 = upload(11)
+    follows(b, v1)
+    assert on_b_disk("sentiment", v0) and on_b_disk("sentiment", v1)
+
+    assert httpx.delete(f"{a.url}/v1/tasks/sentiment/versions/{v0}", headers=AUTH_ADMIN, timeout=10).status_code == 200
+    eventually(lambda: not on_b_disk("sentiment", v0), timeout_s=FEED_DEADLINE_S)
+    assert on_b_disk("sentiment", v1) and served_version(b) == v1
+
+    assert httpx.delete(f"{a.url}/v1/tasks/sentiment", headers=AUTH_ADMIN, timeout=10).status_code == 200
+    eventually(lambda: not on_b_disk("sentiment"), timeout_s=FEED_DEADLINE_S)

@@ -90,6 +90,31 @@ def test_publish_list_resolve_fetch_delete(store: BundleStore, info) -> None:
         store.versions("sentiment")
 
 
+def test_dropping_local_copies_never_touches_the_store_itself(store: BundleStore, tmp_path: Path, info) -> None:
+    """What a replica does when it hears that another one deleted a version or a task: its own
+    copies go (an S3 store's disk cache; a local store has none), the store's files are the deleting
+    replica's business, and names heard from the feed build no path unless they are valid."""
+    config, weights = make_bundle(info, seed=1)
+    key = TaskKey("sentiment", content_version(config, weights))
+    store.put_version(key.name, key.version, config, weights)
+    fetched = store.fetch(key)
+    outside = (getattr(store, "cache_dir", None) or store.root).parent / "outside"  # where `..` would lead
+    outside.mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    for name, version in (("..", "outside"), ("sentiment", ".."), ("sentiment/..", key.version)):
+        store.drop_local_copy(TaskKey(name, version))
+    store.drop_local_task("..")
+    assert sorted(tmp_path.rglob("*")) == before
+
+    store.drop_local_copy(key)
+    assert fetched.is_dir() == isinstance(store, LocalStore)  # a local store's copy is the store's own
+    store.fetch(key)
+    store.drop_local_task(key.name)
+    assert fetched.is_dir() == isinstance(store, LocalStore)
+    assert store.versions(key.name) == [key.version]
+    assert (store.bundle_dir(key) / WEIGHTS).read_bytes() == weights  # fetched again from the bucket
+
+
 def _overwrite(store: BundleStore, key: TaskKey, name: str, data: bytes | None) -> None:
     """Damage one stored file of `key` behind the store's back (None: remove it)."""
     if isinstance(store, LocalStore):

@@ -160,3 +160,51 @@ async def test_load_completes_into_the_cache_even_if_every_waiter_left() -> None
     await wait_until(lambda: A in cache)
     assert await cache.get(A) is cache.peek(A)
     assert loader.calls == [A]
+
+
+@pytest.mark.parametrize("delete", [lambda cache: cache.drop(A), lambda cache: cache.drop_task(A.name)],
+                         ids=["version deleted", "task deleted"])
+@async_test
+async def test_a_load_that_finishes_after_its_version_was_deleted_is_not_cached(delete) -> None:
+    """A load in flight (a prefetch, a request) when the delete is heard answers its waiter but
+    leaves nothing in the cache: the version was dropped, and nothing resolves to it any more."""
+    loader = Loader()
+    loader.gate = threading.Event()
+    cache = TaskCache(loader, max_bytes=1000)
+    waiter = asyncio.ensure_future(cache.get(A))
+    await wait_until(lambda: len(loader.calls) == 1)
+    delete(cache)  # heard while the load runs
+    loader.gate.set()
+    assert (await waiter).key == A  # a request that resolved A before the delete still gets it
+    assert A not in cache and cache.peek(A) is None and (cache.stats.bytes, cache.stats.entries) == (0, 0)
+    assert (await cache.get(A)).key == A and A in cache  # uploaded again: loaded afresh
+    assert loader.calls == [A, A]
+
+
+@async_test
+async def test_a_load_let_go_by_a_delete_leaves_the_load_after_it_alone() -> None:
+    """A get() after the delete starts a load of its own (the version may have been uploaded again):
+    the old load failing on the deleted files is not remembered, and does not end the new load."""
+    gates, calls = [threading.Event(), threading.Event()], []
+
+    def load(key: TaskKey) -> Loaded:
+        attempt = len(calls)
+        calls.append(key)
+        assert gates[attempt].wait(5), "gate never opened"
+        if attempt == 0:
+            raise BundleError("adapter_config.json: No such file")  # its files went with the delete
+        return Loaded(key, 40)
+
+    cache = TaskCache(load, max_bytes=1000, failure_ttl_s=60.0)
+    old = asyncio.ensure_future(cache.get(A))
+    await wait_until(lambda: len(calls) == 1)
+    cache.drop(A)
+    new = asyncio.ensure_future(cache.get(A))
+    await wait_until(lambda: len(calls) == 2)
+    gates[0].set()
+    with pytest.raises(TaskUnavailable, match="No such file"):
+        await old
+    joined = asyncio.ensure_future(cache.get(A))  # joins the new load: neither a remembered failure nor a third load
+    gates[1].set()
+    assert (await new) is (await joined) is cache.peek(A)
+    assert calls == [A, A]

@@ -2,6 +2,7 @@
 come back without a store read; the host tier has its own byte budget."""
 from __future__ import annotations
 
+import asyncio
 import threading
 from dataclasses import dataclass, replace
 
@@ -23,13 +24,14 @@ class Loaded:
 
 
 class Tiers:
-    """Counts store loads and copies between tiers; copies to host can be held on a gate."""
+    """Counts store loads and copies between tiers; copies either way can be held on a gate."""
 
     def __init__(self) -> None:
         self.loads: list[TaskKey] = []
         self.to_host_calls = 0
         self.to_device_calls = 0
         self.host_gate: threading.Event | None = None
+        self.device_gate: threading.Event | None = None
 
     def load(self, key: TaskKey) -> Loaded:
         self.loads.append(key)
@@ -43,6 +45,8 @@ class Tiers:
 
     def to_device(self, task: Loaded) -> Loaded:
         self.to_device_calls += 1
+        if self.device_gate is not None:
+            assert self.device_gate.wait(5)
         return replace(task, where="device")
 
     def cache(self, host_max_bytes: int) -> TaskCache[Loaded]:
@@ -102,6 +106,25 @@ async def test_a_task_asked_for_while_its_copy_to_host_runs_is_taken_back_from_t
     tiers.host_gate.set()
     await cache.close()
     assert cache.location(A) == "device" and cache.host_keys() == []  # the finished copy is dropped
+
+
+@async_test
+async def test_a_promotion_that_finishes_after_its_version_was_deleted_is_not_cached() -> None:
+    tiers = Tiers()
+    tiers.device_gate = threading.Event()
+    cache = tiers.cache(host_max_bytes=100)
+    tiers.device_gate.set()
+    await cache.get(A)
+    cache.demote(A)
+    await cache.close()
+    tiers.device_gate.clear()
+    promoting = asyncio.ensure_future(cache.get(A))
+    await wait_until(lambda: tiers.to_device_calls == 1)
+    cache.drop(A)  # heard while the host-to-device copy runs
+    tiers.device_gate.set()
+    assert (await promoting).where == "device"
+    assert cache.location(A) == "store" and cache.peek(A) is None and cache.stats.bytes == 0
+    assert cache.stats.promotions == 0
 
 
 @async_test
