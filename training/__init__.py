@@ -46,6 +46,7 @@ _EXPORTS = {
     "publish_http": "training.publish",
     "PublishError": "training.publish",
     "evaluate_served": "training.evaluate",
+    "evaluate_task": "training.evaluate",
     "load_published": "training.evaluate",
     "PromptSpec": "training.prompting",
     "VerbalizerError": "training.prompting",

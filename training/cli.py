@@ -2,7 +2,7 @@
 
     adaptserve train --task sst2 --data train.csv --dev dev.csv [--test test.csv] --method lora \\
         [--lora-r 8 --lora-alpha 8 --lora-targets query,value] --store adapters_store
-    adaptserve evaluate --task sst2 --store adapters_store --data test.csv
+    adaptserve evaluate --task sst2 --store adapters_store --data test.csv [--no-early-exit]
 
 Every problem a person can cause (a bad file, a bad option, a refused upload) ends the command
 with one line on stderr and exit status 1; argparse's own usage errors exit with 2. Tables go to
@@ -162,7 +162,7 @@ def build_train_parser(prog: str = "adaptserve train") -> argparse.ArgumentParse
                      help="--method full only: write the tuned backbone to DIR/backbone and its head to DIR/store")
     out.add_argument("--no-publish", action="store_true", help="train and report only")
     g.add_argument("--token", help="admin bearer token for --publish [$ADAPTSERVE_ADMIN_TOKEN]")
-    g.add_argument("--json", type=Path, dest="json_out", help="also write the run's summary as JSON here")
+    g.add_argument("--json", type=output_file, dest="json_out", help="also write the run's summary as JSON here")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -305,11 +305,14 @@ def build_evaluate_parser(prog: str = "adaptserve evaluate") -> argparse.Argumen
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
                    help="[%(default)s, as served]")
     p.add_argument("--batch-size", type=int, default=64, help="rows per forward [%(default)s]")
+    p.add_argument("--no-early-exit", action="store_true",
+                   help="score every row at full depth, as train's dev/test scores are, not under the task's "
+                   "stored early-exit policy [the stored policy, as served; the output says where rows exited]")
     p.add_argument("--text-column", default="text", help="[%(default)s]")
     p.add_argument("--text-pair-column", default=None, help="[text_pair if the file has one]")
     p.add_argument("--label-column", default="label", help="[%(default)s]")
     _data_format_flags(p)
-    p.add_argument("--json", type=Path, dest="json_out", help="also write the metrics as JSON here")
+    p.add_argument("--json", type=output_file, dest="json_out", help="also write the metrics as JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -327,12 +330,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     from service.store import LocalStore
     from service.engine.types import TaskKey
     from training.data import read_eval
-    from training.evaluate import evaluate_served
+    from training.evaluate import evaluate_task
     from training.report import format_metrics
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be a positive integer, got {args.batch_size}")
     _check_paths(args.device, json_out=args.json_out)  # --store is only read here
+    if not args.store.expanduser().is_dir():  # LocalStore's own message is the server's, naming ADAPTSERVE_STORE
+        what = "is not a directory" if args.store.expanduser().exists() else "does not exist"
+        raise ConfigError(f"--store {args.store}: {what}; name the store directory the task was published into")
     store = LocalStore(args.store)
     key = TaskKey(args.task, args.version) if args.version else store.resolve(args.task)
     bundle = store.bundle_dir(key)
@@ -345,10 +351,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     engine = Engine(_load_backbone(args.backbone, args.device, args.dtype))
     with _naming(key):
         task = engine.load_task(bundle, key)
-    metrics = evaluate_served(engine, task, data, args.batch_size, progress=not args.no_progress)
+    scored = evaluate_task(engine, task, data, args.batch_size, progress=not args.no_progress,
+                           full_depth=args.no_early_exit)
+    metrics, exits = scored.metrics, scored.early_exit
     print(format_metrics(metrics, title=f"{key} on {args.data}"))
+    if exits is not None:  # a task with exit classifiers: say which accuracy this is (docs/training.md)
+        print(exits.describe() + ("" if exits.full_depth_forced else "; --no-early-exit scores at full depth"))
     if args.json_out is not None:
-        write_json(args.json_out, {"task": str(key), "data": str(args.data), **metrics.as_dict()})
+        write_json(args.json_out, {"task": str(key), "data": str(args.data), **metrics.as_dict(),
+                                   "early_exit": None if exits is None else exits.as_dict()})
     return 0
 
 
@@ -480,6 +491,15 @@ def directory(value: str) -> Path:
     into wherever the command ran. Write `.` to mean that."""
     if not value.strip():
         raise argparse.ArgumentTypeError("an empty path; name the directory (write . for the current one)")
+    return Path(value)
+
+
+def output_file(value: str) -> Path:
+    """An argparse type for a file the command writes (--json): an empty value is refused, not
+    read as `Path("")`, which is `.` and would be reported as "--json .: is a directory", naming
+    a path the user never wrote."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("an empty path; name the file to write")
     return Path(value)
 
 

@@ -284,7 +284,7 @@ def _read_rows(
     if empty_text not in ("error", "keep", "skip"):
         raise DataError(f"empty_text must be 'error', 'keep' or 'skip', not {empty_text!r}")
     fmt = _resolve_format(source, file_format)
-    content = _read_utf8(Path(path))
+    content = read_utf8(Path(path))
     if not content.strip():
         raise DataError(f"{source}: file is empty")
     if fmt == "jsonl":
@@ -317,7 +317,10 @@ def _resolve_format(source: str, file_format: str | None) -> FileFormat:
     return _EXTENSIONS[suffix]
 
 
-def _read_utf8(path: Path) -> str:
+def read_utf8(path: Path) -> str:
+    """A data file's text, or a DataError naming what is wrong: a missing or unreadable file, or
+    the line and byte offset of the first byte that is not UTF-8. Every data file a command reads
+    (labelled or not: `adaptserve pet --unlabelled`) goes through here."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:

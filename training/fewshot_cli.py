@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from training.cli import (
-    _check_paths, _columns, _data_format_flags, _guarded, _library_bars, _load_backbone, _setup_logging, directory, write_json,
+    _check_paths, _columns, _data_format_flags, _guarded, _library_bars, _load_backbone, _setup_logging, directory,
+    output_file, write_json,
 )
 from training.config import DEFAULT_LR, ConfigError, TrainConfig
 from training.pet import DEFAULT_TEMPERATURE, WEIGHTINGS
@@ -31,7 +32,7 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
     out.add_argument("--publish", metavar="URL", help="upload to a running service at URL")
     out.add_argument("--no-publish", action="store_true", help="build and report only")
     g.add_argument("--token", help="admin bearer token for --publish [$ADAPTSERVE_ADMIN_TOKEN]")
-    g.add_argument("--json", type=Path, dest="json_out", help="also write the summary as JSON here")
+    g.add_argument("--json", type=output_file, dest="json_out", help="also write the summary as JSON here")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

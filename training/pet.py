@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from service.engine.backbone import Backbone, load_backbone
 from service.engine.bundle import bundle_bytes, write_bundle
 from training.config import ConfigError, LoraConfig, TrainConfig
-from training.data import DataError, LabelledData, Splits
+from training.data import DataError, LabelledData, Splits, read_utf8
 from training.metrics import Metrics, compute_metrics
 from training.prompting import PromptSpec, parse_verbalizer
 from training.trainer import TrainResult, train
@@ -93,12 +93,7 @@ def read_unlabelled(path: str | Path, text_column: str = "text", text_pair_colum
     """Texts (and pairs) of an unlabelled CSV/TSV/JSONL file; any label column is ignored. Empty
     texts are skipped. `limit`: a seeded random subsample of that many rows."""
     p = Path(path)
-    try:
-        content = p.read_text(encoding="utf-8")
-    except OSError as err:
-        raise DataError(f"{path}: cannot read the file: {err.strerror or err}") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: the file is not UTF-8") from None
+    content = read_utf8(p)  # train's reader: a bad byte is named by line and offset, a BOM is dropped
     if p.suffix.lower() in (".jsonl", ".ndjson"):
         records = [json.loads(line) for line in content.splitlines() if line.strip()]
     else:

@@ -30,7 +30,7 @@ from service.engine.spec import TaskSpec
 from service.engine.task import Task
 from service.engine.types import ClassifyItem, TaskKey
 from service.methods.base import TaskWeights
-from service.methods.exits import ExitWeights
+from service.methods.exits import DEFAULT_THRESHOLDS, ExitWeights
 from service.store import TASK_NAME_RE
 from training.config import ConfigError, TrainConfig
 from training.data import LabelledData, Splits, data_hash
@@ -308,6 +308,8 @@ def train(splits: Splits, config: TrainConfig, *, name: str, backbone: Backbone 
         weights["exits"] = train_exits(engine, task, train_data, dev, exits, config,
                                        torch.Generator().manual_seed(config.seed + 2))
         say(_exit_summary(weights["exits"].calibration))
+        if fallback := _uncalibrated(weights["exits"].calibration):
+            log.warning(fallback)
     dev_metrics = history[best_epoch - 1].dev
     test_metrics = None
     if splits.test is not None:
@@ -342,6 +344,19 @@ def _exit_summary(cal: dict[str, Any]) -> str:
                      f"{p['mean_exit_layer']:.2f}" if p["met"] else f"{name}: no threshold within the target")
     return (f"early exit (dev, full depth {cal['full_depth_accuracy']:.4f}, at most {cal['max_drop_points']:g} "
             f"points lost at {100 * cal['confidence']:g}% confidence, {cal['layers']} layers): " + "; ".join(parts))
+
+
+def _uncalibrated(cal: dict[str, Any]) -> str | None:
+    """A warning for the policies dev calibrated no threshold for: a request naming one of them
+    without a threshold gets its fixed default (`DEFAULT_THRESHOLDS`: patience 2, ...), which was
+    never measured against --exit-max-drop. None when every policy was calibrated."""
+    missed = [name for name, p in cal["policies"].items() if not p["met"]]
+    if not missed:
+        return None
+    defaults = ", ".join(f"{name} {DEFAULT_THRESHOLDS[name]:g}" for name in missed)
+    return (f"early exit: no {' / '.join(missed)} threshold kept within {cal['max_drop_points']:g} points on dev; a "
+            f"request naming {'that policy' if len(missed) == 1 else 'one of them'} without a threshold falls back "
+            f"to the uncalibrated default ({defaults}), which may lose more; give requests a threshold")
 
 
 def _task(name: str, weights: dict[str, TaskWeights], labels: Sequence[str], input_kind: str, config: TrainConfig,

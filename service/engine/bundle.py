@@ -6,6 +6,7 @@ translated on the way in by `service.engine.peft_import`.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -309,22 +310,43 @@ def write_bundle(store: Path, name: str, spec_cfg: Mapping[str, Any], weights: M
     already there intact is left as it is; a damaged copy of it (e.g. bit rot) is replaced."""
     cfg_b, w_b = bundle_bytes(spec_cfg, weights)
     version = content_version(cfg_b, w_b)
-    if not bundle_intact(store / name / version, TaskKey(name, version)):  # new, or repairs a damaged copy
-        write_bundle_files(store / name / version, cfg_b, w_b)
+    target = store / name / version
+    made_task = not os.path.lexists(target.parent)
+    made = False
+    if not bundle_intact(target, TaskKey(name, version)):  # new, or repairs a damaged copy
+        made = not os.path.lexists(target)  # a repaired copy stays: it is that version, only whole again
+        write_bundle_files(target, cfg_b, w_b)
     if activate:
-        set_active(store, name, version)
+        try:
+            set_active(store, name, version)
+        except OSError as err:
+            # Not made active: a version left behind would make a task without ACTIVE one with two
+            # versions and no choice between them (it serves nothing), and the run reports a failure.
+            if made:
+                shutil.rmtree(target, ignore_errors=True)
+            if made_task:
+                with contextlib.suppress(OSError):
+                    target.parent.rmdir()
+            raise OSError(err.errno, f"cannot make {name}@{version} active ({store / name / 'ACTIVE'}: "
+                          f"{err.strerror or err}); the store was left as it was") from err
     return version
 
 
 def set_active(store: Path, name: str, version: str) -> None:
-    """Point `<store>/<task>/ACTIVE` at a version, atomically (write temp, fsync, rename)."""
+    """Point `<store>/<task>/ACTIVE` at a version, atomically (write temp, fsync, rename). A write
+    or rename that fails removes its temporary file: ACTIVE stays as it was."""
     d = store / name
     tmp = d / f".ACTIVE.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(version + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, d / "ACTIVE")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(version + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, d / "ACTIVE")
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 __all__ = [

@@ -344,7 +344,11 @@ def test_evaluate_scores_through_the_serving_path(published, csvs, tiny_dir, tmp
 
 BAD_EVAL = [
     Bad("unknown task", ["--task", "nope", "--store", "{store}", "--data", "{test}"], "task 'nope' not found"),
-    Bad("not a store", ["--task", "ev", "--store", "{tmp}/none", "--data", "{test}"], "is not a directory"),
+    # named by the flag the user gave, not the server's ADAPTSERVE_STORE (which evaluate never reads)
+    Bad("not a store", ["--task", "ev", "--store", "{tmp}/none", "--data", "{test}"],
+        "error: --store {tmp}/none: does not exist; name the store directory the task was published into"),
+    Bad("store is a file", ["--task", "ev", "--store", "{tmp}/x.csv", "--data", "{test}"],
+        "error: --store {tmp}/x.csv: is not a directory; name the store directory", files={"x.csv": "text,label\n"}),
     Bad("label the task does not know", ["--task", "ev", "--store", "{store}", "--data", "{tmp}/x.csv"],
         "label not in the training labels (neg, pos): 'meh'", files={"x.csv": "text,label\ngood,pos\nok,meh\n"}),
     Bad("pairs for a single-text task", ["--task", "ev", "--store", "{store}", "--data", "{tmp}/p.csv"],
@@ -373,7 +377,29 @@ def test_evaluate_bad_input(case, published, csvs, tiny_dir, tmp_path, capsys):
     if "--backbone" not in args:
         args += ["--backbone", str(tiny_dir)]
     assert evaluate_main(args + ["--no-progress"]) == case.status
-    assert case.expected in _error_line(capsys, "adaptserve evaluate")
+    line = _error_line(capsys, "adaptserve evaluate")
+    assert case.expected.format(**fill) in line and "ADAPTSERVE_STORE" not in line
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "pet", "zeroshot"])
+def test_an_empty_json_path_is_refused_naming_the_flag(command, capsys):
+    """`--json ""` is `Path("")`, which is `.`: it used to be reported as "--json .: is a
+    directory", a path nobody typed. Refused by argparse, before anything runs."""
+    from training.cli import build_evaluate_parser, build_train_parser
+    from training.fewshot_cli import build_pet_parser, build_zeroshot_parser
+
+    parser, args = {
+        "train": (build_train_parser, "--task t --data a.csv --dev b.csv --method head --no-publish"),
+        "evaluate": (build_evaluate_parser, "--task t --store s --data a.csv"),
+        "pet": (build_pet_parser, "--task t --data a.csv --unlabelled u.csv --dev b.csv --patterns p.json "
+                                  "--backbone lm --no-publish"),
+        "zeroshot": (build_zeroshot_parser, "--task t --descriptions a=b --no-publish"),
+    }[command]
+    with pytest.raises(SystemExit) as exit_:
+        parser().parse_args([*args.split(), "--json", ""])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument --json: an empty path; name the file to write" in err, err
+    assert parser().parse_args([*args.split(), "--json", "out.json"]).json_out == Path("out.json")
 
 
 def test_evaluate_names_the_task_of_a_broken_bundle(csvs, tiny_dir, tmp_path, capsys):

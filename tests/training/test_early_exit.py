@@ -100,6 +100,66 @@ def test_early_exit_round_trip(exit_loss, deep, csvs, tmp_path):
     assert len(seen) >= 2, f"the policies should spread rows over layers, saw {seen}"
 
 
+def test_evaluate_says_where_rows_exited_and_scores_full_depth_on_request(deep, csvs, tmp_path, capsys):
+    """`adaptserve evaluate` answers as the service does, under the task's stored policy; it says
+    so (policy, rows per exit layer, in print and --json), and --no-early-exit scores at full
+    depth, which is what the trainer's own dev/test scores are."""
+    import dataclasses
+    import json
+
+    from training.cli import evaluate_main
+    from training.report import format_metrics
+    from training.trainer import evaluate
+
+    splits = load_splits(csvs["train"], csvs["dev"], csvs["test"])
+    result = train(splits, tiny_config("lora", early_exit=True), name="ee-eval", backbone=deep, progress=False)
+    # patience 1 as the stored policy: the first exit answers every row, whatever the weights learnt
+    result.weights["exits"] = dataclasses.replace(result.weights["exits"], policy=ExitPolicy("patience", 1))
+    save_to_store(result, tmp_path / "store")
+    base = ["--task", "ee-eval", "--store", str(tmp_path / "store"), "--data", str(csvs["test"]),
+            "--backbone", str(deep.path), "--no-progress"]
+
+    assert evaluate_main([*base, "--json", str(tmp_path / "served.json")]) == 0
+    printed = capsys.readouterr().out
+    assert ("early exit: patience 1 (the task's stored policy, as the service answers): 16 of 16 rows left early "
+            "(layer 1: 16); 0 ran all 4 layers; mean exit layer 1.00; --no-early-exit scores at full depth") in printed
+    served = json.loads((tmp_path / "served.json").read_text())["early_exit"]
+    assert served == {"policy": "patience", "threshold": 1.0, "full_depth_forced": False, "layers": LAYERS,
+                      "rows_by_exit_layer": {"1": 16}, "rows_exited_early": 16, "mean_exit_layer": 1.0}
+
+    assert evaluate_main([*base, "--no-early-exit", "--json", str(tmp_path / "full.json")]) == 0
+    printed = capsys.readouterr().out
+    assert format_metrics(evaluate(result.engine, result.task, splits.test)) in printed  # the trainer's full depth
+    assert "early exit: off (full depth asked for): no row left early; 16 ran all 4 layers" in printed
+    full = json.loads((tmp_path / "full.json").read_text())["early_exit"]
+    assert full["policy"] == "off" and full["full_depth_forced"] and full["rows_by_exit_layer"] == {str(LAYERS): 16}
+
+
+def test_training_warns_of_a_policy_left_at_its_uncalibrated_default(tiny, csvs, monkeypatch, caplog):
+    """A policy no dev threshold qualified for answers requests that name it at DEFAULT_THRESHOLDS
+    (patience 2): documented, and now said in the training output, not only in the bundle."""
+    import training.exits as exits_mod
+
+    real = exits_mod.calibrate
+
+    def no_patience(*args, **kwargs):
+        policy, record = real(*args, **kwargs)
+        record["policies"]["patience"] = {"threshold": None, "met": False}
+        return policy, record
+
+    monkeypatch.setattr(exits_mod, "calibrate", no_patience)
+    splits = load_splits(csvs["train"], csvs["dev"])
+    with caplog.at_level("WARNING", logger="training"):
+        result = train(splits, tiny_config("lora", early_exit=True), name="ee-uncal", backbone=tiny, progress=False)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "early exit" in r.getMessage()]
+    cal = result.weights["exits"].calibration
+    missed = [name for name, p in cal["policies"].items() if not p["met"]]
+    assert len(warned) == 1 and "patience" in missed, warned
+    assert f"falls back to the uncalibrated default ({', '.join(f'{n} {DEFAULT_THRESHOLDS[n]:g}' for n in missed)})" \
+        in warned[0] and "patience 2" in warned[0]
+    assert result.weights["exits"].threshold_for("patience") == DEFAULT_THRESHOLDS["patience"] == 2.0
+
+
 def _in_widest_gap(values: torch.Tensor) -> float:
     """A threshold in the widest gap between the middle half of `values`, so that no row's
     decision hangs on float rounding (served batches and the replay sum in different orders)."""

@@ -214,3 +214,18 @@ def test_pet_refuses_before_training_anything(extra, patterns, message, pet_setu
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("adaptserve pet: error: ") and message in last, last
     assert not (tmp_path / "store").exists()
+
+
+def test_a_non_utf8_unlabelled_file_is_named_by_line_and_byte_as_train_names_its_data(pet_setup, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """--unlabelled is read by train's own reader (training.data.read_utf8), so a Latin-1 byte is
+    found where it is, not only said to be somewhere in the file."""
+    import training.pet as pet_mod
+
+    args = _pet_args(pet_setup, tmp_path, "pet-latin", PATTERNS)
+    (tmp_path / "u.csv").write_bytes(b"text\ngood fun\ncaf\xe9 noir\n")
+    monkeypatch.setattr(pet_mod, "train", lambda *a, **k: pytest.fail("trained before the files were read"))
+    assert pet_main(args) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"adaptserve pet: error: {tmp_path / 'u.csv'}: not valid UTF-8 (line 3, byte offset 17: 0xe9); "
+                    "re-save it as UTF-8 (e.g. `iconv -f cp1252 -t utf-8` if it came from Windows/Excel)"), last

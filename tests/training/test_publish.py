@@ -241,6 +241,46 @@ def test_a_bundle_the_service_would_not_load_is_never_written_to_a_store(tiny, c
     assert not (tmp_path / "store" / "t").exists()
 
 
+@pytest.mark.parametrize("first", [True, False], ids=["first version", "second version"])
+def test_a_failed_activation_leaves_nothing_half_written_in_the_store(first, tiny, csvs, tmp_path, monkeypatch):
+    """`ACTIVE` is replaced last; if that fails (root passes any mode bit, so the replace itself is
+    made to fail), its temporary file and the new version go, and the task serves what it did."""
+    import errno
+    import os
+
+    import torch
+
+    from training.data import load_splits
+    from training.publish import save_to_store
+    from training.trainer import train
+    from tests.training.conftest import tiny_config
+
+    result = train(load_splits(csvs["train"], csvs["dev"]), tiny_config("head", max_steps=1), name="t", backbone=tiny,
+                   progress=False)
+    store = tmp_path / "store"
+    before = None
+    if not first:
+        before = save_to_store(result, store)
+        with torch.no_grad():  # other weights: another version
+            result.weights["head"].tensors()["head.out.weight"].add_(0.01)
+    real = os.replace
+
+    def refuse_active(src, dst, *args, **kwargs):
+        if Path(dst).name == "ACTIVE":
+            raise PermissionError(errno.EACCES, "Permission denied", str(src), None, str(dst))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", refuse_active)
+    with pytest.raises(OSError, match=r"cannot make t@\w+ active \(.*ACTIVE: Permission denied\); the store was left") as err:
+        save_to_store(result, store)
+    assert f"t@{before} " not in str(err.value)  # a new version was written, and then removed
+    if first:
+        assert not (store / "t").exists()
+    else:
+        assert sorted(p.name for p in (store / "t").iterdir()) == sorted(["ACTIVE", before])
+        assert (store / "t" / "ACTIVE").read_text() == before + "\n"
+
+
 def test_the_token_loses_a_secret_files_newline_and_nothing_else(monkeypatch):
     from training.publish import SERVER_TOKENS_ENV, TOKEN_ENV, _bearer
 
