@@ -59,8 +59,8 @@ async def classify(task: str, body: ClassifyRequest, request: Request, response:
             if runtime.cache.peek(key) is not None else f"task {key} did not load within the request's deadline"))
         found = time.perf_counter()
         items = _to_items(loaded, key, body.inputs, _exit_policy(loaded, key, body.early_exit))
-        await _refuse_overflow(runtime.engine, loaded, key, items, deadline)
         items = await _pretokenize(runtime.engine, items, deadline)
+        await _refuse_overflow(runtime.engine, loaded, key, items, deadline)
         tokenised = time.perf_counter()
         timing = Timing()
         predictions = await runtime.scheduler.submit(items, deadline, timing)
@@ -106,7 +106,8 @@ async def _refuse_overflow(engine: EngineLike, task: TaskLike, key: TaskKey, ite
                            deadline: float) -> None:
     """413 when the task's overflow policy is `refuse` and an input is longer than its max_length
     tokens. Checked before the rows are queued, so an over-long input never takes a place in a
-    batch or fails anyone else's; `truncate` tasks (the default) never pay for the count."""
+    batch or fails anyone else's; `truncate` tasks (the default) never pay for the count. The
+    rows come tokenised: only those that reached max_length are tokenised again, uncut, to count."""
     if task.overflow != "refuse":
         return
     max_length = task.max_length

@@ -21,6 +21,7 @@ from service.engine.backbone import Backbone
 from service.engine.bundle import read_bundle
 from service.engine.encoder import Plan, State
 from service.engine.task import Task, disk_bytes
+from service.engine.template import special_frame
 from service.engine.truncation import cut_pairs
 from service.engine.types import INLINE_TOKENIZE_CHARS, ClassifyItem, Encoded, Prediction, TaskKey
 from service.errors import BundleError, TaskUnavailable
@@ -214,19 +215,31 @@ class Engine:
     def token_counts(self, items: Sequence[ClassifyItem]) -> list[int]:
         """Per row: its length in tokens before any truncation (special tokens, and a prompt
         task's template, included), by the tokenizer and template `tokenize` uses. The service
-        checks tasks whose `overflow` is `refuse` with this before their rows are queued."""
+        checks tasks whose `overflow` is `refuse` with this before their rows are queued.
+
+        A row already tokenised (`pretokenize`) to fewer tokens than its task's max_length, less
+        the specials a causal template may drop from its end, was not cut: its length is its count,
+        with no second pass through the tokenizer. Only rows that reached the limit are counted
+        again without truncation."""
         tok = self.backbone.tokenizer
         causal = self.backbone.info.kind == "decoder"
-        counts = []
-        with self._tok_lock:
-            for it in items:
-                template = it.task.spec.template
-                if template is not None:  # demonstrations are not counted: they are cut to fit, by design
-                    ids, _ = template.encode(tok, it.text, it.text_pair, _UNLIMITED, causal)
-                else:
-                    ids = tok(it.text, it.text_pair, truncation=False, verbose=False)["input_ids"]
-                counts.append(len(ids))
-        return counts
+        slack = len(special_frame(tok)[1]) if causal else 0
+        counts: list[int | None] = [
+            len(it.encoded.ids) if it.encoded is not None and len(it.encoded.ids) < it.task.spec.max_length - slack
+            and "demos" not in it.task.weights else None  # demonstrations are in its tokens, not its count
+            for it in items]
+        todo = [r for r, c in enumerate(counts) if c is None]
+        if todo:
+            with self._tok_lock:
+                for r in todo:
+                    it = items[r]
+                    template = it.task.spec.template
+                    if template is not None:  # demonstrations are not counted: they are cut to fit, by design
+                        ids, _ = template.encode(tok, it.text, it.text_pair, _UNLIMITED, causal)
+                    else:
+                        ids = tok(it.text, it.text_pair, truncation=False, verbose=False)["input_ids"]
+                    counts[r] = len(ids)
+        return counts  # type: ignore[return-value]
 
     def plan(self, tasks: Sequence[Task], row_part: Tensor, dropout: float = 0.0,
              part_of_row: list[int] | None = None) -> tuple[Plan, "Outputs"]:

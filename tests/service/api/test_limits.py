@@ -15,7 +15,7 @@ from service.app import create_app
 from service.engine.backbone import load_backbone
 from service.engine.bundle import bundle_bytes, read_bundle, write_bundle
 from service.engine.engine import Engine
-from service.engine.types import ClassifyItem, TaskKey
+from service.engine.types import ClassifyItem, Encoded, TaskKey
 from service.errors import BundleError
 from service.settings import Settings
 from tests.aio import async_test, wait_until
@@ -97,6 +97,21 @@ def test_token_counts_are_the_tokenizers_untruncated_lengths(engine: Engine, sto
     items = [ClassifyItem(pairs, TEN_WORDS, "fun"), ClassifyItem(pairs, "a", "b")]
     tok = engine.backbone.tokenizer
     assert engine.token_counts(items) == [len(tok(i.text, i.text_pair)["input_ids"]) for i in items] == [14, 5]
+
+
+def test_token_counts_take_a_row_tokenised_under_the_limit_as_it_is(engine: Engine, store: Path) -> None:
+    # A request to a refuse task is tokenised once: rows that came out of `pretokenize` shorter
+    # than max_length were not cut, so their length is their count; only a row at the limit is
+    # tokenised again, uncut. (Encodings that disagree with the text show which was used.)
+    version = (store / "strict" / "ACTIVE").read_text().strip()
+    strict = engine.load_task(store / "strict" / version, TaskKey("strict", version))
+    under, at_limit = Encoded([101, 7, 102], None, 0), Encoded(list(range(8)), None, 0)
+    items = [ClassifyItem(strict, TEN_WORDS, encoded=under), ClassifyItem(strict, TEN_WORDS, encoded=at_limit),
+             ClassifyItem(strict, TEN_WORDS)]
+    assert engine.token_counts(items) == [3, 12, 12]
+    tokenised = engine.pretokenize([ClassifyItem(strict, "fun"), ClassifyItem(strict, TEN_WORDS)])
+    assert [len(it.encoded.ids) for it in tokenised] == [3, 8]  # cut at 8 ...
+    assert engine.token_counts(tokenised) == [3, 12]  # ... and counted uncut
 
 
 def test_an_unknown_overflow_policy_is_a_bundle_error(engine: Engine, tmp_path: Path) -> None:
