@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from dataclasses import dataclass
@@ -99,6 +100,12 @@ class BundleStore:
     def missing_files(self, key: TaskKey) -> list[str]:
         """The files of a stored version that are not in the store itself (never a local copy of
         it): empty for a whole version, else what an activation must name when it refuses it."""
+        raise NotImplementedError
+
+    def file_sizes(self, task: str, versions: list[str]) -> dict[str, dict[str, int]]:
+        """{version: {file name: bytes}} for those of `versions` still stored, each naming the bundle
+        files the store holds (a stat per file, or one listing of the task: nothing is read). What a
+        listing shows a version's damage by, without hashing every file (`stored_problem`)."""
         raise NotImplementedError
 
     def read_pointer(self, task: str, pointer: str) -> str | None:
@@ -283,6 +290,23 @@ class LocalStore(BundleStore):
         path = self._task_dir(key.name) / validate_version(key.name, key.version)
         return [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (path / name).is_file()]
 
+    def file_sizes(self, task: str, versions: list[str]) -> dict[str, dict[str, int]]:
+        task_dir = self._task_dir(task)
+        sizes: dict[str, dict[str, int]] = {}
+        for version in versions:
+            path = task_dir / validate_version(task, version)
+            if not path.is_dir():  # deleted since it was listed
+                continue
+            sizes[version] = {}
+            for name in (CONFIG_FILE, WEIGHTS_FILE):
+                try:
+                    info = (path / name).stat()
+                except OSError:
+                    continue
+                if stat.S_ISREG(info.st_mode):
+                    sizes[version][name] = info.st_size
+        return sizes
+
     def read_pointer(self, task: str, pointer: str) -> str | None:
         path = self._task_dir(task) / _pointer(pointer)
         try:
@@ -388,6 +412,22 @@ def verify_bundle(path: Path, key: TaskKey, where: str) -> None:
             f"task {key} in {where} is corrupt: its files hash to {got}, not to their version id; "
             "re-upload the bundle or activate another version"
         )
+
+
+def stored_problem(sizes: dict[str, int], uploaded_bytes: object, where: str) -> str | None:
+    """Why a stored version cannot serve, judged by its files' sizes alone (`file_sizes`): a file
+    missing, or files whose total is not the `uploaded_bytes` recorded when it was published (None:
+    not uploaded through the API, so only missing files tell). A changed file of the same size is
+    found only by a load, which hashes the files."""
+    repair = "upload the bundle again (the same files repair it) or delete the version"
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if name not in sizes]
+    if missing:
+        return f"{' and '.join(missing)} missing from {where}; {repair}"
+    total = sum(sizes.values())
+    if isinstance(uploaded_bytes, int) and not isinstance(uploaded_bytes, bool) and total != uploaded_bytes:
+        return (f"its files in {where} hold {total} bytes, not the {uploaded_bytes} uploaded: they changed "
+                f"after it was published; {repair}")
+    return None
 
 
 def bundle_intact(path: Path, key: TaskKey) -> bool:

@@ -190,6 +190,18 @@ class S3Store(BundleStore):
         return [name for name in (CONFIG_FILE, WEIGHTS_FILE) if self._key(key.name, key.version, name) not in keys]
 
     @_s3_errors
+    def file_sizes(self, task: str, versions: list[str]) -> dict[str, dict[str, int]]:
+        validate_task_name(task)
+        wanted, root = set(versions), self._key(task, "")
+        sizes: dict[str, dict[str, int]] = {}
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=root):
+            for obj in page.get("Contents", []):
+                version, _, name = obj["Key"][len(root):].partition("/")
+                if version in wanted and name in (CONFIG_FILE, WEIGHTS_FILE):
+                    sizes.setdefault(version, {})[name] = int(obj["Size"])
+        return sizes
+
+    @_s3_errors
     def read_pointer(self, task: str, pointer: str) -> str | None:
         validate_task_name(task)
         assert pointer in POINTERS

@@ -131,11 +131,17 @@ LOCATION_DOC = ("`device`: loaded on the engine's device; `host`: evicted from t
                 "tensors (promoted back without reading the store); `store`: only in the task store.")
 
 
+PROBLEM_DOC = ("Why this version cannot serve, as far as this replica knows without reading its files: a file "
+               "missing from the store, files whose size is not the uploaded one, or its last load here failing "
+               "(e.g. files that no longer hash to the version id). null: no problem known.")
+
+
 class TaskSummary(BaseModel):
     name: str
     version: str | None = Field(description="Active version, or null when the store cannot tell (see `error`).")
     location: Location = Field(description=LOCATION_DOC)
-    error: str | None = None
+    error: str | None = Field(default=None, description="Why the task has no active version (`version` is null).")
+    problem: str | None = Field(default=None, description=f"Of the active version: {PROBLEM_DOC}")
 
 
 class TaskList(BaseModel):
@@ -167,8 +173,9 @@ class VersionInfo(BaseModel):
     active: bool
     location: Location = Field(description=LOCATION_DOC)
     uploaded_at: float | None = Field(default=None, description="Unix time of the upload (null if not uploaded through the API).")
-    bytes: int | None = None
+    bytes: int | None = Field(default=None, description="Size of its two files when uploaded (null if not uploaded through the API).")
     source: str | None = None
+    problem: str | None = Field(default=None, description=PROBLEM_DOC)
 
 
 class TaskState(BaseModel):
