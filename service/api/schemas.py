@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from service.methods.exits import READ_AS_INF, threshold_problem, too_long_for_float
 
@@ -49,14 +49,19 @@ class EarlyExit(BaseModel):
             raise ValueError(threshold_problem(info.data.get("policy", "off"), value))
         return value
 
-    @model_validator(mode="after")
-    def _threshold_fits_policy(self) -> "EarlyExit":
-        if self.threshold is None or self.policy == "off":
-            return self
-        problem = threshold_problem(self.policy, self.threshold)
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_fits_policy(cls, value: float | None, info: ValidationInfo) -> float | None:
+        # A field validator, not a model one: the error is reported at `early_exit.threshold`, where
+        # a type error is. `policy` is declared first, so it is in info.data once it is valid (an
+        # invalid policy is its own error, and no range applies).
+        policy = info.data.get("policy")
+        if value is None or policy in (None, "off"):
+            return value
+        problem = threshold_problem(policy, value)
         if problem:
             raise ValueError(problem)
-        return self
+        return value
 
 
 class ClassifyRequest(BaseModel):
