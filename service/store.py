@@ -54,11 +54,21 @@ def validate_task_name(name: str) -> str:
     return name
 
 
+def is_version_id(version: object) -> bool:
+    """Whether `version` has the form of a version id (`VERSION_RE`): the one test of it, for ids
+    from requests and from the store alike."""
+    return isinstance(version, str) and VERSION_RE.fullmatch(version) is not None
+
+
 def validate_version(task: str, version: str) -> str:
-    """Return `version` if it is a safe version id, else raise `VersionNotFound` (such a
-    version cannot exist, and the id never reaches a path)."""
-    if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
-        raise VersionNotFound(f"task {task!r} has no version {version!r} (not a valid version id)")
+    """Return `version` if it is a safe version id, else raise `VersionNotFound` (such a version
+    cannot exist, and the id never reaches a path). Every route taking a version id checks it
+    here first, so any id not of the form gets this message, and any other id missing from the
+    store gets "has no version" (content hashes and hand-made ids such as `v3` or `ZZZ` alike)."""
+    if not is_version_id(version):
+        shown = version[:80] + "..." if isinstance(version, str) and len(version) > 80 else version
+        raise VersionNotFound(f"task {task!r} has no version {shown!r} (not a valid version id: use 1-128 "
+                              "characters of A-Z, a-z, 0-9, '.', '_' or '-', starting with a letter or digit)")
     return version
 
 
@@ -95,7 +105,7 @@ class BundleStore:
 
     def has_version(self, task: str, version: str) -> bool:
         """Whether `version` of `task` is stored (whole or damaged, as `versions` lists it)."""
-        return VERSION_RE.fullmatch(version) is not None and version in self.versions(task)
+        return is_version_id(version) and version in self.versions(task)
 
     def missing_files(self, key: TaskKey) -> list[str]:
         """The files of a stored version that are not in the store itself (never a local copy of
@@ -156,7 +166,7 @@ class BundleStore:
         pointer = self.read_pointer(task, ACTIVE_FILE)
         if pointer is not None:
             version = pointer.strip()
-            if not VERSION_RE.fullmatch(version):
+            if not is_version_id(version):
                 raise TaskUnavailable(f"task {task!r}: ACTIVE names an invalid version id {version!r}")
             if not self.has_version(task, version):
                 raise TaskUnavailable(f"task {task!r}: ACTIVE names version {version!r}, which is not in the store")
@@ -279,12 +289,12 @@ class LocalStore(BundleStore):
     def versions(self, task: str) -> list[str]:
         task_dir = self._task_dir(task)
         try:
-            return sorted(entry.name for entry in task_dir.iterdir() if entry.is_dir() and VERSION_RE.fullmatch(entry.name))
+            return sorted(entry.name for entry in task_dir.iterdir() if entry.is_dir() and is_version_id(entry.name))
         except OSError as err:
             raise TaskUnavailable(f"task {task!r}: its directory in the store cannot be listed ({_reason(err)})") from err
 
     def has_version(self, task: str, version: str) -> bool:
-        return VERSION_RE.fullmatch(version) is not None and (self._task_dir(task) / version).is_dir()
+        return is_version_id(version) and (self._task_dir(task) / version).is_dir()
 
     def missing_files(self, key: TaskKey) -> list[str]:
         path = self._task_dir(key.name) / validate_version(key.name, key.version)
@@ -330,7 +340,7 @@ class LocalStore(BundleStore):
         _fsync_dir(task_dir)
 
     def fetch(self, key: TaskKey) -> Path:
-        if not VERSION_RE.fullmatch(key.version):
+        if not is_version_id(key.version):
             raise TaskUnavailable(f"invalid version id {key.version!r} for task {key.name!r}")
         path = self._task_dir(key.name) / key.version
         if not path.is_dir():

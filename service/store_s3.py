@@ -37,7 +37,7 @@ from typing import Any, Callable, TypeVar
 from service.engine.types import TaskKey
 from service.errors import ConfigurationError, StoreUnavailable, TaskNotFound, TaskUnavailable
 from service.store import (
-    ACTIVE_FILE, CONFIG_FILE, CONTENT_HASH_RE, POINTERS, TASK_NAME_RE, VERSION_RE, WEIGHTS_FILE, BundleStore,
+    ACTIVE_FILE, CONFIG_FILE, CONTENT_HASH_RE, POINTERS, TASK_NAME_RE, WEIGHTS_FILE, BundleStore, is_version_id,
     validate_task_name, validate_version, verify_bundle,
 )
 
@@ -176,7 +176,7 @@ class S3Store(BundleStore):
         files: dict[str, dict[str, float]] = {}  # version -> {file name: last modified}
         for key, modified in keys.items():
             parts = key[len(self._key(task, "")):].split("/")
-            if len(parts) == 2 and VERSION_RE.fullmatch(parts[0]):
+            if len(parts) == 2 and is_version_id(parts[0]):
                 files.setdefault(parts[0], {})[parts[1]] = modified
         settled = time.time() - self.partial_grace_s
         return sorted(v for v, names in files.items()
@@ -228,7 +228,7 @@ class S3Store(BundleStore):
     @_s3_errors
     def fetch(self, key: TaskKey) -> Path:
         validate_task_name(key.name)
-        if not VERSION_RE.fullmatch(key.version):
+        if not is_version_id(key.version):
             raise TaskUnavailable(f"invalid version id {key.version!r} for task {key.name!r}")
         target = self.cache_dir / key.name / key.version
         if target.is_dir():
