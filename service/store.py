@@ -23,6 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 from service.engine.types import TaskKey
 from service.errors import ConfigurationError, InvalidTaskName, StoreUnavailable, TaskNotFound, TaskUnavailable, VersionNotFound
@@ -472,12 +473,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def open_store(settings) -> BundleStore:  # settings: service.settings.Settings
-    """The store the settings name: a local directory, or an S3-compatible bucket."""
+def open_store(settings, flags: Mapping[str, str] | None = None) -> BundleStore:  # settings: service.settings.Settings
+    """The store the settings name: a local directory, or an S3-compatible bucket. `flags`: the
+    settings a command line set (field -> flag), which its set-up errors name by their flag."""
     if settings.store_backend == "s3":
         from service.store_s3 import S3Store
 
-        return S3Store.from_settings(settings)
+        return S3Store.from_settings(settings, flags)
     store = LocalStore(settings.store)
     store.sweep_leftovers()
     return store

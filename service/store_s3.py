@@ -32,10 +32,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 from service.engine.types import TaskKey
 from service.errors import ConfigurationError, StoreUnavailable, TaskNotFound, TaskUnavailable
+from service.settings import setting_name
 from service.store import (
     ACTIVE_FILE, CONFIG_FILE, CONTENT_HASH_RE, POINTERS, TASK_NAME_RE, WEIGHTS_FILE, BundleStore, is_version_id,
     validate_task_name, validate_version, verify_bundle,
@@ -98,13 +99,15 @@ class S3Store(BundleStore):
         self._trim_lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "S3Store":
+    def from_settings(cls, settings: Any, flags: Mapping[str, str] | None = None) -> "S3Store":
+        """The store `settings` name; its set-up errors name each setting as it was given (`flags`:
+        the settings a command line set, field -> flag; the others by their variable)."""
         try:
             import boto3
             from botocore.config import Config
         except ImportError:
             raise ConfigurationError(
-                "ADAPTSERVE_STORE_BACKEND=s3 needs boto3: pip install 'adaptserve[s3]'"
+                f"{setting_name('store_backend', flags)}=s3 needs boto3: pip install 'adaptserve[s3]'"
             ) from None
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         try:
@@ -119,7 +122,7 @@ class S3Store(BundleStore):
             )
         except ValueError as err:  # botocore: "Invalid endpoint: ...", a malformed region
             raise ConfigurationError(
-                f"ADAPTSERVE_S3_ENDPOINT_URL / AWS_REGION: {err}; an endpoint looks like https://s3.example.com"
+                f"{setting_name('s3_endpoint_url', flags)} / AWS_REGION: {err}; an endpoint looks like https://s3.example.com"
             ) from None
         store = cls(client, settings.s3_bucket, settings.s3_prefix, settings.s3_cache_path,
                     pointer_ttl_s=settings.store_pointer_ttl_s, cache_max_bytes=settings.s3_cache_max_bytes)
