@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Mapping
 
 from fastapi import FastAPI
 
@@ -36,17 +36,22 @@ from service.store import open_store
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None, engine: EngineLike | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, engine: EngineLike | None = None, *,
+               flags: Mapping[str, str] | None = None) -> FastAPI:
     """Build the app. Without `engine`, the lifespan loads the backbone named by `settings` and
-    builds `service.engine.engine.Engine` on it. Raises ConfigurationError for a bad store."""
+    builds `service.engine.engine.Engine` on it. Raises ConfigurationError for a bad store.
+    `flags`: the settings a command line set (field -> flag, `adaptserve serve`), which set-up
+    errors and warnings name by their flag rather than their variable."""
     settings = settings if settings is not None else Settings()
-    store = open_store(settings)
+    flags = dict(flags or {})
+    store = open_store(settings, flags)
     state = ServiceState(
         settings=settings,
         store=store,
         registry=open_registry(settings, store),
         metrics=Metrics(),
         tokens=Tokens.from_secrets(settings.admin_tokens, settings.inference_tokens),
+        flags=flags,
     )
     state.admin = TaskAdmin(state)
     state.metrics.watch(
@@ -122,7 +127,8 @@ async def _start(state: ServiceState, engine: EngineLike | None) -> None:
         # On the CPU the device is host memory: the tiers then move tasks without copies or threads.
         device = getattr(getattr(ready_engine, "backbone", None), "device", None)
         copies = dict(to_host=to_host, to_device=to_device) if getattr(device, "type", "cpu") != "cpu" else {}
-        too_big = check_cache_budget(settings.cache_max_bytes, settings.cache_host_max_bytes, not copies, memory_limit_bytes())
+        too_big = check_cache_budget(settings.cache_max_bytes, settings.cache_host_max_bytes, not copies,
+                                     memory_limit_bytes(), state.flags)
         if too_big:
             warn_always(log, too_big)
         cache = TaskCache(load, settings.cache_max_bytes, host_max_bytes=settings.cache_host_max_bytes,

@@ -13,7 +13,8 @@ share one load or promotion. A failed load, whatever raised, is a 503 `task_unav
 task alone (`load_or_unavailable`). A bundle that cannot load is remembered for `failure_ttl_s`
 (`ADAPTSERVE_FAILED_LOAD_RETRY_S`): its requests meanwhile get the same 503 with Retry-After, so a
 broken task under load is not re-read and re-hashed per request; then the store is read again,
-so fixing a bundle on disk needs no restart.
+so fixing a bundle on disk needs no restart. Until a later load of it is tried, the version
+listings show that failure (`last_failure`).
 
 Evicting only drops the cache's reference. A batch that already holds the Task keeps it alive
 until the batch is done, so eviction never pulls weights out from under a forward. Keys are
@@ -141,6 +142,12 @@ class TaskCache(Generic[T]):
         """The next get() of `key` reads the store even if its last load failed moments ago
         (an admin activating it wants today's files, not a remembered error)."""
         self._failed.pop(key, None)
+
+    def last_failure(self, key: TaskKey) -> str | None:
+        """Why the last load of `key` failed, if it did and no load was tried since (its retry
+        time may have passed): what a listing shows, without reading the store."""
+        failed = self._failed.get(key)
+        return failed[0] if failed is not None else None
 
     def insert(self, key: TaskKey, task: T) -> None:
         """Put an already loaded task on the device tier (e.g. the one an upload validated)."""

@@ -118,7 +118,7 @@ def serve(args: argparse.Namespace) -> int:
     from service.server import uvicorn_config
 
     try:
-        app = create_app(settings)
+        app = create_app(settings, flags=flags)  # its set-up errors and warnings name flags as given too
     except ConfigurationError as err:
         print(f"adaptserve serve: {err.message}", file=sys.stderr)
         return 2

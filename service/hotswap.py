@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from service.engine.types import ClassifyItem, TaskKey
 from service.errors import (
-    BundleError, Conflict, Overloaded, TaskNotFound, TaskUnavailable, UploadRejected, VersionNotFound,
+    AdaptserveError, BundleError, Conflict, Overloaded, TaskNotFound, TaskUnavailable, UploadRejected, VersionNotFound,
 )
 from service.registry.base import TaskRecord
-from service.store import CONFIG_FILE, WEIGHTS_FILE, validate_task_name, validate_version
+from service.store import CONFIG_FILE, WEIGHTS_FILE, stored_problem, validate_task_name, validate_version
 from service.upload import BundleFiles, Part, UploadLimits, assemble
 
 if TYPE_CHECKING:
@@ -235,6 +235,7 @@ class TaskAdmin:
         if not stored and record.active is None:  # as classify says it: 404 while a first upload writes
             await asyncio.to_thread(self.state.store.resolve, task)  # its files, 503 if ACTIVE names a lost one
         cache = self.state.runtime.cache if self.state.runtime is not None else None
+        problems = await self.problems(task, record, stored)
         rows = []
         for version in stored:
             meta = record.versions.get(version, {})
@@ -245,8 +246,40 @@ class TaskAdmin:
                 "uploaded_at": meta.get("uploaded_at"),
                 "bytes": meta.get("bytes"),
                 "source": meta.get("source"),
+                "problem": problems.get(version),
             })
         return record, rows
+
+    async def problems(self, task: str, record: TaskRecord, versions: list[str]) -> dict[str, str]:
+        """Why each of `versions` cannot serve, as far as this replica can tell without reading a
+        file (listings run this on every call, so nothing is hashed): a file missing from the store
+        or files whose size is not the one uploaded (`stored_problem`: a stat per file, or one
+        listing), else the last load of it here, failed (a corrupt file of the right size shows
+        once a request or an activation has tried it). Versions with no problem known are left out."""
+        store = self.state.store
+        try:
+            sizes: dict[str, dict[str, int]] | None = await asyncio.to_thread(store.file_sizes, task, versions)
+        except AdaptserveError:  # the store cannot say now: the listing's own reads answer for that
+            sizes = None
+        cache = self.state.runtime.cache if self.state.runtime is not None else None
+        problems = {}
+        for version in versions:
+            stored = sizes.get(version) if sizes is not None else None
+            problem = None if stored is None else stored_problem(stored, record.versions.get(version, {}).get("bytes"),
+                                                                 store.describe())
+            failed = cache.last_failure(TaskKey(task, version)) if cache is not None else None
+            problem = problem or (f"its last load failed: {failed}" if failed else None)
+            if problem:
+                problems[version] = problem
+        return problems
+
+    async def active_problem(self, task: str, version: str) -> str | None:
+        """`problems` for the version a task serves (the task listing); None when nothing is known."""
+        try:
+            record = await self._record(task)
+        except AdaptserveError:  # gone since the listing, or the registry cannot say: sizes alone
+            record = TaskRecord(task)
+        return (await self.problems(task, record, [version])).get(version)
 
     async def _record(self, task: str, known_in_store: bool = True) -> TaskRecord:
         try:

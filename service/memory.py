@@ -31,7 +31,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Mapping, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +121,19 @@ def memory_limit_bytes() -> int | None:
     return physical
 
 
-def check_cache_budget(device_bytes: int, host_bytes: int, on_cpu: bool, limit: int | None) -> str | None:
+def check_cache_budget(device_bytes: int, host_bytes: int, on_cpu: bool, limit: int | None,
+                       flags: Mapping[str, str] | None = None) -> str | None:
     """A warning when the task cache's tiers may hold more than the process can have (`limit`):
-    on a CPU both tiers are host memory. None when they fit, or the limit is unknown."""
+    on a CPU both tiers are host memory. None when they fit, or the limit is unknown. `flags`: the
+    settings the command line set (field -> flag), named so; the others by their variable."""
+    from service.settings import setting_name
+
     need = device_bytes + host_bytes if on_cpu else host_bytes
     if limit is None or need <= limit:
         return None
-    tiers = ("ADAPTSERVE_CACHE_MAX_BYTES + ADAPTSERVE_CACHE_HOST_MAX_BYTES: on a CPU both tiers are host memory"
-             if on_cpu else "ADAPTSERVE_CACHE_HOST_MAX_BYTES")
+    host = setting_name("cache_host_max_bytes", flags)
+    tiers = (f"{setting_name('cache_max_bytes', flags)} + {host}: on a CPU both tiers are host memory"
+             if on_cpu else host)
     return (f"the task cache may grow to {need / 2**20:,.0f} MiB ({tiers}), more than the {limit / 2**20:,.0f} MiB "
             "this process can have: a full cache would be killed for memory; lower the budget")
 

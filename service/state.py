@@ -72,6 +72,9 @@ class ServiceState:
     runtime: Runtime | None = None
     startup_error: str | None = None  # why the backbone or warmup failed; the server never gets ready
     stopping: bool = False
+    # The settings the command line set, field -> flag (`adaptserve serve`): messages name those by
+    # their flag, the others by their variable (service.settings.setting_name).
+    flags: dict[str, str] = field(default_factory=dict)
 
     @property
     def ready(self) -> bool:

@@ -18,10 +18,12 @@ import logging
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 from service.engine.types import TaskKey
 from service.errors import ConfigurationError, InvalidTaskName, StoreUnavailable, TaskNotFound, TaskUnavailable, VersionNotFound
@@ -53,11 +55,21 @@ def validate_task_name(name: str) -> str:
     return name
 
 
+def is_version_id(version: object) -> bool:
+    """Whether `version` has the form of a version id (`VERSION_RE`): the one test of it, for ids
+    from requests and from the store alike."""
+    return isinstance(version, str) and VERSION_RE.fullmatch(version) is not None
+
+
 def validate_version(task: str, version: str) -> str:
-    """Return `version` if it is a safe version id, else raise `VersionNotFound` (such a
-    version cannot exist, and the id never reaches a path)."""
-    if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
-        raise VersionNotFound(f"task {task!r} has no version {version!r} (not a valid version id)")
+    """Return `version` if it is a safe version id, else raise `VersionNotFound` (such a version
+    cannot exist, and the id never reaches a path). Every route taking a version id checks it
+    here first, so any id not of the form gets this message, and any other id missing from the
+    store gets "has no version" (content hashes and hand-made ids such as `v3` or `ZZZ` alike)."""
+    if not is_version_id(version):
+        shown = version[:80] + "..." if isinstance(version, str) and len(version) > 80 else version
+        raise VersionNotFound(f"task {task!r} has no version {shown!r} (not a valid version id: use 1-128 "
+                              "characters of A-Z, a-z, 0-9, '.', '_' or '-', starting with a letter or digit)")
     return version
 
 
@@ -94,11 +106,17 @@ class BundleStore:
 
     def has_version(self, task: str, version: str) -> bool:
         """Whether `version` of `task` is stored (whole or damaged, as `versions` lists it)."""
-        return VERSION_RE.fullmatch(version) is not None and version in self.versions(task)
+        return is_version_id(version) and version in self.versions(task)
 
     def missing_files(self, key: TaskKey) -> list[str]:
         """The files of a stored version that are not in the store itself (never a local copy of
         it): empty for a whole version, else what an activation must name when it refuses it."""
+        raise NotImplementedError
+
+    def file_sizes(self, task: str, versions: list[str]) -> dict[str, dict[str, int]]:
+        """{version: {file name: bytes}} for those of `versions` still stored, each naming the bundle
+        files the store holds (a stat per file, or one listing of the task: nothing is read). What a
+        listing shows a version's damage by, without hashing every file (`stored_problem`)."""
         raise NotImplementedError
 
     def read_pointer(self, task: str, pointer: str) -> str | None:
@@ -157,7 +175,7 @@ class BundleStore:
         pointer = self.read_pointer(task, ACTIVE_FILE)
         if pointer is not None:
             version = pointer.strip()
-            if not VERSION_RE.fullmatch(version):
+            if not is_version_id(version):
                 raise TaskUnavailable(f"task {task!r}: ACTIVE names an invalid version id {version!r}")
             if not self.has_version(task, version):
                 raise TaskUnavailable(f"task {task!r}: ACTIVE names version {version!r}, which is not in the store")
@@ -280,16 +298,33 @@ class LocalStore(BundleStore):
     def versions(self, task: str) -> list[str]:
         task_dir = self._task_dir(task)
         try:
-            return sorted(entry.name for entry in task_dir.iterdir() if entry.is_dir() and VERSION_RE.fullmatch(entry.name))
+            return sorted(entry.name for entry in task_dir.iterdir() if entry.is_dir() and is_version_id(entry.name))
         except OSError as err:
             raise TaskUnavailable(f"task {task!r}: its directory in the store cannot be listed ({_reason(err)})") from err
 
     def has_version(self, task: str, version: str) -> bool:
-        return VERSION_RE.fullmatch(version) is not None and (self._task_dir(task) / version).is_dir()
+        return is_version_id(version) and (self._task_dir(task) / version).is_dir()
 
     def missing_files(self, key: TaskKey) -> list[str]:
         path = self._task_dir(key.name) / validate_version(key.name, key.version)
         return [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (path / name).is_file()]
+
+    def file_sizes(self, task: str, versions: list[str]) -> dict[str, dict[str, int]]:
+        task_dir = self._task_dir(task)
+        sizes: dict[str, dict[str, int]] = {}
+        for version in versions:
+            path = task_dir / validate_version(task, version)
+            if not path.is_dir():  # deleted since it was listed
+                continue
+            sizes[version] = {}
+            for name in (CONFIG_FILE, WEIGHTS_FILE):
+                try:
+                    info = (path / name).stat()
+                except OSError:
+                    continue
+                if stat.S_ISREG(info.st_mode):
+                    sizes[version][name] = info.st_size
+        return sizes
 
     def read_pointer(self, task: str, pointer: str) -> str | None:
         path = self._task_dir(task) / _pointer(pointer)
@@ -314,7 +349,7 @@ class LocalStore(BundleStore):
         _fsync_dir(task_dir)
 
     def fetch(self, key: TaskKey) -> Path:
-        if not VERSION_RE.fullmatch(key.version):
+        if not is_version_id(key.version):
             raise TaskUnavailable(f"invalid version id {key.version!r} for task {key.name!r}")
         path = self._task_dir(key.name) / key.version
         if not path.is_dir():
@@ -398,6 +433,22 @@ def verify_bundle(path: Path, key: TaskKey, where: str) -> None:
         )
 
 
+def stored_problem(sizes: dict[str, int], uploaded_bytes: object, where: str) -> str | None:
+    """Why a stored version cannot serve, judged by its files' sizes alone (`file_sizes`): a file
+    missing, or files whose total is not the `uploaded_bytes` recorded when it was published (None:
+    not uploaded through the API, so only missing files tell). A changed file of the same size is
+    found only by a load, which hashes the files."""
+    repair = "upload the bundle again (the same files repair it) or delete the version"
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE) if name not in sizes]
+    if missing:
+        return f"{' and '.join(missing)} missing from {where}; {repair}"
+    total = sum(sizes.values())
+    if isinstance(uploaded_bytes, int) and not isinstance(uploaded_bytes, bool) and total != uploaded_bytes:
+        return (f"its files in {where} hold {total} bytes, not the {uploaded_bytes} uploaded: they changed "
+                f"after it was published; {repair}")
+    return None
+
+
 def bundle_intact(path: Path, key: TaskKey) -> bool:
     """Whether `path` holds both files of `key`, hashing to its version id (content-hash ids).
 
@@ -430,12 +481,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def open_store(settings) -> BundleStore:  # settings: service.settings.Settings
-    """The store the settings name: a local directory, or an S3-compatible bucket."""
+def open_store(settings, flags: Mapping[str, str] | None = None) -> BundleStore:  # settings: service.settings.Settings
+    """The store the settings name: a local directory, or an S3-compatible bucket. `flags`: the
+    settings a command line set (field -> flag), which its set-up errors name by their flag."""
     if settings.store_backend == "s3":
         from service.store_s3 import S3Store
 
-        return S3Store.from_settings(settings)
+        return S3Store.from_settings(settings, flags)
     store = LocalStore(settings.store)
     store.sweep_leftovers()
     return store

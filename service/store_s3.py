@@ -34,12 +34,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 from service.engine.types import TaskKey
 from service.errors import ConfigurationError, StoreUnavailable, TaskNotFound, TaskUnavailable
+from service.settings import setting_name
 from service.store import (
-    ACTIVE_FILE, CONFIG_FILE, CONTENT_HASH_RE, POINTERS, TASK_NAME_RE, VERSION_RE, WEIGHTS_FILE, BundleStore,
+    ACTIVE_FILE, CONFIG_FILE, CONTENT_HASH_RE, POINTERS, TASK_NAME_RE, WEIGHTS_FILE, BundleStore, is_version_id,
     validate_task_name, validate_version, verify_bundle,
 )
 
@@ -100,13 +101,15 @@ class S3Store(BundleStore):
         self._trim_lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "S3Store":
+    def from_settings(cls, settings: Any, flags: Mapping[str, str] | None = None) -> "S3Store":
+        """The store `settings` name; its set-up errors name each setting as it was given (`flags`:
+        the settings a command line set, field -> flag; the others by their variable)."""
         try:
             import boto3
             from botocore.config import Config
         except ImportError:
             raise ConfigurationError(
-                "ADAPTSERVE_STORE_BACKEND=s3 needs boto3: pip install 'adaptserve[s3]'"
+                f"{setting_name('store_backend', flags)}=s3 needs boto3: pip install 'adaptserve[s3]'"
             ) from None
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
         try:
@@ -121,7 +124,7 @@ class S3Store(BundleStore):
             )
         except ValueError as err:  # botocore: "Invalid endpoint: ...", a malformed region
             raise ConfigurationError(
-                f"ADAPTSERVE_S3_ENDPOINT_URL / AWS_REGION: {err}; an endpoint looks like https://s3.example.com"
+                f"{setting_name('s3_endpoint_url', flags)} / AWS_REGION: {err}; an endpoint looks like https://s3.example.com"
             ) from None
         store = cls(client, settings.s3_bucket, settings.s3_prefix, settings.s3_cache_path,
                     pointer_ttl_s=settings.store_pointer_ttl_s, cache_max_bytes=settings.s3_cache_max_bytes)
@@ -178,7 +181,7 @@ class S3Store(BundleStore):
         files: dict[str, dict[str, float]] = {}  # version -> {file name: last modified}
         for key, modified in keys.items():
             parts = key[len(self._key(task, "")):].split("/")
-            if len(parts) == 2 and VERSION_RE.fullmatch(parts[0]):
+            if len(parts) == 2 and is_version_id(parts[0]):
                 files.setdefault(parts[0], {})[parts[1]] = modified
         settled = time.time() - self.partial_grace_s
         return sorted(v for v, names in files.items()
@@ -190,6 +193,18 @@ class S3Store(BundleStore):
         validate_version(key.name, key.version)
         keys, _ = self._list(self._key(key.name, key.version, ""))
         return [name for name in (CONFIG_FILE, WEIGHTS_FILE) if self._key(key.name, key.version, name) not in keys]
+
+    @_s3_errors
+    def file_sizes(self, task: str, versions: list[str]) -> dict[str, dict[str, int]]:
+        validate_task_name(task)
+        wanted, root = set(versions), self._key(task, "")
+        sizes: dict[str, dict[str, int]] = {}
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=root):
+            for obj in page.get("Contents", []):
+                version, _, name = obj["Key"][len(root):].partition("/")
+                if version in wanted and name in (CONFIG_FILE, WEIGHTS_FILE):
+                    sizes.setdefault(version, {})[name] = int(obj["Size"])
+        return sizes
 
     @_s3_errors
     def read_pointer(self, task: str, pointer: str) -> str | None:
@@ -218,7 +233,7 @@ class S3Store(BundleStore):
     @_s3_errors
     def fetch(self, key: TaskKey) -> Path:
         validate_task_name(key.name)
-        if not VERSION_RE.fullmatch(key.version):
+        if not is_version_id(key.version):
             raise TaskUnavailable(f"invalid version id {key.version!r} for task {key.name!r}")
         target = self.cache_dir / key.name / key.version
         if target.is_dir():

@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from service.methods.exits import READ_AS_INF, threshold_problem, too_long_for_float
 
@@ -49,14 +49,19 @@ class EarlyExit(BaseModel):
             raise ValueError(threshold_problem(info.data.get("policy", "off"), value))
         return value
 
-    @model_validator(mode="after")
-    def _threshold_fits_policy(self) -> "EarlyExit":
-        if self.threshold is None or self.policy == "off":
-            return self
-        problem = threshold_problem(self.policy, self.threshold)
+    @field_validator("threshold")
+    @classmethod
+    def _threshold_fits_policy(cls, value: float | None, info: ValidationInfo) -> float | None:
+        # A field validator, not a model one: the error is reported at `early_exit.threshold`, where
+        # a type error is. `policy` is declared first, so it is in info.data once it is valid (an
+        # invalid policy is its own error, and no range applies).
+        policy = info.data.get("policy")
+        if value is None or policy in (None, "off"):
+            return value
+        problem = threshold_problem(policy, value)
         if problem:
             raise ValueError(problem)
-        return self
+        return value
 
 
 class ClassifyRequest(BaseModel):
@@ -131,11 +136,17 @@ LOCATION_DOC = ("`device`: loaded on the engine's device; `host`: evicted from t
                 "tensors (promoted back without reading the store); `store`: only in the task store.")
 
 
+PROBLEM_DOC = ("Why this version cannot serve, as far as this replica knows without reading its files: a file "
+               "missing from the store, files whose size is not the uploaded one, or its last load here failing "
+               "(e.g. files that no longer hash to the version id). null: no problem known.")
+
+
 class TaskSummary(BaseModel):
     name: str
     version: str | None = Field(description="Active version, or null when the store cannot tell (see `error`).")
     location: Location = Field(description=LOCATION_DOC)
-    error: str | None = None
+    error: str | None = Field(default=None, description="Why the task has no active version (`version` is null).")
+    problem: str | None = Field(default=None, description=f"Of the active version: {PROBLEM_DOC}")
 
 
 class TaskList(BaseModel):
@@ -167,8 +178,9 @@ class VersionInfo(BaseModel):
     active: bool
     location: Location = Field(description=LOCATION_DOC)
     uploaded_at: float | None = Field(default=None, description="Unix time of the upload (null if not uploaded through the API).")
-    bytes: int | None = None
+    bytes: int | None = Field(default=None, description="Size of its two files when uploaded (null if not uploaded through the API).")
     source: str | None = None
+    problem: str | None = Field(default=None, description=PROBLEM_DOC)
 
 
 class TaskState(BaseModel):

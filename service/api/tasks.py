@@ -25,6 +25,8 @@ async def list_tasks(request: Request) -> TaskList:
     state = service_state(request)
     listings = await state.registry.list_tasks()
     cache = state.runtime.cache if state.runtime is not None else None
+    admin = state.admin
+    assert admin is not None
     return TaskList(
         tasks=[
             TaskSummary(
@@ -33,6 +35,7 @@ async def list_tasks(request: Request) -> TaskList:
                 location=cache.location(TaskKey(listing.name, listing.version))
                 if cache is not None and listing.version is not None else "store",
                 error=listing.error,
+                problem=await admin.active_problem(listing.name, listing.version) if listing.version is not None else None,
             )
             for listing in listings
         ]

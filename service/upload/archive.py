@@ -19,6 +19,14 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
+# What macOS adds to an archive it makes (Finder's Compress, `ditto -c -k`, bsdtar): the AppleDouble
+# metadata of each file, `._<name>`, under a top-level `__MACOSX/` folder (zip) or beside the file
+# (tar), and Finder's `.DS_Store`. Counted here as any member (names, types, count, sizes), and named
+# when a cap is crossed; `intake` then drops it, never reading it as a bundle file.
+MACOS_FOLDER = "__MACOSX"
+MACOS_FILES = ".DS_Store"
+APPLEDOUBLE_PREFIX = "._"
+
 ZIP_MAGIC = b"PK\x03\x04"
 EMPTY_ZIP_MAGIC = b"PK\x05\x06"
 GZIP_MAGIC = b"\x1f\x8b"
@@ -59,6 +67,22 @@ def unpack(data: bytes, limits: ArchiveLimits, label: str) -> Unpacked:
     return Unpacked(problems=[f"{label} is neither a zip nor a gzip-compressed tar archive"])
 
 
+def is_macos_metadata(name: str) -> bool:
+    """Whether an archive member is metadata macOS adds (`__MACOSX/...`, `._*`, `.DS_Store`)."""
+    parts = PurePosixPath(name).parts
+    return bool(parts) and (parts[0] == MACOS_FOLDER or parts[-1] == MACOS_FILES
+                            or parts[-1].startswith(APPLEDOUBLE_PREFIX))
+
+
+def _macos_share(amount: int, unit: str) -> str:
+    """What a size-cap message adds when macOS metadata pushed the archive past it: `amount` of
+    the counted members or bytes were that metadata (nothing when none were)."""
+    if not amount:
+        return ""
+    return (f"; {amount} {unit} macOS metadata ({MACOS_FOLDER}/, {APPLEDOUBLE_PREFIX}*, {MACOS_FILES}), which counts "
+            "too: make the archive without it (zip -r rather than Finder's Compress; COPYFILE_DISABLE=1 for tar)")
+
+
 def check_member_name(name: str) -> str | None:
     """Why an archive member name is unsafe, or None."""
     if not name:
@@ -94,10 +118,12 @@ def _unzip(data: bytes, limits: ArchiveLimits, label: str) -> Unpacked:
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as err:
         return Unpacked(problems=[f"{label} is not a readable zip archive ({err})"])
     if len(infos) > limits.max_members:
-        out.problems.append(f"{label} has {len(infos)} members, more than the limit of {limits.max_members}")
+        macos = sum(is_macos_metadata(info.filename) for info in infos)
+        out.problems.append(f"{label} has {len(infos)} members, more than the limit of {limits.max_members}"
+                            + _macos_share(macos, "of them are"))
         out.too_large = True
         return out
-    declared = 0
+    declared = macos_declared = 0
     seen: dict[str, str] = {}
     for info in infos:
         where = f"{label}: member {info.filename[:100]!r}"
@@ -116,6 +142,7 @@ def _unzip(data: bytes, limits: ArchiveLimits, label: str) -> Unpacked:
         if not info.filename or info.is_dir():  # is_dir() itself fails on an empty name
             continue
         declared += info.file_size
+        macos_declared += info.file_size if is_macos_metadata(info.filename) else 0
         if info.compress_size and info.file_size / info.compress_size > limits.max_ratio:
             out.problems.append(
                 f"{where} expands {info.file_size / info.compress_size:.0f}x, more than the limit of "
@@ -123,24 +150,28 @@ def _unzip(data: bytes, limits: ArchiveLimits, label: str) -> Unpacked:
             )
             out.too_large = True
     if declared > limits.max_uncompressed_bytes:
-        out.problems.append(f"{label} declares {declared} bytes uncompressed, more than the limit of {limits.max_uncompressed_bytes}")
+        out.problems.append(f"{label} declares {declared} bytes uncompressed, more than the limit of {limits.max_uncompressed_bytes}"
+                            + _macos_share(macos_declared, "of those bytes are"))
         out.too_large = True
     if out.problems:
         return out
-    total = 0
+    total = macos_total = 0
     for info in infos:
         if info.is_dir():
             continue
         # Read with a running count: the sizes in the headers are only claims.
         chunks = []
+        macos = is_macos_metadata(info.filename)
         try:
             with archive.open(info) as member:
                 while chunk := member.read(_CHUNK):
                     total += len(chunk)
+                    macos_total += len(chunk) if macos else 0
                     if total > limits.max_uncompressed_bytes:
                         out.problems.append(
                             f"{label} expands past {limits.max_uncompressed_bytes} bytes while reading "
                             f"{info.filename[:100]!r} (its headers under-declare: zip bomb?)"
+                            + _macos_share(macos_total, "of the bytes read are")
                         )
                         out.too_large = True
                         out.files.clear()
@@ -184,16 +215,19 @@ def _untar(data: bytes, limits: ArchiveLimits, label: str) -> Unpacked:
     # the headers of max_members entries, nor past max_ratio times the compressed upload.
     cap = min(limits.max_uncompressed_bytes + 1024 * (limits.max_members + 2), int(len(data) * limits.max_ratio))
     reader = _CountingReader(gzip.GzipFile(fileobj=io.BytesIO(data)), cap)
-    members = 0
-    payload = 0
+    members = macos_members = 0
+    payload = macos_payload = 0
     seen: dict[str, str] = {}
     files: dict[str, bytes] = {}
     try:
         with tarfile.open(fileobj=io.BufferedReader(reader), mode="r|") as archive:
             for member in archive:  # stream mode: one header at a time, never the whole index first
                 members += 1
+                macos = is_macos_metadata(member.name)
+                macos_members += macos
                 if members > limits.max_members:
-                    out.problems.append(f"{label} has more than {limits.max_members} members")
+                    out.problems.append(f"{label} has more than {limits.max_members} members"
+                                        + _macos_share(macos_members, f"of the first {members} members are"))
                     out.too_large = True
                     break
                 where = f"{label}: member {member.name[:100]!r}"
@@ -212,8 +246,10 @@ def _untar(data: bytes, limits: ArchiveLimits, label: str) -> Unpacked:
                     out.problems.append(f"{where} is not a regular file")
                     continue
                 payload += member.size
+                macos_payload += member.size if macos else 0
                 if payload > limits.max_uncompressed_bytes:
-                    out.problems.append(f"{label} holds more than {limits.max_uncompressed_bytes} bytes uncompressed")
+                    out.problems.append(f"{label} holds more than {limits.max_uncompressed_bytes} bytes uncompressed"
+                                        + _macos_share(macos_payload, f"of the first {payload} bytes are"))
                     out.too_large = True
                     break
                 if reason:
@@ -224,6 +260,7 @@ def _untar(data: bytes, limits: ArchiveLimits, label: str) -> Unpacked:
         out.problems.append(
             f"{label} decompresses past {cap} bytes: more than the size limit "
             f"({limits.max_uncompressed_bytes}) or {limits.max_ratio:g}x its compressed size (zip bomb?)"
+            + _macos_share(macos_payload, "bytes of its files are")
         )
         out.too_large = True
     except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as err:

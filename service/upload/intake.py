@@ -19,19 +19,16 @@ from typing import Any
 
 from service.errors import UploadRejected
 from service.store import CONFIG_FILE, WEIGHTS_FILE
-from service.upload.archive import ArchiveLimits, archive_kind, unpack
+from service.upload.archive import (
+    APPLEDOUBLE_PREFIX, MACOS_FOLDER, ArchiveLimits, archive_kind, is_macos_metadata, unpack,
+)
 from service.upload.safetensors_header import DuplicateKey, HeaderLimits, check_safetensors, no_duplicate_keys
 
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")  # only the message uses names; bytes decide
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
 IGNORED_MEMBERS = {"readme.md", ".gitattributes"}  # what PEFT's save_pretrained / a hub folder add
-# What macOS adds to an archive it makes (Finder's Compress, `ditto -c -k`, bsdtar): the AppleDouble
-# metadata of each file, `._<name>`, under a top-level `__MACOSX/` folder (zip) or beside the file
-# (tar), and Finder's `.DS_Store`. Metadata, never bundle files: dropped after the archive's own checks
-# (names, types, member count and sizes count them as any member) and never read as a bundle file.
-MACOS_FOLDER = "__MACOSX"
-MACOS_FILES = ".DS_Store"
-APPLEDOUBLE_PREFIX = "._"
+# The metadata macOS adds to archives (`archive.is_macos_metadata`) is dropped after the archive's own
+# checks (names, types, member count and sizes count it as any member), never read as a bundle file.
 
 
 @dataclass(frozen=True)
@@ -175,9 +172,8 @@ def assemble(parts: list[Part], limits: UploadLimits) -> BundleFiles:
 def _bundle_members(files: dict[str, bytes], problems: _Problems) -> tuple[dict[str, bytes], list[str]]:
     """The bundle files among an archive's members, all at its root or all in one folder, and the
     macOS metadata set aside (it neither counts as a member nor decides where the bundle is)."""
-    paths = {name: PurePosixPath(name).parts for name in files}
-    ignored = [name for name, parts in paths.items() if _macos_metadata(parts)]
-    paths = {name: parts for name, parts in paths.items() if not _macos_metadata(parts)}
+    ignored = [name for name in files if is_macos_metadata(name)]
+    paths = {name: PurePosixPath(name).parts for name in files if not is_macos_metadata(name)}
     tops = {parts[0] for parts in paths.values() if len(parts) > 1}
     strip = len(tops) == 1 and all(len(parts) > 1 for parts in paths.values())
     named: dict[str, bytes] = {}
@@ -204,11 +200,6 @@ def _missing(file: str, ignored: list[str]) -> str:
         return f"{file} is missing"
     return (f"{file} is missing: the archive has {seen[0][:100]!r}, which is macOS metadata (under {MACOS_FOLDER}/ "
             f"or named {APPLEDOUBLE_PREFIX}*) and ignored; put the file itself in the archive")
-
-
-def _macos_metadata(parts: tuple[str, ...]) -> bool:
-    return bool(parts) and (parts[0] == MACOS_FOLDER or parts[-1] == MACOS_FILES
-                            or parts[-1].startswith(APPLEDOUBLE_PREFIX))
 
 
 def _check_config(config: bytes, limits: UploadLimits, problems: _Problems) -> str:

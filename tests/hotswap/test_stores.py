@@ -165,6 +165,10 @@ def test_a_version_with_a_file_missing_is_listed_and_names_it(store: BundleStore
         store.partial_grace_s = 0.0  # type: ignore[attr-defined]
     assert store.versions(key.name) == sorted([whole.version, key.version]) and store.has_version(key.name, key.version)
     assert store.missing_files(key) == [gone] and store.missing_files(whole) == []
+    kept = {CONFIG: len(c2), WEIGHTS: len(w2)}
+    del kept[gone]  # what a listing sees of it without reading a file (service.store.stored_problem)
+    assert store.file_sizes(key.name, [whole.version, key.version, "v9"]) == {
+        whole.version: {CONFIG: len(c1), WEIGHTS: len(w1)}, key.version: kept}
     with pytest.raises(TaskUnavailable, match=re.escape(gone)):
         store.bundle_dir(key)
     store.delete_version(key)  # what an admin can do with it, besides uploading it again

@@ -151,6 +151,23 @@ def test_serve_refuses_bad_settings_naming_them_as_given(
     assert uvicorn_calls == []
 
 
+@pytest.mark.parametrize("argv, env, message", [
+    (["--store-backend", "s3"], {}, "adaptserve serve: --store-backend=s3 needs boto3: pip install 'adaptserve[s3]'"),
+    ([], {"ADAPTSERVE_STORE_BACKEND": "s3"}, "adaptserve serve: ADAPTSERVE_STORE_BACKEND=s3 needs boto3"),
+])
+def test_the_s3_store_set_up_names_the_setting_as_given(
+    argv: list[str], env: dict[str, str], message: str, capsys: pytest.CaptureFixture, uvicorn_calls: list,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "boto3", None)  # an install without the s3 extra
+    monkeypatch.setenv("ADAPTSERVE_S3_BUCKET", "tasks")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["serve", *argv, "--host", "127.0.0.1", "--port", str(_free_port())]) == 2
+    err = capsys.readouterr().err
+    assert message in err and ("ADAPTSERVE_STORE_BACKEND" in err) == bool(env) and uvicorn_calls == []
+
+
 def test_serve_refuses_a_model_folder_without_config(tmp_path: Path, capsys: pytest.CaptureFixture, uvicorn_calls: list) -> None:
     assert cli.main(["serve", "--store", str(tmp_path), "--backbone", str(tmp_path)]) == 2
     assert "has no config.json" in capsys.readouterr().err and uvicorn_calls == []

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import logging
 import os
 
 import pytest
+from fastapi.testclient import TestClient
 
 from service.memory import Trimmer, _malloc_trim, check_cache_budget, freeze_startup_heap, memory_limit_bytes
 
@@ -124,3 +126,32 @@ def test_a_cache_budget_beyond_the_memory_limit_is_named(device: int, host: int,
         assert ("ADAPTSERVE_CACHE_MAX_BYTES" in warning) == on_cpu
     assert check_cache_budget(device, host, on_cpu, limit=None) is None  # unknown: nothing to say
 
+
+
+@pytest.mark.parametrize("flags, device_name, host_name", [
+    ({}, "ADAPTSERVE_CACHE_MAX_BYTES", "ADAPTSERVE_CACHE_HOST_MAX_BYTES"),
+    ({"cache_max_bytes": "--cache-max-bytes"}, "--cache-max-bytes", "ADAPTSERVE_CACHE_HOST_MAX_BYTES"),
+    ({"cache_max_bytes": "--cache-max-bytes", "cache_host_max_bytes": "--cache-host-max-bytes"},
+     "--cache-max-bytes", "--cache-host-max-bytes"),
+])
+def test_the_cache_budget_warning_names_each_setting_as_given(flags: dict, device_name: str, host_name: str) -> None:
+    warning = check_cache_budget(2048 * MiB, 0, True, limit=1024 * MiB, flags=flags)
+    assert f"({device_name} + {host_name}: on a CPU both tiers are host memory)" in warning
+    assert host_name in check_cache_budget(0, 2048 * MiB, False, limit=1024 * MiB, flags=flags)
+
+
+def test_the_app_names_the_cache_budget_as_the_command_line_gave_it(
+    tmp_path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`adaptserve serve --cache-max-bytes ...` hands its flags to the app, whose start-up warns."""
+    import service.app
+    from service.settings import Settings
+    from tests.fakes import FakeEngine
+    from tests.service.api.harness import wait_ready
+
+    monkeypatch.setattr(service.app, "memory_limit_bytes", lambda: 1024 * MiB)
+    app = service.app.create_app(Settings(store=tmp_path, cache_max_bytes=4096 * MiB), engine=FakeEngine(),
+                                 flags={"cache_max_bytes": "--cache-max-bytes"})
+    with caplog.at_level(logging.WARNING, logger="service"), TestClient(app) as client:
+        wait_ready(client)
+    assert "(--cache-max-bytes + ADAPTSERVE_CACHE_HOST_MAX_BYTES: on a CPU both tiers are host memory)" in caplog.text

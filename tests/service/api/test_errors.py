@@ -174,3 +174,25 @@ def test_a_client_cannot_flood_the_warning_log(client: TestClient, caplog: pytes
     assert statuses.count(503) == 5 and 504 in statuses
     warnings = [r.getMessage() for r in caplog.records if r.name == "service.api.errors" and r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "broken" in warnings[0], warnings
+
+
+VERSION_FORM = "(not a valid version id: use 1-128 characters of A-Z, a-z, 0-9, '.', '_' or '-', starting with a letter or digit)"
+
+
+@pytest.mark.parametrize("method, route", [("POST", "/v1/tasks/sentiment/versions/{}/activate"),
+                                           ("DELETE", "/v1/tasks/sentiment/versions/{}")], ids=["activate", "delete"])
+@pytest.mark.parametrize("version, shown, well_formed", [
+    ("%2e%2e", "'..'", False),
+    ("-x", "'-x'", False),
+    (".hidden", "'.hidden'", False),
+    ("a%20b", "'a b'", False),
+    ("v" * 129, repr("v" * 80 + "..."), False),  # too long, and shown cut short
+    ("ZZZ", "'ZZZ'", True),  # the form allows hand-made ids (`v3`): this one is simply not stored
+    ("0123456789abcdef", "'0123456789abcdef'", True),
+])
+def test_a_version_id_is_judged_by_its_form_in_one_place(client: TestClient, method: str, route: str, version: str,
+                                                          shown: str, well_formed: bool) -> None:
+    response = client.request(method, route.format(version))
+    assert (response.status_code, response.json()["error_type"]) == (404, "version_not_found"), response.text
+    expected = f"task 'sentiment' has no version {shown}" + ("" if well_formed else f" {VERSION_FORM}")
+    assert response.json()["error"] == expected

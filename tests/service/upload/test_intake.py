@@ -60,10 +60,25 @@ def test_macos_metadata_in_an_archive_is_ignored(blob: bytes) -> None:
     assert (files.config, files.weights) == (CFG, WTS)
 
 
+# What a size cap's message adds when macOS metadata is part of what crossed it.
+MACOS_SHARE = ("macOS metadata (__MACOSX/, ._*, .DS_Store), which counts too: make the archive without it "
+               "(zip -r rather than Finder's Compress; COPYFILE_DISABLE=1 for tar)")
+MACOS_BYTES = len(BIG) + len(APPLEDOUBLE)
+
+
 @pytest.mark.parametrize("blob, message, too_large", [
-    # The junk is an archive member like any other for the archive's own checks.
-    (_zip({CONFIG: CFG, WEIGHTS: WTS, "__MACOSX/._big": BIG}), "bytes uncompressed", True),
-    (_zip({CONFIG: CFG, WEIGHTS: WTS} | {f"__MACOSX/._{k}": b"x" for k in range(11)}), "more than the limit of 12", True),
+    # The junk is an archive member like any other for the archive's own checks; a cap it helped
+    # cross says how much of the archive it was.
+    (_zip({CONFIG: CFG, WEIGHTS: WTS, "__MACOSX/._big": BIG, f"__MACOSX/._{CONFIG}": APPLEDOUBLE}),
+     f"declares {MACOS_BYTES + len(CFG) + len(WTS)} bytes uncompressed, more than the limit of 102400; "
+     f"{MACOS_BYTES} of those bytes are {MACOS_SHARE}", True),
+    (_zip({CONFIG: CFG, WEIGHTS: WTS} | {f"__MACOSX/._{k}": b"x" for k in range(11)}),
+     f"has 13 members, more than the limit of 12; 11 of them are {MACOS_SHARE}", True),
+    (tar_gz_bytes({CONFIG: CFG, WEIGHTS: WTS} | {f"._{k}": b"x" for k in range(11)}),
+     f"has more than 12 members; 11 of the first 13 members are {MACOS_SHARE}", True),
+    (tar_gz_bytes({CONFIG: CFG, WEIGHTS: WTS, f"._{CONFIG}": APPLEDOUBLE, ".DS_Store": BIG}),
+     f"holds more than 102400 bytes uncompressed; {MACOS_BYTES} of the first {MACOS_BYTES + len(CFG) + len(WTS)} "
+     f"bytes are {MACOS_SHARE}", True),
     (_zip({CONFIG: CFG, WEIGHTS: WTS, "__MACOSX/../x": b"x"}), "contains '..'", False),
     (zip_bytes({CONFIG: CFG, WEIGHTS: WTS}, symlinks={f"__MACOSX/._{CONFIG}": "/etc/passwd"}), "symbolic link", False),
     (tar_gz_bytes({CONFIG: CFG, WEIGHTS: WTS, f"._{CONFIG}": BIG}), "more than 102400 bytes", True),
@@ -73,6 +88,15 @@ def test_macos_metadata_still_counts_for_the_archive_checks(blob: bytes, message
         assemble([Part("bundle", "bundle.zip", blob)], _limits())
     assert any(message in problem for problem in refused.value.problems), refused.value.problems
     assert refused.value.status_code == (413 if too_large else 422)
+
+
+@pytest.mark.parametrize("blob", [_zip({CONFIG: CFG, WEIGHTS: WTS, "big": BIG}), tar_gz_bytes({CONFIG: CFG, WEIGHTS: WTS, "big": BIG}),
+                                  _zip({CONFIG: CFG, WEIGHTS: WTS} | {f"x{k}": b"x" for k in range(11)})],
+                         ids=["zip bytes", "tar.gz bytes", "zip members"])
+def test_a_size_cap_without_macos_metadata_does_not_mention_it(blob: bytes) -> None:
+    with pytest.raises(UploadRejected) as refused:
+        assemble([Part("bundle", "bundle.zip", blob)], _limits())
+    assert refused.value.status_code == 413 and not any("macOS" in problem for problem in refused.value.problems)
 
 
 def test_metadata_alone_is_no_bundle_and_the_refusal_says_what_it_saw() -> None:
