@@ -261,25 +261,23 @@ class TaskAdmin:
             sizes: dict[str, dict[str, int]] | None = await asyncio.to_thread(store.file_sizes, task, versions)
         except AdaptserveError:  # the store cannot say now: the listing's own reads answer for that
             sizes = None
-        cache = self.state.runtime.cache if self.state.runtime is not None else None
         problems = {}
         for version in versions:
             stored = sizes.get(version) if sizes is not None else None
             problem = None if stored is None else stored_problem(stored, record.versions.get(version, {}).get("bytes"),
                                                                  store.describe())
-            failed = cache.last_failure(TaskKey(task, version)) if cache is not None else None
-            problem = problem or (f"its last load failed: {failed}" if failed else None)
+            problem = problem or self.remembered_problem(TaskKey(task, version))
             if problem:
                 problems[version] = problem
         return problems
 
-    async def active_problem(self, task: str, version: str) -> str | None:
-        """`problems` for the version a task serves (the task listing); None when nothing is known."""
-        try:
-            record = await self._record(task)
-        except AdaptserveError:  # gone since the listing, or the registry cannot say: sizes alone
-            record = TaskRecord(task)
-        return (await self.problems(task, record, [version])).get(version)
+    def remembered_problem(self, key: TaskKey) -> str | None:
+        """The problem this replica knows of `key` without any I/O: its last load here, failed. What
+        the all-task listing shows, which must not cost a store or registry read per task (on S3
+        that is one LIST each); the versions listing of one task also checks its files."""
+        runtime = self.state.runtime
+        failed = runtime.cache.last_failure(key) if runtime is not None else None
+        return f"its last load failed: {failed}" if failed else None
 
     async def _record(self, task: str, known_in_store: bool = True) -> TaskRecord:
         try:

@@ -146,7 +146,9 @@ class TaskSummary(BaseModel):
     version: str | None = Field(description="Active version, or null when the store cannot tell (see `error`).")
     location: Location = Field(description=LOCATION_DOC)
     error: str | None = Field(default=None, description="Why the task has no active version (`version` is null).")
-    problem: str | None = Field(default=None, description=f"Of the active version: {PROBLEM_DOC}")
+    problem: str | None = Field(default=None, description=(
+        "Why the active version cannot serve, as far as this replica knows without any read: its last load here "
+        "failed. (`GET /v1/tasks/{task}/versions` also checks each version's files.) null: no problem known."))
 
 
 class TaskList(BaseModel):

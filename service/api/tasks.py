@@ -35,7 +35,7 @@ async def list_tasks(request: Request) -> TaskList:
                 location=cache.location(TaskKey(listing.name, listing.version))
                 if cache is not None and listing.version is not None else "store",
                 error=listing.error,
-                problem=await admin.active_problem(listing.name, listing.version) if listing.version is not None else None,
+                problem=admin.remembered_problem(TaskKey(listing.name, listing.version)) if listing.version is not None else None,
             )
             for listing in listings
         ]
