@@ -301,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
                                     task_bytes(r.bundle_config(), r.weights), lm.info.num_bytes, r.train_seconds, lm_name,
                                     steps=r.steps))
                 if "pet" in methods:
-                    texts, _ = read_unlabelled(root / "train.csv", limit=args.unlabelled or None, seed=seed)
+                    texts, _ = read_unlabelled(root / "train.csv", limit=args.unlabelled or None, seed=seed,
+                                               empty_text="skip")  # cr's 7 empty rows: skipped, as before
                     shot_texts = set(splits.train.texts) | set(splits.dev.texts)
                     texts = [t for t in texts if t not in shot_texts]
                     pet_cfg = PetConfig(teacher=lm_cfg, weighting=args.weighting,

@@ -70,9 +70,9 @@ def build_train_parser(prog: str = "adaptserve train") -> argparse.ArgumentParse
     )
     g = p.add_argument_group("task and data")
     g.add_argument("--task", required=True, help="task name (a-z, 0-9, '.', '_', '-'; at most 64 characters)")
-    g.add_argument("--data", required=True, type=Path, help="training file (.csv, .tsv or .jsonl)")
-    g.add_argument("--dev", required=True, type=Path, help="dev file: chooses the checkpoint, stops early")
-    g.add_argument("--test", type=Path, help="test file, scored once with the chosen checkpoint")
+    g.add_argument("--data", required=True, type=input_path, help="training file (.csv, .tsv or .jsonl)")
+    g.add_argument("--dev", required=True, type=input_path, help="dev file: chooses the checkpoint, stops early")
+    g.add_argument("--test", type=input_path, help="test file, scored once with the chosen checkpoint")
     g.add_argument("--text-column", default="text", help="column with the text [%(default)s]")
     g.add_argument("--text-pair-column", default=None,
                    help="second text column for sentence-pair tasks [text_pair if the file has one]")
@@ -150,7 +150,7 @@ def build_train_parser(prog: str = "adaptserve train") -> argparse.ArgumentParse
     add_prompt_flags(p)  # --template / --verbalizer / --demos (training/prompting.py)
 
     g = p.add_argument_group("backbone")
-    g.add_argument("--backbone", type=Path, help="local Hugging Face encoder folder, or an LM folder / .gguf file for "
+    g.add_argument("--backbone", type=input_path, help="local Hugging Face encoder folder, or an LM folder / .gguf file for "
                    "--template tasks [the bundled all-MiniLM-L6-v2]")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [%(default)s]")
 
@@ -298,9 +298,9 @@ def build_evaluate_parser(prog: str = "adaptserve evaluate") -> argparse.Argumen
     )
     p.add_argument("--task", required=True, help="task name in the store")
     p.add_argument("--store", required=True, type=directory, help="local store directory")
-    p.add_argument("--data", required=True, type=Path, help="labelled file (.csv, .tsv or .jsonl)")
+    p.add_argument("--data", required=True, type=input_path, help="labelled file (.csv, .tsv or .jsonl)")
     p.add_argument("--version", help="version to score [the task's active version]")
-    p.add_argument("--backbone", type=Path, help="local encoder folder [the bundled all-MiniLM-L6-v2]")
+    p.add_argument("--backbone", type=input_path, help="local encoder folder [the bundled all-MiniLM-L6-v2]")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N [%(default)s]")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"),
                    help="[%(default)s, as served]")
@@ -483,6 +483,15 @@ def _check_paths(device: str, *, inputs: Sequence[tuple[str, Path | None]] = (),
         why = _unwritable_file(out) if out.exists() else _unwritable(parent)  # a real write, not os.access (root)
         if why:
             raise ConfigError(f"--json {out}: cannot be written ({why}); name a file this user can write")
+
+
+def input_path(value: str) -> Path:
+    """An argparse type for a file or folder the command reads (--data, --backbone, ...): an empty
+    value is refused, not read as `Path("")`, which is `.` and would be reported as ". : is a
+    directory, not a data file", naming a path the user never wrote. Write `.` to mean that."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("an empty path; name the file or folder to read")
+    return Path(value)
 
 
 def directory(value: str) -> Path:

@@ -2,7 +2,8 @@
 
 A file has a text column, optionally a second text column for sentence-pair tasks, and a label
 column; labels are names (strings). The label vocabulary is built from the training file and every
-other split is mapped onto it, so label index ``i`` means the same class everywhere.
+other split is mapped onto it, so label index ``i`` means the same class everywhere. An unlabelled
+file (PET's, ``read_texts``) is read by the same rules, without the label column.
 
 Every problem with a file raises ``DataError`` with a message that names the file, the line/row
 where it applies and what to do about it; nothing here prints or warns.
@@ -120,6 +121,25 @@ class LabelledData:
         """Rows per class, in ``label_names`` order (0 for classes absent from this split)."""
         counts = Counter(self.labels)
         return {name: counts[name] for name in self.label_names}
+
+
+@dataclass(frozen=True, repr=False)
+class UnlabelledData:
+    """Texts (and optional second texts) without labels: PET's unlabelled set (`read_texts`)."""
+
+    texts: tuple[str, ...]
+    text_pairs: tuple[str, ...] | None
+    source: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __repr__(self) -> str:
+        return f"UnlabelledData(source={self.source!r}, n={len(self)}, pairs={self.has_pairs})"
+
+    @property
+    def has_pairs(self) -> bool:
+        return self.text_pairs is not None
 
 
 @dataclass(frozen=True)
@@ -242,6 +262,22 @@ def load_splits(
     return Splits(train=train_data, dev=others["dev"], test=others["test"])
 
 
+def read_texts(
+    path: PathLike,
+    *,
+    file_format: FileFormat | None = None,
+    text_column: str = DEFAULT_TEXT_COLUMN,
+    text_pair_column: str | None = None,
+    empty_text: EmptyText = "error",
+) -> UnlabelledData:
+    """Read a file of texts without labels by ``read_train``'s rules (format, columns, empty
+    texts, every problem a ``DataError`` naming the file and line), minus the label column: a
+    label column, if the file has one, is ignored."""
+    rows = _read_rows(path, file_format, text_column, text_pair_column, None, empty_text)
+    pairs = [row.text_pair for row in rows if row.text_pair is not None]
+    return UnlabelledData(tuple(row.text for row in rows), tuple(pairs) if pairs else None, str(path))
+
+
 def data_hash(paths: PathLike | Iterable[PathLike]) -> str:
     """SHA-256 of the files' bytes, as a hex string, for recording which data a run used.
 
@@ -269,7 +305,7 @@ class _Row:
     where: str  # "row 3 (line 4)" or "line 4", for messages
     text: str
     text_pair: str | None
-    label: str
+    label: str | None  # None in an unlabelled file
 
 
 def _read_rows(
@@ -277,7 +313,7 @@ def _read_rows(
     file_format: FileFormat | None,
     text_column: str,
     text_pair_column: str | None,
-    label_column: str,
+    label_column: str | None,  # None: an unlabelled file (a label column there is ignored)
     empty_text: EmptyText,
 ) -> list[_Row]:
     source = str(path)
@@ -317,16 +353,17 @@ def _resolve_format(source: str, file_format: str | None) -> FileFormat:
     return _EXTENSIONS[suffix]
 
 
-def read_utf8(path: Path) -> str:
+def read_utf8(path: Path, expected: str = "a CSV, TSV or JSONL file") -> str:
     """A data file's text, or a DataError naming what is wrong: a missing or unreadable file, or
     the line and byte offset of the first byte that is not UTF-8. Every data file a command reads
-    (labelled or not: `adaptserve pet --unlabelled`) goes through here."""
+    (labelled or not: `adaptserve pet --unlabelled`, its `--patterns`) goes through here;
+    `expected` names what a directory given instead should have been."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except IsADirectoryError:
-        raise DataError(f"{path}: is a directory; expected a CSV, TSV or JSONL file") from None
+        raise DataError(f"{path}: is a directory; expected {expected}") from None
     except PermissionError:
         raise DataError(f"{path}: cannot read the file (permission denied)") from None
     except OSError as err:
@@ -349,7 +386,7 @@ def _read_delimited(
     fmt: FileFormat,
     text_column: str,
     text_pair_column: str | None,
-    label_column: str,
+    label_column: str | None,
     empty_text: EmptyText,
 ) -> list[_Row]:
     if fmt == "tsv":
@@ -382,8 +419,9 @@ def _read_delimited(
             n_records += 1
             where = f"row {n_records} (line {start_line})"
             if [cell.strip() for cell in record] == header:
-                raise DataError(f"{source}: {where} repeats the header (files joined into one?); remove it, or its "
-                                f"'{header[label_i]}' would become a class of its own")
+                raise DataError(f"{source}: {where} repeats the header (files joined into one?); remove it, or "
+                                + ("it would be read as a text" if label_i is None else
+                                   f"its '{header[label_i]}' would become a class of its own"))
             if len(record) != len(header):
                 hint = (
                     "quote fields that contain commas"
@@ -399,7 +437,7 @@ def _read_delimited(
                 where,
                 (header[text_i], record[text_i]),
                 None if pair_i is None else (header[pair_i], record[pair_i]),
-                (header[label_i], record[label_i]),
+                None if label_i is None else (header[label_i], record[label_i]),
                 empty_text,
             )
             if row is not None:
@@ -424,7 +462,7 @@ def _read_jsonl(
     content: str,
     text_column: str,
     text_pair_column: str | None,
-    label_column: str,
+    label_column: str | None,
     empty_text: EmptyText,
 ) -> list[_Row]:
     records: list[tuple[int, dict[str, object]]] = []
@@ -441,9 +479,10 @@ def _read_jsonl(
                 f"each line must be one JSON object"
             ) from None
         if not isinstance(obj, dict):
+            label = "" if label_column is None else f', "{label_column}": "..."'
             raise DataError(
                 f"{source}: line {line_no} is a JSON {type(obj).__name__}, expected an object "
-                f'like {{"{text_column}": "...", "{label_column}": "..."}}'
+                f'like {{"{text_column}": "..."{label}}}'
             )
         records.append((line_no, obj))
     if not records:
@@ -464,7 +503,7 @@ def _read_jsonl(
             where,
             (keys[text_i], obj[keys[text_i]]),
             None if pair_i is None else (keys[pair_i], obj[keys[pair_i]]),
-            (keys[label_i], obj[keys[label_i]]),
+            None if label_i is None else (keys[label_i], obj[keys[label_i]]),
             empty_text,
         )
         if row is not None:
@@ -477,11 +516,12 @@ def _column_indices(
     available: list[str],
     text_column: str,
     text_pair_column: str | None,
-    label_column: str,
+    label_column: str | None,
     noun: str,
     has: str,
-) -> tuple[int, int | None, int]:
-    """Positions of the text, optional text-pair and label columns among ``available``."""
+) -> tuple[int, int | None, int | None]:
+    """Positions of the text, optional text-pair and label columns among ``available`` (no label
+    position without a ``label_column``: an unlabelled file)."""
 
     def find(name: str, param: str) -> int:
         if name in available:
@@ -497,7 +537,7 @@ def _column_indices(
         )
 
     text_i = find(text_column, "text_column")
-    label_i = find(label_column, "label_column")
+    label_i = None if label_column is None else find(label_column, "label_column")
     if text_pair_column is not None:
         pair_i: int | None = find(text_pair_column, "text_pair_column")
     elif DEFAULT_TEXT_PAIR_COLUMN in available:
@@ -518,7 +558,7 @@ def _row(
     where: str,
     text: tuple[str, object],
     text_pair: tuple[str, object] | None,
-    label: tuple[str, object],
+    label: tuple[str, object] | None,  # None: an unlabelled file
     empty_text: EmptyText,
 ) -> _Row | None:
     """Check one record's cells (each given as (column, value)) and build the row.
@@ -557,10 +597,10 @@ def _row(
             f"(or pass empty_text='keep' or 'skip')"
         )
 
-    label_value = cell(*label, allow_int=True).strip()
-    if not label_value:
+    label_value = None if label is None else cell(*label, allow_int=True).strip()
+    if label is not None and not label_value:
         raise DataError(f"{source}: {where}: empty '{label[0]}'; every row needs a label")
-    if unprintable(label_value):
+    if label is not None and unprintable(label_value):
         raise DataError(f"{source}: {where}: '{label[0]}' {label_value!r} holds a control character "
                         "(a tab, a newline, NUL) or a lone surrogate; labels must be printable text")
     first = text_cell(*text)

@@ -13,12 +13,11 @@ line `adaptserve <verb>: error: ...` and exit status 1; tables to stdout, progre
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any, Sequence
 
 from training.cli import (
     _check_paths, _columns, _data_format_flags, _guarded, _library_bars, _load_backbone, _setup_logging, directory,
-    output_file, write_json,
+    input_path, output_file, write_json,
 )
 from training.config import DEFAULT_LR, ConfigError, TrainConfig
 from training.pet import DEFAULT_TEMPERATURE, WEIGHTINGS
@@ -53,10 +52,10 @@ def build_zeroshot_parser(prog: str = "adaptserve zeroshot") -> argparse.Argumen
     p.add_argument("--scale", type=float, default=None,
                    help=f"(b) logits = scale x cosine [{DEFAULT_SCALE:g}: all-MiniLM-L6-v2's training temperature 0.05]")
     p.add_argument("--max-length", type=int, default=TrainConfig(method="lora").max_length, help="[%(default)s]")
-    p.add_argument("--backbone", type=Path, help="(a) an LM folder or .gguf; (b) an encoder [the bundled all-MiniLM-L6-v2]")
+    p.add_argument("--backbone", type=input_path, help="(a) an LM folder or .gguf; (b) an encoder [the bundled all-MiniLM-L6-v2]")
     p.add_argument("--device", default="auto", help="[%(default)s]")
     g = p.add_argument_group("optional scoring through the serving path")
-    g.add_argument("--test", type=Path, help="a labelled file to score the published task on")
+    g.add_argument("--test", type=input_path, help="a labelled file to score the published task on")
     g.add_argument("--text-column", default="text")
     g.add_argument("--text-pair-column", default=None)
     g.add_argument("--label-column", default="label")
@@ -113,17 +112,19 @@ def build_pet_parser(prog: str = "adaptserve pet") -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("task and data")
     g.add_argument("--task", required=True)
-    g.add_argument("--data", required=True, type=Path, help="labelled training file")
-    g.add_argument("--unlabelled", required=True, type=Path, help="unlabelled file (a label column, if any, is ignored)")
-    g.add_argument("--dev", required=True, type=Path, help="dev file: chooses every checkpoint")
-    g.add_argument("--test", type=Path, help="test file, scored with the student (and each teacher)")
+    g.add_argument("--data", required=True, type=input_path, help="labelled training file")
+    g.add_argument("--unlabelled", required=True, type=input_path,
+                   help="unlabelled file, read as --data is (--format, --text-column, --empty-text); a label column, "
+                   "if any, is ignored")
+    g.add_argument("--dev", required=True, type=input_path, help="dev file: chooses every checkpoint")
+    g.add_argument("--test", type=input_path, help="test file, scored with the student (and each teacher)")
     g.add_argument("--max-unlabelled", type=int, help="use a seeded random subsample of this many unlabelled rows")
     g.add_argument("--text-column", default="text")
     g.add_argument("--text-pair-column", default=None)
     g.add_argument("--label-column", default="label")
     _data_format_flags(g)
     g = p.add_argument_group("PET")
-    g.add_argument("--patterns", required=True,
+    g.add_argument("--patterns", required=True, type=input_path,
                    help="JSON file: [{\"template\": \"{text} It was {mask}\", \"verbalizer\": \"negative=bad;positive=good\"}, ...] (>= 3)")
     g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="distillation temperature [%(default)s: PET]")
     g.add_argument("--weighting", choices=WEIGHTINGS, default="prior",
@@ -138,13 +139,13 @@ def build_pet_parser(prog: str = "adaptserve pet") -> argparse.ArgumentParser:
     g.add_argument("--student-method", choices=("lora", "adapter", "head", "prompt", "prefix"), default="lora")
     g.add_argument("--student-epochs", type=int, default=s.epochs)
     g.add_argument("--student-lr", type=float)
-    g.add_argument("--student-backbone", type=Path, help="encoder folder [the bundled all-MiniLM-L6-v2]")
+    g.add_argument("--student-backbone", type=input_path, help="encoder folder [the bundled all-MiniLM-L6-v2]")
     g = p.add_argument_group("shared")
     g.add_argument("--batch-size", type=int, default=t.batch_size)
     g.add_argument("--max-length", type=int, default=t.max_length)
     g.add_argument("--seed", type=int, default=t.seed)
     g.add_argument("--patience", type=int, default=t.patience, help="0 = never stop early [%(default)s]")
-    g.add_argument("--backbone", type=Path, required=True, help="the teachers' LM: a *ForMaskedLM / *ForCausalLM folder or a .gguf")
+    g.add_argument("--backbone", type=input_path, required=True, help="the teachers' LM: a *ForMaskedLM / *ForCausalLM folder or a .gguf")
     g.add_argument("--device", default="auto")
     _output_flags(p)
     return p
@@ -179,7 +180,8 @@ def _pet(args: argparse.Namespace) -> int:
     splits = load_splits(args.data, args.dev, args.test, **_columns(args))
     texts, pairs = read_unlabelled(args.unlabelled, args.text_column,
                                    args.text_pair_column or ("text_pair" if splits.train.has_pairs else None),
-                                   limit=args.max_unlabelled, seed=args.seed)
+                                   limit=args.max_unlabelled, seed=args.seed, file_format=args.file_format,
+                                   empty_text=args.empty_text)
     _setup_logging()
     teacher_bb = _load_backbone(args.backbone, args.device, "float32")
     student_bb = _load_backbone(args.student_backbone, args.device, "float32")

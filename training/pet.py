@@ -19,8 +19,6 @@ T^2 gradient scaling so the loss scale does not depend on T).
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import re
@@ -37,7 +35,7 @@ from tqdm.auto import tqdm
 from service.engine.backbone import Backbone, load_backbone
 from service.engine.bundle import bundle_bytes, write_bundle
 from training.config import ConfigError, LoraConfig, TrainConfig
-from training.data import DataError, LabelledData, Splits, read_utf8
+from training.data import DataError, EmptyText, FileFormat, LabelledData, Splits, read_texts, read_utf8
 from training.metrics import Metrics, compute_metrics
 from training.prompting import PromptSpec, parse_verbalizer
 from training.trainer import TrainResult, train
@@ -66,9 +64,10 @@ def load_patterns(source: str | Path | Sequence[Mapping[str, Any]]) -> list[Patt
     if isinstance(source, (str, Path)):
         text = str(source)
         try:
-            text = Path(text).read_text(encoding="utf-8") if not text.lstrip().startswith(("[", "{")) else text
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(f"--patterns {source}: cannot read the file: {err}") from None
+            # train's reader: a bad byte is named by line and offset, a BOM (which JSON refuses) dropped
+            text = read_utf8(Path(text), "a JSON file") if not text.lstrip().startswith(("[", "{")) else text
+        except DataError as err:
+            raise ConfigError(f"--patterns {err}") from None
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as err:
@@ -89,32 +88,23 @@ def load_patterns(source: str | Path | Sequence[Mapping[str, Any]]) -> list[Patt
 
 
 def read_unlabelled(path: str | Path, text_column: str = "text", text_pair_column: str | None = None,
-                    limit: int | None = None, seed: int = 0) -> tuple[list[str], list[str] | None]:
-    """Texts (and pairs) of an unlabelled CSV/TSV/JSONL file; any label column is ignored. Empty
-    texts are skipped. `limit`: a seeded random subsample of that many rows."""
-    p = Path(path)
-    content = read_utf8(p)  # train's reader: a bad byte is named by line and offset, a BOM is dropped
-    if p.suffix.lower() in (".jsonl", ".ndjson"):
-        records = [json.loads(line) for line in content.splitlines() if line.strip()]
-    else:
-        records = list(csv.DictReader(io.StringIO(content), delimiter="\t" if p.suffix.lower() == ".tsv" else ","))
-    if records and text_column not in records[0]:
-        raise DataError(f"{path}: no '{text_column}' column (columns: {', '.join(records[0])}); pass --text-column")
-    if text_pair_column is not None and records and text_pair_column not in records[0]:
-        raise DataError(f"{path}: no '{text_pair_column}' column for the text pairs")
-    if text_pair_column is None and records and "text_pair" in records[0]:  # the default pair column, as train reads it
+                    limit: int | None = None, seed: int = 0, *, file_format: FileFormat | None = None,
+                    empty_text: EmptyText = "error") -> tuple[list[str], list[str] | None]:
+    """Texts (and pairs) of an unlabelled CSV/TSV/JSONL file, read by train's rules
+    (`training.data.read_texts`: the format, the columns, `empty_text`, a problem named by file and
+    line); any label column is ignored. `text_pair_column` None: single texts, and a `text_pair`
+    column is refused. `limit`: a seeded random subsample of that many rows."""
+    data = read_texts(path, file_format=file_format, text_column=text_column, text_pair_column=text_pair_column,
+                      empty_text=empty_text)
+    if text_pair_column is None and data.has_pairs:  # read_texts takes the default pair column, as train does
         raise DataError(f"{path}: the task classifies single texts (its labelled data has no pairs), but this file has "
                         "a 'text_pair' column; drop the column, or train on pairs")
-    rows = [(str(r[text_column] or ""), None if text_pair_column is None else str(r[text_pair_column] or ""))
-            for r in records]
-    rows = [r for r in rows if r[0].strip()]
-    if not rows:
-        raise DataError(f"{path}: no unlabelled texts")
+    rows = list(zip(data.texts, data.text_pairs or [None] * len(data)))
     if limit is not None and len(rows) > limit:
         pick = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:limit].sort().values.tolist()
         rows = [rows[i] for i in pick]
     texts = [t for t, _ in rows]
-    return texts, None if text_pair_column is None else [q or "" for _, q in rows]
+    return texts, None if text_pair_column is None else [q for _, q in rows]
 
 
 # -- the ensemble ------------------------------------------------------------------------------------

@@ -311,24 +311,29 @@ def write_bundle(store: Path, name: str, spec_cfg: Mapping[str, Any], weights: M
     cfg_b, w_b = bundle_bytes(spec_cfg, weights)
     version = content_version(cfg_b, w_b)
     target = store / name / version
-    made_task = not os.path.lexists(target.parent)
+    # The directories this call makes, deepest first: the task's, and the store's own (with any
+    # parent it lacks) when the store did not exist. A write or activation that fails removes them.
+    made_dirs = [d for d in (target.parent, *target.parent.parents) if not os.path.lexists(d)]
     made = False
-    if not bundle_intact(target, TaskKey(name, version)):  # new, or repairs a damaged copy
-        made = not os.path.lexists(target)  # a repaired copy stays: it is that version, only whole again
-        write_bundle_files(target, cfg_b, w_b)
-    if activate:
-        try:
-            set_active(store, name, version)
-        except OSError as err:
-            # Not made active: a version left behind would make a task without ACTIVE one with two
-            # versions and no choice between them (it serves nothing), and the run reports a failure.
-            if made:
-                shutil.rmtree(target, ignore_errors=True)
-            if made_task:
-                with contextlib.suppress(OSError):
-                    target.parent.rmdir()
-            raise OSError(err.errno, f"cannot make {name}@{version} active ({store / name / 'ACTIVE'}: "
-                          f"{err.strerror or err}); the store was left as it was") from err
+    try:
+        if not bundle_intact(target, TaskKey(name, version)):  # new, or repairs a damaged copy
+            made = not os.path.lexists(target)  # a repaired copy stays: it is that version, only whole again
+            write_bundle_files(target, cfg_b, w_b)
+        if activate:
+            try:
+                set_active(store, name, version)
+            except OSError as err:
+                # Not made active: a version left behind would make a task without ACTIVE one with two
+                # versions and no choice between them (it serves nothing), and the run reports a failure.
+                if made:
+                    shutil.rmtree(target, ignore_errors=True)
+                raise OSError(err.errno, f"cannot make {name}@{version} active ({store / name / 'ACTIVE'}: "
+                              f"{err.strerror or err}); the store was left as it was") from err
+    except OSError:
+        for d in made_dirs:  # rmdir: a directory something else wrote into meanwhile stays
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
     return version
 
 

@@ -381,25 +381,91 @@ def test_evaluate_bad_input(case, published, csvs, tiny_dir, tmp_path, capsys):
     assert case.expected.format(**fill) in line and "ADAPTSERVE_STORE" not in line
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "pet", "zeroshot"])
-def test_an_empty_json_path_is_refused_naming_the_flag(command, capsys):
-    """`--json ""` is `Path("")`, which is `.`: it used to be reported as "--json .: is a
-    directory", a path nobody typed. Refused by argparse, before anything runs."""
+def _commands() -> dict:
+    """Each subcommand's parser and the least command line it takes (no output choice: --no-publish
+    is added unless the flag under test is one)."""
     from training.cli import build_evaluate_parser, build_train_parser
     from training.fewshot_cli import build_pet_parser, build_zeroshot_parser
 
-    parser, args = {
-        "train": (build_train_parser, "--task t --data a.csv --dev b.csv --method head --no-publish"),
+    return {
+        "train": (build_train_parser, "--task t --data a.csv --dev b.csv --method head"),
         "evaluate": (build_evaluate_parser, "--task t --store s --data a.csv"),
-        "pet": (build_pet_parser, "--task t --data a.csv --unlabelled u.csv --dev b.csv --patterns p.json "
-                                  "--backbone lm --no-publish"),
-        "zeroshot": (build_zeroshot_parser, "--task t --descriptions a=b --no-publish"),
-    }[command]
+        "pet": (build_pet_parser, "--task t --data a.csv --unlabelled u.csv --dev b.csv --patterns p.json --backbone lm"),
+        "zeroshot": (build_zeroshot_parser, "--task t --descriptions a=b"),
+    }
+
+
+def _path_flags(parser) -> list[str]:
+    """The options that name a file or folder: found by their argparse type, so a new one is in the
+    table below without being listed."""
+    from training.cli import directory, input_path, output_file
+
+    return [a.option_strings[0] for a in parser._actions if a.type in (input_path, directory, output_file)]
+
+
+PATH_FLAGS = [(command, flag) for command, (build, _) in _commands().items() for flag in _path_flags(build())]
+
+
+# Options whose help mentions a file but that name none: inline text or a file ("" is an empty
+# mapping, refused as such), and a column name.
+NOT_PATHS = {"--verbalizer", "--descriptions", "--text-pair-column"}
+
+
+def test_the_path_flag_table_holds_every_path_flag():
+    """A path option typed plain `Path` (or untyped, its help naming a file or folder, as
+    --patterns was) would read "" as `.`: every one has a type that refuses it."""
+    import re
+
+    found = {c: {f for command, f in PATH_FLAGS if command == c} for c in _commands()}
+    assert {"--data", "--dev", "--test", "--backbone", "--store", "--publish-full", "--json"} <= found["train"]
+    assert {"--data", "--backbone", "--store", "--json"} <= found["evaluate"]
+    assert {"--data", "--dev", "--test", "--unlabelled", "--patterns", "--backbone", "--student-backbone", "--store",
+            "--json"} <= found["pet"]
+    assert {"--test", "--backbone", "--store", "--json"} <= found["zeroshot"]
+    for command, (build, _) in _commands().items():
+        for a in build()._actions:
+            flag = a.option_strings[0] if a.option_strings else a.dest
+            assert a.type is not Path, f"{command} {flag}: typed Path, which reads '' as '.'"
+            names_a_path = a.nargs != 0 and not a.choices and re.search(r"\b(file|folder|directory|DIR)\b",
+                                                                         f"{a.help} {a.metavar}")
+            if names_a_path and flag not in NOT_PATHS:
+                assert flag in found[command], f"{command} {flag}: names a path but is not a path type"
+
+
+@pytest.mark.parametrize("command, flag", PATH_FLAGS, ids=[f"{c} {f}" for c, f in PATH_FLAGS])
+def test_an_empty_path_is_refused_naming_the_flag(command, flag, capsys):
+    """`--data ""` is `Path("")`, which is `.`: it used to be reported as ". : is a directory, not a
+    data file", a path nobody typed. Every path flag of every subcommand refuses it in argparse,
+    exit status 2, before anything runs."""
+    build, args = _commands()[command]
+    base = args.split() + ([] if command == "evaluate" or flag in ("--store", "--publish-full") else ["--no-publish"])
     with pytest.raises(SystemExit) as exit_:
-        parser().parse_args([*args.split(), "--json", ""])
+        build().parse_args([*base, flag, ""])
     err = capsys.readouterr().err
-    assert exit_.value.code == 2 and "argument --json: an empty path; name the file to write" in err, err
-    assert parser().parse_args([*args.split(), "--json", "out.json"]).json_out == Path("out.json")
+    assert exit_.value.code == 2 and f"argument {flag}: an empty path; name the " in err, err
+    assert "Traceback" not in err
+    for blank in (" ", "\t"):
+        with pytest.raises(SystemExit):
+            build().parse_args([*base, flag, blank])
+    given = build().parse_args([*base, flag, "x"])
+    assert Path("x") in [v for v in vars(given).values() if isinstance(v, Path)]
+
+
+def test_an_empty_json_path_is_named_as_a_file_to_write(capsys):
+    from training.cli import build_evaluate_parser
+
+    with pytest.raises(SystemExit):
+        build_evaluate_parser().parse_args(["--task", "t", "--store", "s", "--data", "a.csv", "--json", ""])
+    assert "argument --json: an empty path; name the file to write" in capsys.readouterr().err
+
+
+def test_an_empty_data_path_is_not_read_as_the_current_directory(csvs, tmp_path, capsys):
+    """End to end through `adaptserve train`: exit status 2 and the flag, never ". : is a directory"."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["--task", "t", "--method", "head", "--data", "", "--dev", str(csvs["dev"]), "--no-publish"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "adaptserve train: error: argument --data: an empty path; name the file or " \
+        "folder to read" in err and ". :" not in err, err
 
 
 def test_evaluate_names_the_task_of_a_broken_bundle(csvs, tiny_dir, tmp_path, capsys):

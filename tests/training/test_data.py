@@ -14,6 +14,7 @@ from training.data import (
     data_hash,
     load_splits,
     read_eval,
+    read_texts,
     read_train,
 )
 
@@ -301,6 +302,44 @@ def test_empty_text_keep_and_skip(tmp_path: Path) -> None:
     skipped = read_train(path, empty_text="skip")
     assert skipped.texts == ("good", "bad")
     assert skipped.labels == ("positive", "negative")
+
+
+# An unlabelled file (PET's) is read by the same rules, minus the label column: (file name,
+# content, read_texts options, the message's text, or the texts and pairs read).
+UNLABELLED = [
+    ("labels ignored", "u.csv", "text,label\ngood,positive\nbad,\n", {}, (("good", "bad"), None)),
+    ("no label column", "u.tsv", "text\ngood film\nbad \"film\n", {}, (("good film", 'bad "film'), None)),
+    ("pairs", "u.jsonl", '{"text": "a", "text_pair": "b"}\n{"text": "c", "text_pair": "d"}\n', {},
+     (("a", "c"), ("b", "d"))),
+    ("--format", "u.txt", '{"text": "a"}\n\n{"text": "b"}\n', {"file_format": "jsonl"}, (("a", "b"), None)),
+    ("empty kept", "u.csv", "text\ngood\n\"\"\n", {"empty_text": "keep"}, (("good", ""), None)),
+    ("empty skipped", "u.csv", "text\ngood\n\"\"\n", {"empty_text": "skip"}, (("good",), None)),
+    ("empty refused", "u.csv", "text\ngood\n\"\"\n", {},
+     "u.csv: row 2 (line 3): empty 'text'; fill it in or remove the row (or pass empty_text='keep' or 'skip')"),
+    ("bad JSON line", "u.jsonl", '{"text": "a"}\n{"text": b}\n', {},
+     "u.jsonl: line 2 is not valid JSON (Expecting value at column 10); each line must be one JSON object"),
+    ("not an object", "u.jsonl", '["a"]\n', {}, 'u.jsonl: line 1 is a JSON list, expected an object like {"text": "..."}'),
+    ("a number as text", "u.jsonl", '{"text": 3}\n', {}, "u.jsonl: line 1: 'text' is a JSON int, expected a string"),
+    ("no text column", "u.csv", "sentence\ngood\n", {},
+     "u.csv: no column 'text' (the file has columns: sentence); pass text_column= to use another column"),
+    ("unknown extension", "u.txt", "text\ngood\n", {}, "u.txt: cannot tell the format from extension '.txt'"),
+    ("short row", "u.csv", "text,label\ngood\n", {}, "u.csv: row 1 (line 2) has 1 fields but the header has 2"),
+    ("header repeated", "u.csv", "text\ngood\ntext\n", {},
+     "u.csv: row 2 (line 3) repeats the header (files joined into one?); remove it, or it would be read as a text"),
+    ("no rows", "u.csv", "text\n", {}, "u.csv: has a header but no data rows"),
+]
+
+
+@pytest.mark.parametrize("name, content, options, expected", [c[1:] for c in UNLABELLED], ids=[c[0] for c in UNLABELLED])
+def test_an_unlabelled_file_is_read_by_the_labelled_rules(tmp_path: Path, name, content, options, expected) -> None:
+    path = write(tmp_path / name, content)
+    if isinstance(expected, str):
+        with pytest.raises(DataError) as err:
+            read_texts(path, **options)
+        assert str(err.value).startswith(f"{tmp_path / expected}"), err.value
+        return
+    data = read_texts(path, **options)
+    assert (data.texts, data.text_pairs) == expected and data.source == str(path)
 
 
 def test_load_splits_maps_dev_and_test_onto_train_labels(tmp_path: Path) -> None:

@@ -63,6 +63,8 @@ def test_patterns_file(tmp_path):
     f.write_text(json.dumps(PATTERNS))
     pats = load_patterns(str(f))
     assert [p.name for p in pats] == ["p1", "p2", "p3"] and pats[1].label_words["positive"] == ("great", "fun")
+    f.write_bytes(b"\xef\xbb\xbf" + json.dumps(PATTERNS).encode())  # a BOM, as Windows editors write: dropped
+    assert load_patterns(f) == pats
     f.write_text(json.dumps(PATTERNS[:2]))
     with pytest.raises(ConfigError, match="at least 3 patterns, got 2"):
         load_patterns(str(f))
@@ -84,9 +86,11 @@ def test_a_bad_teacher_or_student_option_is_named_as_pet_spells_it(role, bad, me
 
 def test_read_unlabelled_ignores_labels(tmp_path):
     f = write_csv(tmp_path / "u.csv", [("good fun", "pos"), ("", "neg"), ("bad plot", "neg")])
-    texts, pairs = read_unlabelled(f)
+    texts, pairs = read_unlabelled(f, empty_text="skip")
     assert texts == ["good fun", "bad plot"] and pairs is None
-    assert len(read_unlabelled(f, limit=1)[0]) == 1
+    assert len(read_unlabelled(f, limit=1, empty_text="skip")[0]) == 1
+    with pytest.raises(DataError, match=r"u\.csv: row 2 \(line 3\): empty 'text'"):  # as train's data: refused unless asked
+        read_unlabelled(f)
 
 
 def test_a_pair_column_in_the_unlabelled_file_of_a_single_text_task_is_refused(tmp_path):
@@ -229,3 +233,70 @@ def test_a_non_utf8_unlabelled_file_is_named_by_line_and_byte_as_train_names_its
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == (f"adaptserve pet: error: {tmp_path / 'u.csv'}: not valid UTF-8 (line 3, byte offset 17: 0xe9); "
                     "re-save it as UTF-8 (e.g. `iconv -f cp1252 -t utf-8` if it came from Windows/Excel)"), last
+
+
+def test_a_non_utf8_patterns_file_is_named_by_line_and_byte_as_train_names_its_data(pet_setup, tmp_path, capsys):
+    """--patterns is read by train's reader (training.data.read_utf8): the line and byte offset of
+    the bad byte, not the codec's "position 57"."""
+    args = _pet_args(pet_setup, tmp_path, "pet-latin", PATTERNS)
+    pats = tmp_path / "patterns.json"
+    raw = (b'[{"template": "{text} it was {mask}",\n  "verbalizer": "negative=bad;positive=good"},\n'
+           b' {"template": "{text} caf\xe9 {mask}", "verbalizer": "negative=bad;positive=good"}]\n')
+    pats.write_bytes(raw)
+    assert pet_main(args) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"adaptserve pet: error: --patterns {pats}: not valid UTF-8 (line 3, byte offset {raw.index(0xe9)}: 0xe9); "
+        "re-save it as UTF-8 (e.g. `iconv -f cp1252 -t utf-8` if it came from Windows/Excel)"), err
+    with pytest.raises(ConfigError, match=r"--patterns .*: is a directory; expected a JSON file"):
+        load_patterns(tmp_path)
+
+
+class _Read(Exception):
+    """Raised by a stand-in run_pet: the files were read, here is what it was given."""
+
+
+# --unlabelled is read as --data is (training.data.read_texts): the same --format and --empty-text,
+# and a problem named by file and line. (id, unlabelled file name, its content, extra flags, the
+# error's text after the file's path, or the texts run_pet is given)
+UNLABELLED = [
+    ("bad JSON line", "u.jsonl", '{"text": "good fun"}\n{"text": good}\n', [],
+     "line 2 is not valid JSON (Expecting value at column 10); each line must be one JSON object"),
+    ("not an object", "u.jsonl", '"good fun"\n', [], 'line 1 is a JSON str, expected an object like {"text": "..."}'),
+    ("an empty text refused", "u.csv", 'text,label\ngood fun,pos\n"",neg\nbad plot,neg\n', [],
+     "row 2 (line 3): empty 'text'; fill it in or remove the row (or pass --empty-text 'keep' or 'skip')"),
+    ("--empty-text skip", "u.csv", 'text,label\ngood fun,pos\n"",neg\nbad plot,neg\n', ["--empty-text", "skip"],
+     ["good fun", "bad plot"]),
+    ("--format jsonl", "u.txt", '{"text": "good fun"}\n{"text": "bad plot", "label": "neg"}\n', ["--format", "jsonl"],
+     ["good fun", "bad plot"]),
+    ("no text column", "u.csv", "sentence\ngood fun\n", [],
+     "no column 'text' (the file has columns: sentence); pass --text-column to use another column"),
+]
+
+
+@pytest.mark.parametrize("name, content, extra, expected", [c[1:] for c in UNLABELLED], ids=[c[0] for c in UNLABELLED])
+def test_the_unlabelled_file_is_read_as_the_labelled_data_is(name, content, extra, expected, pet_setup, tmp_path,
+                                                             capsys, monkeypatch):
+    import training.pet as pet_mod
+
+    def stand_in(splits, texts, *args, **kwargs):
+        raise _Read(texts)
+
+    monkeypatch.setattr(pet_mod, "run_pet", stand_in)
+    args = _pet_args(pet_setup, tmp_path, "pet-unl", PATTERNS)
+    (tmp_path / name).write_text(content, encoding="utf-8")
+    args[args.index("--unlabelled") + 1] = str(tmp_path / name)
+    if "--format" in extra:  # --format is every file's: the labelled ones in JSONL too, named .txt
+        _, splits, _, _ = pet_setup
+        for flag, split in (("--data", splits.train), ("--dev", splits.dev)):
+            path = tmp_path / f"{flag[2:]}.txt"
+            path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(split.texts, split.labels)))
+            args[args.index(flag) + 1] = str(path)
+    if isinstance(expected, list):
+        with pytest.raises(_Read) as read:
+            pet_main([*args, *extra])
+        assert read.value.args[0] == expected
+        return
+    assert pet_main([*args, *extra]) == 1  # before run_pet: no traceback, one line naming the file and line
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == f"adaptserve pet: error: {tmp_path / name}: {expected}", err

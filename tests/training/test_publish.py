@@ -241,25 +241,33 @@ def test_a_bundle_the_service_would_not_load_is_never_written_to_a_store(tiny, c
     assert not (tmp_path / "store" / "t").exists()
 
 
-@pytest.mark.parametrize("first", [True, False], ids=["first version", "second version"])
-def test_a_failed_activation_leaves_nothing_half_written_in_the_store(first, tiny, csvs, tmp_path, monkeypatch):
+def _one_step_head(tiny, csvs):
+    from training.data import load_splits
+    from training.trainer import train
+    from tests.training.conftest import tiny_config
+
+    return train(load_splits(csvs["train"], csvs["dev"]), tiny_config("head", max_steps=1), name="t", backbone=tiny,
+                 progress=False)
+
+
+@pytest.mark.parametrize("case", ["new store", "empty store", "second version"])
+def test_a_failed_activation_leaves_nothing_half_written_in_the_store(case, tiny, csvs, tmp_path, monkeypatch):
     """`ACTIVE` is replaced last; if that fails (root passes any mode bit, so the replace itself is
-    made to fail), its temporary file and the new version go, and the task serves what it did."""
+    made to fail), its temporary file and the new version go, and the task serves what it did. A
+    store this publish made (and the folder above it it made) goes too; one that was there stays."""
     import errno
     import os
 
     import torch
 
-    from training.data import load_splits
     from training.publish import save_to_store
-    from training.trainer import train
-    from tests.training.conftest import tiny_config
 
-    result = train(load_splits(csvs["train"], csvs["dev"]), tiny_config("head", max_steps=1), name="t", backbone=tiny,
-                   progress=False)
-    store = tmp_path / "store"
+    result = _one_step_head(tiny, csvs)
+    store = tmp_path / "new" / "store" if case == "new store" else tmp_path / "store"
     before = None
-    if not first:
+    if case == "empty store":
+        store.mkdir()
+    if case == "second version":
         before = save_to_store(result, store)
         with torch.no_grad():  # other weights: another version
             result.weights["head"].tensors()["head.out.weight"].add_(0.01)
@@ -274,11 +282,33 @@ def test_a_failed_activation_leaves_nothing_half_written_in_the_store(first, tin
     with pytest.raises(OSError, match=r"cannot make t@\w+ active \(.*ACTIVE: Permission denied\); the store was left") as err:
         save_to_store(result, store)
     assert f"t@{before} " not in str(err.value)  # a new version was written, and then removed
-    if first:
-        assert not (store / "t").exists()
+    if case == "new store":
+        assert os.listdir(tmp_path) == []  # no empty store, nor the folder made to hold it
+    elif case == "empty store":
+        assert os.listdir(store) == []
     else:
         assert sorted(p.name for p in (store / "t").iterdir()) == sorted(["ACTIVE", before])
         assert (store / "t" / "ACTIVE").read_text() == before + "\n"
+
+
+def test_a_failed_bundle_write_into_a_new_store_leaves_no_store_behind(tiny, csvs, tmp_path, monkeypatch):
+    """A full disk at the bundle's write: the task directory went already (write_bundle_files); the
+    store directory the publish made for it goes too."""
+    import errno
+    import os
+
+    import service.engine.bundle as bundle
+    from training.publish import save_to_store
+
+    result = _one_step_head(tiny, csvs)
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(bundle.os, "fsync", full)
+    with pytest.raises(OSError, match=r"cannot write the bundle .*/store/t/\w+: No space left on device"):
+        save_to_store(result, tmp_path / "store")
+    assert os.listdir(tmp_path) == []
 
 
 def test_the_token_loses_a_secret_files_newline_and_nothing_else(monkeypatch):
