@@ -345,7 +345,7 @@ class S3Store(BundleStore):
 
     def drop_local_copy(self, key: TaskKey) -> None:
         # Names heard from the registry feed: a path is built only from valid ones (fetch caches no other).
-        if TASK_NAME_RE.fullmatch(key.name) and VERSION_RE.fullmatch(key.version):
+        if TASK_NAME_RE.fullmatch(key.name) and is_version_id(key.version):
             shutil.rmtree(self.cache_dir / key.name / key.version, ignore_errors=True)
 
     def drop_local_task(self, task: str) -> None:
