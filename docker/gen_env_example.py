@@ -10,7 +10,6 @@ current) and names this command when it fails.
 from __future__ import annotations
 
 import inspect
-import os
 import re
 import sys
 import textwrap
@@ -19,7 +18,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout
 
-from pydantic import ValidationError  # noqa: E402
 from pydantic.fields import FieldInfo  # noqa: E402
 
 from service.settings import ENV_PREFIX, Settings  # noqa: E402
@@ -30,8 +28,8 @@ HEADER = """\
 #
 # Copy to `.env` for docker compose (docker-compose.yml passes it to the servers with env_file),
 # or export the variables you need. Every line is commented out, so a copy changes nothing until
-# you uncomment it; each value shown is the default, and an empty one means None, except where a
-# note above the line says otherwise.
+# you uncomment it; each value shown is the default, except where a note above the line says
+# otherwise. An empty value means the variable is unset: the default.
 """
 
 # Example values for fields whose default is computed (an empty value would not mean "default").
@@ -90,19 +88,6 @@ def default_text(field: FieldInfo) -> str:
     return str(field.default)
 
 
-def empty_is_refused(name: str) -> bool:
-    """True for a field whose default is None but which refuses an empty value (an int, say):
-    there the only way to keep the default is to leave the variable unset."""
-    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith(ENV_PREFIX)}  # defaults only
-    try:
-        Settings(**{name: ""})
-    except ValidationError:
-        return True
-    finally:
-        os.environ.update(saved)
-    return False
-
-
 def set_by(path: Path) -> list[str]:
     """The settings a deployment file sets (its `ADAPTSERVE_NAME:` keys that are Settings fields)."""
     fields = {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields}
@@ -137,8 +122,6 @@ def render() -> str:
         if name in EXAMPLES:
             lines.append("# (example value; the default is computed, see above)")
             value = EXAMPLES[name]
-        elif field.default is None and field.default_factory is None and empty_is_refused(name):
-            lines.append("# (leave unset for the default: an empty value is refused)")
         lines.append(f"# {ENV_PREFIX}{name.upper()}={value}")
         blocks.append("\n".join(lines))
     return HEADER + preset() + "\n" + "\n\n".join(blocks) + "\n\n" + OTHERS

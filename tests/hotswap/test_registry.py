@@ -356,3 +356,14 @@ def test_redis_urls_are_redacted_for_logs() -> None:
     assert redact_url("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
     assert redact_url("rediss://user:s3cret@redis:6379/0") == "rediss://user:***@redis:6379/0"
     assert redact_url("redis://redis:6379/0") == "redis://redis:6379/0"
+
+
+def test_a_replica_on_redis_exports_the_registry_series_docs_metrics_md_names(make_client, redis_server) -> None:
+    # The series only the Redis registry has (tests/service/api/test_metrics_doc.py checks the
+    # rest on a local registry): exported here, and documented.
+    from tests.service.api.test_metrics_doc import REDIS_ONLY, documented_series, exported_series
+
+    client = make_client(redis_url=redis_server.url)
+    exported = exported_series(client.get("/metrics").text)
+    assert REDIS_ONLY | {"adaptserve_registry_connected"} <= exported
+    assert exported - {"adaptserve_exit_layer"} <= documented_series(), sorted(exported - documented_series())
