@@ -95,7 +95,13 @@ class LocalRegistry(Registry):
 
     def known(self, task: str) -> bool:
         if self.store.cheap_pointers:
-            return self.store.has_task(task)
+            try:
+                return self.store.has_task(task)
+            except StoreUnavailable:
+                # The store's directory is gone or unreadable: `has_task` says so with a 503 for the
+                # routes, but `known` only picks a metrics label (after the answer was sent) and must
+                # never raise; with no store to ask, the name is not one the replica can vouch for.
+                return False
         return task in self._resolved
 
     async def list_tasks(self) -> list[TaskListing]:
