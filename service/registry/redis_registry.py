@@ -193,6 +193,11 @@ class RedisRegistry(Registry):
                 while not self._stopping:
                     last_id = await self._read_feed(client, last_id)
                     if loop.time() >= next_resync:
+                        # A Redis that lost its data without dropping the connection (FLUSHALL, keys
+                        # evicted, a failover to an empty primary) is re-seeded here as one that
+                        # restarted empty is on reconnect; otherwise this resync would read an empty
+                        # task set and drop every task. One EXISTS when nothing was lost.
+                        await self._seed(client)
                         await self._resync(client)
                         next_resync = loop.time() + self.resync_s
             except asyncio.CancelledError:
