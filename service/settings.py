@@ -549,6 +549,37 @@ def check_redis_url(url: str) -> None:
         db = parts.path.strip("/")
         if db and not db.isdigit():
             raise ValueError(f"database must be a number, e.g. redis://redis:6379/0 (path: {db!r})")
+    elif not parts.path:
+        raise ValueError("names no socket path, e.g. unix:///run/redis/redis.sock?db=0")
+    _check_redis_url_options(url)
+
+
+def _check_redis_url_options(url: str) -> None:
+    """The URL's query options as the registry's client will read them (`?db=`, `?socket_timeout=`,
+    ...): a value redis-py cannot parse, or an option no connection takes, otherwise stops start-up
+    with a traceback (exit 3) or makes the registry's feed fail on every reconnect. redis-py's own
+    messages name the option, never the URL (which may hold a password)."""
+    import inspect
+
+    from redis.asyncio import connection
+
+    try:
+        options = connection.parse_url(url)
+    except ValueError as err:
+        raise ValueError(f"{err} (e.g. redis://redis:6379/0?socket_timeout=2)") from None
+    cls = options.pop("connection_class", None) or (
+        connection.SSLConnection if url.startswith("rediss:") else connection.Connection)
+    try:
+        accepted = {"max_connections", "timeout"}  # the connection pool's own
+        for klass in cls.__mro__:
+            if "__init__" in vars(klass):
+                accepted |= {name for name, p in inspect.signature(vars(klass)["__init__"]).parameters.items()
+                             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    except (TypeError, ValueError):  # a redis-py whose classes cannot be inspected: leave it to connect time
+        return
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"has option(s) {', '.join(unknown)} that redis-py does not take over {url.split(':', 1)[0]}://")
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
