@@ -36,7 +36,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import AuthenticationError, RedisError, ResponseError, WatchError
 
 from service.engine.types import TaskKey
 from service.errors import RegistryUnavailable, TaskNotFound, VersionNotFound
@@ -98,6 +98,7 @@ class RedisRegistry(Registry):
         self.origin = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._records: dict[str, TaskRecord] = {}  # the in-memory map every request reads
         self._connected = False
+        self._why_not: str | None = None  # why the last connection attempt failed, while not connected
         self._writer: aioredis.Redis | None = None
         self._follower: asyncio.Task[None] | None = None
         self._feed_client: aioredis.Redis | None = None
@@ -165,7 +166,10 @@ class RedisRegistry(Registry):
             await _quietly(self._writer.aclose())
 
     def status(self) -> dict[str, Any]:
-        return {"backend": self.backend, "connected": self._connected, "tasks": len(self._records), "resyncs": self.resyncs}
+        status = {"backend": self.backend, "connected": self._connected, "tasks": len(self._records), "resyncs": self.resyncs}
+        if not self._connected and self._why_not is not None:
+            status["error"] = self._why_not
+        return status
 
     @property
     def connected(self) -> bool:
@@ -185,6 +189,7 @@ class RedisRegistry(Registry):
                 await self._seed(client)
                 await self._resync(client)
                 self._connected = True
+                self._why_not = None
                 delay = self.reconnect_min_s
                 if lost_at is not None:
                     log.warning("registry: Redis is back after %.1f s; resynced %d tasks", loop.time() - lost_at, len(self._records))
@@ -205,12 +210,17 @@ class RedisRegistry(Registry):
             except (RedisError, OSError) as err:
                 if self._stopping:
                     return
-                if self._connected or lost_at is None:
+                why = _why_not(err)
+                refused_before = self._why_not is not None and _REFUSED in self._why_not
+                # Once per outage, and again only if it turns from an outage into refused credentials
+                # or back (the text of a connection error changes as Redis goes down: not news).
+                if self._connected or lost_at is None or (_REFUSED in why) != refused_before:
                     log.warning(
-                        "registry: Redis unreachable (%s); serving the %d tasks this replica knows and "
-                        "refusing admin changes until it returns", type(err).__name__, len(self._records),
+                        "registry: %s; serving the %d tasks this replica knows and refusing admin changes "
+                        "until it answers", why, len(self._records),
                     )
-                    lost_at = loop.time()
+                    lost_at = lost_at if lost_at is not None and not self._connected else loop.time()
+                self._why_not = why
                 self._connected = False
             except Exception:  # a bug must not end the feed for good
                 log.exception("registry: feed loop failed; reconnecting")
@@ -328,8 +338,9 @@ class RedisRegistry(Registry):
     # -- writes ----------------------------------------------------------------------------------
     def require_writable(self) -> None:
         if not self._connected:
+            why = self._why_not or "the Redis registry is unreachable"
             raise RegistryUnavailable(
-                "the Redis registry is unreachable; admin changes are refused until it returns "
+                f"admin changes are refused until the Redis registry answers: {why} "
                 "(classification keeps serving the versions this replica knows)"
             )
 
@@ -475,6 +486,21 @@ class RedisRegistry(Registry):
                 self.store.write_pointer(task, ACTIVE_FILE, version + "\n")
         except Exception as err:  # noqa: BLE001
             log.warning("registry: could not mirror task %s's active version into the store: %s", task, err)
+
+
+_REFUSED = "Redis refused this replica's credentials"
+
+
+def _why_not(err: BaseException) -> str:
+    """Why Redis did not serve this replica, for the log, /readyz and the admin 503: a refused
+    password (a configuration to fix, not an outage to wait out) says so. Never the URL, which may
+    hold the password; Redis's own messages do not quote it."""
+    text = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+    if isinstance(err, AuthenticationError) or (
+        isinstance(err, ResponseError) and str(err).startswith(("NOAUTH", "WRONGPASS"))
+    ):
+        return f"{_REFUSED} ({text}); check the user and password in ADAPTSERVE_REDIS_URL"
+    return f"Redis unreachable ({text})"
 
 
 async def _quietly(closing: Awaitable[Any]) -> None:
