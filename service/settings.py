@@ -405,7 +405,14 @@ class Settings(BaseSettings):
     @field_validator("admin_tokens", "inference_tokens", mode="before")
     @classmethod
     def _split_tokens(cls, value: object) -> object:
-        return split_tokens(value) if isinstance(value, str) else value
+        if not isinstance(value, str):
+            return value
+        tokens = split_tokens(value)
+        if value.strip() and not tokens:
+            # `ADAPTSERVE_ADMIN_TOKENS=,` (say `${A},${B}` with both unset) would otherwise turn
+            # auth off: refused as an empty token file is. Blank still means unset.
+            raise ValueError("holds no tokens, only commas; put at least one token in it, or leave it empty to unset it")
+        return tokens
 
     @field_validator("admin_tokens", "inference_tokens")
     @classmethod
