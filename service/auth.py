@@ -132,3 +132,14 @@ def warn_if_disabled(tokens: Tokens) -> None:
         warn_always(log, message)
     else:
         log.info("auth enabled: %d admin token(s), %d inference token(s)", len(tokens.admin), len(tokens.inference))
+        placeholders = [f"{scope} token {n}" for scope, configured in (("admin", tokens.admin), ("inference", tokens.inference))
+                        for n, token in enumerate(configured, 1) if token.upper().startswith(PLACEHOLDER_PREFIX)]
+        if placeholders:
+            # k8s/base/secret.yaml ships CHANGE-ME-... tokens: auth is on, but with tokens anyone
+            # can read in this repository. Named by position, never by value.
+            warn_always(log, "AUTH USES PLACEHOLDER TOKENS: " + ", ".join(placeholders) + " still start with "
+                        "CHANGE-ME (k8s/base/secret.yaml's publicly known values); anyone who has read this "
+                        "repository can use them. Replace them with real secrets (docs/deploy.md, \"Secrets\").")
+
+
+PLACEHOLDER_PREFIX = b"CHANGE-ME"
