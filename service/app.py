@@ -146,7 +146,11 @@ async def _start(state: ServiceState, engine: EngineLike | None) -> None:
         raise
     except Exception as err:
         state.startup_error = f"{type(err).__name__}: {err}"
-        log.exception("startup failed; the server stays alive but never gets ready")
+        if state.on_startup_failure is not None:
+            log.exception("startup failed; the server stops")
+            state.on_startup_failure()
+        else:
+            log.exception("startup failed; the server stays alive but never gets ready")
         return
     state.runtime = Runtime(engine=engine, cache=cache, scheduler=scheduler)
     log.info("ready: backbone %s", getattr(engine.backbone, "name", "?"))

@@ -128,7 +128,16 @@ def serve(args: argparse.Namespace) -> int:
     from service.memory import freeze_startup_heap
 
     freeze_startup_heap()
-    uvicorn.Server(uvicorn_config(app, settings)).run(sockets=[sock])
+    server = uvicorn.Server(uvicorn_config(app, settings))
+    state = app.state.service
+    # Fail fast: a backbone that cannot load (or a warmup that fails) stops the process with exit 1,
+    # so the kubelet or compose restarts it at once with the error in its log. Staying alive and
+    # never ready left Kubernetes waiting out the startup probe (180 s) before a restart.
+    state.on_startup_failure = lambda: setattr(server, "should_exit", True)
+    server.run(sockets=[sock])
+    if state.startup_error is not None:
+        print(f"adaptserve serve: startup failed: {state.startup_error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -185,9 +194,9 @@ def _store_problem(settings, flags: Mapping[str, str]) -> str | None:
 
 def _backbone_problem(settings, flags: Mapping[str, str]) -> str | None:
     """What can never work about the backbone settings, checked before the server starts: a
-    missing model path or a GPU that is not there would otherwise leave a server that is alive but
-    never ready (other load errors do that on purpose: /readyz says why). `flags`: the settings
-    the command line set, named by their flag."""
+    missing model path or a GPU that is not there is named here in a second, as the setting that
+    was given (other load errors surface once the backbone loads, and stop the server with exit 1).
+    `flags`: the settings the command line set, named by their flag."""
     path = settings.backbone
     if path is not None:
         backbone = _named("backbone", flags)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 from service.auth import Tokens
 from service.cache import TaskCache
@@ -71,6 +71,10 @@ class ServiceState:
     admin: "TaskAdmin | None" = None
     runtime: Runtime | None = None
     startup_error: str | None = None  # why the backbone or warmup failed; the server never gets ready
+    # Called once startup has failed: `adaptserve serve` stops the server there (exit 1), so an
+    # orchestrator restarts it at once. Without it (an app built in a test), the server stays up
+    # with /healthz and /readyz saying why.
+    on_startup_failure: Callable[[], None] | None = None
     stopping: bool = False
     # The settings the command line set, field -> flag (`adaptserve serve`): messages name those by
     # their flag, the others by their variable (service.settings.setting_name).

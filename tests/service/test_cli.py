@@ -253,3 +253,24 @@ def test_debug_logging_keeps_the_aws_sdk_quiet(tmp_path: Path, uvicorn_calls: li
         root.setLevel(level)
         for name in ("botocore", "boto3", "s3transfer", "urllib3"):
             logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+def test_serve_exits_1_when_the_backbone_fails_to_load(tmp_path: Path) -> None:
+    # A real `adaptserve serve` process: a model folder whose config.json passes the pre-start check
+    # but cannot build a model fails in the background load. The server stops with exit 1 and the
+    # error (so an orchestrator restarts it at once), not alive and never ready.
+    import os
+    import subprocess
+
+    backbone = tmp_path / "bb"
+    backbone.mkdir()
+    (backbone / "config.json").write_text('{"model_type": "bert", "hidden_size": "x"}')
+    (tmp_path / "store").mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(_free_port()),
+         "--store", str(tmp_path / "store"), "--backbone", str(backbone)],
+        cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-3000:]
+    _, said, cause = done.stderr.rpartition("adaptserve serve: startup failed: ")
+    assert said and "hidden_size" in cause, done.stderr[-3000:]
