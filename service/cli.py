@@ -65,11 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
         "Every flag overrides the matching ADAPTSERVE_* env var."
     )
     for flag, field, kind, help_text in _SERVE_FLAGS:
-        serve.add_argument(flag, dest=field, type=kind, default=None, help=f"{help_text} [ADAPTSERVE_{field.upper()}]")
+        serve.add_argument(flag, dest=field, type=_given(kind), default=None, help=f"{help_text} [ADAPTSERVE_{field.upper()}]")
     for name, (_, _, help_text) in EXTERNAL_COMMANDS.items():
         # Listed for --help only: their arguments are parsed by their own package (see main()).
         commands.add_parser(name, help=help_text, add_help=False)
     return parser
+
+
+def _given(kind: Callable[[str], object]) -> Callable[[str], object]:
+    """`kind` for a flag's value, refusing a blank one. A blank environment variable means unset
+    (the default), but a flag given blank is most likely an unset shell variable (`--redis-url
+    "$REDIS_URL"`): taken as the default it would quietly start a replica on its own local
+    registry, so it is an error naming the flag."""
+    def parse(value: str) -> object:
+        if not value.strip():
+            raise argparse.ArgumentTypeError("an empty value; give one, or leave the flag out for the default")
+        return kind(value)
+
+    parse.__name__ = getattr(kind, "__name__", "value")  # argparse names the type in its messages
+    return parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -274,3 +274,13 @@ def test_serve_exits_1_when_the_backbone_fails_to_load(tmp_path: Path) -> None:
     assert done.returncode == 1, done.stderr[-3000:]
     _, said, cause = done.stderr.rpartition("adaptserve serve: startup failed: ")
     assert said and "hidden_size" in cause, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("flag", [flag for flag, _, _, _ in cli._SERVE_FLAGS])
+def test_serve_refuses_a_flag_given_blank(flag: str, capsys: pytest.CaptureFixture, uvicorn_calls: list) -> None:
+    # `--redis-url "$REDIS_URL"` with the variable unset: not the default (a replica on its own
+    # local registry, quietly), an error naming the flag. (A blank *variable* still means unset.)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["serve", flag, " "])
+    assert exit_.value.code == 2 and uvicorn_calls == []
+    assert f"argument {flag}: an empty value; give one, or leave the flag out" in capsys.readouterr().err
