@@ -462,7 +462,7 @@ class Settings(BaseSettings):
     def _check_device(cls, value: str) -> str:
         value = value.strip().lower()
         if not _DEVICE_RE.match(value):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, not {value!r}")
+            raise ValueError("device must be auto, cpu, cuda or cuda:N")  # the value is quoted after it: (got ...)
         return value
 
     @field_validator("s3_prefix")
@@ -476,7 +476,8 @@ class Settings(BaseSettings):
         if self.store_backend == "s3" and not self.s3_bucket:
             raise ValueError("ADAPTSERVE_STORE_BACKEND=s3 needs ADAPTSERVE_S3_BUCKET")
         if self.redis_reconnect_min_s > self.redis_reconnect_max_s:
-            raise ValueError("ADAPTSERVE_REDIS_RECONNECT_MIN_S is larger than ADAPTSERVE_REDIS_RECONNECT_MAX_S")
+            raise ValueError(f"ADAPTSERVE_REDIS_RECONNECT_MIN_S ({self.redis_reconnect_min_s:g} s) is larger than "
+                             f"ADAPTSERVE_REDIS_RECONNECT_MAX_S ({self.redis_reconnect_max_s:g} s)")
         if self.max_queue < self.max_inputs_per_request:
             raise ValueError(
                 f"ADAPTSERVE_MAX_QUEUE ({self.max_queue}) is smaller than ADAPTSERVE_MAX_INPUTS_PER_REQUEST "

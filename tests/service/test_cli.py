@@ -117,7 +117,7 @@ def test_a_serve_setting_is_named_where_it_was_set(
         # a value the command line gave is named by its flag ...
         (["serve", "--port", "70000"], {}, "--port: Input should be less than or equal to 65535 (got 70000)"),
         (["serve", "--max-batch-size", "0"], {}, "--max-batch-size: Input should be greater than or equal to 1 (got 0)"),
-        (["serve", "--device", "gpu"], {}, "--device: device must be auto, cpu, cuda or cuda:N"),
+        (["serve", "--device", "gpu"], {}, "--device: device must be auto, cpu, cuda or cuda:N (got 'gpu')"),
         (["serve", "--store", "/no/such/dir"], {}, "--store: task store '/no/such/dir' is not a directory; create it"),
         (["serve", "--backbone", "/no/such/model"], {}, "--backbone: '/no/such/model' is not a directory"),
         (["serve", "--backbone", "/no/such/model.gguf"], {}, "--backbone: no GGUF file"),

@@ -37,7 +37,7 @@ def test_arguments_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"store_backend": "s3"}, "ADAPTSERVE_STORE_BACKEND=s3 needs ADAPTSERVE_S3_BUCKET"),
         ({"store_backend": "gcs"}, "ADAPTSERVE_STORE_BACKEND: Input should be 'local' or 's3'"),
         ({"redis_prefix": "a b"}, "ADAPTSERVE_REDIS_PREFIX: String should match pattern"),
-        ({"redis_reconnect_min_s": 9}, "ADAPTSERVE_REDIS_RECONNECT_MIN_S is larger than ADAPTSERVE_REDIS_RECONNECT_MAX_S"),
+        ({"redis_reconnect_min_s": 9}, "ADAPTSERVE_REDIS_RECONNECT_MIN_S (9 s) is larger than ADAPTSERVE_REDIS_RECONNECT_MAX_S (5 s)"),
         ({"redis_timeout_s": "inf"}, "ADAPTSERVE_REDIS_TIMEOUT_S: Input should be a finite number"),
         ({"max_wait_ms": "nan"}, "ADAPTSERVE_MAX_WAIT_MS: Input should be a finite number"),
         ({"redis_url": "localhost:6379"}, "ADAPTSERVE_REDIS_URL: must start with redis://, rediss:// or unix://"),
