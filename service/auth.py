@@ -68,15 +68,15 @@ class Tokens:
 def bearer_token(header: str | None) -> bytes:
     """The token of an `Authorization: Bearer <token>` header, or Unauthorized."""
     if not header:
-        raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
+        raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'", error=None)
     scheme, _, value = header.strip().partition(" ")
     value = value.strip()
     if scheme.lower() != "bearer" or not value or any(c.isspace() for c in value):
-        raise Unauthorized("malformed Authorization header: expected 'Bearer <token>'")
+        raise Unauthorized("malformed Authorization header: expected 'Bearer <token>'", error="invalid_request")
     try:
         return value.encode("ascii")
     except UnicodeEncodeError:
-        raise Unauthorized("malformed Authorization header: the token must be ASCII") from None
+        raise Unauthorized("malformed Authorization header: the token must be ASCII", error="invalid_request") from None
 
 
 def authorization(values: list[str]) -> str | None:
@@ -84,7 +84,8 @@ def authorization(values: list[str]) -> str | None:
     frameworks disagree on which one counts (Starlette reads the first, a dict of the raw headers
     the last), so a request must not get to choose."""
     if len(values) > 1:
-        raise Unauthorized(f"{len(values)} Authorization headers: send exactly one ('Authorization: Bearer <token>')")
+        raise Unauthorized(f"{len(values)} Authorization headers: send exactly one ('Authorization: Bearer <token>')",
+                           error="invalid_request")
     return values[0] if values else None
 
 

@@ -25,14 +25,22 @@ class AdaptserveError(Exception):
         return {}
 
 
+def _bearer_challenge(error: str | None) -> dict[str, str]:
+    """A `WWW-Authenticate` challenge (RFC 6750 section 3): with the error code where a token was
+    sent (`invalid_request`: malformed; `invalid_token`: unknown; `insufficient_scope`), none where
+    the request carried no credentials at all."""
+    return {"WWW-Authenticate": 'Bearer realm="adaptserve"' + (f', error="{error}"' if error else "")}
+
+
 class Unauthorized(AdaptserveError):
-    """No bearer token, a malformed Authorization header, or a token the server does not know."""
+    """No bearer token, a malformed Authorization header, or a token the server does not know
+    (`error`: RFC 6750's code for the challenge, None when no token was sent)."""
 
     status_code = 401
     error_type = "unauthorized"
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="adaptserve"'})
+    def __init__(self, message: str, error: str | None = "invalid_token") -> None:
+        super().__init__(message, headers=_bearer_challenge(error))
 
 
 class Forbidden(AdaptserveError):
@@ -40,6 +48,9 @@ class Forbidden(AdaptserveError):
 
     status_code = 403
     error_type = "forbidden"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers=_bearer_challenge("insufficient_scope"))
 
 
 class Conflict(AdaptserveError):

@@ -63,7 +63,9 @@ def _call(client: TestClient, method: str, path: str, headers: dict[str, str]):
 def test_missing_malformed_and_wrong_tokens_are_401(client: TestClient, method: str, path: str, case: str) -> None:
     response = _call(client, method, path, BAD_HEADERS[case])
     assert response.status_code == 401 and response.json()["error_type"] == "unauthorized"
-    assert response.headers["www-authenticate"].startswith("Bearer")
+    # RFC 6750 section 3: an error code where a token was sent, none where nothing was
+    code = {"missing": None, "wrong token": "invalid_token", "admin token prefix": "invalid_token"}.get(case, "invalid_request")
+    assert response.headers["www-authenticate"] == 'Bearer realm="adaptserve"' + (f', error="{code}"' if code else "")
 
 
 @pytest.mark.parametrize("method, path", [("POST", "/v1/tasks/sentiment/classify"), ("GET", "/v1/tasks")])
@@ -81,6 +83,7 @@ def test_two_authorization_headers_are_401(client: TestClient, method: str, path
 def test_an_inference_token_on_admin_routes_is_403(client: TestClient, method: str, path: str) -> None:
     response = _call(client, method, path, AUTH_READER)
     assert response.status_code == 403 and response.json()["error_type"] == "forbidden"
+    assert response.headers["www-authenticate"] == 'Bearer realm="adaptserve", error="insufficient_scope"'
 
 
 def test_the_refused_admin_calls_changed_nothing(client: TestClient) -> None:
