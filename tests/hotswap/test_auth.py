@@ -1,5 +1,6 @@
 """Bearer tokens: admin routes need an admin token, read routes an inference (or admin) token,
-probes need none; tokens never reach the logs; no tokens at all is a loud warning."""
+probes need none; tokens never reach the logs; no tokens at all, or k8s/base/secret.yaml's
+CHANGE-ME placeholders, is a loud warning."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +12,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
 from service.app import create_app
-from service.auth import Scope, Tokens, check
+from service.auth import Scope, Tokens, check, warn_if_disabled
 from service.errors import Forbidden, Unauthorized
 from service.settings import Settings
 from tests.hotswap.bundles import files, make_bundle
@@ -180,18 +181,38 @@ def test_no_tokens_means_auth_off_and_a_loud_warning(make_client, caplog: pytest
     assert len(warnings) == 1
 
 
-def test_the_auth_off_warning_survives_a_quiet_log_level(capsys: pytest.CaptureFixture) -> None:
-    """--log-level error hides warnings; not this one."""
-    from service.auth import Tokens, warn_if_disabled
+def test_placeholder_tokens_are_warned_about_by_position(caplog: pytest.LogCaptureFixture) -> None:
+    """A server started with k8s/base/secret.yaml's `CHANGE-ME-...` tokens has auth on, with tokens
+    anyone who read this repository knows: it used to say only "auth enabled"."""
+    caplog.set_level(logging.INFO, logger="service.auth")
+    warn_if_disabled(Tokens(admin=(b"real-admin-0123456789", b"CHANGE-ME-admin-token"),
+                            inference=(b"change-me-inference-token",)))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "PLACEHOLDER TOKENS" in warnings[0]
+    assert "admin token 2" in warnings[0] and "inference token 1" in warnings[0] and "admin token 1" not in warnings[0]
+    assert "admin-token" not in warnings[0] and "real-admin" not in warnings[0]
 
+
+def test_real_tokens_get_no_warning(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="service.auth")
+    warn_if_disabled(Tokens(admin=(b"real-admin-0123456789",), inference=(b"real-inference-0123456789",)))
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("tokens, warning", [
+    (Tokens(), "AUTH IS DISABLED"),
+    (Tokens(admin=(b"CHANGE-ME-admin-token",)), "PLACEHOLDER TOKENS"),
+], ids=["auth off", "placeholder tokens"])
+def test_the_auth_warnings_survive_a_quiet_log_level(capsys: pytest.CaptureFixture, tokens: Tokens, warning: str) -> None:
+    """--log-level error hides warnings; not these."""
     logger = logging.getLogger("service.auth")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        warn_if_disabled(Tokens())
+        warn_if_disabled(tokens)
     finally:
         logger.setLevel(level)
-    assert "AUTH IS DISABLED" in capsys.readouterr().err
+    assert warning in capsys.readouterr().err
 
 
 def test_every_configured_token_is_compared() -> None:

@@ -1,10 +1,13 @@
 """The registry: rollback-stack logic, the local backend's files, and the Redis backend (against
-a real redis-server started here): seeding, transactions, the feed, resync, outages."""
+a real redis-server started here): seeding, transactions, the feed, resync, outages, data loss,
+refused credentials."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import logging
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -78,9 +81,25 @@ async def test_the_local_registry_follows_a_bare_active_write(tmp_path: Path) ->
         await registry.activate("t", "v7")
 
 
+def test_known_is_false_not_an_exception_when_the_store_directory_is_gone(tmp_path: Path) -> None:
+    """`known` picks the metrics label of a classify request after its answer was sent: it must
+    never raise. A store directory gone (an unmounted volume) made it raise StoreUnavailable, so
+    every classify request during the outage logged two ERROR tracebacks and went uncounted
+    (tests/service/api/test_health.py checks the request is now a counted 503)."""
+    root = tmp_path / "store"
+    write_task(root, "t", "v1", active=True)
+    registry = LocalRegistry(LocalStore(root))
+    assert registry.known("t")
+    shutil.rmtree(root)
+    assert registry.known("t") is False
+    assert registry.known("other") is False
+
+
 @pytest.fixture
-def redis_server(tmp_path: Path):
-    server = RedisServer(tmp_path / "redis").start()
+def redis_server(request: pytest.FixtureRequest, tmp_path: Path):
+    """A real redis-server; `parametrize("redis_server", [{"password": ...}], indirect=True)` passes
+    its start options."""
+    server = RedisServer(tmp_path / "redis").start(**getattr(request, "param", {}))
     yield server
     server.kill()
 
@@ -330,6 +349,58 @@ async def test_a_redis_registry_keeps_serving_through_an_outage_and_resyncs(redi
         resyncs = registry.resyncs
         raw.client_kill_filter(_type="normal", skipme=True)  # drop its connections: it reconnects and resyncs
         await wait_until(lambda: registry.resyncs > resyncs, timeout_s=5)
+    finally:
+        await registry.stop()
+
+
+@async_test
+async def test_a_flushed_redis_is_reseeded_from_the_store_at_the_next_resync(redis_server, tmp_path: Path) -> None:
+    """A Redis that loses its data while the replicas stay connected (FLUSHALL, keys evicted under
+    `maxmemory`, a failover to an empty primary behind the same address) is re-seeded from the
+    store's ACTIVE pointers, as one that restarts empty is. Before, only a reconnect re-seeded: the
+    periodic resync read the empty task set and dropped every task from every replica."""
+    write_task(tmp_path / "store", "t", "v1", active=True)
+    registry = _registry(redis_server.url, LocalStore(tmp_path / "store"), resync_s=0.1)
+    await registry.start()
+    try:
+        await wait_until(lambda: registry.connected and registry.resyncs >= 1)
+        assert await registry.resolve("t") == TaskKey("t", "v1")
+        client = redis_server.client()
+        client.flushall()
+        seen = registry.resyncs
+        await wait_until(lambda: registry.resyncs >= seen + 3)  # several periodic resyncs, no reconnect
+        assert registry.known("t")
+        assert await registry.resolve("t") == TaskKey("t", "v1")
+        assert client.sismember("adaptserve:tasks", "t") and client.exists("adaptserve:seeded")
+        client.close()
+    finally:
+        await registry.stop()
+
+
+@pytest.mark.parametrize("redis_server", [{"password": "right-pass-123"}], indirect=True, ids=["password"])
+@async_test
+async def test_a_refused_password_is_named_as_such(redis_server, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A Redis that refuses the replica's password is a configuration to fix, not an outage to wait
+    out: the replica keeps serving what it knows, but the log, /readyz's registry status and the
+    admin 503 say that the credentials were refused and which setting holds them (before: only
+    "unreachable", as for a network outage). The password is never shown."""
+    write_task(tmp_path / "store", "t", "v1", active=True)
+    url = f"redis://:wrong-pass-456@127.0.0.1:{redis_server.port}/0"
+    registry = _registry(url, LocalStore(tmp_path / "store"))
+    caplog.set_level(logging.WARNING, logger="service.registry.redis_registry")
+    await registry.start()
+    try:
+        await wait_until(lambda: "error" in registry.status())
+        status = registry.status()
+        assert status["connected"] is False
+        assert "refused this replica's credentials" in status["error"] and "ADAPTSERVE_REDIS_URL" in status["error"]
+        with pytest.raises(RegistryUnavailable) as refused:
+            registry.require_writable()
+        assert "credentials" in str(refused.value)
+        logged = "\n".join(r.getMessage() for r in caplog.records)
+        assert "refused this replica's credentials" in logged
+        for text in (str(status), str(refused.value), logged):
+            assert "wrong-pass-456" not in text and "right-pass-123" not in text
     finally:
         await registry.stop()
 

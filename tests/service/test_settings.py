@@ -135,6 +135,13 @@ def test_an_empty_variable_means_unset_for_every_setting(monkeypatch: pytest.Mon
     assert settings.admin_tokens == []
 
 
+def test_a_blank_token_variable_still_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ADAPTSERVE_ADMIN_TOKENS", "  ")
+    assert Settings().admin_tokens == []
+    monkeypatch.setenv("ADAPTSERVE_ADMIN_TOKENS", "tok-1, ,tok-2,")
+    assert len(Settings().admin_tokens) == 2
+
+
 def test_an_empty_token_file_is_refused_not_an_open_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     empty = tmp_path / "admin-tokens"
     empty.write_text("\n , \n")
@@ -144,6 +151,18 @@ def test_an_empty_token_file_is_refused_not_an_open_server(monkeypatch: pytest.M
     assert f"ADAPTSERVE_ADMIN_TOKENS_FILE {str(empty)!r} holds no tokens" in describe_validation_error(error.value)
     empty.write_text("tok-1\ntok-2\n")
     assert len(Settings().admin_tokens) == 2
+
+
+@pytest.mark.parametrize("name", ["ADMIN_TOKENS", "INFERENCE_TOKENS"])
+@pytest.mark.parametrize("value", [",", " , ", ",,\n,"])
+def test_a_token_variable_of_only_commas_is_refused(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    """Set but naming no token (what `${A},${B}` becomes with both unset): refused like an empty
+    token file, not a server with auth off."""
+    monkeypatch.setenv(f"ADAPTSERVE_{name}", value)
+    with pytest.raises(ValidationError) as error:
+        Settings()
+    message = describe_validation_error(error.value)
+    assert message.startswith(f"ADAPTSERVE_{name}: holds no tokens"), message
 
 
 @pytest.mark.parametrize("tokens", ['["secret-a","secret-b"]', "secret a", "secret-a,'secret-b'"])
@@ -158,13 +177,35 @@ def test_tokens_no_client_could_send_are_refused_without_echoing_them(
     assert "secret" not in message
 
 
-def test_a_redis_password_is_not_echoed_in_errors() -> None:
+@pytest.mark.parametrize(("url", "says"), [
+    ("redis://:pw-SECRET@redis:6379/x", "database must be a number"),
+    # query options and socket paths are checked as the registry's redis-py client will read them,
+    # not left to a traceback at start-up or a feed that fails on every reconnect
+    ("unix://:pw-SECRET@/tmp/redis.sock?db=q", "Invalid value for 'db'"),
+    ("redis://:pw-SECRET@redis:6379/0?socket_timeout=abc", "Invalid value for 'socket_timeout'"),
+    ("redis://:pw-SECRET@redis:6379/0?health_check_interval=x", "Invalid value for 'health_check_interval'"),
+    ("redis://:pw-SECRET@redis:6379/0?foo=bar", "option(s) foo"),
+    ("redis://:pw-SECRET@redis:6379/0?ssl_cert_reqs=none", "option(s) ssl_cert_reqs"),
+    ("unix://", "names no socket path"),
+])
+def test_a_redis_url_the_client_cannot_use_is_refused_by_name_without_its_password(url: str, says: str) -> None:
     with pytest.raises(ValidationError) as error:
-        Settings(redis_url="redis://:hunter2@redis:6379/x")
-    assert "hunter2" not in describe_validation_error(error.value)
+        Settings(redis_url=url)
+    message = describe_validation_error(error.value, {"redis_url": "--redis-url"})
+    assert message.startswith("--redis-url: ") and says in message, message
+    for described in (message, describe_validation_error(error.value)):
+        assert "SECRET" not in described
 
 
-@pytest.mark.parametrize("url", ["redis://redis:6379/0", "rediss://user:pw@cache.example.com:6380", "unix:///run/redis.sock"])
+@pytest.mark.parametrize("url", [
+    "redis://redis:6379/0",
+    "rediss://user:pw@cache.example.com:6380",
+    "unix:///run/redis.sock",
+    "redis://redis:6379/0?socket_timeout=2&health_check_interval=10",
+    "rediss://user:pw@cache.example.com:6380/0?ssl_cert_reqs=none",
+    "unix:///run/redis.sock?db=1",
+    "redis://redis:6379/0?max_connections=20&client_name=adaptserve",
+])
 def test_redis_urls_redis_py_accepts_are_accepted(url: str) -> None:
     assert Settings(redis_url=url).redis_url == url
 

@@ -1,8 +1,12 @@
+"""/healthz, /readyz and /metrics: readiness through start-up, failure and a store outage, and the
+request counts."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from pathlib import Path
+from typing import Iterator
 
 from fastapi.testclient import TestClient
 
@@ -74,6 +78,56 @@ def test_metrics_count_requests_by_task_and_status(client: TestClient) -> None:
     assert "adaptserve_cache_bytes 1000.0" in text
     assert "adaptserve_queue_depth 0.0" in text
     assert "adaptserve_ready 1.0" in text
+
+
+@contextlib.contextmanager
+def _store_gone(store: Path) -> Iterator[None]:
+    """The store's directory moved away (an unmounted volume) for the block, then put back."""
+    moved = store.rename(store.with_name(store.name + "-moved"))
+    try:
+        yield
+    finally:
+        moved.rename(store)
+
+
+def test_a_classify_request_during_a_store_outage_is_a_counted_503(client: TestClient, store: Path, caplog) -> None:
+    """It used to log two ERROR tracebacks (the metrics label's `Registry.known` raised) and go
+    uncounted in adaptserve_requests_total."""
+    assert client.post("/v1/tasks/sentiment/classify", json={"inputs": ["x"]}).status_code == 200
+    with _store_gone(store):
+        caplog.clear()
+        response = client.post("/v1/tasks/sentiment/classify", json={"inputs": ["x"]})
+        assert response.status_code == 503
+        assert response.json()["error_type"] == "store_unavailable"
+        assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
+        text = client.get("/metrics").text
+        assert 'adaptserve_requests_total{status="503",task="_unknown"} 1.0' in text, text
+    assert client.post("/v1/tasks/sentiment/classify", json={"inputs": ["x"]}).status_code == 200
+    assert 'adaptserve_requests_total{status="200",task="sentiment"} 2.0' in client.get("/metrics").text
+
+
+def test_readyz_is_503_while_the_store_directory_is_gone_and_recovers(client: TestClient, store: Path) -> None:
+    """Every classify and listing is a 503 `store_unavailable` then, so a replica saying "ready"
+    would keep drawing traffic it can only refuse. /healthz stays 200: a dependency outage is no
+    reason to restart the process."""
+    with _store_gone(store):
+        assert client.post("/v1/tasks/sentiment/classify", json={"inputs": ["x"]}).status_code == 503
+        ready = client.get("/readyz")
+        assert ready.status_code == 503, ready.text
+        body = ready.json()
+        assert body["status"] == "store_unavailable" and str(store) in body["error"]
+        assert client.head("/readyz").status_code == 503
+        assert client.get("/healthz").status_code == 200 and client.head("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 200
+    assert client.post("/v1/tasks/sentiment/classify", json={"inputs": ["x"]}).status_code == 200
+
+
+def test_an_empty_store_is_ready(tmp_path: Path, engine: FakeEngine) -> None:
+    root = tmp_path / "store"
+    root.mkdir()
+    with TestClient(make_app(root, engine), raise_server_exceptions=False) as client:
+        wait_ready(client)
+        assert client.get("/readyz").json()["status"] == "ready"
 
 
 def test_each_app_has_its_own_metrics(store: Path) -> None:
