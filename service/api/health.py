@@ -8,7 +8,6 @@ from fastapi.responses import JSONResponse, Response
 
 from service.api.deps import service_state
 from service.api.schemas import Health, Readiness
-from service.errors import StoreUnavailable
 
 router = APIRouter()
 
@@ -30,13 +29,9 @@ async def readyz(request: Request) -> Any:
     state = service_state(request)
     if state.ready:
         backbone = _describe_backbone(state.runtime.engine.backbone)  # type: ignore[union-attr]
-        unreadable = _store_unreadable(state)
-        if unreadable is not None:
-            # Nothing can be served: with the local registry every request reads the store's ACTIVE
-            # pointer, so every classify and listing is a 503 until the volume is back. Not ready,
-            # so the Service sends traffic to replicas that can serve; alive all the same.
-            return JSONResponse(Readiness(status="store_unavailable", error=unreadable, backbone=backbone,
-                                          registry=state.registry.status()).model_dump(), status_code=503)
+        # A store that cannot be read is no reason to leave the Service: the tasks this replica
+        # holds keep serving their versions (the registry keeps the pointers it last read), and
+        # only what must read the store gets a 503. The log says so once per outage.
         return Readiness(status="ready", backbone=backbone, registry=state.registry.status())
     if state.stopping:
         status, error = "stopping", None
@@ -45,22 +40,6 @@ async def readyz(request: Request) -> Any:
     else:
         status, error = "starting", None
     return JSONResponse(Readiness(status=status, error=error, registry=state.registry.status()).model_dump(), status_code=503)
-
-
-def _store_unreadable(state: Any) -> str | None:
-    """Why the store cannot be read, where that stops every request; else None. Only a local store
-    under the local registry: a stat or two, as each request does anyway. A Redis registry keeps
-    serving the tasks a replica holds through a store outage, so it stays ready."""
-    if state.registry.backend != "local" or not getattr(state.store, "cheap_pointers", False):
-        return None
-    try:
-        state.store.has_task(_PROBE_NAME)  # looks at the store's directory when no such task is there
-    except StoreUnavailable as err:
-        return str(err)
-    return None
-
-
-_PROBE_NAME = "readyz-probe"
 
 
 def _describe_backbone(backbone: Any) -> dict[str, Any]:

@@ -210,7 +210,7 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: Literal["ready", "starting", "stopping", "failed", "store_unavailable"]
+    status: Literal["ready", "starting", "stopping", "failed"]
     error: str | None = None
     backbone: dict[str, Any] | None = Field(default=None, description="Name, fingerprint, parameters, device, dtype.")
     registry: dict[str, Any] | None = Field(

@@ -36,6 +36,8 @@ class LocalRegistry(Registry):
         self._write_lock = asyncio.Lock()
         # Remote stores only: task -> (active key, loop time read), so a request is not an S3 GET.
         self._resolved: dict[str, tuple[TaskKey, float]] = {}
+        # Local stores: task -> the active key last read, served while the store cannot be read.
+        self._last: dict[str, TaskKey] = {}
         self._refreshing: set[str] = set()  # tasks whose pointer is being read again in the background
         self._warned_at = float("-inf")
 
@@ -53,7 +55,22 @@ class LocalRegistry(Registry):
         waits for the store."""
         validate_task_name(task)
         if self.store.cheap_pointers:
-            return self.store.resolve(task)  # a stat and a tiny read: fine on the loop
+            try:
+                key = self.store.resolve(task)  # a stat and a tiny read: fine on the loop
+            except TaskNotFound:
+                self._last.pop(task, None)
+                raise
+            except StoreUnavailable:
+                # The store's directory is gone or unreadable (a lost mount): a task this replica
+                # has served keeps its version, as on a remote store and with Redis, so what is in
+                # memory keeps serving; anything that must read the store fails with this 503.
+                known = self._last.get(task)
+                if known is None:
+                    raise
+                self._warn_stale(known)
+                return known
+            self._last[task] = key
+            return key
         loop = asyncio.get_running_loop()
         hit = self._resolved.get(task)
         if hit is not None and loop.time() - hit[1] < self.pointer_ttl_s:
@@ -86,8 +103,17 @@ class LocalRegistry(Registry):
             return
         self._resolved[task] = (key, loop.time())
 
+    def _forget(self, task: str) -> None:
+        """After a write: the next request reads the pointer afresh (and a deleted task is not
+        served from memory through a later store outage)."""
+        self._resolved.pop(task, None)
+        self._last.pop(task, None)
+
     def _stale(self, task: str, known: TaskKey) -> None:
         self._resolved[task] = (known, asyncio.get_running_loop().time())
+        self._warn_stale(known)
+
+    def _warn_stale(self, known: TaskKey) -> None:
         if time.monotonic() - self._warned_at > 30.0:  # once per outage, not once per task per second
             self._warned_at = time.monotonic()
             log.warning("the task store %s cannot be read; tasks keep serving the versions this replica "
@@ -100,8 +126,8 @@ class LocalRegistry(Registry):
             except StoreUnavailable:
                 # The store's directory is gone or unreadable: `has_task` says so with a 503 for the
                 # routes, but `known` only picks a metrics label (after the answer was sent) and must
-                # never raise; with no store to ask, the name is not one the replica can vouch for.
-                return False
+                # never raise; with no store to ask, a task is known if it is still being served.
+                return task in self._last
         return task in self._resolved
 
     async def list_tasks(self) -> list[TaskListing]:
@@ -144,7 +170,7 @@ class LocalRegistry(Registry):
             updated = without_version(record, version, self.history_max)
             await remove_files()
             await asyncio.to_thread(self._write_history, updated)
-            self._resolved.pop(task, None)
+            self._forget(task)
         self._notify_deleted(task, (version,))
         return updated
 
@@ -152,7 +178,7 @@ class LocalRegistry(Registry):
         async with self._write_lock:
             old = (await asyncio.to_thread(self._read, task)).active
             await remove_files()  # the files are the registry: once they are gone, so is the task
-            self._resolved.pop(task, None)
+            self._forget(task)
         self._notify(task, old, None)
 
     async def _write(self, task: str, change: Callable[[TaskRecord], TaskRecord], *, implicit: bool = True) -> TaskRecord:
@@ -163,7 +189,7 @@ class LocalRegistry(Registry):
             if updated == record:  # a no-op (e.g. the active version re-sent): nothing to write or tell
                 return updated
             await asyncio.to_thread(self._persist, updated)
-            self._resolved.pop(task, None)
+            self._forget(task)
         self._notify(task, record.active, updated.active)
         return updated
 

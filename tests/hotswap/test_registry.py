@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from service.engine.types import TaskKey
-from service.errors import Conflict, RegistryUnavailable, TaskNotFound, VersionNotFound
+from service.errors import Conflict, RegistryUnavailable, StoreUnavailable, TaskNotFound, VersionNotFound
 from service.registry.base import TaskRecord, activated, rolled_back, with_upload, without_version
 from service.registry.local import LocalRegistry
 from service.store import ACTIVE_FILE, HISTORY_FILE, LocalStore
@@ -81,18 +81,27 @@ async def test_the_local_registry_follows_a_bare_active_write(tmp_path: Path) ->
         await registry.activate("t", "v7")
 
 
-def test_known_is_false_not_an_exception_when_the_store_directory_is_gone(tmp_path: Path) -> None:
-    """`known` picks the metrics label of a classify request after its answer was sent: it must
-    never raise. A store directory gone (an unmounted volume) made it raise StoreUnavailable, so
-    every classify request during the outage logged two ERROR tracebacks and went uncounted
-    (tests/service/api/test_health.py checks the request is now a counted 503)."""
+@async_test
+async def test_a_local_store_gone_keeps_what_was_resolved_and_known_never_raises(tmp_path: Path) -> None:
+    """A local store's directory gone (an unmounted volume): a task resolved before keeps its
+    version (its copy in memory serves, as with Redis or S3), one never resolved is a 503, and
+    `known`, which picks a metrics label after the answer was sent, never raises (it used to raise
+    StoreUnavailable: two ERROR tracebacks per request). A deleted task is not kept."""
     root = tmp_path / "store"
-    write_task(root, "t", "v1", active=True)
+    for task in ("t", "u", "gone"):
+        write_task(root, task, "v1", active=True)
     registry = LocalRegistry(LocalStore(root))
-    assert registry.known("t")
-    shutil.rmtree(root)
-    assert registry.known("t") is False
-    assert registry.known("other") is False
+    assert await registry.resolve("t") == TaskKey("t", "v1") and await registry.resolve("gone") == TaskKey("gone", "v1")
+    await registry.delete_task("gone", lambda: asyncio.to_thread(shutil.rmtree, root / "gone"))
+    moved = root.rename(tmp_path / "moved")
+    assert await registry.resolve("t") == TaskKey("t", "v1")
+    for task in ("u", "gone"):
+        with pytest.raises(StoreUnavailable):
+            await registry.resolve(task)
+    assert registry.known("t") and not registry.known("u") and not registry.known("other")
+    moved.rename(root)
+    write_task(root, "t", "v2", active=True)
+    assert await registry.resolve("t") == TaskKey("t", "v2")  # the store again, as soon as it answers
 
 
 @pytest.fixture
