@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from typing import Any
 
 import uvicorn
@@ -201,6 +202,23 @@ def header_timeout_protocol(seconds: float, max_bytes: int = HeaderTimeoutProtoc
     return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"header_timeout_s": seconds, "max_header_bytes": max_bytes})
 
 
+class RedactQueryCredentials(logging.Filter):
+    """uvicorn's access log writes each request's path with its query string, so a token a client
+    put there (`?access_token=...`; this server reads tokens only from the Authorization header,
+    and answers such a request 401) landed in the log verbatim. The values of parameters named
+    like a credential are replaced with `***`; the rest of the line is kept."""
+
+    CREDENTIAL = re.compile(
+        r"([?&][^=&#]*(?:token|key|secret|passw|pwd|auth|signature|credential|session)[^=&#]*=)[^&#]*", re.IGNORECASE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        # uvicorn.access's args: (client, method, path with its query, http version, status)
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], self.CREDENTIAL.sub(r"\1***", args[2]), *args[3:])
+        return True
+
+
 def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:
     """The uvicorn config `adaptserve serve` runs (tests serve through it too). One worker: the
     engine holds the backbone and the task cache in this process; more processes would each load
@@ -208,4 +226,8 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Co
     options: dict[str, Any] = dict(host=settings.host, port=settings.port, workers=1, log_level=settings.log_level,
                                    lifespan="on",
                                    http=header_timeout_protocol(settings.header_read_timeout_s, settings.max_header_bytes))
-    return uvicorn.Config(app, **(options | overrides))
+    config = uvicorn.Config(app, **(options | overrides))  # configures uvicorn's loggers (a filter added later stays)
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactQueryCredentials) for f in access.filters):
+        access.addFilter(RedactQueryCredentials())
+    return config

@@ -38,14 +38,14 @@ def served(tmp_path: Path) -> Iterator[Served]:
     yield from _serve(tmp_path)
 
 
-def _serve(tmp_path: Path, **settings) -> Iterator[Served]:
+def _serve(tmp_path: Path, log_level: str = "warning", **settings) -> Iterator[Served]:
     write_task(tmp_path, "sentiment", "v1")
     engine = FakeEngine()
     config = Settings(store=tmp_path, **{"max_body_bytes": 4096, "max_batch_size": 1, **settings})
     app = create_app(config, engine=engine)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn_config(app, config, log_level="warning"))  # as `adaptserve serve` runs it
+    server = uvicorn.Server(uvicorn_config(app, config, log_level=log_level))  # as `adaptserve serve` runs it
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -63,6 +63,27 @@ def _serve(tmp_path: Path, **settings) -> Iterator[Served]:
     server.should_exit = True
     thread.join(timeout=10)
     sock.close()
+
+
+def test_the_access_log_never_writes_a_token_sent_in_the_query(tmp_path: Path) -> None:
+    # uvicorn's access logger does not propagate: listen on it directly, as its own handler writes.
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    access = logging.getLogger("uvicorn.access")
+    serving = _serve(tmp_path, log_level="info", admin_tokens="admin-secret-7d1c", inference_tokens="reader-secret-52aa")
+    served = next(serving)
+    access.addHandler(handler)
+    try:
+        got = httpx.get(f"{served.url}/v1/tasks?access_token=reader-secret-52aa&limit=5&API_KEY=k-9f2e")
+        assert got.status_code == 401
+        eventually(lambda: any("/v1/tasks?" in line for line in lines))
+    finally:
+        access.removeHandler(handler)
+        next(serving, None)
+    (line,) = [line for line in lines if "/v1/tasks?" in line]
+    assert "reader-secret-52aa" not in line and "k-9f2e" not in line
+    assert "/v1/tasks?access_token=***&limit=5&API_KEY=***" in line and " 401" in line
 
 
 def test_real_server_round_trip(served: Served) -> None:
