@@ -434,7 +434,7 @@ class Settings(BaseSettings):
             if path is None:
                 continue
             try:
-                text = path.read_text(encoding="utf-8")
+                text = path.read_text(encoding="utf-8-sig")  # a BOM (a Windows editor's) is not part of a token
             except (OSError, UnicodeDecodeError) as err:
                 # Name the variable and the file, never its contents.
                 why = "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else (err.strerror or type(err).__name__)

@@ -151,6 +151,8 @@ def test_an_empty_token_file_is_refused_not_an_open_server(monkeypatch: pytest.M
     assert f"ADAPTSERVE_ADMIN_TOKENS_FILE {str(empty)!r} holds no tokens" in describe_validation_error(error.value)
     empty.write_text("tok-1\ntok-2\n")
     assert len(Settings().admin_tokens) == 2
+    empty.write_bytes(b"\xef\xbb\xbftok-1\r\n")  # saved by a Windows editor: a BOM, CRLF
+    assert [t.get_secret_value() for t in Settings().admin_tokens] == ["tok-1"]
 
 
 @pytest.mark.parametrize("name", ["ADMIN_TOKENS", "INFERENCE_TOKENS"])
