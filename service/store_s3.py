@@ -128,18 +128,50 @@ class S3Store(BundleStore):
             ) from None
         store = cls(client, settings.s3_bucket, settings.s3_prefix, settings.s3_cache_path,
                     pointer_ttl_s=settings.store_pointer_ttl_s, cache_max_bytes=settings.s3_cache_max_bytes)
-        store.check_bucket()
+        store.check_bucket(flags)
         return store
 
     def describe(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}"
 
-    def check_bucket(self) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
+    def check_bucket(self, flags: Mapping[str, str] | None = None) -> None:
+        """Fail at start-up, naming the setting to change, when the bucket cannot be used."""
+        from botocore.exceptions import (
+            BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError, ParamValidationError,
+        )
 
+        bucket, endpoint = setting_name("s3_bucket", flags), setting_name("s3_endpoint_url", flags)
         try:
             self.client.head_bucket(Bucket=self.bucket)
-        except (ClientError, BotoCoreError) as err:
+        except ParamValidationError:
+            # botocore's message is its regex of bucket names: say which setting holds the bad name.
+            raise ConfigurationError(
+                f"{bucket}: {self.bucket!r} is not a valid bucket name; S3 bucket names are 3-63 characters "
+                "of lowercase letters, digits, dots and hyphens, starting and ending with a letter or digit"
+            ) from None
+        except ClientError as err:
+            code = str(err.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                why = f"the bucket {self.bucket!r} does not exist; create it, or set {bucket} to an existing bucket"
+            elif code in ("403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                why = (f"access to the bucket {self.bucket!r} is denied ({code}); check the credentials "
+                       "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or the instance/pod role) and that they may "
+                       f"read and write that bucket")
+            elif code in ("400", "301", "PermanentRedirect", "AuthorizationHeaderMalformed"):
+                why = f"the bucket {self.bucket!r} refused the request ({code}); check AWS_REGION / AWS_DEFAULT_REGION"
+            else:
+                why = str(err)
+            raise ConfigurationError(f"task store {self.describe()} cannot be used: {why}") from None
+        except NoCredentialsError:
+            raise ConfigurationError(
+                f"task store {self.describe()} cannot be used: no AWS credentials found; set AWS_ACCESS_KEY_ID "
+                "and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or give the instance/pod a role)"
+            ) from None
+        except EndpointConnectionError as err:
+            raise ConfigurationError(
+                f"task store {self.describe()} cannot be used: {err}; check {endpoint} and that the server is up"
+            ) from None
+        except BotoCoreError as err:
             raise ConfigurationError(f"task store {self.describe()} cannot be used: {err}") from None
 
     # -- keys --------------------------------------------------------------------------------------

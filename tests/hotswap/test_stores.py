@@ -221,6 +221,60 @@ def test_a_missing_bucket_is_a_configuration_error(moto, aws_env: None, tmp_path
         create_app(s3_settings(moto, "no-such-bucket", tmp_path))
 
 
+def test_an_invalid_bucket_name_names_the_setting_not_botocores_regex(aws_env: None, tmp_path: Path) -> None:
+    # botocore refuses the name before sending anything: no S3 server is needed.
+    with pytest.raises(ConfigurationError) as caught:
+        create_app(Settings(store_backend="s3", s3_bucket="Bad_Bucket!", s3_endpoint_url="http://127.0.0.1:9",
+                            s3_cache_dir=tmp_path))
+    message = str(caught.value)
+    assert "ADAPTSERVE_S3_BUCKET" in message and "'Bad_Bucket!' is not a valid bucket name" in message
+    assert "regex" not in message and "arn:" not in message
+
+
+def test_a_missing_bucket_says_it_does_not_exist_and_names_the_setting(moto, aws_env: None, tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="the bucket 'no-such-bucket' does not exist; create it, or set "
+                                                 "ADAPTSERVE_S3_BUCKET"):
+        create_app(s3_settings(moto, "no-such-bucket", tmp_path))
+
+
+def test_an_unreachable_endpoint_or_no_credentials_name_what_to_check(monkeypatch: pytest.MonkeyPatch,
+                                                                    aws_env: None, tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="check ADAPTSERVE_S3_ENDPOINT_URL and that the server is up"):
+        create_app(Settings(store_backend="s3", s3_bucket="b", s3_endpoint_url="http://127.0.0.1:9", s3_cache_dir=tmp_path))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(ConfigurationError, match="no AWS credentials found; set AWS_ACCESS_KEY_ID"):
+        create_app(Settings(store_backend="s3", s3_bucket="b", s3_endpoint_url="http://127.0.0.1:9", s3_cache_dir=tmp_path))
+
+
+def test_credentials_the_server_refuses_say_so(monkeypatch: pytest.MonkeyPatch, aws_env: None, tmp_path: Path) -> None:
+    # A moto_server that checks signatures: the keys "testing" belong to no user it knows.
+    # (Its root answers 500 without a signature, so readiness is asked of its own API.)
+    import shutil
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.hotswap.servers import eventually
+
+    monkeypatch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "0")
+    server = MotoServer()
+    binary = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+    server.process = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(server.port)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        eventually(lambda: httpx.get(f"{server.url}/moto-api/", timeout=1).status_code == 200, timeout_s=30, interval_s=0.05)
+        with pytest.raises(ConfigurationError, match=r"access to the bucket 'tasks' is denied \(403\); check the "
+                                                     "credentials \\(AWS_ACCESS_KEY_ID"):
+            create_app(s3_settings(server, "tasks", tmp_path))
+    finally:
+        server.stop()
+
+
 def test_a_malformed_endpoint_or_an_unwritable_cache_dir_names_the_setting(aws_env: None, tmp_path: Path) -> None:
     # Both fail before any request: no S3 server is needed.
     with pytest.raises(ConfigurationError, match="ADAPTSERVE_S3_ENDPOINT_URL"):
