@@ -363,10 +363,16 @@ class S3Store(BundleStore):
     @_s3_errors
     def delete_task(self, task: str) -> None:
         validate_task_name(task)
-        keys, _ = self._list(self._key(task, ""))
-        if not keys:
+        root = self._key(task, "")
+        keys, _ = self._list(root)
+        # Only the task's own objects: its pointers and its versions' two files. Anything else under
+        # `<prefix><task>/` is not this store's to delete: above all another deployment's store whose
+        # prefix sits inside this one's (this store at the bucket root, that one at `team-a/`: every
+        # key of it is under `team-a/`, which looks like a task named team-a), or objects put there by
+        # hand. A "task" with none of its own objects is not found, as its GET says.
+        names = sorted(k for k in keys if self._task_object(k[len(root):]))
+        if not names:
             raise TaskNotFound(f"task {task!r} not found")
-        names = sorted(keys)
         for start in range(0, len(names), 1000):  # DeleteObjects takes at most 1000 keys
             batch = [{"Key": k} for k in names[start : start + 1000]]
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
@@ -385,6 +391,14 @@ class S3Store(BundleStore):
             shutil.rmtree(self.cache_dir / task, ignore_errors=True)
 
     # -- helpers -----------------------------------------------------------------------------------
+    @staticmethod
+    def _task_object(rest: str) -> bool:
+        """Whether a key, relative to `<prefix><task>/`, is one of the objects a task is made of."""
+        parts = rest.split("/")
+        if len(parts) == 1:
+            return parts[0] in POINTERS
+        return len(parts) == 2 and is_version_id(parts[0]) and parts[1] in (CONFIG_FILE, WEIGHTS_FILE)
+
     def _incomplete(self, key: TaskKey) -> TaskUnavailable:
         """Why `key` cannot be fetched, an object of it being absent: no such version, or which
         of its objects went missing."""

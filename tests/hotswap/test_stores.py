@@ -342,6 +342,39 @@ def test_the_s3_cache_keeps_to_its_byte_budget_least_recently_used_first(moto, b
     assert cached() == {keys[2], keys[1], keys[3]} and store.trim_cache() == []
 
 
+def test_deleting_a_task_never_deletes_another_stores_prefix_or_objects_not_its_own(moto, bucket: str, tmp_path: Path,
+                                                                                     info) -> None:
+    """A store at the bucket root sees a store at `team-a/` as a prefix `team-a/`, like a task named
+    team-a: deleting "task team-a" there is 404 (as its GET is) and leaves team-a's store whole.
+    Deleting a real task removes its pointers and versions, not objects someone else put beside them."""
+    import boto3
+    from service.store_s3 import S3Store
+
+    team = S3Store.from_settings(s3_settings(moto, bucket, tmp_path))  # prefix team-a/
+    root = S3Store.from_settings(s3_settings(moto, bucket, tmp_path).model_copy(update={"s3_prefix": ""}))
+    config, weights = make_bundle(info, seed=1)
+    version = content_version(config, weights)
+    team.put_version("sentiment", version, config, weights)
+    team.write_pointer("sentiment", ACTIVE_FILE, version + "\n")
+    s3 = boto3.client("s3", endpoint_url=moto.url)
+    s3.put_object(Bucket=bucket, Key="junk/notes.txt", Body=b"someone's notes")
+
+    def keys() -> set[str]:
+        return {o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])}
+
+    before = keys()
+    for name in ("team-a", "junk"):
+        with pytest.raises(TaskNotFound):
+            root.delete_task(name)
+    assert keys() == before
+    assert team.resolve("sentiment") == TaskKey("sentiment", version)
+
+    root.put_version("sentiment", version, config, weights)
+    s3.put_object(Bucket=bucket, Key="sentiment/notes.txt", Body=b"kept")
+    root.delete_task("sentiment")
+    assert keys() == before | {"sentiment/notes.txt"}
+
+
 def test_a_cached_s3_copy_that_rotted_on_local_disk_is_fetched_again(moto, bucket: str, tmp_path: Path, info) -> None:
     from service.store_s3 import S3Store
 
