@@ -8,8 +8,9 @@ config files, instance and pod roles) is what operators expect; speaking SigV4 b
 a liability. Works with AWS S3 and S3-compatible servers (`s3_endpoint_url`: MinIO, Ceph, moto).
 
 Publishing a version PUTs the weights first and the config last, and deleting one removes the
-config first: the config object marks a version as published, so a version is listed once its
-config exists; each PUT is atomic and durable when it returns (S3 is strongly consistent for new
+weights first: the config object marks a version as published, so a version is listed once its
+config exists, and until its config is gone (a delete that died half way leaves a version listed
+as damaged, which a retried delete removes); each PUT is atomic and durable when it returns (S3 is strongly consistent for new
 objects), so the registry never points at a version still being written. A version whose weights
 object went missing is still listed (it exists, damaged: activating it is refused with 422 naming
 the missing object), and so is one whose config alone went missing, once its weights are older
@@ -48,8 +49,7 @@ log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 CACHE_GRACE_S = 60.0  # a cached copy used this recently is never dropped: its reader may still be at it
 # Weights without a config object are a publish between its two PUTs (the config follows at once: one
-# small PUT, under 30 s even with the client's retries and timeouts in `from_settings`) or a delete
-# between its two DELETEs; older than this, they are a version whose config went missing (a hand
+# small PUT, under 30 s even with the client's retries and timeouts in `from_settings`); older than this, they are a version whose config went missing (a hand
 # delete, a write that died), listed so that it can be named, repaired by an upload, or deleted.
 # Ten times that bound: LastModified is the bucket's clock, compared with this replica's.
 PARTIAL_GRACE_S = 300.0
@@ -355,8 +355,12 @@ class S3Store(BundleStore):
     def delete_version(self, key: TaskKey) -> None:
         validate_task_name(key.name)
         validate_version(key.name, key.version)
-        # Config first: the version stops being listed before its weights go.
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
+        # Weights first, config last (the reverse of a publish): a delete that fails half way leaves the
+        # config, so the version stays listed (damaged, naming its missing weights) and the client's
+        # retry of the delete finds it. Config first would leave weights alone, which `versions` hides
+        # for `partial_grace_s` (they may be a publish in flight): a retry would get 404 and the
+        # weights would stay, to reappear minutes later as a version nobody asked for.
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key.name, key.version, name))
         self.drop_local_copy(key)
 
@@ -373,13 +377,25 @@ class S3Store(BundleStore):
         names = sorted(k for k in keys if self._task_object(k[len(root):]))
         if not names:
             raise TaskNotFound(f"task {task!r} not found")
+        errors: list[dict[str, Any]] = []
         for start in range(0, len(names), 1000):  # DeleteObjects takes at most 1000 keys
             batch = [{"Key": k} for k in names[start : start + 1000]]
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            # DeleteObjects answers 200 even when keys were refused (AccessDenied from a bucket policy,
+            # an object lock): each is in Errors. The task is not deleted then; a retry finishes it.
+            errors += answer.get("Errors", [])
         with self._lock:
             for pointer in POINTERS:
                 self._pointer_cache.pop((task, pointer), None)
         self.drop_local_task(task)
+        if errors:
+            log.warning("task store %s: delete_task %s: %d object(s) not deleted: %s", self.describe(), task,
+                        len(errors), errors[:5])
+            codes = sorted({str(e.get("Code", "error")) for e in errors})
+            raise StoreUnavailable(
+                f"task store {self.describe()} refused to delete {len(errors)} object(s) of task {task!r} "
+                f"({', '.join(codes)}), so it is only partly deleted; retry the delete (see the server log)"
+            )
 
     def drop_local_copy(self, key: TaskKey) -> None:
         # Names heard from the registry feed: a path is built only from valid ones (fetch caches no other).

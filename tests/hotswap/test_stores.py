@@ -375,6 +375,72 @@ def test_deleting_a_task_never_deletes_another_stores_prefix_or_objects_not_its_
     assert keys() == before | {"sentiment/notes.txt"}
 
 
+def test_an_s3_version_delete_that_failed_half_way_stays_listed_and_a_retry_finishes_it(
+        moto, bucket: str, tmp_path: Path, info, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second DELETE of a version fails (S3 answers 500 twice): the client got a 503 and will
+    retry, so the version must still be listed (the registry answers 404 for a version it does not
+    list) and the retry must leave nothing of it behind."""
+    import boto3
+    from botocore.exceptions import ClientError
+    from service.errors import StoreUnavailable
+    from service.store_s3 import S3Store
+
+    store = S3Store.from_settings(s3_settings(moto, bucket, tmp_path))
+    config, weights = make_bundle(info, seed=1)
+    version = content_version(config, weights)
+    store.put_version("sentiment", version, config, weights)
+    key = TaskKey("sentiment", version)
+    real, calls = store.client.delete_object, []
+
+    def second_fails(**kwargs: object) -> object:
+        calls.append(kwargs["Key"])
+        if len(calls) == 2:
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "injected"}}, "DeleteObject")
+        return real(**kwargs)
+
+    monkeypatch.setattr(store.client, "delete_object", second_fails)
+    with pytest.raises(StoreUnavailable, match="InternalError"):
+        store.delete_version(key)
+    assert store.has_version("sentiment", version)
+    assert store.missing_files(key) == [WEIGHTS]  # listed as what it is: damaged, naming what is gone
+    store.delete_version(key)
+    left = boto3.client("s3", endpoint_url=moto.url).list_objects_v2(Bucket=bucket, Prefix=f"team-a/sentiment/{version}/")
+    assert left["KeyCount"] == 0
+
+
+def test_an_s3_task_delete_whose_objects_were_refused_is_an_error_not_a_success(
+        moto, bucket: str, tmp_path: Path, info, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeleteObjects answers 200 listing the keys it refused (a bucket policy, an object lock): the
+    delete must fail saying so, not report the task deleted while its objects stay."""
+    import boto3
+    from service.errors import StoreUnavailable
+    from service.store_s3 import S3Store
+
+    store = S3Store.from_settings(s3_settings(moto, bucket, tmp_path))
+    config, weights = make_bundle(info, seed=1)
+    version = content_version(config, weights)
+    store.put_version("sentiment", version, config, weights)
+    store.write_pointer("sentiment", ACTIVE_FILE, version + "\n")
+    locked = f"team-a/sentiment/{version}/{WEIGHTS}"
+    real = store.client.delete_objects
+
+    def refuse_locked(**kwargs: dict) -> dict:
+        objects = kwargs["Delete"]["Objects"]
+        kept = [o for o in objects if o["Key"] != locked]
+        answer = real(**{**kwargs, "Delete": {**kwargs["Delete"], "Objects": kept}})
+        refused = [{"Key": locked, "Code": "AccessDenied", "Message": "Access Denied"}] if len(kept) < len(objects) else []
+        return {**answer, "Errors": answer.get("Errors", []) + refused}
+
+    monkeypatch.setattr(store.client, "delete_objects", refuse_locked)
+    with pytest.raises(StoreUnavailable, match=r"refused to delete 1 object\(s\) of task 'sentiment' \(AccessDenied\)"):
+        store.delete_task("sentiment")
+    s3 = boto3.client("s3", endpoint_url=moto.url)
+    assert {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]} == {locked}
+    monkeypatch.setattr(store.client, "delete_objects", real)
+    store.delete_task("sentiment")  # the retry finishes it
+    assert s3.list_objects_v2(Bucket=bucket)["KeyCount"] == 0
+
+
 def test_a_cached_s3_copy_that_rotted_on_local_disk_is_fetched_again(moto, bucket: str, tmp_path: Path, info) -> None:
     from service.store_s3 import S3Store
 
