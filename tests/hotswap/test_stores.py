@@ -519,6 +519,42 @@ def test_a_full_disk_is_the_store_unavailable_naming_the_bundle(tmp_path: Path, 
         store.put_version("sentiment", content_version(config, weights), config, weights)
 
 
+def test_an_s3_outage_is_a_503_with_retry_after_and_the_replica_recovers_without_a_restart(
+        tmp_path: Path, aws_env: None, engine, info) -> None:
+    """moto_server killed: a task this replica serves keeps serving; reads and admin calls that need
+    the bucket get 503 `store_unavailable` with Retry-After (as every other 503 a client should retry),
+    and once S3 is back (a fresh, empty server on the same port) the same replica writes again."""
+    import boto3
+
+    moto = MotoServer().start()
+    name = f"tasks-{uuid.uuid4().hex[:10]}"
+    try:
+        boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1").create_bucket(Bucket=name)
+        settings = s3_settings(moto, name, tmp_path, max_wait_ms=1.0)
+        with TestClient(create_app(settings, engine=engine)) as client:
+            wait_ready(client)
+            assert client.post("/v1/tasks/sentiment/versions", files=files(*make_bundle(info, seed=1))).status_code == 201
+            assert client.post("/v1/tasks/sentiment/classify", json={"inputs": ["fun"]}).status_code == 200
+            moto.stop()
+            assert client.post("/v1/tasks/sentiment/classify", json={"inputs": ["fun"]}).status_code == 200
+            for answer in (client.get("/v1/tasks"),
+                           client.post("/v1/tasks/sentiment/versions", files=files(*make_bundle(info, seed=2))),
+                           client.post("/v1/tasks/other/classify", json={"inputs": ["x"]})):
+                assert answer.status_code == 503, answer.text
+                assert answer.json()["error_type"] == "store_unavailable"
+                assert answer.headers.get("Retry-After") == "1"
+            port = moto.port
+            moto = MotoServer()
+            moto.port, moto.url = port, f"http://127.0.0.1:{port}"
+            moto.start()
+            boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1").create_bucket(Bucket=name)
+            again = client.post("/v1/tasks/sentiment/versions", files=files(*make_bundle(info, seed=2)))
+            assert again.status_code == 201, again.text
+            assert client.post("/v1/tasks/sentiment/classify", json={"inputs": ["fun"]}).json()["version"] == again.json()["version"]
+    finally:
+        moto.stop()
+
+
 def test_a_hung_s3_endpoint_does_not_stall_the_tasks_a_replica_serves(tmp_path: Path, aws_env: None, engine, info) -> None:
     """S3 stops answering (SIGSTOP: connections open, no replies). A task this replica serves keeps
     answering at once with the version it last read (the pointer is refreshed in the background),
