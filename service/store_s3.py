@@ -9,20 +9,20 @@ a liability. Works with AWS S3 and S3-compatible servers (`s3_endpoint_url`: Min
 
 Publishing a version PUTs the weights first and the config last, and deleting one removes the
 weights first: the config object marks a version as published, so a version is listed once its
-config exists, and until its config is gone (a delete that died half way leaves a version listed
-as damaged, which a retried delete removes); each PUT is atomic and durable when it returns (S3 is strongly consistent for new
-objects), so the registry never points at a version still being written. A version whose weights
-object went missing is still listed (it exists, damaged: activating it is refused with 422 naming
-the missing object), and so is one whose config alone went missing, once its weights are older
-than `partial_grace_s` (younger, they may be a publish between its two PUTs). Publishing a
-version whose objects are there but damaged (missing, or not hashing to the version id) PUTs both
-again, each replacing its object in one step: that is how a re-upload repairs it. Bundles are
-fetched into a local cache directory (download to a temp dir, verify the content hash, rename):
+config exists, and until its config is gone (a delete that died half way leaves a version listed as
+damaged, which a retried delete removes); each PUT is atomic and durable when it returns (S3 is
+strongly consistent for new objects), so the registry never points at a version still being written.
+A version whose weights object went missing is still listed (it exists, damaged: activating it is
+refused with 422 naming the missing object), and so is one whose config alone went missing, once its
+weights are older than `partial_grace_s` (younger, they may be a publish between its two PUTs).
+Publishing a version whose objects are there but damaged (missing, or not hashing to the version id)
+PUTs both again, each replacing its object in one step: that is how a re-upload repairs it. Bundles
+are fetched into a local cache directory (download to a temp dir, verify the content hash, rename):
 a version is immutable and named by its hash, so a cached copy never goes stale. The cache is
 bounded (`s3_cache_max_bytes`): after a fetch, the copies used least recently go first, but never
 one used within `CACHE_GRACE_S` (a path just handed out is being read), so the bound is soft. A
-version or task deleted leaves the cache at once: on the replica that deleted it, and on every
-other replica when it hears the delete (`drop_local_copy`, `drop_local_task`).
+version or task deleted leaves the cache at once: on the replica that deleted it, and on every other
+replica when it hears the delete (`drop_local_copy`, `drop_local_task`).
 """
 from __future__ import annotations
 
@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 CACHE_GRACE_S = 60.0  # a cached copy used this recently is never dropped: its reader may still be at it
 # Weights without a config object are a publish between its two PUTs (the config follows at once: one
-# small PUT, under 30 s even with the client's retries and timeouts in `from_settings`); older than this, they are a version whose config went missing (a hand
-# delete, a write that died), listed so that it can be named, repaired by an upload, or deleted.
+# small PUT, under 30 s even with the client's retries and timeouts in `from_settings`); older than
+# this, they are a version whose config went missing (a hand delete, a write that died), listed so
+# that it can be named, repaired by an upload, or deleted.
 # Ten times that bound: LastModified is the bucket's clock, compared with this replica's.
 PARTIAL_GRACE_S = 300.0
 
