@@ -8,20 +8,21 @@ config files, instance and pod roles) is what operators expect; speaking SigV4 b
 a liability. Works with AWS S3 and S3-compatible servers (`s3_endpoint_url`: MinIO, Ceph, moto).
 
 Publishing a version PUTs the weights first and the config last, and deleting one removes the
-config first: the config object marks a version as published, so a version is listed once its
-config exists; each PUT is atomic and durable when it returns (S3 is strongly consistent for new
-objects), so the registry never points at a version still being written. A version whose weights
-object went missing is still listed (it exists, damaged: activating it is refused with 422 naming
-the missing object), and so is one whose config alone went missing, once its weights are older
-than `partial_grace_s` (younger, they may be a publish between its two PUTs). Publishing a
-version whose objects are there but damaged (missing, or not hashing to the version id) PUTs both
-again, each replacing its object in one step: that is how a re-upload repairs it. Bundles are
-fetched into a local cache directory (download to a temp dir, verify the content hash, rename):
+weights first: the config object marks a version as published, so a version is listed once its
+config exists, and until its config is gone (a delete that died half way leaves a version listed as
+damaged, which a retried delete removes); each PUT is atomic and durable when it returns (S3 is
+strongly consistent for new objects), so the registry never points at a version still being written.
+A version whose weights object went missing is still listed (it exists, damaged: activating it is
+refused with 422 naming the missing object), and so is one whose config alone went missing, once its
+weights are older than `partial_grace_s` (younger, they may be a publish between its two PUTs).
+Publishing a version whose objects are there but damaged (missing, or not hashing to the version id)
+PUTs both again, each replacing its object in one step: that is how a re-upload repairs it. Bundles
+are fetched into a local cache directory (download to a temp dir, verify the content hash, rename):
 a version is immutable and named by its hash, so a cached copy never goes stale. The cache is
 bounded (`s3_cache_max_bytes`): after a fetch, the copies used least recently go first, but never
 one used within `CACHE_GRACE_S` (a path just handed out is being read), so the bound is soft. A
-version or task deleted leaves the cache at once: on the replica that deleted it, and on every
-other replica when it hears the delete (`drop_local_copy`, `drop_local_task`).
+version or task deleted leaves the cache at once: on the replica that deleted it, and on every other
+replica when it hears the delete (`drop_local_copy`, `drop_local_task`).
 """
 from __future__ import annotations
 
@@ -48,9 +49,9 @@ log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 CACHE_GRACE_S = 60.0  # a cached copy used this recently is never dropped: its reader may still be at it
 # Weights without a config object are a publish between its two PUTs (the config follows at once: one
-# small PUT, under 30 s even with the client's retries and timeouts in `from_settings`) or a delete
-# between its two DELETEs; older than this, they are a version whose config went missing (a hand
-# delete, a write that died), listed so that it can be named, repaired by an upload, or deleted.
+# small PUT, under 30 s even with the client's retries and timeouts in `from_settings`); older than
+# this, they are a version whose config went missing (a hand delete, a write that died), listed so
+# that it can be named, repaired by an upload, or deleted.
 # Ten times that bound: LastModified is the bucket's clock, compared with this replica's.
 PARTIAL_GRACE_S = 300.0
 
@@ -69,7 +70,10 @@ def _s3_errors(method: F) -> F:
             # the log keeps the whole error.
             log.warning("task store %s: %s failed: %s", self.describe(), method.__name__, err)
             what = err.response.get("Error", {}).get("Code", "error") if isinstance(err, ClientError) else type(err).__name__
-            raise StoreUnavailable(f"task store {self.describe()} failed ({what}); see the server log") from err
+            # Retry-After, as the other 503s that pass (registry_unavailable, a remembered failed load):
+            # an outage of the bucket is something to retry, not to give up on.
+            raise StoreUnavailable(f"task store {self.describe()} failed ({what}); see the server log",
+                                   headers={"Retry-After": "1"}) from err
 
     return wrapped  # type: ignore[return-value]
 
@@ -128,18 +132,50 @@ class S3Store(BundleStore):
             ) from None
         store = cls(client, settings.s3_bucket, settings.s3_prefix, settings.s3_cache_path,
                     pointer_ttl_s=settings.store_pointer_ttl_s, cache_max_bytes=settings.s3_cache_max_bytes)
-        store.check_bucket()
+        store.check_bucket(flags)
         return store
 
     def describe(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}"
 
-    def check_bucket(self) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
+    def check_bucket(self, flags: Mapping[str, str] | None = None) -> None:
+        """Fail at start-up, naming the setting to change, when the bucket cannot be used."""
+        from botocore.exceptions import (
+            BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError, ParamValidationError,
+        )
 
+        bucket, endpoint = setting_name("s3_bucket", flags), setting_name("s3_endpoint_url", flags)
         try:
             self.client.head_bucket(Bucket=self.bucket)
-        except (ClientError, BotoCoreError) as err:
+        except ParamValidationError:
+            # botocore's message is its regex of bucket names: say which setting holds the bad name.
+            raise ConfigurationError(
+                f"{bucket}: {self.bucket!r} is not a valid bucket name; S3 bucket names are 3-63 characters "
+                "of lowercase letters, digits, dots and hyphens, starting and ending with a letter or digit"
+            ) from None
+        except ClientError as err:
+            code = str(err.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                why = f"the bucket {self.bucket!r} does not exist; create it, or set {bucket} to an existing bucket"
+            elif code in ("403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                why = (f"access to the bucket {self.bucket!r} is denied ({code}); check the credentials "
+                       "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or the instance/pod role) and that they may "
+                       f"read and write that bucket")
+            elif code in ("400", "301", "PermanentRedirect", "AuthorizationHeaderMalformed"):
+                why = f"the bucket {self.bucket!r} refused the request ({code}); check AWS_REGION / AWS_DEFAULT_REGION"
+            else:
+                why = str(err)
+            raise ConfigurationError(f"task store {self.describe()} cannot be used: {why}") from None
+        except NoCredentialsError:
+            raise ConfigurationError(
+                f"task store {self.describe()} cannot be used: no AWS credentials found; set AWS_ACCESS_KEY_ID "
+                "and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or give the instance/pod a role)"
+            ) from None
+        except EndpointConnectionError as err:
+            raise ConfigurationError(
+                f"task store {self.describe()} cannot be used: {err}; check {endpoint} and that the server is up"
+            ) from None
+        except BotoCoreError as err:
             raise ConfigurationError(f"task store {self.describe()} cannot be used: {err}") from None
 
     # -- keys --------------------------------------------------------------------------------------
@@ -323,25 +359,48 @@ class S3Store(BundleStore):
     def delete_version(self, key: TaskKey) -> None:
         validate_task_name(key.name)
         validate_version(key.name, key.version)
-        # Config first: the version stops being listed before its weights go.
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
+        # Weights first, config last (the reverse of a publish): a delete that fails half way leaves the
+        # config, so the version stays listed (damaged, naming its missing weights) and the client's
+        # retry of the delete finds it. Config first would leave weights alone, which `versions` hides
+        # for `partial_grace_s` (they may be a publish in flight): a retry would get 404 and the
+        # weights would stay, to reappear minutes later as a version nobody asked for.
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key.name, key.version, name))
         self.drop_local_copy(key)
 
     @_s3_errors
     def delete_task(self, task: str) -> None:
         validate_task_name(task)
-        keys, _ = self._list(self._key(task, ""))
-        if not keys:
+        root = self._key(task, "")
+        keys, _ = self._list(root)
+        # Only the task's own objects: its pointers and its versions' two files. Anything else under
+        # `<prefix><task>/` is not this store's to delete: above all another deployment's store whose
+        # prefix sits inside this one's (this store at the bucket root, that one at `team-a/`: every
+        # key of it is under `team-a/`, which looks like a task named team-a), or objects put there by
+        # hand. A "task" with none of its own objects is not found, as its GET says.
+        names = sorted(k for k in keys if self._task_object(k[len(root):]))
+        if not names:
             raise TaskNotFound(f"task {task!r} not found")
-        names = sorted(keys)
+        errors: list[dict[str, Any]] = []
         for start in range(0, len(names), 1000):  # DeleteObjects takes at most 1000 keys
             batch = [{"Key": k} for k in names[start : start + 1000]]
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            # DeleteObjects answers 200 even when keys were refused (AccessDenied from a bucket policy,
+            # an object lock): each is in Errors. The task is not deleted then; a retry finishes it.
+            errors += answer.get("Errors", [])
         with self._lock:
             for pointer in POINTERS:
                 self._pointer_cache.pop((task, pointer), None)
         self.drop_local_task(task)
+        if errors:
+            log.warning("task store %s: delete_task %s: %d object(s) not deleted: %s", self.describe(), task,
+                        len(errors), errors[:5])
+            codes = sorted({str(e.get("Code", "error")) for e in errors})
+            raise StoreUnavailable(
+                f"task store {self.describe()} refused to delete {len(errors)} object(s) of task {task!r} "
+                f"({', '.join(codes)}), so it is only partly deleted; retry the delete (see the server log)",
+                headers={"Retry-After": "1"},
+            )
 
     def drop_local_copy(self, key: TaskKey) -> None:
         # Names heard from the registry feed: a path is built only from valid ones (fetch caches no other).
@@ -353,6 +412,14 @@ class S3Store(BundleStore):
             shutil.rmtree(self.cache_dir / task, ignore_errors=True)
 
     # -- helpers -----------------------------------------------------------------------------------
+    @staticmethod
+    def _task_object(rest: str) -> bool:
+        """Whether a key, relative to `<prefix><task>/`, is one of the objects a task is made of."""
+        parts = rest.split("/")
+        if len(parts) == 1:
+            return parts[0] in POINTERS
+        return len(parts) == 2 and is_version_id(parts[0]) and parts[1] in (CONFIG_FILE, WEIGHTS_FILE)
+
     def _incomplete(self, key: TaskKey) -> TaskUnavailable:
         """Why `key` cannot be fetched, an object of it being absent: no such version, or which
         of its objects went missing."""

@@ -221,6 +221,60 @@ def test_a_missing_bucket_is_a_configuration_error(moto, aws_env: None, tmp_path
         create_app(s3_settings(moto, "no-such-bucket", tmp_path))
 
 
+def test_an_invalid_bucket_name_names_the_setting_not_botocores_regex(aws_env: None, tmp_path: Path) -> None:
+    # botocore refuses the name before sending anything: no S3 server is needed.
+    with pytest.raises(ConfigurationError) as caught:
+        create_app(Settings(store_backend="s3", s3_bucket="Bad_Bucket!", s3_endpoint_url="http://127.0.0.1:9",
+                            s3_cache_dir=tmp_path))
+    message = str(caught.value)
+    assert "ADAPTSERVE_S3_BUCKET" in message and "'Bad_Bucket!' is not a valid bucket name" in message
+    assert "regex" not in message and "arn:" not in message
+
+
+def test_a_missing_bucket_says_it_does_not_exist_and_names_the_setting(moto, aws_env: None, tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="the bucket 'no-such-bucket' does not exist; create it, or set "
+                                                 "ADAPTSERVE_S3_BUCKET"):
+        create_app(s3_settings(moto, "no-such-bucket", tmp_path))
+
+
+def test_an_unreachable_endpoint_or_no_credentials_name_what_to_check(monkeypatch: pytest.MonkeyPatch,
+                                                                    aws_env: None, tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match="check ADAPTSERVE_S3_ENDPOINT_URL and that the server is up"):
+        create_app(Settings(store_backend="s3", s3_bucket="b", s3_endpoint_url="http://127.0.0.1:9", s3_cache_dir=tmp_path))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(ConfigurationError, match="no AWS credentials found; set AWS_ACCESS_KEY_ID"):
+        create_app(Settings(store_backend="s3", s3_bucket="b", s3_endpoint_url="http://127.0.0.1:9", s3_cache_dir=tmp_path))
+
+
+def test_credentials_the_server_refuses_say_so(monkeypatch: pytest.MonkeyPatch, aws_env: None, tmp_path: Path) -> None:
+    # A moto_server that checks signatures: the keys "testing" belong to no user it knows.
+    # (Its root answers 500 without a signature, so readiness is asked of its own API.)
+    import shutil
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.hotswap.servers import eventually
+
+    monkeypatch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "0")
+    server = MotoServer()
+    binary = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+    server.process = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(server.port)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        eventually(lambda: httpx.get(f"{server.url}/moto-api/", timeout=1).status_code == 200, timeout_s=30, interval_s=0.05)
+        with pytest.raises(ConfigurationError, match=r"access to the bucket 'tasks' is denied \(403\); check the "
+                                                     "credentials \\(AWS_ACCESS_KEY_ID"):
+            create_app(s3_settings(server, "tasks", tmp_path))
+    finally:
+        server.stop()
+
+
 def test_a_malformed_endpoint_or_an_unwritable_cache_dir_names_the_setting(aws_env: None, tmp_path: Path) -> None:
     # Both fail before any request: no S3 server is needed.
     with pytest.raises(ConfigurationError, match="ADAPTSERVE_S3_ENDPOINT_URL"):
@@ -286,6 +340,105 @@ def test_the_s3_cache_keeps_to_its_byte_budget_least_recently_used_first(moto, b
     store.cache_grace_s = 3600.0  # everything was used within the grace period: nothing is dropped
     use(keys[3])
     assert cached() == {keys[2], keys[1], keys[3]} and store.trim_cache() == []
+
+
+def test_deleting_a_task_never_deletes_another_stores_prefix_or_objects_not_its_own(moto, bucket: str, tmp_path: Path,
+                                                                                     info) -> None:
+    """A store at the bucket root sees a store at `team-a/` as a prefix `team-a/`, like a task named
+    team-a: deleting "task team-a" there is 404 (as its GET is) and leaves team-a's store whole.
+    Deleting a real task removes its pointers and versions, not objects someone else put beside them."""
+    import boto3
+    from service.store_s3 import S3Store
+
+    team = S3Store.from_settings(s3_settings(moto, bucket, tmp_path))  # prefix team-a/
+    root = S3Store.from_settings(s3_settings(moto, bucket, tmp_path).model_copy(update={"s3_prefix": ""}))
+    config, weights = make_bundle(info, seed=1)
+    version = content_version(config, weights)
+    team.put_version("sentiment", version, config, weights)
+    team.write_pointer("sentiment", ACTIVE_FILE, version + "\n")
+    s3 = boto3.client("s3", endpoint_url=moto.url)
+    s3.put_object(Bucket=bucket, Key="junk/notes.txt", Body=b"someone's notes")
+
+    def keys() -> set[str]:
+        return {o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])}
+
+    before = keys()
+    for name in ("team-a", "junk"):
+        with pytest.raises(TaskNotFound):
+            root.delete_task(name)
+    assert keys() == before
+    assert team.resolve("sentiment") == TaskKey("sentiment", version)
+
+    root.put_version("sentiment", version, config, weights)
+    s3.put_object(Bucket=bucket, Key="sentiment/notes.txt", Body=b"kept")
+    root.delete_task("sentiment")
+    assert keys() == before | {"sentiment/notes.txt"}
+
+
+def test_an_s3_version_delete_that_failed_half_way_stays_listed_and_a_retry_finishes_it(
+        moto, bucket: str, tmp_path: Path, info, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second DELETE of a version fails (S3 answers 500 twice): the client got a 503 and will
+    retry, so the version must still be listed (the registry answers 404 for a version it does not
+    list) and the retry must leave nothing of it behind."""
+    import boto3
+    from botocore.exceptions import ClientError
+    from service.errors import StoreUnavailable
+    from service.store_s3 import S3Store
+
+    store = S3Store.from_settings(s3_settings(moto, bucket, tmp_path))
+    config, weights = make_bundle(info, seed=1)
+    version = content_version(config, weights)
+    store.put_version("sentiment", version, config, weights)
+    key = TaskKey("sentiment", version)
+    real, calls = store.client.delete_object, []
+
+    def second_fails(**kwargs: object) -> object:
+        calls.append(kwargs["Key"])
+        if len(calls) == 2:
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "injected"}}, "DeleteObject")
+        return real(**kwargs)
+
+    monkeypatch.setattr(store.client, "delete_object", second_fails)
+    with pytest.raises(StoreUnavailable, match="InternalError"):
+        store.delete_version(key)
+    assert store.has_version("sentiment", version)
+    assert store.missing_files(key) == [WEIGHTS]  # listed as what it is: damaged, naming what is gone
+    store.delete_version(key)
+    left = boto3.client("s3", endpoint_url=moto.url).list_objects_v2(Bucket=bucket, Prefix=f"team-a/sentiment/{version}/")
+    assert left["KeyCount"] == 0
+
+
+def test_an_s3_task_delete_whose_objects_were_refused_is_an_error_not_a_success(
+        moto, bucket: str, tmp_path: Path, info, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeleteObjects answers 200 listing the keys it refused (a bucket policy, an object lock): the
+    delete must fail saying so, not report the task deleted while its objects stay."""
+    import boto3
+    from service.errors import StoreUnavailable
+    from service.store_s3 import S3Store
+
+    store = S3Store.from_settings(s3_settings(moto, bucket, tmp_path))
+    config, weights = make_bundle(info, seed=1)
+    version = content_version(config, weights)
+    store.put_version("sentiment", version, config, weights)
+    store.write_pointer("sentiment", ACTIVE_FILE, version + "\n")
+    locked = f"team-a/sentiment/{version}/{WEIGHTS}"
+    real = store.client.delete_objects
+
+    def refuse_locked(**kwargs: dict) -> dict:
+        objects = kwargs["Delete"]["Objects"]
+        kept = [o for o in objects if o["Key"] != locked]
+        answer = real(**{**kwargs, "Delete": {**kwargs["Delete"], "Objects": kept}})
+        refused = [{"Key": locked, "Code": "AccessDenied", "Message": "Access Denied"}] if len(kept) < len(objects) else []
+        return {**answer, "Errors": answer.get("Errors", []) + refused}
+
+    monkeypatch.setattr(store.client, "delete_objects", refuse_locked)
+    with pytest.raises(StoreUnavailable, match=r"refused to delete 1 object\(s\) of task 'sentiment' \(AccessDenied\)"):
+        store.delete_task("sentiment")
+    s3 = boto3.client("s3", endpoint_url=moto.url)
+    assert {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]} == {locked}
+    monkeypatch.setattr(store.client, "delete_objects", real)
+    store.delete_task("sentiment")  # the retry finishes it
+    assert s3.list_objects_v2(Bucket=bucket)["KeyCount"] == 0
 
 
 def test_a_cached_s3_copy_that_rotted_on_local_disk_is_fetched_again(moto, bucket: str, tmp_path: Path, info) -> None:
@@ -364,6 +517,42 @@ def test_a_full_disk_is_the_store_unavailable_naming_the_bundle(tmp_path: Path, 
     monkeypatch.setattr(bundle.os, "fsync", full)
     with pytest.raises(StoreUnavailable, match=r"cannot store task 'sentiment' .*No space left on device"):
         store.put_version("sentiment", content_version(config, weights), config, weights)
+
+
+def test_an_s3_outage_is_a_503_with_retry_after_and_the_replica_recovers_without_a_restart(
+        tmp_path: Path, aws_env: None, engine, info) -> None:
+    """moto_server killed: a task this replica serves keeps serving; reads and admin calls that need
+    the bucket get 503 `store_unavailable` with Retry-After (as every other 503 a client should retry),
+    and once S3 is back (a fresh, empty server on the same port) the same replica writes again."""
+    import boto3
+
+    moto = MotoServer().start()
+    name = f"tasks-{uuid.uuid4().hex[:10]}"
+    try:
+        boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1").create_bucket(Bucket=name)
+        settings = s3_settings(moto, name, tmp_path, max_wait_ms=1.0)
+        with TestClient(create_app(settings, engine=engine)) as client:
+            wait_ready(client)
+            assert client.post("/v1/tasks/sentiment/versions", files=files(*make_bundle(info, seed=1))).status_code == 201
+            assert client.post("/v1/tasks/sentiment/classify", json={"inputs": ["fun"]}).status_code == 200
+            moto.stop()
+            assert client.post("/v1/tasks/sentiment/classify", json={"inputs": ["fun"]}).status_code == 200
+            for answer in (client.get("/v1/tasks"),
+                           client.post("/v1/tasks/sentiment/versions", files=files(*make_bundle(info, seed=2))),
+                           client.post("/v1/tasks/other/classify", json={"inputs": ["x"]})):
+                assert answer.status_code == 503, answer.text
+                assert answer.json()["error_type"] == "store_unavailable"
+                assert answer.headers.get("Retry-After") == "1"
+            port = moto.port
+            moto = MotoServer()
+            moto.port, moto.url = port, f"http://127.0.0.1:{port}"
+            moto.start()
+            boto3.client("s3", endpoint_url=moto.url, region_name="us-east-1").create_bucket(Bucket=name)
+            again = client.post("/v1/tasks/sentiment/versions", files=files(*make_bundle(info, seed=2)))
+            assert again.status_code == 201, again.text
+            assert client.post("/v1/tasks/sentiment/classify", json={"inputs": ["fun"]}).json()["version"] == again.json()["version"]
+    finally:
+        moto.stop()
 
 
 def test_a_hung_s3_endpoint_does_not_stall_the_tasks_a_replica_serves(tmp_path: Path, aws_env: None, engine, info) -> None:
