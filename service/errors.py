@@ -163,9 +163,13 @@ class RegistryUnavailable(ServiceUnavailable):
 
 class StoreUnavailable(ServiceUnavailable):
     """The task store failed or cannot be reached: an S3 endpoint, or a local store whose directory
-    is gone or unreadable (an unmounted volume)."""
+    is gone or unreadable (an unmounted volume). An outage to retry, so it says when: `Retry-After`,
+    as the other 503s that pass (registry_unavailable, a remembered failed load)."""
 
     error_type = "store_unavailable"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, headers={"Retry-After": "1", **(headers or {})})
 
 
 class InferenceFailed(AdaptserveError):

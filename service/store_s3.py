@@ -70,10 +70,7 @@ def _s3_errors(method: F) -> F:
             # the log keeps the whole error.
             log.warning("task store %s: %s failed: %s", self.describe(), method.__name__, err)
             what = err.response.get("Error", {}).get("Code", "error") if isinstance(err, ClientError) else type(err).__name__
-            # Retry-After, as the other 503s that pass (registry_unavailable, a remembered failed load):
-            # an outage of the bucket is something to retry, not to give up on.
-            raise StoreUnavailable(f"task store {self.describe()} failed ({what}); see the server log",
-                                   headers={"Retry-After": "1"}) from err
+            raise StoreUnavailable(f"task store {self.describe()} failed ({what}); see the server log") from err
 
     return wrapped  # type: ignore[return-value]
 
@@ -398,9 +395,7 @@ class S3Store(BundleStore):
             codes = sorted({str(e.get("Code", "error")) for e in errors})
             raise StoreUnavailable(
                 f"task store {self.describe()} refused to delete {len(errors)} object(s) of task {task!r} "
-                f"({', '.join(codes)}), so it is only partly deleted; retry the delete (see the server log)",
-                headers={"Retry-After": "1"},
-            )
+                f"({', '.join(codes)}), so it is only partly deleted; retry the delete (see the server log)")
 
     def drop_local_copy(self, key: TaskKey) -> None:
         # Names heard from the registry feed: a path is built only from valid ones (fetch caches no other).

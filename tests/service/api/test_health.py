@@ -104,6 +104,7 @@ def test_a_store_outage_keeps_served_tasks_serving_and_counts_the_rest_as_503(cl
         assert again.status_code == 200 and again.json()["version"] == served.json()["version"]
         unseen = client.post("/v1/tasks/nli/classify", json={"inputs": [["a", "b"]]})
         assert unseen.status_code == 503 and unseen.json()["error_type"] == "store_unavailable"
+        assert unseen.headers["retry-after"] == "1"  # an outage to retry, as on S3
         assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
         assert any("cannot be read" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
         text = client.get("/metrics").text
