@@ -141,3 +141,18 @@ def test_causal_prompt_with_no_tokens_reads_bos_alone_and_in_a_batch(tmp_path):
         vocab = ref(input_ids=torch.tensor([[tok.bos_token_id]])).logits[0, 0]
     want = torch.stack([vocab[[tok.convert_tokens_to_ids(w) for w in ws]].mean() for ws in WORDS.values()])
     torch.testing.assert_close(alone, want, atol=1e-5, rtol=0)
+
+
+def test_a_token_shared_by_two_labels_is_refused_at_load(lm, tmp_path):
+    # QA: `adaptserve train/zeroshot` refuse two labels sharing a word, but an uploaded bundle
+    # with one loaded and served: on that word the labels always tie.
+    from service.methods.verbalizer import VerbalizerWeights
+
+    _, _, engine = lm
+    good = engine.backbone.tokenizer.convert_tokens_to_ids("good")
+    w = {"verbalizer": VerbalizerWeights(words=(("good",), ("good", "fun")), token_ids=((good,), (good, good + 1)))}
+    cfg = {"labels": ["negative", "positive"], "input_kind": "single", "max_length": 24, "template": "{text} it was {mask}",
+           "backbone": {"fingerprint": engine.backbone.fingerprint}}
+    v = write_bundle(tmp_path, "dup", cfg, w)
+    with pytest.raises(BundleError, match=rf"token id {good} \('good'\) is a word of labels #0 and #1 \(their positions"):
+        engine.load_task(tmp_path / "dup" / v, TaskKey("dup", v))
