@@ -156,6 +156,7 @@ def resolve_verbalizer(tokenizer, template: Template, label_words: Mapping[str, 
     vocab = tokenizer.get_vocab()
     unk = tokenizer.unk_token_id
     problems: list[str] = []
+    shared: list[str] = []
     ids: list[tuple[int, ...]] = []
     owner: dict[int, str] = {}
     for label, words in label_words.items():
@@ -176,13 +177,15 @@ def resolve_verbalizer(tokenizer, template: Template, label_words: Mapping[str, 
                 problems.append(f"word {word!r} of label {label!r} is not one token{where}: it is {what}; {hint}")
                 continue
             if tid in owner and owner[tid] != label:
-                problems.append(f"word {word!r} of label {label!r} is the same token as a word of label {owner[tid]!r}")
+                shared.append(f"word {word!r} of label {label!r} is the same token as a word of label {owner[tid]!r}")
             owner[tid] = label
             row.append(tid)
         ids.append(tuple(row))
-    if problems:
-        raise VerbalizerError("verbalizer: each label word must be a single token of the backbone's tokenizer; "
-                              + "; ".join(problems))
+    if problems or shared:  # each kind of problem under its own rule, not every one under "single token"
+        rules = ([f"each label word must be a single token of the backbone's tokenizer; {'; '.join(problems)}"] if problems else []) + (
+            [f"each label needs words of its own (on a shared word the labels always score the same); {'; '.join(shared)}"]
+            if shared else [])
+        raise VerbalizerError("verbalizer: " + "; and ".join(rules))
     return VerbalizerWeights(words=tuple(tuple(w) for w in label_words.values()), token_ids=tuple(ids))
 
 

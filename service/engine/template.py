@@ -93,12 +93,8 @@ class Template:
         _truncate_inputs(pieces, budget)
         body = [t for _, ids in pieces for t in ids]
         ids = head + body + tail
-        if causal:
-            # the answer is read at the last template token; drop trailing specials (e.g. EOS)
-            last = len(ids) - 1
-            while last > 0 and ids[last] in tokenizer.all_special_ids and ids[last] not in body[-1:]:
-                last -= 1
-            return ids[: last + 1], last
+        if causal:  # the answer is read at the last template token
+            return _causal_answer(tokenizer, ids, body)
         return ids, ids.index(mask_id)
 
     def encode_with_demos(self, tokenizer, text: str, text_pair: str | None, demos, max_length: int,
@@ -134,10 +130,7 @@ class Template:
         body = [t for _, ids in pieces for t in ids]
         ids = head + body + tail
         if causal:  # the answer is read at the last template token (see `encode`)
-            last = len(ids) - 1
-            while last > 0 and ids[last] in tokenizer.all_special_ids and ids[last] not in body[-1:]:
-                last -= 1
-            return ids[: last + 1], last
+            return _causal_answer(tokenizer, ids, body)
         return ids, ids.index(tokenizer.mask_token_id)
 
     def check_fits(self, tokenizer, max_length: int, causal: bool, demos: int = 0) -> None:
@@ -187,6 +180,25 @@ class Template:
                 src = text if value == "text" else (text_pair or "")
                 pieces.append((value, tokenizer.encode(src, add_special_tokens=False)))
         return pieces
+
+
+def _causal_answer(tokenizer, ids: list[int], body: list[int]) -> tuple[list[int], int]:
+    """A causal prompt's tokens and answer position: its last token, trailing specials (e.g. EOS)
+    dropped. A prompt with no token at all (an empty input, a template with no text of its own
+    before `{mask}`, a tokenizer that adds no BOS: SmolLM2's) would be a row of length 0, which
+    fails a forward of its own and, in a batch, reads its answer off a padding position (an
+    answer that depends on the batch). The model then reads its start token instead, BOS (else
+    EOS), as language models do at the start of a text: the next-word distribution given nothing."""
+    last = len(ids) - 1
+    while last > 0 and ids[last] in tokenizer.all_special_ids and ids[last] not in body[-1:]:
+        last -= 1
+    if last >= 0:
+        return ids[: last + 1], last
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise TemplateError("the prompt has no tokens (an empty input and no template text before {mask}) and the "
+                            "tokenizer has no BOS or EOS token to start it with")
+    return [start], 0
 
 
 def special_frame(tokenizer) -> tuple[list[int], list[int]]:

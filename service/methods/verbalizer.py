@@ -82,6 +82,17 @@ class Verbalizer(Method):
         bad = [t for i in ids for t in i if not isinstance(t, int) or not 0 <= t < backbone.vocab_size]
         if bad:
             problems.add(f"token ids {bad[:5]} are outside the backbone's vocabulary of {backbone.vocab_size}")
+        owners: dict[int, list[int]] = {}
+        for label, label_ids in enumerate(ids):
+            for t in dict.fromkeys(label_ids):
+                owners.setdefault(t, []).append(label)
+        shared = {t: ls for t, ls in owners.items() if len(ls) > 1}
+        if shared:  # such labels score the same on that word: as `adaptserve train/zeroshot` refuse it
+            t, ls = next(iter(shared.items()))
+            word = words[ls[0]][list(ids[ls[0]]).index(t)]
+            problems.add(f"token id {t} ({word!r}) is a word of labels {' and '.join(f'#{k}' for k in ls)} (their positions in 'labels'): "
+                         "each label needs words of its own, or the labels score the same on it"
+                         + (f" ({len(shared) - 1} more shared ids)" if len(shared) > 1 else ""))
         if tensors:
             problems.add(f"a verbalizer has no tensors, found {sorted(tensors)[:3]}")
         problems.raise_if_any()

@@ -101,3 +101,58 @@ def test_verbalizer_refused_without_lm_head(tmp_path):
     engine = Engine(tiny_backbone("bert", tmp_path))
     with pytest.raises(BundleError, match="no LM head"):
         _publish(engine, tmp_path / "s", "x", "{text} it was {mask}")
+
+
+def _no_bos_causal_lm(out):
+    """The tiny causal LM with a tokenizer that adds no special tokens, as SmolLM2's GGUF
+    tokenizer does (its BOS exists but is not added)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from tests.factories import WORDS as VOCAB
+
+    path = save_tiny_lm("causal", out)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *VOCAB]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    for f in path.glob("*token*"):
+        f.unlink()
+    T.PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="[CLS]", eos_token="[SEP]", pad_token="[PAD]",
+                              unk_token="[UNK]").save_pretrained(path)
+    return path
+
+
+def test_causal_prompt_with_no_tokens_reads_bos_alone_and_in_a_batch(tmp_path):
+    # QA (SmolLM2 GGUF): a template with no text before {mask} ("{text} {mask}") and an empty
+    # input made a row of 0 tokens: alone a 500 ("cannot reshape tensor of 0 elements"), in a
+    # batch an answer read off a padding position, so it changed with its batch-mates.
+    path = _no_bos_causal_lm(tmp_path / "lm")
+    engine = Engine(load_backbone(path, device="cpu", dtype="float32"))
+    tok = engine.backbone.tokenizer
+    assert tok.encode("", add_special_tokens=True) == []
+    task = _publish(engine, tmp_path / "s", "bare", "{text} {mask}")
+    ids, pos = task.spec.template.encode(tok, "", None, 24, True)
+    assert (ids, pos) == ([tok.bos_token_id], 0)
+    alone = engine.logits(engine.tokenize([ClassifyItem(task, "")]))[0]
+    for mate in ("the movie was very good and fun", "bad"):
+        batch = engine.logits(engine.tokenize([ClassifyItem(task, mate), ClassifyItem(task, "")]))
+        torch.testing.assert_close(batch[1], alone, atol=1e-5, rtol=0)
+    ref = T.AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    with torch.no_grad():
+        vocab = ref(input_ids=torch.tensor([[tok.bos_token_id]])).logits[0, 0]
+    want = torch.stack([vocab[[tok.convert_tokens_to_ids(w) for w in ws]].mean() for ws in WORDS.values()])
+    torch.testing.assert_close(alone, want, atol=1e-5, rtol=0)
+
+
+def test_a_token_shared_by_two_labels_is_refused_at_load(lm, tmp_path):
+    # QA: `adaptserve train/zeroshot` refuse two labels sharing a word, but an uploaded bundle
+    # with one loaded and served: on that word the labels always tie.
+    from service.methods.verbalizer import VerbalizerWeights
+
+    _, _, engine = lm
+    good = engine.backbone.tokenizer.convert_tokens_to_ids("good")
+    w = {"verbalizer": VerbalizerWeights(words=(("good",), ("good", "fun")), token_ids=((good,), (good, good + 1)))}
+    cfg = {"labels": ["negative", "positive"], "input_kind": "single", "max_length": 24, "template": "{text} it was {mask}",
+           "backbone": {"fingerprint": engine.backbone.fingerprint}}
+    v = write_bundle(tmp_path, "dup", cfg, w)
+    with pytest.raises(BundleError, match=rf"token id {good} \('good'\) is a word of labels #0 and #1 \(their positions"):
+        engine.load_task(tmp_path / "dup" / v, TaskKey("dup", v))

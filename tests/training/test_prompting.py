@@ -153,6 +153,22 @@ def test_wordpiece_split_is_reported_with_its_pieces():
         resolve_verbalizer(tok, t, {"negative": ["great"], "positive": ["Great"]})
 
 
+def test_a_shared_word_is_not_reported_as_a_multi_token_word():
+    # QA: "negative=great;positive=great" said "each label word must be a single token ...",
+    # though "great" is one token: the rule named was not the one broken.
+    tok = T.AutoTokenizer.from_pretrained(str(default_backbone_path()))
+    t = Template.parse("{text} It was {mask} .", pair=False, needs_mask=True, causal=False)
+    with pytest.raises(VerbalizerError) as err:
+        resolve_verbalizer(tok, t, {"negative": ["great"], "positive": ["great"]})
+    msg = str(err.value)
+    assert "single token" not in msg and "each label needs words of its own" in msg
+    assert "word 'great' of label 'positive' is the same token as a word of label 'negative'" in msg
+    with pytest.raises(VerbalizerError) as err:  # both kinds at once: each under its own rule
+        resolve_verbalizer(tok, t, {"negative": ["great", "terrrible"], "positive": ["great"]})
+    msg = str(err.value)
+    assert msg.index("single token") < msg.index("'terrrible'") < msg.index("words of its own") < msg.index("same token")
+
+
 def test_verbalizer_must_name_the_labels(lm):
     kind, _, bb = lm
     spec = PromptSpec(TEMPLATES[kind], {"negative": ["bad"], "happy": ["good"]})
