@@ -21,7 +21,7 @@ from service.engine.backbone import Backbone
 from service.engine.bundle import read_bundle
 from service.engine.encoder import Plan, State
 from service.engine.task import Task, disk_bytes
-from service.engine.template import special_frame
+from service.engine.template import special_frame, start_token
 from service.engine.truncation import cut_pairs
 from service.engine.types import INLINE_TOKENIZE_CHARS, ClassifyItem, Encoded, Prediction, TaskKey
 from service.errors import BundleError, TaskUnavailable
@@ -185,7 +185,10 @@ class Engine:
             enc = tok(texts, pairs, truncation=True, max_length=max_length)
             types = enc["token_type_ids"] if "token_type_ids" in enc else None
             for k, r in enumerate(rows):
-                out[r] = Encoded(enc["input_ids"][k], None if types is None else types[k], 0)
+                ids, row_types = enc["input_ids"][k], None if types is None else types[k]
+                if not ids:  # an empty input, on a tokenizer that adds no special tokens (SmolLM2's):
+                    ids, row_types = [start_token(tok)], None  # read as a template prompt with no tokens is
+                out[r] = Encoded(ids, row_types, 0)
         return out  # type: ignore[return-value]
 
     def collate(self, items: Sequence[ClassifyItem], encoded: Sequence[Encoded]) -> Batch:

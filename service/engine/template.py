@@ -194,11 +194,16 @@ def _causal_answer(tokenizer, ids: list[int], body: list[int]) -> tuple[list[int
         last -= 1
     if last >= 0:
         return ids[: last + 1], last
+    return [start_token(tokenizer)], 0
+
+
+def start_token(tokenizer) -> int:
+    """The token a text with no tokens of its own is read as: BOS, else EOS (a causal LM's start)."""
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
-        raise TemplateError("the prompt has no tokens (an empty input and no template text before {mask}) and the "
+        raise TemplateError("the input has no tokens (an empty input, and no template text before {mask}) and the "
                             "tokenizer has no BOS or EOS token to start it with")
-    return [start], 0
+    return start
 
 
 def special_frame(tokenizer) -> tuple[list[int], list[int]]:

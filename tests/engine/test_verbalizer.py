@@ -156,3 +156,25 @@ def test_a_token_shared_by_two_labels_is_refused_at_load(lm, tmp_path):
     v = write_bundle(tmp_path, "dup", cfg, w)
     with pytest.raises(BundleError, match=rf"token id {good} \('good'\) is a word of labels #0 and #1 \(their positions"):
         engine.load_task(tmp_path / "dup" / v, TaskKey("dup", v))
+
+
+def test_a_plain_causal_task_given_an_empty_input_reads_bos_alone_and_in_a_batch(tmp_path):
+    # QA (SmolLM2 GGUF): a head task (no template) on a tokenizer that adds no BOS made an empty
+    # input a row of 0 tokens: alone a 500, in a batch a head read off padding (~0.5 / 0.5). The row
+    # is the start token, as a template prompt with no tokens is.
+    from tests.factories import publish, random_head
+
+    path = _no_bos_causal_lm(tmp_path / "lm")
+    engine = Engine(load_backbone(path, device="cpu", dtype="float32"))
+    info, tok = engine.backbone.info, engine.backbone.tokenizer
+    g = torch.Generator().manual_seed(3)
+    v = publish(tmp_path / "s", "plain", {"head": random_head(info, g, labels=2, pooling="last")}, ["neg", "pos"],
+                fingerprint=info.fingerprint)
+    task = engine.load_task(tmp_path / "s" / "plain" / v, TaskKey("plain", v))
+    (encoded,) = [it.encoded for it in engine.pretokenize([ClassifyItem(task, "")])]
+    assert encoded.ids == [tok.bos_token_id]
+    alone = engine.logits(engine.tokenize([ClassifyItem(task, "")]))[0]
+    assert torch.isfinite(alone).all()
+    for mate in ("the movie was very good and fun", "bad"):
+        batch = engine.logits(engine.tokenize([ClassifyItem(task, mate), ClassifyItem(task, "")]))
+        torch.testing.assert_close(batch[1], alone, atol=1e-5, rtol=0)
