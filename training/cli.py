@@ -85,7 +85,7 @@ def build_train_parser(prog: str = "adaptserve train") -> argparse.ArgumentParse
     g.add_argument("--lora-r", type=int, help=f"LoRA rank [{d.lora.r}]")
     g.add_argument("--lora-alpha", type=float, help=f"LoRA scale numerator, scale = alpha / r [{d.lora.alpha:g}]")
     g.add_argument("--lora-targets", help=f"comma-separated linears to adapt [{','.join(d.lora.targets)}]; "
-                   "any of query,key,value,attn_out,ffn_in,ffn_out")
+                   "any of query,key,value,attn_out,ffn_in,ffn_out, and ffn_gate on a gated FFN (SmolLM2)")
     g.add_argument("--adapter-kind", choices=("houlsby", "pfeiffer"), help=f"adapter placement [{d.adapter.kind}]")
     size = g.add_mutually_exclusive_group()
     size.add_argument("--adapter-bottleneck", type=int, help="adapter bottleneck size")
@@ -236,7 +236,7 @@ def _train(args: argparse.Namespace) -> int:
     prompt = prompt_spec(args.template, args.verbalizer, args.demos)
     backbone = _load_backbone(args.backbone, args.device, "float32")
     info = backbone.info
-    config.check_backbone(info.max_positions, info.has_pooler, info.kind, info.hidden_size)
+    config.check_backbone(info.max_positions, info.has_pooler, info.kind, info.hidden_size, info.sites)
     if prompt is not None:  # fail before training: template, words, LM head, room for the input
         prompt.build(backbone, splits.train.label_names, splits.train.has_pairs, config.max_length)
     result = train(splits, config, name=args.task, backbone=backbone, progress=not args.no_progress, prompt=prompt)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 from service.engine.families import SITES
+
+LORA_SITES = (*SITES, "ffn_gate")  # the gate of a gated FFN (Llama: down(silu(gate(x)) * up(x))), where there is one
 from service.methods.adapter import ACTIVATIONS, PLACEMENTS
 from service.methods.head import POOLINGS
 from service.methods.prefix import DECODER_REFUSAL
@@ -112,9 +114,10 @@ class LoraConfig:
             raise ConfigError(f"--lora-r must be a positive integer, got {self.r!r}")
         if not (self.alpha > 0 and math.isfinite(self.alpha)):
             raise ConfigError(f"--lora-alpha must be a positive finite number, got {self.alpha!r}")
-        bad = [t for t in self.targets if t not in SITES]
+        bad = [t for t in self.targets if t not in LORA_SITES]
         if bad or not self.targets:
-            raise ConfigError(f"--lora-targets must name sites among {','.join(SITES)}; got {','.join(self.targets) or 'none'}")
+            raise ConfigError(f"--lora-targets must name sites among {','.join(LORA_SITES)} (ffn_gate: gated FFNs, "
+                              f"e.g. SmolLM2's, only); got {','.join(self.targets) or 'none'}")
         if len(set(self.targets)) != len(self.targets):
             raise ConfigError(f"--lora-targets repeats a site: {','.join(self.targets)}")
 
@@ -295,11 +298,16 @@ class TrainConfig:
         return self
 
     def check_backbone(self, max_positions: int, has_pooler: bool, kind: str = "encoder",
-                       hidden_size: int | None = None) -> None:
+                       hidden_size: int | None = None, sites: Sequence[str] | None = None) -> None:
         """The checks that need the backbone: positions left for text, the pooler, methods its
-        kind ("encoder" or "decoder", `BackboneInfo.kind`) cannot run, and sizes past its width."""
+        kind ("encoder" or "decoder", `BackboneInfo.kind`) cannot run, sizes past its width, and
+        LoRA targets it does not have (`sites`: `BackboneInfo.sites`)."""
         if self.method == "prefix" and kind == "decoder":
             raise ConfigError(DECODER_REFUSAL)
+        missing = [t for t in self.lora.targets if sites is not None and t not in sites] if self.method == "lora" else []
+        if missing:
+            raise ConfigError(f"--lora-targets {','.join(missing)}: this backbone has no such linear (its linears: "
+                              f"{','.join(sites or ())}; only a gated FFN has ffn_gate)")
         if hidden_size is not None and self.method == "lora" and self.lora.r > hidden_size:
             raise ConfigError(f"--lora-r {self.lora.r} exceeds the backbone's hidden size {hidden_size}: a rank past "
                               "a linear's narrower side adds parameters and no capacity")

@@ -280,7 +280,7 @@ def _check_backbones(config: PetConfig, patterns: Sequence[Pattern], train_data:
     for flag, cfg, bb in (("--teacher-method", config.teacher, teacher_backbone),
                           ("--student-method", config.student, student_backbone)):
         try:
-            cfg.check_backbone(bb.info.max_positions, bb.info.has_pooler, bb.info.kind, bb.info.hidden_size)
+            cfg.check_backbone(bb.info.max_positions, bb.info.has_pooler, bb.info.kind, bb.info.hidden_size, bb.info.sites)
         except ConfigError as err:
             raise ConfigError(f"{flag} {cfg.method} on {bb.name}: {err}") from None
     for pattern in patterns:

@@ -194,7 +194,7 @@ def train(splits: Splits, config: TrainConfig, *, name: str, backbone: Backbone 
     if backbone.dtype != torch.float32:
         raise ConfigError(f"training needs a float32 backbone, got {backbone.dtype} (load it with dtype='float32')")
     info = backbone.info
-    config.check_backbone(info.max_positions, info.has_pooler, info.kind, info.hidden_size)
+    config.check_backbone(info.max_positions, info.has_pooler, info.kind, info.hidden_size, info.sites)
     train_data, dev = splits.train, splits.dev
     labels = train_data.label_names
     input_kind = "pair" if train_data.has_pairs else "single"

@@ -135,6 +135,10 @@ BAD_TRAIN = [
         "--early-exit trains exit classifiers that hand the last layer to the task's head"),
     Bad("empty --store", ["--task", "t", "--method", "head", "--data", "{train}", "--dev", "{dev}", "--store", ""],
         "argument --store: an empty path; name the directory (write . for the current one)", status=2),
+    Bad("LoRA on a gate the backbone lacks", ["--task", "t", "--method", "lora", "--lora-targets", "query,ffn_gate",
+                                              *TRAIN_OK.split()],
+        "--lora-targets ffn_gate: this backbone has no such linear (its linears: query,key,value,attn_out,ffn_in,ffn_out; "
+        "only a gated FFN has ffn_gate)"),
     Bad("LoRA rank past the hidden size", ["--task", "t", "--method", "lora", "--lora-r", "33", *TRAIN_OK.split()],
         "--lora-r 33 exceeds the backbone's hidden size 32"),
     Bad("bottleneck past the hidden size", ["--task", "t", "--method", "adapter", "--adapter-bottleneck", "100000",

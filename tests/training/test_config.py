@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from training.config import DEFAULT_EPOCHS, DEFAULT_LR, METHODS, ConfigError, TrainConfig
+from training.config import DEFAULT_EPOCHS, DEFAULT_LR, METHODS, ConfigError, LoraConfig, TrainConfig
 from training.cli import build_train_parser, config_from_args
 
 
@@ -35,6 +35,17 @@ def test_non_finite_numbers_are_refused(field, value):
     """inf passes "> 0" (and trains NaN weights); every float option must be a finite number."""
     with pytest.raises(ConfigError, match=f"--{field.replace('_', '-')} must be a finite number, got {value!r}"):
         TrainConfig(method="lora", **{field: value}).check()
+
+
+def test_lora_on_the_ffn_gate_is_a_target_where_the_backbone_has_one():
+    # qa-llm: decoder.py serves LoRA on all seven linears of a gated FFN block, but the trainer
+    # refused ffn_gate (its list was the encoders' six).
+    config = TrainConfig(method="lora", lora=LoraConfig(targets=("query", "ffn_gate"))).check()
+    config.check_backbone(512, False, "decoder", 32, ("query", "key", "value", "attn_out", "ffn_in", "ffn_out", "ffn_gate"))
+    with pytest.raises(ConfigError, match="--lora-targets ffn_gate: this backbone has no such linear"):
+        config.check_backbone(512, False, "encoder", 32, ("query", "key", "value", "attn_out", "ffn_in", "ffn_out"))
+    with pytest.raises(ConfigError, match="--lora-targets must name sites among query,.*,ffn_gate"):
+        TrainConfig(method="lora", lora=LoraConfig(targets=("gate",))).check()
 
 
 def test_a_prefix_is_refused_on_a_causal_lm():

@@ -228,6 +228,24 @@ def test_served_equals_trained(case, lm, sentiment, tmp_path):
     torch.testing.assert_close(served, result.logits(texts), atol=1e-5, rtol=0)
 
 
+def test_lora_on_a_gated_ffn_trains_its_gate_and_serves_as_trained(sentiment, tmp_path):
+    # qa-llm: the decoder serves LoRA on ffn_gate, but the trainer refused that target. (The tiny
+    # causal LM is a Llama: its FFN is gated.)
+    from training.config import LoraConfig
+
+    bb = load_backbone(save_tiny_lm("causal", tmp_path / "lm"), device="cpu", dtype="float32")
+    config = tiny_config("lora", max_length=48, lora=LoraConfig(r=4, alpha=4.0, targets=("query", "ffn_gate")))
+    result = train(sentiment, config, name="gate", backbone=bb, progress=False, prompt=PromptSpec(TEMPLATES["causal"], WORDS))
+    pairs = result.weights["lora"].pairs
+    assert {site for _, site in pairs} == {"query", "ffn_gate"} and all(b.abs().sum() > 0 for _, b in pairs.values())
+    save_to_store(result, tmp_path / "store")
+    engine = Engine(bb)
+    task = load_published(engine, tmp_path / "store", result.name)
+    texts = list(sentiment.dev.texts)
+    served = torch.tensor([p.logits for p in engine.classify([ClassifyItem(task, t) for t in texts])])
+    torch.testing.assert_close(served, result.logits(texts), atol=1e-5, rtol=0)
+
+
 def test_demonstrations_change_the_prompt(lm, sentiment):
     """With demos the served input holds the nearest example of each class (not itself)."""
     kind, _, bb = lm
