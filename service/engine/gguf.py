@@ -115,6 +115,10 @@ def convert_gguf(path: Path, cache_dir: str | Path | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
     try:
         _write(model, tok, tmp)
+        # mkdtemp's 0700 would make the finished folder this user's alone: a cache volume shared by
+        # the serving image's user and a training job's (another uid) must read it, as a plain mkdir
+        # would let it. (Not read from the umask: setting it to read it races other threads' files.)
+        tmp.chmod(0o755)
         try:
             os.rename(tmp, out)
         except OSError:

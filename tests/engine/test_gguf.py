@@ -62,6 +62,8 @@ def test_a_whole_cache_is_used_without_converting_again(fake_gguf, tmp_path: Pat
     out = convert_gguf(path, tmp_path / "cache")
     assert gguf.cache_problem(out) is None and len(calls) == 1
     assert convert_gguf(path, tmp_path / "cache") == out and len(calls) == 1
+    # readable by another user of a shared cache volume (mkdtemp alone would leave it 0700)
+    assert out.stat().st_mode & 0o777 == 0o755
 
 
 @pytest.mark.parametrize("damage", ["cut weights", "no weights", "no tokenizer", "bad config"])
