@@ -112,7 +112,7 @@ def test_server_probes_resources_and_drain(directory: str, settings_from_env) ->
     assert container["args"] == ["serve"]
     port = container["ports"][0]
     assert port["name"] == "http" and port["containerPort"] == 8000
-    assert container["startupProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -228,4 +228,21 @@ def test_gpu_overlay() -> None:
     assert pod["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
     # The patch replaced only what it names: probes and the drain come from the base.
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert container["startupProbe"]["failureThreshold"] > 36
+    assert container["startupProbe"] == find(render("base"), "Deployment", "adaptserve")["spec"]["template"]["spec"][
+        "containers"][0]["startupProbe"], "the startup probe covers the process's boot, the same on any device"
+
+
+@pytest.mark.parametrize("directory", OVERLAYS)
+def test_no_restarting_probe_waits_for_the_backbone(directory: str) -> None:
+    # `adaptserve serve` exits 1 when the backbone or warmup fails, so the kubelet restarts it at
+    # once. A probe that restarts the container (startup, liveness) must not watch /readyz: it
+    # would also kill a start that is slow but progressing (a GGUF conversion, a cold node, CUDA
+    # initialisation), again and again. Only the readiness probe waits for the backbone.
+    (container,) = find(render(directory), "Deployment", "adaptserve")["spec"]["template"]["spec"]["containers"]
+    for probe in ("startupProbe", "livenessProbe"):
+        if probe in container:
+            assert container[probe]["httpGet"]["path"] == "/healthz", f"{probe} restarts a pod that is only loading"
+    # The boot (python, the torch import) on a cold node takes more than the default 30 s.
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 60
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
