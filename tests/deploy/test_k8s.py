@@ -3,6 +3,7 @@ schemas (kubernetes-validate's bundled, offline copies), and the pieces fit toge
 drain timing, selectors, settings, the GPU overlay."""
 from __future__ import annotations
 
+import re
 import subprocess
 from functools import cache
 from pathlib import Path
@@ -11,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.deploy.conftest import K8S, OVERLAYS, client_variables, memory_bytes, setting_names, tool, worst_case_rss
+from tests.deploy.conftest import REPO, K8S, OVERLAYS, client_variables, memory_bytes, setting_names, tool, worst_case_rss
 
 # The oldest Kubernetes the manifests support (the preStop `sleep` action is on by default from
 # 1.30) and the newest schema kubernetes-validate bundles: a field that is missing from the old
@@ -246,3 +247,26 @@ def test_no_restarting_probe_waits_for_the_backbone(directory: str) -> None:
     startup = container["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 60
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+@pytest.mark.parametrize("directory", OVERLAYS)
+def test_every_path_the_server_writes_is_a_volume(directory: str, settings_from_env) -> None:
+    # The root filesystem is read-only: each directory the server writes must be a mount, or the
+    # write fails in production only (a .gguf backbone's conversion cache: exit 1 at start-up).
+    docs = render(directory)
+    (container,) = find(docs, "Deployment", "adaptserve")["spec"]["template"]["spec"]["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    settings = settings_from_env(find(docs, "ConfigMap", "adaptserve-config")["data"])
+    dockerfile = (REPO / "Dockerfile").read_text()
+    home = Path(re.search(r"--home-dir (\S+)", dockerfile)[1])
+    hf_home = Path(re.search(r"HF_HOME=(\S+)", dockerfile)[1])
+    written = {
+        "ADAPTSERVE_STORE": settings.store,
+        "ADAPTSERVE_CACHE_DIR (GGUF conversions)": settings.cache_dir or home / ".cache" / "adaptserve",
+        "ADAPTSERVE_S3_CACHE_DIR": settings.s3_cache_dir or Path("/tmp/adaptserve-s3-cache"),
+        "HF_HOME": hf_home,
+        "upload staging": Path("/tmp"),
+    }
+    mounts = [Path(m["mountPath"]) for m in container["volumeMounts"] if not m.get("readOnly")]
+    for what, path in written.items():
+        assert any(path == m or m in path.parents for m in mounts), f"{what} {path} is on the read-only root filesystem"
