@@ -270,3 +270,12 @@ def test_every_path_the_server_writes_is_a_volume(directory: str, settings_from_
     mounts = [Path(m["mountPath"]) for m in container["volumeMounts"] if not m.get("readOnly")]
     for what, path in written.items():
         assert any(path == m or m in path.parents for m in mounts), f"{what} {path} is on the read-only root filesystem"
+
+
+@pytest.mark.parametrize("directory", OVERLAYS)
+def test_store_ownership_is_not_rewritten_on_every_start(directory: str) -> None:
+    # fsGroup's default policy (Always) walks and chowns the whole shared store before each pod
+    # starts: slower with every version published, on every rollout and scale-up.
+    pod = find(render(directory), "Deployment", "adaptserve")["spec"]["template"]["spec"]
+    if "fsGroup" in pod["securityContext"]:
+        assert pod["securityContext"].get("fsGroupChangePolicy") == "OnRootMismatch"
