@@ -133,6 +133,10 @@ def test_server_probes_resources_and_drain(directory: str, settings_from_env) ->
     if settings.device != "auto":
         limit = memory_bytes(container["resources"]["limits"]["memory"])
         assert limit >= worst_case_rss(settings), f"memory limit {limit} < worst case {worst_case_rss(settings)}"
+        # ... and so does the request: the scheduler reserves it, and a pod above its request is
+        # the first evicted under node memory pressure.
+        request = memory_bytes(container["resources"]["requests"]["memory"])
+        assert request >= worst_case_rss(settings), f"memory request {request} < worst case {worst_case_rss(settings)}"
 
     # /tmp (where uploads are staged) holds every upload that may be validated at once.
     tmp = next(v for v in pod["volumes"] if v["name"] == "tmp")
