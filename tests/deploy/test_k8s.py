@@ -283,3 +283,23 @@ def test_store_ownership_is_not_rewritten_on_every_start(directory: str) -> None
     pod = find(render(directory), "Deployment", "adaptserve")["spec"]["template"]["spec"]
     if "fsGroup" in pod["securityContext"]:
         assert pod["securityContext"].get("fsGroupChangePolicy") == "OnRootMismatch"
+
+
+@pytest.mark.parametrize("directory", OVERLAYS)
+def test_only_the_servers_reach_redis(directory: str) -> None:
+    # Redis has no password and is the authority on which version each task serves: any pod that
+    # can connect could activate or roll back without an admin token.
+    docs = render(directory)
+    redis = find(docs, "Deployment", "adaptserve-redis")["spec"]["template"]["metadata"]["labels"]
+    server = find(docs, "Deployment", "adaptserve")["spec"]["template"]["metadata"]["labels"]
+    matches = lambda labels, selector: all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())  # noqa: E731
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy" and matches(redis, d["spec"]["podSelector"])
+                and "Ingress" in d["spec"].get("policyTypes", ["Ingress"])]
+    assert policies, "no NetworkPolicy restricts who connects to Redis"
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            assert rule.get("from"), f"{policy['metadata']['name']}: a rule open to every pod"
+            for peer in rule["from"]:
+                assert set(peer) == {"podSelector"} and peer["podSelector"].get("matchLabels"), peer
+                assert matches(server, peer["podSelector"]), f"{peer} admits pods other than the servers"
+                assert peer["podSelector"]["matchLabels"].get("app.kubernetes.io/component") == "server", peer
