@@ -56,6 +56,8 @@ OTHERS = """\
 # TORCH_VARIANT=cpu
 # Host port of the nginx front door.
 # HTTP_PORT=8080
+# torch threads of each server replica (OMP_NUM_THREADS): the host's cores / the replicas.
+# SERVER_THREADS=2
 # Where the servers keep tasks: s3 (the MinIO bucket) or local (the shared `store` volume).
 # STORE_BACKEND=s3
 # MinIO root credentials (development only) and the bucket the store uses.

@@ -120,3 +120,14 @@ def test_server_environment_is_accepted_by_settings(settings_from_env) -> None:
         for key in (service.get("environment") or {}):
             if key.startswith("ADAPTSERVE_"):
                 assert key in setting_names() | client_variables(), f"{name}: {key}"
+
+
+def test_replicas_do_not_each_take_every_core() -> None:
+    # torch's default thread pool is one thread per host core, in each replica: N replicas on one
+    # host would oversubscribe it N times. The servers get an explicit share.
+    services = compose()["services"]
+    threads = interpolate(str(services["adaptserve"]["environment"].get("OMP_NUM_THREADS", "")))
+    assert threads.isdigit() and int(threads) >= 1, f"OMP_NUM_THREADS={threads!r}"
+    variable = _INTERPOLATION.match(str(services["adaptserve"]["environment"]["OMP_NUM_THREADS"]))
+    if variable:  # a knob in .env: .env.example documents it with its default
+        assert f"# {variable[1]}={threads}" in (REPO / ".env.example").read_text()

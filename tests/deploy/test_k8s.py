@@ -3,6 +3,7 @@ schemas (kubernetes-validate's bundled, offline copies), and the pieces fit toge
 drain timing, selectors, settings, the GPU overlay."""
 from __future__ import annotations
 
+import re
 import subprocess
 from functools import cache
 from pathlib import Path
@@ -11,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.deploy.conftest import K8S, OVERLAYS, client_variables, memory_bytes, setting_names, tool, worst_case_rss
+from tests.deploy.conftest import REPO, K8S, OVERLAYS, client_variables, memory_bytes, setting_names, tool, worst_case_rss
 
 # The oldest Kubernetes the manifests support (the preStop `sleep` action is on by default from
 # 1.30) and the newest schema kubernetes-validate bundles: a field that is missing from the old
@@ -112,7 +113,7 @@ def test_server_probes_resources_and_drain(directory: str, settings_from_env) ->
     assert container["args"] == ["serve"]
     port = container["ports"][0]
     assert port["name"] == "http" and port["containerPort"] == 8000
-    assert container["startupProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -132,6 +133,10 @@ def test_server_probes_resources_and_drain(directory: str, settings_from_env) ->
     if settings.device != "auto":
         limit = memory_bytes(container["resources"]["limits"]["memory"])
         assert limit >= worst_case_rss(settings), f"memory limit {limit} < worst case {worst_case_rss(settings)}"
+        # ... and so does the request: the scheduler reserves it, and a pod above its request is
+        # the first evicted under node memory pressure.
+        request = memory_bytes(container["resources"]["requests"]["memory"])
+        assert request >= worst_case_rss(settings), f"memory request {request} < worst case {worst_case_rss(settings)}"
 
     # /tmp (where uploads are staged) holds every upload that may be validated at once.
     tmp = next(v for v in pod["volumes"] if v["name"] == "tmp")
@@ -228,4 +233,73 @@ def test_gpu_overlay() -> None:
     assert pod["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
     # The patch replaced only what it names: probes and the drain come from the base.
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert container["startupProbe"]["failureThreshold"] > 36
+    assert container["startupProbe"] == find(render("base"), "Deployment", "adaptserve")["spec"]["template"]["spec"][
+        "containers"][0]["startupProbe"], "the startup probe covers the process's boot, the same on any device"
+
+
+@pytest.mark.parametrize("directory", OVERLAYS)
+def test_no_restarting_probe_waits_for_the_backbone(directory: str) -> None:
+    # `adaptserve serve` exits 1 when the backbone or warmup fails, so the kubelet restarts it at
+    # once. A probe that restarts the container (startup, liveness) must not watch /readyz: it
+    # would also kill a start that is slow but progressing (a GGUF conversion, a cold node, CUDA
+    # initialisation), again and again. Only the readiness probe waits for the backbone.
+    (container,) = find(render(directory), "Deployment", "adaptserve")["spec"]["template"]["spec"]["containers"]
+    for probe in ("startupProbe", "livenessProbe"):
+        if probe in container:
+            assert container[probe]["httpGet"]["path"] == "/healthz", f"{probe} restarts a pod that is only loading"
+    # The boot (python, the torch import) on a cold node takes more than the default 30 s.
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 60
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+@pytest.mark.parametrize("directory", OVERLAYS)
+def test_every_path_the_server_writes_is_a_volume(directory: str, settings_from_env) -> None:
+    # The root filesystem is read-only: each directory the server writes must be a mount, or the
+    # write fails in production only (a .gguf backbone's conversion cache: exit 1 at start-up).
+    docs = render(directory)
+    (container,) = find(docs, "Deployment", "adaptserve")["spec"]["template"]["spec"]["containers"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    settings = settings_from_env(find(docs, "ConfigMap", "adaptserve-config")["data"])
+    dockerfile = (REPO / "Dockerfile").read_text()
+    home = Path(re.search(r"--home-dir (\S+)", dockerfile)[1])
+    hf_home = Path(re.search(r"HF_HOME=(\S+)", dockerfile)[1])
+    written = {
+        "ADAPTSERVE_STORE": settings.store,
+        "ADAPTSERVE_CACHE_DIR (GGUF conversions)": settings.cache_dir or home / ".cache" / "adaptserve",
+        "ADAPTSERVE_S3_CACHE_DIR": settings.s3_cache_dir or Path("/tmp/adaptserve-s3-cache"),
+        "HF_HOME": hf_home,
+        "upload staging": Path("/tmp"),
+    }
+    mounts = [Path(m["mountPath"]) for m in container["volumeMounts"] if not m.get("readOnly")]
+    for what, path in written.items():
+        assert any(path == m or m in path.parents for m in mounts), f"{what} {path} is on the read-only root filesystem"
+
+
+@pytest.mark.parametrize("directory", OVERLAYS)
+def test_store_ownership_is_not_rewritten_on_every_start(directory: str) -> None:
+    # fsGroup's default policy (Always) walks and chowns the whole shared store before each pod
+    # starts: slower with every version published, on every rollout and scale-up.
+    pod = find(render(directory), "Deployment", "adaptserve")["spec"]["template"]["spec"]
+    if "fsGroup" in pod["securityContext"]:
+        assert pod["securityContext"].get("fsGroupChangePolicy") == "OnRootMismatch"
+
+
+@pytest.mark.parametrize("directory", OVERLAYS)
+def test_only_the_servers_reach_redis(directory: str) -> None:
+    # Redis has no password and is the authority on which version each task serves: any pod that
+    # can connect could activate or roll back without an admin token.
+    docs = render(directory)
+    redis = find(docs, "Deployment", "adaptserve-redis")["spec"]["template"]["metadata"]["labels"]
+    server = find(docs, "Deployment", "adaptserve")["spec"]["template"]["metadata"]["labels"]
+    matches = lambda labels, selector: all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())  # noqa: E731
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy" and matches(redis, d["spec"]["podSelector"])
+                and "Ingress" in d["spec"].get("policyTypes", ["Ingress"])]
+    assert policies, "no NetworkPolicy restricts who connects to Redis"
+    for policy in policies:
+        for rule in policy["spec"].get("ingress", []):
+            assert rule.get("from"), f"{policy['metadata']['name']}: a rule open to every pod"
+            for peer in rule["from"]:
+                assert set(peer) == {"podSelector"} and peer["podSelector"].get("matchLabels"), peer
+                assert matches(server, peer["podSelector"]), f"{peer} admits pods other than the servers"
+                assert peer["podSelector"]["matchLabels"].get("app.kubernetes.io/component") == "server", peer
