@@ -185,6 +185,12 @@ def _lora(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Backb
             f"PEFT LoRA bundle targets {cfg.get('target_modules')!r} but holds no LoRA tensors for this backbone"
         )
     # A config without r / lora_alpha (hand-made, or trimmed) means PEFT's defaults, which PEFT itself then uses.
+    if "r" not in cfg:
+        ranks = sorted({t.shape[0] for k, t in out.items() if k.endswith(".A") and t.dim() == 2})
+        if ranks != [_PEFT_LORA_DEFAULT_R]:
+            raise BundleError(f"PEFT LoRA config has no 'r', which PEFT reads as {_PEFT_LORA_DEFAULT_R}, but its lora_A "
+                              f"tensors have rank {', '.join(map(str, ranks))}: add the r it was trained with "
+                              f"(\"r\": {ranks[0]}) to adapter_config.json")
     section = {"r": cfg.get("r", _PEFT_LORA_DEFAULT_R), "alpha": cfg.get("lora_alpha", _PEFT_LORA_DEFAULT_ALPHA),
                "use_rslora": bool(cfg.get("use_rslora"))}
     return section, out

@@ -99,3 +99,23 @@ def test_peft_adapter_of_another_architecture_with_matching_shapes_is_refused(me
     engine = Engine(load_backbone(bert_dir, device="cpu", dtype="float32"))
     with pytest.raises(BundleError, match=named):
         engine.load_task(adapter_dir, TaskKey("peft-task", "v1"))
+
+
+def test_peft_lora_config_without_r_names_the_missing_key_and_the_tensors_rank(tmp_path):
+    """No 'r' in the config: one problem saying so and which rank the tensors have, not one shape
+    problem per LoRA tensor."""
+    import json
+
+    from service.errors import BundleError
+
+    base_dir, adapter_dir, _ = make_peft_bundle("lora", tmp_path, family="bert", seed=3, r=4)
+    cfg_path = adapter_dir / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["r"]
+    cfg_path.write_text(json.dumps(cfg))
+    engine = Engine(load_backbone(base_dir, device="cpu", dtype="float32"))
+    with pytest.raises(BundleError) as refused:
+        engine.load_task(adapter_dir, TaskKey("peft-task", "v1"))
+    assert refused.value.problems == [
+        "task 'peft-task': PEFT LoRA config has no 'r', which PEFT reads as 8, but its lora_A tensors have rank 4: "
+        "add the r it was trained with (\"r\": 4) to adapter_config.json"]
