@@ -3,7 +3,11 @@
 PEFT keeps the whole model's module paths in its tensor names and a PEFT-shaped config; serving
 needs neither. We keep the few fields that change the math (as LoRAX does), map every module path
 onto (layer position, canonical site) through the backbone family, and refuse what we cannot
-reproduce exactly instead of serving something subtly different.
+reproduce exactly instead of serving something subtly different: LoRA variants whose forward is not
+W + s*B*A on this backbone (DoRA, PiSSA/CorDA/OLoRA/LoftQ/LoRA-GA inits, which rewrite the base weights,
+aLoRA, layer_replication, ...), and adapters trained on another architecture (module paths under another
+model's prefix, or another family's classifier head) even where their shapes fit. A missing r / lora_alpha
+means PEFT's defaults (8), as PEFT reads it.
 
 Labels are not part of PEFT's format: an optional ``"adaptserve": {"labels": [...],
 "input_kind": ..., "max_length": ...}`` section in adapter_config.json supplies them (PEFT ignores
@@ -24,6 +28,23 @@ from service.methods.prompt import MAX_VIRTUAL_TOKENS
 # PEFT names LoRA tensors "base_model.model.<path>" and prompt-learning heads "base_model.<path>".
 _PREFIXES = ("base_model.model.", "base_model.")
 _DENSE_ACT = {"roberta": "tanh", "xlm-roberta": "tanh", "camembert": "tanh", "electra": "gelu", "distilbert": "relu"}
+# The attribute under which each family's *ForSequenceClassification holds its encoder (HF `base_model_prefix`):
+# PEFT module paths start with it. A LoRA module path under another one was trained on another architecture.
+_MODEL_PREFIX = {"bert": "bert", "roberta": "roberta", "xlm-roberta": "roberta", "camembert": "roberta",
+                 "electra": "electra", "distilbert": "distilbert", "albert": "albert",
+                 "llama": "model", "mistral": "model", "qwen2": "model"}
+# The head each family's *ForSequenceClassification has: `classifier` on the pooler (BERT, ALBERT),
+# `classifier.dense` + `classifier.out_proj` (RoBERTa, ELECTRA), `pre_classifier` + `classifier` (DistilBERT).
+_HEAD_STYLE = {"bert": "classifier", "albert": "classifier", "roberta": "out_proj", "xlm-roberta": "out_proj",
+               "camembert": "out_proj", "electra": "out_proj", "distilbert": "pre_classifier"}
+_HEAD_NAMES = {"classifier": "a single 'classifier' linear", "out_proj": "'classifier.dense' + 'classifier.out_proj'",
+               "pre_classifier": "'pre_classifier' + 'classifier'"}
+# PEFT's defaults (LoraConfig), used by PEFT itself when adapter_config.json lacks the key.
+_PEFT_LORA_DEFAULT_R = 8
+_PEFT_LORA_DEFAULT_ALPHA = 8
+# init_lora_weights values whose initialisation rewrites the base model's weights (W - B0 A0 for PiSSA, ...):
+# PEFT redoes it when the adapter is loaded, so the adapter is only right on that modified base.
+_BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 
 
 def _strip(key: str) -> str:
@@ -34,15 +55,30 @@ def _strip(key: str) -> str:
 
 
 def _module_site(module: str, backbone: BackboneInfo) -> tuple[int | None, str] | None:
-    """'bert.encoder.layer.0.attention.self.query' -> (0, 'query'), whatever the model prefix."""
+    """'bert.encoder.layer.0.attention.self.query' -> (0, 'query'); the model prefix is checked by `_foreign_prefix`."""
+    return _module_site_and_prefix(module, backbone)[0]
+
+
+def _module_site_and_prefix(module: str, backbone: BackboneInfo) -> tuple[tuple[int | None, str] | None, str]:
+    """(site, the module path before it): 'bert.encoder.layer.0.attention.self.query' -> ((0, 'query'), 'bert')."""
     parts = module.split(".")
     for i in range(len(parts)):
         hit = backbone.peft_paths.get(".".join(parts[i:]))
         if hit is not None:
-            return hit
-    if parts[-2:] == ["pooler", "dense"] or parts[-1:] == ["pooler"]:
-        return POOLER
-    return None
+            return hit, ".".join(parts[:i])
+    if parts[-2:] == ["pooler", "dense"]:
+        return POOLER, ".".join(parts[:-2])
+    if parts[-1:] == ["pooler"]:
+        return POOLER, ".".join(parts[:-1])
+    return None, ""
+
+
+def _foreign_prefix(prefix: str, backbone: BackboneInfo) -> bool:
+    """A module path under another model's attribute ('roberta.encoder...' on a BERT backbone): the adapter was
+    trained on another architecture whose module names happen to match. No prefix (PEFT on the bare encoder)
+    and the family's own prefix are fine; a backbone family this table does not know is not checked."""
+    expected = _MODEL_PREFIX.get(backbone.model_type)
+    return expected is not None and prefix not in ("", expected)
 
 
 def _head(tensors: Mapping[str, Tensor], backbone: BackboneInfo) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -63,6 +99,14 @@ def _head(tensors: Mapping[str, Tensor], backbone: BackboneInfo) -> tuple[dict[s
         raise BundleError(
             "PEFT bundle has no classifier weights: save it from a *ForSequenceClassification model "
             "with the classifier in modules_to_save (task_type SEQ_CLS)"
+        )
+    style = "out_proj" if out == "classifier.out_proj" else ("pre_classifier" if dense == "pre_classifier" else "classifier")
+    expected = _HEAD_STYLE.get(backbone.model_type)
+    if expected is not None and style != expected:
+        raise BundleError(
+            f"PEFT bundle's classifier is {_HEAD_NAMES[style]}, the head of another architecture: a "
+            f"{backbone.model_type} *ForSequenceClassification has {_HEAD_NAMES[expected]}. The adapter was trained "
+            f"on another model than this {backbone.model_type} backbone; train it on this backbone"
         )
     section: dict[str, Any] = {"pooling": pooling, "dense": dense is not None}
     t = {"head.out.weight": names[f"{out}.weight"], "head.out.bias": names.get(f"{out}.bias")}
@@ -87,19 +131,38 @@ def _lora(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Backb
         problems.append("lora_bias=True (a bias on lora_B) is not supported")
     if cfg.get("trainable_token_indices"):
         problems.append("trainable_token_indices (trained embedding rows) are not supported")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        problems.append(
+            f"init_lora_weights={init!r} rewrites the base model's weights when the adapter is made (and again when "
+            "PEFT loads it), so the adapter only fits that modified model; convert it to a plain LoRA first: "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=<the adapter saved before training>)"
+        )
+    for key, what in (("alora_invocation_tokens", "activated LoRA (applied only after the invocation tokens)"),
+                      ("layer_replication", "layer_replication (repeated backbone layers)"),
+                      ("target_parameters", "LoRA on parameters (target_parameters)"),
+                      ("use_qalora", "QALoRA (use_qalora)"),
+                      ("use_bdlora", "block-diagonal LoRA (use_bdlora)"),
+                      ("arrow_config", "Arrow routing (arrow_config)")):
+        if cfg.get(key):
+            problems.append(f"{what} is not supported")
     if problems:
         raise BundleError("PEFT LoRA bundle: " + "; ".join(problems), problems=[f"PEFT LoRA bundle: {p}" for p in problems])
     out: dict[str, Tensor] = {}
     unmatched = []
+    foreign: set[str] = set()
     for key, t in tensors.items():
         k = _strip(key)
         for ab in ("A", "B"):
             marker = f".lora_{ab}."
             if k.endswith(f"{marker}weight"):  # a lora_B.bias, lora_embedding_A, ... is not LoRA on a linear
                 module = k.split(marker)[0]
-                hit = _module_site(module, backbone)
+                hit, prefix = _module_site_and_prefix(module, backbone)
                 if hit is None:
                     unmatched.append(module)
+                    continue
+                if _foreign_prefix(prefix, backbone):
+                    foreign.add(prefix)
                     continue
                 layer, site = hit
                 layers = range(backbone.num_layers) if layer is None else [layer]  # ALBERT: shared module
@@ -110,11 +173,26 @@ def _lora(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Backb
             f"PEFT LoRA targets modules that do not exist in this {backbone.model_type} backbone: "
             f"{sorted(set(unmatched))[:5]}"
         )
+    if foreign:
+        expected = _MODEL_PREFIX[backbone.model_type]
+        raise BundleError(
+            f"PEFT LoRA was trained on another architecture: its modules are under {sorted(foreign)[:3]}, but a "
+            f"{backbone.model_type} *ForSequenceClassification keeps its encoder under {expected!r}; train the "
+            f"adapter on this {backbone.model_type} backbone"
+        )
     if not out:
         raise NoMatchingModuleError(
             f"PEFT LoRA bundle targets {cfg.get('target_modules')!r} but holds no LoRA tensors for this backbone"
         )
-    section = {"r": cfg.get("r"), "alpha": cfg.get("lora_alpha", cfg.get("r")), "use_rslora": bool(cfg.get("use_rslora"))}
+    # A config without r / lora_alpha (hand-made, or trimmed) means PEFT's defaults, which PEFT itself then uses.
+    if "r" not in cfg:
+        ranks = sorted({t.shape[0] for k, t in out.items() if k.endswith(".A") and t.dim() == 2})
+        if ranks != [_PEFT_LORA_DEFAULT_R]:
+            raise BundleError(f"PEFT LoRA config has no 'r', which PEFT reads as {_PEFT_LORA_DEFAULT_R}, but its lora_A "
+                              f"tensors have rank {', '.join(map(str, ranks))}: add the r it was trained with "
+                              f"(\"r\": {ranks[0]}) to adapter_config.json")
+    section = {"r": cfg.get("r", _PEFT_LORA_DEFAULT_R), "alpha": cfg.get("lora_alpha", _PEFT_LORA_DEFAULT_ALPHA),
+               "use_rslora": bool(cfg.get("use_rslora"))}
     return section, out
 
 

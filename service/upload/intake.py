@@ -26,6 +26,9 @@ from service.upload.safetensors_header import DuplicateKey, HeaderLimits, check_
 
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")  # only the message uses names; bytes decide
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
+# Keys every PEFT adapter_config.json has (one of them) and a native bundle config never has.
+PEFT_CONFIG_KEYS = ("base_model_name_or_path", "task_type", "target_modules", "num_virtual_tokens", "lora_alpha",
+                    "inference_mode")
 IGNORED_MEMBERS = {"readme.md", ".gitattributes"}  # what PEFT's save_pretrained / a hub folder add
 # The metadata macOS adds to archives (`archive.is_macos_metadata`) is dropped after the archive's own
 # checks (names, types, member count and sizes count it as any member), never read as a bundle file.
@@ -221,6 +224,12 @@ def _check_config(config: bytes, limits: UploadLimits, problems: _Problems) -> s
         return "native"
     if "peft_type" in data:
         return "peft"  # PEFT configs may lack a fingerprint (their own format has none)
+    peft_keys = [k for k in PEFT_CONFIG_KEYS if k in data]
+    if peft_keys and not any(k in data for k in ("format", "methods", "labels", "backbone")):
+        problems.add(f"{CONFIG_FILE} looks like a Hugging Face PEFT adapter config (it has {', '.join(peft_keys[:3])}) "
+                     "but has no 'peft_type': add the one the adapter was made with (\"LORA\", \"PREFIX_TUNING\" or "
+                     "\"PROMPT_TUNING\"), as PEFT's save_pretrained writes it")
+        return "peft"
     fingerprint = (data.get("backbone") or {}).get("fingerprint") if isinstance(data.get("backbone"), dict) else None
     if limits.require_fingerprint and not fingerprint:
         problems.add(f"{CONFIG_FILE} has no backbone.fingerprint: say which backbone the task was trained on")

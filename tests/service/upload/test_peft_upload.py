@@ -91,3 +91,17 @@ def test_a_512_position_backbone_names_the_server_limit_alone(engine: Engine) ->
         "tokens (longer prompts cost more than they have been shown to help); and this bert backbone has 512 "
         "positions, which the virtual tokens share with at least 2 text tokens; train the adapter with "
         "num_virtual_tokens <= 256"]
+
+
+def test_a_peft_config_without_peft_type_is_named_as_such_not_as_a_missing_fingerprint(engine: Engine) -> None:
+    """A PEFT adapter_config.json that lost its peft_type (hand edit, an old exporter) was refused as a
+    native bundle without backbone.fingerprint: a message about a key PEFT never writes."""
+    cfg, tensors = _peft(engine, "LORA", 0)
+    del cfg["peft_type"]
+    cfg["base_model_name_or_path"] = "sentence-transformers/all-MiniLM-L6-v2"
+    limits = UploadLimits.from_settings(Settings(store=tempfile.gettempdir(), upload_require_fingerprint=True))
+    with pytest.raises(UploadRejected) as refused:
+        assemble([Part(CONFIG, CONFIG, json.dumps(cfg).encode()), Part(WEIGHTS, WEIGHTS, st_save(tensors))], limits)
+    assert len(refused.value.problems) == 1, refused.value.problems
+    assert "looks like a Hugging Face PEFT adapter config" in refused.value.problems[0]
+    assert "has no 'peft_type'" in refused.value.problems[0] and "fingerprint" not in refused.value.problems[0]
