@@ -145,8 +145,8 @@ def serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(uvicorn_config(app, settings))
     state = app.state.service
     # Fail fast: a backbone that cannot load (or a warmup that fails) stops the process with exit 1,
-    # so the kubelet or compose restarts it at once with the error in its log. Staying alive and
-    # never ready left Kubernetes waiting out the startup probe (180 s) before a restart.
+    # so the kubelet or compose restarts it at once with the error in its log, rather than a server
+    # alive and never ready that only a probe's deadline would restart.
     state.on_startup_failure = lambda: setattr(server, "should_exit", True)
     server.run(sockets=[sock])
     if state.startup_error is not None:

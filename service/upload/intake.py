@@ -112,6 +112,7 @@ def assemble(parts: list[Part], limits: UploadLimits) -> BundleFiles:
         problems.raise_if_any()
     named: dict[str, bytes] = {}
     archives: list[Part] = []
+    misnamed = False  # a part named like an archive whose bytes are not one: the bundle is out of reach
     for part in parts:
         name = part.name
         if name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -123,8 +124,11 @@ def assemble(parts: list[Part], limits: UploadLimits) -> BundleFiles:
         elif archive_kind(part.data) is not None:
             archives.append(part)
         elif name.lower().endswith(ARCHIVE_SUFFIXES):  # named like an archive, but its bytes are not one
-            problems.add(f"{name[:100]!r} is not a zip or gzip-compressed tar archive (its first bytes are neither); "
-                         f"send a .zip or .tar.gz of the bundle, or {CONFIG_FILE} + {WEIGHTS_FILE}")
+            plain_tar = len(part.data) > 262 and part.data[257:262] == b"ustar"  # POSIX tar's magic
+            why = ("an uncompressed tar, which is not accepted: gzip it (tar czf bundle.tar.gz ...)" if plain_tar
+                   else "not a zip or gzip-compressed tar archive (its first bytes are neither)")
+            problems.add(f"{name[:100]!r} is {why}; send a .zip or .tar.gz of the bundle, or {CONFIG_FILE} + {WEIGHTS_FILE}")
+            misnamed = True
         else:
             problems.add(f"unexpected file part {name[:100]!r}: send {CONFIG_FILE} + {WEIGHTS_FILE}, or one .zip / .tar.gz")
     if archives and named:
@@ -133,7 +137,7 @@ def assemble(parts: list[Part], limits: UploadLimits) -> BundleFiles:
         problems.add(f"{len(archives)} archives sent; send one")
     source = "files"
     ignored: list[str] = []  # an archive's macOS metadata, named only if a bundle file is then missing
-    unreadable = bool(archives and named) or len(archives) > 1  # no way to tell which files are meant
+    unreadable = bool(archives and named) or len(archives) > 1 or misnamed  # no way to tell which files are meant
     if len(archives) == 1 and not named:
         archive = archives[0]
         if len(archive.data) > limits.part_bytes:

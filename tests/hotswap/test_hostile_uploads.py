@@ -2,6 +2,7 @@
 byte as it was and the task serving the version it served."""
 from __future__ import annotations
 
+import gzip
 import dataclasses
 import io
 import pickle
@@ -191,6 +192,8 @@ CASES: dict[str, tuple[Callable[[BackboneInfo], Upload], int, list[str]]] = {
     "single part named .zip that is no archive": (lambda i: _archive("b.zip", b"just some bytes"), 422,
                                                   ["'b.zip' is not a zip or gzip-compressed tar archive"]),
     "single part that is no archive": (lambda i: _archive("b.dat", b"just some bytes"), 422, ["unexpected file part 'b.dat'"]),
+    "uncompressed tar": (lambda i: _archive("b.tar", gzip.decompress(tar_gz_bytes({CONFIG: _good(i)[0], WEIGHTS: _good(i)[1]}))),
+                         422, ["'b.tar' is an uncompressed tar, which is not accepted: gzip it"]),
 }
 
 
@@ -236,6 +239,16 @@ def test_hostile_upload_is_refused_and_changes_nothing(served: Served, info, cas
         assert any(needle in problem for problem in body["problems"]), (needle, body["problems"])
     after = _snapshot(client, store)
     assert after == before and after[2] == v1
+
+
+@pytest.mark.parametrize("name, data", [("b.zip", b"just some bytes"), ("b.tar", None)])
+def test_a_part_named_like_an_archive_that_is_none_is_one_problem(served: Served, info, name: str, data) -> None:
+    # Not followed by "adapter_config.json is missing" and "... .safetensors is missing": the
+    # bundle is in the part the server could not open (qa-peft: a plain .tar got three problems).
+    if data is None:
+        data = gzip.decompress(tar_gz_bytes(dict(zip((CONFIG, WEIGHTS), _good(info)))))
+    response = served.client.post("/v1/tasks/sentiment/versions", files=_archive(name, data).files, headers=AUTH_ADMIN)
+    assert response.status_code == 422 and len(response.json()["problems"]) == 1, response.json()
 
 
 def test_each_problem_the_engine_finds_is_its_own_entry(served: Served, info) -> None:
