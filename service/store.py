@@ -241,7 +241,7 @@ class LocalStore(BundleStore):
     def has_task(self, name: str) -> bool:
         if not TASK_NAME_RE.fullmatch(name):
             return False
-        if (self.root / name).is_dir():
+        if self._is_dir(self.root / name):
             return True
         self._require_root()  # "no such task" only from a store that is there to ask
         return False
@@ -288,6 +288,16 @@ class LocalStore(BundleStore):
             if not self.root.is_dir():
                 raise FileNotFoundError(2, "No such directory")
             os.listdir(self.root)
+        except OSError as err:
+            raise self._unavailable(err) from err
+
+    def _is_dir(self, path: Path) -> bool:
+        """`path.is_dir()`, where an error other than "not there" (EACCES: the store's directory
+        lost its permissions, as a volume mounted with another owner does; EIO) is the store's 503:
+        `Path.is_dir` raises those, and a bare OSError would be a 500 (and `Registry.known`, which
+        must never raise, would raise it)."""
+        try:
+            return path.is_dir()
         except OSError as err:
             raise self._unavailable(err) from err
 
@@ -402,7 +412,7 @@ class LocalStore(BundleStore):
 
     def _task_dir(self, task: str) -> Path:
         path = self.root / validate_task_name(task)
-        if not path.is_dir():
+        if not self._is_dir(path):
             self._require_root()
             raise TaskNotFound(f"task {task!r} not found")
         return path

@@ -104,6 +104,34 @@ async def test_a_local_store_gone_keeps_what_was_resolved_and_known_never_raises
     assert await registry.resolve("t") == TaskKey("t", "v2")  # the store again, as soon as it answers
 
 
+@async_test
+async def test_a_local_store_refusing_access_keeps_what_was_resolved_and_known_never_raises(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As with the store's directory gone, when it is there but refuses this user (EACCES: a volume
+    mounted with another owner): a task resolved before keeps its version and `known` never raises
+    (it raised PermissionError, escaping the metrics label after every answer)."""
+    import errno
+    import os
+
+    root = tmp_path / "store"
+    for task in ("t", "u"):
+        write_task(root, task, "v1", active=True)
+    registry = LocalRegistry(LocalStore(root))
+    assert await registry.resolve("t") == TaskKey("t", "v1")
+    real_stat, prefix = os.stat, str(root.resolve())
+
+    def refused(path, *args, **kwargs):
+        if str(path).startswith(prefix):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", refused)
+    assert await registry.resolve("t") == TaskKey("t", "v1")
+    with pytest.raises(StoreUnavailable):
+        await registry.resolve("u")
+    assert registry.known("t") and not registry.known("u")
+
+
 @pytest.fixture
 def redis_server(request: pytest.FixtureRequest, tmp_path: Path):
     """A real redis-server; `parametrize("redis_server", [{"password": ...}], indirect=True)` passes

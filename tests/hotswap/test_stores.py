@@ -501,6 +501,39 @@ def test_a_local_store_whose_directory_went_away_is_unavailable_not_empty(tmp_pa
         store.versions("nope")
 
 
+def test_a_local_store_directory_this_user_may_not_search_is_unavailable_not_a_500(
+        tmp_path: Path, info, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EACCES on the store's directory (a volume mounted with another owner, its mode changed): every
+    lookup is the store's 503, as for a directory gone, never the bare PermissionError that
+    `Path.is_dir` raises for it (a 500, and a raise from `Registry.known`). Refused here by hand:
+    the tests may run as root, whom a chmod does not stop."""
+    import errno
+    import os
+
+    from service.errors import StoreUnavailable
+
+    (tmp_path / "store").mkdir()
+    store = LocalStore(tmp_path / "store")
+    config, weights = make_bundle(info, seed=1)
+    version = content_version(config, weights)
+    store.put_version("sentiment", version, config, weights)
+    real_stat, root = os.stat, str(store.root)
+
+    def refused(path, *args, **kwargs):
+        if str(path).startswith(root):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", refused)
+    calls = {"has_task": lambda: store.has_task("sentiment"), "resolve": lambda: store.resolve("sentiment"),
+             "versions": lambda: store.versions("sentiment"), "fetch": lambda: store.fetch(TaskKey("sentiment", version))}
+    for name, call in calls.items():
+        with pytest.raises(StoreUnavailable, match="cannot be read.*Permission denied"):
+            call()
+    monkeypatch.undo()
+    assert store.resolve("sentiment") == TaskKey("sentiment", version)
+
+
 def test_a_full_disk_is_the_store_unavailable_naming_the_bundle(tmp_path: Path, info, monkeypatch: pytest.MonkeyPatch) -> None:
     """503 store_unavailable for an upload the disk cannot take, not a 500."""
     import errno
