@@ -25,8 +25,7 @@ async def list_tasks(request: Request) -> TaskList:
     state = service_state(request)
     listings = await state.registry.list_tasks()
     cache = state.runtime.cache if state.runtime is not None else None
-    admin = state.admin
-    assert admin is not None
+    admin = state.admin  # set by create_app; None only in a state built by hand
     return TaskList(
         tasks=[
             TaskSummary(
@@ -35,7 +34,8 @@ async def list_tasks(request: Request) -> TaskList:
                 location=cache.location(TaskKey(listing.name, listing.version))
                 if cache is not None and listing.version is not None else "store",
                 error=listing.error,
-                problem=admin.remembered_problem(TaskKey(listing.name, listing.version)) if listing.version is not None else None,
+                problem=admin.remembered_problem(TaskKey(listing.name, listing.version))
+                if admin is not None and listing.version is not None else None,
             )
             for listing in listings
         ]

@@ -39,7 +39,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, RedisError, ResponseError, WatchError
 
 from service.engine.types import TaskKey
-from service.errors import RegistryUnavailable, TaskNotFound, VersionNotFound
+from service.errors import RegistryUnavailable, StoreUnavailable, TaskNotFound, VersionNotFound
 from service.registry.base import (
     Registry, TaskRecord, activated, require_active, require_version, rolled_back, with_upload, without_version,
 )
@@ -207,7 +207,9 @@ class RedisRegistry(Registry):
                         next_resync = loop.time() + self.resync_s
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError) as err:
+            except (RedisError, OSError, StoreUnavailable) as err:
+                # StoreUnavailable: seeding a Redis that lost its data (or a first one) reads the
+                # store, which is down too; the replica serves what it knows and retries both.
                 if self._stopping:
                     return
                 why = _why_not(err)
@@ -493,8 +495,11 @@ _REFUSED = "Redis refused this replica's credentials"
 
 def _why_not(err: BaseException) -> str:
     """Why Redis did not serve this replica, for the log, /readyz and the admin 503: a refused
-    password (a configuration to fix, not an outage to wait out) says so. Never the URL, which may
-    hold the password; Redis's own messages do not quote it."""
+    password (a configuration to fix, not an outage to wait out) says so, and so does a store that
+    could not be read to seed Redis. Never the URL, which may hold the password; Redis's own
+    messages do not quote it."""
+    if isinstance(err, StoreUnavailable):
+        return f"Redis needs seeding from the task store, which cannot be read ({err.message})"
     text = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
     if isinstance(err, AuthenticationError) or (
         isinstance(err, ResponseError) and str(err).startswith(("NOAUTH", "WRONGPASS"))

@@ -414,6 +414,33 @@ async def test_a_flushed_redis_is_reseeded_from_the_store_at_the_next_resync(red
         await registry.stop()
 
 
+@async_test
+async def test_a_flushed_redis_with_the_store_away_keeps_serving_and_names_the_store(redis_server, tmp_path: Path,
+                                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """The re-seed reads the store: with the store away too, the replica keeps what it knows,
+    says why in the log and its status (not a traceback per retry, not "Redis unreachable" while
+    Redis answers), and seeds once the store is back."""
+    root = tmp_path / "store"
+    write_task(root, "t", "v1", active=True)
+    registry = _registry(redis_server.url, LocalStore(root), resync_s=0.1)
+    await registry.start()
+    try:
+        await wait_until(lambda: registry.connected and registry.resyncs >= 1)
+        client = redis_server.client()
+        moved = root.rename(tmp_path / "moved")
+        client.flushall()
+        await wait_until(lambda: not registry.connected)
+        assert await registry.resolve("t") == TaskKey("t", "v1")  # what it knew, still served
+        assert registry.status()["error"].startswith("Redis needs seeding from the task store, which cannot be read")
+        assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
+        moved.rename(root)
+        await wait_until(lambda: registry.connected, timeout_s=5)
+        assert client.sismember("adaptserve:tasks", "t")
+        client.close()
+    finally:
+        await registry.stop()
+
+
 @pytest.mark.parametrize("redis_server", [{"password": "right-pass-123"}], indirect=True, ids=["password"])
 @async_test
 async def test_a_refused_password_is_named_as_such(redis_server, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
