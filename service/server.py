@@ -22,6 +22,7 @@ import json
 import logging
 import re
 from typing import Any
+from urllib.parse import unquote_plus
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -208,14 +209,23 @@ class RedactQueryCredentials(logging.Filter):
     and answers such a request 401) landed in the log verbatim. The values of parameters named
     like a credential are replaced with `***`; the rest of the line is kept."""
 
-    CREDENTIAL = re.compile(
-        r"([?&][^=&#]*(?:token|key|secret|passw|pwd|auth|signature|credential|session)[^=&#]*=)[^&#]*", re.IGNORECASE)
+    CREDENTIAL = re.compile(r"token|key|secret|passw|pwd|auth|signature|credential|session|jwt|bearer", re.IGNORECASE)
+    PARAMETER = re.compile(r"([?&])([^=&#]*)=([^&#]*)")
+
+    @classmethod
+    def redact(cls, path: str) -> str:
+        """`path` with the values of credential-like query parameters replaced by `***`. A name is
+        judged as the server reads it, percent-decoded (`tok%65n` is `token`)."""
+        def mask(m: re.Match[str]) -> str:
+            name = m.group(2)
+            return f"{m.group(1)}{name}=***" if cls.CREDENTIAL.search(unquote_plus(name)) else m.group(0)
+        return cls.PARAMETER.sub(mask, path)
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
         # uvicorn.access's args: (client, method, path with its query, http version, status)
         if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
-            record.args = (*args[:2], self.CREDENTIAL.sub(r"\1***", args[2]), *args[3:])
+            record.args = (*args[:2], self.redact(args[2]), *args[3:])
         return True
 
 

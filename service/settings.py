@@ -588,6 +588,26 @@ def _check_redis_url_options(url: str) -> None:
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise ValueError(f"has option(s) {', '.join(unknown)} that redis-py does not take over {url.split(':', 1)[0]}://")
+    # Values redis-py parses but no connection can work with: each reconnect would fail the same way
+    # (the registry logged 'Redis unreachable (ConnectionError: protocol must be either 2 or 3)').
+    ranges = {"protocol": ((2, 3), "2 or 3"), "socket_timeout": (None, "a number of seconds above 0"),
+              "socket_connect_timeout": (None, "a number of seconds above 0"),
+              "health_check_interval": (None, "0 (off) or more seconds"), "max_connections": (None, "0 (no limit) or more")}
+    bad = []
+    for name, (allowed, wanted) in ranges.items():
+        value = options.get(name)
+        if value is None:
+            continue
+        if allowed is not None:
+            ok = value in allowed
+        elif name in ("socket_timeout", "socket_connect_timeout"):
+            ok = value > 0
+        else:
+            ok = value >= 0
+        if not ok:
+            bad.append(f"{name} must be {wanted} (got {value:g})")
+    if bad:
+        raise ValueError("; ".join(bad) + " (e.g. redis://redis:6379/0?socket_timeout=2)")
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:

@@ -156,6 +156,13 @@ def load_backbone(path: str | Path | None = None, device: str = "auto", dtype: s
     fp = fingerprint(full)  # on the fp32 weights as stored
     full.to(device=dev, dtype=dt)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        # A folder without its tokenizer files (tokenizer.json, vocab.txt, ...) still gives a
+        # tokenizer, one of only special tokens: every text would read as [UNK], and the model
+        # would answer the same for every input without an error.
+        raise ValueError(f"backbone folder {str(path)!r} has no tokenizer: its vocabulary holds only "
+                         f"{len(tokenizer)} special tokens (tokenizer.json, vocab.txt or the model's other "
+                         "tokenizer files are missing); copy the model's tokenizer files into it")
     model = full.base_model if full is not full.base_model else full
     fam = family_of(model)
     if small_batch_tokens > 0 and dev.type == "cpu" and dt == torch.float32 and fam.kind == "encoder":

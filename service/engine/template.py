@@ -56,6 +56,8 @@ class Template:
             problems.append("{text_pair} appears but the task takes single texts")
         if needs_mask and "mask" not in names:
             problems.append("scoring label words needs a {mask} where the word goes")
+        elif not causal and "mask" not in names:  # a head task's template: `encode` reads the answer at {mask}
+            problems.append("a masked LM's template needs a {mask} (the answer position)")
         if any(names.count(s) > 1 for s in SLOTS):
             problems.append("each placeholder may appear once")
         if causal and "mask" in names and (parts[-1] != ("slot", "mask")) and not (

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from dataclasses import replace
 from typing import Any, Awaitable, Callable
 
@@ -39,7 +38,7 @@ class LocalRegistry(Registry):
         # Local stores: task -> the active key last read, served while the store cannot be read.
         self._last: dict[str, TaskKey] = {}
         self._refreshing: set[str] = set()  # tasks whose pointer is being read again in the background
-        self._warned_at = float("-inf")
+        self._outage = False  # the store failed a read and has not answered since: warned once
 
     # -- reads -----------------------------------------------------------------------------------
     @property
@@ -69,6 +68,7 @@ class LocalRegistry(Registry):
                     raise
                 self._warn_stale(known)
                 return known
+            self._store_answered()
             self._last[task] = key
             return key
         loop = asyncio.get_running_loop()
@@ -88,6 +88,7 @@ class LocalRegistry(Registry):
                 raise
             self._stale(task, hit[0])
             return hit[0]
+        self._store_answered()
         self._resolved[task] = (key, loop.time())
         return key
 
@@ -101,6 +102,7 @@ class LocalRegistry(Registry):
         except Exception:  # noqa: BLE001 - the store is away: keep serving what we know, retry after the TTL
             self._stale(task, known)
             return
+        self._store_answered()
         self._resolved[task] = (key, loop.time())
 
     def _forget(self, task: str) -> None:
@@ -114,10 +116,15 @@ class LocalRegistry(Registry):
         self._warn_stale(known)
 
     def _warn_stale(self, known: TaskKey) -> None:
-        if time.monotonic() - self._warned_at > 30.0:  # once per outage, not once per task per second
-            self._warned_at = time.monotonic()
+        if not self._outage:  # once per outage, not once per task per request (nor every 30 s)
+            self._outage = True
             log.warning("the task store %s cannot be read; tasks keep serving the versions this replica "
                         "last read (e.g. %s) until it answers again", self.store.describe(), known)
+
+    def _store_answered(self) -> None:
+        if self._outage:
+            self._outage = False
+            log.info("the task store %s answers again", self.store.describe())
 
     def known(self, task: str) -> bool:
         if self.store.cheap_pointers:

@@ -95,6 +95,16 @@ def test_bad_templates(template, pair, causal, message):
         Template.parse(template, pair=pair, needs_mask=True, causal=causal)
 
 
+def test_a_head_tasks_template_on_a_masked_lm_needs_a_mask():
+    # A bundle's template without a verbalizer is parsed with needs_mask=False; on a masked LM
+    # `encode` still reads the answer at {mask}, so such a bundle passed the checks and every
+    # encode raised 'ValueError: 103 is not in list' (the upload said only that). A causal LM
+    # answers at the last token and needs none.
+    with pytest.raises(TemplateError, match=r"a masked LM's template needs a \{mask\}"):
+        Template.parse("Review: {text} Done.", pair=False, needs_mask=False, causal=False)
+    assert Template.parse("Review: {text} Done.", pair=False, needs_mask=False, causal=True).slots == {"text"}
+
+
 def test_verbalizer_refused_without_lm_head(tmp_path):
     from tests.factories import tiny_backbone
 

@@ -132,6 +132,33 @@ async def test_a_local_store_refusing_access_keeps_what_was_resolved_and_known_n
     assert registry.known("t") and not registry.known("u")
 
 
+@async_test
+async def test_a_local_store_outage_is_warned_once_however_long_and_its_end_is_said(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stale-serving WARNING is once per outage (it was once per 30 s: a long outage repeated
+    it), and the store answering again is logged, so the next outage warns again."""
+    import logging
+    import time
+
+    root = tmp_path / "store"
+    write_task(root, "t", "v1", active=True)
+    registry = LocalRegistry(LocalStore(root))
+    assert await registry.resolve("t") == TaskKey("t", "v1")
+    caplog.set_level(logging.INFO, logger="service.registry.local")
+    clock = [time.monotonic()]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    for outage in range(2):
+        moved = root.rename(tmp_path / "moved")
+        for _ in range(3):
+            clock[0] += 60.0  # a minute between requests, the whole time without the store
+            assert await registry.resolve("t") == TaskKey("t", "v1")
+        moved.rename(root)
+        assert await registry.resolve("t") == TaskKey("t", "v1")
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "service.registry.local"]
+    assert [level for level, _ in said] == ["WARNING", "INFO", "WARNING", "INFO"], said
+    assert all("answers again" in message for level, message in said if level == "INFO")
+
+
 @pytest.fixture
 def redis_server(request: pytest.FixtureRequest, tmp_path: Path):
     """A real redis-server; `parametrize("redis_server", [{"password": ...}], indirect=True)` passes

@@ -276,6 +276,31 @@ def test_serve_exits_1_when_the_backbone_fails_to_load(tmp_path: Path) -> None:
     assert said and "hidden_size" in cause, done.stderr[-3000:]
 
 
+def test_serve_exits_1_on_a_model_folder_without_its_tokenizer_files(tmp_path: Path) -> None:
+    # A model folder whose tokenizer files were left out (config.json and the weights copied alone)
+    # still gave transformers a tokenizer: one of the 5 special tokens only. The server went ready
+    # and read every text as [UNK], one answer for every input. It is a failed start (exit 1),
+    # naming the missing tokenizer.
+    import os
+    import subprocess
+
+    from tests.factories import save_tiny_backbone
+
+    backbone = save_tiny_backbone("bert", tmp_path / "bb")
+    for name in os.listdir(backbone):
+        if name not in ("config.json", "model.safetensors"):
+            (backbone / name).unlink()
+    (tmp_path / "store").mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(_free_port()),
+         "--store", str(tmp_path / "store"), "--backbone", str(backbone)],
+        cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-3000:]
+    _, said, cause = done.stderr.rpartition("adaptserve serve: startup failed: ")
+    assert said and "has no tokenizer" in cause and "special tokens" in cause, done.stderr[-3000:]
+
+
 @pytest.mark.parametrize("flag", [flag for flag, _, _, _ in cli._SERVE_FLAGS])
 def test_serve_refuses_a_flag_given_blank(flag: str, capsys: pytest.CaptureFixture, uvicorn_calls: list) -> None:
     # `--redis-url "$REDIS_URL"` with the variable unset: not the default (a replica on its own

@@ -86,6 +86,23 @@ def test_the_access_log_never_writes_a_token_sent_in_the_query(tmp_path: Path) -
     assert "/v1/tasks?access_token=***&limit=5&API_KEY=***" in line and " 401" in line
 
 
+@pytest.mark.parametrize(("path", "logged"), [
+    # a name is judged as the server decodes it: percent-encoding one of its letters kept the token
+    ("/v1/tasks?tok%65n=s-1&limit=5", "/v1/tasks?tok%65n=***&limit=5"),
+    ("/v1/tasks?%61ccess_token=s-2", "/v1/tasks?%61ccess_token=***"),
+    ("/v1/tasks?jwt=s-3&Bearer=s-4", "/v1/tasks?jwt=***&Bearer=***"),
+    ("/v1/tasks?access_token=s-5&limit=5&API_KEY=s-6", "/v1/tasks?access_token=***&limit=5&API_KEY=***"),
+    ("/v1/tasks?limit=5&token", "/v1/tasks?limit=5&token"),
+])
+def test_the_access_log_masks_credentials_by_their_decoded_name(path: str, logged: str) -> None:
+    from service.server import RedactQueryCredentials
+
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                               ("127.0.0.1:5000", "GET", path, "1.1", 401), None)
+    assert RedactQueryCredentials().filter(record)
+    assert record.getMessage() == f'127.0.0.1:5000 - "GET {logged} HTTP/1.1" 401'
+
+
 def test_real_server_round_trip(served: Served) -> None:
     with httpx.Client(base_url=served.url) as client:
         response = client.post("/v1/tasks/sentiment/classify", json={"inputs": ["hello"]})

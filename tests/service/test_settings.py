@@ -189,6 +189,12 @@ def test_tokens_no_client_could_send_are_refused_without_echoing_them(
     ("redis://:pw-SECRET@redis:6379/0?foo=bar", "option(s) foo"),
     ("redis://:pw-SECRET@redis:6379/0?ssl_cert_reqs=none", "option(s) ssl_cert_reqs"),
     ("unix://", "names no socket path"),
+    # values redis-py parses but no connection works with: the feed failed on every reconnect
+    ("redis://:pw-SECRET@redis:6379/0?protocol=9", "protocol must be 2 or 3 (got 9)"),
+    ("redis://:pw-SECRET@redis:6379/0?socket_timeout=-1", "socket_timeout must be a number of seconds above 0 (got -1)"),
+    ("redis://:pw-SECRET@redis:6379/0?socket_connect_timeout=0", "socket_connect_timeout must be a number of seconds above 0"),
+    ("unix://:pw-SECRET@/tmp/redis.sock?health_check_interval=-5", "health_check_interval must be 0 (off) or more"),
+    ("redis://:pw-SECRET@redis:6379/0?max_connections=-1", "max_connections must be 0 (no limit) or more"),
 ])
 def test_a_redis_url_the_client_cannot_use_is_refused_by_name_without_its_password(url: str, says: str) -> None:
     with pytest.raises(ValidationError) as error:
@@ -207,6 +213,7 @@ def test_a_redis_url_the_client_cannot_use_is_refused_by_name_without_its_passwo
     "rediss://user:pw@cache.example.com:6380/0?ssl_cert_reqs=none",
     "unix:///run/redis.sock?db=1",
     "redis://redis:6379/0?max_connections=20&client_name=adaptserve",
+    "redis://redis:6379/0?protocol=3&socket_connect_timeout=0.5&health_check_interval=0&max_connections=0",
 ])
 def test_redis_urls_redis_py_accepts_are_accepted(url: str) -> None:
     assert Settings(redis_url=url).redis_url == url
