@@ -258,9 +258,23 @@ class RedisRegistry(Registry):
         return last_id
 
     async def _resync(self, client: aioredis.Redis) -> None:
-        """Replace the whole in-memory map with what Redis holds now."""
-        names = sorted(n.decode() if isinstance(n, bytes) else n for n in await client.smembers(self._tasks_key))
-        raws = await client.mget([self._task_key(n) for n in names]) if names else []
+        """Replace the whole in-memory map with what Redis holds now. A Redis that lost its data
+        around the read (the `seeded` marker gone before or after it: FLUSHALL between `_seed` and
+        here) is seeded and read again: a snapshot of a flushed Redis is not the registry, and
+        applying it would drop every task from this replica."""
+        for _ in range(3):
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.exists(self._seeded_key)
+                pipe.smembers(self._tasks_key)
+                seeded, members = await pipe.execute()
+            if seeded:
+                names = sorted(n.decode() if isinstance(n, bytes) else n for n in members)
+                raws = await client.mget([self._task_key(n) for n in names]) if names else []
+                if await client.exists(self._seeded_key):
+                    break
+            await self._seed(client)
+        else:
+            raise RedisError("Redis lost its data again while this replica read it")
         fresh = {name: record for name, raw in zip(names, raws, strict=True) if (record := _decode(raw, name)) is not None}
         old = self._records
         self._records = fresh

@@ -442,6 +442,32 @@ async def test_a_flushed_redis_is_reseeded_from_the_store_at_the_next_resync(red
 
 
 @async_test
+async def test_a_resync_of_a_redis_flushed_after_its_seed_check_seeds_it_again(redis_server, tmp_path: Path) -> None:
+    """FLUSHALL between `_seed` (marker there) and the snapshot read: the empty snapshot is not
+    applied. (The store away: the re-seed's read fails and the replica keeps what it knew; the store
+    back: it seeds and the task is there.) Deterministic twin of the outage test below."""
+    root = tmp_path / "store"
+    write_task(root, "t", "v1", active=True)
+    registry = _registry(redis_server.url, LocalStore(root))
+    client = registry._client(socket_timeout=2.0)
+    try:
+        await registry._seed(client)
+        await registry._resync(client)
+        assert await registry.resolve("t") == TaskKey("t", "v1")
+        await client.flushall()  # after the marker check a periodic resync would have made
+        moved = root.rename(tmp_path / "moved")
+        with pytest.raises(StoreUnavailable):
+            await registry._resync(client)
+        assert await registry.resolve("t") == TaskKey("t", "v1")  # not dropped by an empty snapshot
+        moved.rename(root)
+        await client.flushall()
+        await registry._resync(client)
+        assert await registry.resolve("t") == TaskKey("t", "v1") and await client.sismember("adaptserve:tasks", "t")
+    finally:
+        await client.aclose()
+
+
+@async_test
 async def test_a_flushed_redis_with_the_store_away_keeps_serving_and_names_the_store(redis_server, tmp_path: Path,
                                                                                     caplog: pytest.LogCaptureFixture) -> None:
     """The re-seed reads the store: with the store away too, the replica keeps what it knows,
