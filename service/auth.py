@@ -72,7 +72,9 @@ def bearer_token(header: str | None) -> bytes:
         raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'", error=None)
     scheme, _, value = header.strip().partition(" ")
     value = value.strip()
-    if scheme.lower() != "bearer" or not value or any(c.isspace() for c in value):
+    if scheme.lower() != "bearer":  # another scheme (Basic, ...): no error code (RFC 6750 section 3.1)
+        raise Unauthorized("malformed Authorization header: expected 'Bearer <token>'", error=None)
+    if not value or any(c.isspace() for c in value):
         raise Unauthorized("malformed Authorization header: expected 'Bearer <token>'", error="invalid_request")
     try:
         return value.encode("ascii")
@@ -139,7 +141,8 @@ def warn_if_disabled(tokens: Tokens) -> None:
         if placeholders:
             # k8s/base/secret.yaml ships CHANGE-ME-... tokens: auth is on, but with tokens anyone
             # can read in this repository. Named by position, never by value.
-            warn_always(log, "AUTH USES PLACEHOLDER TOKENS: " + ", ".join(placeholders) + " still start with "
+            verb = "still starts" if len(placeholders) == 1 else "still start"
+            warn_always(log, "AUTH USES PLACEHOLDER TOKENS: " + ", ".join(placeholders) + f" {verb} with "
                         "CHANGE-ME (k8s/base/secret.yaml's publicly known values); anyone who has read this "
                         "repository can use them. Replace them with real secrets (docs/deploy.md, \"Secrets\").")
 

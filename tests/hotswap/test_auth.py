@@ -65,7 +65,8 @@ def test_missing_malformed_and_wrong_tokens_are_401(client: TestClient, method: 
     response = _call(client, method, path, BAD_HEADERS[case])
     assert response.status_code == 401 and response.json()["error_type"] == "unauthorized"
     # RFC 6750 section 3: an error code where a token was sent, none where nothing was
-    code = {"missing": None, "wrong token": "invalid_token", "admin token prefix": "invalid_token"}.get(case, "invalid_request")
+    code = {"missing": None, "not bearer": None, "wrong token": "invalid_token",
+            "admin token prefix": "invalid_token"}.get(case, "invalid_request")  # 3.1: another scheme gets no code
     assert response.headers["www-authenticate"] == 'Bearer realm="adaptserve"' + (f', error="{code}"' if code else "")
 
 
@@ -189,8 +190,11 @@ def test_placeholder_tokens_are_warned_about_by_position(caplog: pytest.LogCaptu
                             inference=(b"change-me-inference-token",)))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "PLACEHOLDER TOKENS" in warnings[0]
-    assert "admin token 2" in warnings[0] and "inference token 1" in warnings[0] and "admin token 1" not in warnings[0]
+    assert "admin token 2, inference token 1 still start with CHANGE-ME" in warnings[0] and "admin token 1" not in warnings[0]
     assert "admin-token" not in warnings[0] and "real-admin" not in warnings[0]
+    caplog.clear()
+    warn_if_disabled(Tokens(admin=(b"CHANGE-ME-admin-token",)))
+    assert "admin token 1 still starts with CHANGE-ME" in caplog.records[-1].getMessage()
 
 
 def test_real_tokens_get_no_warning(caplog: pytest.LogCaptureFixture) -> None:
