@@ -251,10 +251,15 @@ class RedisRegistry(Registry):
                     tasks.add(task.decode() if isinstance(task, bytes) else task)
         if len(tasks) > _BATCH_REFRESH:
             await self._resync(client)
-        else:
-            for task in sorted(tasks):
-                raw = await client.get(self._task_key(task))
-                self._apply(task, _decode(raw, task))
+            return last_id
+        raws = {task: await client.get(self._task_key(task)) for task in sorted(tasks)}
+        if None in raws.values() and not await client.exists(self._seeded_key):
+            # A record gone because Redis lost its data (FLUSHALL after the entry was written), not
+            # because the task was deleted: re-seed and resync (`_resync`) instead of dropping it.
+            await self._resync(client)
+            return last_id
+        for task, raw in raws.items():
+            self._apply(task, _decode(raw, task))
         return last_id
 
     async def _resync(self, client: aioredis.Redis) -> None:

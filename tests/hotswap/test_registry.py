@@ -468,6 +468,27 @@ async def test_a_resync_of_a_redis_flushed_after_its_seed_check_seeds_it_again(r
 
 
 @async_test
+async def test_a_feed_entry_read_after_redis_lost_its_data_does_not_drop_the_task(redis_server, tmp_path: Path) -> None:
+    """A feed entry written before a flush and read after it finds no record: that is lost data
+    (the `seeded` marker is gone too), not a delete, so Redis is re-seeded instead of the task
+    being dropped. (Keys deleted by hand here, the stream kept, to place the read after the loss.)"""
+    root = tmp_path / "store"
+    write_task(root, "t", "v1", active=True)
+    registry = _registry(redis_server.url, LocalStore(root))
+    client = registry._client(socket_timeout=2.0)
+    try:
+        await registry._seed(client)
+        await registry._resync(client)
+        before = await registry._stream_tail(client)
+        await client.xadd(registry._stream_key, {"task": "t", "active": "v1", "origin": "elsewhere"})
+        await client.delete(registry._task_key("t"), registry._tasks_key, registry._seeded_key)
+        await registry._read_feed(client, before)
+        assert await registry.resolve("t") == TaskKey("t", "v1") and await client.exists(registry._seeded_key)
+    finally:
+        await client.aclose()
+
+
+@async_test
 async def test_a_flushed_redis_with_the_store_away_keeps_serving_and_names_the_store(redis_server, tmp_path: Path,
                                                                                     caplog: pytest.LogCaptureFixture) -> None:
     """The re-seed reads the store: with the store away too, the replica keeps what it knows,
