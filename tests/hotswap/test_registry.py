@@ -441,19 +441,29 @@ async def test_a_flushed_redis_is_reseeded_from_the_store_at_the_next_resync(red
         await registry.stop()
 
 
+@contextlib.asynccontextmanager
+async def _synced(url: str, root: Path):
+    """A Redis registry over a store holding task t@v1, seeded and read once by hand (no feed
+    loop): the race tests place their Redis changes between its steps themselves."""
+    write_task(root, "t", "v1", active=True)
+    registry = _registry(url, LocalStore(root))
+    client = registry._client(socket_timeout=2.0)
+    try:
+        await registry._seed(client)
+        await registry._resync(client)
+        assert await registry.resolve("t") == TaskKey("t", "v1")
+        yield registry, client
+    finally:
+        await client.aclose()
+
+
 @async_test
 async def test_a_resync_of_a_redis_flushed_after_its_seed_check_seeds_it_again(redis_server, tmp_path: Path) -> None:
     """FLUSHALL between `_seed` (marker there) and the snapshot read: the empty snapshot is not
     applied. (The store away: the re-seed's read fails and the replica keeps what it knew; the store
     back: it seeds and the task is there.) Deterministic twin of the outage test below."""
     root = tmp_path / "store"
-    write_task(root, "t", "v1", active=True)
-    registry = _registry(redis_server.url, LocalStore(root))
-    client = registry._client(socket_timeout=2.0)
-    try:
-        await registry._seed(client)
-        await registry._resync(client)
-        assert await registry.resolve("t") == TaskKey("t", "v1")
+    async with _synced(redis_server.url, root) as (registry, client):
         await client.flushall()  # after the marker check a periodic resync would have made
         moved = root.rename(tmp_path / "moved")
         with pytest.raises(StoreUnavailable):
@@ -462,9 +472,7 @@ async def test_a_resync_of_a_redis_flushed_after_its_seed_check_seeds_it_again(r
         moved.rename(root)
         await client.flushall()
         await registry._resync(client)
-        assert await registry.resolve("t") == TaskKey("t", "v1") and await client.sismember("adaptserve:tasks", "t")
-    finally:
-        await client.aclose()
+        assert await registry.resolve("t") == TaskKey("t", "v1") and await client.sismember(registry._tasks_key, "t")
 
 
 @async_test
@@ -472,20 +480,12 @@ async def test_a_feed_entry_read_after_redis_lost_its_data_does_not_drop_the_tas
     """A feed entry written before a flush and read after it finds no record: that is lost data
     (the `seeded` marker is gone too), not a delete, so Redis is re-seeded instead of the task
     being dropped. (Keys deleted by hand here, the stream kept, to place the read after the loss.)"""
-    root = tmp_path / "store"
-    write_task(root, "t", "v1", active=True)
-    registry = _registry(redis_server.url, LocalStore(root))
-    client = registry._client(socket_timeout=2.0)
-    try:
-        await registry._seed(client)
-        await registry._resync(client)
+    async with _synced(redis_server.url, tmp_path / "store") as (registry, client):
         before = await registry._stream_tail(client)
         await client.xadd(registry._stream_key, {"task": "t", "active": "v1", "origin": "elsewhere"})
         await client.delete(registry._task_key("t"), registry._tasks_key, registry._seeded_key)
         await registry._read_feed(client, before)
         assert await registry.resolve("t") == TaskKey("t", "v1") and await client.exists(registry._seeded_key)
-    finally:
-        await client.aclose()
 
 
 @async_test

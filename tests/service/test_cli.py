@@ -255,50 +255,43 @@ def test_debug_logging_keeps_the_aws_sdk_quiet(tmp_path: Path, uvicorn_calls: li
             logging.getLogger(name).setLevel(logging.NOTSET)
 
 
-def test_serve_exits_1_when_the_backbone_fails_to_load(tmp_path: Path) -> None:
-    # A real `adaptserve serve` process: a model folder whose config.json passes the pre-start check
-    # but cannot build a model fails in the background load. The server stops with exit 1 and the
-    # error (so an orchestrator restarts it at once), not alive and never ready.
-    import os
-    import subprocess
-
-    backbone = tmp_path / "bb"
-    backbone.mkdir()
-    (backbone / "config.json").write_text('{"model_type": "bert", "hidden_size": "x"}')
-    (tmp_path / "store").mkdir()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(_free_port()),
-         "--store", str(tmp_path / "store"), "--backbone", str(backbone)],
-        cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1, done.stderr[-3000:]
-    _, said, cause = done.stderr.rpartition("adaptserve serve: startup failed: ")
-    assert said and "hidden_size" in cause, done.stderr[-3000:]
+def _config_that_builds_no_model(folder: Path) -> None:
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "bert", "hidden_size": "x"}')
 
 
-def test_serve_exits_1_on_a_model_folder_without_its_tokenizer_files(tmp_path: Path) -> None:
-    # A model folder whose tokenizer files were left out (config.json and the weights copied alone)
-    # still gave transformers a tokenizer: one of the 5 special tokens only. The server went ready
-    # and read every text as [UNK], one answer for every input. It is a failed start (exit 1),
-    # naming the missing tokenizer.
-    import os
-    import subprocess
-
+def _weights_without_the_tokenizer(folder: Path) -> None:
+    # config.json and the weights copied alone: transformers still gave a tokenizer of only the 5
+    # special tokens, and the server went ready reading every text as [UNK]
     from tests.factories import save_tiny_backbone
 
-    backbone = save_tiny_backbone("bert", tmp_path / "bb")
-    for name in os.listdir(backbone):
-        if name not in ("config.json", "model.safetensors"):
-            (backbone / name).unlink()
+    save_tiny_backbone("bert", folder)
+    for path in folder.iterdir():
+        if path.name not in ("config.json", "model.safetensors"):
+            path.unlink()
+
+
+@pytest.mark.parametrize("broken, cause", [
+    (_config_that_builds_no_model, ("hidden_size",)),
+    (_weights_without_the_tokenizer, ("has no tokenizer", "special tokens")),
+], ids=["config that builds no model", "weights without the tokenizer"])
+def test_serve_exits_1_when_the_backbone_fails_to_load(tmp_path: Path, broken, cause: tuple[str, ...]) -> None:
+    # A real `adaptserve serve` process on a model folder that passes the pre-start check but fails
+    # in the background load: the server stops with exit 1 and the cause (so an orchestrator
+    # restarts it at once), not alive and never ready.
+    import os
+    import subprocess
+
+    broken(tmp_path / "bb")
     (tmp_path / "store").mkdir()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(_free_port()),
-         "--store", str(tmp_path / "store"), "--backbone", str(backbone)],
+         "--store", str(tmp_path / "store"), "--backbone", str(tmp_path / "bb")],
         cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr[-3000:]
-    _, said, cause = done.stderr.rpartition("adaptserve serve: startup failed: ")
-    assert said and "has no tokenizer" in cause and "special tokens" in cause, done.stderr[-3000:]
+    _, said, told = done.stderr.rpartition("adaptserve serve: startup failed: ")
+    assert said and all(part in told for part in cause), done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("flag", [flag for flag, _, _, _ in cli._SERVE_FLAGS])
