@@ -111,7 +111,8 @@ class BundleStore:
     def missing_files(self, key: TaskKey) -> list[str]:
         """The files of a stored version that are not in the store itself (never a local copy of
         it): empty for a whole version, else what an activation must name when it refuses it."""
-        raise NotImplementedError
+        present = self.file_sizes(key.name, [validate_version(key.name, key.version)]).get(key.version, {})
+        return [name for name in (CONFIG_FILE, WEIGHTS_FILE) if name not in present]
 
     def file_sizes(self, task: str, versions: list[str]) -> dict[str, dict[str, int]]:
         """{version: {file name: bytes}} for those of `versions` still stored, each naming the bundle
@@ -314,10 +315,6 @@ class LocalStore(BundleStore):
 
     def has_version(self, task: str, version: str) -> bool:
         return is_version_id(version) and (self._task_dir(task) / version).is_dir()
-
-    def missing_files(self, key: TaskKey) -> list[str]:
-        path = self._task_dir(key.name) / validate_version(key.name, key.version)
-        return [name for name in (CONFIG_FILE, WEIGHTS_FILE) if not (path / name).is_file()]
 
     def file_sizes(self, task: str, versions: list[str]) -> dict[str, dict[str, int]]:
         task_dir = self._task_dir(task)

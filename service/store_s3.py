@@ -221,13 +221,6 @@ class S3Store(BundleStore):
                       if CONFIG_FILE in names or names.get(WEIGHTS_FILE, settled) < settled)
 
     @_s3_errors
-    def missing_files(self, key: TaskKey) -> list[str]:
-        validate_task_name(key.name)
-        validate_version(key.name, key.version)
-        keys, _ = self._list(self._key(key.name, key.version, ""))
-        return [name for name in (CONFIG_FILE, WEIGHTS_FILE) if self._key(key.name, key.version, name) not in keys]
-
-    @_s3_errors
     def file_sizes(self, task: str, versions: list[str]) -> dict[str, dict[str, int]]:
         validate_task_name(task)
         wanted, root = set(versions), self._key(task, "")

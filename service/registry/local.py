@@ -33,10 +33,9 @@ class LocalRegistry(Registry):
         self.history_max = history_max
         self.pointer_ttl_s = pointer_ttl_s
         self._write_lock = asyncio.Lock()
-        # Remote stores only: task -> (active key, loop time read), so a request is not an S3 GET.
+        # task -> (active key, loop time read): on a remote store a cache for `pointer_ttl_s`, so a
+        # request is not an S3 GET; on either store what is served while the store cannot be read.
         self._resolved: dict[str, tuple[TaskKey, float]] = {}
-        # Local stores: task -> the active key last read, served while the store cannot be read.
-        self._last: dict[str, TaskKey] = {}
         self._refreshing: set[str] = set()  # tasks whose pointer is being read again in the background
         self._outage = False  # the store failed a read and has not answered since: warned once
 
@@ -57,19 +56,19 @@ class LocalRegistry(Registry):
             try:
                 key = self.store.resolve(task)  # a stat and a tiny read: fine on the loop
             except TaskNotFound:
-                self._last.pop(task, None)
+                self._resolved.pop(task, None)
                 raise
             except StoreUnavailable:
                 # The store's directory is gone or unreadable (a lost mount): a task this replica
                 # has served keeps its version, as on a remote store and with Redis, so what is in
                 # memory keeps serving; anything that must read the store fails with this 503.
-                known = self._last.get(task)
-                if known is None:
+                last = self._resolved.get(task)
+                if last is None:
                     raise
-                self._warn_stale(known)
-                return known
+                self._warn_stale(last[0])
+                return last[0]
             self._store_answered()
-            self._last[task] = key
+            self._resolved[task] = (key, 0.0)  # kept for an outage only: a local pointer is read every time
             return key
         loop = asyncio.get_running_loop()
         hit = self._resolved.get(task)
@@ -105,12 +104,6 @@ class LocalRegistry(Registry):
         self._store_answered()
         self._resolved[task] = (key, loop.time())
 
-    def _forget(self, task: str) -> None:
-        """After a write: the next request reads the pointer afresh (and a deleted task is not
-        served from memory through a later store outage)."""
-        self._resolved.pop(task, None)
-        self._last.pop(task, None)
-
     def _stale(self, task: str, known: TaskKey) -> None:
         self._resolved[task] = (known, asyncio.get_running_loop().time())
         self._warn_stale(known)
@@ -134,7 +127,7 @@ class LocalRegistry(Registry):
                 # The store's directory is gone or unreadable: `has_task` says so with a 503 for the
                 # routes, but `known` only picks a metrics label (after the answer was sent) and must
                 # never raise; with no store to ask, a task is known if it is still being served.
-                return task in self._last
+                return task in self._resolved
         return task in self._resolved
 
     async def list_tasks(self) -> list[TaskListing]:
@@ -177,7 +170,7 @@ class LocalRegistry(Registry):
             updated = without_version(record, version, self.history_max)
             await remove_files()
             await asyncio.to_thread(self._write_history, updated)
-            self._forget(task)
+            self._resolved.pop(task, None)  # the next request reads the pointer afresh
         self._notify_deleted(task, (version,))
         return updated
 
@@ -185,7 +178,7 @@ class LocalRegistry(Registry):
         async with self._write_lock:
             old = (await asyncio.to_thread(self._read, task)).active
             await remove_files()  # the files are the registry: once they are gone, so is the task
-            self._forget(task)
+            self._resolved.pop(task, None)  # the next request reads the pointer afresh
         self._notify(task, old, None)
 
     async def _write(self, task: str, change: Callable[[TaskRecord], TaskRecord], *, implicit: bool = True) -> TaskRecord:
@@ -196,7 +189,7 @@ class LocalRegistry(Registry):
             if updated == record:  # a no-op (e.g. the active version re-sent): nothing to write or tell
                 return updated
             await asyncio.to_thread(self._persist, updated)
-            self._forget(task)
+            self._resolved.pop(task, None)  # the next request reads the pointer afresh
         self._notify(task, record.active, updated.active)
         return updated
 
