@@ -5,9 +5,13 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
+from service.engine.engine import Engine
+from service.engine.types import ClassifyItem
 from tests.factories import WORDS, save_tiny_backbone
 from training.config import PrefixConfig, PromptConfig, TrainConfig
+from training.evaluate import load_published
 
 # The tiny backbone has 64 positions; 4 virtual tokens + 24 text tokens fit with room to spare.
 TINY = dict(max_steps=2, batch_size=8, max_length=24, prefix=PrefixConfig(4), prompt=PromptConfig(4), epochs=1)
@@ -67,3 +71,12 @@ def csvs(tmp_path_factory) -> dict[str, Path]:
         "pair_train": write_csv(d / "pair_train.csv", rows(40, 4, pairs=True), pairs=True),
         "pair_dev": write_csv(d / "pair_dev.csv", rows(16, 5, pairs=True), pairs=True),
     }
+
+
+def assert_served_equals_trained(backbone, store: Path, name: str, texts: list[str], trained) -> None:
+    """The published task `name`, loaded by a fresh engine as the service would, answers `texts`
+    with the logits training computed (`trained(texts)`), to 1e-5."""
+    engine = Engine(backbone)
+    task = load_published(engine, store, name)
+    served = torch.tensor([p.logits for p in engine.classify([ClassifyItem(task, t) for t in texts])])
+    torch.testing.assert_close(served, trained(texts), atol=1e-5, rtol=0)

@@ -2,16 +2,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from service.engine.engine import Engine
-from service.engine.types import ClassifyItem
 from training.config import PrefixConfig, TrainConfig
 from training.data import load_splits
-from training.evaluate import load_published
 from training.publish import save_to_store
 from training.trainer import train
-from tests.training.conftest import rows, write_csv
+from tests.training.conftest import assert_served_equals_trained, rows, write_csv
 
 
 @pytest.mark.slow
@@ -21,8 +17,4 @@ def test_minilm_served_equals_trained(method, minilm_backbone, tmp_path):
     cfg = TrainConfig(method=method, max_steps=2, batch_size=8, max_length=32, prefix=PrefixConfig(8))
     result = train(splits, cfg, name=f"minilm-{method}", backbone=minilm_backbone, progress=False)
     save_to_store(result, tmp_path / "store")
-    engine = Engine(minilm_backbone)
-    task = load_published(engine, tmp_path / "store", result.name)
-    texts = list(splits.dev.texts)
-    served = torch.tensor([p.logits for p in engine.classify([ClassifyItem(task, t) for t in texts])])
-    torch.testing.assert_close(served, result.logits(texts), atol=1e-5, rtol=0)
+    assert_served_equals_trained(minilm_backbone, tmp_path / "store", result.name, list(splits.dev.texts), result.logits)

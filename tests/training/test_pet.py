@@ -10,11 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.engine.engine import Engine
-from service.engine.types import ClassifyItem
 from training.config import ConfigError, TrainConfig
 from training.data import DataError, load_splits
-from training.evaluate import load_published
 from training.fewshot_cli import pet_main
 from training.pet import (
     PetConfig,
@@ -26,7 +23,7 @@ from training.pet import (
     save_pet,
 )
 from tests.factories import save_tiny_lm
-from tests.training.conftest import TINY, rows, write_csv
+from tests.training.conftest import TINY, assert_served_equals_trained, rows, write_csv
 
 PATTERNS = [
     {"template": "{text} it was {mask}", "verbalizer": "negative=bad;positive=good"},
@@ -135,11 +132,7 @@ def test_pet_run_publishes_a_student_served_as_trained(pet_setup, tiny, tmp_path
     pet = cfg_json["training"]["pet"]
     assert pet["temperature"] == 2.0 and len(pet["patterns"]) == 3 and pet["unlabelled_rows"] == 12
     assert 0 < res.label_seconds < res.seconds and pet["label_seconds"] == round(res.label_seconds, 3)
-    engine = Engine(tiny)
-    task = load_published(engine, tmp_path, "pet")
-    texts = list(splits.test.texts)
-    served = torch.tensor([p.logits for p in engine.classify([ClassifyItem(task, t) for t in texts])])
-    torch.testing.assert_close(served, res.student.logits(texts), atol=1e-5, rtol=0)
+    assert_served_equals_trained(tiny, tmp_path, "pet", list(splits.test.texts), res.student.logits)
 
 
 def test_student_loss_is_the_distillation_loss(pet_setup, tiny, monkeypatch):

@@ -16,12 +16,11 @@ from service.engine.types import ClassifyItem
 from training.cli import main
 from training.config import ConfigError
 from training.data import load_splits
-from training.evaluate import load_published
 from training.prompting import PromptSpec, VerbalizerError, parse_verbalizer, prompt_spec, resolve_verbalizer
 from training.publish import save_to_store
 from training.trainer import train
 from tests.factories import save_tiny_lm
-from tests.training.conftest import rows, tiny_config, write_csv
+from tests.training.conftest import assert_served_equals_trained, rows, tiny_config, write_csv
 
 WORDS = {"negative": ["bad", "terrible"], "positive": ["good"]}
 TEMPLATES = {"mlm": "{text} it was {mask} .", "causal": "{text} it was {mask}"}
@@ -221,11 +220,8 @@ def test_served_equals_trained(case, lm, sentiment, tmp_path):
     assert cfg["template"] == TEMPLATES[kind] and "verbalizer" in cfg["methods"] and "head" not in cfg["methods"]
     if demos:
         assert cfg["methods"]["demos"]["texts"] == list(sentiment.train.texts)
-    engine = Engine(bb)  # a fresh engine, as the service would have
-    task = load_published(engine, tmp_path, result.name)
     texts = list(sentiment.dev.texts) + [sentiment.train.texts[0]]  # a training text: never its own demonstration
-    served = torch.tensor([p.logits for p in engine.classify([ClassifyItem(task, t) for t in texts])])
-    torch.testing.assert_close(served, result.logits(texts), atol=1e-5, rtol=0)
+    assert_served_equals_trained(bb, tmp_path, result.name, texts, result.logits)
 
 
 def test_lora_on_a_gated_ffn_trains_its_gate_and_serves_as_trained(sentiment, tmp_path):
@@ -239,11 +235,7 @@ def test_lora_on_a_gated_ffn_trains_its_gate_and_serves_as_trained(sentiment, tm
     pairs = result.weights["lora"].pairs
     assert {site for _, site in pairs} == {"query", "ffn_gate"} and all(b.abs().sum() > 0 for _, b in pairs.values())
     save_to_store(result, tmp_path / "store")
-    engine = Engine(bb)
-    task = load_published(engine, tmp_path / "store", result.name)
-    texts = list(sentiment.dev.texts)
-    served = torch.tensor([p.logits for p in engine.classify([ClassifyItem(task, t) for t in texts])])
-    torch.testing.assert_close(served, result.logits(texts), atol=1e-5, rtol=0)
+    assert_served_equals_trained(bb, tmp_path / "store", result.name, list(sentiment.dev.texts), result.logits)
 
 
 def test_demonstrations_change_the_prompt(lm, sentiment):
