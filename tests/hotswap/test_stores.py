@@ -3,8 +3,10 @@ HTTP server (moto_server, started here on a loopback port). The app then runs on
 from __future__ import annotations
 
 import re
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -452,6 +454,49 @@ def test_a_cached_s3_copy_that_rotted_on_local_disk_is_fetched_again(moto, bucke
     (cached / WEIGHTS).write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))  # local disk trouble
     again = store.bundle_dir(TaskKey("sentiment", version))
     assert (again / WEIGHTS).read_bytes() == weights and (again / CONFIG).read_bytes() == config
+
+
+@pytest.mark.parametrize("deleted", ["version", "task"])
+def test_an_s3_fetch_in_flight_when_a_delete_is_heard_puts_no_copy_back_on_disk(
+        moto, bucket: str, tmp_path: Path, info, monkeypatch: pytest.MonkeyPatch, deleted: str) -> None:
+    """Replica B has downloaded a version, not yet placed it in its disk cache, when it hears that
+    replica A deleted the version (or its task) and empties its cache of it. The download must not
+    land there afterwards (it stayed until the cache's byte budget pushed it out): the fetch fails
+    saying why, and the same bundle uploaded again is fetched anew."""
+    from service.store_s3 import S3Store
+
+    a, b = (S3Store.from_settings(s3_settings(moto, bucket, tmp_path / name)) for name in ("a", "b"))
+    config, weights = make_bundle(info, seed=1)
+    key = TaskKey("sentiment", content_version(config, weights))
+    a.put_version(key.name, key.version, config, weights)
+    downloaded, heard = threading.Event(), threading.Event()
+    real = b._get_bytes
+
+    def held(object_key: str) -> bytes | None:
+        data = real(object_key)
+        if object_key.endswith(WEIGHTS):  # both objects read: B is about to place its copy
+            downloaded.set()
+            assert heard.wait(10)
+        return data
+
+    monkeypatch.setattr(b, "_get_bytes", held)
+    with ThreadPoolExecutor(1) as pool:
+        fetching = pool.submit(b.fetch, key)
+        assert downloaded.wait(10)
+        if deleted == "version":  # what A does, then what B's feed handler does (HotSwap.on_versions_deleted)
+            a.delete_version(key)
+            b.drop_local_copy(key)
+        else:  # HotSwap.on_change with no new version
+            a.delete_task(key.name)
+            b.drop_local_task(key.name)
+        heard.set()
+        with pytest.raises(TaskUnavailable, match=f"task {key} was deleted while this replica fetched it"):
+            fetching.result(10)
+    assert [p.relative_to(b.cache_dir) for p in b.cache_dir.rglob("*") if p.is_file()] == []
+
+    monkeypatch.setattr(b, "_get_bytes", real)
+    a.put_version(key.name, key.version, config, weights)  # uploaded again: same content, same id
+    assert (b.bundle_dir(key) / WEIGHTS).read_bytes() == weights
 
 
 def test_a_version_another_replica_placed_first_is_already_stored(tmp_path: Path, info, monkeypatch: pytest.MonkeyPatch) -> None:
