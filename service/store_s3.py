@@ -357,7 +357,12 @@ class S3Store(BundleStore):
         if self._stored_intact(task, version):
             return False
         self.pin_implicit_active(task)
-        # Weights first, config last: a version is listed once its config exists.
+        # Weights first, config last: a version is listed once its config exists. A config PUT that
+        # fails leaves the weights where they are: every publish of this bundle writes that same object
+        # (same content, same id, same key), so another replica's publish of it, between its own two
+        # PUTs now, or the damaged version this one repairs may need it, and S3 cannot delete it only
+        # if no other publish wrote it (same bytes, same ETag; a check for the config first would race
+        # that publish's config PUT). Unlisted for `partial_grace_s`; the client's retry finishes it.
         self.client.put_object(Bucket=self.bucket, Key=self._key(task, version, WEIGHTS_FILE), Body=weights_bytes)
         self.client.put_object(Bucket=self.bucket, Key=self._key(task, version, CONFIG_FILE), Body=config_bytes)
         return True
