@@ -22,7 +22,8 @@ a version is immutable and named by its hash, so a cached copy never goes stale.
 bounded (`s3_cache_max_bytes`): after a fetch, the copies used least recently go first, but never
 one used within `CACHE_GRACE_S` (a path just handed out is being read), so the bound is soft. A
 version or task deleted leaves the cache at once: on the replica that deleted it, and on every other
-replica when it hears the delete (`drop_local_copy`, `drop_local_task`).
+replica when it hears the delete (`drop_local_copy`, `drop_local_task`); a fetch of it in flight then
+places nothing and fails, saying it was deleted (what it read may be the deleted version's).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
@@ -100,6 +102,11 @@ class S3Store(BundleStore):
         self._pointer_cache: dict[tuple[str, str], tuple[str | None, float]] = {}
         self._lock = threading.Lock()
         self._trim_lock = threading.Lock()
+        # Drops of a version (TaskKey) or of a whole task (its name) since the store was made, and the
+        # lock a fetch places its copy under, so no copy lands after a drop that should have taken it.
+        # One entry per version or task deleted while this replica ran: a few bytes each.
+        self._drops: Counter[TaskKey | str] = Counter()
+        self._drop_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Any, flags: Mapping[str, str] | None = None) -> "S3Store":
@@ -265,8 +272,10 @@ class S3Store(BundleStore):
         if target.is_dir():
             _touch(target)  # its mtime is its last use: the cache's LRU order, kept across restarts
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=target.parent))
+        drops = self._drop_count(key)
+        # Downloaded beside the task directories, not in one: a task dropped meanwhile takes its
+        # directory, never a download in flight (the drop count below says what became of it).
+        tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=self.cache_dir))
         try:
             blobs = {}
             for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -281,11 +290,19 @@ class S3Store(BundleStore):
                 got = content_version(blobs[CONFIG_FILE], blobs[WEIGHTS_FILE])
                 if got != key.version:
                     raise TaskUnavailable(f"task {key} in {self.describe()} is corrupt: its content hashes to {got}")
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                if not target.is_dir():  # not a concurrent fetch of the same version that won the race
-                    raise
+            with self._drop_lock:
+                # A delete of it heard since this download began (its objects may already be gone, or
+                # go in a moment: a replica hears a delete before the deleting one removes them): the
+                # copy must not land in the cache that delete just emptied, where it would sit until
+                # the byte budget pushed it out. A fetch after the delete reads the bucket afresh.
+                if self._drop_count(key) != drops:
+                    raise TaskUnavailable(f"task {key} was deleted while this replica fetched it")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.rename(tmp, target)
+                except OSError:
+                    if not target.is_dir():  # not a concurrent fetch of the same version that won the race
+                        raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         _touch(target)
@@ -300,7 +317,7 @@ class S3Store(BundleStore):
         with self._trim_lock:
             entries, total = [], 0
             for task_dir in self.cache_dir.iterdir():
-                if not task_dir.is_dir():
+                if task_dir.name.startswith(".") or not task_dir.is_dir():  # a fetch in flight
                     continue
                 for version_dir in task_dir.iterdir():
                     if version_dir.name.startswith(".") or not version_dir.is_dir():  # a fetch in flight
@@ -340,7 +357,12 @@ class S3Store(BundleStore):
         if self._stored_intact(task, version):
             return False
         self.pin_implicit_active(task)
-        # Weights first, config last: a version is listed once its config exists.
+        # Weights first, config last: a version is listed once its config exists. A config PUT that
+        # fails leaves the weights where they are: every publish of this bundle writes that same object
+        # (same content, same id, same key), so another replica's publish of it, between its own two
+        # PUTs now, or the damaged version this one repairs may need it, and S3 cannot delete it only
+        # if no other publish wrote it (same bytes, same ETag; a check for the config first would race
+        # that publish's config PUT). Unlisted for `partial_grace_s`; the client's retry finishes it.
         self.client.put_object(Bucket=self.bucket, Key=self._key(task, version, WEIGHTS_FILE), Body=weights_bytes)
         self.client.put_object(Bucket=self.bucket, Key=self._key(task, version, CONFIG_FILE), Body=config_bytes)
         return True
@@ -393,11 +415,20 @@ class S3Store(BundleStore):
     def drop_local_copy(self, key: TaskKey) -> None:
         # Names heard from the registry feed: a path is built only from valid ones (fetch caches no other).
         if TASK_NAME_RE.fullmatch(key.name) and is_version_id(key.version):
-            shutil.rmtree(self.cache_dir / key.name / key.version, ignore_errors=True)
+            with self._drop_lock:
+                self._drops[key] += 1
+                shutil.rmtree(self.cache_dir / key.name / key.version, ignore_errors=True)
 
     def drop_local_task(self, task: str) -> None:
         if TASK_NAME_RE.fullmatch(task):
-            shutil.rmtree(self.cache_dir / task, ignore_errors=True)
+            with self._drop_lock:
+                self._drops[task] += 1
+                shutil.rmtree(self.cache_dir / task, ignore_errors=True)
+
+    def _drop_count(self, key: TaskKey) -> int:
+        """How often `key`, or its task, was dropped from the cache: a fetch that sees it change
+        while it downloads places nothing."""
+        return self._drops[key] + self._drops[key.name]
 
     # -- helpers -----------------------------------------------------------------------------------
     @staticmethod

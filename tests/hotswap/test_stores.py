@@ -3,8 +3,10 @@ HTTP server (moto_server, started here on a loopback port). The app then runs on
 from __future__ import annotations
 
 import re
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -408,6 +410,61 @@ def test_an_s3_version_delete_that_failed_half_way_stays_listed_and_a_retry_fini
     assert left["KeyCount"] == 0
 
 
+@pytest.mark.parametrize("meanwhile", ["nothing", "another replica publishes the same bundle", "it repairs a damaged copy"])
+def test_an_s3_publish_whose_config_put_failed_is_finished_by_a_retry_and_breaks_no_other_copy(
+        moto, bucket: str, tmp_path: Path, info, monkeypatch: pytest.MonkeyPatch, meanwhile: str) -> None:
+    """A publish's config PUT fails (S3 answers 500 twice) after its weights PUT. Its weights object
+    is the one every publish of the same bundle writes (same content, same id, same key): another
+    replica may be publishing the same bundle, between its two PUTs when this one fails (a client's
+    retry after a timeout), or this publish was repairing a version whose config is still there.
+    That version is whole once the other publish ends, or is whole already, and must stay so:
+    removing the weights on failure, even only when no config is there yet, would break it. A
+    version whose config is missing is not listed (within the grace period); the client's retry
+    of the upload finishes it."""
+    from botocore.exceptions import ClientError
+
+    from service.errors import StoreUnavailable
+    from service.store_s3 import S3Store
+
+    a, b = (S3Store.from_settings(s3_settings(moto, bucket, tmp_path / name)) for name in ("a", "b"))
+    config, weights = make_bundle(info, seed=1)
+    key = TaskKey("sentiment", content_version(config, weights))
+    if meanwhile == "it repairs a damaged copy":
+        a.put_version(key.name, key.version, config, weights)
+        _overwrite(a, key, WEIGHTS, weights[:-100])
+    real_a, real_b = a.client.put_object, b.client.put_object
+    b_has_put_weights, a_has_failed = threading.Event(), threading.Event()
+
+    def b_config_after_a_failed(**kwargs: object) -> object:
+        if str(kwargs["Key"]).endswith(CONFIG):
+            b_has_put_weights.set()
+            assert a_has_failed.wait(10)
+        return real_b(**kwargs)
+
+    def a_config_fails(**kwargs: object) -> object:
+        if str(kwargs["Key"]).endswith(CONFIG):
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "injected"}}, "PutObject")
+        return real_a(**kwargs)
+
+    monkeypatch.setattr(a.client, "put_object", a_config_fails)
+    monkeypatch.setattr(b.client, "put_object", b_config_after_a_failed)
+    with ThreadPoolExecutor(1) as pool:
+        if meanwhile == "another replica publishes the same bundle":
+            b_publishing = pool.submit(b.put_version, key.name, key.version, config, weights)
+            assert b_has_put_weights.wait(10)
+        with pytest.raises(StoreUnavailable, match="InternalError"):
+            a.put_version(key.name, key.version, config, weights)
+        a_has_failed.set()
+        if meanwhile == "another replica publishes the same bundle":
+            assert b_publishing.result(10) is True
+    monkeypatch.setattr(a.client, "put_object", real_a)
+    if meanwhile == "nothing":
+        assert a.versions(key.name) == []  # its weights are there, but it is not a version yet
+        assert a.put_version(key.name, key.version, config, weights) is True  # the retry
+    assert a.versions(key.name) == [key.version] and a.missing_files(key) == []
+    assert (b.bundle_dir(key) / WEIGHTS).read_bytes() == weights
+
+
 def test_an_s3_task_delete_whose_objects_were_refused_is_an_error_not_a_success(
         moto, bucket: str, tmp_path: Path, info, monkeypatch: pytest.MonkeyPatch) -> None:
     """DeleteObjects answers 200 listing the keys it refused (a bucket policy, an object lock): the
@@ -452,6 +509,49 @@ def test_a_cached_s3_copy_that_rotted_on_local_disk_is_fetched_again(moto, bucke
     (cached / WEIGHTS).write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))  # local disk trouble
     again = store.bundle_dir(TaskKey("sentiment", version))
     assert (again / WEIGHTS).read_bytes() == weights and (again / CONFIG).read_bytes() == config
+
+
+@pytest.mark.parametrize("deleted", ["version", "task"])
+def test_an_s3_fetch_in_flight_when_a_delete_is_heard_puts_no_copy_back_on_disk(
+        moto, bucket: str, tmp_path: Path, info, monkeypatch: pytest.MonkeyPatch, deleted: str) -> None:
+    """Replica B has downloaded a version, not yet placed it in its disk cache, when it hears that
+    replica A deleted the version (or its task) and empties its cache of it. The download must not
+    land there afterwards (it stayed until the cache's byte budget pushed it out): the fetch fails
+    saying why, and the same bundle uploaded again is fetched anew."""
+    from service.store_s3 import S3Store
+
+    a, b = (S3Store.from_settings(s3_settings(moto, bucket, tmp_path / name)) for name in ("a", "b"))
+    config, weights = make_bundle(info, seed=1)
+    key = TaskKey("sentiment", content_version(config, weights))
+    a.put_version(key.name, key.version, config, weights)
+    downloaded, heard = threading.Event(), threading.Event()
+    real = b._get_bytes
+
+    def held(object_key: str) -> bytes | None:
+        data = real(object_key)
+        if object_key.endswith(WEIGHTS):  # both objects read: B is about to place its copy
+            downloaded.set()
+            assert heard.wait(10)
+        return data
+
+    monkeypatch.setattr(b, "_get_bytes", held)
+    with ThreadPoolExecutor(1) as pool:
+        fetching = pool.submit(b.fetch, key)
+        assert downloaded.wait(10)
+        if deleted == "version":  # what A does, then what B's feed handler does (HotSwap.on_versions_deleted)
+            a.delete_version(key)
+            b.drop_local_copy(key)
+        else:  # HotSwap.on_change with no new version
+            a.delete_task(key.name)
+            b.drop_local_task(key.name)
+        heard.set()
+        with pytest.raises(TaskUnavailable, match=f"task {key} was deleted while this replica fetched it"):
+            fetching.result(10)
+    assert [p.relative_to(b.cache_dir) for p in b.cache_dir.rglob("*") if p.is_file()] == []
+
+    monkeypatch.setattr(b, "_get_bytes", real)
+    a.put_version(key.name, key.version, config, weights)  # uploaded again: same content, same id
+    assert (b.bundle_dir(key) / WEIGHTS).read_bytes() == weights
 
 
 def test_a_version_another_replica_placed_first_is_already_stored(tmp_path: Path, info, monkeypatch: pytest.MonkeyPatch) -> None:
