@@ -292,6 +292,8 @@ def test_cpu_overlay() -> None:
     assert find(docs, "ConfigMap", "adaptserve-config")["data"]["ADAPTSERVE_DEVICE"] == "cpu"
     assert not container["image"].endswith("-cuda")
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    # CPU pods are cheap to add: start the new one before an old one stops, so capacity never dips.
+    assert find(docs, "Deployment", "adaptserve")["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
     threads = {e["name"]: e["value"] for e in container["env"]}["OMP_NUM_THREADS"]
     assert threads == str(container["resources"]["limits"]["cpu"]), "torch threads = the CPU limit"
 
@@ -304,6 +306,10 @@ def test_gpu_overlay() -> None:
     assert container["image"].endswith("-cuda")
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert pod["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    # One GPU per replica: a surge pod would need a GPU no replica holds, so the rollout replaces.
+    rolling = find(docs, "Deployment", "adaptserve")["spec"]["strategy"]["rollingUpdate"]
+    assert rolling == {"maxSurge": 0, "maxUnavailable": 1}, rolling
+    assert find(docs, "HorizontalPodAutoscaler", "adaptserve")["spec"]["minReplicas"] >= 2, "one keeps serving"
     # The patch replaced only what it names: probes and the drain come from the base.
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["startupProbe"] == find(render("base"), "Deployment", "adaptserve")["spec"]["template"]["spec"][
