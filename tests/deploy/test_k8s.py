@@ -16,7 +16,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.deploy.conftest import REPO, K8S, OVERLAYS, client_variables, memory_bytes, setting_names, tool, worst_case_rss
+from tests.deploy.conftest import (
+    REPO, K8S, OVERLAYS, TRAIN_DEMO_PEAK_RSS_BYTES, client_variables, memory_bytes, setting_names, tool, worst_case_rss,
+)
 
 # The oldest Kubernetes the manifests support (the preStop `sleep` action is on by default from
 # 1.30) and the newest schema kubernetes-validate bundles: a field that is missing from the old
@@ -343,6 +345,19 @@ def test_cpu_autoscaling_measures_what_a_replica_can_use(directory: str) -> None
     # replica reaches the CPU it uses at 70% of its capacity, where the queue starts to build.
     target = metric["resource"]["target"]["averageUtilization"] / 100
     assert target * (1 + HPA_TOLERANCE) <= CPU_SHARE_AT_70_PERCENT_LOAD - 0.2, target
+
+
+@pytest.mark.parametrize("directory", OVERLAYS)
+def test_training_job_is_bounded_and_sized(directory: str) -> None:
+    # Without a CPU limit the trainer took every idle core of its node (torch starts one thread
+    # per node core); with a limit its threads must match it, or the kernel throttles them.
+    job = find(render(directory), "Job", "adaptserve-train-demo")["spec"]["template"]["spec"]
+    (train,) = job["containers"]
+    threads = int({e["name"]: e.get("value") for e in train["env"]}["OMP_NUM_THREADS"])
+    requests, limits = train["resources"]["requests"], train["resources"]["limits"]
+    assert cpu_cores(requests["cpu"]) == cpu_cores(limits["cpu"]) == threads, train["resources"]
+    # Memory: reserved as much as the demo run was measured to peak at, plus a quarter.
+    assert memory_bytes(requests["memory"]) == memory_bytes(limits["memory"]) >= 1.25 * TRAIN_DEMO_PEAK_RSS_BYTES
 
 
 @pytest.mark.parametrize("directory", OVERLAYS)
