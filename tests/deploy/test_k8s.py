@@ -16,6 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from service.server import drain_timeout_s
 from tests.deploy.conftest import (
     REPO, K8S, OVERLAYS, TRAIN_DEMO_PEAK_RSS_BYTES, client_variables, memory_bytes, setting_names, tool, worst_case_rss,
 )
@@ -182,12 +183,14 @@ def test_server_probes_resources_and_drain(directory: str, settings_from_env) ->
     staged = settings.max_concurrent_uploads * (settings.upload_max_weights_bytes + settings.upload_max_config_bytes)
     assert memory_bytes(tmp["emptyDir"]["sizeLimit"]) >= staged, f"/tmp {tmp['emptyDir']['sizeLimit']} < {staged} bytes of uploads"
 
-    # Drain: the grace period covers the preStop sleep, the longest request, and teardown.
+    # Drain: the grace period covers the preStop sleep, the server's bounded drain (the longest
+    # classify request; an upload still running then is cancelled), and teardown.
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     grace = pod["terminationGracePeriodSeconds"]
-    assert grace >= pre_stop + settings.request_timeout_s + PRE_STOP_MARGIN_S, (
-        f"terminationGracePeriodSeconds {grace} < preStop {pre_stop} + request timeout "
-        f"{settings.request_timeout_s} + {PRE_STOP_MARGIN_S}"
+    drain = drain_timeout_s(settings)
+    assert drain >= settings.request_timeout_s, "the drain cuts classify requests short"
+    assert grace >= pre_stop + drain + PRE_STOP_MARGIN_S, (
+        f"terminationGracePeriodSeconds {grace} < preStop {pre_stop} + drain {drain} + {PRE_STOP_MARGIN_S}"
     )
 
 
