@@ -350,6 +350,23 @@ def test_cpu_autoscaling_measures_what_a_replica_can_use(directory: str) -> None
     assert target * (1 + HPA_TOLERANCE) <= CPU_SHARE_AT_70_PERCENT_LOAD - 0.2, target
 
 
+# A busy replica's answers: p99 of a classify request under load, queue included (docs/reliability.md).
+LOADED_P99_S = 0.5
+
+
+@pytest.mark.parametrize("directory", OVERLAYS)
+def test_a_busy_replica_is_neither_killed_nor_dropped(directory: str) -> None:
+    # The probes are answered by the event loop that also serves requests. /healthz is 503 only
+    # after a failed start, which `serve` exits on by itself: liveness only has a hung loop to
+    # catch, and a replica slowed by a CPU-bound load must not be restarted (a backbone load, a
+    # cold cache, its load moved onto the others) or dropped from the Service for being slow.
+    (container,) = find(render(directory), "Deployment", "adaptserve")["spec"]["template"]["spec"]["containers"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["timeoutSeconds"] >= 10 * LOADED_P99_S, f"{probe}: {container[probe]}"
+    liveness = container["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 60, "a restart needs a minute of silence"
+
+
 @pytest.mark.parametrize("directory", OVERLAYS)
 def test_training_job_is_bounded_and_sized(directory: str) -> None:
     # Without a CPU limit the trainer took every idle core of its node (torch starts one thread
