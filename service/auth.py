@@ -139,11 +139,11 @@ def warn_if_disabled(tokens: Tokens) -> None:
         placeholders = [f"{scope} token {n}" for scope, configured in (("admin", tokens.admin), ("inference", tokens.inference))
                         for n, token in enumerate(configured, 1) if token.upper().startswith(PLACEHOLDER_PREFIX)]
         if placeholders:
-            # k8s/base/secret.yaml ships CHANGE-ME-... tokens: auth is on, but with tokens anyone
+            # k8s/base/secrets.env.example holds CHANGE-ME-... tokens: auth is on, but with tokens anyone
             # can read in this repository. Named by position, never by value.
             verb = "still starts" if len(placeholders) == 1 else "still start"
             warn_always(log, "AUTH USES PLACEHOLDER TOKENS: " + ", ".join(placeholders) + f" {verb} with "
-                        "CHANGE-ME (k8s/base/secret.yaml's publicly known values); anyone who has read this "
+                        "CHANGE-ME (k8s/base/secrets.env.example's publicly known values); anyone who has read this "
                         "repository can use them. Replace them with real secrets (docs/deploy.md, \"Secrets\").")
 
 

@@ -229,12 +229,29 @@ class RedactQueryCredentials(logging.Filter):
         return True
 
 
+# After SIGTERM, a classify request still in flight ends within its deadline plus the forward it
+# may be riding (a full batch of 32 rows: 0.2-0.27 s on one MiniLM thread, docs/reliability.md)
+# and writing its answer.
+DRAIN_MARGIN_S = 2.0
+
+
+def drain_timeout_s(settings: Settings) -> float:
+    """How long the drain after SIGTERM waits for requests in flight before it cancels them. Every
+    classify request ends within `request_timeout_s`; an upload has no such deadline (a slow body
+    that keeps coming is read for as long as it comes), so without this bound one slow upload held
+    the process until the orchestrator's SIGKILL, skipping the app's own shutdown. An upload cut
+    here ends as if the server had stopped at that point, with nothing half-written: a store write
+    already started finishes in its worker thread (the process waits for it), the registry changes
+    in one transaction, and sending the upload again is safe (the same content, the same version)."""
+    return settings.request_timeout_s + DRAIN_MARGIN_S
+
+
 def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:
     """The uvicorn config `adaptserve serve` runs (tests serve through it too). One worker: the
     engine holds the backbone and the task cache in this process; more processes would each load
     their own copy. Scale out with more replicas instead."""
     options: dict[str, Any] = dict(host=settings.host, port=settings.port, workers=1, log_level=settings.log_level,
-                                   lifespan="on",
+                                   lifespan="on", timeout_graceful_shutdown=drain_timeout_s(settings),
                                    http=header_timeout_protocol(settings.header_read_timeout_s, settings.max_header_bytes))
     config = uvicorn.Config(app, **(options | overrides))  # configures uvicorn's loggers (a filter added later stays)
     access = logging.getLogger("uvicorn.access")

@@ -29,7 +29,7 @@ _MiB = 1024 * 1024
 
 # ADAPTSERVE_* variables that are not server settings but are read by another part of the
 # project: the trainer's token for `--publish` (training/publish.py), which the Kubernetes
-# secret hands to the server pods too (k8s/base/secret.yaml, envFrom).
+# secret hands to the server pods too (k8s/base/secrets.env, envFrom).
 OTHER_VARIABLES = frozenset({"ADAPTSERVE_ADMIN_TOKEN"})
 # Fields whose raw input an error message must not echo: tokens, and a Redis URL's password.
 _NO_ECHO_FIELDS = frozenset({"admin_tokens", "inference_tokens", "redis_url"})

@@ -19,6 +19,9 @@ MiB = 1024 * 1024
 # (docs/deploy.md, "Sizing"): 0.52 GiB once ready, 0.62 GiB at peak under load. CUDA: the host
 # side is an estimate (CUDA runtime and libraries), not a measurement.
 BASELINE_RSS_BYTES = {"cpu": 640 * MiB, "cuda": 2048 * MiB}
+# Peak RSS of the training Job's demo run (`adaptserve train --method lora --epochs 10` on
+# docker/demo-data, CPU, OMP_NUM_THREADS=2; /usr/bin/time -v: 1,216,732 KiB): docs/deploy.md, "Sizing".
+TRAIN_DEMO_PEAK_RSS_BYTES = 1188 * MiB
 _UNITS = {"": 1, "k": 1000, "M": 1000**2, "G": 1000**3, "Ki": 1024, "Mi": MiB, "Gi": 1024 * MiB}
 
 

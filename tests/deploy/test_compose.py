@@ -131,3 +131,14 @@ def test_replicas_do_not_each_take_every_core() -> None:
     variable = _INTERPOLATION.match(str(services["adaptserve"]["environment"]["OMP_NUM_THREADS"]))
     if variable:  # a knob in .env: .env.example documents it with its default
         assert f"# {variable[1]}={threads}" in (REPO / ".env.example").read_text()
+
+
+def test_stop_grace_period_covers_the_drain(settings_from_env) -> None:
+    # Compose has no preStop: SIGTERM starts the server's drain at once, bounded by the longest
+    # classify request (uploads still running then are cancelled); SIGKILL must not come first.
+    from service.server import drain_timeout_s
+
+    server = compose()["services"]["adaptserve"]
+    environment = {k: interpolate(str(v)) for k, v in server["environment"].items() if k.startswith("ADAPTSERVE_")}
+    grace = int(re.fullmatch(r"(\d+)s", server["stop_grace_period"])[1])
+    assert grace >= drain_timeout_s(settings_from_env(environment)) + 5, grace

