@@ -29,6 +29,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib",
 # Keys every PEFT adapter_config.json has (one of them) and a native bundle config never has.
 PEFT_CONFIG_KEYS = ("base_model_name_or_path", "task_type", "target_modules", "num_virtual_tokens", "lora_alpha",
                     "inference_mode")
+# The PEFT types the engine serves (`peft_import.PEFT_METHODS`, which imports torch; a test keeps the two equal),
+# spelled as PEFT's PeftType values: the only spelling PEFT reads (PeftConfig.from_pretrained raises KeyError on "lora").
+PEFT_TYPES = ("LORA", "PREFIX_TUNING", "PROMPT_TUNING")
 IGNORED_MEMBERS = {"readme.md", ".gitattributes"}  # what PEFT's save_pretrained / a hub folder add
 # The metadata macOS adds to archives (`archive.is_macos_metadata`) is dropped after the archive's own
 # checks (names, types, member count and sizes count it as any member), never read as a bundle file.
@@ -227,17 +230,26 @@ def _check_config(config: bytes, limits: UploadLimits, problems: _Problems) -> s
         problems.add(f"{CONFIG_FILE} must hold a JSON object, not {type(data).__name__}")
         return "native"
     if "peft_type" in data:
+        _check_peft_type(data["peft_type"], problems)
         return "peft"  # PEFT configs may lack a fingerprint (their own format has none)
     peft_keys = [k for k in PEFT_CONFIG_KEYS if k in data]
     if peft_keys and not any(k in data for k in ("format", "methods", "labels", "backbone")):
         problems.add(f"{CONFIG_FILE} looks like a Hugging Face PEFT adapter config (it has {', '.join(peft_keys[:3])}) "
-                     "but has no 'peft_type': add the one the adapter was made with (\"LORA\", \"PREFIX_TUNING\" or "
-                     "\"PROMPT_TUNING\"), as PEFT's save_pretrained writes it")
+                     "but has no 'peft_type': add the one the adapter was made with "
+                     f"({', '.join(map(json.dumps, PEFT_TYPES))}), as PEFT's save_pretrained writes it")
         return "peft"
     fingerprint = (data.get("backbone") or {}).get("fingerprint") if isinstance(data.get("backbone"), dict) else None
     if limits.require_fingerprint and not fingerprint:
         problems.add(f"{CONFIG_FILE} has no backbone.fingerprint: say which backbone the task was trained on")
     return "native"
+
+
+def _check_peft_type(peft_type: Any, problems: _Problems) -> None:
+    """A spelling of a served type that PEFT itself refuses ("lora"): an adapter PEFT cannot load is
+    not stored. (The engine still reads such a bundle already stored: `peft_import.from_peft`.)"""
+    if isinstance(peft_type, str) and peft_type != peft_type.upper() and peft_type.upper() in PEFT_TYPES:
+        problems.add(f"{CONFIG_FILE} has \"peft_type\": {json.dumps(peft_type)}, a spelling PEFT itself refuses (it reads "
+                     f"only its upper-case type names): write \"peft_type\": \"{peft_type.upper()}\", as save_pretrained does")
 
 
 def _pickle_refusal(name: str) -> str:
