@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
+from service.engine.model_id import other_base_model
 from service.engine.types import ClassifyItem, TaskKey
 from service.errors import (
     AdaptserveError, BundleError, Conflict, Overloaded, TaskNotFound, TaskUnavailable, UploadRejected, VersionNotFound,
@@ -49,6 +50,7 @@ class UploadResult:
     created: bool  # False: identical content was already stored, intact, under this version
     source: str
     kind: str
+    warnings: tuple[str, ...] = ()  # stored, but probably not what was meant (`base_model_warnings`)
 
 
 def load_upload(engine: "EngineLike", key: TaskKey, files: BundleFiles) -> "TaskLike":
@@ -118,6 +120,7 @@ class TaskAdmin:
         self.state.registry.require_writable()  # fail before any work while the registry is away
         try:
             files = assemble(parts, self.limits)
+            warnings = self.base_model_warnings(files)
             version = content_version(files.config, files.weights)
             loaded = await self._validate_with_engine(task, version, files)
         except UploadRejected as err:  # an admin event: one line, whatever the access log says
@@ -141,7 +144,21 @@ class TaskAdmin:
             record = await self.state.registry.add_version(task, version, meta, activate=activate, created=created)
         log.info("task %s: %s version %s (%s upload)%s", task, "stored" if created else "re-sent", version,
                  files.source, ", now active" if record.active == version else "")
-        return UploadResult(task, version, record.active == version, created, files.source, files.kind)
+        for warning in warnings:
+            log.warning("task %s: version %s: %s", task, version, warning)
+        return UploadResult(task, version, record.active == version, created, files.source, files.kind, warnings)
+
+    def base_model_warnings(self, files: BundleFiles) -> tuple[str, ...]:
+        """A PEFT adapter whose config names another base model than the backbone (`model_id`): a
+        warning, or UploadRejected where `upload_refuse_other_base_model` says so."""
+        backbone = self.state.require_runtime().engine.backbone
+        other = other_base_model(files.base_model, getattr(backbone, "model_id", None))
+        if other is None:
+            return ()
+        if self.state.settings.upload_refuse_other_base_model:
+            raise UploadRejected([f"{other} (this server refuses adapters for another base model: "
+                                  "ADAPTSERVE_UPLOAD_REFUSE_OTHER_BASE_MODEL)"])
+        return (other,)
 
     async def _validate_with_engine(self, task: str, version: str, files: BundleFiles) -> "TaskLike":
         engine = self.state.require_runtime().engine

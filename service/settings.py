@@ -350,6 +350,13 @@ class Settings(BaseSettings):
         description="Refuse native bundles without `backbone.fingerprint` (PEFT bundles may lack "
         "it). Default true: weights only make sense on the backbone they were trained on.",
     )
+    upload_refuse_other_base_model: bool = Field(
+        default=False,
+        description="Refuse (422) a PEFT adapter whose `base_model_name_or_path` names another model "
+        "than the backbone, instead of storing it with a warning in the upload's answer and the log. "
+        "Default false: PEFT writes whatever the base was loaded from, and a folder's name (this "
+        "server's, or a bare one in the adapter) may not be the model's; local paths are never compared.",
+    )
     max_concurrent_uploads: int = Field(
         default=2, ge=1,
         description="Uploads one replica reads and validates at once; beyond it an upload gets 429 "

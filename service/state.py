@@ -42,7 +42,7 @@ class TaskLike(Protocol):
 class EngineLike(Protocol):
     """What the service needs of the engine (`service.engine.engine.Engine`); the seam tests fake."""
 
-    backbone: Any  # .name, .fingerprint, .num_params, .device, .dtype
+    backbone: Any  # .name, .fingerprint, .num_params, .device, .dtype; optional .model_id
 
     def load_task(self, bundle_dir: Path, key: TaskKey) -> TaskLike: ...
     def classify(self, items: Sequence[ClassifyItem]) -> list[Prediction]: ...

@@ -95,7 +95,7 @@ async def upload_version(
         wanted = activate if activate is not None else form_activate if form_activate is not None else True
         result = await admin.upload(task, parts, activate=wanted)
     body = UploadResponse(task=result.task, version=result.version, active=result.active, created=result.created,
-                          source=result.source, kind=result.kind)
+                          source=result.source, kind=result.kind, warnings=list(result.warnings))
     return JSONResponse(body.model_dump(), status_code=201 if result.created else 200)
 
 

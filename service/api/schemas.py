@@ -173,6 +173,12 @@ class UploadResponse(BaseModel):
     created: bool = Field(description="False when identical content was already stored (same id).")
     source: str = Field(description="`files`, `zip` or `tar.gz`.")
     kind: str = Field(description="`native` (adaptserve bundle) or `peft` (Hugging Face PEFT adapter).")
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What was stored but is probably not what was meant, one sentence each, e.g. a PEFT adapter "
+        "whose `base_model_name_or_path` names another model than this server's backbone (it may answer wrong "
+        "scores). Empty when nothing is amiss.",
+    )
 
 
 class VersionInfo(BaseModel):

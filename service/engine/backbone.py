@@ -16,6 +16,7 @@ from transformers.activations import ACT2FN
 from service.engine.decoder import Decoder
 from service.engine.encoder import Encoder
 from service.engine.families import Family, family_of, with_small_batch_layout
+from service.engine.model_id import BUNDLED_MODEL_ID, folder_model_id
 from service.engine.spec import BackboneInfo
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,9 @@ class Backbone:
     encoder: Encoder | Decoder  # the shared forward, whatever the family
     info: BackboneInfo
     lm_head: Callable[[torch.Tensor], torch.Tensor] | None = None  # hidden [n, H] -> vocab logits [n, V]
+    # The hub id (or folder name) PEFT adapters' base_model_name_or_path is compared with (`engine.model_id`);
+    # None: not compared (a .gguf file's name is a quantised export's, not a model's).
+    model_id: str | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -142,7 +146,8 @@ def load_backbone(path: str | Path | None = None, device: str = "auto", dtype: s
     bundled = not path
     path = Path(path) if path else default_backbone_path()
     dev = resolve_device(device)  # before a GGUF conversion: a bad device should not cost 20-40 s first
-    if path.suffix == ".gguf":
+    gguf = path.suffix == ".gguf"
+    if gguf:
         from service.engine.gguf import convert_gguf
 
         path = convert_gguf(path, cache_dir)
@@ -190,9 +195,10 @@ def load_backbone(path: str | Path | None = None, device: str = "auto", dtype: s
         vocab_size=fam.embeddings.word.num_embeddings,
         has_lm_head=lm_head is not None,
     )
-    name = "sentence-transformers/all-MiniLM-L6-v2 (bundled)" if bundled else path.name
+    name = f"{BUNDLED_MODEL_ID} (bundled)" if bundled else path.name
+    model_id = BUNDLED_MODEL_ID if bundled else None if gguf else folder_model_id(path)
     log.info("backbone %s (%s, %d layers, %.1fM params) on %s/%s, %s", name, fam.model_type, info.num_layers,
              n_params / 1e6, dev, dt, fp[:19])
     forward = Decoder(fam) if fam.kind == "decoder" else Encoder(fam)
     return Backbone(name=os.fspath(name), path=path, model=model, tokenizer=tokenizer, family=fam,
-                    encoder=forward, info=info, lm_head=lm_head)
+                    encoder=forward, info=info, lm_head=lm_head, model_id=model_id)

@@ -39,6 +39,9 @@ _HEAD_STYLE = {"bert": "classifier", "albert": "classifier", "roberta": "out_pro
                "camembert": "out_proj", "electra": "out_proj", "distilbert": "pre_classifier"}
 _HEAD_NAMES = {"classifier": "a single 'classifier' linear", "out_proj": "'classifier.dense' + 'classifier.out_proj'",
                "pre_classifier": "'pre_classifier' + 'classifier'"}
+# PEFT's peft_type -> the method it is served as. PEFT spells its types so and reads no other spelling;
+# uploads are held to it (`upload.intake.PEFT_TYPES`).
+PEFT_METHODS = {"LORA": "lora", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
 # PEFT's defaults (LoraConfig), used by PEFT itself when adapter_config.json lacks the key.
 _PEFT_LORA_DEFAULT_R = 8
 _PEFT_LORA_DEFAULT_ALPHA = 8
@@ -288,13 +291,14 @@ def _extra_section(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: BackboneInfo, name: str) -> tuple[dict, dict]:
     """(PEFT config, PEFT tensors) -> (native config, native tensors); `bundle.parse` validates the rest."""
+    # Any case: an upload spelled otherwise than PEFT ("lora") is refused (`upload.intake`), but a bundle stored
+    # before that check, or put in the store by hand, serves as it did rather than fail at its next load.
     peft_type = str(cfg.get("peft_type", "")).upper()
     if cfg.get("task_type") not in (None, "SEQ_CLS"):
         raise BundleError(f"task {name!r}: PEFT task_type {cfg.get('task_type')!r} is not supported; use SEQ_CLS")
-    kinds = {"LORA": "lora", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
-    if peft_type not in kinds:
-        raise BundleError(f"task {name!r}: PEFT type {peft_type!r} is not supported (supported: {', '.join(kinds)})")
-    method = kinds[peft_type]
+    if peft_type not in PEFT_METHODS:
+        raise BundleError(f"task {name!r}: PEFT type {peft_type!r} is not supported (supported: {', '.join(PEFT_METHODS)})")
+    method = PEFT_METHODS[peft_type]
     try:
         extra = _extra_section(cfg)
         virtual_tokens = _virtual_tokens(cfg, required=method != "lora")

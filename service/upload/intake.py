@@ -29,6 +29,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib",
 # Keys every PEFT adapter_config.json has (one of them) and a native bundle config never has.
 PEFT_CONFIG_KEYS = ("base_model_name_or_path", "task_type", "target_modules", "num_virtual_tokens", "lora_alpha",
                     "inference_mode")
+# The PEFT types the engine serves (`peft_import.PEFT_METHODS`, which imports torch; a test keeps the two equal),
+# spelled as PEFT's PeftType values: the only spelling PEFT reads (PeftConfig.from_pretrained raises KeyError on "lora").
+PEFT_TYPES = ("LORA", "PREFIX_TUNING", "PROMPT_TUNING")
 IGNORED_MEMBERS = {"readme.md", ".gitattributes"}  # what PEFT's save_pretrained / a hub folder add
 # The metadata macOS adds to archives (`archive.is_macos_metadata`) is dropped after the archive's own
 # checks (names, types, member count and sizes count it as any member), never read as a bundle file.
@@ -87,6 +90,7 @@ class BundleFiles:
     weights: bytes
     source: str  # "files", "zip" or "tar.gz"
     kind: str  # "native" or "peft"
+    base_model: str | None = None  # a PEFT adapter's base_model_name_or_path
 
 
 class _Problems:
@@ -165,15 +169,17 @@ def assemble(parts: list[Part], limits: UploadLimits) -> BundleFiles:
     elif len(weights) > limits.weights_bytes:
         problems.add(f"{WEIGHTS_FILE} is larger than the limit of {limits.weights_bytes} bytes", too_large=True)
         weights = None
-    kind = "native"
+    kind, cfg = "native", {}
     if config is not None:
-        kind = _check_config(config, limits, problems)
+        kind, cfg = _check_config(config, limits, problems)
     if weights is not None:
         for problem in check_safetensors(weights, limits.header, WEIGHTS_FILE):
             problems.add(problem, too_large="exceeds the limit" in problem)
     problems.raise_if_any()
     assert config is not None and weights is not None
-    return BundleFiles(config=config, weights=weights, source=source, kind=kind)
+    base_model = cfg.get("base_model_name_or_path") if kind == "peft" else None
+    return BundleFiles(config=config, weights=weights, source=source, kind=kind,
+                       base_model=base_model if isinstance(base_model, str) else None)
 
 
 def _bundle_members(files: dict[str, bytes], problems: _Problems) -> tuple[dict[str, bytes], list[str]]:
@@ -209,35 +215,44 @@ def _missing(file: str, ignored: list[str]) -> str:
             f"or named {APPLEDOUBLE_PREFIX}*) and ignored; put the file itself in the archive")
 
 
-def _check_config(config: bytes, limits: UploadLimits, problems: _Problems) -> str:
-    """That the config is a JSON object, and which kind of bundle it describes."""
+def _check_config(config: bytes, limits: UploadLimits, problems: _Problems) -> tuple[str, dict[str, Any]]:
+    """That the config is a JSON object: which kind of bundle it describes, and the object ({} if none)."""
     try:
         data = json.loads(config.decode("utf-8"), object_pairs_hook=no_duplicate_keys)
     except DuplicateKey as dup:
         problems.add(f"{CONFIG_FILE} names the key {str(dup.args[0])[:100]!r} twice in one object: "
                      "JSON readers disagree on which value counts, so give it once")
-        return "native"
+        return "native", {}
     except (UnicodeDecodeError, ValueError) as err:
         problems.add(f"{CONFIG_FILE} is not UTF-8 JSON ({err})")
-        return "native"
+        return "native", {}
     except RecursionError:  # nested past the parser's stack: no real config nests
         problems.add(f"{CONFIG_FILE} is nested too deeply to be a bundle config")
-        return "native"
+        return "native", {}
     if not isinstance(data, dict):
         problems.add(f"{CONFIG_FILE} must hold a JSON object, not {type(data).__name__}")
-        return "native"
+        return "native", {}
     if "peft_type" in data:
-        return "peft"  # PEFT configs may lack a fingerprint (their own format has none)
+        _check_peft_type(data["peft_type"], problems)
+        return "peft", data  # PEFT configs may lack a fingerprint (their own format has none)
     peft_keys = [k for k in PEFT_CONFIG_KEYS if k in data]
     if peft_keys and not any(k in data for k in ("format", "methods", "labels", "backbone")):
         problems.add(f"{CONFIG_FILE} looks like a Hugging Face PEFT adapter config (it has {', '.join(peft_keys[:3])}) "
-                     "but has no 'peft_type': add the one the adapter was made with (\"LORA\", \"PREFIX_TUNING\" or "
-                     "\"PROMPT_TUNING\"), as PEFT's save_pretrained writes it")
-        return "peft"
+                     "but has no 'peft_type': add the one the adapter was made with "
+                     f"({', '.join(map(json.dumps, PEFT_TYPES))}), as PEFT's save_pretrained writes it")
+        return "peft", data
     fingerprint = (data.get("backbone") or {}).get("fingerprint") if isinstance(data.get("backbone"), dict) else None
     if limits.require_fingerprint and not fingerprint:
         problems.add(f"{CONFIG_FILE} has no backbone.fingerprint: say which backbone the task was trained on")
-    return "native"
+    return "native", data
+
+
+def _check_peft_type(peft_type: Any, problems: _Problems) -> None:
+    """A spelling of a served type that PEFT itself refuses ("lora"): an adapter PEFT cannot load is
+    not stored. (The engine still reads such a bundle already stored: `peft_import.from_peft`.)"""
+    if isinstance(peft_type, str) and peft_type != peft_type.upper() and peft_type.upper() in PEFT_TYPES:
+        problems.add(f"{CONFIG_FILE} has \"peft_type\": {json.dumps(peft_type)}, a spelling PEFT itself refuses (it reads "
+                     f"only its upper-case type names): write \"peft_type\": \"{peft_type.upper()}\", as save_pretrained does")
 
 
 def _pickle_refusal(name: str) -> str:

@@ -39,7 +39,8 @@ def test_upload_activates_and_serves_the_content_hash_version(make_client, info,
     assert response.status_code == 201, response.text
     body = response.json()
     version = content_version(*bundle)
-    assert body == {"task": "sentiment", "version": version, "active": True, "created": True, "source": "files", "kind": "native"}
+    assert body == {"task": "sentiment", "version": version, "active": True, "created": True, "source": "files", "kind": "native",
+                    "warnings": []}
     assert (store / "sentiment" / version / WEIGHTS).read_bytes() == bundle[1]  # stored byte for byte
     assert (store / "sentiment" / "ACTIVE").read_text().strip() == version
     assert classify_version(client) == version

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.engine.backbone import load_backbone
 from service.engine.engine import Engine
+from service.engine.model_id import BUNDLED_MODEL_ID
 from service.engine.types import INLINE_TOKENIZE_CHARS, ClassifyItem, TaskKey
 from service.settings import Settings
 from tests.factories import publish, random_head, random_lora, save_tiny_backbone
@@ -98,6 +99,7 @@ def test_real_task_info(client: TestClient) -> None:
 
 @pytest.mark.slow
 def test_the_bundled_minilm_serves_end_to_end(minilm_engine, tmp_path: Path) -> None:
+    assert minilm_engine.backbone.model_id == BUNDLED_MODEL_ID  # what PEFT adapters' base model is compared with
     info = minilm_engine.backbone.info
     g = torch.Generator().manual_seed(1)
     publish(tmp_path, "sentiment", {"lora": random_lora(info, g), "head": random_head(info, g)}, ["neg", "pos"],
