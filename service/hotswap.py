@@ -228,7 +228,9 @@ class TaskAdmin:
         log.info("task %s deleted", task)
 
     # -- reads -----------------------------------------------------------------------------------
-    async def versions(self, task: str) -> tuple[TaskRecord, list[dict[str, Any]]]:
+    async def versions(self, task: str) -> tuple[TaskRecord, list[dict[str, Any]], str | None]:
+        """The task's record, a row per stored version, and why it has no active version (None
+        when it has one): the reason the task listing gives, in its words."""
         validate_task_name(task)
         stored = await asyncio.to_thread(self._versions, task)
         record = await self._record(task, known_in_store=bool(stored))
@@ -248,7 +250,11 @@ class TaskAdmin:
                 "source": meta.get("source"),
                 "problem": problems.get(version),
             })
-        return record, rows
+        error = None
+        if record.active is None:
+            listing = await self.state.registry.listing(task)
+            error = listing.error if listing is not None else "not in the registry: activate a version to register it"
+        return record, rows, error
 
     async def problems(self, task: str, record: TaskRecord, versions: list[str]) -> dict[str, str]:
         """Why each of `versions` cannot serve, as far as this replica can tell without reading a

@@ -56,6 +56,10 @@ _BATCH_REFRESH = 64  # more distinct tasks than this in one read: resync everyth
 DELETED_TTL_S = 60
 
 
+def _listing(task: str, record: TaskRecord) -> TaskListing:
+    return TaskListing(task, record.active, None if record.active else "no active version")
+
+
 def redact_url(url: str) -> str:
     """`redis://user:secret@host:6379/0` -> `redis://user:***@host:6379/0`, for logs."""
     try:
@@ -344,10 +348,11 @@ class RedisRegistry(Registry):
         return task in self._records
 
     async def list_tasks(self) -> list[TaskListing]:
-        return [
-            TaskListing(name, record.active, None if record.active else "no active version")
-            for name, record in sorted(self._records.items())
-        ]
+        return [_listing(name, record) for name, record in sorted(self._records.items())]
+
+    async def listing(self, task: str) -> TaskListing | None:
+        record = self._records.get(task)
+        return _listing(task, record) if record is not None else None
 
     async def record(self, task: str) -> TaskRecord:
         validate_task_name(task)

@@ -20,7 +20,9 @@ from service.registry.local import LocalRegistry
 from service.store import ACTIVE_FILE, HISTORY_FILE, LocalStore
 from tests.aio import async_test, wait_until
 from tests.fakes import write_task
-from tests.hotswap.servers import RedisServer
+from tests.hotswap.bundles import files, make_bundle
+from tests.hotswap.conftest import AUTH_ADMIN, AUTH_READER
+from tests.hotswap.servers import RedisServer, eventually
 
 
 def test_rollback_walks_back_the_activation_stack_skipping_missing_versions() -> None:
@@ -576,3 +578,25 @@ def test_a_replica_on_redis_exports_the_registry_series_docs_metrics_md_names(ma
     exported = exported_series(client.get("/metrics").text)
     assert REDIS_ONLY | {"adaptserve_registry_connected"} <= exported
     assert exported - {"adaptserve_exit_layer"} <= documented_series(), sorted(exported - documented_series())
+
+
+def test_the_versions_listing_says_why_a_task_has_no_active_version(make_client, info, backend: RedisServer | None,
+                                                                    store: Path) -> None:
+    """A task whose ACTIVE names a version that is not stored: its versions listing gives the reason
+    the task listing gives (a Redis registry, which the store seeded without it, lists no such task
+    and says how to register it), and none once an upload made a version active."""
+    write_task(store, "t", "v1")
+    write_task(store, "t", "v2")
+    (store / "t" / ACTIVE_FILE).write_text("v9\n")
+    client = make_client(**({"redis_url": backend.url} if backend else {}))
+    eventually(lambda: client.get("/readyz").json()["registry"]["connected"])
+    listed = {row["name"]: row for row in client.get("/v1/tasks", headers=AUTH_READER).json()["tasks"]}
+    versions = client.get("/v1/tasks/t/versions", headers=AUTH_READER).json()
+    assert versions["active"] is None and [row["version"] for row in versions["versions"]] == ["v1", "v2"]
+    if backend is None:
+        assert versions["error"] == listed["t"]["error"] and "ACTIVE names version 'v9'" in versions["error"]
+    else:
+        assert "t" not in listed and versions["error"] == "not in the registry: activate a version to register it"
+    uploaded = client.post("/v1/tasks/t/versions", files=files(*make_bundle(info, seed=1)), headers=AUTH_ADMIN)
+    assert uploaded.status_code == 201, uploaded.text
+    assert client.get("/v1/tasks/t/versions", headers=AUTH_READER).json()["error"] is None
