@@ -294,7 +294,7 @@ class RedisRegistry(Registry):
     async def _seed(self, client: aioredis.Redis) -> None:
         """First use of this Redis (no `seeded` marker): register every task of the store with
         the version its ACTIVE pointer names, so adopting Redis needs no migration step. A Redis
-        that lost its data is re-seeded the same way. Replicas starting together may all seed:
+        that lost its data is re-seeded the same way, with a warning. Replicas starting together may all seed:
         each task is created only if absent (SET NX), and the marker is set only once seeding is
         complete, so no replica resyncs against a half-seeded registry."""
         if await client.exists(self._seeded_key):
@@ -313,7 +313,12 @@ class RedisRegistry(Registry):
                 await client.xadd(self._stream_key, self._entry(listing.name, record), maxlen=self.stream_maxlen, approximate=True)
                 seeded += 1
         await client.set(self._seeded_key, self.origin, nx=True)
-        if seeded:
+        if seeded and self.resyncs:  # this replica read a seeded registry from it before: its data is gone
+            log.warning("registry: Redis lost its data (FLUSHALL, keys evicted under maxmemory, or a restart or "
+                        "failover without persistence); re-seeded %d tasks from the active versions in %s (their "
+                        "activation history, rollback stacks and upload metadata are gone)", seeded,
+                        self.store.describe())
+        elif seeded:
             log.info("registry: seeded Redis with %d tasks from %s", seeded, self.store.describe())
 
     def _entry(self, task: str, record: TaskRecord | None) -> dict[str, str]:

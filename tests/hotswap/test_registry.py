@@ -420,17 +420,22 @@ async def test_a_redis_registry_keeps_serving_through_an_outage_and_resyncs(redi
 
 
 @async_test
-async def test_a_flushed_redis_is_reseeded_from_the_store_at_the_next_resync(redis_server, tmp_path: Path) -> None:
+async def test_a_flushed_redis_is_reseeded_from_the_store_at_the_next_resync(redis_server, tmp_path: Path,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
     """A Redis that loses its data while the replicas stay connected (FLUSHALL, keys evicted under
     `maxmemory`, a failover to an empty primary behind the same address) is re-seeded from the
     store's ACTIVE pointers, as one that restarts empty is. Before, only a reconnect re-seeded: the
-    periodic resync read the empty task set and dropped every task from every replica."""
+    periodic resync read the empty task set and dropped every task from every replica. The loss is
+    a warning (the first seed of a new Redis is not): the tasks' history in Redis is gone."""
     write_task(tmp_path / "store", "t", "v1", active=True)
     registry = _registry(redis_server.url, LocalStore(tmp_path / "store"), resync_s=0.1)
+    caplog.set_level(logging.INFO, logger="service.registry.redis_registry")
     await registry.start()
     try:
         await wait_until(lambda: registry.connected and registry.resyncs >= 1)
         assert await registry.resolve("t") == TaskKey("t", "v1")
+        seeds = [(r.levelname, r.getMessage()) for r in caplog.records if "seeded" in r.getMessage()]
+        assert [level for level, _ in seeds] == ["INFO"], seeds
         client = redis_server.client()
         client.flushall()
         seen = registry.resyncs
@@ -439,6 +444,9 @@ async def test_a_flushed_redis_is_reseeded_from_the_store_at_the_next_resync(red
         assert await registry.resolve("t") == TaskKey("t", "v1")
         assert client.sismember("adaptserve:tasks", "t") and client.exists("adaptserve:seeded")
         client.close()
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warned) == 1 and warned[0].startswith("registry: Redis lost its data"), warned
+        assert "re-seeded 1 tasks from the active versions in local:" in warned[0]
     finally:
         await registry.stop()
 
