@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None, engine: EngineLike | None = Non
     state = ServiceState(
         settings=settings,
         store=store,
-        registry=open_registry(settings, store),
+        registry=open_registry(settings, store, flags),
         metrics=Metrics(),
         tokens=Tokens.from_secrets(settings.admin_tokens, settings.inference_tokens),
         flags=flags,

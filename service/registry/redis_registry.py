@@ -88,9 +88,11 @@ class RedisRegistry(Registry):
         resync_s: float = 60.0,
         history_max: int = 100,
         stream_maxlen: int = 10_000,
+        url_setting: str = "ADAPTSERVE_REDIS_URL",
     ) -> None:
         super().__init__()
         self.url = url
+        self.url_setting = url_setting  # the setting that gave `url`, as messages name it (flag or variable)
         self.store = store
         self.prefix = prefix
         self.timeout_s = timeout_s
@@ -216,7 +218,7 @@ class RedisRegistry(Registry):
                 # store, which is down too; the replica serves what it knows and retries both.
                 if self._stopping:
                     return
-                why = _why_not(err)
+                why = _why_not(err, self.url_setting)
                 refused_before = self._why_not is not None and _REFUSED in self._why_not
                 # Once per outage, and again only if it turns from an outage into refused credentials
                 # or back (the text of a connection error changes as Redis goes down: not news).
@@ -522,18 +524,18 @@ class RedisRegistry(Registry):
 _REFUSED = "Redis refused this replica's credentials"
 
 
-def _why_not(err: BaseException) -> str:
+def _why_not(err: BaseException, url_setting: str) -> str:
     """Why Redis did not serve this replica, for the log, /readyz and the admin 503: a refused
-    password (a configuration to fix, not an outage to wait out) says so, and so does a store that
-    could not be read to seed Redis. Never the URL, which may hold the password; Redis's own
-    messages do not quote it."""
+    password (a configuration to fix, not an outage to wait out) says so, naming the setting that
+    holds it (`url_setting`), and so does a store that could not be read to seed Redis. Never the
+    URL, which may hold the password; Redis's own messages do not quote it."""
     if isinstance(err, StoreUnavailable):
         return f"Redis needs seeding from the task store, which cannot be read ({err.message})"
     text = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
     if isinstance(err, AuthenticationError) or (
         isinstance(err, ResponseError) and str(err).startswith(("NOAUTH", "WRONGPASS"))
     ):
-        return f"{_REFUSED} ({text}); check the user and password in ADAPTSERVE_REDIS_URL"
+        return f"{_REFUSED} ({text}); check the user and password in {url_setting}"
     return f"Redis unreachable ({text})"
 
 

@@ -16,7 +16,9 @@ import pytest
 from service.engine.types import TaskKey
 from service.errors import Conflict, RegistryUnavailable, StoreUnavailable, TaskNotFound, VersionNotFound
 from service.registry.base import TaskRecord, activated, rolled_back, with_upload, without_version
+from service.registry import open_registry
 from service.registry.local import LocalRegistry
+from service.settings import Settings
 from service.store import ACTIVE_FILE, HISTORY_FILE, LocalStore
 from tests.aio import async_test, wait_until
 from tests.fakes import write_task
@@ -525,23 +527,29 @@ async def test_a_flushed_redis_with_the_store_away_keeps_serving_and_names_the_s
         await registry.stop()
 
 
+@pytest.mark.parametrize("flags, setting", [({}, "ADAPTSERVE_REDIS_URL"), ({"redis_url": "--redis-url"}, "--redis-url")],
+                         ids=["variable", "flag"])
 @pytest.mark.parametrize("redis_server", [{"password": "right-pass-123"}], indirect=True, ids=["password"])
 @async_test
-async def test_a_refused_password_is_named_as_such(redis_server, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_refused_password_is_named_as_such(redis_server, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                   flags: dict[str, str], setting: str) -> None:
     """A Redis that refuses the replica's password is a configuration to fix, not an outage to wait
     out: the replica keeps serving what it knows, but the log, /readyz's registry status and the
-    admin 503 say that the credentials were refused and which setting holds them (before: only
-    "unreachable", as for a network outage). The password is never shown."""
+    admin 503 say that the credentials were refused and which setting holds them, as it was given
+    (before: only "unreachable", as for a network outage). The password is never shown."""
     write_task(tmp_path / "store", "t", "v1", active=True)
     url = f"redis://:wrong-pass-456@127.0.0.1:{redis_server.port}/0"
-    registry = _registry(url, LocalStore(tmp_path / "store"))
+    settings = Settings(store=tmp_path / "store", redis_url=url, redis_timeout_s=0.5, redis_reconnect_min_s=0.05,
+                        redis_reconnect_max_s=0.2)
+    registry = open_registry(settings, LocalStore(tmp_path / "store"), flags)
     caplog.set_level(logging.WARNING, logger="service.registry.redis_registry")
     await registry.start()
     try:
         await wait_until(lambda: "error" in registry.status())
         status = registry.status()
         assert status["connected"] is False
-        assert "refused this replica's credentials" in status["error"] and "ADAPTSERVE_REDIS_URL" in status["error"]
+        assert status["error"].startswith("Redis refused this replica's credentials")
+        assert status["error"].endswith(f"; check the user and password in {setting}")
         with pytest.raises(RegistryUnavailable) as refused:
             registry.require_writable()
         assert "credentials" in str(refused.value)
