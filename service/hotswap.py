@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from service.engine.types import ClassifyItem, TaskKey
 from service.errors import (
-    AdaptserveError, BundleError, Conflict, Overloaded, TaskNotFound, TaskUnavailable, UploadRejected, VersionNotFound,
+    AdaptserveError, BundleError, Conflict, Overloaded, TaskNotFound, TaskTooLarge, TaskUnavailable, UploadRejected,
+    VersionNotFound,
 )
 from service.registry.base import TaskRecord
 from service.store import CONFIG_FILE, WEIGHTS_FILE, stored_problem, validate_task_name, validate_version
@@ -120,6 +121,11 @@ class TaskAdmin:
             files = assemble(parts, self.limits)
             version = content_version(files.config, files.weights)
             loaded = await self._validate_with_engine(task, version, files)
+            if activate:  # refused before it is stored: a version that would serve must fit the device tier
+                try:
+                    runtime.cache.check_fits(TaskKey(task, version), loaded)
+                except TaskTooLarge as err:
+                    raise UploadRejected([err.message], too_large=True) from None
         except UploadRejected as err:  # an admin event: one line, whatever the access log says
             log.info("task %s: upload refused (%d problem%s): %s", task, len(err.problems),
                      "" if len(err.problems) == 1 else "s", "; ".join(err.problems)[:500])
