@@ -388,7 +388,8 @@ def _naming(key) -> Iterator[None]:
 
 def _data_format_flags(g) -> None:
     g.add_argument("--format", dest="file_format", choices=("csv", "tsv", "jsonl"),
-                   help="file format [from the extension: .csv, .tsv, .jsonl/.ndjson]")
+                   help="the format of every input file [each file's own extension: .csv, .tsv, .jsonl/.ndjson, "
+                   "so train.csv with dev.jsonl needs no --format]")
     g.add_argument("--empty-text", choices=("error", "keep", "skip"), default="error",
                    help="rows with an empty text: refuse the file, keep them as '', or skip them [%(default)s]")
 

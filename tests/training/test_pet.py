@@ -264,6 +264,12 @@ UNLABELLED = [
      ["good fun", "bad plot"]),
     ("no text column", "u.csv", "sentence\ngood fun\n", [],
      "no column 'text' (the file has columns: sentence); pass --text-column to use another column"),
+    # Without --format each file is read by its own extension: CSV labelled files, a JSONL unlabelled one.
+    ("CSV data, JSONL unlabelled", "u.jsonl", '{"text": "good fun"}\n{"text": "bad plot"}\n', [], ["good fun", "bad plot"]),
+    ("--format against the extension", "u.jsonl", '{"text": "good fun"}\n', ["--format", "csv"],
+     "read as CSV since --format csv is every file's format, but its extension says JSONL; leave out --format to "
+     "read each file by its extension (as CSV: no column 'text' (the file has columns: {\"text\": \"good fun\"}); "
+     "pass --text-column to use another column)"),
 ]
 
 
@@ -279,7 +285,7 @@ def test_the_unlabelled_file_is_read_as_the_labelled_data_is(name, content, extr
     args = _pet_args(pet_setup, tmp_path, "pet-unl", PATTERNS)
     (tmp_path / name).write_text(content, encoding="utf-8")
     args[args.index("--unlabelled") + 1] = str(tmp_path / name)
-    if "--format" in extra:  # --format is every file's: the labelled ones in JSONL too, named .txt
+    if extra == ["--format", "jsonl"]:  # --format is every file's: the labelled ones in JSONL too, named .txt
         _, splits, _, _ = pet_setup
         for flag, split in (("--data", splits.train), ("--dev", splits.dev)):
             path = tmp_path / f"{flag[2:]}.txt"
