@@ -495,6 +495,13 @@ def input_path(value: str) -> Path:
     return Path(value)
 
 
+def json_or_path(value: str) -> str | Path:
+    """An argparse type for an option that takes JSON inline or a file of it (--patterns): JSON (it
+    starts with `[` or `{`) is kept as typed, since a `Path` would rewrite it (`http://` collapses
+    to `http:/`); anything else is a path, as `input_path` takes it."""
+    return value if value.lstrip().startswith(("[", "{")) else input_path(value)
+
+
 def directory(value: str) -> Path:
     """An argparse type for directories the command writes into: an empty value is refused, not
     read as the current directory (`Path("")` is `.`), which would scatter a store's task folders

@@ -70,6 +70,20 @@ def test_patterns_file(tmp_path):
         load_patterns(str(f))
 
 
+def test_inline_patterns_are_read_as_typed(tmp_path):
+    """--patterns takes the JSON itself too (as load_patterns does): kept as typed, not made a Path,
+    which collapsed the `//` of a URL in a template. A file is still a path."""
+    from training.fewshot_cli import build_pet_parser
+
+    patterns = [{**p, "template": "{text} (see https://example.org/a//b) " + p["template"]} for p in PATTERNS]
+    base = "--task t --data a.csv --unlabelled u.csv --dev b.csv --backbone lm --no-publish".split()
+    inline = build_pet_parser().parse_args([*base, "--patterns", json.dumps(patterns)])
+    assert [p.template for p in load_patterns(inline.patterns)] == [p["template"] for p in patterns]
+    (tmp_path / "p.json").write_text(json.dumps(patterns))
+    from_file = build_pet_parser().parse_args([*base, "--patterns", str(tmp_path / "p.json")])
+    assert from_file.patterns == tmp_path / "p.json" and load_patterns(from_file.patterns) == load_patterns(inline.patterns)
+
+
 @pytest.mark.parametrize("role, bad, message", [
     ("teacher", {"lr": 10.0}, "--teacher-lr must be in (0, 3]"),
     ("student", {"lr": -1.0}, "--student-lr must be in (0, 3]"),
