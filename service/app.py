@@ -29,7 +29,7 @@ from service.memory import Trimmer, check_cache_budget, memory_limit_bytes
 from service.metrics import Metrics
 from service.registry import open_registry
 from service.scheduler import Scheduler
-from service.settings import Settings
+from service.settings import Settings, setting_name
 from service.state import EngineLike, Runtime, ServiceState
 from service.store import open_store
 
@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None, engine: EngineLike | None = Non
     state = ServiceState(
         settings=settings,
         store=store,
-        registry=open_registry(settings, store),
+        registry=open_registry(settings, store, flags),
         metrics=Metrics(),
         tokens=Tokens.from_secrets(settings.admin_tokens, settings.inference_tokens),
         flags=flags,
@@ -132,7 +132,8 @@ async def _start(state: ServiceState, engine: EngineLike | None) -> None:
         if too_big:
             warn_always(log, too_big)
         cache = TaskCache(load, settings.cache_max_bytes, host_max_bytes=settings.cache_host_max_bytes,
-                          failure_ttl_s=settings.failed_load_retry_s, **copies)
+                          failure_ttl_s=settings.failed_load_retry_s,
+                          max_bytes_setting=setting_name("cache_max_bytes", state.flags), **copies)
         trimmer = Trimmer(settings.malloc_trim_interval_s)
         scheduler = Scheduler(
             trimmer.wrap(engine.classify),

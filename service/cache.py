@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Callable, Generic, Literal, Protocol, TypeVar
 
 from service.engine.types import TaskKey
-from service.errors import AdaptserveError, BundleError, TaskUnavailable
+from service.errors import AdaptserveError, BundleError, TaskTooLarge, TaskUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +84,16 @@ class TaskCache(Generic[T]):
         to_host: Callable[[T], T] | None = None,
         to_device: Callable[[T], T] | None = None,
         failure_ttl_s: float = 0.0,
+        max_bytes_setting: str = "ADAPTSERVE_CACHE_MAX_BYTES",
     ) -> None:
         """`load(key)`, `to_host(task)` and `to_device(task)` are blocking and run in threads.
         Without `to_host` and `to_device` the device tier is in host memory already: tasks move
         between the tiers as they are. A load that fails with TaskUnavailable (a corrupt or
         unreadable bundle) is remembered for `failure_ttl_s`: meanwhile get() raises it again
-        at once instead of re-reading and re-hashing the files for every request."""
+        at once instead of re-reading and re-hashing the files for every request. A task larger
+        than `max_bytes` is remembered until it is forgotten (`forget_failure`, `drop`): its size
+        and the budget never change while the server runs. `max_bytes_setting`: the setting that
+        gave `max_bytes`, as messages name it (its flag or its variable)."""
         if max_bytes < 1 or host_max_bytes < 0 or failure_ttl_s < 0:
             raise ValueError("max_bytes must be positive, host_max_bytes and failure_ttl_s >= 0")
         self._load = load
@@ -97,6 +101,7 @@ class TaskCache(Generic[T]):
         self._to_host = to_host or _same
         self._to_device = to_device or _same
         self.max_bytes = max_bytes
+        self.max_bytes_setting = max_bytes_setting
         self.host_max_bytes = host_max_bytes
         self._entries: OrderedDict[TaskKey, tuple[T, int]] = OrderedDict()  # device tier, LRU first
         self._host: OrderedDict[TaskKey, tuple[T, int]] = OrderedDict()  # host tier, LRU first
@@ -105,7 +110,8 @@ class TaskCache(Generic[T]):
         self._pending: dict[TaskKey, asyncio.Future[T]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self.failure_ttl_s = failure_ttl_s
-        self._failed: dict[TaskKey, tuple[str, float]] = {}  # key -> (message, time.monotonic() it is retried)
+        # key -> (message, time.monotonic() it is retried, or None: never, the task is too large)
+        self._failed: dict[TaskKey, tuple[str, float | None]] = {}
         self.stats = CacheStats()
 
     async def get(self, key: TaskKey) -> T:
@@ -224,7 +230,7 @@ class TaskCache(Generic[T]):
             self.stats.load_failures += 1
             if self.failure_ttl_s <= 0 or not self._wanted(key):
                 raise
-            self._remember_failure(key, err.message)
+            self._remember_failure(key, err.message, retry=not isinstance(err, TaskTooLarge))
             raise self._failure(key) from err
         except BaseException:
             self.stats.load_failures += 1
@@ -238,25 +244,28 @@ class TaskCache(Generic[T]):
         (the version was deleted) lets it go, and a get() after that starts a load of its own."""
         return self._pending.get(key) is asyncio.current_task()
 
-    def _remember_failure(self, key: TaskKey, message: str) -> None:
+    def _remember_failure(self, key: TaskKey, message: str, retry: bool = True) -> None:
         now = time.monotonic()
         if len(self._failed) >= 1024:  # bounded by the stored versions anyway; expired ones go first
-            self._failed = {k: v for k, v in self._failed.items() if v[1] > now}
-        self._failed[key] = (message, now + self.failure_ttl_s)
+            self._failed = {k: v for k, v in self._failed.items() if v[1] is None or v[1] > now}
+        self._failed[key] = (message, now + self.failure_ttl_s if retry else None)
 
     def _raise_if_failed(self, key: TaskKey) -> None:
         failed = self._failed.get(key)
         if failed is None:
             return
-        if time.monotonic() >= failed[1]:
+        if failed[1] is not None and time.monotonic() >= failed[1]:
             del self._failed[key]
             return
         self.stats.failures_repeated += 1
         raise self._failure(key)
 
     def _failure(self, key: TaskKey) -> TaskUnavailable:
-        """A fresh 503 for a remembered failure, with Retry-After: when the store is read again."""
+        """A fresh 503 for a remembered failure, with Retry-After: when the store is read again
+        (none for a task too large to serve: no retry helps)."""
         message, retry_at = self._failed[key]
+        if retry_at is None:
+            return TaskTooLarge(message)
         return TaskUnavailable(message, headers={"Retry-After": str(max(1, math.ceil(retry_at - time.monotonic())))})
 
     async def _promote(self, key: TaskKey, host_task: T) -> T:
@@ -275,13 +284,19 @@ class TaskCache(Generic[T]):
             if self._wanted(key):
                 del self._pending[key]
 
-    def _insert(self, key: TaskKey, task: T) -> None:
+    def check_fits(self, key: TaskKey, task: T) -> None:
+        """TaskTooLarge if `task` alone needs more than the whole device tier."""
         size = int(task.nbytes)
         if size > self.max_bytes:
-            raise TaskUnavailable(
-                f"task {key} needs {size} bytes resident, more than the whole task cache "
-                f"({self.max_bytes} bytes); raise ADAPTSERVE_CACHE_MAX_BYTES"
+            raise TaskTooLarge(
+                f"task {key} needs {size} bytes resident, more than the whole task cache ({self.max_bytes} "
+                f"bytes): it cannot be served until {self.max_bytes_setting} is raised (a restart) or a "
+                "smaller version of it is activated"
             )
+
+    def _insert(self, key: TaskKey, task: T) -> None:
+        self.check_fits(key, task)
+        size = int(task.nbytes)
         previous = self._entries.pop(key, None)
         self._entries[key] = (task, size)
         self.stats.bytes += size - (previous[1] if previous else 0)

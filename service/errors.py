@@ -151,6 +151,13 @@ class TaskUnavailable(ServiceUnavailable):
     error_type = "task_unavailable"
 
 
+class TaskTooLarge(TaskUnavailable):
+    """A task whose weights exceed the whole device tier (`cache_max_bytes`). Still the server's
+    problem, not the request's (a 503, as other tasks that cannot load), but no retry can help
+    until the server restarts with a larger budget or a smaller version is activated: no
+    Retry-After."""
+
+
 class RegistryUnavailable(ServiceUnavailable):
     """The registry of active versions (Redis) cannot be reached: reads keep serving what this
     replica knows, writes are refused until it is back."""

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 from service.engine.model_id import other_base_model
 from service.engine.types import ClassifyItem, TaskKey
 from service.errors import (
-    AdaptserveError, BundleError, Conflict, Overloaded, TaskNotFound, TaskUnavailable, UploadRejected, VersionNotFound,
+    AdaptserveError, BundleError, Conflict, Overloaded, TaskNotFound, TaskTooLarge, TaskUnavailable, UploadRejected,
+    VersionNotFound,
 )
 from service.registry.base import TaskRecord
 from service.store import CONFIG_FILE, WEIGHTS_FILE, stored_problem, validate_task_name, validate_version
@@ -123,6 +124,11 @@ class TaskAdmin:
             warnings = self.base_model_warnings(files)
             version = content_version(files.config, files.weights)
             loaded = await self._validate_with_engine(task, version, files)
+            if activate:  # refused before it is stored: a version that would serve must fit the device tier
+                try:
+                    runtime.cache.check_fits(TaskKey(task, version), loaded)
+                except TaskTooLarge as err:
+                    raise UploadRejected([err.message], too_large=True) from None
         except UploadRejected as err:  # an admin event: one line, whatever the access log says
             log.info("task %s: upload refused (%d problem%s): %s", task, len(err.problems),
                      "" if len(err.problems) == 1 else "s", "; ".join(err.problems)[:500])
@@ -245,7 +251,9 @@ class TaskAdmin:
         log.info("task %s deleted", task)
 
     # -- reads -----------------------------------------------------------------------------------
-    async def versions(self, task: str) -> tuple[TaskRecord, list[dict[str, Any]]]:
+    async def versions(self, task: str) -> tuple[TaskRecord, list[dict[str, Any]], str | None]:
+        """The task's record, a row per stored version, and why it has no active version (None
+        when it has one): the reason the task listing gives, in its words."""
         validate_task_name(task)
         stored = await asyncio.to_thread(self._versions, task)
         record = await self._record(task, known_in_store=bool(stored))
@@ -265,7 +273,11 @@ class TaskAdmin:
                 "source": meta.get("source"),
                 "problem": problems.get(version),
             })
-        return record, rows
+        error = None
+        if record.active is None:
+            listing = await self.state.registry.listing(task)
+            error = listing.error if listing is not None else "not in the registry: activate a version to register it"
+        return record, rows, error
 
     async def problems(self, task: str, record: TaskRecord, versions: list[str]) -> dict[str, str]:
         """Why each of `versions` cannot serve, as far as this replica can tell without reading a

@@ -12,6 +12,7 @@ from typing import Annotated, Literal, Mapping
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "ADAPTSERVE_"
@@ -442,18 +443,21 @@ class Settings(BaseSettings):
                 continue
             try:
                 text = path.read_text(encoding="utf-8-sig")  # a BOM (a Windows editor's) is not part of a token
-            except (OSError, UnicodeDecodeError) as err:
-                # Name the variable and the file, never its contents.
-                why = "not UTF-8 text" if isinstance(err, UnicodeDecodeError) else (err.strerror or type(err).__name__)
-                raise ValueError(f"{ENV_PREFIX}{field.upper()}_FILE {str(path)!r} cannot be read ({why})") from None
+            except UnicodeDecodeError:
+                raise _file_error(f"{field}_file", path, "the token file is not UTF-8 text; save it as UTF-8") from None
+            except OSError as err:
+                why = err.strerror or type(err).__name__
+                raise _file_error(f"{field}_file", path, f"the token file cannot be read ({why}); create it or mount "
+                                  "the secret there, or unset this setting") from None
             tokens = split_tokens(text)
             if not tokens:
                 # An empty mounted secret would otherwise turn auth off without a word.
-                raise ValueError(
-                    f"{ENV_PREFIX}{field.upper()}_FILE {str(path)!r} holds no tokens; put at least one "
-                    "token in it, or unset the variable"
-                )
-            _check_token_syntax([SecretStr(token) for token in tokens], f" of {ENV_PREFIX}{field.upper()}_FILE {str(path)!r}")
+                raise _file_error(f"{field}_file", path, "the token file holds no tokens; put at least one token in it "
+                                  "(comma- or newline-separated), or unset this setting")
+            try:
+                _check_token_syntax([SecretStr(token) for token in tokens], " of the token file")
+            except ValueError as err:
+                raise _file_error(f"{field}_file", path, str(err)) from None
             known = {token.get_secret_value() for token in getattr(self, field)}
             extra = [SecretStr(token) for token in tokens if token not in known]
             setattr(self, field, [*getattr(self, field), *extra])
@@ -535,13 +539,23 @@ class Settings(BaseSettings):
         return self.max_wait_ms / 1000.0
 
 
+def _file_error(field: str, path: Path, message: str) -> ValidationError:
+    """A problem with the file a setting names, reported as that setting's error (as a field
+    validator's would be: `describe_validation_error` names the setting as given and the path as
+    the value), never with the file's contents. Raised from a model validator, which alone may
+    change another field (the file's tokens join the listed ones), and whose own ValueErrors would
+    name no setting; pydantic-core passes a ValidationError raised there through as it is."""
+    return ValidationError.from_exception_data("Settings", [InitErrorDetails(
+        type=PydanticCustomError("value_error", "{message}", {"message": message}), loc=(field,), input=str(path))])
+
+
 def _check_token_syntax(tokens: list[SecretStr], where: str = "") -> None:
     """Refuse a token no client could send, naming its position and never the token."""
     for n, token in enumerate(tokens, 1):
         if not _TOKEN_RE.match(token.get_secret_value()):
             raise ValueError(
                 f"token {n}{where} has characters a bearer token cannot hold (allowed: letters, digits "
-                "and -._~+/ with trailing =); separate tokens with commas, not a JSON list"
+                "and -._~+/ with trailing =); separate tokens with commas or newlines, not a JSON list"
             )
 
 

@@ -160,15 +160,17 @@ class BundleStore:
     def list_tasks(self) -> list[TaskListing]:
         """Every task, sorted, each with its active version or the reason it has none. Never
         raises for one broken task. A directory with no version yet is not listed."""
-        listings = []
-        for name in self.task_names():
-            try:
-                listings.append(TaskListing(name, self.active_version(name)))
-            except TaskNotFound:  # gone since the listing, or no version yet
-                continue
-            except TaskUnavailable as err:
-                listings.append(TaskListing(name, None, err.message))
-        return listings
+        return [listing for name in self.task_names() if (listing := self.listing(name)) is not None]
+
+    def listing(self, task: str) -> TaskListing | None:
+        """`task` as `list_tasks` lists it: its active version or the reason it has none; None
+        where it is not listed (gone, or no version yet)."""
+        try:
+            return TaskListing(task, self.active_version(task))
+        except TaskNotFound:
+            return None
+        except TaskUnavailable as err:
+            return TaskListing(task, None, err.message)
 
     def active_version(self, task: str) -> str:
         """The version `task` serves: the id in its ACTIVE pointer, else its only version."""

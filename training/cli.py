@@ -388,7 +388,8 @@ def _naming(key) -> Iterator[None]:
 
 def _data_format_flags(g) -> None:
     g.add_argument("--format", dest="file_format", choices=("csv", "tsv", "jsonl"),
-                   help="file format [from the extension: .csv, .tsv, .jsonl/.ndjson]")
+                   help="the format of every input file [each file's own extension: .csv, .tsv, .jsonl/.ndjson, "
+                   "so train.csv with dev.jsonl needs no --format]")
     g.add_argument("--empty-text", choices=("error", "keep", "skip"), default="error",
                    help="rows with an empty text: refuse the file, keep them as '', or skip them [%(default)s]")
 
@@ -492,6 +493,13 @@ def input_path(value: str) -> Path:
     if not value.strip():
         raise argparse.ArgumentTypeError("an empty path; name the file or folder to read")
     return Path(value)
+
+
+def json_or_path(value: str) -> str | Path:
+    """An argparse type for an option that takes JSON inline or a file of it (--patterns): JSON (it
+    starts with `[` or `{`) is kept as typed, since a `Path` would rewrite it (`http://` collapses
+    to `http:/`); anything else is a path, as `input_path` takes it."""
+    return value if value.lstrip().startswith(("[", "{")) else input_path(value)
 
 
 def directory(value: str) -> Path:

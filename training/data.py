@@ -323,12 +323,22 @@ def _read_rows(
     content = read_utf8(Path(path))
     if not content.strip():
         raise DataError(f"{source}: file is empty")
-    if fmt == "jsonl":
-        rows = _read_jsonl(source, content, text_column, text_pair_column, label_column, empty_text)
-    else:
-        rows = _read_delimited(
-            source, content, fmt, text_column, text_pair_column, label_column, empty_text
-        )
+    try:
+        if fmt == "jsonl":
+            rows = _read_jsonl(source, content, text_column, text_pair_column, label_column, empty_text)
+        else:
+            rows = _read_delimited(
+                source, content, fmt, text_column, text_pair_column, label_column, empty_text
+            )
+    except DataError as err:
+        by_extension = _EXTENSIONS.get(Path(source).suffix.lower())
+        if file_format is None or by_extension in (None, fmt):
+            raise
+        # One format given for every file (`--format`), and this file's extension names another:
+        # most likely train.csv + unlabelled.jsonl, which each read by their extension.
+        raise DataError(f"{source}: read as {fmt.upper()} since file_format={fmt} is every file's format, but its "
+                        f"extension says {by_extension.upper()}; leave out file_format= to read each file by its "
+                        f"extension (as {fmt.upper()}: {str(err).removeprefix(f'{source}: ')})") from None
     if not rows:  # every row skipped for an empty text
         raise DataError(f"{source}: no rows left after skipping rows with empty text")
     return rows

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from training.cli import (
     _check_paths, _columns, _data_format_flags, _guarded, _library_bars, _load_backbone, _setup_logging, directory,
-    input_path, output_file, write_json,
+    input_path, json_or_path, output_file, write_json,
 )
 from training.config import DEFAULT_LR, ConfigError, TrainConfig
 from training.pet import DEFAULT_TEMPERATURE, WEIGHTINGS
@@ -124,8 +124,9 @@ def build_pet_parser(prog: str = "adaptserve pet") -> argparse.ArgumentParser:
     g.add_argument("--label-column", default="label")
     _data_format_flags(g)
     g = p.add_argument_group("PET")
-    g.add_argument("--patterns", required=True, type=input_path,
-                   help="JSON file: [{\"template\": \"{text} It was {mask}\", \"verbalizer\": \"negative=bad;positive=good\"}, ...] (>= 3)")
+    g.add_argument("--patterns", required=True, type=json_or_path,
+                   help="JSON file, or the JSON itself: [{\"template\": \"{text} It was {mask}\", \"verbalizer\": "
+                   "\"negative=bad;positive=good\"}, ...] (>= 3)")
     g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="distillation temperature [%(default)s: PET]")
     g.add_argument("--weighting", choices=WEIGHTINGS, default="prior",
                    help="pattern weights: prior = accuracy on the training set before training (PET), dev = trained "

@@ -108,8 +108,8 @@ async def upload_version(
     dependencies=[Depends(require_inference)],
 )
 async def list_versions(task: str, request: Request) -> TaskVersions:
-    record, rows = await _admin(service_state(request)).versions(task)
-    return TaskVersions(**_task_state(record).model_dump(), versions=[VersionInfo(**row) for row in rows])
+    record, rows, error = await _admin(service_state(request)).versions(task)
+    return TaskVersions(**_task_state(record).model_dump(), error=error, versions=[VersionInfo(**row) for row in rows])
 
 
 @router.post(

@@ -141,11 +141,14 @@ PROBLEM_DOC = ("Why this version cannot serve, as far as this replica knows with
                "(e.g. files that no longer hash to the version id). null: no problem known.")
 
 
+NO_ACTIVE_DOC = "Why the task has no active version"
+
+
 class TaskSummary(BaseModel):
     name: str
     version: str | None = Field(description="Active version, or null when the store cannot tell (see `error`).")
     location: Location = Field(description=LOCATION_DOC)
-    error: str | None = Field(default=None, description="Why the task has no active version (`version` is null).")
+    error: str | None = Field(default=None, description=NO_ACTIVE_DOC + " (`version` is null).")
     problem: str | None = Field(default=None, description=(
         "Why the active version cannot serve, as far as this replica knows without any read: its last load here "
         "failed. (`GET /v1/tasks/{task}/versions` also checks each version's files.) null: no problem known."))
@@ -201,6 +204,7 @@ class TaskState(BaseModel):
 
 
 class TaskVersions(TaskState):
+    error: str | None = Field(default=None, description=NO_ACTIVE_DOC + " (`active` is null), as `GET /v1/tasks` gives it.")
     versions: list[VersionInfo]
 
 

@@ -1,13 +1,18 @@
 """Which version of each task is active, its history, and the change feed (see `base`)."""
 from __future__ import annotations
 
+from typing import Mapping
+
 from service.registry.base import ChangeListener, Registry, TaskRecord
 from service.registry.local import LocalRegistry
+from service.settings import setting_name
 from service.store import BundleStore
 
 
-def open_registry(settings, store: BundleStore) -> Registry:  # settings: service.settings.Settings
-    """`RedisRegistry` when `ADAPTSERVE_REDIS_URL` is set, else the store's own files."""
+def open_registry(settings, store: BundleStore,  # settings: service.settings.Settings
+                  flags: Mapping[str, str] | None = None) -> Registry:
+    """`RedisRegistry` when `ADAPTSERVE_REDIS_URL` is set, else the store's own files. `flags`: the
+    settings a command line set (field -> flag), which its messages name by their flag."""
     if settings.redis_url:
         from service.registry.redis_registry import RedisRegistry  # imports redis only when used
 
@@ -21,6 +26,7 @@ def open_registry(settings, store: BundleStore) -> Registry:  # settings: servic
             resync_s=settings.registry_resync_s,
             history_max=settings.registry_history_max,
             stream_maxlen=settings.registry_stream_maxlen,
+            url_setting=setting_name("redis_url", flags),
         )
     return LocalRegistry(store, history_max=settings.registry_history_max, pointer_ttl_s=settings.store_pointer_ttl_s)
 

@@ -184,6 +184,11 @@ class Registry:
     async def list_tasks(self) -> list[TaskListing]:
         raise NotImplementedError
 
+    async def listing(self, task: str) -> TaskListing | None:
+        """`task` as `list_tasks` lists it (why it has no active version, in the same words); None
+        where that lists no such task."""
+        raise NotImplementedError
+
     async def record(self, task: str) -> TaskRecord:
         """The task's full record (TaskNotFound if the registry has none)."""
         raise NotImplementedError

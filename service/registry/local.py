@@ -133,6 +133,9 @@ class LocalRegistry(Registry):
     async def list_tasks(self) -> list[TaskListing]:
         return await asyncio.to_thread(self.store.list_tasks)
 
+    async def listing(self, task: str) -> TaskListing | None:
+        return await asyncio.to_thread(self.store.listing, task)
+
     async def record(self, task: str) -> TaskRecord:
         validate_task_name(task)
         return await asyncio.to_thread(self._read, task)

@@ -56,6 +56,10 @@ _BATCH_REFRESH = 64  # more distinct tasks than this in one read: resync everyth
 DELETED_TTL_S = 60
 
 
+def _listing(task: str, record: TaskRecord) -> TaskListing:
+    return TaskListing(task, record.active, None if record.active else "no active version")
+
+
 def redact_url(url: str) -> str:
     """`redis://user:secret@host:6379/0` -> `redis://user:***@host:6379/0`, for logs."""
     try:
@@ -84,9 +88,11 @@ class RedisRegistry(Registry):
         resync_s: float = 60.0,
         history_max: int = 100,
         stream_maxlen: int = 10_000,
+        url_setting: str = "ADAPTSERVE_REDIS_URL",
     ) -> None:
         super().__init__()
         self.url = url
+        self.url_setting = url_setting  # the setting that gave `url`, as messages name it (flag or variable)
         self.store = store
         self.prefix = prefix
         self.timeout_s = timeout_s
@@ -212,7 +218,7 @@ class RedisRegistry(Registry):
                 # store, which is down too; the replica serves what it knows and retries both.
                 if self._stopping:
                     return
-                why = _why_not(err)
+                why = _why_not(err, self.url_setting)
                 refused_before = self._why_not is not None and _REFUSED in self._why_not
                 # Once per outage, and again only if it turns from an outage into refused credentials
                 # or back (the text of a connection error changes as Redis goes down: not news).
@@ -290,7 +296,7 @@ class RedisRegistry(Registry):
     async def _seed(self, client: aioredis.Redis) -> None:
         """First use of this Redis (no `seeded` marker): register every task of the store with
         the version its ACTIVE pointer names, so adopting Redis needs no migration step. A Redis
-        that lost its data is re-seeded the same way. Replicas starting together may all seed:
+        that lost its data is re-seeded the same way, with a warning. Replicas starting together may all seed:
         each task is created only if absent (SET NX), and the marker is set only once seeding is
         complete, so no replica resyncs against a half-seeded registry."""
         if await client.exists(self._seeded_key):
@@ -309,7 +315,12 @@ class RedisRegistry(Registry):
                 await client.xadd(self._stream_key, self._entry(listing.name, record), maxlen=self.stream_maxlen, approximate=True)
                 seeded += 1
         await client.set(self._seeded_key, self.origin, nx=True)
-        if seeded:
+        if seeded and self.resyncs:  # this replica read a seeded registry from it before: its data is gone
+            log.warning("registry: Redis lost its data (FLUSHALL, keys evicted under maxmemory, or a restart or "
+                        "failover without persistence); re-seeded %d tasks from the active versions in %s (their "
+                        "activation history, rollback stacks and upload metadata are gone)", seeded,
+                        self.store.describe())
+        elif seeded:
             log.info("registry: seeded Redis with %d tasks from %s", seeded, self.store.describe())
 
     def _entry(self, task: str, record: TaskRecord | None) -> dict[str, str]:
@@ -344,10 +355,11 @@ class RedisRegistry(Registry):
         return task in self._records
 
     async def list_tasks(self) -> list[TaskListing]:
-        return [
-            TaskListing(name, record.active, None if record.active else "no active version")
-            for name, record in sorted(self._records.items())
-        ]
+        return [_listing(name, record) for name, record in sorted(self._records.items())]
+
+    async def listing(self, task: str) -> TaskListing | None:
+        record = self._records.get(task)
+        return _listing(task, record) if record is not None else None
 
     async def record(self, task: str) -> TaskRecord:
         validate_task_name(task)
@@ -512,18 +524,18 @@ class RedisRegistry(Registry):
 _REFUSED = "Redis refused this replica's credentials"
 
 
-def _why_not(err: BaseException) -> str:
+def _why_not(err: BaseException, url_setting: str) -> str:
     """Why Redis did not serve this replica, for the log, /readyz and the admin 503: a refused
-    password (a configuration to fix, not an outage to wait out) says so, and so does a store that
-    could not be read to seed Redis. Never the URL, which may hold the password; Redis's own
-    messages do not quote it."""
+    password (a configuration to fix, not an outage to wait out) says so, naming the setting that
+    holds it (`url_setting`), and so does a store that could not be read to seed Redis. Never the
+    URL, which may hold the password; Redis's own messages do not quote it."""
     if isinstance(err, StoreUnavailable):
         return f"Redis needs seeding from the task store, which cannot be read ({err.message})"
     text = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
     if isinstance(err, AuthenticationError) or (
         isinstance(err, ResponseError) and str(err).startswith(("NOAUTH", "WRONGPASS"))
     ):
-        return f"{_REFUSED} ({text}); check the user and password in ADAPTSERVE_REDIS_URL"
+        return f"{_REFUSED} ({text}); check the user and password in {url_setting}"
     return f"Redis unreachable ({text})"
 
 

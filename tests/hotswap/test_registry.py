@@ -16,11 +16,15 @@ import pytest
 from service.engine.types import TaskKey
 from service.errors import Conflict, RegistryUnavailable, StoreUnavailable, TaskNotFound, VersionNotFound
 from service.registry.base import TaskRecord, activated, rolled_back, with_upload, without_version
+from service.registry import open_registry
 from service.registry.local import LocalRegistry
+from service.settings import Settings
 from service.store import ACTIVE_FILE, HISTORY_FILE, LocalStore
 from tests.aio import async_test, wait_until
 from tests.fakes import write_task
-from tests.hotswap.servers import RedisServer
+from tests.hotswap.bundles import files, make_bundle
+from tests.hotswap.conftest import AUTH_ADMIN, AUTH_READER
+from tests.hotswap.servers import RedisServer, eventually
 
 
 def test_rollback_walks_back_the_activation_stack_skipping_missing_versions() -> None:
@@ -418,17 +422,22 @@ async def test_a_redis_registry_keeps_serving_through_an_outage_and_resyncs(redi
 
 
 @async_test
-async def test_a_flushed_redis_is_reseeded_from_the_store_at_the_next_resync(redis_server, tmp_path: Path) -> None:
+async def test_a_flushed_redis_is_reseeded_from_the_store_at_the_next_resync(redis_server, tmp_path: Path,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
     """A Redis that loses its data while the replicas stay connected (FLUSHALL, keys evicted under
     `maxmemory`, a failover to an empty primary behind the same address) is re-seeded from the
     store's ACTIVE pointers, as one that restarts empty is. Before, only a reconnect re-seeded: the
-    periodic resync read the empty task set and dropped every task from every replica."""
+    periodic resync read the empty task set and dropped every task from every replica. The loss is
+    a warning (the first seed of a new Redis is not): the tasks' history in Redis is gone."""
     write_task(tmp_path / "store", "t", "v1", active=True)
     registry = _registry(redis_server.url, LocalStore(tmp_path / "store"), resync_s=0.1)
+    caplog.set_level(logging.INFO, logger="service.registry.redis_registry")
     await registry.start()
     try:
         await wait_until(lambda: registry.connected and registry.resyncs >= 1)
         assert await registry.resolve("t") == TaskKey("t", "v1")
+        seeds = [(r.levelname, r.getMessage()) for r in caplog.records if "seeded" in r.getMessage()]
+        assert [level for level, _ in seeds] == ["INFO"], seeds
         client = redis_server.client()
         client.flushall()
         seen = registry.resyncs
@@ -437,6 +446,9 @@ async def test_a_flushed_redis_is_reseeded_from_the_store_at_the_next_resync(red
         assert await registry.resolve("t") == TaskKey("t", "v1")
         assert client.sismember("adaptserve:tasks", "t") and client.exists("adaptserve:seeded")
         client.close()
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warned) == 1 and warned[0].startswith("registry: Redis lost its data"), warned
+        assert "re-seeded 1 tasks from the active versions in local:" in warned[0]
     finally:
         await registry.stop()
 
@@ -515,23 +527,29 @@ async def test_a_flushed_redis_with_the_store_away_keeps_serving_and_names_the_s
         await registry.stop()
 
 
+@pytest.mark.parametrize("flags, setting", [({}, "ADAPTSERVE_REDIS_URL"), ({"redis_url": "--redis-url"}, "--redis-url")],
+                         ids=["variable", "flag"])
 @pytest.mark.parametrize("redis_server", [{"password": "right-pass-123"}], indirect=True, ids=["password"])
 @async_test
-async def test_a_refused_password_is_named_as_such(redis_server, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_refused_password_is_named_as_such(redis_server, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                   flags: dict[str, str], setting: str) -> None:
     """A Redis that refuses the replica's password is a configuration to fix, not an outage to wait
     out: the replica keeps serving what it knows, but the log, /readyz's registry status and the
-    admin 503 say that the credentials were refused and which setting holds them (before: only
-    "unreachable", as for a network outage). The password is never shown."""
+    admin 503 say that the credentials were refused and which setting holds them, as it was given
+    (before: only "unreachable", as for a network outage). The password is never shown."""
     write_task(tmp_path / "store", "t", "v1", active=True)
     url = f"redis://:wrong-pass-456@127.0.0.1:{redis_server.port}/0"
-    registry = _registry(url, LocalStore(tmp_path / "store"))
+    settings = Settings(store=tmp_path / "store", redis_url=url, redis_timeout_s=0.5, redis_reconnect_min_s=0.05,
+                        redis_reconnect_max_s=0.2)
+    registry = open_registry(settings, LocalStore(tmp_path / "store"), flags)
     caplog.set_level(logging.WARNING, logger="service.registry.redis_registry")
     await registry.start()
     try:
         await wait_until(lambda: "error" in registry.status())
         status = registry.status()
         assert status["connected"] is False
-        assert "refused this replica's credentials" in status["error"] and "ADAPTSERVE_REDIS_URL" in status["error"]
+        assert status["error"].startswith("Redis refused this replica's credentials")
+        assert status["error"].endswith(f"; check the user and password in {setting}")
         with pytest.raises(RegistryUnavailable) as refused:
             registry.require_writable()
         assert "credentials" in str(refused.value)
@@ -576,3 +594,25 @@ def test_a_replica_on_redis_exports_the_registry_series_docs_metrics_md_names(ma
     exported = exported_series(client.get("/metrics").text)
     assert REDIS_ONLY | {"adaptserve_registry_connected"} <= exported
     assert exported - {"adaptserve_exit_layer"} <= documented_series(), sorted(exported - documented_series())
+
+
+def test_the_versions_listing_says_why_a_task_has_no_active_version(make_client, info, backend: RedisServer | None,
+                                                                    store: Path) -> None:
+    """A task whose ACTIVE names a version that is not stored: its versions listing gives the reason
+    the task listing gives (a Redis registry, which the store seeded without it, lists no such task
+    and says how to register it), and none once an upload made a version active."""
+    write_task(store, "t", "v1")
+    write_task(store, "t", "v2")
+    (store / "t" / ACTIVE_FILE).write_text("v9\n")
+    client = make_client(**({"redis_url": backend.url} if backend else {}))
+    eventually(lambda: client.get("/readyz").json()["registry"]["connected"])
+    listed = {row["name"]: row for row in client.get("/v1/tasks", headers=AUTH_READER).json()["tasks"]}
+    versions = client.get("/v1/tasks/t/versions", headers=AUTH_READER).json()
+    assert versions["active"] is None and [row["version"] for row in versions["versions"]] == ["v1", "v2"]
+    if backend is None:
+        assert versions["error"] == listed["t"]["error"] and "ACTIVE names version 'v9'" in versions["error"]
+    else:
+        assert "t" not in listed and versions["error"] == "not in the registry: activate a version to register it"
+    uploaded = client.post("/v1/tasks/t/versions", files=files(*make_bundle(info, seed=1)), headers=AUTH_ADMIN)
+    assert uploaded.status_code == 201, uploaded.text
+    assert client.get("/v1/tasks/t/versions", headers=AUTH_READER).json()["error"] is None

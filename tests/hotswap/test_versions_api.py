@@ -293,3 +293,14 @@ def test_activating_a_version_of_an_unknown_task_is_task_not_found(make_client, 
     version = content_version(*make_bundle(info, seed=1))
     response = client.post(f"{VERSIONS.format('nope')}/{version}/activate", headers=AUTH_ADMIN)
     assert (response.status_code, response.json()["error_type"]) == (404, "task_not_found"), response.text
+
+
+def test_an_upload_too_large_for_the_whole_cache_is_refused_before_it_is_stored(make_client, info, store: Path) -> None:
+    """Before: the version was stored (its task's only one, so it served), the registry not told,
+    and the uploader answered 503."""
+    client = make_client(cache_max_bytes=1000)
+    refused = upload(client, "big", make_bundle(info, seed=1))
+    assert (refused.status_code, refused.json()["error_type"]) == (413, "upload_rejected"), refused.text
+    assert "more than the whole task cache (1000 bytes)" in refused.json()["problems"][0]
+    assert "ADAPTSERVE_CACHE_MAX_BYTES" in refused.json()["problems"][0]
+    assert not (store / "big").exists()

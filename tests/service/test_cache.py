@@ -8,7 +8,7 @@ import pytest
 
 from service.cache import TaskCache
 from service.engine.types import TaskKey
-from service.errors import BundleError, StoreUnavailable, TaskUnavailable
+from service.errors import BundleError, StoreUnavailable, TaskTooLarge, TaskUnavailable
 from tests.aio import async_test, wait_until
 
 A, B, C = TaskKey("a", "v1"), TaskKey("b", "v1"), TaskKey("c", "v1")
@@ -63,10 +63,24 @@ async def test_evicted_task_stays_usable_by_its_holders() -> None:
 
 @async_test
 async def test_task_larger_than_the_whole_budget_is_unavailable_and_not_cached() -> None:
-    cache = TaskCache(Loader(nbytes=101), max_bytes=100)
-    with pytest.raises(TaskUnavailable, match="CACHE_MAX_BYTES"):
+    """No retry can help (the budget and the version's size are fixed while the server runs): the
+    503 has no Retry-After, names the budget's setting as given, and the store is not read again
+    per request, nor once the failed-load retry time has passed; an activation's forget_failure
+    (or a drop) does read it again."""
+    loader = Loader(nbytes=101)
+    cache = TaskCache(loader, max_bytes=100, failure_ttl_s=0.01, max_bytes_setting="--cache-max-bytes")
+    for _ in range(3):
+        with pytest.raises(TaskTooLarge, match=r"more than the whole task cache \(100 bytes\): it cannot be served "
+                                              r"until --cache-max-bytes is raised") as refused:
+            await cache.get(A)
+        assert refused.value.headers == {} and refused.value.error_type == "task_unavailable"
+        await asyncio.sleep(0.02)
+    assert cache.keys() == [] and cache.stats.bytes == 0 and loader.calls == [A] and cache.stats.load_failures == 1
+    assert "--cache-max-bytes" in cache.last_failure(A)
+    cache.forget_failure(A)
+    with pytest.raises(TaskTooLarge):
         await cache.get(A)
-    assert cache.keys() == [] and cache.stats.bytes == 0 and cache.stats.load_failures == 1
+    assert loader.calls == [A, A]
 
 
 @async_test

@@ -148,11 +148,40 @@ def test_an_empty_token_file_is_refused_not_an_open_server(monkeypatch: pytest.M
     monkeypatch.setenv("ADAPTSERVE_ADMIN_TOKENS_FILE", str(empty))
     with pytest.raises(ValidationError) as error:
         Settings()
-    assert f"ADAPTSERVE_ADMIN_TOKENS_FILE {str(empty)!r} holds no tokens" in describe_validation_error(error.value)
+    assert "ADAPTSERVE_ADMIN_TOKENS_FILE: the token file holds no tokens" in describe_validation_error(error.value)
     empty.write_text("tok-1\ntok-2\n")
     assert len(Settings().admin_tokens) == 2
     empty.write_bytes(b"\xef\xbb\xbftok-1\r\n")  # saved by a Windows editor: a BOM, CRLF
     assert [t.get_secret_value() for t in Settings().admin_tokens] == ["tok-1"]
+
+
+TOKEN_FILE_PROBLEMS = {  # the file's content (None: no file there) -> what is wrong and what to do
+    "missing": (None, "the token file cannot be read (No such file or directory); create it or mount the secret "
+                "there, or unset this setting"),
+    "not UTF-8": (b"caf\xe9-s3cr3t", "the token file is not UTF-8 text; save it as UTF-8"),
+    "empty": (b"\n , \n", "the token file holds no tokens; put at least one token in it (comma- or newline-separated), "
+              "or unset this setting"),
+    "a token no client could send": (b"ok-1\n[\"bad-s3cr3t\"]\n", "token 2 of the token file has characters a bearer "
+                                     "token cannot hold (allowed: letters, digits and -._~+/ with trailing =); separate "
+                                     "tokens with commas or newlines, not a JSON list"),
+}
+
+
+@pytest.mark.parametrize("field", ["admin_tokens_file", "inference_tokens_file"])
+@pytest.mark.parametrize("problem", list(TOKEN_FILE_PROBLEMS), ids=list(TOKEN_FILE_PROBLEMS))
+def test_a_token_file_problem_names_the_setting_and_the_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                             field: str, problem: str) -> None:
+    """Read like any setting's error: the setting, what is wrong and what to do, the file as its
+    value; never the file's contents (before: `settings: ADAPTSERVE_..._FILE '...' cannot be read`)."""
+    content, message = TOKEN_FILE_PROBLEMS[problem]
+    path = tmp_path / "tokens"
+    if content is not None:
+        path.write_bytes(content)
+    monkeypatch.setenv(f"ADAPTSERVE_{field.upper()}", str(path))
+    with pytest.raises(ValidationError) as error:
+        Settings(store=tmp_path)
+    assert describe_validation_error(error.value) == f"ADAPTSERVE_{field.upper()}: {message} (got {str(path)!r})"
+    assert "s3cr3t" not in str(error.value)
 
 
 @pytest.mark.parametrize("name", ["ADMIN_TOKENS", "INFERENCE_TOKENS"])

@@ -402,9 +402,9 @@ def _commands() -> dict:
 def _path_flags(parser) -> list[str]:
     """The options that name a file or folder: found by their argparse type, so a new one is in the
     table below without being listed."""
-    from training.cli import directory, input_path, output_file
+    from training.cli import directory, input_path, json_or_path, output_file
 
-    return [a.option_strings[0] for a in parser._actions if a.type in (input_path, directory, output_file)]
+    return [a.option_strings[0] for a in parser._actions if a.type in (input_path, directory, output_file, json_or_path)]
 
 
 PATH_FLAGS = [(command, flag) for command, (build, _) in _commands().items() for flag in _path_flags(build())]

@@ -70,6 +70,20 @@ def test_patterns_file(tmp_path):
         load_patterns(str(f))
 
 
+def test_inline_patterns_are_read_as_typed(tmp_path):
+    """--patterns takes the JSON itself too (as load_patterns does): kept as typed, not made a Path,
+    which collapsed the `//` of a URL in a template. A file is still a path."""
+    from training.fewshot_cli import build_pet_parser
+
+    patterns = [{**p, "template": "{text} (see https://example.org/a//b) " + p["template"]} for p in PATTERNS]
+    base = "--task t --data a.csv --unlabelled u.csv --dev b.csv --backbone lm --no-publish".split()
+    inline = build_pet_parser().parse_args([*base, "--patterns", json.dumps(patterns)])
+    assert [p.template for p in load_patterns(inline.patterns)] == [p["template"] for p in patterns]
+    (tmp_path / "p.json").write_text(json.dumps(patterns))
+    from_file = build_pet_parser().parse_args([*base, "--patterns", str(tmp_path / "p.json")])
+    assert from_file.patterns == tmp_path / "p.json" and load_patterns(from_file.patterns) == load_patterns(inline.patterns)
+
+
 @pytest.mark.parametrize("role, bad, message", [
     ("teacher", {"lr": 10.0}, "--teacher-lr must be in (0, 3]"),
     ("student", {"lr": -1.0}, "--student-lr must be in (0, 3]"),
@@ -264,6 +278,12 @@ UNLABELLED = [
      ["good fun", "bad plot"]),
     ("no text column", "u.csv", "sentence\ngood fun\n", [],
      "no column 'text' (the file has columns: sentence); pass --text-column to use another column"),
+    # Without --format each file is read by its own extension: CSV labelled files, a JSONL unlabelled one.
+    ("CSV data, JSONL unlabelled", "u.jsonl", '{"text": "good fun"}\n{"text": "bad plot"}\n', [], ["good fun", "bad plot"]),
+    ("--format against the extension", "u.jsonl", '{"text": "good fun"}\n', ["--format", "csv"],
+     "read as CSV since --format csv is every file's format, but its extension says JSONL; leave out --format to "
+     "read each file by its extension (as CSV: no column 'text' (the file has columns: {\"text\": \"good fun\"}); "
+     "pass --text-column to use another column)"),
 ]
 
 
@@ -279,7 +299,7 @@ def test_the_unlabelled_file_is_read_as_the_labelled_data_is(name, content, extr
     args = _pet_args(pet_setup, tmp_path, "pet-unl", PATTERNS)
     (tmp_path / name).write_text(content, encoding="utf-8")
     args[args.index("--unlabelled") + 1] = str(tmp_path / name)
-    if "--format" in extra:  # --format is every file's: the labelled ones in JSONL too, named .txt
+    if extra == ["--format", "jsonl"]:  # --format is every file's: the labelled ones in JSONL too, named .txt
         _, splits, _, _ = pet_setup
         for flag, split in (("--data", splits.train), ("--dev", splits.dev)):
             path = tmp_path / f"{flag[2:]}.txt"

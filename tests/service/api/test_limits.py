@@ -159,3 +159,19 @@ async def test_uploads_beyond_the_concurrent_cap_get_429_before_their_body_is_re
 def test_the_upload_cap_is_a_setting() -> None:
     assert Settings.model_fields["max_concurrent_uploads"].default == 2
     assert json.dumps(Settings(store="/", max_concurrent_uploads=5).max_concurrent_uploads) == "5"
+
+
+def test_a_task_larger_than_the_whole_cache_is_a_503_without_retry_after_naming_the_flag(tmp_path: Path) -> None:
+    """It can never serve until the server restarts with a larger budget: 503 task_unavailable (the
+    request is fine, the server cannot serve that task), with no Retry-After to retry on, naming the
+    budget as the command line gave it."""
+    write_task(tmp_path, "big", "v1")
+    app = create_app(Settings(store=tmp_path, cache_max_bytes=999, max_wait_ms=1.0), engine=FakeEngine(task_nbytes=1000),
+                     flags={"cache_max_bytes": "--cache-max-bytes"})
+    with TestClient(app) as client:
+        wait_ready(client)
+        for _ in range(2):
+            refused = client.post("/v1/tasks/big/classify", json={"inputs": ["x"]})
+            assert (refused.status_code, refused.json()["error_type"]) == (503, "task_unavailable"), refused.text
+            assert "Retry-After" not in refused.headers
+            assert "until --cache-max-bytes is raised" in refused.json()["error"]

@@ -82,3 +82,12 @@ def test_listings_show_the_last_failed_load_without_reading_the_store(client: Te
     write_task(store, "broken", "v1")  # repaired on disk: a load that succeeds clears it (activating reads afresh)
     assert client.post("/v1/tasks/broken/versions/v1/activate").status_code == 200
     assert _problems(client, "broken") == (None, {"v1": None})
+
+
+def test_the_versions_listing_says_why_a_task_has_no_active_version(client: TestClient) -> None:
+    # (A dangling ACTIVE, on either registry: tests/hotswap/test_registry.py.)
+    listed = {row["name"]: row for row in client.get("/v1/tasks").json()["tasks"]}["ambiguous"]
+    versions = client.get("/v1/tasks/ambiguous/versions").json()
+    assert versions["active"] is None and [row["version"] for row in versions["versions"]] == ["v1", "v2"]
+    assert versions["error"] == listed["error"] and "ACTIVE" in versions["error"]
+    assert client.get("/v1/tasks/nli/versions").json()["error"] is None
