@@ -30,6 +30,7 @@ class TaskLike(Protocol):
     has_exits: bool  # early-exit classifiers: a per-request exit policy applies
     max_length: int  # tokens per input the task reads
     overflow: str  # "truncate" | "refuse": what an input over max_length tokens gets
+    prompt_tokens: int  # a prompt task's template and special tokens, counted with each input (0: no template)
 
     def info(self) -> dict[str, Any]: ...
 

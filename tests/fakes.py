@@ -39,6 +39,7 @@ class FakeTask:
     has_exits: bool = False  # early-exit classifiers (config `"exits": true`)
     max_length: int = 32
     overflow: str = "truncate"  # config `"overflow"`
+    prompt_tokens: int = 0  # no template
 
     def info(self) -> dict[str, Any]:
         return {

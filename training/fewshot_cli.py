@@ -52,7 +52,7 @@ def build_zeroshot_parser(prog: str = "adaptserve zeroshot") -> argparse.Argumen
     p.add_argument("--scale", type=float, default=None,
                    help=f"(b) logits = scale x cosine [{DEFAULT_SCALE:g}: all-MiniLM-L6-v2's training temperature 0.05]")
     p.add_argument("--max-length", type=int, default=TrainConfig(method="lora").max_length, help="[%(default)s]")
-    p.add_argument("--backbone", type=input_path, help="(a) an LM folder or .gguf; (b) an encoder [the bundled all-MiniLM-L6-v2]")
+    p.add_argument("--backbone", type=input_path, help="(a) an LM folder or .gguf; (b) an encoder, not a causal LM [the bundled all-MiniLM-L6-v2]")
     p.add_argument("--device", default="auto", help="[%(default)s]")
     g = p.add_argument_group("optional scoring through the serving path")
     g.add_argument("--test", type=input_path, help="a labelled file to score the published task on")

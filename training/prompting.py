@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from service.engine.template import Template, TemplateError
-from service.methods.verbalizer import VerbalizerWeights
+from service.methods.verbalizer import VerbalizerWeights, answer_context, word_in_context
 from training.config import ConfigError
 
 if TYPE_CHECKING:
@@ -110,34 +110,13 @@ def order_by_labels(label_words: Mapping[str, Sequence[str]], labels: Sequence[s
 
 
 # -- words -> token ids ------------------------------------------------------------------------------
-def _context(template: Template) -> tuple[str, str]:
-    """(the template text right before {mask}, the joiner between it and the word): the word is
-    tokenised after that text, as the model will read it."""
-    parts = template.parts
-    i = parts.index(("slot", "mask")) if ("slot", "mask") in parts else len(parts)
-    if i == 0 or parts[i - 1][0] != "lit":  # {mask} opens the template or directly follows an input
-        return "", ""
-    before = parts[i - 1][1]
-    return before.strip(), " " if before[-1].isspace() else ""
-
-
-def _in_context(tokenizer, ctx: str, joiner: str, word: str) -> list[int]:
-    """Token ids of `word` as it follows `ctx` (+ `joiner`) in a prompt."""
-    if ctx:
-        a = tokenizer.encode(ctx, add_special_tokens=False)
-        b = tokenizer.encode(ctx + joiner + word, add_special_tokens=False)
-        if b[: len(a)] == a and len(b) > len(a):
-            return b[len(a):]
-    return tokenizer.encode(joiner + word, add_special_tokens=False)
-
-
 def single_token_alternatives(tokenizer, word: str, ctx: str = "", joiner: str = " ") -> list[str]:
     """Words (case variants read in context) and exact vocabulary tokens (the word with / without
     a leading space, for byte-level BPE and SentencePiece) that ARE one token."""
     seen: list[str] = []
     variants = list(dict.fromkeys([word, word.lower(), word.capitalize(), word.upper()]))
     for v in variants:
-        if len(_in_context(tokenizer, ctx, joiner, v)) == 1 and v != word:
+        if len(word_in_context(tokenizer, ctx, joiner, v)) == 1 and v != word:
             seen.append(v)
     for v in variants:
         for space in (" ", ""):
@@ -152,7 +131,7 @@ def single_token_alternatives(tokenizer, word: str, ctx: str = "", joiner: str =
 def resolve_verbalizer(tokenizer, template: Template, label_words: Mapping[str, Sequence[str]]) -> VerbalizerWeights:
     """Label words -> `VerbalizerWeights` (one token id per word), in `label_words` order.
     Every word that is not one token is reported in one error, with alternatives."""
-    ctx, joiner = _context(template)
+    ctx, joiner = answer_context(template)
     vocab = tokenizer.get_vocab()
     unk = tokenizer.unk_token_id
     problems: list[str] = []
@@ -162,7 +141,7 @@ def resolve_verbalizer(tokenizer, template: Template, label_words: Mapping[str, 
     for label, words in label_words.items():
         row = []
         for word in words:
-            toks = _in_context(tokenizer, ctx, joiner, word)
+            toks = word_in_context(tokenizer, ctx, joiner, word)
             if len(toks) == 1 and toks[0] != unk:
                 tid = toks[0]
             elif word in vocab:  # an exact vocabulary token, e.g. "Ġgreat"

@@ -110,13 +110,16 @@ async def _refuse_overflow(engine: EngineLike, task: TaskLike, key: TaskKey, ite
     rows come tokenised: only those that reached max_length are tokenised again, uncut, to count."""
     if task.overflow != "refuse":
         return
-    max_length = task.max_length
+    max_length, prompt = task.max_length, task.prompt_tokens
     counts = await _in_thread(engine.token_counts, items, deadline)  # the tokenizer is CPU work: off the loop
     for index, count in enumerate(counts):
         if count > max_length:
+            # a prompt task's count is its prompt's: say so, and how long the input itself may be
+            counted = f" with the task's prompt template, whose text and special tokens are {prompt} of them" if prompt else ""
+            room = f" to at most {max_length - prompt} tokens" if prompt else ""
             raise PayloadTooLarge(
-                f"inputs[{index}] is {count} tokens; task {key.name!r} takes at most {max_length} "
-                "(its overflow policy is 'refuse': shorten the input)"
+                f"inputs[{index}] is {count} tokens{counted}; task {key.name!r} takes at most {max_length} "
+                f"(its overflow policy is 'refuse': shorten the input{room})"
             )
 
 

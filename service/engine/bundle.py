@@ -28,6 +28,7 @@ from service.engine.template import Template, TemplateError
 from service.engine.types import TaskKey, unprintable
 from service.errors import BundleError, NoMatchingModuleError
 from service.methods.base import REGISTRY, TaskWeights
+from service.methods.verbalizer import VerbalizerWeights, mismatched_words
 from service.store import bundle_intact
 
 CONFIG = "adapter_config.json"
@@ -139,6 +140,8 @@ def parse(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Backb
         raise BundleError(f"task {name!r}: a verbalizer needs a 'template' with a {{mask}} slot")
     if "verbalizer" in weights and labels and weights["verbalizer"].num_labels != len(labels):  # type: ignore[attr-defined]
         raise BundleError(f"task {name!r}: the verbalizer maps {weights['verbalizer'].num_labels} labels but {len(labels)} are named")  # type: ignore[attr-defined]
+    if "verbalizer" in weights and template is not None and tokenizer is not None:
+        _check_label_words(weights["verbalizer"], labels, template, tokenizer, name)  # type: ignore[arg-type]
     if "demos" in weights and "verbalizer" not in weights:
         raise BundleError(f"task {name!r}: demonstrations are shown with their label words: they need a 'verbalizer' and a 'template'")
     if "demos" in weights and labels and max(weights["demos"].labels) >= len(labels):  # type: ignore[attr-defined]
@@ -191,6 +194,20 @@ def _check_template_fits(template: Template, weights: Mapping[str, TaskWeights],
         template.check_fits(tokenizer, max_length, backbone.kind == "decoder", demos)
     except TemplateError as e:
         raise BundleError(f"task {name!r}: {e}; raise its 'max_length' or shorten the template") from None
+
+
+def _check_label_words(verbalizer: VerbalizerWeights, labels: list[str], template: Template, tokenizer: Any,
+                       name: str) -> None:
+    """A verbalizer whose words are not its token ids shows one thing and scores another: refuse it."""
+    wrong = mismatched_words(verbalizer, labels, tokenizer, template)
+    if wrong:
+        more = f"; ... and {len(wrong) - MAX_PROBLEMS} more" if len(wrong) > MAX_PROBLEMS else ""
+        raise BundleError(
+            f"task {name!r}: the verbalizer's 'label_words' and 'token_ids' disagree: " + "; ".join(wrong[:MAX_PROBLEMS])
+            + more + ". Each id must be its word's token (read after the template's text before {mask}, or the "
+            "exact vocabulary token): give the right ids, or build the task with `adaptserve train` / `zeroshot`, "
+            "which resolve them"
+        )
 
 
 def _check_lengths(weights: Mapping[str, TaskWeights], max_length: int, backbone: BackboneInfo, name: str) -> None:

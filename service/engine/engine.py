@@ -64,7 +64,9 @@ class Engine:
         spec, weights = read_bundle(Path(bundle_dir), self.backbone.info, key.name, self._loading_tok)
         if "demos" in weights:
             self._check_demos(weights["demos"], key)  # type: ignore[arg-type]
-        return Task(key=key, spec=spec, weights=weights, backbone=self.backbone.info, bytes_on_disk=disk_bytes(Path(bundle_dir)))
+        prompt = 0 if spec.template is None else spec.template.own_tokens(self._loading_tok, self.backbone.info.kind == "decoder")
+        return Task(key=key, spec=spec, weights=weights, backbone=self.backbone.info, bytes_on_disk=disk_bytes(Path(bundle_dir)),
+                    prompt_tokens=prompt)
 
     # -- demonstrations (service/methods/demos.py) ----------------------------------------------
     def sentence_encoder(self) -> SentenceEncoder:

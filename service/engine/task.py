@@ -20,6 +20,8 @@ class Task:
     weights: dict[str, TaskWeights]
     backbone: BackboneInfo = field(repr=False)
     bytes_on_disk: int = 0
+    # a prompt task's template and special tokens, counted with every input (`Template.own_tokens`); 0 without a template
+    prompt_tokens: int = 0
 
     @property
     def labels(self) -> list[str]:

@@ -158,6 +158,15 @@ class Template:
                 f"take {taken}"
             )
 
+    def own_tokens(self, tokenizer, causal: bool) -> int:
+        """The tokens of a prompt that are not its inputs': special tokens (a causal prompt drops
+        those after its answer, `_causal_answer`), the template text and a masked LM's answer slot.
+        Each piece is tokenised on its own, so an uncut prompt's length (`encode`) is this plus the
+        inputs' tokens."""
+        head, tail = special_frame(tokenizer)
+        pieces = self._pieces(tokenizer, "", None, causal, None)
+        return len(head) + (0 if causal else len(tail)) + sum(len(ids) for k, ids in pieces if k in ("lit", "mask"))
+
     def _pieces(self, tokenizer, text: str, text_pair: str | None, causal: bool,
                 fill: int | None) -> list[tuple[str, list[int]]]:
         """The template's pieces for one segment, tokenised as `encode` does; `fill` puts a label

@@ -4,7 +4,8 @@ Each label maps to one or more words; at the answer position of the prompt templ
 token of a masked LM, the last token of a causal LM) the LM head's logits for those words are
 averaged per label (PET's multi-word verbalizers). No new output layer is trained, which is why
 prompt-based fine-tuning needs so little data. The word -> token id mapping is resolved with the
-backbone's tokenizer when the task is built (`training`), and stored with the words.
+backbone's tokenizer when the task is built (`training`), and stored with the words; a task
+load checks that each stored id is its word (`mismatched_words`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from service.engine.spec import BackboneInfo
+from service.engine.template import Template
 from service.methods.base import Method, MethodBatch, Problems, TaskWeights, register
 
 
@@ -37,6 +39,59 @@ class VerbalizerWeights(TaskWeights):
     def label_logits(self, vocab_logits: Tensor) -> Tensor:
         """[n, V] -> [n, labels]: mean logit of each label's words."""
         return torch.stack([vocab_logits[:, list(ids)].mean(-1) for ids in self.token_ids], dim=-1)
+
+
+def answer_context(template: Template) -> tuple[str, str]:
+    """(the template text right before {mask}, the joiner between it and the word): a label word is
+    tokenised after that text, as the model will read it."""
+    parts = template.parts
+    i = parts.index(("slot", "mask")) if ("slot", "mask") in parts else len(parts)
+    if i == 0 or parts[i - 1][0] != "lit":  # {mask} opens the template or directly follows an input
+        return "", ""
+    before = parts[i - 1][1]
+    return before.strip(), " " if before[-1].isspace() else ""
+
+
+def word_in_context(tokenizer, ctx: str, joiner: str, word: str) -> list[int]:
+    """Token ids of `word` as it follows `ctx` (+ `joiner`) in a prompt."""
+    if ctx:
+        a = tokenizer.encode(ctx, add_special_tokens=False)
+        b = tokenizer.encode(ctx + joiner + word, add_special_tokens=False)
+        if b[: len(a)] == a and len(b) > len(a):
+            return b[len(a):]
+    return tokenizer.encode(joiner + word, add_special_tokens=False)
+
+
+def mismatched_words(weights: VerbalizerWeights, labels: Sequence[str], tokenizer, template: Template) -> list[str]:
+    """Each stored (word, token id) that disagree: the words are what a reader of the bundle or of
+    `GET /v1/tasks/{task}` sees, the ids are what is scored. An id is its word when the word is
+    that one token read in the template's context (what `training.prompting.resolve_verbalizer`
+    stores), is that exact vocabulary token ("Ġgreat", "##ible", also what training stores), or
+    is that one token read alone, with or without a leading space (a hand-written bundle's id for
+    "great" where the template's context gives " great": the same word, spaced otherwise). The
+    unknown token is the word only where the word is written as it."""
+    ctx, joiner = answer_context(template)
+    vocab = tokenizer.get_vocab()
+    unk = tokenizer.unk_token_id
+    out: list[str] = []
+    for label, words, ids in zip(labels, weights.words, weights.token_ids):
+        for word, tid in zip(words, ids):
+            in_context = word_in_context(tokenizer, ctx, joiner, word)
+            readings = (in_context, tokenizer.encode(word, add_special_tokens=False),
+                        tokenizer.encode(" " + word, add_special_tokens=False))
+            if vocab.get(word) == tid or (tid != unk and [tid] in readings):
+                continue
+            where = f" after {ctx!r}" if ctx else ""
+            if in_context == [tid]:  # the unknown token: the word is not in the vocabulary
+                out.append(f"label {label!r}: word {word!r} is not in the vocabulary: its token id {tid} is the "
+                           f"unknown token {tokenizer.convert_ids_to_tokens(tid)!r}")
+                continue
+            pieces = tokenizer.convert_ids_to_tokens(in_context)
+            reads = (f"token {in_context[0]} ({pieces[0]!r})" if len(in_context) == 1 else
+                     f"{len(in_context)} tokens {in_context} {pieces}")
+            out.append(f"label {label!r}: word {word!r} reads as {reads}{where}, but its token id is {tid} "
+                       f"({tokenizer.convert_ids_to_tokens(tid)!r})")
+    return out
 
 
 class VerbalizerBatch(MethodBatch):
@@ -79,6 +134,8 @@ class Verbalizer(Method):
         if not ok:
             problems.add("'label_words' and 'token_ids' must be parallel lists (one list of words and ids per label, >= 2 labels)")
             problems.raise_if_any()
+        if blank := [w for ws in words for w in ws if not isinstance(w, str) or not w.strip()][:3]:
+            problems.add(f"label words {blank} are not words: each must be a non-empty string (the token its id scores)")
         bad = [t for i in ids for t in i if not isinstance(t, int) or not 0 <= t < backbone.vocab_size]
         if bad:
             problems.add(f"token ids {bad[:5]} are outside the backbone's vocabulary of {backbone.vocab_size}")

@@ -96,6 +96,35 @@ def test_template_that_cannot_fit_fails_to_load_and_is_refused_at_upload(tmp_pat
         assert client.post("/v1/tasks/roomy/classify", json={"inputs": ["bad"]}, headers=read).status_code == 200
 
 
+def test_an_upload_whose_label_words_are_not_its_token_ids_is_422(tmp_path):
+    """The verbalizer shows 'bad' for a label whose LM-head score is 'good''s: refused at upload,
+    naming the label, the word and both ids; the same words with their own ids are stored."""
+    from service.methods.verbalizer import VerbalizerWeights
+
+    engine = Engine(load_backbone(save_tiny_lm("causal", tmp_path / "lm"), device="cpu", dtype="float32"))
+    bad, good = engine.backbone.tokenizer.convert_tokens_to_ids(["bad", "good"])
+    cfg = {"labels": list(WORDS), "input_kind": "single", "max_length": 24, "template": "{text} it was {mask}",
+           "backbone": {"fingerprint": engine.backbone.fingerprint}}
+    admin = "admin-token-label-words-0123456789"
+    (tmp_path / "store").mkdir()
+    app = create_app(Settings(store=tmp_path / "store", admin_tokens=admin, max_wait_ms=1.0), engine=engine)
+
+    def upload(client, ids):
+        w = VerbalizerWeights(words=(("bad",), ("good",)), token_ids=ids)
+        bundle = tmp_path / "up" / "sent" / write_bundle(tmp_path / "up", "sent", cfg, {"verbalizer": w})
+        files = {name: (name, (bundle / name).read_bytes()) for name in (CONFIG, WEIGHTS)}
+        return client.post("/v1/tasks/sent/versions", files=files, headers={"Authorization": f"Bearer {admin}"})
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        wait_ready(client)
+        swapped = upload(client, ((good,), (bad,)))
+        assert swapped.status_code == 422, swapped.text
+        assert (f"label 'negative': word 'bad' reads as token {bad} ('bad') after 'it was', but its token id is {good} ('good'); "
+                f"label 'positive': word 'good' reads as token {good} ('good') after 'it was', but its token id is {bad} ('bad')"
+                in swapped.json()["error"]), swapped.text
+        assert upload(client, ((bad,), (good,))).status_code == 201
+
+
 def test_prefix_bundle_on_a_causal_lm_is_refused(tmp_path):
     engine = Engine(load_backbone(save_tiny_lm("causal", tmp_path / "lm"), device="cpu", dtype="float32"))
     info, g = engine.backbone.info, torch.Generator().manual_seed(0)

@@ -188,3 +188,50 @@ def test_a_plain_causal_task_given_an_empty_input_reads_bos_alone_and_in_a_batch
     for mate in ("the movie was very good and fun", "bad"):
         batch = engine.logits(engine.tokenize([ClassifyItem(task, mate), ClassifyItem(task, "")]))
         torch.testing.assert_close(batch[1], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "words, ids, message",
+    [
+        ((("bad", "terrible"), ("good",)), (("bad", "terrible"), ("good",)), None),  # the ids of the words
+        ((("BAD",), ("Good",)), (("bad",), ("good",)), None),  # an uncased tokenizer reads them as these
+        ((("bad",), ("good",)), (("good",), ("bad",)),  # swapped: shown as 'bad', scored as 'good'
+         "label 'negative': word 'bad' reads as token {bad} ('bad') after 'it was', but its token id is {good} ('good')"),
+        ((("bad", "terrible"), ("great",)), (("bad", "terrible"), ("good",)),
+         "label 'positive': word 'great' reads as token {great} ('great') after 'it was', but its token id is {good}"),
+        ((("bad",), ("splendid",)), (("bad",), ("[UNK]",)),
+         "label 'positive': word 'splendid' is not in the vocabulary: its token id {unk} is the unknown token '[UNK]'"),
+        ((("bad",), ("good fun",)), (("bad",), ("good",)), "word 'good fun' reads as 2 tokens [{good}, {fun}] ['good', 'fun']"),
+    ],
+)
+def test_label_words_must_be_the_tokens_their_ids_score(lm, tmp_path, words, ids, message):
+    # QA: an uploaded verbalizer whose words were not its ids loaded and served: the bundle and
+    # GET /v1/tasks showed one word, the LM head scored another.
+    from service.methods.verbalizer import VerbalizerWeights
+
+    kind, _, engine = lm
+    tok = engine.backbone.tokenizer
+    vocab = tok.get_vocab()
+    w = VerbalizerWeights(words=words, token_ids=tuple(tuple(vocab[t] for t in row) for row in ids))
+    template = "{text} it was {mask}" + (" ." if kind == "mlm" else "")
+    cfg = {"labels": ["negative", "positive"], "input_kind": "single", "max_length": 24, "template": template,
+           "backbone": {"fingerprint": engine.backbone.fingerprint}}
+    v = write_bundle(tmp_path, "words", cfg, {"verbalizer": w})
+    if message is None:
+        assert engine.load_task(tmp_path / "words" / v, TaskKey("words", v)).weights["verbalizer"].words == words
+        return
+    with pytest.raises(BundleError, match="the verbalizer's 'label_words' and 'token_ids' disagree") as err:
+        engine.load_task(tmp_path / "words" / v, TaskKey("words", v))
+    assert message.format_map({**vocab, "unk": tok.unk_token_id}) in str(err.value), str(err.value)
+
+
+def test_label_words_that_are_not_strings_are_refused(lm, tmp_path):
+    kind, _, engine = lm
+    good = engine.backbone.tokenizer.convert_tokens_to_ids("good")
+    cfg = {"labels": ["negative", "positive"], "max_length": 24, "template": "{text} it was {mask}" + (" ." if kind == "mlm" else ""),
+           "backbone": {"fingerprint": engine.backbone.fingerprint}, "format": "adaptserve/1",
+           "methods": {"verbalizer": {"label_words": [[7], [" "]], "token_ids": [[good - 1], [good]]}}}
+    from service.engine.bundle import parse
+
+    with pytest.raises(BundleError, match=r"label words \[7, ' '\] are not words: each must be a non-empty string"):
+        parse(cfg, {}, engine.backbone.info, "t", engine.backbone.tokenizer)

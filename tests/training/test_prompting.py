@@ -13,6 +13,7 @@ from service.engine.backbone import default_backbone_path, load_backbone
 from service.engine.engine import Engine
 from service.engine.template import Template
 from service.engine.types import ClassifyItem
+from service.methods.verbalizer import VerbalizerWeights, mismatched_words
 from training.cli import main
 from training.config import ConfigError
 from training.data import load_splits
@@ -140,6 +141,27 @@ def test_word_that_is_not_one_token_lists_alternatives():
     # ... and an exact vocabulary token is accepted as written
     vw = resolve_verbalizer(tok, glued, {"neg": ["Ġterrible"], "pos": ["Ġgreat"]})
     assert tok.convert_ids_to_tokens([vw.token_ids[1][0]]) == ["Ġgreat"]
+
+
+def test_the_served_word_check_accepts_what_training_resolves_on_byte_level_bpe():
+    """The load check (`mismatched_words`) reads each word as training does, in the template's
+    context: " great" is `Ġgreat` after "it was ", and no false refusal for an id training stored,
+    nor for a hand-written id of the word spaced otherwise; a different word's id is refused."""
+    tok = _bpe_tokenizer()
+    great, terrible = tok.convert_tokens_to_ids("Ġgreat"), tok.convert_tokens_to_ids("Ġterrible")
+    for source, words in [("{text} it was {mask}", {"neg": ["terrible"], "pos": ["great"]}),
+                          ("{text} it was:{mask}", {"neg": ["Ġterrible"], "pos": ["Ġgreat"]}),
+                          ("{text}\nit was {mask}", {"neg": ["terrible"], "pos": ["great", "fine"]})]:
+        t = Template.parse(source, pair=False, needs_mask=True, causal=True)
+        assert mismatched_words(resolve_verbalizer(tok, t, words), list(words), tok, t) == [], source
+    glued = Template.parse("{text} it was:{mask}", pair=False, needs_mask=True, causal=True)
+    written = VerbalizerWeights(words=(("terrible",), ("great",)), token_ids=((terrible,), (great,)))
+    assert mismatched_words(written, ["neg", "pos"], tok, glued) == []  # " great" read alone is Ġgreat
+    swapped = VerbalizerWeights(words=(("terrible",), ("great",)), token_ids=((great,), (terrible,)))
+    spaced = Template.parse("{text} it was {mask}", pair=False, needs_mask=True, causal=True)
+    assert mismatched_words(swapped, ["neg", "pos"], tok, spaced) == [
+        f"label 'neg': word 'terrible' reads as token {terrible} ('Ġterrible') after 'it was', but its token id is {great} ('Ġgreat')",
+        f"label 'pos': word 'great' reads as token {great} ('Ġgreat') after 'it was', but its token id is {terrible} ('Ġterrible')"]
 
 
 def test_wordpiece_split_is_reported_with_its_pieces():

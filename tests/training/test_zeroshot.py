@@ -140,6 +140,10 @@ def test_zeroshot_checks_everything_before_publishing(tiny_dir, tmp_path, capsys
         (["--backbone", str(tiny_dir), "--descriptions", "negative=a bad movie;positive=a good movie", "--scale", "inf"],
          "--scale must be a positive finite number, got inf"),
         ([*prompt, "--template", "{text} it was {mask}", "--scale", "10"], "--scale belongs to --descriptions"),
+        # QA: a causal LM's mean-pooled states made a cosine head that answered at chance, published without a word
+        (["--backbone", str(lm), "--descriptions", "negative=a bad movie;positive=a good movie"],
+         "--descriptions compares sentence embeddings, so it needs a sentence encoder (the bundled all-MiniLM-L6-v2 "
+         "when --backbone is left out); lm is a causal LM (llama), whose mean-pooled states are not sentence embeddings"),
     ]:
         args = ["--task", "z", *bad, "--store", str(store), "--device", "cpu", "--no-progress"]
         assert zeroshot_main(args if "--max-length" in bad else [*args, "--max-length", "24"]) == 1

@@ -19,7 +19,7 @@ from service.engine.types import ClassifyItem, Encoded, TaskKey
 from service.errors import BundleError
 from service.settings import Settings
 from tests.aio import async_test, wait_until
-from tests.factories import random_head, random_lora, save_tiny_backbone
+from tests.factories import random_head, random_lora, save_tiny_backbone, save_tiny_lm, verbalizer_task
 from tests.fakes import FakeEngine, write_task
 from tests.service.api.harness import make_app, wait_ready
 
@@ -79,6 +79,28 @@ def test_a_refusing_task_answers_inputs_within_its_max_length(client: TestClient
     response = client.post("/v1/tasks/strict/classify", json={"inputs": [exactly, "fun"]})
     assert response.status_code == 200, response.text
     assert client.get("/v1/tasks/strict").json()["overflow"] == "refuse"
+
+
+@pytest.mark.parametrize("kind, own", [("causal", 3), ("mlm", 6)])  # [CLS] it was (| [MASK] . [SEP])
+def test_a_refusing_prompt_task_says_its_count_includes_the_template(tmp_path: Path, kind: str, own: int) -> None:
+    # QA: a prompt task's count includes its template's tokens, and the 413 said only "N tokens;
+    # takes at most M": the user could not tell how long the input itself may be.
+    engine = Engine(load_backbone(save_tiny_lm(kind, tmp_path / "lm"), device="cpu", dtype="float32"))
+    cfg = {"labels": ["neg", "pos"], "max_length": 10, "overflow": "refuse", "backbone": {"fingerprint": engine.backbone.fingerprint},
+           "template": "{text} it was {mask}" + (" ." if kind == "mlm" else "")}
+    verbalizer = verbalizer_task(engine.backbone.tokenizer, {"neg": ["bad"], "pos": ["good"]})
+    write_bundle(tmp_path / "store", "prompt", cfg, {"verbalizer": verbalizer})
+    words = TEN_WORDS.split()
+    with TestClient(create_app(Settings(store=tmp_path / "store", max_wait_ms=1.0), engine=engine)) as client:
+        wait_ready(client)
+        response = client.post("/v1/tasks/prompt/classify", json={"inputs": [TEN_WORDS]})
+        assert response.status_code == 413, response.text
+        assert response.json()["error"] == (
+            f"inputs[0] is {10 + own} tokens with the task's prompt template, whose text and special tokens are {own} of "
+            f"them; task 'prompt' takes at most 10 (its overflow policy is 'refuse': shorten the input to at most {10 - own} tokens)")
+        # ... which is exact: that many words are answered, one more is refused
+        assert client.post("/v1/tasks/prompt/classify", json={"inputs": [" ".join(words[: 10 - own])]}).status_code == 200
+        assert client.post("/v1/tasks/prompt/classify", json={"inputs": [" ".join(words[: 11 - own])]}).status_code == 413
 
 
 def test_a_refused_request_never_reaches_a_batch(store: Path, engine: Engine) -> None:
