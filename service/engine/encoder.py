@@ -80,6 +80,8 @@ class Encoder:
         shifts = [x for x in (b.position_shift() for b in plan.batches) if x is not None]
         for shift in shifts:  # prefix tuning as PEFT runs it: text positions start after the prefix
             pos = pos + shift.unsqueeze(1)
+        if shifts:  # a shifted row's padding, out to a longer row's length, can lie past the position
+            pos = pos.masked_fill(~keep, 0)  # table (its real positions fit: bundle.py checks); it is never read
         x = words + e.position(pos + e.position_offset)
         if e.token_type is not None:
             x = x + e.token_type(token_type_ids)

@@ -10,7 +10,7 @@ import torch
 from service.engine.engine import Engine
 from service.engine.types import ClassifyItem, TaskKey
 from service.errors import TaskUnavailable
-from tests.factories import FAMILIES, WORDS, publish, random_head, random_method, tiny_backbone
+from tests.factories import FAMILIES, WORDS, publish, random_head, random_method, random_prefix, tiny_backbone
 
 METHODS = ("lora", "adapter", "prefix", "prompt")
 ATOL = 1e-5  # fp32
@@ -166,3 +166,23 @@ def test_host_logits_keep_each_rows_values_shape_and_layer():
         assert h.dtype == torch.float32 and h.device.type == "cpu" and h.shape == z.shape
         assert torch.equal(h, z.float())
     assert _to_host([]) == []
+
+
+def test_a_prefix_row_beside_a_row_at_the_position_limit(minilm_engine, tmp_path):
+    """A prefix shifts its row's positions by P, so that row's padding, out to the length of a
+    512-token row of another task, reached positions 512..531: past MiniLM's position table, an
+    IndexError for the whole batch (on a GPU, a device-side assert). Both rows answer as alone."""
+    info = minilm_engine.backbone.info
+    g = torch.Generator().manual_seed(4)
+    weights = {"prefix": {"prefix": random_prefix(info, g, p=20), "head": random_head(info, g, scale=0.15)},
+               "plain": {"head": random_head(info, g, scale=0.15)}}
+    tasks = []
+    for (name, w), max_length in zip(weights.items(), (info.max_positions - 20, info.max_positions)):
+        v = publish(tmp_path, name, w, ["a", "b"], max_length=max_length, fingerprint=info.fingerprint)
+        tasks.append(minilm_engine.load_task(tmp_path / name / v, TaskKey(name, v)))
+    items = [ClassifyItem(tasks[0], "a short text"), ClassifyItem(tasks[1], "word " * 600)]
+    batch = minilm_engine.tokenize(items)
+    assert batch.input_ids.shape[1] == info.max_positions
+    for it, z in zip(items, minilm_engine.logits(batch)):
+        alone = minilm_engine.logits(minilm_engine.tokenize([it]))[0]
+        torch.testing.assert_close(z, alone, atol=ATOL, rtol=0)
