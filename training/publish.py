@@ -58,6 +58,14 @@ def save_to_store(result: TrainResult, store: str | os.PathLike[str]) -> str:
     return write_bundle(Path(store), result.name, result.bundle_config(), result.weights)
 
 
+def stored_line(store: Path, task: str, version: str) -> str:
+    """What a `--store` publish reports. A service on that store serves the version at once, unless
+    its registry is Redis (`ADAPTSERVE_REDIS_URL`): there Redis, not `ACTIVE`, says what serves, and
+    a write into the store does not reach it, so the line names the call that does."""
+    return (f"published {task}@{version} to {store / task / version} (active in the store; a service on a Redis "
+            f"registry serves it once activated: POST /v1/tasks/{task}/versions/{version}/activate)")
+
+
 def require_loadable(name: str, config: Mapping, weights: Mapping[str, TaskWeights], backbone) -> None:
     """PublishError unless the bundle reads back the way the service reads it (`read_bundle`
     against the backbone it was made for). An upload gets this check from the server; a write
