@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,9 +126,10 @@ def upload(base_url: str, task: str, config_bytes: bytes, weights_bytes: bytes, 
         kept = _keep(task, config_bytes, weights_bytes)
         if kept is None:
             raise
-        url = f"{base_url.rstrip('/')}/v1/tasks/{task}/versions"
+        url = shlex.quote(f"{base_url.rstrip('/')}/v1/tasks/{task}/versions")  # a command to paste into a shell
+        files = " ".join(f"-F {shlex.quote(f'{name}=@{kept / name}')}" for name in (CONFIG, WEIGHTS))
         raise PublishError(f"{err}; the bundle is kept in {kept}: once that is fixed, send it with curl -H 'Authorization: Bearer "
-                           f"<admin token>' -F {CONFIG}=@{kept / CONFIG} -F {WEIGHTS}=@{kept / WEIGHTS} {url}") from None
+                           f"<admin token>' {files} {url}") from None
 
 
 def _keep(task: str, config_bytes: bytes, weights_bytes: bytes) -> Path | None:

@@ -402,3 +402,24 @@ def test_store_publishes_are_in_the_history_a_rollback_goes_by(tiny, csvs, tmp_p
         assert resp.status_code == 200, resp.text
         assert resp.json()["active"] == first == client.post("/v1/tasks/t/classify", json={"inputs": ["good"]},
                                                               headers=auth).json()["version"]
+
+
+def test_the_curl_command_for_a_kept_bundle_survives_a_space_in_its_path(tmp_path, monkeypatch):
+    """The command is meant to be pasted into a shell: a temporary folder under a path with a
+    space (TMPDIR) split it into words curl could not read."""
+    import shlex
+    import socket
+    import tempfile
+
+    (tmp_path / "my tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "my tmp"))
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(PublishError) as err:
+        upload(f"http://127.0.0.1:{port}", "sst2", CFG, WTS, token="t", timeout=5)
+    words = shlex.split(str(err.value).split("send it with ", 1)[1])
+    assert words[:3] == ["curl", "-H", "Authorization: Bearer <admin token>"]
+    parts = dict(w.split("=@", 1) for w in words[4:7:2])
+    assert Path(parts[CONFIG]).read_bytes() == CFG and Path(parts[WEIGHTS]).read_bytes() == WTS
+    assert words[7:] == [f"http://127.0.0.1:{port}/v1/tasks/sst2/versions"]
