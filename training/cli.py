@@ -227,7 +227,7 @@ def _train(args: argparse.Namespace) -> int:
                  json_out=args.json_out, token=args.token)
     splits = load_splits(args.data, args.dev, args.test, **_columns(args))
     _setup_logging()
-    from training.publish import publish_http, save_full_result, save_to_store
+    from training.publish import publish_http, save_full_result, save_to_store, stored_line
     from training.report import format_comparison, format_metrics, format_table
     from training.trainer import train
 
@@ -245,7 +245,7 @@ def _train(args: argparse.Namespace) -> int:
     published: dict[str, Any] = {}
     if args.store is not None:
         version = save_to_store(result, args.store)
-        where = f"published {args.task}@{version} to {args.store / args.task / version} (active)"
+        where = stored_line(args.store, args.task, version)
         published = {"store": str(args.store), "version": version}
     elif args.publish is not None:
         sent = publish_http(result, args.publish, args.token)

@@ -204,9 +204,11 @@ def _pet(args: argparse.Namespace) -> int:
 
 # -- shared --------------------------------------------------------------------------------------------
 def _publish(args: argparse.Namespace, to_store, to_url) -> dict[str, Any]:
+    from training.publish import stored_line
+
     if args.store is not None:
         version = to_store(args.store)
-        print(f"published {args.task}@{version} to {args.store / args.task / version} (active)")
+        print(stored_line(args.store, args.task, version))
         return {"store": str(args.store), "version": version}
     if args.publish is not None:
         sent = to_url()

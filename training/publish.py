@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,14 @@ def save_to_store(result: TrainResult, store: str | os.PathLike[str]) -> str:
     require_finite(result.name, result.weights)
     require_loadable(result.name, result.bundle_config(), result.weights, result.engine.backbone)
     return write_bundle(Path(store), result.name, result.bundle_config(), result.weights)
+
+
+def stored_line(store: Path, task: str, version: str) -> str:
+    """What a `--store` publish reports. A service on that store serves the version at once, unless
+    its registry is Redis (`ADAPTSERVE_REDIS_URL`): there Redis, not `ACTIVE`, says what serves, and
+    a write into the store does not reach it, so the line names the call that does."""
+    return (f"published {task}@{version} to {store / task / version} (active in the store; a service on a Redis "
+            f"registry serves it once activated: POST /v1/tasks/{task}/versions/{version}/activate)")
 
 
 def require_loadable(name: str, config: Mapping, weights: Mapping[str, TaskWeights], backbone) -> None:
@@ -117,9 +126,10 @@ def upload(base_url: str, task: str, config_bytes: bytes, weights_bytes: bytes, 
         kept = _keep(task, config_bytes, weights_bytes)
         if kept is None:
             raise
-        url = f"{base_url.rstrip('/')}/v1/tasks/{task}/versions"
+        url = shlex.quote(f"{base_url.rstrip('/')}/v1/tasks/{task}/versions")  # a command to paste into a shell
+        files = " ".join(f"-F {shlex.quote(f'{name}=@{kept / name}')}" for name in (CONFIG, WEIGHTS))
         raise PublishError(f"{err}; the bundle is kept in {kept}: once that is fixed, send it with curl -H 'Authorization: Bearer "
-                           f"<admin token>' -F {CONFIG}=@{kept / CONFIG} -F {WEIGHTS}=@{kept / WEIGHTS} {url}") from None
+                           f"<admin token>' {files} {url}") from None
 
 
 def _keep(task: str, config_bytes: bytes, weights_bytes: bytes) -> Path | None:

@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Mapping
@@ -331,14 +332,19 @@ def write_bundle(store: Path, name: str, spec_cfg: Mapping[str, Any], weights: M
     # The directories this call makes, deepest first: the task's, and the store's own (with any
     # parent it lacks) when the store did not exist. A write or activation that fails removes them.
     made_dirs = [d for d in (target.parent, *target.parent.parents) if not os.path.lexists(d)]
-    made = False
+    made = written = False
     try:
         if not bundle_intact(target, TaskKey(name, version)):  # new, or repairs a damaged copy
             made = not os.path.lexists(target)  # a repaired copy stays: it is that version, only whole again
             write_bundle_files(target, cfg_b, w_b)
+            written = True
         if activate:
+            from service.registry.local import recording_activation  # the service's history, for its rollback
+
+            meta = {"uploaded_at": round(time.time(), 3), "bytes": len(cfg_b) + len(w_b), "source": "store", "kind": "native"}
             try:
-                set_active(store, name, version)
+                with recording_activation(store, name, version, meta, created=written):
+                    set_active(store, name, version)
             except OSError as err:
                 # Not made active: a version left behind would make a task without ACTIVE one with two
                 # versions and no choice between them (it serves nothing), and the run reports a failure.

@@ -9,17 +9,19 @@ they see a new `ACTIVE` on their next request, since a local store reads it ever
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from dataclasses import replace
-from typing import Any, Awaitable, Callable
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Iterator
 
 from service.engine.types import TaskKey
-from service.errors import StoreUnavailable, TaskNotFound, TaskUnavailable, VersionNotFound
+from service.errors import AdaptserveError, StoreUnavailable, TaskNotFound, TaskUnavailable, VersionNotFound
 from service.registry.base import (
     Registry, TaskRecord, activated, require_version, rolled_back, with_upload, without_version,
 )
-from service.store import ACTIVE_FILE, HISTORY_FILE, BundleStore, TaskListing, validate_task_name
+from service.store import ACTIVE_FILE, HISTORY_FILE, BundleStore, LocalStore, TaskListing, validate_task_name
 
 log = logging.getLogger(__name__)
 
@@ -234,3 +236,31 @@ class LocalRegistry(Registry):
     def _write_history(self, record: TaskRecord) -> None:
         data = json.loads(record.to_json())
         self.store.write_pointer(record.name, HISTORY_FILE, json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def recording_activation(root: Path, task: str, version: str, meta: dict[str, Any], *, created: bool) -> Iterator[None]:
+    """Around a write of `ACTIVE` from outside the service (`write_bundle`: `adaptserve train
+    --store`, `pet`, `zeroshot`): once it succeeded, record the version's upload and activation in
+    HISTORY.json as an upload through the service records them, so the versions listing shows it and
+    a rollback goes back to the version it replaced. That one is read before the write: once ACTIVE
+    moved, a task without a history has forgotten it. `created`: the files were written now.
+
+    Best effort: ACTIVE is the authority, so a history that cannot be read or written (logged) only
+    leaves rollback knowing less, never fails the publish; and a service writing the history at the
+    same moment may lose one of the two entries (it serialises only its own writes)."""
+    registry = LocalRegistry(LocalStore(root))
+    try:
+        before: TaskRecord | None = registry._read(task, implicit=not created)
+    except (AdaptserveError, OSError) as err:
+        log.warning("task %s: cannot read its %s (%s); %s@%s is not recorded there", task, HISTORY_FILE, err, task, version)
+        before = None
+    yield
+    if before is None:
+        return
+    after = activated(with_upload(before, version, meta, registry.history_max, created=created), version, registry.history_max)
+    if after != before:  # the active version published again: nothing happened
+        try:
+            registry._write_history(after)
+        except OSError as err:
+            log.warning("task %s: %s@%s is active, but its %s cannot be written (%s)", task, task, version, HISTORY_FILE, err)

@@ -257,7 +257,7 @@ def test_publishing_the_same_task_again_repairs_a_corrupt_copy(tmp_path: Path, e
     assert publish(tmp_path, "t", weights, ["neg", "pos"], fingerprint=info.fingerprint) == version
     assert (bundle / WEIGHTS).read_bytes() == original
     verify_bundle(bundle, TaskKey("t", version), "here")
-    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == sorted(["ACTIVE", version])  # nothing left aside
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == sorted(["ACTIVE", "HISTORY.json", version])  # nothing left aside
 
 
 def test_only_content_hash_versions_are_checked(tmp_path: Path) -> None:

@@ -256,8 +256,12 @@ def test_train_cli_publishes_a_servable_task(csvs, tiny, tiny_dir, tmp_path, cap
                "--store", str(tmp_path / "store"), "--json", str(out), *FAST])
     assert rc == 0
     stdout = capsys.readouterr().out
-    assert "training summary" in stdout and "per class (test)" in stdout and "published cli-task@" in stdout
+    assert "training summary" in stdout and "per class (test)" in stdout
     summary = json.loads(out.read_text())
+    version = summary["published"]["version"]
+    assert (f"published cli-task@{version} to {tmp_path / 'store' / 'cli-task' / version} (active in the store; a "
+            f"service on a Redis registry serves it once activated: POST /v1/tasks/cli-task/versions/{version}/activate)"
+            ) in stdout  # a write into the store does not reach Redis
     assert summary["training"]["hyperparameters"]["adapter"]["kind"] == "houlsby"
     task = load_published(Engine(tiny), tmp_path / "store", "cli-task")
     assert task.key.version == summary["published"]["version"]

@@ -264,11 +264,12 @@ def test_a_failed_activation_leaves_nothing_half_written_in_the_store(case, tiny
 
     result = _one_step_head(tiny, csvs)
     store = tmp_path / "new" / "store" if case == "new store" else tmp_path / "store"
-    before = None
+    before = history = None
     if case == "empty store":
         store.mkdir()
     if case == "second version":
         before = save_to_store(result, store)
+        history = (store / "t" / "HISTORY.json").read_text()
         with torch.no_grad():  # other weights: another version
             result.weights["head"].tensors()["head.out.weight"].add_(0.01)
     real = os.replace
@@ -287,8 +288,9 @@ def test_a_failed_activation_leaves_nothing_half_written_in_the_store(case, tiny
     elif case == "empty store":
         assert os.listdir(store) == []
     else:
-        assert sorted(p.name for p in (store / "t").iterdir()) == sorted(["ACTIVE", before])
+        assert sorted(p.name for p in (store / "t").iterdir()) == sorted(["ACTIVE", "HISTORY.json", before])
         assert (store / "t" / "ACTIVE").read_text() == before + "\n"
+        assert (store / "t" / "HISTORY.json").read_text() == history  # no activation recorded
 
 
 def test_a_failed_bundle_write_into_a_new_store_leaves_no_store_behind(tiny, csvs, tmp_path, monkeypatch):
@@ -364,3 +366,60 @@ def test_upload_to_nothing_listening_keeps_the_bundle_and_says_how_to_send_it():
         assert f"-F {CONFIG}=@{kept / CONFIG} -F {WEIGHTS}=@{kept / WEIGHTS} http://127.0.0.1:{port}/v1/tasks/sst2/versions" in message
     finally:
         shutil.rmtree(kept)
+
+
+def test_store_publishes_are_in_the_history_a_rollback_goes_by(tiny, csvs, tmp_path):
+    """Two `--store` publishes, then the service's rollback goes back to the first. Only `ACTIVE`
+    was written, so the service's history never heard of the first version: the versions listing
+    had no history and no `rollback_to`, and a rollback answered 409 "no earlier version"."""
+    import torch
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.engine.engine import Engine
+    from service.settings import Settings
+    from tests.service.api.harness import wait_ready
+    from training.publish import save_to_store
+
+    result = _one_step_head(tiny, csvs)
+    store = tmp_path / "store"
+    first = save_to_store(result, store)
+    with torch.no_grad():  # other weights: another version
+        result.weights["head"].tensors()["head.out.weight"].add_(0.01)
+    second = save_to_store(result, store)
+    assert save_to_store(result, store) == second  # the same bundle again: nothing new to record
+    auth = {"Authorization": "Bearer adm1n"}
+    app = create_app(Settings(store=store, admin_tokens="adm1n", max_wait_ms=1.0), engine=Engine(tiny))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        wait_ready(client)
+        listing = client.get("/v1/tasks/t/versions", headers=auth).json()
+        assert listing["active"] == second and listing["rollback_to"] == first
+        assert [(h["action"], h["version"], h["from"]) for h in listing["history"]] == [
+            ("upload", first, None), ("activate", first, None), ("upload", second, first), ("activate", second, first)]
+        assert {v["version"]: v["source"] for v in listing["versions"]} == {first: "store", second: "store"}
+        assert all(v["problem"] is None for v in listing["versions"])  # the recorded sizes are the stored ones
+        resp = client.post("/v1/tasks/t/rollback", headers=auth)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["active"] == first == client.post("/v1/tasks/t/classify", json={"inputs": ["good"]},
+                                                              headers=auth).json()["version"]
+
+
+def test_the_curl_command_for_a_kept_bundle_survives_a_space_in_its_path(tmp_path, monkeypatch):
+    """The command is meant to be pasted into a shell: a temporary folder under a path with a
+    space (TMPDIR) split it into words curl could not read."""
+    import shlex
+    import socket
+    import tempfile
+
+    (tmp_path / "my tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "my tmp"))
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(PublishError) as err:
+        upload(f"http://127.0.0.1:{port}", "sst2", CFG, WTS, token="t", timeout=5)
+    words = shlex.split(str(err.value).split("send it with ", 1)[1])
+    assert words[:3] == ["curl", "-H", "Authorization: Bearer <admin token>"]
+    parts = dict(w.split("=@", 1) for w in words[4:7:2])
+    assert Path(parts[CONFIG]).read_bytes() == CFG and Path(parts[WEIGHTS]).read_bytes() == WTS
+    assert words[7:] == [f"http://127.0.0.1:{port}/v1/tasks/sst2/versions"]
