@@ -128,8 +128,9 @@ def upload(base_url: str, task: str, config_bytes: bytes, weights_bytes: bytes, 
             raise
         url = shlex.quote(f"{base_url.rstrip('/')}/v1/tasks/{task}/versions")  # a command to paste into a shell
         files = " ".join(f"-F {shlex.quote(f'{name}=@{kept / name}')}" for name in (CONFIG, WEIGHTS))
-        raise PublishError(f"{err}; the bundle is kept in {kept}: once that is fixed, send it with curl -H 'Authorization: Bearer "
-                           f"<admin token>' {files} {url}") from None
+        # --fail-with-body: a refused re-send exits non-zero (plain curl exits 0 on a 4xx), showing the reason
+        raise PublishError(f"{err}; the bundle is kept in {kept}: once that is fixed, send it with curl --fail-with-body "
+                           f"-H 'Authorization: Bearer <admin token>' {files} {url}") from None
 
 
 def _keep(task: str, config_bytes: bytes, weights_bytes: bytes) -> Path | None:

@@ -419,7 +419,7 @@ def test_the_curl_command_for_a_kept_bundle_survives_a_space_in_its_path(tmp_pat
     with pytest.raises(PublishError) as err:
         upload(f"http://127.0.0.1:{port}", "sst2", CFG, WTS, token="t", timeout=5)
     words = shlex.split(str(err.value).split("send it with ", 1)[1])
-    assert words[:3] == ["curl", "-H", "Authorization: Bearer <admin token>"]
-    parts = dict(w.split("=@", 1) for w in words[4:7:2])
+    assert words[:4] == ["curl", "--fail-with-body", "-H", "Authorization: Bearer <admin token>"]
+    parts = dict(w.split("=@", 1) for w in words[5:8:2])
     assert Path(parts[CONFIG]).read_bytes() == CFG and Path(parts[WEIGHTS]).read_bytes() == WTS
-    assert words[7:] == [f"http://127.0.0.1:{port}/v1/tasks/sst2/versions"]
+    assert words[8:] == [f"http://127.0.0.1:{port}/v1/tasks/sst2/versions"]
