@@ -120,10 +120,11 @@ class TaskCache(Generic[T]):
             self._entries.move_to_end(key)
             self.stats.hits += 1
             return entry[0]
-        self.stats.misses += 1
         pending = self._pending.get(key)
         if pending is None:
-            self._raise_if_failed(key)
+            self._raise_if_failed(key)  # a failures_repeated, not a miss: nothing loads
+        self.stats.misses += 1
+        if pending is None:
             demoting = self._demoting.pop(key, None)
             if demoting is not None:  # its copy to host is still running: take the device copy back
                 self._insert(key, demoting[0])

@@ -57,6 +57,9 @@ class _Request:
     # cancelled), and by the forward thread as it fails the request's batch or finds it late. The
     # forward thread reads it to skip the request's queued rows (a plain attribute: no lock needed).
     over: bool = False
+    # Its rows still in the queue that count in `queue_depth` (guarded by the scheduler's lock):
+    # 0 once `submit` lets the request go, though its rows stay queued until the thread skips them.
+    waiting: int = 0
 
 
 @dataclass(eq=False)
@@ -86,6 +89,7 @@ class Scheduler:
         self.max_queue = max_queue
         self._on_batch = on_batch
         self._queue: deque[_Row] = deque()  # guarded by _ready's lock
+        self._waiting = 0  # rows in _queue of requests not over yet: queue_depth (guarded by the lock too)
         self._ready = threading.Condition()  # notified when rows arrive and on stop()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -93,8 +97,9 @@ class Scheduler:
 
     @property
     def queue_depth(self) -> int:
-        """Rows waiting for a forward (not counting the batch in flight)."""
-        return len(self._queue)
+        """Rows waiting for a forward (not counting the batch in flight, nor the rows of requests
+        already over, which the forward thread skips when it reaches them)."""
+        return self._waiting
 
     @property
     def running(self) -> bool:
@@ -122,13 +127,17 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         timeout = max(0.0, deadline - loop.time())
         now = time.monotonic()  # the forward thread's clock (a loop's clock may be its own)
-        request = _Request(loop.create_future(), now + timeout, [None] * len(items), len(items), now, timing)
+        request = _Request(loop.create_future(), now + timeout, [None] * len(items), len(items), now, timing,
+                           waiting=len(items))
         with self._ready:
             if len(self._queue) + len(items) > self.max_queue:
+                self._drop_rows_let_go()
+            if len(self._queue) + len(items) > self.max_queue:
                 raise Overloaded(
-                    f"server is overloaded ({len(self._queue)} rows queued, limit {self.max_queue}); retry later"
+                    f"server is overloaded ({self._waiting} rows queued, limit {self.max_queue}); retry later"
                 )
             self._queue.extend(_Row(request, i, item) for i, item in enumerate(items))
+            self._waiting += len(items)
             self._ready.notify()
         try:
             # asyncio.wait neither cancels the future on timeout nor delays our own cancellation,
@@ -140,8 +149,20 @@ class Scheduler:
         finally:
             # Client gone: its rows still queued are skipped when the forward thread reaches them.
             request.over = True
+            with self._ready:
+                self._waiting -= request.waiting
+                request.waiting = 0
             if not request.future.done():
                 request.future.cancel()
+
+    def _drop_rows_let_go(self) -> None:
+        """Under the lock: take out the queued rows of requests already let go (timed out, client
+        gone), which the forward thread would skip. While a long forward holds the thread, they
+        would otherwise fill the bounded queue and refuse live requests with 429s."""
+        if self._waiting < len(self._queue):
+            live = [row for row in self._queue if row.request.waiting]
+            self._queue.clear()
+            self._queue.extend(live)
 
     async def stop(self) -> None:
         """Stop taking requests, finish every queued and in-flight row, then return."""
@@ -186,6 +207,9 @@ class Scheduler:
         while self._queue and len(batch) < self.max_batch_size:
             row = self._queue.popleft()
             request = row.request
+            if request.waiting:  # not let go by `submit` yet: it counted in queue_depth until now
+                request.waiting -= 1
+                self._waiting -= 1
             if request.over:  # answered, cancelled, timed out or failed in an earlier batch
                 continue
             if now >= request.deadline:

@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api.errors import error_response
 from service.auth import Scope as Grant
 from service.auth import Tokens, authorization, check
-from service.errors import AdaptserveError, BodyTimeout, PayloadTooLarge
+from service.errors import AdaptserveError, BodyTimeout, ClientDisconnected, PayloadTooLarge
 from service.metrics import UNKNOWN_TASK
 from service.state import ServiceState
 
@@ -190,7 +190,8 @@ def _stalled(timeout_s: float | None, size: int) -> BodyTimeout:
 
 class RequestMetricsMiddleware:
     """Counts classify requests by task name and status and times them, whatever answered them
-    (route, validation, body limit, error handler)."""
+    (route, validation, body limit, error handler). A request nobody answered because its client
+    left (mid-body, say) is a 499, as the route's own answer to a client gone is, not a 500."""
 
     def __init__(self, app: ASGIApp, state: ServiceState) -> None:
         self.app = app
@@ -202,7 +203,14 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500  # unless a response starts, the request failed
+        status: int | None = None  # the response's, once it starts
+        left = False  # the client disconnected
+
+        async def receive_and_watch() -> Message:
+            nonlocal left
+            message = await receive()
+            left = left or message["type"] == "http.disconnect"
+            return message
 
         async def send_and_watch(message: Message) -> None:
             nonlocal status
@@ -211,8 +219,10 @@ class RequestMetricsMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_and_watch)
+            await self.app(scope, receive_and_watch, send_and_watch)
         finally:
+            if status is None:  # nothing answered: the client left first (e.g. mid-body), else a failure
+                status = ClientDisconnected.status_code if left else 500
             name = match["task"]
             # Only names that exist in the store become labels: clients cannot add series.
             label = name if self.state.registry.known(name) else UNKNOWN_TASK

@@ -159,6 +159,7 @@ def test_a_repaired_bundle_serves_again_without_a_restart(store: Path, engine: E
             assert refused.headers["Retry-After"] == "1"
         assert _metric(client, "adaptserve_cache_load_failures_total") == 1  # one read and hash, not five
         assert _metric(client, "adaptserve_cache_failures_repeated_total") == 4
+        assert _metric(client, "adaptserve_cache_misses_total") == 1  # the other four loaded nothing: not misses
         weights.write_bytes(original)
         assert client.post("/v1/tasks/victim/classify", json={"inputs": ["fun"]}).status_code == 503  # remembered
         time.sleep(0.5)

@@ -167,6 +167,7 @@ async def test_cancelled_requests_are_dropped_before_their_forward() -> None:
     await wait_until(lambda: scheduler.queue_depth == 2)
     gone.cancel()
     await asyncio.gather(gone, return_exceptions=True)  # let the cancellation land
+    assert scheduler.queue_depth == 0  # its rows wait for nothing now, though the thread has not skipped them yet
     echo.gate.set()
     await first
     assert labels(await scheduler.submit(rows("after"), FAR)) == ["after"]
@@ -231,6 +232,29 @@ async def test_a_full_queue_refuses_whole_requests_with_retry_after() -> None:
     echo.gate.set()
     assert labels(await first) == ["first"] and labels(await queued) == ["a", "b", "c"]
     assert "d" not in echo.seen()
+    await scheduler.stop()
+
+
+@async_test
+async def test_rows_of_requests_already_over_neither_count_as_queued_nor_fill_the_queue() -> None:
+    """A request that timed out during a long forward left its rows queued until the forward
+    thread skipped them: adaptserve_queue_depth counted them, and the next requests got 429s
+    from a queue where nothing waited."""
+    echo = Echo()
+    scheduler = await started(echo, max_batch_size=1, max_queue=3)
+    first = await blocked_in_forward(scheduler, echo)
+    loop = asyncio.get_running_loop()
+    with pytest.raises(DeadlineExceeded):
+        await scheduler.submit(rows("late-a", "late-b", "late-c"), loop.time() + 0.02)
+    assert scheduler.queue_depth == 0
+    queued = asyncio.ensure_future(scheduler.submit(rows("a", "b", "c"), FAR))  # room for these: not a 429
+    await wait_until(lambda: scheduler.queue_depth == 3)
+    with pytest.raises(Overloaded, match=r"\(3 rows queued, limit 3\)"):
+        await scheduler.submit(rows("d"), FAR)
+    echo.gate.set()
+    assert labels(await first) == ["first"] and labels(await queued) == ["a", "b", "c"]
+    assert not {"late-a", "late-b", "late-c", "d"} & echo.seen()
+    assert scheduler.queue_depth == 0
     await scheduler.stop()
 
 

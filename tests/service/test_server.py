@@ -154,6 +154,22 @@ def test_a_closed_connection_drops_the_request_before_its_forward(served: Served
     assert "gone" not in engine.seen_texts()
 
 
+def test_a_client_gone_mid_body_is_counted_as_a_499_not_a_500(served: Served) -> None:
+    """The body limit reads a classify body before the route and answers nobody when its client
+    leaves half-way: the metrics counted that as a 500 (the server's fault) for alerts to fire on."""
+    host, port = served.url.removeprefix("http://").split(":")
+    for task in ("sentiment", "no-such-task"):
+        with socket.create_connection((host, int(port))) as raw:
+            raw.sendall(f"POST /v1/tasks/{task}/classify HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                        "Content-Length: 100\r\n\r\n".encode() + b'{"inputs": [')
+    with httpx.Client(base_url=served.url) as client:
+        eventually(lambda: client.get("/metrics").text.count('adaptserve_requests_total{status="499"') == 2)
+        text = client.get("/metrics").text
+    assert 'adaptserve_requests_total{status="499",task="sentiment"} 1.0' in text
+    assert 'adaptserve_requests_total{status="499",task="_unknown"} 1.0' in text
+    assert 'status="500"' not in text
+
+
 def test_a_client_gone_mid_upload_is_a_499_logged_at_info_without_a_traceback(served: Served, caplog) -> None:
     """As `timeout 2 curl --limit-rate 20k -F ...` does: the body stops half-way and the socket closes."""
     caplog.set_level(logging.INFO)
