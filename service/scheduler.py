@@ -149,9 +149,10 @@ class Scheduler:
         finally:
             # Client gone: its rows still queued are skipped when the forward thread reaches them.
             request.over = True
-            with self._ready:
-                self._waiting -= request.waiting
-                request.waiting = 0
+            if request.waiting:  # rows still queued (an answered request's were all taken: no lock needed)
+                with self._ready:
+                    self._waiting -= request.waiting
+                    request.waiting = 0
             if not request.future.done():
                 request.future.cancel()
 
