@@ -354,9 +354,17 @@ def _uncalibrated(cal: dict[str, Any]) -> str | None:
     if not missed:
         return None
     defaults = ", ".join(f"{name} {DEFAULT_THRESHOLDS[name]:g}" for name in missed)
-    return (f"early exit: no {' / '.join(missed)} threshold kept within {cal['max_drop_points']:g} points on dev; a "
-            f"request naming {'that policy' if len(missed) == 1 else 'one of them'} without a threshold falls back "
-            f"to the uncalibrated default ({defaults}), which may lose more; give requests a threshold")
+    out = (f"early exit: no {' / '.join(missed)} threshold kept within {cal['max_drop_points']:g} points on dev; a "
+           f"request naming {'that policy' if len(missed) == 1 else 'one of them'} without a threshold falls back "
+           f"to the uncalibrated default ({defaults}), which may lose more; give requests a threshold")
+    if "confidence" in missed:  # `calibrate` stores policy off: the task's rows never leave early by themselves
+        out += ("; the task's stored policy is off: it answers every row at full depth unless a request asks for "
+                "early exit")
+    one_row = 100 / cal["rows"]  # the accuracy points one answer lost on dev costs
+    if one_row > cal["max_drop_points"]:
+        out += (f"; dev has {cal['rows']} rows, so one answer lost is {one_row:.3g} points, more than the "
+                f"{cal['max_drop_points']:g} allowed: a larger --dev or a higher --exit-max-drop lets more rows exit")
+    return out
 
 
 def _task(name: str, weights: dict[str, TaskWeights], labels: Sequence[str], input_kind: str, config: TrainConfig,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -199,6 +200,13 @@ def _calibration_problems(calibration: Any) -> list[str]:
     return problems
 
 
+def _most_common_rows(tensors: Mapping[str, Tensor], layers: Sequence[int], part: str) -> int | None:
+    """The row count most layers' 2-D `exits.<layer>.<part>.weight` have (the lowest layer's among
+    equals), or None where no layer has one."""
+    rows = [t.shape[0] for layer in layers if (t := tensors.get(f"exits.{layer}.{part}.weight")) is not None and t.dim() == 2]
+    return Counter(rows).most_common(1)[0][0] if rows else None
+
+
 # Policy codes for the per-row tables: the decision is one vectorised comparison per policy.
 _CODES = {"confidence": 1, "entropy": 2, "patience": 3}
 
@@ -314,13 +322,15 @@ class Exits(Method):
         if bad:
             problems.add(f"exit classifiers for layers {bad}, but only layers 0..{backbone.num_layers - 2} can exit early "
                          f"(the last layer is answered by the head)")
-        w = tensors.get(f"exits.{layers_found[0]}.out.weight") if layers_found else None
-        if w is None or w.dim() != 2:
+        # Every layer's classifier has the same labels and every confidence MLP the same width: the
+        # shapes most layers agree on are the expected ones, so one malformed tensor is named as
+        # such, not taken as the rule for the layers after it.
+        n = _most_common_rows(tensors, layers_found, "out")
+        if n is None:
             problems.add("no exit classifier tensors (exits.<layer>.out.weight)")
             problems.raise_if_any()
-        n, h = w.shape[0], backbone.hidden_size
-        c1 = tensors.get(f"exits.{layers_found[0]}.conf1.weight")
-        k = c1.shape[0] if c1 is not None and c1.dim() == 2 else CONF_HIDDEN
+        k = _most_common_rows(tensors, layers_found, "conf1")
+        k, h = CONF_HIDDEN if k is None else k, backbone.hidden_size
         layers = {}
         for layer in layers_found:
             if layer in bad:

@@ -140,6 +140,41 @@ def test_bad_exit_bundle_is_refused(setup, tmp_path):
         engine.load_task(tmp_path / "bad2" / v, TaskKey("bad2", v))
 
 
+# One malformed tensor of the first exit layer -> the one problem named: the shapes most layers
+# agree on are the expected ones (the first layer's used to be, blaming every layer after it).
+H = 32  # the tiny backbone's hidden size
+ONE_BAD_TENSOR = [
+    ("exits.0.conf1.weight", lambda t: t[:4], f"tensor 'exits.0.conf1.weight' has shape [4, {H + 2}], expected [8, {H + 2}]"),
+    ("exits.0.conf1.weight", None, "missing tensor 'exits.0.conf1.weight'"),
+    ("exits.0.out.weight", lambda t: t[:1], f"tensor 'exits.0.out.weight' has shape [1, {H}], expected [2, {H}]"),
+    ("exits.0.out.weight", lambda t: t.flatten(), f"tensor 'exits.0.out.weight' has shape [{2 * H}], expected [2, {H}]"),
+    ("exits.0.out.weight", None, "missing tensor 'exits.0.out.weight'"),
+]
+
+
+@pytest.mark.parametrize("name,edit,message", ONE_BAD_TENSOR, ids=[m for _, _, m in ONE_BAD_TENSOR])
+def test_one_malformed_exit_tensor_is_the_one_named(setup, tmp_path, name, edit, message):
+    from safetensors.torch import load_file, save_file
+
+    from service.engine.bundle import WEIGHTS
+
+    engine, _ = setup
+    info = engine.backbone.info
+    assert info.hidden_size == H
+    g = torch.Generator().manual_seed(0)
+    v = publish(tmp_path, "t", {"head": random_head(info, g), "exits": random_exits(info, g, 2)}, ["a", "b"])
+    path = tmp_path / "t" / v / WEIGHTS
+    tensors = load_file(path)
+    if edit is None:
+        del tensors[name]
+    else:
+        tensors[name] = edit(tensors[name]).contiguous()
+    save_file(tensors, path)
+    with pytest.raises(BundleError) as e:
+        engine.load_task(tmp_path / "t" / v, TaskKey("t", v))
+    assert e.value.problems == [f"task 't': exits: {message}"]
+
+
 # (policy, threshold) stored in a bundle's exits section -> fragment of the refusal: the rules the
 # request's `early_exit` follows (service/api/schemas.py), so no stored default is one a request
 # could not ask for (confidence 5 never exits; a NaN threshold reads back as null)

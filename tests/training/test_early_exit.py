@@ -160,6 +160,31 @@ def test_training_warns_of_a_policy_left_at_its_uncalibrated_default(tiny, csvs,
     assert result.weights["exits"].threshold_for("patience") == DEFAULT_THRESHOLDS["patience"] == 2.0
 
 
+def test_training_says_the_task_will_not_exit_when_confidence_is_not_calibrated(tiny, csvs, monkeypatch, caplog):
+    """No confidence threshold within the target stores policy off: the task trained with
+    --early-exit then never exits unless asked, which the warning says, and on a dev set so small
+    that one lost answer is over the target (few-shot: 16 rows, 6.25 points) it says what helps."""
+    import training.exits as exits_mod
+
+    real = exits_mod.calibrate
+
+    def no_confidence(*args, **kwargs):
+        _, record = real(*args, **kwargs)
+        record["policies"]["confidence"] = {"threshold": None, "met": False}
+        return ExitPolicy("off"), record
+
+    monkeypatch.setattr(exits_mod, "calibrate", no_confidence)
+    splits = load_splits(csvs["train"], csvs["dev"])
+    with caplog.at_level("WARNING", logger="training"):
+        result = train(splits, tiny_config("lora", early_exit=True), name="ee-off", backbone=tiny, progress=False)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "early exit" in r.getMessage()]
+    assert result.weights["exits"].policy == ExitPolicy("off") and len(warned) == 1, warned
+    assert ("the task's stored policy is off: it answers every row at full depth unless a request asks for early "
+            "exit") in warned[0]
+    assert ("dev has 16 rows, so one answer lost is 6.25 points, more than the 1 allowed: a larger --dev or a "
+            "higher --exit-max-drop lets more rows exit") in warned[0]
+
+
 def _in_widest_gap(values: torch.Tensor) -> float:
     """A threshold in the widest gap between the middle half of `values`, so that no row's
     decision hangs on float rounding (served batches and the replay sum in different orders)."""
