@@ -228,9 +228,10 @@ class TaskCache(Generic[T]):
             return task
         except TaskUnavailable as err:
             self.stats.load_failures += 1
-            if self.failure_ttl_s <= 0 or not self._wanted(key):
+            too_large = isinstance(err, TaskTooLarge)  # remembered whatever failure_ttl_s: no retry helps
+            if not self._wanted(key) or (self.failure_ttl_s <= 0 and not too_large):
                 raise
-            self._remember_failure(key, err.message, retry=not isinstance(err, TaskTooLarge))
+            self._remember_failure(key, err.message, retry=not too_large)
             raise self._failure(key) from err
         except BaseException:
             self.stats.load_failures += 1

@@ -61,14 +61,15 @@ async def test_evicted_task_stays_usable_by_its_holders() -> None:
     assert await cache.get(A) is not held  # a new request reloads it
 
 
+@pytest.mark.parametrize("failure_ttl_s", [0.01, 0.0])  # 0: failed loads are retried per request, this is not
 @async_test
-async def test_task_larger_than_the_whole_budget_is_unavailable_and_not_cached() -> None:
+async def test_task_larger_than_the_whole_budget_is_unavailable_and_not_cached(failure_ttl_s: float) -> None:
     """No retry can help (the budget and the version's size are fixed while the server runs): the
     503 has no Retry-After, names the budget's setting as given, and the store is not read again
-    per request, nor once the failed-load retry time has passed; an activation's forget_failure
-    (or a drop) does read it again."""
+    per request, nor once the failed-load retry time has passed (or with no retry time at all); an
+    activation's forget_failure (or a drop) does read it again."""
     loader = Loader(nbytes=101)
-    cache = TaskCache(loader, max_bytes=100, failure_ttl_s=0.01, max_bytes_setting="--cache-max-bytes")
+    cache = TaskCache(loader, max_bytes=100, failure_ttl_s=failure_ttl_s, max_bytes_setting="--cache-max-bytes")
     for _ in range(3):
         with pytest.raises(TaskTooLarge, match=r"more than the whole task cache \(100 bytes\): it cannot be served "
                                               r"until --cache-max-bytes is raised") as refused:
