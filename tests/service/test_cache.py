@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from dataclasses import dataclass
 
 import pytest
 
+from service import cache as cache_module
 from service.cache import TaskCache
 from service.engine.types import TaskKey
 from service.errors import BundleError, StoreUnavailable, TaskTooLarge, TaskUnavailable
@@ -223,3 +225,38 @@ async def test_a_load_let_go_by_a_delete_leaves_the_load_after_it_alone() -> Non
     gates[1].set()
     assert (await new) is (await joined) is cache.peek(A)
     assert calls == [A, A]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("workload, budget, warned", [
+    ([A, B, C] * 40, 2, True),  # three tasks through room for two: every lookup loads
+    ([A, B] * 60, 2, False),  # the same lookups, all resident after the first two
+    ([TaskKey(f"t{i}", "v1") for i in range(120)], 120, False),  # a cold start: loads, no evictions
+], ids=["thrashing", "resident", "cold start"])
+@async_test
+async def test_a_thrashing_device_tier_is_named_in_the_log_once_a_window(workload: list[TaskKey], budget: int, warned: bool,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """Evictions are DEBUG lines: without this warning a replica that reads the store for nearly
+    every request logs nothing. It names the budget's setting, and comes at most once a window."""
+    clock = Clock()
+    cache = TaskCache(Loader(nbytes=40), max_bytes=40 * budget, clock=clock, max_bytes_setting="--cache-max-bytes")
+    with caplog.at_level(logging.WARNING, logger="service.cache"):
+        for key in workload:
+            await cache.get(key)
+        clock.now += cache_module.THRASH_WINDOW_S
+        for key in workload[:3]:  # the next misses close the window: one warning at most, then a new window
+            cache.drop(key)
+            await cache.get(key)
+    thrashing = [r.getMessage() for r in caplog.records if "thrashing" in r.getMessage()]
+    assert len(thrashing) == int(warned)
+    if warned:
+        assert thrashing[0].startswith("the task cache is thrashing: 120 of 120 task lookups in the last 60 s missed "
+                                       "the device tier (120 store loads started) and 118 tasks were evicted")
+        assert thrashing[0].endswith("need more than --cache-max-bytes (80 bytes): raise it if memory allows")
