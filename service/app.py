@@ -121,8 +121,8 @@ async def _start(state: ServiceState, engine: EngineLike | None) -> None:
         def to_device(task):
             return task.to(ready_engine.backbone.device) if hasattr(task, "to") else task
 
-        # The methods' slot pools (padded device copies of recently batched tasks) are capped at
-        # the device tier's budget too, so device memory for tasks stays within twice the budget.
+        # The methods' slot pools (padded device copies of recently batched tasks) are each capped
+        # at the device tier's budget too (a widening to a larger rank aside: docs/architecture.md).
         slots.configure(settings.cache_max_bytes)
         # On the CPU the device is host memory: the tiers then move tasks without copies or threads.
         device = getattr(getattr(ready_engine, "backbone", None), "device", None)

@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 
 Location = Literal["device", "host", "store"]
 
+# A device tier too small for the tasks in use says so in the log, at most once a window: a window
+# in which most lookups missed and tasks were evicted. Evictions are DEBUG lines and the counters
+# need a dashboard, so without this a replica reading the store for nearly every request logs nothing.
+THRASH_WINDOW_S = 60.0
+THRASH_MIN_MISSES = 100  # fewer in a window: a cold start or a long tail of rare tasks, not thrashing
+
 
 class Sized(Protocol):
     nbytes: int  # resident bytes of the task's weights
@@ -85,6 +91,7 @@ class TaskCache(Generic[T]):
         to_device: Callable[[T], T] | None = None,
         failure_ttl_s: float = 0.0,
         max_bytes_setting: str = "ADAPTSERVE_CACHE_MAX_BYTES",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`load(key)`, `to_host(task)` and `to_device(task)` are blocking and run in threads.
         Without `to_host` and `to_device` the device tier is in host memory already: tasks move
@@ -93,7 +100,8 @@ class TaskCache(Generic[T]):
         at once instead of re-reading and re-hashing the files for every request. A task larger
         than `max_bytes` is remembered until it is forgotten (`forget_failure`, `drop`): its size
         and the budget never change while the server runs. `max_bytes_setting`: the setting that
-        gave `max_bytes`, as messages name it (its flag or its variable)."""
+        gave `max_bytes`, as messages name it (its flag or its variable). `clock`: seconds, for the
+        failure memory and the thrashing warning (tests pass their own)."""
         if max_bytes < 1 or host_max_bytes < 0 or failure_ttl_s < 0:
             raise ValueError("max_bytes must be positive, host_max_bytes and failure_ttl_s >= 0")
         self._load = load
@@ -110,9 +118,11 @@ class TaskCache(Generic[T]):
         self._pending: dict[TaskKey, asyncio.Future[T]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self.failure_ttl_s = failure_ttl_s
-        # key -> (message, time.monotonic() it is retried, or None: never, the task is too large)
+        # key -> (message, clock() time it is retried, or None: never, the task is too large)
         self._failed: dict[TaskKey, tuple[str, float | None]] = {}
         self.stats = CacheStats()
+        self._clock = clock
+        self._window = (clock(), 0, 0, 0, 0)  # start, hits, misses, loads, evictions then
 
     async def get(self, key: TaskKey) -> T:
         entry = self._entries.get(key)
@@ -123,6 +133,7 @@ class TaskCache(Generic[T]):
         pending = self._pending.get(key)
         if pending is None:
             self._raise_if_failed(key)  # a failures_repeated, not a miss: nothing loads
+        self._warn_if_thrashing()  # before counting this miss: it opens the next window
         self.stats.misses += 1
         if pending is None:
             demoting = self._demoting.pop(key, None)
@@ -229,9 +240,10 @@ class TaskCache(Generic[T]):
             return task
         except TaskUnavailable as err:
             self.stats.load_failures += 1
-            if self.failure_ttl_s <= 0 or not self._wanted(key):
+            too_large = isinstance(err, TaskTooLarge)  # remembered whatever failure_ttl_s: no retry helps
+            if not self._wanted(key) or (self.failure_ttl_s <= 0 and not too_large):
                 raise
-            self._remember_failure(key, err.message, retry=not isinstance(err, TaskTooLarge))
+            self._remember_failure(key, err.message, retry=not too_large)
             raise self._failure(key) from err
         except BaseException:
             self.stats.load_failures += 1
@@ -245,8 +257,23 @@ class TaskCache(Generic[T]):
         (the version was deleted) lets it go, and a get() after that starts a load of its own."""
         return self._pending.get(key) is asyncio.current_task()
 
+    def _warn_if_thrashing(self) -> None:
+        now = self._clock()
+        start, hits, misses, loads, evictions = self._window
+        if now - start < THRASH_WINDOW_S:
+            return
+        stats = self.stats
+        self._window = (now, stats.hits, stats.misses, stats.loads, stats.evictions)
+        hits, misses, loads, evictions = (stats.hits - hits, stats.misses - misses, stats.loads - loads,
+                                          stats.evictions - evictions)
+        if misses >= THRASH_MIN_MISSES and misses > hits and evictions > 0:
+            log.warning("the task cache is thrashing: %d of %d task lookups in the last %.0f s missed the device "
+                        "tier (%d store loads started) and %d tasks were evicted from it; the tasks in use need "
+                        "more than %s (%d bytes): raise it if memory allows", misses, hits + misses, now - start,
+                        loads, evictions, self.max_bytes_setting, self.max_bytes)
+
     def _remember_failure(self, key: TaskKey, message: str, retry: bool = True) -> None:
-        now = time.monotonic()
+        now = self._clock()
         if len(self._failed) >= 1024:  # bounded by the stored versions anyway; expired ones go first
             self._failed = {k: v for k, v in self._failed.items() if v[1] is None or v[1] > now}
         self._failed[key] = (message, now + self.failure_ttl_s if retry else None)
@@ -255,7 +282,7 @@ class TaskCache(Generic[T]):
         failed = self._failed.get(key)
         if failed is None:
             return
-        if failed[1] is not None and time.monotonic() >= failed[1]:
+        if failed[1] is not None and self._clock() >= failed[1]:
             del self._failed[key]
             return
         self.stats.failures_repeated += 1
@@ -267,7 +294,7 @@ class TaskCache(Generic[T]):
         message, retry_at = self._failed[key]
         if retry_at is None:
             return TaskTooLarge(message)
-        return TaskUnavailable(message, headers={"Retry-After": str(max(1, math.ceil(retry_at - time.monotonic())))})
+        return TaskUnavailable(message, headers={"Retry-After": str(max(1, math.ceil(retry_at - self._clock())))})
 
     async def _promote(self, key: TaskKey, host_task: T) -> T:
         try:

@@ -218,7 +218,8 @@ class Settings(BaseSettings):
         "store), its requests get that 503 at once, with Retry-After, for this many seconds before "
         "the store is read again. Default 1: a broken task under heavy traffic costs one read and "
         "hash of its files per second per replica instead of one per request, and a repaired "
-        "bundle serves within a second. 0: every request reads the store again.",
+        "bundle serves within a second. 0: every request reads the store again (not for a task "
+        "larger than the whole device tier: no retry helps that one).",
     )
 
     # --- task store backend -------------------------------------------------------------------

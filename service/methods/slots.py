@@ -208,7 +208,8 @@ class SlotPool:
     # -- under the lock --------------------------------------------------------------------------
     def _add(self, weights: Any, batch: set[int]) -> int:
         entries = self._entries(weights)
-        s = self._free.pop() if self._free else self._room(batch)
+        need = sum(t.numel() * t.element_size() for ts in entries.values() for t in ts)  # one slot, this task alone
+        s = self._free.pop() if self._free else self._room(batch, need)
         self._layout[s] = frozenset((key, tuple(t.shape for t in ts)) for key, ts in entries.items())
         self._lru[s] = None
         try:
@@ -224,24 +225,30 @@ class SlotPool:
         weakref.finalize(weights, self._released.append, (id(weights), s))
         return s
 
-    def _room(self, batch: set[int]) -> int:
-        """A slot for a new task: a new one while the byte cap allows, else the least recently
-        batched slot no batch in flight uses, else (everything pinned) a new one anyway."""
+    def _room(self, batch: set[int], need: int) -> int:
+        """A slot for a new task (`need`: its bytes in one slot): a new one while the byte cap
+        allows, else the least recently batched slot no batch in flight uses, else (everything
+        pinned) a new one anyway."""
         if self.MAX_BYTES is not None and self._next >= self._capacity and self._tables:
-            per_slot = sum(t[0].numel() * t.element_size() for ts in self._tables.values() for t in ts)
-            if 2 * self._capacity * per_slot > self.MAX_BYTES:
+            if (self._capacity + 1) * self._slot_bytes(need) > self.MAX_BYTES:  # not one more slot fits
                 victim = next((s for s in self._lru if s not in batch and not self._pins[s]), None)
                 if victim is not None:
                     self._release(victim)
                     self.evictions += 1
                     return self._free.pop()
-        return self._grab()
+        return self._grab(need)
 
-    def _grab(self) -> int:
+    def _slot_bytes(self, need: int) -> int:
+        """Bytes of one slot across every table once a task of `need` bytes is in (at least)."""
+        return max(1, need, sum(t[0].numel() * t.element_size() for ts in self._tables.values() for t in ts))
+
+    def _grab(self, need: int) -> int:
         s = self._next
         self._next += 1
-        if s >= self._capacity:  # double every table
+        if s >= self._capacity:  # double every table, within the byte cap (but always to hold slot s)
             cap = max(8, 2 * self._capacity)
+            if self.MAX_BYTES is not None:  # a task near the cap in size gets slot 0 and itself, not 8 slots
+                cap = max(s + 1, min(cap, self.MAX_BYTES // self._slot_bytes(need)))
             for key, ts in self._tables.items():
                 self._tables[key] = tuple(_resized(t, (cap, *t.shape[1:])) for t in ts)
             self._capacity = cap
@@ -250,10 +257,8 @@ class SlotPool:
     def _fit(self, key: Key, ts: tuple[Tensor, ...]) -> None:
         """Make the tables of `key` exist and be at least as large as `ts` in every dimension."""
         cur = self._tables.get(key)
-        if cur is None:
-            cap = max(self._capacity, 8)
-            self._capacity = cap
-            self._tables[key] = tuple(t.new_zeros((cap, *t.shape)) for t in ts)
+        if cur is None:  # `_grab` sized the capacity already (the first task's slot comes from it)
+            self._tables[key] = tuple(t.new_zeros((self._capacity, *t.shape)) for t in ts)
             return
         if any(t.shape[d] > c.shape[d + 1] for t, c in zip(ts, cur) for d in range(t.dim())):
             self._tables[key] = tuple(

@@ -147,6 +147,23 @@ def test_pool_capped_in_bytes_evicts_least_recent_unpinned_slots(tmp_path, monke
     assert held.slot.numel() == 10
 
 
+def test_a_task_near_the_byte_cap_gets_two_slots_not_eight(monkeypatch):
+    """The first tables are sized by the cap too: a task of 10 MB under a 12 MB cap (the cache's
+    device budget) costs slot 0 and its own slot, not the 8 slots (80 MB) a fresh pool starts with;
+    the next task takes its slot instead of growing the tables."""
+    pool = slots.SlotPool(lambda w: {"k": (w.t,)})
+    big, other = _W(torch.full((64, 100), 1.0)), _W(torch.full((64, 100), 2.0))
+    size = big.t.numel() * big.t.element_size()
+    monkeypatch.setattr(slots.SlotPool, "MAX_BYTES", size * 3 // 2)
+    assert torch.equal(pool.gather([big], torch.tensor([0])).rows("k", 0)[0], big.t)
+    assert pool.nbytes() == 2 * size
+    assert torch.equal(pool.gather([other], torch.tensor([0])).rows("k", 0)[0], other.t)
+    assert pool.nbytes() == 2 * size and pool.evictions == 1
+    held = pool.gather([big], torch.tensor([0]))  # pinned: the next task cannot take its slot ...
+    assert torch.equal(pool.gather([other], torch.tensor([0])).rows("k", 0)[0], other.t)
+    assert pool.nbytes() == 3 * size and held.slot.numel() == 1  # ... so it gets one more slot, no more
+
+
 def test_per_batch_tables_map_rows_to_slots_without_reading_the_device():
     # slots.build runs once per (layer, site) per training batch: its row -> slot map is computed
     # on the device from row_part (no host copy, no check read back), and `single` from the part

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from dataclasses import dataclass
 
 import pytest
 
+from service import cache as cache_module
 from service.cache import TaskCache
 from service.engine.types import TaskKey
 from service.errors import BundleError, StoreUnavailable, TaskTooLarge, TaskUnavailable
@@ -61,14 +63,15 @@ async def test_evicted_task_stays_usable_by_its_holders() -> None:
     assert await cache.get(A) is not held  # a new request reloads it
 
 
+@pytest.mark.parametrize("failure_ttl_s", [0.01, 0.0])  # 0: failed loads are retried per request, this is not
 @async_test
-async def test_task_larger_than_the_whole_budget_is_unavailable_and_not_cached() -> None:
+async def test_task_larger_than_the_whole_budget_is_unavailable_and_not_cached(failure_ttl_s: float) -> None:
     """No retry can help (the budget and the version's size are fixed while the server runs): the
     503 has no Retry-After, names the budget's setting as given, and the store is not read again
-    per request, nor once the failed-load retry time has passed; an activation's forget_failure
-    (or a drop) does read it again."""
+    per request, nor once the failed-load retry time has passed (or with no retry time at all); an
+    activation's forget_failure (or a drop) does read it again."""
     loader = Loader(nbytes=101)
-    cache = TaskCache(loader, max_bytes=100, failure_ttl_s=0.01, max_bytes_setting="--cache-max-bytes")
+    cache = TaskCache(loader, max_bytes=100, failure_ttl_s=failure_ttl_s, max_bytes_setting="--cache-max-bytes")
     for _ in range(3):
         with pytest.raises(TaskTooLarge, match=r"more than the whole task cache \(100 bytes\): it cannot be served "
                                               r"until --cache-max-bytes is raised") as refused:
@@ -222,3 +225,38 @@ async def test_a_load_let_go_by_a_delete_leaves_the_load_after_it_alone() -> Non
     gates[1].set()
     assert (await new) is (await joined) is cache.peek(A)
     assert calls == [A, A]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("workload, budget, warned", [
+    ([A, B, C] * 40, 2, True),  # three tasks through room for two: every lookup loads
+    ([A, B] * 60, 2, False),  # the same lookups, all resident after the first two
+    ([TaskKey(f"t{i}", "v1") for i in range(120)], 120, False),  # a cold start: loads, no evictions
+], ids=["thrashing", "resident", "cold start"])
+@async_test
+async def test_a_thrashing_device_tier_is_named_in_the_log_once_a_window(workload: list[TaskKey], budget: int, warned: bool,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """Evictions are DEBUG lines: without this warning a replica that reads the store for nearly
+    every request logs nothing. It names the budget's setting, and comes at most once a window."""
+    clock = Clock()
+    cache = TaskCache(Loader(nbytes=40), max_bytes=40 * budget, clock=clock, max_bytes_setting="--cache-max-bytes")
+    with caplog.at_level(logging.WARNING, logger="service.cache"):
+        for key in workload:
+            await cache.get(key)
+        clock.now += cache_module.THRASH_WINDOW_S
+        for key in workload[:3]:  # the next misses close the window: one warning at most, then a new window
+            cache.drop(key)
+            await cache.get(key)
+    thrashing = [r.getMessage() for r in caplog.records if "thrashing" in r.getMessage()]
+    assert len(thrashing) == int(warned)
+    if warned:
+        assert thrashing[0].startswith("the task cache is thrashing: 120 of 120 task lookups in the last 60 s missed "
+                                       "the device tier (120 store loads started) and 118 tasks were evicted")
+        assert thrashing[0].endswith("need more than --cache-max-bytes (80 bytes): raise it if memory allows")
