@@ -40,7 +40,13 @@ def error_response(
 
 async def _adaptserve_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AdaptserveError)
-    line = ("%s %s -> %d %s: %s", request.method, request.url.path, exc.status_code, exc.error_type, exc.message)
+    return adaptserve_error_response(request.method, request.url.path, exc)
+
+
+def adaptserve_error_response(method: str, path: str, exc: AdaptserveError) -> JSONResponse:
+    """`exc` as its response, logged as the handler logs it (middleware that answers before the
+    routes, and so before the handlers, uses this too)."""
+    line = ("%s %s -> %d %s: %s", method, path, exc.status_code, exc.error_type, exc.message)
     if isinstance(exc, (ClientDisconnected, DeadlineExceeded)):
         # Routine, and the client's own choice (it went away, or asked for timeout_ms: 1): a line at
         # INFO, never a WARNING per request that any client could flood the log with.

@@ -12,10 +12,10 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import error_response
+from service.api.errors import adaptserve_error_response, error_response
 from service.auth import Scope as Grant
 from service.auth import Tokens, authorization, check
-from service.errors import AdaptserveError, BodyTimeout, PayloadTooLarge
+from service.errors import AdaptserveError, BodyTimeout, ClientDisconnected, PayloadTooLarge
 from service.metrics import UNKNOWN_TASK
 from service.state import ServiceState
 
@@ -88,7 +88,7 @@ class BodyLimitMiddleware:
                     check(self.tokens, authorization([v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"]),
                           Grant.inference)
                 except AdaptserveError as err:
-                    await error_response(err.status_code, err.message, err.error_type, err.headers)(scope, receive, send)
+                    await _answer(scope, receive, send, err)
                     return
             media, _, params = headers.get(b"content-type", b"").partition(b";")
             media = media.strip().lower()
@@ -115,11 +115,15 @@ class BodyLimitMiddleware:
             try:
                 message = await _within(receive, self.read_timeout_s)
             except asyncio.TimeoutError:
-                err = _stalled(self.read_timeout_s, size)
-                await error_response(err.status_code, err.message, err.error_type, err.headers)(scope, receive, send)
+                await _answer(scope, receive, send, _stalled(self.read_timeout_s, size))
                 return
             if message["type"] == "http.disconnect":
-                return  # client left mid-body: nobody to answer
+                # The client left mid-body. Nobody reads the answer, but the request metrics and the
+                # log count it as what it is, a 499, as they do a client that leaves later (with no
+                # answer at all, the metrics counted a server error, 500).
+                await _answer(scope, receive, send, ClientDisconnected(
+                    f"client disconnected after {size} bytes of its request body"))
+                return
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
@@ -145,6 +149,12 @@ class BodyLimitMiddleware:
             413, f"request body larger than {limit} bytes", "payload_too_large", {"Connection": "close"}
         )
         await response(scope, receive, send)
+
+
+async def _answer(scope: Scope, receive: Receive, send: Send, err: AdaptserveError) -> None:
+    """Answer `err` as the app's error handlers would (the routes, and with them the handlers, are
+    inside this middleware)."""
+    await adaptserve_error_response(scope["method"], scope["path"], err)(scope, receive, send)
 
 
 def _counting(receive: Receive, limit: int, timeout_s: float | None = None) -> Receive:
