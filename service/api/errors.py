@@ -30,6 +30,9 @@ _HTTP_ERROR_TYPES = {
 # Problems listed in a validation error message: a body with 64 bad inputs should not produce a
 # 64-line message (upload problems are listed in full under "problems").
 _MAX_LISTED_PROBLEMS = 5
+# A field name a message repeats: a client's unknown key can be as long as the body (megabytes), and
+# was sent back whole, once per problem listed.
+_MAX_SHOWN_NAME_CHARS = 60
 
 
 def error_response(
@@ -87,9 +90,13 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 def _describe(problem: dict) -> str:
     """`body.inputs.0: Input should be a valid string`, with pydantic's own wording."""
-    where = ".".join(str(part) for part in problem.get("loc", ()))
+    where = ".".join(_shown(str(part)) for part in problem.get("loc", ()))
     message = str(problem.get("msg", "invalid value")).removeprefix("Value error, ")
     return f"{where}: {message}" if where else message
+
+
+def _shown(name: str) -> str:
+    return name if len(name) <= _MAX_SHOWN_NAME_CHARS else f"{name[:_MAX_SHOWN_NAME_CHARS]}... ({len(name)} characters)"
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -119,6 +119,16 @@ def test_error_messages_say_what_to_fix(client: TestClient, path: str, body: dic
     assert fragment in client.post(path, json=body).json()["error"]
 
 
+def test_an_unknown_key_is_named_shortened_not_sent_back_whole(client: TestClient) -> None:
+    # Within the body limit, a key can be megabytes long: the message named it whole, once per problem.
+    keys = [f"{i}" + "k" * 600 for i in range(4)]
+    response = client.post(CLASSIFY, json={"inputs": ["x"], **dict.fromkeys(keys, 1)})
+    assert response.status_code == 422, response.text
+    message = response.json()["error"]
+    assert message.count("Extra inputs are not permitted") == 4 and len(message) < 800, message
+    assert f"body.{keys[0][:60]}... (601 characters): Extra inputs are not permitted" in message
+
+
 @pytest.mark.parametrize("method, path", [("POST", "/v1/tasks/buggy/classify"), ("GET", "/v1/tasks/buggy")])
 def test_a_task_whose_load_raises_fails_alone_with_its_traceback_logged_once(client: TestClient, caplog, method: str,
                                                                               path: str) -> None:
