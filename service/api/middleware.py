@@ -68,7 +68,10 @@ class BodyLimitMiddleware:
             return
         upload = scope.get("method") == "POST" and UPLOAD_PATH.match(scope.get("path", "")) is not None
         limit = self.upload_max_bytes if upload else self.max_bytes
-        headers = dict(scope["headers"])
+        # A repeated header: the first, as the app reads it (Starlette's `Headers.get`). The last,
+        # as a dict keeps it, let `text/plain` then `application/json` past the check below to a
+        # route that read the body as text, and a puzzling 422.
+        headers = dict(reversed(scope["headers"]))
         declared = headers.get(b"content-length")
         if declared is not None:
             try:
@@ -93,8 +96,9 @@ class BodyLimitMiddleware:
             media, _, params = headers.get(b"content-type", b"").partition(b";")
             media = media.strip().lower()
             charset = CHARSET.search(params)
-            coding = headers.get(b"content-encoding", b"identity").strip().lower()
-            compressed = coding not in (b"", b"identity")
+            # Content-Encoding is a list, which repeated headers extend (RFC 9110 5.3)
+            coding = b", ".join(v for k, v in scope["headers"] if k == b"content-encoding").strip().lower()
+            compressed = any(c.strip() not in (b"", b"identity") for c in coding.split(b","))
             refusal = None
             if media and not (media == b"application/json" or media.endswith(b"+json")):
                 refusal = (f"a classify body is JSON: send it with Content-Type: application/json, "

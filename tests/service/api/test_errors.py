@@ -41,6 +41,12 @@ CASES: list[tuple[str, str, str, dict[str, Any], int, str]] = [
     ("not JSON", "POST", CLASSIFY, {"content": b"{inputs: [", "headers": JSON}, 400, "bad_request"),
     ("JSON typed as plain text", "POST", CLASSIFY, {"content": b'{"inputs": ["x"]}', "headers": {"content-type": "text/plain"}},
      415, "unsupported_media_type"),
+    ("typed twice, plain text first", "POST", CLASSIFY,  # the app reads the first: so must the check
+     {"content": b'{"inputs": ["x"]}', "headers": [("content-type", "text/plain"), ("content-type", "application/json")]},
+     415, "unsupported_media_type"),
+    ("compressed, then said identity", "POST", CLASSIFY,
+     {"content": b'{"inputs": ["x"]}', "headers": [*JSON.items(), ("content-encoding", "gzip"), ("content-encoding", "identity")]},
+     415, "unsupported_media_type"),
     ("pair for a single-text task", "POST", CLASSIFY, {"json": {"inputs": [["a", "b"]]}}, 422, "invalid_input"),
     ("string for a pair task", "POST", NLI, {"json": {"inputs": [["a", "b"], "c"]}}, 422, "invalid_input"),
     ("too many inputs", "POST", CLASSIFY, {"json": {"inputs": ["x"] * 5}}, 413, "payload_too_large"),
