@@ -1,6 +1,7 @@
 """The app under a real uvicorn on a free loopback port, spoken to over real HTTP and sockets."""
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
@@ -380,6 +381,44 @@ def test_an_oversized_head_behind_a_request_in_flight_closes_after_its_answer(sm
         while chunk := raw.recv(65536):  # a clean end (FIN), not a reset
             data += chunk
     assert data.startswith(b"HTTP/1.1 200") and data.count(b"HTTP/1.1 ") == 1
+
+
+@pytest.mark.parametrize(("request_bytes", "reason"), [
+    (b"get /healthz HTTP/1.1\r\nHost: test\r\n\r\n", "Invalid method encountered"),
+    (HEAD + b"Content-Length: 1\r\nContent-Length: 2\r\n\r\n{}", "Duplicate Content-Length"),
+    (b"CONNECT test:443 HTTP/1.1\r\nHost: test\r\n\r\n", "invalid url"),  # uvicorn's callback fails on it
+    (HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", "Invalid character in chunk size"),  # in the body
+], ids=["lowercase method", "two lengths", "CONNECT", "bad chunk"])
+def test_a_malformed_request_gets_400_in_the_error_format_and_no_warning(served: Served, request_bytes: bytes,
+                                                                       reason: str) -> None:
+    # uvicorn answered these in plain text ("Invalid HTTP request received.") with a WARNING each
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("uvicorn.error").addHandler(handler)  # it does not propagate
+    try:
+        with _send_head(served.url, request_bytes) as raw:
+            status, body = _read_response(raw)
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert status == 400, body
+    answer = json.loads(body)
+    assert answer["error_type"] == "bad_request" and answer["error"].startswith("malformed HTTP request: ")
+    assert reason in answer["error"] and not warnings
+
+
+def test_a_malformed_request_behind_one_in_flight_waits_for_its_answer(served: Served) -> None:
+    """A pipelined request the parser rejects: the request before it is answered, then the
+    connection closes (uvicorn wrote its 400 at once, read as that request's answer, and the close
+    cut the real one off)."""
+    body = b'{"inputs": ["sleep:0.5"]}'
+    slow = HEAD + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    with _send_head(served.url, slow + b"get /healthz HTTP/1.1\r\nHost: test\r\n\r\n") as raw:
+        data = b""
+        while chunk := raw.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200") and b"predictions" in data
+    assert data.count(b"HTTP/1.1 ") == 1
 
 
 def test_headers_that_arrive_slowly_but_in_time_are_served(strict_heads: Served) -> None:
