@@ -91,7 +91,8 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
 
     def _parse(self, data: bytes) -> None:
         """uvicorn's `data_received`, but for its answer to a request the parser rejects, which was
-        plain text, logged as a WARNING (any client could flood the log so), and written at once."""
+        plain text, logged as a WARNING (any client could flood the log so), and written at once;
+        and an Upgrade it cannot serve, which it also logged as a WARNING."""
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
@@ -107,8 +108,8 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         except httptools.HttpParserUpgrade:
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
-            else:
-                self._unsupported_upgrade_warning()
+            # Any other Upgrade is ignored and the request served over HTTP/1.1 (RFC 9110 7.8), with
+            # no WARNING each time, as uvicorn logged (`curl --http2` asks for h2c on every request).
 
     def on_response_complete(self) -> None:
         if self._close_after_answers and not self.pipeline:

@@ -407,6 +407,21 @@ def test_a_malformed_request_gets_400_in_the_error_format_and_no_warning(served:
     assert reason in answer["error"] and not warnings
 
 
+def test_an_upgrade_to_http2_is_ignored_without_a_warning(served: Served) -> None:
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("uvicorn.error").addHandler(handler)
+    try:  # as `curl --http2 http://...` sends every request
+        with _send_head(served.url, b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: Upgrade, HTTP2-Settings, close\r\n"
+                                    b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n") as raw:
+            status, body = _read_response(raw)
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    assert not warnings
+
+
 def test_a_malformed_request_behind_one_in_flight_waits_for_its_answer(served: Served) -> None:
     """A pipelined request the parser rejects: the request before it is answered, then the
     connection closes (uvicorn wrote its 400 at once, read as that request's answer, and the close
