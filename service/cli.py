@@ -92,7 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_external(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        return serve(args)
+        try:
+            return serve(args)
+        except KeyboardInterrupt:
+            # SIGINT (Ctrl-C, `docker compose up` stopped in its terminal): uvicorn drains as for
+            # SIGTERM, then raises the signal again, which Python turns into a traceback. Exit as a
+            # shell reports a process SIGINT stopped (128 + 2), without one.
+            return 130
     raise AssertionError(f"unhandled command {args.command!r}")  # argparse rejects unknown ones
 
 

@@ -12,8 +12,11 @@ pre-opened a connection and later sends a request on it must not read an unsolic
 answer), and after the answers in flight when a pipelined head stalls behind them (HTTP answers
 go in order: a 408 sent first would read as the answer to the request before). Past the size: 431
 and close. A chunked body's trailer fields count against the same cap and are never kept (the app
-reads none). A client's FIN still means it is gone, as in uvicorn: that is how a request whose
-client left is dropped before its forward, so a client that only half-closes loses its answer.
+reads none). A request the parser rejects gets a 400 in the app's error format, under the same
+rule of order as the 408 (uvicorn wrote its plain-text 400 at once and closed: behind a request
+still being answered, the client read the 400 as that request's answer, whose own was cut off).
+A client's FIN still means it is gone, as in uvicorn: that is how a request whose client left is
+dropped before its forward, so a client that only half-closes loses its answer.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import re
 from typing import Any
 from urllib.parse import unquote_plus
 
+import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -73,7 +77,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         if self._discarding:
             return
         self._head_began_now = self._message_ended_now = False
-        super().data_received(data)
+        self._parse(data)
         if self.transport.is_closing() or self._discarding:
             return
         if self._head_started:  # this read left a head unfinished
@@ -84,6 +88,28 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
             # Bytes that began no request (a stray CRLF after an answer) stopped uvicorn's idle
             # timer: time the connection from here as if a head had begun.
             self._arm_head_timer()
+
+    def _parse(self, data: bytes) -> None:
+        """uvicorn's `data_received`, but for its answer to a request the parser rejects, which was
+        plain text, logged as a WARNING (any client could flood the log so), and written at once;
+        and an Upgrade it cannot serve, which it also logged as a WARNING."""
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as err:
+            # A callback that raised (uvicorn's, on a target it cannot parse) reads "User callback
+            # error": name the parser's own reason beneath it, if it gave one.
+            cause = err.__context__ if isinstance(err, httptools.HttpParserCallbackError) else err
+            reason = f": {cause}" if isinstance(cause, httptools.HttpParserError) else ""
+            cycle = self.cycle
+            # In the body of the request the app is reading (a malformed chunk): that request's own answer.
+            in_body = cycle is not None and not self.pipeline and cycle.more_body and not cycle.response_started
+            self._refuse(400, "Bad Request", "bad_request", f"malformed HTTP request{reason}", in_body=in_body)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            # Any other Upgrade is ignored and the request served over HTTP/1.1 (RFC 9110 7.8), with
+            # no WARNING each time, as uvicorn logged (`curl --http2` asks for h2c on every request).
 
     def on_response_complete(self) -> None:
         if self._close_after_answers and not self.pipeline:
@@ -173,20 +199,25 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         self._refuse(408, "Request Timeout", "request_timeout",
                      f"request headers not complete within {self.header_timeout_s:g} s")
 
-    def _refuse(self, status: int, reason: str, error_type: str, message: str) -> None:
+    def _refuse(self, status: int, reason: str, error_type: str, message: str, in_body: bool = False) -> None:
         """Answer a head the app never saw, in the app's error format, and close. Behind requests
         still being answered (pipelining) no answer is sent: HTTP answers go in order, and one sent
-        now would read as the answer to the request before; the connection closes after theirs."""
+        now would read as the answer to the request before; the connection closes after theirs.
+        `in_body`: the bytes refused are the body of the request the app is reading, which has no
+        answer yet: this is its answer, and the close tells the app its client is gone."""
         self._disarm_head_timer()
         self._discarding = True
         log.info("closed the connection of %s: %s", self._who(), message)
-        if not self._idle():
+        if not self._idle() and not in_body:
             self._close_after_answers = True
             return
         body = json.dumps({"error": message, "error_type": error_type}).encode()
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                              b"connection: close\r\n\r\n%s" % (status, reason.encode(), len(body), body))
-        self._linger()
+        if in_body:  # no lingering: the app, still reading, could answer in the meantime
+            self.transport.close()
+        else:
+            self._linger()
 
     def _linger(self) -> None:
         """A lingering close: closing with the client's bytes still unread makes the kernel send a

@@ -30,6 +30,9 @@ _HTTP_ERROR_TYPES = {
 # Problems listed in a validation error message: a body with 64 bad inputs should not produce a
 # 64-line message (upload problems are listed in full under "problems").
 _MAX_LISTED_PROBLEMS = 5
+# A field name a message repeats: a client's unknown key can be as long as the body (megabytes), and
+# was sent back whole, once per problem listed.
+_MAX_SHOWN_NAME_CHARS = 60
 
 
 def error_response(
@@ -40,7 +43,13 @@ def error_response(
 
 async def _adaptserve_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AdaptserveError)
-    line = ("%s %s -> %d %s: %s", request.method, request.url.path, exc.status_code, exc.error_type, exc.message)
+    return adaptserve_error_response(request.method, request.url.path, exc)
+
+
+def adaptserve_error_response(method: str, path: str, exc: AdaptserveError) -> JSONResponse:
+    """`exc` as its response, logged as the handler logs it (middleware that answers before the
+    routes, and so before the handlers, uses this too)."""
+    line = ("%s %s -> %d %s: %s", method, path, exc.status_code, exc.error_type, exc.message)
     if isinstance(exc, (ClientDisconnected, DeadlineExceeded)):
         # Routine, and the client's own choice (it went away, or asked for timeout_ms: 1): a line at
         # INFO, never a WARNING per request that any client could flood the log with.
@@ -81,9 +90,13 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 def _describe(problem: dict) -> str:
     """`body.inputs.0: Input should be a valid string`, with pydantic's own wording."""
-    where = ".".join(str(part) for part in problem.get("loc", ()))
+    where = ".".join(_shown(str(part)) for part in problem.get("loc", ()))
     message = str(problem.get("msg", "invalid value")).removeprefix("Value error, ")
     return f"{where}: {message}" if where else message
+
+
+def _shown(name: str) -> str:
+    return name if len(name) <= _MAX_SHOWN_NAME_CHARS else f"{name[:_MAX_SHOWN_NAME_CHARS]}... ({len(name)} characters)"
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

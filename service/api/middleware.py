@@ -12,7 +12,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import error_response
+from service.api.errors import adaptserve_error_response, error_response
 from service.auth import Scope as Grant
 from service.auth import Tokens, authorization, check
 from service.errors import AdaptserveError, BodyTimeout, ClientDisconnected, PayloadTooLarge
@@ -68,7 +68,10 @@ class BodyLimitMiddleware:
             return
         upload = scope.get("method") == "POST" and UPLOAD_PATH.match(scope.get("path", "")) is not None
         limit = self.upload_max_bytes if upload else self.max_bytes
-        headers = dict(scope["headers"])
+        # A repeated header: the first, as the app reads it (Starlette's `Headers.get`). The last,
+        # as a dict keeps it, let `text/plain` then `application/json` past the check below to a
+        # route that read the body as text, and a puzzling 422.
+        headers = dict(reversed(scope["headers"]))
         declared = headers.get(b"content-length")
         if declared is not None:
             try:
@@ -88,13 +91,14 @@ class BodyLimitMiddleware:
                     check(self.tokens, authorization([v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"]),
                           Grant.inference)
                 except AdaptserveError as err:
-                    await error_response(err.status_code, err.message, err.error_type, err.headers)(scope, receive, send)
+                    await _answer(scope, receive, send, err)
                     return
             media, _, params = headers.get(b"content-type", b"").partition(b";")
             media = media.strip().lower()
             charset = CHARSET.search(params)
-            coding = headers.get(b"content-encoding", b"identity").strip().lower()
-            compressed = coding not in (b"", b"identity")
+            # Content-Encoding is a list, which repeated headers extend (RFC 9110 5.3)
+            coding = b", ".join(v for k, v in scope["headers"] if k == b"content-encoding").strip().lower()
+            compressed = any(c.strip() not in (b"", b"identity") for c in coding.split(b","))
             refusal = None
             if media and not (media == b"application/json" or media.endswith(b"+json")):
                 refusal = (f"a classify body is JSON: send it with Content-Type: application/json, "
@@ -115,11 +119,15 @@ class BodyLimitMiddleware:
             try:
                 message = await _within(receive, self.read_timeout_s)
             except asyncio.TimeoutError:
-                err = _stalled(self.read_timeout_s, size)
-                await error_response(err.status_code, err.message, err.error_type, err.headers)(scope, receive, send)
+                await _answer(scope, receive, send, _stalled(self.read_timeout_s, size))
                 return
             if message["type"] == "http.disconnect":
-                return  # client left mid-body: nobody to answer
+                # The client left mid-body. Nobody reads the answer, but the request metrics and the
+                # log count it as what it is, a 499, as they do a client that leaves later (with no
+                # answer at all, the metrics counted a server error, 500).
+                await _answer(scope, receive, send, ClientDisconnected(
+                    f"client disconnected after {size} bytes of its request body"))
+                return
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
@@ -145,6 +153,12 @@ class BodyLimitMiddleware:
             413, f"request body larger than {limit} bytes", "payload_too_large", {"Connection": "close"}
         )
         await response(scope, receive, send)
+
+
+async def _answer(scope: Scope, receive: Receive, send: Send, err: AdaptserveError) -> None:
+    """Answer `err` as the app's error handlers would (the routes, and with them the handlers, are
+    inside this middleware)."""
+    await adaptserve_error_response(scope["method"], scope["path"], err)(scope, receive, send)
 
 
 def _counting(receive: Receive, limit: int, timeout_s: float | None = None) -> Receive:

@@ -89,6 +89,44 @@ def test_sigterm_drains_every_accepted_request(tmp_path, minilm_backbone):
         server.stop()
 
 
+def test_sigint_drains_as_sigterm_does_and_exits_130_without_a_traceback(tmp_path, minilm_backbone):
+    # Ctrl-C in a terminal, or `docker compose up` stopped there: uvicorn raises SIGINT again once
+    # it has drained, and Python printed a KeyboardInterrupt traceback after a clean stop.
+    info = minilm_backbone.info
+    g = torch.Generator().manual_seed(0)
+    publish(tmp_path / "store", "sentiment", {"lora": random_lora(info, g, r=8), "head": random_head(info, g)},
+            ["negative", "positive"], max_length=128, fingerprint=info.fingerprint)
+    server = Replica("sigint", tmp_path, {
+        "ADAPTSERVE_STORE": str(tmp_path / "store"),
+        "ADAPTSERVE_REQUEST_TIMEOUT_S": "300",
+        "ADAPTSERVE_MAX_BATCH_SIZE": "32",
+    }).start()
+    try:
+        server.wait_ready(timeout_s=120)
+        results: list[httpx.Response | Exception] = []
+
+        def client() -> None:
+            try:
+                results.append(httpx.post(f"{server.url}/v1/tasks/sentiment/classify",
+                                          json={"inputs": [SENTENCE] * INPUTS}, timeout=300))
+            except Exception as e:  # noqa: BLE001 - asserted below
+                results.append(e)
+
+        threads = [threading.Thread(target=client) for _ in range(3)]
+        for t in threads:
+            t.start()
+        eventually(lambda: _queued_rows(server.url) >= INPUTS, timeout_s=60, interval_s=0.02)
+        server.process.send_signal(signal.SIGINT)
+        for t in threads:
+            t.join(timeout=300)
+        assert [r.status_code if isinstance(r, httpx.Response) else r for r in results] == [200] * 3
+        assert server.process.wait(timeout=60) == 130, server.logs()
+        assert "Traceback" not in server.logs() and "KeyboardInterrupt" not in server.logs(), server.logs()
+        assert "Application shutdown complete" in server.logs()
+    finally:
+        server.stop()
+
+
 def test_sigterm_does_not_wait_for_an_upload_that_never_ends(tmp_path):
     # An upload has no deadline: a body that keeps coming is read for as long as it comes. The
     # drain is bounded all the same (request timeout + margin), so the process exits on its own

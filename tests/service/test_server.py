@@ -1,6 +1,7 @@
 """The app under a real uvicorn on a free loopback port, spoken to over real HTTP and sockets."""
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
@@ -170,28 +171,37 @@ def test_a_client_gone_mid_body_is_counted_as_a_499_not_a_500(served: Served) ->
     assert 'status="500"' not in text
 
 
-def test_a_client_gone_mid_upload_is_a_499_logged_at_info_without_a_traceback(served: Served, caplog) -> None:
-    """As `timeout 2 curl --limit-rate 20k -F ...` does: the body stops half-way and the socket closes."""
+@pytest.mark.parametrize("route", ["classify", "upload"])
+def test_a_client_gone_mid_body_is_a_499_logged_at_info_without_a_traceback(served: Served, route: str, caplog) -> None:
+    """As `timeout 2 curl --limit-rate 20k -F ...` does: the body stops half-way and the socket closes.
+    A classify body is read whole before the route: a client gone then was counted a 500."""
     caplog.set_level(logging.INFO)
-    boundary = "adaptserve-test-boundary"
-    first_part = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"adapter_model.safetensors\"; filename=\"w.st\"\r\n"
-        "Content-Type: application/octet-stream\r\n\r\n"
-    ).encode() + b"\0" * 20_000
+    if route == "classify":
+        path, media, length, first_part = "/v1/tasks/sentiment/classify", "application/json", 4000, b'{"inputs": ["a'
+    else:
+        boundary = "adaptserve-test-boundary"
+        path, media, length = "/v1/tasks/sentiment/versions", f"multipart/form-data; boundary={boundary}", 200000
+        first_part = (
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"adapter_model.safetensors\"; filename=\"w.st\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode() + b"\0" * 20_000
     host, port = served.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as raw:
         raw.sendall(
-            b"POST /v1/tasks/sentiment/versions HTTP/1.1\r\nHost: test\r\n"
-            + f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: 200000\r\n\r\n".encode()
+            f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: {media}\r\nContent-Length: {length}\r\n\r\n".encode()
             + first_part
         )
     eventually(lambda: any("client_closed_request" in record.getMessage() for record in caplog.records))
     closed = [record for record in caplog.records if "client_closed_request" in record.getMessage()]
     assert [(record.levelname, record.name) for record in closed] == [("INFO", "service.api.errors")]
-    assert "POST /v1/tasks/sentiment/versions -> 499" in closed[0].getMessage()
+    assert f"POST {path} -> 499" in closed[0].getMessage()
     assert not [record for record in caplog.records if record.exc_info or record.levelno >= logging.ERROR]
     with httpx.Client(base_url=served.url) as client:  # the server is none the worse
         assert client.post("/v1/tasks/sentiment/classify", json={"inputs": ["hello"]}).status_code == 200
+        if route == "classify":  # request metrics count classify requests only
+            metrics = client.get("/metrics").text
+            assert 'adaptserve_requests_total{status="499",task="sentiment"} 1.0' in metrics
+            assert 'status="500"' not in metrics
 
 
 @pytest.fixture
@@ -387,6 +397,59 @@ def test_an_oversized_head_behind_a_request_in_flight_closes_after_its_answer(sm
         while chunk := raw.recv(65536):  # a clean end (FIN), not a reset
             data += chunk
     assert data.startswith(b"HTTP/1.1 200") and data.count(b"HTTP/1.1 ") == 1
+
+
+@pytest.mark.parametrize(("request_bytes", "reason"), [
+    (b"get /healthz HTTP/1.1\r\nHost: test\r\n\r\n", "Invalid method encountered"),
+    (HEAD + b"Content-Length: 1\r\nContent-Length: 2\r\n\r\n{}", "Duplicate Content-Length"),
+    (b"CONNECT test:443 HTTP/1.1\r\nHost: test\r\n\r\n", "invalid url"),  # uvicorn's callback fails on it
+    (HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", "Invalid character in chunk size"),  # in the body
+], ids=["lowercase method", "two lengths", "CONNECT", "bad chunk"])
+def test_a_malformed_request_gets_400_in_the_error_format_and_no_warning(served: Served, request_bytes: bytes,
+                                                                       reason: str) -> None:
+    # uvicorn answered these in plain text ("Invalid HTTP request received.") with a WARNING each
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("uvicorn.error").addHandler(handler)  # it does not propagate
+    try:
+        with _send_head(served.url, request_bytes) as raw:
+            status, body = _read_response(raw)
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert status == 400, body
+    answer = json.loads(body)
+    assert answer["error_type"] == "bad_request" and answer["error"].startswith("malformed HTTP request: ")
+    assert reason in answer["error"] and not warnings
+
+
+def test_an_upgrade_to_http2_is_ignored_without_a_warning(served: Served) -> None:
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("uvicorn.error").addHandler(handler)
+    try:  # as `curl --http2 http://...` sends every request
+        with _send_head(served.url, b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: Upgrade, HTTP2-Settings, close\r\n"
+                                    b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n") as raw:
+            status, body = _read_response(raw)
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(handler)
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    assert not warnings
+
+
+def test_a_malformed_request_behind_one_in_flight_waits_for_its_answer(served: Served) -> None:
+    """A pipelined request the parser rejects: the request before it is answered, then the
+    connection closes (uvicorn wrote its 400 at once, read as that request's answer, and the close
+    cut the real one off)."""
+    body = b'{"inputs": ["sleep:0.5"]}'
+    slow = HEAD + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    with _send_head(served.url, slow + b"get /healthz HTTP/1.1\r\nHost: test\r\n\r\n") as raw:
+        data = b""
+        while chunk := raw.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200") and b"predictions" in data
+    assert data.count(b"HTTP/1.1 ") == 1
 
 
 def test_headers_that_arrive_slowly_but_in_time_are_served(strict_heads: Served) -> None:

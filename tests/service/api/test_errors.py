@@ -41,6 +41,12 @@ CASES: list[tuple[str, str, str, dict[str, Any], int, str]] = [
     ("not JSON", "POST", CLASSIFY, {"content": b"{inputs: [", "headers": JSON}, 400, "bad_request"),
     ("JSON typed as plain text", "POST", CLASSIFY, {"content": b'{"inputs": ["x"]}', "headers": {"content-type": "text/plain"}},
      415, "unsupported_media_type"),
+    ("typed twice, plain text first", "POST", CLASSIFY,  # the app reads the first: so must the check
+     {"content": b'{"inputs": ["x"]}', "headers": [("content-type", "text/plain"), ("content-type", "application/json")]},
+     415, "unsupported_media_type"),
+    ("compressed, then said identity", "POST", CLASSIFY,
+     {"content": b'{"inputs": ["x"]}', "headers": [*JSON.items(), ("content-encoding", "gzip"), ("content-encoding", "identity")]},
+     415, "unsupported_media_type"),
     ("pair for a single-text task", "POST", CLASSIFY, {"json": {"inputs": [["a", "b"]]}}, 422, "invalid_input"),
     ("string for a pair task", "POST", NLI, {"json": {"inputs": [["a", "b"], "c"]}}, 422, "invalid_input"),
     ("too many inputs", "POST", CLASSIFY, {"json": {"inputs": ["x"] * 5}}, 413, "payload_too_large"),
@@ -117,6 +123,16 @@ def test_a_405_allows_every_method_the_path_serves(client: TestClient, method: s
 )
 def test_error_messages_say_what_to_fix(client: TestClient, path: str, body: dict, fragment: str) -> None:
     assert fragment in client.post(path, json=body).json()["error"]
+
+
+def test_an_unknown_key_is_named_shortened_not_sent_back_whole(client: TestClient) -> None:
+    # Within the body limit, a key can be megabytes long: the message named it whole, once per problem.
+    keys = [f"{i}" + "k" * 600 for i in range(4)]
+    response = client.post(CLASSIFY, json={"inputs": ["x"], **dict.fromkeys(keys, 1)})
+    assert response.status_code == 422, response.text
+    message = response.json()["error"]
+    assert message.count("Extra inputs are not permitted") == 4 and len(message) < 800, message
+    assert f"body.{keys[0][:60]}... (601 characters): Extra inputs are not permitted" in message
 
 
 @pytest.mark.parametrize("method, path", [("POST", "/v1/tasks/buggy/classify"), ("GET", "/v1/tasks/buggy")])
