@@ -109,8 +109,11 @@ class ExitWeights(TaskWeights):
         return out
 
     def config(self) -> dict[str, Any]:
+        # `off` has no threshold: null, as `adaptserve evaluate --json` shows it (a number stored
+        # there by earlier versions still loads, and is not used)
+        threshold = None if self.policy.name == "off" else self.policy.threshold
         return {"pooling": self.pooling, "layers": sorted(self.layers), "policy": self.policy.name,
-                "threshold": self.policy.threshold, "calibration": self.calibration}
+                "threshold": threshold, "calibration": self.calibration}
 
     @classmethod
     def init(cls, info: BackboneInfo, *, num_labels: int, pooling: str = "cls", hidden: int = CONF_HIDDEN,
@@ -306,7 +309,7 @@ class Exits(Method):
         name = section.get("policy", "confidence")
         threshold = section.get("threshold", DEFAULT_THRESHOLDS.get(name, 0.9) if isinstance(name, str) else 0.9)
         try:
-            policy = ExitPolicy(name, _stored_threshold(name, threshold))
+            policy = ExitPolicy("off") if name == "off" and threshold is None else ExitPolicy(name, _stored_threshold(name, threshold))
         except (ValueError, TypeError) as e:  # not a number, or outside what a request may ask for
             problems.add(f"stored policy {name!r} with threshold {_shown(threshold)}: {e}")
             policy = ExitPolicy()
