@@ -321,6 +321,13 @@ class Exits(Method):
         for k in tensors:
             if not _KEY.match(k):
                 problems.add(f"unrecognised exits tensor {k!r}")
+        stated = section.get("layers")  # optional; `ExitWeights.config` lists the layers the tensors hold
+        if stated is not None:
+            if not isinstance(stated, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in stated):
+                problems.add(f"'layers' must be a list of layer indices, got {_shown(stated)}")
+            elif sorted(set(stated)) != layers_found:
+                problems.add(f"'layers' is {sorted(set(stated))}, but the exits.* tensors hold exit classifiers for "
+                             f"layers {layers_found}")
         bad = [x for x in layers_found if x >= backbone.num_layers - 1]
         if bad:
             problems.add(f"exit classifiers for layers {bad}, but only layers 0..{backbone.num_layers - 2} can exit early "

@@ -222,3 +222,18 @@ def test_a_task_stored_with_policy_off_shows_no_threshold(tmp_path: Path) -> Non
             shown = client.get(f"/v1/tasks/{task}").json()["methods"]["exits"]
             assert (shown["policy"], shown["threshold"]) == ("off", None), shown
 
+
+def test_exit_layers_stated_in_the_config_must_be_the_ones_the_tensors_hold(tmp_path: Path) -> None:
+    """An exits section listing `layers` must list the layers its exits.* tensors hold (the
+    trainer writes exactly those): an upload that does not is 422 naming both."""
+    backbone_dir, config, tensors = _off_exit_bundle(tmp_path)
+    assert config["methods"]["exits"]["layers"] == [0]
+    app = create_app(Settings(store=tmp_path / "store", backbone=backbone_dir, device="cpu", dtype="float32"))
+    with TestClient(app) as client:
+        wait_ready(client, timeout_s=60)
+        assert _upload_exits(client, "ok", config, tensors).status_code == 201
+        response = _upload_exits(client, "fewer", config, tensors, layers=[0, 1])
+        assert response.status_code == 422, response.text
+        assert "'layers' is [0, 1], but the exits.* tensors hold exit classifiers for layers [0]" in response.text
+        response = _upload_exits(client, "odd", config, tensors, layers="all")
+        assert response.status_code == 422 and "'layers' must be a list of layer indices, got 'all'" in response.text
