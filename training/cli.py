@@ -356,7 +356,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     metrics, exits = scored.metrics, scored.early_exit
     print(format_metrics(metrics, title=f"{key} on {args.data}"))
     if exits is not None:  # a task with exit classifiers: say which accuracy this is (docs/training.md)
-        print(exits.describe() + ("" if exits.full_depth_forced else "; --no-early-exit scores at full depth"))
+        hint = ("" if exits.full_depth_forced else
+                "; the stored policy is off, so these are the full-depth scores" if exits.policy.name == "off" else
+                "; --no-early-exit scores at full depth")
+        print(exits.describe() + hint)
     if args.json_out is not None:
         write_json(args.json_out, {"task": str(key), "data": str(args.data), **metrics.as_dict(),
                                    "early_exit": None if exits is None else exits.as_dict()})

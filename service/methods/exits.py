@@ -109,8 +109,11 @@ class ExitWeights(TaskWeights):
         return out
 
     def config(self) -> dict[str, Any]:
+        # `off` has no threshold: null, as `adaptserve evaluate --json` shows it (a number stored
+        # there by earlier versions still loads, and is not used)
+        threshold = None if self.policy.name == "off" else self.policy.threshold
         return {"pooling": self.pooling, "layers": sorted(self.layers), "policy": self.policy.name,
-                "threshold": self.policy.threshold, "calibration": self.calibration}
+                "threshold": threshold, "calibration": self.calibration}
 
     @classmethod
     def init(cls, info: BackboneInfo, *, num_labels: int, pooling: str = "cls", hidden: int = CONF_HIDDEN,
@@ -306,7 +309,7 @@ class Exits(Method):
         name = section.get("policy", "confidence")
         threshold = section.get("threshold", DEFAULT_THRESHOLDS.get(name, 0.9) if isinstance(name, str) else 0.9)
         try:
-            policy = ExitPolicy(name, _stored_threshold(name, threshold))
+            policy = ExitPolicy("off") if name == "off" and threshold is None else ExitPolicy(name, _stored_threshold(name, threshold))
         except (ValueError, TypeError) as e:  # not a number, or outside what a request may ask for
             problems.add(f"stored policy {name!r} with threshold {_shown(threshold)}: {e}")
             policy = ExitPolicy()
@@ -318,6 +321,13 @@ class Exits(Method):
         for k in tensors:
             if not _KEY.match(k):
                 problems.add(f"unrecognised exits tensor {k!r}")
+        stated = section.get("layers")  # optional; `ExitWeights.config` lists the layers the tensors hold
+        if stated is not None:
+            if not isinstance(stated, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in stated):
+                problems.add(f"'layers' must be a list of layer indices, got {_shown(stated)}")
+            elif sorted(set(stated)) != layers_found:
+                problems.add(f"'layers' is {sorted(set(stated))}, but the exits.* tensors hold exit classifiers for "
+                             f"layers {layers_found}")
         bad = [x for x in layers_found if x >= backbone.num_layers - 1]
         if bad:
             problems.add(f"exit classifiers for layers {bad}, but only layers 0..{backbone.num_layers - 2} can exit early "

@@ -134,6 +134,16 @@ def test_evaluate_says_where_rows_exited_and_scores_full_depth_on_request(deep, 
     full = json.loads((tmp_path / "full.json").read_text())["early_exit"]
     assert full["policy"] == "off" and full["full_depth_forced"] and full["rows_by_exit_layer"] == {str(LAYERS): 16}
 
+    # stored policy off: the served scores are the full-depth ones, and the line says so (it used to
+    # point at --no-early-exit, which would change nothing)
+    result.weights["exits"] = dataclasses.replace(result.weights["exits"], policy=ExitPolicy("off"))
+    save_to_store(result, tmp_path / "store-off")
+    assert evaluate_main([*base[:2], "--store", str(tmp_path / "store-off"), *base[4:]]) == 0
+    printed = capsys.readouterr().out
+    assert format_metrics(evaluate(result.engine, result.task, splits.test)) in printed
+    assert ("early exit: off (the task's stored policy, as the service answers): no row left early; 16 ran all 4 "
+            "layers; mean exit layer 4.00; the stored policy is off, so these are the full-depth scores\n") in printed
+
 
 def test_training_warns_of_a_policy_left_at_its_uncalibrated_default(tiny, csvs, monkeypatch, caplog):
     """A policy no dev threshold qualified for answers requests that name it at DEFAULT_THRESHOLDS

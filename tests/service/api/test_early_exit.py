@@ -173,3 +173,67 @@ def test_a_request_naming_only_a_policy_gets_the_tasks_calibrated_threshold(tmp_
         assert layers({"policy": "confidence"}) == [1, 1]  # calibrated 0.0
         assert layers({"policy": "confidence", "threshold": 0.9}) == [2, 2]
         assert layers({"policy": "patience"}) == [2, 2]  # not calibrated: the default 2, and 2 layers
+
+
+
+def _off_exit_bundle(tmp_path: Path) -> tuple[Path, dict, bytes]:
+    """(a tiny 2-layer backbone, the config and the weights of an exit task stored with policy off,
+    as `adaptserve train --early-exit` publishes one where no confidence threshold qualified)."""
+    import dataclasses
+    import json
+
+    from service.engine.backbone import load_backbone
+    from service.engine.bundle import bundle_bytes
+    from service.methods.exits import ExitPolicy
+
+    backbone_dir = save_tiny_backbone("bert", tmp_path / "backbone")  # 2 layers: only layer 0 can exit early
+    info = load_backbone(backbone_dir, device="cpu", dtype="float32").info
+    g = torch.Generator().manual_seed(0)
+    exits = dataclasses.replace(ExitWeights.init(info, num_labels=2, generator=g), policy=ExitPolicy("off"))
+    spec = {"labels": ["neg", "pos"], "max_length": 32, "backbone": {"fingerprint": info.fingerprint}}
+    config, tensors = bundle_bytes(spec, {"head": random_head(info, g), "exits": exits})
+    (tmp_path / "store").mkdir()
+    return backbone_dir, json.loads(config), tensors
+
+
+def _upload_exits(client: TestClient, task: str, config: dict, tensors: bytes, **exits: object):
+    """Upload the bundle with these fields of its exits section replaced."""
+    import json
+
+    from tests.hotswap.bundles import files
+
+    cfg = json.loads(json.dumps(config))
+    cfg["methods"]["exits"].update(exits)
+    return client.post(f"/v1/tasks/{task}/versions", files=files(json.dumps(cfg).encode(), tensors))
+
+
+def test_a_task_stored_with_policy_off_shows_no_threshold(tmp_path: Path) -> None:
+    """`off` has no threshold: the bundle and `GET /v1/tasks/{task}` say null, as `adaptserve
+    evaluate --json` does (they used to say the class default 0.9), and a bundle stored by earlier
+    versions with a number there still loads and says null."""
+    backbone_dir, config, tensors = _off_exit_bundle(tmp_path)
+    assert config["methods"]["exits"]["threshold"] is None  # what the trainer publishes
+    app = create_app(Settings(store=tmp_path / "store", backbone=backbone_dir, device="cpu", dtype="float32"))
+    with TestClient(app) as client:
+        wait_ready(client, timeout_s=60)
+        for task, exits in (("off", {}), ("older", {"threshold": 0.9})):
+            response = _upload_exits(client, task, config, tensors, **exits)
+            assert response.status_code == 201, response.text
+            shown = client.get(f"/v1/tasks/{task}").json()["methods"]["exits"]
+            assert (shown["policy"], shown["threshold"]) == ("off", None), shown
+
+
+def test_exit_layers_stated_in_the_config_must_be_the_ones_the_tensors_hold(tmp_path: Path) -> None:
+    """An exits section listing `layers` must list the layers its exits.* tensors hold (the
+    trainer writes exactly those): an upload that does not is 422 naming both."""
+    backbone_dir, config, tensors = _off_exit_bundle(tmp_path)
+    assert config["methods"]["exits"]["layers"] == [0]
+    app = create_app(Settings(store=tmp_path / "store", backbone=backbone_dir, device="cpu", dtype="float32"))
+    with TestClient(app) as client:
+        wait_ready(client, timeout_s=60)
+        assert _upload_exits(client, "ok", config, tensors).status_code == 201
+        response = _upload_exits(client, "fewer", config, tensors, layers=[0, 1])
+        assert response.status_code == 422, response.text
+        assert "'layers' is [0, 1], but the exits.* tensors hold exit classifiers for layers [0]" in response.text
+        response = _upload_exits(client, "odd", config, tensors, layers="all")
+        assert response.status_code == 422 and "'layers' must be a list of layer indices, got 'all'" in response.text
