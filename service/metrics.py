@@ -26,6 +26,20 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 EXIT_LAYER_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 16, 24, 32, 48)
 
 
+# An admin request's outcome, from its status: a few fixed words, so that an operator can alert on
+# `refused` or `unavailable` without knowing every status, and the series count stays fixed.
+_ADMIN_OUTCOMES = {401: "denied", 403: "denied", 404: "not_found", 409: "conflict", 429: "refused",
+                   499: "client_gone", 503: "unavailable"}
+
+
+def admin_outcome(status: int) -> str:
+    """`ok` (2xx), a word for the statuses that mean something to an operator, else `invalid`
+    (another 4xx: the request was wrong) or `error` (another 5xx)."""
+    if 200 <= status < 300:
+        return "ok"
+    return _ADMIN_OUTCOMES.get(status) or ("invalid" if 400 <= status < 500 else "error")
+
+
 class Metrics:
     """Every metric the service exports, in its own `CollectorRegistry`."""
 
@@ -63,12 +77,21 @@ class Metrics:
             buckets=EXIT_LAYER_BUCKETS,
             registry=self.registry,
         )
+        self.admin_actions = Counter(
+            "adaptserve_admin_actions",
+            "Admin requests (uploads, activations, rollbacks, deletions) by action and outcome.",
+            ["action", "outcome"],
+            registry=self.registry,
+        )
         self._live = _LiveCollector()
         self.registry.register(self._live)
 
     def observe_request(self, task: str, status: int, seconds: float) -> None:
         self.requests.labels(task=task, status=str(status)).inc()
         self.request_latency.labels(task=task).observe(seconds)
+
+    def observe_admin(self, action: str, status: int) -> None:
+        self.admin_actions.labels(action=action, outcome=admin_outcome(status)).inc()
 
     def observe_exits(self, task: str, layers: "list[int | None]") -> None:
         histogram = self.exit_layer.labels(task=task)

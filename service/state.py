@@ -92,5 +92,7 @@ class ServiceState:
         if self.runtime is None:
             if self.startup_error is not None:
                 raise NotReady(f"server failed to start: {self.startup_error}")
-            raise NotReady("server is starting: the backbone is loading")
+            # Loading takes seconds to a minute; a refused request costs nothing, so a client polls
+            # once a second. A failed start gets no Retry-After: no retry helps until a restart.
+            raise NotReady("server is starting: the backbone is loading", headers={"Retry-After": "1"})
         return self.runtime

@@ -202,18 +202,38 @@ def _stalled(timeout_s: float | None, size: int) -> BodyTimeout:
                        "(ADAPTSERVE_BODY_READ_TIMEOUT_S); send the whole body without pausing")
 
 
+# The admin routes (service.api.admin), as `adaptserve_admin_actions_total` names their actions.
+ADMIN_ACTIONS = (
+    ("POST", UPLOAD_PATH, "upload"),
+    ("POST", re.compile(r"^/v1/tasks/[^/]+/versions/[^/]+/activate$"), "activate"),
+    ("POST", re.compile(r"^/v1/tasks/[^/]+/rollback$"), "rollback"),
+    ("DELETE", re.compile(r"^/v1/tasks/[^/]+/versions/[^/]+$"), "delete_version"),
+    ("DELETE", re.compile(r"^/v1/tasks/[^/]+$"), "delete_task"),
+)
+
+
+def _admin_action(method: str, path: str) -> str | None:
+    return next((action for m, pattern, action in ADMIN_ACTIONS if m == method and pattern.match(path)), None)
+
+
 class RequestMetricsMiddleware:
-    """Counts classify requests by task name and status and times them, whatever answered them
-    (route, validation, body limit, error handler). A request nobody answered because its client
-    left (mid-body, say) is a 499, as the route's own answer to a client gone is, not a 500."""
+    """Counts classify requests by task name and status and times them, and admin requests by
+    action and outcome, whatever answered them (route, validation, body limit, token check, error
+    handler). A request nobody answered because its client left (mid-body, say) is a 499, as the
+    route's own answer to a client gone is, not a 500."""
 
     def __init__(self, app: ASGIApp, state: ServiceState) -> None:
         self.app = app
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = CLASSIFY_PATH.match(scope.get("path", "")) if scope["type"] == "http" else None
-        if match is None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        match = CLASSIFY_PATH.match(path)
+        action = None if match is not None else _admin_action(scope.get("method", ""), path)
+        if match is None and action is None:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
@@ -237,7 +257,11 @@ class RequestMetricsMiddleware:
         finally:
             if status is None:  # nothing answered: the client left first (e.g. mid-body), else a failure
                 status = ClientDisconnected.status_code if left else 500
-            name = match["task"]
-            # Only names that exist in the store become labels: clients cannot add series.
-            label = name if self.state.registry.known(name) else UNKNOWN_TASK
-            self.state.metrics.observe_request(label, status, time.perf_counter() - started)
+            if action is not None:
+                self.state.metrics.observe_admin(action, status)
+            else:
+                assert match is not None
+                name = match["task"]
+                # Only names that exist in the store become labels: clients cannot add series.
+                label = name if self.state.registry.known(name) else UNKNOWN_TASK
+                self.state.metrics.observe_request(label, status, time.perf_counter() - started)

@@ -616,3 +616,23 @@ def test_the_versions_listing_says_why_a_task_has_no_active_version(make_client,
     uploaded = client.post("/v1/tasks/t/versions", files=files(*make_bundle(info, seed=1)), headers=AUTH_ADMIN)
     assert uploaded.status_code == 201, uploaded.text
     assert client.get("/v1/tasks/t/versions", headers=AUTH_READER).json()["error"] is None
+
+
+def test_a_replica_that_never_reached_redis_labels_and_counts_by_what_it_serves(make_client, info) -> None:
+    """Redis down since start: the tasks served from the store's ACTIVE pointers are labelled by
+    name (not `_unknown`), a name the store lacks still is not, and the refused upload is counted."""
+    from tests.hotswap.servers import free_port
+    from tests.hotswap.test_versions_api import classify_version, upload
+    from tests.service.api.harness import admin_actions
+
+    version = upload(make_client(), "sentiment", make_bundle(info, seed=1)).json()["version"]  # a local replica
+    client = make_client(redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_timeout_s=0.5)
+    assert client.get("/readyz").json()["registry"]["connected"] is False
+    assert classify_version(client) == version
+    assert client.post("/v1/tasks/made-up/classify", json={"inputs": ["x"]}, headers=AUTH_READER).status_code == 404
+    refused = upload(client, "sentiment", make_bundle(info, seed=2))
+    assert refused.status_code == 503 and refused.json()["error_type"] == "registry_unavailable"
+    text = client.get("/metrics").text
+    assert 'adaptserve_requests_total{status="200",task="sentiment"} 1.0' in text
+    assert 'adaptserve_requests_total{status="404",task="_unknown"} 1.0' in text and "made-up" not in text
+    assert admin_actions(text) == {("upload", "unavailable"): 1}

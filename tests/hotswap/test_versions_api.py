@@ -16,6 +16,7 @@ from service.engine.bundle import content_version
 from service.engine.types import TaskKey
 from tests.hotswap.bundles import CONFIG, WEIGHTS, files, make_bundle, tar_gz_bytes, zip_bytes
 from tests.hotswap.conftest import AUTH_ADMIN, AUTH_READER
+from tests.service.api.harness import admin_actions
 
 VERSIONS = "/v1/tasks/{}/versions"
 
@@ -108,6 +109,39 @@ def test_delete_refuses_the_active_version_but_deletes_the_task(make_client, inf
     gone = client.post("/v1/tasks/sentiment/classify", json={"inputs": ["x"]}, headers=AUTH_READER)
     assert gone.status_code == 404
     assert client.delete("/v1/tasks/sentiment", headers=AUTH_ADMIN).status_code == 404
+
+
+def test_admin_requests_are_counted_once_by_action_and_outcome(make_client, info) -> None:
+    """Whatever answered: the route, the token check, the body's media type, a bad task name. No
+    task name or version becomes a label."""
+    client = make_client()
+    sentiment = VERSIONS.format("sentiment")
+    bundle = make_bundle(info, seed=1)
+    v1 = upload(client, "sentiment", bundle).json()["version"]  # 201
+    assert upload(client, "sentiment", bundle).status_code == 200  # the same again: nothing created, still ok
+    v2 = upload(client, "sentiment", make_bundle(info, seed=2), activate="false").json()["version"]
+    assert client.post(sentiment, files=files(*bundle)).status_code == 401  # no token
+    assert client.post(sentiment, files=files(*bundle), headers=AUTH_READER).status_code == 403
+    assert client.post(sentiment, content=b"{}", headers={**AUTH_ADMIN, "content-type": "application/json"}).status_code == 415
+    assert client.post(f"{sentiment}/{v2}/activate", headers=AUTH_ADMIN).status_code == 200
+    assert client.post(f"{sentiment}/nosuchversion/activate", headers=AUTH_ADMIN).status_code == 404
+    assert client.post("/v1/tasks/sentiment/rollback", headers=AUTH_ADMIN).status_code == 200
+    assert client.post("/v1/tasks/sentiment/rollback", headers=AUTH_ADMIN).status_code == 409  # nothing to go back to
+    assert client.delete(f"{sentiment}/{v1}", headers=AUTH_ADMIN).status_code == 409  # the active one
+    assert client.delete(f"{sentiment}/{v2}/", headers=AUTH_ADMIN).status_code == 200  # a trailing slash is the same path
+    assert client.delete("/v1/tasks/bad%20name", headers=AUTH_ADMIN).status_code == 422
+    assert client.delete("/v1/tasks/sentiment", headers=AUTH_ADMIN).status_code == 200
+    assert client.delete("/v1/tasks/sentiment", headers=AUTH_ADMIN).status_code == 404
+    assert client.get(sentiment, headers=AUTH_READER).status_code == 404  # a read: not an admin action
+    text = client.get("/metrics").text
+    assert admin_actions(text) == {
+        ("upload", "ok"): 3, ("upload", "denied"): 2, ("upload", "invalid"): 1,
+        ("activate", "ok"): 1, ("activate", "not_found"): 1,
+        ("rollback", "ok"): 1, ("rollback", "conflict"): 1,
+        ("delete_version", "conflict"): 1, ("delete_version", "ok"): 1,
+        ("delete_task", "invalid"): 1, ("delete_task", "ok"): 1, ("delete_task", "not_found"): 1,
+    }
+    assert v1 not in text and "bad name" not in text
 
 
 @pytest.mark.parametrize("kind", ["zip", "tar.gz"])

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.settings import Settings
@@ -34,3 +35,10 @@ def server_timing(header: str) -> dict[str, tuple[float, str | None]]:
         fields = dict(param.split("=", 1) for param in params)
         spans[name] = (float(fields["dur"]), fields["desc"].strip('"') if "desc" in fields else None)
     return spans
+
+
+def admin_actions(metrics_text: str) -> dict[tuple[str, str], float]:
+    """`adaptserve_admin_actions_total` of a /metrics answer as {(action, outcome): count}."""
+    return {(sample.labels["action"], sample.labels["outcome"]): sample.value
+            for family in text_string_to_metric_families(metrics_text) if family.name == "adaptserve_admin_actions"
+            for sample in family.samples if sample.name == "adaptserve_admin_actions_total"}

@@ -34,6 +34,7 @@ def test_not_ready_until_warmup_is_done(store: Path) -> None:
         assert client.head("/readyz").status_code == 503 and client.head("/healthz").status_code == 200  # HEAD agrees
         refused = client.post("/v1/tasks/sentiment/classify", json={"inputs": ["x"]})
         assert refused.status_code == 503 and refused.json()["error_type"] == "not_ready"
+        assert refused.headers["Retry-After"] == "1"  # soon, as a 429 says
         engine.warmup_gate.set()
         wait_ready(client)
         assert engine.warmed
@@ -53,6 +54,7 @@ def test_a_failed_startup_is_reported_by_both_probes(store: Path) -> None:
         assert ready.status_code == 503 and ready.json()["status"] == "failed"
         response = client.post("/v1/tasks/sentiment/classify", json={"inputs": ["x"]})
         assert response.status_code == 503 and "CUDA out of memory" in response.json()["error"]
+        assert "Retry-After" not in response.headers  # no retry helps until a restart
 
 
 def test_metrics_count_requests_by_task_and_status(client: TestClient) -> None:

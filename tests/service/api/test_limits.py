@@ -21,7 +21,7 @@ from service.settings import Settings
 from tests.aio import async_test, wait_until
 from tests.factories import random_head, random_lora, save_tiny_backbone, save_tiny_lm, verbalizer_task
 from tests.fakes import FakeEngine, write_task
-from tests.service.api.harness import make_app, wait_ready
+from tests.service.api.harness import admin_actions, make_app, wait_ready
 
 TEN_WORDS = "the movie was great fun and the plot was good"  # 10 word-level tokens + [CLS], [SEP]
 
@@ -175,7 +175,10 @@ async def test_uploads_beyond_the_concurrent_cap_get_429_before_their_body_is_re
             release.set()
             assert (await first).status_code == 422  # no files: refused, but it was read
             third = await client.post("/v1/tasks/sentiment/versions", content=b"--x--\r\n", headers=headers)
-            assert third.status_code != 429  # the slot was given back
+            assert third.status_code == 422  # the slot was given back
+            # Each counted once, as what it is: the upload slot's 429 a refusal, the two empty forms invalid.
+            counted = admin_actions((await client.get("/metrics")).text)
+            assert counted == {("upload", "refused"): 1, ("upload", "invalid"): 2}
 
 
 def test_the_upload_cap_is_a_setting() -> None:
