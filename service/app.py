@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None, engine: EngineLike | None = Non
         queue_depth=lambda: state.runtime.scheduler.queue_depth if state.runtime else 0,
         ready=lambda: state.ready,
         registry_status=state.registry.status,
+        pool_bytes=slots.pool_bytes,
     )
 
     @contextlib.asynccontextmanager
@@ -121,8 +122,9 @@ async def _start(state: ServiceState, engine: EngineLike | None) -> None:
         def to_device(task):
             return task.to(ready_engine.backbone.device) if hasattr(task, "to") else task
 
-        # The methods' slot pools (padded device copies of recently batched tasks) are each capped
-        # at the device tier's budget too (a widening to a larger rank aside: docs/architecture.md).
+        # The methods' slot pools (padded device copies of recently batched tasks) share one cap,
+        # the device tier's budget, on top of the cache (a widening to a larger rank, and a batch
+        # needing more slots than fit, aside: docs/architecture.md).
         slots.configure(settings.cache_max_bytes)
         # On the CPU the device is host memory: the tiers then move tasks without copies or threads.
         device = getattr(getattr(ready_engine, "backbone", None), "device", None)

@@ -116,6 +116,7 @@ class Metrics:
         queue_depth: Callable[[], int],
         ready: Callable[[], bool],
         registry_status: Callable[[], dict[str, Any]] | None = None,
+        pool_bytes: Callable[[], int] | None = None,
     ) -> None:
         """Tell the registry where to read the figures it reports at scrape time."""
         self._live.cache_stats = cache_stats
@@ -123,6 +124,8 @@ class Metrics:
         self._live.ready = ready
         if registry_status is not None:
             self._live.registry_status = registry_status
+        if pool_bytes is not None:
+            self._live.pool_bytes = pool_bytes
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
@@ -130,13 +133,14 @@ class Metrics:
 
 
 class _LiveCollector(Collector):
-    """Reads cache counters, queue depth and readiness when Prometheus scrapes."""
+    """Reads cache counters, slot pool bytes, queue depth and readiness when Prometheus scrapes."""
 
     def __init__(self) -> None:
         self.cache_stats: Callable[[], CacheStats | None] = lambda: None
         self.queue_depth: Callable[[], int] = lambda: 0
         self.ready: Callable[[], bool] = lambda: False
         self.registry_status: Callable[[], dict[str, Any]] = lambda: {}
+        self.pool_bytes: Callable[[], int] = lambda: 0
 
     def describe(self) -> list:
         return []  # families are only known at collect time; nothing to check for clashes
@@ -160,6 +164,9 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily("adaptserve_cache_entries", "Tasks resident on the device.", value=stats.entries)
         yield GaugeMetricFamily("adaptserve_cache_host_bytes", "Bytes of tasks kept in host memory.", value=stats.host_bytes)
         yield GaugeMetricFamily("adaptserve_cache_host_entries", "Tasks kept in host memory.", value=stats.host_entries)
+        yield GaugeMetricFamily("adaptserve_slot_pool_bytes",
+                                "Bytes of the methods' slot pools (padded device copies of batched tasks).",
+                                value=self.pool_bytes())
         registry = self.registry_status() or {}
         if "connected" in registry:
             yield GaugeMetricFamily(

@@ -81,6 +81,36 @@ Key = Hashable
 Entries = Mapping[Key, tuple[Tensor, ...]]
 
 
+class Budget:
+    """One byte cap shared by every pool on it (all the methods' pools share `BUDGET`): a pool's
+    tables may grow only while the pools together stay within `max_bytes` (None: no cap).
+
+    Each pool keeps its own tables and evicts only its own slots; the budget just tells it how
+    many bytes the other pools hold. Two pools growing at once in two threads could each count the
+    other's size from before; serving runs one forward at a time, so that does not arise there."""
+
+    def __init__(self, max_bytes: int | None = None):
+        self.max_bytes = max_bytes
+        self._pools: weakref.WeakSet[SlotPool] = weakref.WeakSet()
+
+    def join(self, pool: "SlotPool") -> None:
+        self._pools.add(pool)
+
+    def nbytes(self) -> int:
+        """Bytes of every pool's tables."""
+        return sum(p.nbytes() for p in list(self._pools))
+
+    def room(self, pool: "SlotPool") -> int | None:
+        """Bytes `pool`'s tables may take: the cap less what the other pools hold (None: no cap)."""
+        if self.max_bytes is None:
+            return None
+        return self.max_bytes - sum(p.nbytes() for p in list(self._pools) if p is not pool)
+
+
+# The service's budget, set from the cache's device budget by `configure`.
+BUDGET = Budget()
+
+
 # Per-row work on packed positions can run as one small matmul per span of rows sharing a task
 # (no padded copies: the SGMV idea) or as one padded bmm over every row (unpack, bmm, pack). On
 # CPU, measured on MiniLM (bench/engine_methods.py, bench/engine_lora.py): spans win when few rows
@@ -130,18 +160,19 @@ class SlotPool:
     `entries(weights)` says what a task contributes: key -> tensors in the layout the batched op
     reads (transposed, scaled, ...). A task gets its slot the first time a batch uses it. A slot is
     given back when the weights object is garbage-collected (the task cache dropped it and no batch
-    holds it) or, once the tables reach `MAX_BYTES`, when a batch needs room: the least recently
-    batched slot that no batch in flight uses is evicted (its task is written again if it comes
-    back). Slot 0 is all zeros in every table: rows whose task has nothing at a key read zeros, so
-    batched ops leave them unchanged; a reused slot is zeroed first.
+    holds it) or, once the pools on its `Budget` together reach the cap, when a batch needs room:
+    the least recently batched slot of this pool that no batch in flight uses is evicted (its task
+    is written again if it comes back). Slot 0 is all zeros in every table: rows whose task has
+    nothing at a key read zeros, so batched ops leave them unchanged; a reused slot is zeroed first.
     """
 
-    # Byte cap on each pool's tables (set from the cache's device budget by the service: see
-    # `configure`); None: grow as needed. A batch that needs more slots than fit still gets them.
-    MAX_BYTES: int | None = None
-
-    def __init__(self, entries: Callable[[Any], Entries]):
+    def __init__(self, entries: Callable[[Any], Entries], budget: Budget | None = None):
+        """`budget`: the byte cap this pool shares (default `BUDGET`, the service's). A batch that
+        needs more slots than fit still gets them."""
         self._entries = entries
+        self._budget = BUDGET if budget is None else budget
+        self._budget.join(self)
+        self._bytes = 0  # of the tables, kept up to date under the lock: other pools read it
         self._lock = threading.Lock()
         self._slot: dict[int, int] = {}  # id(weights) -> slot
         self._owner: dict[int, int] = {}  # slot -> id(weights)
@@ -162,7 +193,8 @@ class SlotPool:
         return len(self._slot)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for ts in self._tables.values() for t in ts)
+        """Bytes of this pool's tables."""
+        return self._bytes
 
     def gather(self, parts: Sequence[Any | None], row_part: Tensor) -> "PoolRows":
         """Slots for this batch's tasks (writing any task not yet pooled), as per-row indices. The
@@ -229,8 +261,9 @@ class SlotPool:
         """A slot for a new task (`need`: its bytes in one slot): a new one while the byte cap
         allows, else the least recently batched slot no batch in flight uses, else (everything
         pinned) a new one anyway."""
-        if self.MAX_BYTES is not None and self._next >= self._capacity and self._tables:
-            if (self._capacity + 1) * self._slot_bytes(need) > self.MAX_BYTES:  # not one more slot fits
+        if self._next >= self._capacity and self._tables:
+            room = self._budget.room(self)
+            if room is not None and (self._capacity + 1) * self._slot_bytes(need) > room:  # not one more slot fits
                 victim = next((s for s in self._lru if s not in batch and not self._pins[s]), None)
                 if victim is not None:
                     self._release(victim)
@@ -247,11 +280,13 @@ class SlotPool:
         self._next += 1
         if s >= self._capacity:  # double every table, within the byte cap (but always to hold slot s)
             cap = max(8, 2 * self._capacity)
-            if self.MAX_BYTES is not None:  # a task near the cap in size gets slot 0 and itself, not 8 slots
-                cap = max(s + 1, min(cap, self.MAX_BYTES // self._slot_bytes(need)))
+            room = self._budget.room(self)
+            if room is not None:  # a task near the cap in size gets slot 0 and itself, not 8 slots
+                cap = max(s + 1, min(cap, room // self._slot_bytes(need)))
             for key, ts in self._tables.items():
                 self._tables[key] = tuple(_resized(t, (cap, *t.shape[1:])) for t in ts)
             self._capacity = cap
+            self._measure()
         return s
 
     def _fit(self, key: Key, ts: tuple[Tensor, ...]) -> None:
@@ -259,11 +294,16 @@ class SlotPool:
         cur = self._tables.get(key)
         if cur is None:  # `_grab` sized the capacity already (the first task's slot comes from it)
             self._tables[key] = tuple(t.new_zeros((self._capacity, *t.shape)) for t in ts)
-            return
-        if any(t.shape[d] > c.shape[d + 1] for t, c in zip(ts, cur) for d in range(t.dim())):
+        elif any(t.shape[d] > c.shape[d + 1] for t, c in zip(ts, cur) for d in range(t.dim())):
             self._tables[key] = tuple(
                 _resized(c, (c.shape[0], *(max(a, b) for a, b in zip(c.shape[1:], t.shape)))) for c, t in zip(cur, ts)
             )
+        else:
+            return
+        self._measure()
+
+    def _measure(self) -> None:
+        self._bytes = sum(t.numel() * t.element_size() for ts in self._tables.values() for t in ts)
 
     def _release(self, s: int) -> None:
         """Forget slot s's task, zero its entries (a reused slot must not leak them), free it."""
@@ -290,9 +330,14 @@ class _Pin:
 
 
 def configure(max_bytes: int | None) -> None:
-    """Cap every method's pool at `max_bytes` of tables (the service passes its device-tier cache
-    budget: the pools then hold at most about as much as the cache, padded)."""
-    SlotPool.MAX_BYTES = max_bytes
+    """Cap the methods' pools together at `max_bytes` of tables (the service passes its device-tier
+    cache budget: the pools then hold at most about as much as the cache, padded)."""
+    BUDGET.max_bytes = max_bytes
+
+
+def pool_bytes() -> int:
+    """Bytes the methods' pools hold now (the `adaptserve_slot_pool_bytes` gauge)."""
+    return BUDGET.nbytes()
 
 
 def _resized(t: Tensor, shape: tuple[int, ...]) -> Tensor:

@@ -12,9 +12,10 @@ import torch
 
 from service.engine.engine import Engine
 from service.engine.types import ClassifyItem, TaskKey
-from service.methods import lora, slots
+from service.methods import adapter, head, lora, prefix, prompt, slots
 from tests.engine.test_mixed_batch import _texts
-from tests.factories import publish, random_adapter, random_head, random_lora, random_method, tiny_backbone
+from tests.factories import (publish, random_adapter, random_head, random_lora, random_method, random_prefix,
+                             random_prompt, tiny_backbone)
 
 ATOL = 1e-5
 
@@ -132,9 +133,8 @@ def test_pool_capped_in_bytes_evicts_least_recent_unpinned_slots(tmp_path, monke
     engine = Engine(tiny_backbone("bert", tmp_path))
     info, g, store = engine.backbone.info, torch.Generator().manual_seed(4), tmp_path / "store"
     tasks = [_publish(engine, store, f"c{i}", {"lora": random_lora(info, g, r=2), "head": random_head(info, g)}) for i in range(40)]
-    pool = slots.SlotPool(lora._pool_entries)
+    pool = slots.SlotPool(lora._pool_entries, slots.Budget(1))  # as small as can be: evict whenever growth is due
     monkeypatch.setattr(lora, "POOL", pool)
-    monkeypatch.setattr(slots.SlotPool, "MAX_BYTES", 1)  # as small as can be: evict whenever growth is due
     for start in (0, 10, 20, 30, 0, 25):
         assert _pooled_vs_built(engine, tasks[start:start + 10], n_rows=20) <= ATOL
     assert pool.evictions > 0
@@ -147,14 +147,13 @@ def test_pool_capped_in_bytes_evicts_least_recent_unpinned_slots(tmp_path, monke
     assert held.slot.numel() == 10
 
 
-def test_a_task_near_the_byte_cap_gets_two_slots_not_eight(monkeypatch):
+def test_a_task_near_the_byte_cap_gets_two_slots_not_eight():
     """The first tables are sized by the cap too: a task of 10 MB under a 12 MB cap (the cache's
     device budget) costs slot 0 and its own slot, not the 8 slots (80 MB) a fresh pool starts with;
     the next task takes its slot instead of growing the tables."""
-    pool = slots.SlotPool(lambda w: {"k": (w.t,)})
     big, other = _W(torch.full((64, 100), 1.0)), _W(torch.full((64, 100), 2.0))
     size = big.t.numel() * big.t.element_size()
-    monkeypatch.setattr(slots.SlotPool, "MAX_BYTES", size * 3 // 2)
+    pool = slots.SlotPool(lambda w: {"k": (w.t,)}, slots.Budget(size * 3 // 2))
     assert torch.equal(pool.gather([big], torch.tensor([0])).rows("k", 0)[0], big.t)
     assert pool.nbytes() == 2 * size
     assert torch.equal(pool.gather([other], torch.tensor([0])).rows("k", 0)[0], other.t)
@@ -162,6 +161,44 @@ def test_a_task_near_the_byte_cap_gets_two_slots_not_eight(monkeypatch):
     held = pool.gather([big], torch.tensor([0]))  # pinned: the next task cannot take its slot ...
     assert torch.equal(pool.gather([other], torch.tensor([0])).rows("k", 0)[0], other.t)
     assert pool.nbytes() == 3 * size and held.slot.numel() == 1  # ... so it gets one more slot, no more
+
+
+_METHODS = (lora, adapter, prefix, prompt, head)
+
+
+def _fresh_pools(monkeypatch, budget: slots.Budget) -> list[slots.SlotPool]:
+    """Empty pools on `budget` in place of every method's pool."""
+    pools = [slots.SlotPool(m._pool_entries, budget) for m in _METHODS]
+    for m, pool in zip(_METHODS, pools):
+        monkeypatch.setattr(m, "POOL", pool)
+    return pools
+
+
+def test_the_methods_pools_share_one_byte_cap(tmp_path, monkeypatch):
+    """With tasks of every method, the pools together stay within the one cap (the cache's device
+    budget) that `configure` sets (capped each on its own, as before, these five grew to twice it:
+    no pool alone reaches the cap). Answers stay exact; the gauge's figure is what the pools hold."""
+    engine = Engine(tiny_backbone("bert", tmp_path))
+    info, g, store = engine.backbone.info, torch.Generator().manual_seed(5), tmp_path / "store"
+    tasks = [_publish(engine, store, f"m{i}", {"lora": random_lora(info, g, r=2),
+                                               "adapter": random_adapter(info, g, bottleneck=4),
+                                               "prefix": random_prefix(info, g), "prompt": random_prompt(info, g),
+                                               "head": random_head(info, g)}) for i in range(12)]
+    uncapped = _fresh_pools(monkeypatch, slots.Budget())
+    assert _pooled_vs_built(engine, tasks[:2], n_rows=6) <= ATOL
+    held = [p.nbytes() for p in uncapped]  # each pool's first tables: 8 slots
+    assert all(held)
+    # less than the five first tables together, by half the smallest: whichever pool grows last
+    # still finds room for 4 slots of its own (a batch of 2 tasks needs 3)
+    cap = sum(held) - min(held) // 2
+    monkeypatch.setattr(slots, "BUDGET", slots.Budget())
+    slots.configure(cap)  # as the service does, from ADAPTSERVE_CACHE_MAX_BYTES
+    pools = _fresh_pools(monkeypatch, slots.BUDGET)
+    for start in range(0, 24, 2):  # every task twice: more tasks than 8 slots hold
+        assert _pooled_vs_built(engine, (tasks + tasks)[start:start + 2], n_rows=6) <= ATOL
+        assert sum(p.nbytes() for p in pools) <= cap
+    assert sum(p.evictions for p in pools) > 0
+    assert slots.pool_bytes() == sum(p.nbytes() for p in pools) > 0
 
 
 def test_per_batch_tables_map_rows_to_slots_without_reading_the_device():

@@ -8,7 +8,10 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
+import torch
 from fastapi.testclient import TestClient
+
+from service.methods import slots
 
 from tests.fakes import FakeEngine
 from tests.service.api.harness import make_app, wait_ready
@@ -80,6 +83,18 @@ def test_metrics_count_requests_by_task_and_status(client: TestClient) -> None:
     assert "adaptserve_cache_bytes 1000.0" in text
     assert "adaptserve_queue_depth 0.0" in text
     assert "adaptserve_ready 1.0" in text
+
+
+def test_metrics_report_the_bytes_the_slot_pools_hold(client: TestClient, monkeypatch) -> None:
+    """The methods' slot pools (device copies of batched tasks, on top of the cache) show in a
+    gauge: what every pool on the service's budget holds at scrape time."""
+    monkeypatch.setattr(slots, "BUDGET", slots.Budget())
+    pools = [slots.SlotPool(lambda w: {"k": (w,)}) for _ in range(2)]
+    assert "adaptserve_slot_pool_bytes 0.0" in client.get("/metrics").text
+    weights = torch.ones(4, 8)  # 128 bytes a slot; a fresh pool starts with 8 slots
+    pools[0].gather([weights], torch.zeros(1, dtype=torch.long))
+    pools[1].gather([weights[:2]], torch.zeros(1, dtype=torch.long))
+    assert "adaptserve_slot_pool_bytes 1536.0" in client.get("/metrics").text  # 8 x 128 + 8 x 64
 
 
 @contextlib.contextmanager
