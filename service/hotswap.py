@@ -146,7 +146,7 @@ class TaskAdmin:
             if activate:
                 runtime.cache.insert(key, loaded)  # warm before the flip: the first request does not load
             meta = {"uploaded_at": round(time.time(), 3), "bytes": len(files.config) + len(files.weights),
-                    "source": files.source, "kind": files.kind}
+                    "source": files.source, "kind": files.kind, "warnings": list(warnings)}
             record = await self.state.registry.add_version(task, version, meta, activate=activate, created=created)
         log.info("task %s: %s version %s (%s upload)%s", task, "stored" if created else "re-sent", version,
                  files.source, ", now active" if record.active == version else "")
@@ -271,6 +271,7 @@ class TaskAdmin:
                 "uploaded_at": meta.get("uploaded_at"),
                 "bytes": meta.get("bytes"),
                 "source": meta.get("source"),
+                "warnings": meta.get("warnings", []),  # none recorded before uploads kept them
                 "problem": problems.get(version),
             })
         error = None

@@ -191,6 +191,11 @@ class VersionInfo(BaseModel):
     uploaded_at: float | None = Field(default=None, description="Unix time of the upload (null if not uploaded through the API).")
     bytes: int | None = Field(default=None, description="Size of its two files when uploaded (null if not uploaded through the API).")
     source: str | None = None
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="The upload's `warnings`, kept with the version (e.g. a PEFT adapter for another base model). "
+        "Empty when there were none, or when it was not uploaded through the API.",
+    )
     problem: str | None = Field(default=None, description=PROBLEM_DOC)
 
 
