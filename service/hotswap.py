@@ -72,6 +72,8 @@ def load_upload(engine: "EngineLike", key: TaskKey, files: BundleFiles) -> "Task
             from service.methods.exits import ExitPolicy  # imports torch: only for exit tasks
 
             full_depth = ExitPolicy("off")
+            if problems := task.exit_problems():
+                raise BundleError(problems[0], problems=problems)
         probe = [ClassifyItem(task, "a short probe text", pair), ClassifyItem(task, "another one", pair, full_depth)]
         for answer in engine.classify(probe):  # a row with non-finite logits comes back as an error
             if isinstance(answer, Exception):

@@ -31,7 +31,8 @@ class EarlyExit(BaseModel):
 
     policy: ExitPolicyName = Field(
         description="`confidence`: leave when the learned confidence >= threshold; `entropy`: when the "
-        "exit's softmax entropy (nats) <= threshold; `patience`: when `threshold` consecutive exits agree; "
+        "exit's softmax entropy (nats) <= threshold; `patience`: when `threshold` consecutive exits agree "
+        "(at most the task's number of exit layers: more is refused with 422, as it could never exit); "
         "`off`: run every layer."
     )
     # strict: a JSON number only (not true, not "0.5"), as the OpenAPI document says
