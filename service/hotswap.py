@@ -72,6 +72,8 @@ def load_upload(engine: "EngineLike", key: TaskKey, files: BundleFiles) -> "Task
             from service.methods.exits import ExitPolicy  # imports torch: only for exit tasks
 
             full_depth = ExitPolicy("off")
+            if problems := task.exit_problems():
+                raise BundleError(problems[0], problems=problems)
         probe = [ClassifyItem(task, "a short probe text", pair), ClassifyItem(task, "another one", pair, full_depth)]
         for answer in engine.classify(probe):  # a row with non-finite logits comes back as an error
             if isinstance(answer, Exception):
@@ -146,7 +148,7 @@ class TaskAdmin:
             if activate:
                 runtime.cache.insert(key, loaded)  # warm before the flip: the first request does not load
             meta = {"uploaded_at": round(time.time(), 3), "bytes": len(files.config) + len(files.weights),
-                    "source": files.source, "kind": files.kind}
+                    "source": files.source, "kind": files.kind, "warnings": list(warnings)}
             record = await self.state.registry.add_version(task, version, meta, activate=activate, created=created)
         log.info("task %s: %s version %s (%s upload)%s", task, "stored" if created else "re-sent", version,
                  files.source, ", now active" if record.active == version else "")
@@ -271,6 +273,7 @@ class TaskAdmin:
                 "uploaded_at": meta.get("uploaded_at"),
                 "bytes": meta.get("bytes"),
                 "source": meta.get("source"),
+                "warnings": meta.get("warnings", []),  # none recorded before uploads kept them
                 "problem": problems.get(version),
             })
         error = None

@@ -28,11 +28,16 @@ class TaskLike(Protocol):
     labels: list[str]
     input_kind: str  # "single" | "pair"
     has_exits: bool  # early-exit classifiers: a per-request exit policy applies
+    exit_count: int  # layers with an exit classifier: the most a patience can be
     max_length: int  # tokens per input the task reads
     overflow: str  # "truncate" | "refuse": what an input over max_length tokens gets
     prompt_tokens: int  # a prompt task's template and special tokens, counted with each input (0: no template)
 
     def info(self) -> dict[str, Any]: ...
+
+    def exit_problems(self) -> list[str]:
+        """What the stored early-exit policy asks that the task's exits cannot do (refused at upload)."""
+        ...
 
     def exit_threshold(self, policy: str) -> float | None:
         """The threshold a request naming only `policy` gets: the task's calibrated one, or None

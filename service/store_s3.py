@@ -23,7 +23,9 @@ bounded (`s3_cache_max_bytes`): after a fetch, the copies used least recently go
 one used within `CACHE_GRACE_S` (a path just handed out is being read), so the bound is soft. A
 version or task deleted leaves the cache at once: on the replica that deleted it, and on every other
 replica when it hears the delete (`drop_local_copy`, `drop_local_task`); a fetch of it in flight then
-places nothing and fails, saying it was deleted (what it read may be the deleted version's).
+places nothing and fails, saying it was deleted (what it read may be the deleted version's). A
+fetch's temp dir left by a process killed mid-fetch is removed by the next store to start on that
+cache directory, once it is older than any fetch can take (`STALE_FETCH_S`).
 """
 from __future__ import annotations
 
@@ -56,6 +58,11 @@ CACHE_GRACE_S = 60.0  # a cached copy used this recently is never dropped: its r
 # that it can be named, repaired by an upload, or deleted.
 # Ten times that bound: LastModified is the bucket's clock, compared with this replica's.
 PARTIAL_GRACE_S = 300.0
+# A fetch's temp directory older than this is a leftover of a process killed mid-fetch: a fetch is two
+# GETs, each bounded within a minute by the client's retries and timeouts in `from_settings` (a read
+# that trickles could take longer), so an hour never catches one in flight, even one of another
+# process sharing the cache directory. Removed when a store starts.
+STALE_FETCH_S = 3600.0
 
 
 def _s3_errors(method: F) -> F:
@@ -99,6 +106,7 @@ class S3Store(BundleStore):
                 f"ADAPTSERVE_S3_CACHE_DIR: cannot create {str(self.cache_dir)!r} ({err.strerror or err}); "
                 "point it at a writable directory such as a mounted emptyDir"
             ) from None
+        self._sweep_stale_fetches()
         self._pointer_cache: dict[tuple[str, str], tuple[str | None, float]] = {}
         self._lock = threading.Lock()
         self._trim_lock = threading.Lock()
@@ -338,6 +346,20 @@ class S3Store(BundleStore):
                 total -= size
                 dropped.append(TaskKey(version_dir.parent.name, version_dir.name))
             return dropped
+
+    def _sweep_stale_fetches(self) -> None:
+        """Remove the temp directories of fetches that died half way (a killed process leaves its
+        `.fetch-*` there, which `trim_cache` never counts): those untouched for `STALE_FETCH_S`."""
+        now = time.time()
+        for tmp in self.cache_dir.glob(".fetch-*"):
+            try:
+                # A fetch writes its files at the end: the newest of them says when it was last at work.
+                touched = max(f.stat().st_mtime for f in (tmp, *tmp.iterdir()))
+            except OSError:  # not a directory, or finished or removed meanwhile
+                continue
+            if now - touched > STALE_FETCH_S:
+                log.info("task store %s: removing %s, left by a fetch that never finished", self.describe(), tmp)
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def bundle_dir(self, key: TaskKey) -> Path:
         """The cached copy, checked against its hash; a copy that no longer matches (local disk

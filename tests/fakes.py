@@ -37,6 +37,7 @@ class FakeTask:
     input_kind: str = "single"
     nbytes: int = 1000
     has_exits: bool = False  # early-exit classifiers (config `"exits": true`)
+    exit_count: int = 5  # exit layers, where it has exits (MiniLM's 6 layers less the last)
     max_length: int = 32
     overflow: str = "truncate"  # config `"overflow"`
     prompt_tokens: int = 0  # no template
@@ -50,6 +51,9 @@ class FakeTask:
             "labels": list(self.labels),
             "input_kind": self.input_kind,
         }
+
+    def exit_problems(self) -> list[str]:
+        return []
 
     def exit_threshold(self, policy: str) -> float | None:
         return None  # no calibration: the engine's defaults

@@ -329,6 +329,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from service.engine.engine import Engine
     from service.store import LocalStore
     from service.engine.types import TaskKey
+    from service.methods.exits import patience_problem
     from training.data import read_eval
     from training.evaluate import evaluate_task
     from training.report import format_metrics
@@ -356,8 +357,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     metrics, exits = scored.metrics, scored.early_exit
     print(format_metrics(metrics, title=f"{key} on {args.data}"))
     if exits is not None:  # a task with exit classifiers: say which accuracy this is (docs/training.md)
+        never = exits.policy.name == "patience" and patience_problem(exits.policy.threshold, task.exit_count)
         hint = ("" if exits.full_depth_forced else
                 "; the stored policy is off, so these are the full-depth scores" if exits.policy.name == "off" else
+                f"; the stored patience {exits.policy.threshold:g} is more than the task's {task.exit_count} exit "
+                "layers, so no row can exit early: these are the full-depth scores" if never else
                 "; --no-early-exit scores at full depth")
         print(exits.describe() + hint)
     if args.json_out is not None:

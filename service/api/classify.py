@@ -158,13 +158,17 @@ def _exit_policy(task: TaskLike, key: TaskKey, early_exit: EarlyExit | None) -> 
             f"task {key.name!r} has no early-exit classifiers, so early_exit.policy "
             f"{early_exit.policy!r} cannot apply (only 'off' can)"
         )
-    from service.methods.exits import DEFAULT_THRESHOLDS, ExitPolicy  # imports torch: only when asked
+    from service.methods.exits import DEFAULT_THRESHOLDS, ExitPolicy, patience_problem  # imports torch: only when asked
 
     threshold = early_exit.threshold
     if threshold is None:  # the task's calibrated threshold for this policy (docs/training.md), else the default
         threshold = task.exit_threshold(early_exit.policy)
     if threshold is None:
         threshold = DEFAULT_THRESHOLDS[early_exit.policy]
+    if early_exit.policy == "patience" and (problem := patience_problem(threshold, task.exit_count)):
+        # It would run every row through every layer: `off` under another name, which no one means.
+        given = "" if early_exit.threshold is not None else " (the task's default, as none was given)"
+        raise InvalidInput(f"early_exit.threshold{given}: {problem} (task {key.name!r})")
     try:
         return ExitPolicy(early_exit.policy, float(threshold))
     except ValueError as err:  # the schema checks the same ranges; this is the engine's last word

@@ -31,7 +31,8 @@ class EarlyExit(BaseModel):
 
     policy: ExitPolicyName = Field(
         description="`confidence`: leave when the learned confidence >= threshold; `entropy`: when the "
-        "exit's softmax entropy (nats) <= threshold; `patience`: when `threshold` consecutive exits agree; "
+        "exit's softmax entropy (nats) <= threshold; `patience`: when `threshold` consecutive exits agree "
+        "(at most the task's number of exit layers: more is refused with 422, as it could never exit); "
         "`off`: run every layer."
     )
     # strict: a JSON number only (not true, not "0.5"), as the OpenAPI document says
@@ -191,6 +192,11 @@ class VersionInfo(BaseModel):
     uploaded_at: float | None = Field(default=None, description="Unix time of the upload (null if not uploaded through the API).")
     bytes: int | None = Field(default=None, description="Size of its two files when uploaded (null if not uploaded through the API).")
     source: str | None = None
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="The upload's `warnings`, kept with the version (e.g. a PEFT adapter for another base model). "
+        "Empty when there were none, or when it was not uploaded through the API.",
+    )
     problem: str | None = Field(default=None, description=PROBLEM_DOC)
 
 

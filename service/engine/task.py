@@ -45,6 +45,17 @@ class Task:
         """Whether the task has early-exit classifiers (so a per-request exit policy applies)."""
         return "exits" in self.weights
 
+    @property
+    def exit_count(self) -> int:
+        """How many layers have an exit classifier (0 without exits): the most a patience can be."""
+        exits = self.weights.get("exits")
+        return 0 if exits is None else len(exits.layers)  # type: ignore[attr-defined]
+
+    def exit_problems(self) -> list[str]:
+        """What the task's stored early-exit policy asks that its exits cannot do (refused at upload)."""
+        exits = self.weights.get("exits")
+        return [] if exits is None else exits.policy_problems()  # type: ignore[attr-defined]
+
     def exit_threshold(self, policy: str) -> float | None:
         """The threshold a request naming only `policy` gets: this task's calibrated one (stored
         by `adaptserve train --early-exit`) or the policy's default (`ExitWeights.threshold_for`);

@@ -91,6 +91,15 @@ def threshold_problem(policy: str, t: float) -> str | None:
     return None
 
 
+def patience_problem(patience: float, exits: int) -> str | None:
+    """Patience that `exits` exit layers can never reach, or None: no `patience` consecutive exits
+    can agree, so every row would run every layer, which is `off` under another name."""
+    if patience <= exits:
+        return None
+    return (f"patience {patience:g} is more than the task's {exits} exit layer{'' if exits == 1 else 's'}, so no row "
+            f"could exit early: use at most {exits} (or policy 'off' to run every layer)")
+
+
 @dataclass(frozen=True)
 class ExitWeights(TaskWeights):
     method = "exits"
@@ -145,6 +154,18 @@ class ExitWeights(TaskWeights):
             return self.policy.threshold
         stored = (self.calibration.get("policies") or {}).get(policy) or {}
         return float(stored["threshold"]) if stored.get("threshold") is not None else DEFAULT_THRESHOLDS[policy]
+
+    def policy_problems(self) -> list[str]:
+        """Stored patience thresholds (the policy's, the calibrated one) this task's exit layers can
+        never reach (`patience_problem`): refused at upload. A bundle stored before is still served;
+        such a patience runs every layer, as `off` does."""
+        stored = (self.calibration.get("policies") or {}).get("patience") or {}
+        problems = []
+        for where, value in (("threshold", self.policy.threshold if self.policy.name == "patience" else None),
+                             ("calibration.policies.patience.threshold", stored.get("threshold"))):
+            if value is not None and (problem := patience_problem(float(value), len(self.layers))):
+                problems.append(f"exits: {where}: {problem}")
+        return problems
 
     def exit_logits(self, layer: int, pooled: Tensor) -> Tensor:
         ow, ob = self.layers[layer][:2]

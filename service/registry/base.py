@@ -36,7 +36,7 @@ class TaskRecord:
     stack: tuple[str, ...] = ()
     # Audit log, oldest first: {"at": unix time, "action": activate|rollback|upload|delete_version, "version", "from"}.
     history: tuple[dict[str, Any], ...] = ()
-    # version -> metadata recorded at upload (uploaded_at, bytes, source).
+    # version -> metadata recorded at upload (uploaded_at, bytes, source, kind, warnings).
     versions: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Versions deleted since their last upload, most recent last: an activation that raced the
     # delete on another replica reads them in its own transaction and is refused, instead of

@@ -19,6 +19,7 @@ from service.upload.intake import PEFT_TYPES
 from tests.factories import save_tiny_backbone
 from tests.hotswap.bundles import CONFIG, WEIGHTS, tree_hash
 from tests.hotswap.conftest import AUTH_READER
+from tests.hotswap.servers import RedisServer, eventually
 from tests.hotswap.test_versions_api import upload
 from tests.peft_fixtures import make_peft_bundle
 
@@ -123,6 +124,28 @@ def test_an_adapter_for_another_base_model_is_stored_with_a_warning(make_client,
     assert logged == [f"task peft-task: version {version}: {other_model(base)}"]
     served = client.post("/v1/tasks/peft-task/classify", json={"inputs": ["great fun"]}, headers=AUTH_READER)
     assert served.status_code == 200 and served.json()["version"] == version
+
+
+@pytest.mark.parametrize("registry", ["local", "redis"])
+def test_the_versions_listing_keeps_each_versions_upload_warnings(make_client, adapters, tmp_path: Path,
+                                                                  registry: str) -> None:
+    redis = RedisServer(tmp_path / "redis").start() if registry == "redis" else None
+    try:
+        client = make_client(**({"redis_url": redis.url} if redis else {}))
+        eventually(lambda: client.get("/readyz").json()["registry"]["connected"])  # admin writes wait for it
+        other = OTHER_MODELS[0]
+        uploads = [upload(client, "peft-task", peft_bundle(adapters["lora"], base_model_name_or_path=base))
+                   for base in (other, BUNDLED_MODEL_ID)]
+        assert [u.status_code for u in uploads] == [201, 201], [u.text for u in uploads]
+        warned, fine = (u.json() for u in uploads)
+        assert warned["warnings"] and fine["warnings"] == []
+        listed = client.get("/v1/tasks/peft-task/versions", headers=AUTH_READER)
+        assert listed.status_code == 200, listed.text
+        rows = {row["version"]: row["warnings"] for row in listed.json()["versions"]}
+        assert rows == {warned["version"]: [other_model(other)], fine["version"]: []}
+    finally:
+        if redis:
+            redis.kill()
 
 
 @pytest.mark.parametrize("base", SAME_OR_UNKNOWN)

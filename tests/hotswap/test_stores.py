@@ -344,6 +344,31 @@ def test_the_s3_cache_keeps_to_its_byte_budget_least_recently_used_first(moto, b
     assert cached() == {keys[2], keys[1], keys[3]} and store.trim_cache() == []
 
 
+def test_a_fetch_a_killed_process_left_half_way_is_removed_when_a_store_starts(moto, bucket: str, tmp_path: Path,
+                                                                               info) -> None:
+    import os
+
+    from service.store_s3 import STALE_FETCH_S, S3Store
+
+    store = S3Store.from_settings(s3_settings(moto, bucket, tmp_path))
+    old, fresh = (store.cache_dir / ".fetch-old", store.cache_dir / ".fetch-fresh")
+    for tmp in (old, fresh):
+        tmp.mkdir()
+        (tmp / CONFIG).write_bytes(b"{}")  # what a fetch killed between its two downloads leaves
+    long_ago = time.time() - STALE_FETCH_S - 60
+    for path in (old / CONFIG, old):
+        os.utime(path, (long_ago, long_ago))
+    config, weights = make_bundle(info, seed=0)
+    key = TaskKey("sentiment", content_version(config, weights))
+    store.put_version("sentiment", key.version, config, weights)
+    store.bundle_dir(key)
+
+    S3Store.from_settings(s3_settings(moto, bucket, tmp_path))  # another process starts on the same cache
+    assert not old.exists()
+    assert (fresh / CONFIG).is_file()  # may be a fetch of a process sharing the cache, still at work
+    assert (store.cache_dir / key.name / key.version / WEIGHTS).is_file()  # cached copies stay
+
+
 def test_deleting_a_task_never_deletes_another_stores_prefix_or_objects_not_its_own(moto, bucket: str, tmp_path: Path,
                                                                                      info) -> None:
     """A store at the bucket root sees a store at `team-a/` as a prefix `team-a/`, like a task named

@@ -144,6 +144,17 @@ def test_evaluate_says_where_rows_exited_and_scores_full_depth_on_request(deep, 
     assert ("early exit: off (the task's stored policy, as the service answers): no row left early; 16 ran all 4 "
             "layers; mean exit layer 4.00; the stored policy is off, so these are the full-depth scores\n") in printed
 
+    # a stored patience its exits can never reach (more than its LAYERS - 1 exit layers; an upload refuses
+    # one, a bundle written before still loads): the same full-depth scores, and the line says why
+    result.weights["exits"] = dataclasses.replace(result.weights["exits"], policy=ExitPolicy("patience", LAYERS))
+    save_to_store(result, tmp_path / "store-never")
+    assert evaluate_main([*base[:2], "--store", str(tmp_path / "store-never"), *base[4:]]) == 0
+    printed = capsys.readouterr().out
+    assert format_metrics(evaluate(result.engine, result.task, splits.test)) in printed
+    assert (f"early exit: patience {LAYERS} (the task's stored policy, as the service answers): no row left early; "
+            f"16 ran all 4 layers; mean exit layer 4.00; the stored patience {LAYERS} is more than the task's "
+            f"{LAYERS - 1} exit layers, so no row can exit early: these are the full-depth scores\n") in printed
+
 
 def test_training_warns_of_a_policy_left_at_its_uncalibrated_default(tiny, csvs, monkeypatch, caplog):
     """A policy no dev threshold qualified for answers requests that name it at DEFAULT_THRESHOLDS

@@ -172,7 +172,15 @@ def test_a_request_naming_only_a_policy_gets_the_tasks_calibrated_threshold(tmp_
         assert layers({"policy": "entropy", "threshold": 0.3}) == [2, 2]  # the default, asked for
         assert layers({"policy": "confidence"}) == [1, 1]  # calibrated 0.0
         assert layers({"policy": "confidence", "threshold": 0.9}) == [2, 2]
-        assert layers({"policy": "patience"}) == [2, 2]  # not calibrated: the default 2, and 2 layers
+        assert layers({"policy": "patience", "threshold": 1}) == [1, 1]
+        # Not calibrated: the default 2, more than the one exit layer, would never exit (it used to
+        # run every layer as `off` does, silently): refused, saying what to ask for instead.
+        response = client.post(url, json={"inputs": ["good"], "early_exit": {"policy": "patience"}})
+        assert response.status_code == 422, response.text
+        assert response.json()["error"] == (
+            "early_exit.threshold (the task's default, as none was given): patience 2 is more than the task's "
+            "1 exit layer, so no row could exit early: use at most 1 (or policy 'off' to run every layer) "
+            "(task 'calibrated')")
 
 
 
@@ -237,3 +245,45 @@ def test_exit_layers_stated_in_the_config_must_be_the_ones_the_tensors_hold(tmp_
         assert "'layers' is [0, 1], but the exits.* tensors hold exit classifiers for layers [0]" in response.text
         response = _upload_exits(client, "odd", config, tensors, layers="all")
         assert response.status_code == 422 and "'layers' must be a list of layer indices, got 'all'" in response.text
+
+
+def test_a_patience_more_than_the_tasks_exit_layers_is_refused_but_a_stored_one_still_serves(tmp_path: Path) -> None:
+    """Patience p exits once p consecutive exits agree: past the task's number of exit layers no
+    row could ever exit, `off` under another name. A request asking for one and an upload storing
+    one (as the policy or as the calibrated patience) are 422 naming the field and the exit count;
+    a bundle already in the store with one still loads, and runs every layer as before."""
+    import dataclasses
+
+    from service.methods.exits import ExitPolicy
+
+    backbone_dir, config, tensors = _off_exit_bundle(tmp_path)  # one exit layer
+    from service.engine.backbone import load_backbone
+
+    info = load_backbone(backbone_dir, device="cpu", dtype="float32").info
+    g = torch.Generator().manual_seed(0)
+    stored = dataclasses.replace(ExitWeights.init(info, num_labels=2, generator=g), policy=ExitPolicy("patience", 2.0))
+    publish(tmp_path / "store", "stored", {"head": random_head(info, g), "exits": stored}, ["neg", "pos"],
+            fingerprint=info.fingerprint)
+    app = create_app(Settings(store=tmp_path / "store", backbone=backbone_dir, device="cpu", dtype="float32"))
+    with TestClient(app) as client:
+        wait_ready(client, timeout_s=60)
+        served = client.post(CLASSIFY.format("stored"), json={"inputs": ["good", "bad"]})
+        assert served.status_code == 200, served.text
+        assert [p["exit_layer"] for p in served.json()["predictions"]] == [2, 2]
+
+        asked = client.post(CLASSIFY.format("stored"), json={"inputs": ["good"], "early_exit": {"policy": "patience", "threshold": 3}})
+        assert asked.status_code == 422 and asked.json()["error_type"] == "invalid_input", asked.text
+        assert asked.json()["error"] == ("early_exit.threshold: patience 3 is more than the task's 1 exit layer, so no "
+                                         "row could exit early: use at most 1 (or policy 'off' to run every layer) "
+                                         "(task 'stored')")
+
+        policy = _upload_exits(client, "policy", config, tensors, policy="patience", threshold=2)
+        assert policy.status_code == 422, policy.text
+        assert policy.json()["problems"] == ["exits: threshold: patience 2 is more than the task's 1 exit layer, so no "
+                                             "row could exit early: use at most 1 (or policy 'off' to run every layer)"]
+        calibrated = _upload_exits(client, "calibrated", config, tensors,
+                                   calibration={"policies": {"patience": {"threshold": 4}}})
+        assert calibrated.status_code == 422 and "exits: calibration.policies.patience.threshold: patience 4 is more" \
+            in calibrated.text, calibrated.text
+        assert client.get("/v1/tasks/policy").status_code == 404  # nothing stored
+        assert _upload_exits(client, "fits", config, tensors, policy="patience", threshold=1).status_code == 201
