@@ -35,16 +35,21 @@ def _queued_rows(url: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def test_sigterm_drains_every_accepted_request(tmp_path, minilm_backbone):
-    info = minilm_backbone.info
+def _replica_with_a_task(name: str, tmp_path, backbone) -> Replica:
+    """A started server on a store of one LoRA task, whose requests take as long as they queue."""
+    info = backbone.info
     g = torch.Generator().manual_seed(0)
     publish(tmp_path / "store", "sentiment", {"lora": random_lora(info, g, r=8), "head": random_head(info, g)},
             ["negative", "positive"], max_length=128, fingerprint=info.fingerprint)
-    server = Replica("drain", tmp_path, {
+    return Replica(name, tmp_path, {
         "ADAPTSERVE_STORE": str(tmp_path / "store"),
-        "ADAPTSERVE_REQUEST_TIMEOUT_S": "300",  # this test is about draining, not deadlines
+        "ADAPTSERVE_REQUEST_TIMEOUT_S": "300",  # these tests are about draining, not deadlines
         "ADAPTSERVE_MAX_BATCH_SIZE": "32",
     }).start()
+
+
+def test_sigterm_drains_every_accepted_request(tmp_path, minilm_backbone):
+    server = _replica_with_a_task("drain", tmp_path, minilm_backbone)
     try:
         server.wait_ready(timeout_s=120)
         with httpx.Client(timeout=30) as c:  # load the task before the clock starts
@@ -92,15 +97,7 @@ def test_sigterm_drains_every_accepted_request(tmp_path, minilm_backbone):
 def test_sigint_drains_as_sigterm_does_and_exits_130_without_a_traceback(tmp_path, minilm_backbone):
     # Ctrl-C in a terminal, or `docker compose up` stopped there: uvicorn raises SIGINT again once
     # it has drained, and Python printed a KeyboardInterrupt traceback after a clean stop.
-    info = minilm_backbone.info
-    g = torch.Generator().manual_seed(0)
-    publish(tmp_path / "store", "sentiment", {"lora": random_lora(info, g, r=8), "head": random_head(info, g)},
-            ["negative", "positive"], max_length=128, fingerprint=info.fingerprint)
-    server = Replica("sigint", tmp_path, {
-        "ADAPTSERVE_STORE": str(tmp_path / "store"),
-        "ADAPTSERVE_REQUEST_TIMEOUT_S": "300",
-        "ADAPTSERVE_MAX_BATCH_SIZE": "32",
-    }).start()
+    server = _replica_with_a_task("sigint", tmp_path, minilm_backbone)
     try:
         server.wait_ready(timeout_s=120)
         results: list[httpx.Response | Exception] = []

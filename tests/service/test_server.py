@@ -312,14 +312,25 @@ def test_a_stray_crlf_after_an_answer_does_not_hold_the_connection_open(strict_h
 def test_a_pipelined_head_that_stalls_waits_for_the_answer_before_it(strict_heads: Served) -> None:
     """HTTP answers go in order: the request in flight is answered first, then the connection
     closes; a 408 sent ahead would read as the answer to that request."""
-    body = b'{"inputs": ["sleep:1.0"]}'  # a forward that outlasts the 0.5 s head deadline
-    slow = HEAD + b"Content-Length: %d\r\n\r\n" % len(body) + body
-    with _send_head(strict_heads.url, slow + b"GET /healthz HTTP/1.1\r\nHo") as raw:
+    # a forward that outlasts the 0.5 s head deadline
+    _assert_answered_then_closed(_behind_a_slow_request(strict_heads.url, 1.0, b"GET /healthz HTTP/1.1\r\nHo"))
+
+
+def _behind_a_slow_request(url: str, seconds: float, after: bytes) -> bytes:
+    """Everything the server sends on a connection that pipelines `after` behind a classify whose
+    forward takes `seconds`, until it closes."""
+    body = b'{"inputs": ["sleep:%g"]}' % seconds
+    with _send_head(url, HEAD + b"Content-Length: %d\r\n\r\n" % len(body) + body + after) as raw:
         data = b""
         while chunk := raw.recv(65536):
             data += chunk
+    return data
+
+
+def _assert_answered_then_closed(data: bytes) -> None:
+    """The classify in flight got its answer, and nothing else came before the close."""
     assert data.startswith(b"HTTP/1.1 200") and b"predictions" in data
-    assert data.count(b"HTTP/1.1 ") == 1  # then closed: the stalled head got no answer
+    assert data.count(b"HTTP/1.1 ") == 1
 
 
 @pytest.mark.parametrize("head", ["one huge header", "many headers", "a huge request line"])
@@ -442,14 +453,7 @@ def test_a_malformed_request_behind_one_in_flight_waits_for_its_answer(served: S
     """A pipelined request the parser rejects: the request before it is answered, then the
     connection closes (uvicorn wrote its 400 at once, read as that request's answer, and the close
     cut the real one off)."""
-    body = b'{"inputs": ["sleep:0.5"]}'
-    slow = HEAD + b"Content-Length: %d\r\n\r\n" % len(body) + body
-    with _send_head(served.url, slow + b"get /healthz HTTP/1.1\r\nHost: test\r\n\r\n") as raw:
-        data = b""
-        while chunk := raw.recv(65536):
-            data += chunk
-    assert data.startswith(b"HTTP/1.1 200") and b"predictions" in data
-    assert data.count(b"HTTP/1.1 ") == 1
+    _assert_answered_then_closed(_behind_a_slow_request(served.url, 0.5, b"get /healthz HTTP/1.1\r\nHost: test\r\n\r\n"))
 
 
 def test_headers_that_arrive_slowly_but_in_time_are_served(strict_heads: Served) -> None:
