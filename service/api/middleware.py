@@ -219,8 +219,8 @@ def _admin_action(method: str, path: str) -> str | None:
 class RequestMetricsMiddleware:
     """Counts classify requests by task name and status and times them, and admin requests by
     action and outcome, whatever answered them (route, validation, body limit, token check, error
-    handler). A request nobody answered because its client left (mid-body, say) is a 499, as the
-    route's own answer to a client gone is, not a 500."""
+    handler). A client gone mid-body gets its 499 from the body limit (`BodyLimitMiddleware`), as
+    one gone later gets it from the route: a request nothing answered is a failure, a 500."""
 
     def __init__(self, app: ASGIApp, state: ServiceState) -> None:
         self.app = app
@@ -237,14 +237,7 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status: int | None = None  # the response's, once it starts
-        left = False  # the client disconnected
-
-        async def receive_and_watch() -> Message:
-            nonlocal left
-            message = await receive()
-            left = left or message["type"] == "http.disconnect"
-            return message
+        status = 500  # unless a response starts, the request failed
 
         async def send_and_watch(message: Message) -> None:
             nonlocal status
@@ -253,10 +246,8 @@ class RequestMetricsMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive_and_watch, send_and_watch)
+            await self.app(scope, receive, send_and_watch)
         finally:
-            if status is None:  # nothing answered: the client left first (e.g. mid-body), else a failure
-                status = ClientDisconnected.status_code if left else 500
             if action is not None:
                 self.state.metrics.observe_admin(action, status)
             else:
