@@ -66,6 +66,10 @@ class CacheStats:
     evictions: int = 0  # tasks evicted from the device tier
     bytes: int = 0  # device tier bytes now
     entries: int = 0  # device tier tasks now
+    # Evicted from the device tier, copy to host still running: on the device until it is done,
+    # outside the tier's budget (metrics add them to the device gauges).
+    copying_bytes: int = 0
+    copying_entries: int = 0
     promotions: int = 0  # host -> device, no store read
     demotions: int = 0  # device -> host copies completed
     host_evictions: int = 0  # dropped from the host tier (back to store only)
@@ -138,6 +142,7 @@ class TaskCache(Generic[T]):
         if pending is None:
             demoting = self._demoting.pop(key, None)
             if demoting is not None:  # its copy to host is still running: take the device copy back
+                self._count_copying()
                 self._insert(key, demoting[0])
                 return demoting[0]
             host = self._host.pop(key, None)
@@ -172,7 +177,8 @@ class TaskCache(Generic[T]):
         self._failed.pop(key, None)
         if key in self._entries or key in self._pending:
             return
-        self._demoting.pop(key, None)
+        if self._demoting.pop(key, None) is not None:
+            self._count_copying()
         if self._host.pop(key, None) is not None:
             self._count_host()
         self._insert(key, task)
@@ -216,6 +222,7 @@ class TaskCache(Generic[T]):
             for key in [k for k in tier if k.name == name]:
                 del tier[key]
         self._count_device()
+        self._count_copying()
         self._count_host()
 
     def drop(self, key: TaskKey) -> None:
@@ -223,6 +230,7 @@ class TaskCache(Generic[T]):
         for tier in (self._entries, self._demoting, self._host, self._failed, self._pending):
             tier.pop(key, None)
         self._count_device()
+        self._count_copying()
         self._count_host()
 
     async def close(self) -> None:
@@ -345,6 +353,7 @@ class TaskCache(Generic[T]):
             self._add_to_host(key, task, size)
             return
         self._demoting[key] = (task, size)
+        self._count_copying()
         job = asyncio.ensure_future(self._copy_to_host(key, task, size))
         self._background.add(job)
         job.add_done_callback(self._background.discard)
@@ -356,10 +365,12 @@ class TaskCache(Generic[T]):
             log.warning("copying task %s to host memory failed (%s); it stays in the store only", key, err)
             if self._demoting.get(key, (None,))[0] is task:
                 del self._demoting[key]
+                self._count_copying()
             return
         if self._demoting.get(key, (None,))[0] is not task:
             return  # promoted back (or dropped) while we copied
         del self._demoting[key]
+        self._count_copying()
         self._add_to_host(key, host_task, size)
 
     def _add_to_host(self, key: TaskKey, host_task: T, size: int) -> None:
@@ -377,6 +388,10 @@ class TaskCache(Generic[T]):
     def _count_device(self) -> None:
         self.stats.bytes = sum(size for _, size in self._entries.values())
         self.stats.entries = len(self._entries)
+
+    def _count_copying(self) -> None:
+        self.stats.copying_bytes = sum(size for _, size in self._demoting.values())
+        self.stats.copying_entries = len(self._demoting)
 
     def _count_host(self) -> None:
         self.stats.host_bytes = sum(size for _, size in self._host.values())

@@ -160,8 +160,12 @@ class _LiveCollector(Collector):
             ("adaptserve_cache_host_evictions", stats.host_evictions, "Tasks dropped from the host tier (store only)."),
         ):
             yield CounterMetricFamily(name, doc, value=value)
-        yield GaugeMetricFamily("adaptserve_cache_bytes", "Bytes of tasks resident on the device.", value=stats.bytes)
-        yield GaugeMetricFamily("adaptserve_cache_entries", "Tasks resident on the device.", value=stats.entries)
+        # A task evicted from the device tier holds its device memory until its copy to the host
+        # tier is done (GPU only: on the CPU the tiers move tasks at once): counted here meanwhile.
+        yield GaugeMetricFamily("adaptserve_cache_bytes", "Bytes of tasks resident on the device.",
+                                value=stats.bytes + stats.copying_bytes)
+        yield GaugeMetricFamily("adaptserve_cache_entries", "Tasks resident on the device.",
+                                value=stats.entries + stats.copying_entries)
         yield GaugeMetricFamily("adaptserve_cache_host_bytes", "Bytes of tasks kept in host memory.", value=stats.host_bytes)
         yield GaugeMetricFamily("adaptserve_cache_host_entries", "Tasks kept in host memory.", value=stats.host_entries)
         yield GaugeMetricFamily("adaptserve_slot_pool_bytes",

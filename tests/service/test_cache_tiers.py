@@ -109,6 +109,34 @@ async def test_a_task_asked_for_while_its_copy_to_host_runs_is_taken_back_from_t
 
 
 @async_test
+async def test_a_task_whose_copy_to_host_runs_is_counted_on_the_device_until_it_is_done() -> None:
+    # It still holds its device memory: a gauge that dropped it at eviction would show room that
+    # the device does not have while the copy runs.
+    from service.metrics import Metrics
+
+    tiers = Tiers()
+    tiers.host_gate = threading.Event()
+    cache = tiers.cache(host_max_bytes=100)
+    for key in (A, B, C):  # 40 bytes each in a 100-byte device tier: C's load evicts A
+        await cache.get(key)
+    stats = cache.stats
+    assert (stats.bytes, stats.copying_bytes, stats.copying_entries, stats.host_bytes) == (80, 40, 1, 0)
+    metrics = Metrics()
+    metrics.watch(cache_stats=lambda: cache.stats, queue_depth=lambda: 0, ready=lambda: True)
+    text = metrics.render()[0].decode()
+    assert "adaptserve_cache_bytes 120.0" in text and "adaptserve_cache_entries 3.0" in text
+    tiers.host_gate.set()
+    await cache.close()
+    assert (stats.bytes, stats.copying_bytes, stats.copying_entries, stats.host_bytes) == (80, 0, 0, 40)
+    tiers.host_gate = threading.Event()
+    await cache.get(A)  # promoted back, evicting B, whose copy is held
+    cache.drop(B)  # deleted mid-copy: it leaves every count at once
+    assert (stats.copying_bytes, stats.copying_entries) == (0, 0)
+    tiers.host_gate.set()
+    await cache.close()
+
+
+@async_test
 async def test_a_promotion_that_finishes_after_its_version_was_deleted_is_not_cached() -> None:
     tiers = Tiers()
     tiers.device_gate = threading.Event()
