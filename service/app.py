@@ -25,7 +25,7 @@ from service.auth import Tokens, warn_if_disabled
 from service.cache import TaskCache
 from service.hotswap import TaskAdmin
 from service.logs import warn_always
-from service.memory import Trimmer, check_cache_budget, memory_limit_bytes
+from service.memory import Trimmer, check_cache_budget, check_device_budget, device_free_bytes, memory_limit_bytes
 from service.metrics import Metrics
 from service.registry import open_registry
 from service.scheduler import Scheduler
@@ -129,13 +129,16 @@ async def _start(state: ServiceState, engine: EngineLike | None) -> None:
         # On the CPU the device is host memory: the tiers then move tasks without copies or threads.
         device = getattr(getattr(ready_engine, "backbone", None), "device", None)
         copies = dict(to_host=to_host, to_device=to_device) if getattr(device, "type", "cpu") != "cpu" else {}
-        too_big = check_cache_budget(settings.cache_max_bytes, settings.cache_host_max_bytes, not copies,
-                                     memory_limit_bytes(), state.flags)
-        if too_big:
-            warn_always(log, too_big)
+        budget_name = setting_name("cache_max_bytes", state.flags)
+        too_big = [check_cache_budget(settings.cache_max_bytes, settings.cache_host_max_bytes, not copies,
+                                      memory_limit_bytes(), state.flags)]
+        device_memory = device_free_bytes(device)  # a GPU's: what the device tier and the pools may take
+        if device_memory is not None:
+            too_big.append(check_device_budget(settings.cache_max_bytes, *device_memory, str(device), budget_name))
+        for warning in filter(None, too_big):
+            warn_always(log, warning)
         cache = TaskCache(load, settings.cache_max_bytes, host_max_bytes=settings.cache_host_max_bytes,
-                          failure_ttl_s=settings.failed_load_retry_s,
-                          max_bytes_setting=setting_name("cache_max_bytes", state.flags), **copies)
+                          failure_ttl_s=settings.failed_load_retry_s, max_bytes_setting=budget_name, **copies)
         trimmer = Trimmer(settings.malloc_trim_interval_s)
         scheduler = Scheduler(
             trimmer.wrap(engine.classify),

@@ -137,3 +137,29 @@ def check_cache_budget(device_bytes: int, host_bytes: int, on_cpu: bool, limit: 
     return (f"the task cache may grow to {need / 2**20:,.0f} MiB ({tiers}), more than the {limit / 2**20:,.0f} MiB "
             "this process can have: a full cache would be killed for memory; lower the budget")
 
+
+
+def device_free_bytes(device) -> tuple[int, int] | None:
+    """(free, total) bytes of a CUDA device's memory now, None for any other device."""
+    if getattr(device, "type", None) != "cuda":
+        return None
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    return int(free), int(total)
+
+
+def check_device_budget(device_bytes: int, free: int, total: int, device: str,
+                        setting: str = "ADAPTSERVE_CACHE_MAX_BYTES") -> str | None:
+    """A warning when the device tier and the methods' slot pools (one more cap of the same
+    size, `service.methods.slots.configure`) may need more device memory than is free once the
+    backbone is loaded. None when they fit. Past that, loads and promotions fail for memory:
+    the tasks they were for get a 503 while the cache, counting bytes, still sees room.
+    `setting`: the device budget's name as it was given (its flag or its variable)."""
+    need = 2 * device_bytes
+    if need <= free:
+        return None
+    return (f"the task cache's device tier ({setting}, {device_bytes / 2**20:,.0f} MiB) and the slot pools, which "
+            f"share a cap of the same size, may need {need / 2**20:,.0f} MiB of {device} memory, but "
+            f"{free / 2**20:,.0f} MiB of its {total / 2**20:,.0f} MiB are free with the backbone loaded: loads "
+            "would fail for memory before the cache evicts; lower the budget")

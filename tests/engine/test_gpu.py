@@ -99,3 +99,17 @@ def test_serving_a_mixed_batch_syncs_at_most_twice(tmp_path):
     syncs = [f"{w.filename}:{w.lineno}" for w in seen if "synchroniz" in str(w.message)]
     assert len(rows) == len(texts)
     assert len(syncs) <= 2, syncs
+
+
+def test_the_start_up_check_reads_the_card_it_serves_on():
+    """`service.app` warns when the device tier and the slot pools may need more of the card than
+    is free with the backbone loaded: the figures come from the card itself."""
+    from service.memory import check_device_budget, device_free_bytes
+
+    engine = Engine(load_backbone(_path(), device="cuda", dtype="bfloat16"))
+    free, total = device_free_bytes(engine.backbone.device)
+    assert 0 < free <= total
+    assert check_device_budget(256 * 2**20, free, total, str(engine.backbone.device)) is None  # the default
+    warning = check_device_budget(total, free, total, str(engine.backbone.device))  # the whole card
+    assert warning is not None and "cuda" in warning
+    assert device_free_bytes(torch.device("cpu")) is None

@@ -7,9 +7,11 @@ import logging
 import os
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
-from service.memory import Trimmer, _malloc_trim, check_cache_budget, freeze_startup_heap, memory_limit_bytes
+from service.memory import (Trimmer, _malloc_trim, check_cache_budget, check_device_budget, freeze_startup_heap,
+                            memory_limit_bytes)
 
 GLIBC = _malloc_trim() is not None
 
@@ -155,3 +157,39 @@ def test_the_app_names_the_cache_budget_as_the_command_line_gave_it(
     with caplog.at_level(logging.WARNING, logger="service"), TestClient(app) as client:
         wait_ready(client)
     assert "(--cache-max-bytes + ADAPTSERVE_CACHE_HOST_MAX_BYTES: on a CPU both tiers are host memory)" in caplog.text
+
+
+@pytest.mark.parametrize("budget, free, fits", [
+    (256 * MiB, 512 * MiB, True),  # the tier and the pools' cap: twice the budget
+    (256 * MiB, 511 * MiB, False),
+    (80 * 1024 * MiB, 70 * 1024 * MiB, False),  # a budget the size of the card
+])
+def test_a_device_budget_beyond_the_free_device_memory_is_named(budget: int, free: int, fits: bool) -> None:
+    warning = check_device_budget(budget, free, 80 * 1024 * MiB, "cuda:0", "--cache-max-bytes")
+    assert (warning is None) == fits
+    if not fits:
+        assert "--cache-max-bytes" in warning and "cuda:0" in warning
+        assert f"{free / MiB:,.0f} MiB of its 81,920 MiB are free" in warning
+
+
+def test_the_app_checks_the_device_budget_against_the_gpu_it_serves_on(
+    tmp_path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No GPU here: the engine says it is on cuda:0 and the card's free memory is given; the GPU
+    check itself (tests/engine/test_gpu.py) reads a real card."""
+    import service.app
+    from service.settings import Settings
+    from tests.fakes import FakeEngine
+    from tests.service.api.harness import wait_ready
+
+    asked = []
+    monkeypatch.setattr(service.app, "device_free_bytes", lambda d: asked.append(str(d)) or (300 * MiB, 1024 * MiB))
+    for budget, warned in ((100 * MiB, False), (200 * MiB, True)):
+        caplog.clear()
+        engine = FakeEngine()
+        engine.backbone.device = torch.device("cuda:0")
+        app = service.app.create_app(Settings(store=tmp_path, cache_max_bytes=budget), engine=engine)
+        with caplog.at_level(logging.WARNING, logger="service"), TestClient(app) as client:
+            wait_ready(client)
+        assert ("ADAPTSERVE_CACHE_MAX_BYTES, 200 MiB) and the slot pools" in caplog.text) == warned
+    assert asked == ["cuda:0", "cuda:0"]
