@@ -266,8 +266,9 @@ def assemble(words: Tensor, attention_mask: Tensor, token_type_ids: Tensor | Non
     (prompt, plen), = prompts  # a task has at most one soft prompt: [B, Pmax, E], [B]
     pmax = prompt.shape[1]
     # S = the longest row's prompt + text, not Pmax + T: a long prompt on a short text (or a
-    # prompt-less row at full length) does not lengthen every row of the batch
-    s = int((plen + text_len).max())
+    # prompt-less row at full length) does not lengthen every row of the batch. Off the CPU,
+    # reading that length back would wait for every kernel queued so far: S = Pmax + T there.
+    s = int((plen + text_len).max()) if dev.type == "cpu" else pmax + t
     j = torch.arange(s, device=dev).unsqueeze(0)  # [1, S]
     in_prompt = j < plen.unsqueeze(1)  # [B, S]
     src = torch.where(in_prompt, j, pmax + (j - plen.unsqueeze(1))).clamp(0, pmax + t - 1)  # index into cat(prompt, words)

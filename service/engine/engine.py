@@ -258,14 +258,11 @@ class Engine:
             b = method.batch([t.weights.get(name) for t in tasks], row_part)
             if b is not None:
                 batches.append(b)
-        heads = REGISTRY["head"].batch([t.weights.get("head") for t in tasks], row_part)
-        if heads is not None:
-            heads.part_of_row = part_of_row  # type: ignore[attr-defined]
-        head = Outputs(
-            heads,  # type: ignore[arg-type]
-            REGISTRY["verbalizer"].batch([t.weights.get("verbalizer") for t in tasks], row_part),  # type: ignore[arg-type]
-        )
-        return Plan(tuple(batches), dropout), head
+        outputs = [REGISTRY[name].batch([t.weights.get(name) for t in tasks], row_part) for name in ("head", "verbalizer")]
+        for out in outputs:
+            if out is not None:
+                out.part_of_row = part_of_row  # type: ignore[attr-defined]
+        return Plan(tuple(batches), dropout), Outputs(*outputs)  # type: ignore[arg-type]
 
     def _exit_batch(self, batch: Batch, policies: Sequence[ExitPolicy | None] | None) -> ExitBatch | None:
         parts = [t.weights.get("exits") for t in batch.tasks]

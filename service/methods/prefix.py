@@ -122,7 +122,8 @@ class PrefixBatch(MethodBatch):
         self.keep = torch.arange(pmax, device=dev).unsqueeze(0) < self.plen.unsqueeze(1)  # [B, Pmax]
 
     def position_shift(self) -> Tensor | None:
-        return self.shift if bool(self.shift.any()) else None
+        # asked of the parts, not of `shift`: reading a device tensor back waits for the device
+        return self.shift if any(p is not None and p.positions_used for p in self.parts) else None
 
     def kv_prefix(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
         if self._rows is None:

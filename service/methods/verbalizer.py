@@ -17,6 +17,7 @@ from torch import Tensor
 
 from service.engine.spec import BackboneInfo
 from service.engine.template import Template
+from service.methods import slots
 from service.methods.base import Method, MethodBatch, Problems, TaskWeights, register
 
 
@@ -99,6 +100,7 @@ class VerbalizerBatch(MethodBatch):
     def __init__(self, parts: Sequence[VerbalizerWeights | None], row_part: Tensor):
         self.parts = parts
         self.row_part = row_part
+        self.part_of_row: list[int] | None = None  # row_part on the host, when the engine knows it
 
     def select(self, rows: Tensor) -> "VerbalizerBatch":
         return VerbalizerBatch(self.parts, self.row_part.index_select(0, rows))
@@ -106,15 +108,18 @@ class VerbalizerBatch(MethodBatch):
     def logits(self, hidden: Tensor, answer: Tensor, lm_head) -> list[Tensor | None]:
         """hidden [B, S, H], answer [B] absolute positions -> per row its label logits (or None)."""
         out: list[Tensor | None] = [None] * hidden.shape[0]
+        # on a GPU, reading row_part back would wait here for the whole model to finish
+        part_of_row = self.part_of_row if self.part_of_row is not None else self.row_part.tolist()
         for j, p in enumerate(self.parts):
             if p is None:
                 continue
-            rows = (self.row_part == j).nonzero().squeeze(1)
-            if rows.numel() == 0:
+            rows = [r for r, k in enumerate(part_of_row) if k == j]
+            if not rows:
                 continue
-            h = hidden[rows, answer[rows]]  # [n, H]
+            index = slots.to_device(rows, hidden.device, torch.long)
+            h = hidden[index, answer.index_select(0, index)]  # [n, H]
             z = p.label_logits(lm_head(h))
-            for r, zr in zip(rows.tolist(), z):
+            for r, zr in zip(rows, z):
                 out[r] = zr
         return out
 

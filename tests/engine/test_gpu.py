@@ -71,21 +71,11 @@ def test_training_tables_never_wait_for_the_gpu():
     assert not mixed.single and mixed.slot.tolist() == [0, 1, 2, 2, 1]
 
 
-def test_serving_a_mixed_batch_syncs_at_most_twice(tmp_path):
-    """On a GPU the host runs ahead queueing kernels; every sync makes it wait for the device. A
-    batch of LoRA, adapter and head-only tasks may sync only where the host must read the device:
-    which rows use LoRA (read once, at the first LoRA layer) and the one copy of the logits back.
-    Failing, it names each sync's line. (A tiny backbone: the code paths are the same.)"""
+def _syncs(engine: Engine, items) -> list[str]:
+    """The device syncs of serving `items` once warm, each as file:line."""
     import warnings
 
-    from tests.factories import save_tiny_backbone
-
-    engine = Engine(load_backbone(save_tiny_backbone("bert", tmp_path / "bb"), device="cuda", dtype="bfloat16"))
-    tasks = [t for t in _tasks(engine, tmp_path / "store", per_method=2)
-             if t.key.name in ("lora-0", "lora-1", "adapter-0", "adapter-1", "head-only")]
-    assert len(tasks) == 5
-    texts = _texts(4 * len(tasks), seed=4)
-    batch = engine.tokenize([ClassifyItem(tasks[i % len(tasks)], t) for i, t in enumerate(texts)])
+    batch = engine.tokenize(items)
     with torch.inference_mode():
         engine.run(batch)  # warm: first-call allocations and lazy inits are not the point
         torch.cuda.synchronize()
@@ -96,8 +86,49 @@ def test_serving_a_mixed_batch_syncs_at_most_twice(tmp_path):
                 rows = engine.run(batch)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [f"{w.filename}:{w.lineno}" for w in seen if "synchroniz" in str(w.message)]
-    assert len(rows) == len(texts)
+    assert len(rows) == len(items)
+    return [f"{w.filename}:{w.lineno}" for w in seen if "synchroniz" in str(w.message)]
+
+
+@pytest.mark.parametrize("methods", ["lora-adapter-head", "every"])
+def test_serving_a_mixed_batch_syncs_at_most_twice(methods, tmp_path):
+    """On a GPU the host runs ahead queueing kernels; every sync makes it wait for the device. A
+    mixed batch may sync only where the host must read the device: which rows use LoRA (read
+    once, at the first LoRA layer) and the one copy of the logits back. Prefix and soft-prompt
+    rows read nothing back either (their lengths and position shifts are known on the host).
+    Failing, it names each sync's line. (A tiny backbone: the code paths are the same.)"""
+    from tests.factories import save_tiny_backbone
+
+    engine = Engine(load_backbone(save_tiny_backbone("bert", tmp_path / "bb"), device="cuda", dtype="bfloat16"))
+    tasks = _tasks(engine, tmp_path / "store", per_method=2)
+    if methods != "every":
+        tasks = [t for t in tasks if t.key.name in ("lora-0", "lora-1", "adapter-0", "adapter-1", "head-only")]
+        assert len(tasks) == 5
+    texts = _texts(4 * len(tasks), seed=4)
+    syncs = _syncs(engine, [ClassifyItem(tasks[i % len(tasks)], t) for i, t in enumerate(texts)])
+    assert len(syncs) <= 2, syncs
+
+
+def test_prompt_tasks_read_no_rows_back(tmp_path):
+    """A template + verbalizer batch on a masked LM, mixed with LoRA and soft-prompt rows, syncs
+    only as a head batch does: the verbalizer finds its rows on the host."""
+    from service.engine.bundle import write_bundle
+    from service.engine.types import TaskKey
+    from tests.factories import random_method, save_tiny_lm, verbalizer_task
+
+    engine = Engine(load_backbone(save_tiny_lm("mlm", tmp_path / "lm"), device="cuda", dtype="bfloat16"))
+    info, g = engine.backbone.info, torch.Generator().manual_seed(0)
+    words = {"negative": ["bad"], "positive": ["good"]}
+    tasks = []
+    for name, extra in (("plain", {}), ("lora", {"lora": random_method("lora", info, g, 2)}),
+                        ("prompt", {"prompt": random_method("prompt", info, g, 1)})):
+        cfg = {"labels": list(words), "input_kind": "single", "max_length": 24, "template": "{text} it was {mask} .",
+               "backbone": {"fingerprint": engine.backbone.fingerprint}}
+        v = write_bundle(tmp_path / "store", name, cfg,
+                         {"verbalizer": verbalizer_task(engine.backbone.tokenizer, words), **extra})
+        tasks.append(engine.load_task(tmp_path / "store" / name / v, TaskKey(name, v)))
+    texts = ["good movie", "the plot was long and boring and bad", "ok", "really fun day in the park"] * 3
+    syncs = _syncs(engine, [ClassifyItem(tasks[i % len(tasks)], t) for i, t in enumerate(texts)])
     assert len(syncs) <= 2, syncs
 
 
