@@ -21,7 +21,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__)"
 rc=0
 # every file holding `gpu` tests (tests/deploy/test_gpu_check.py keeps this list whole); these import no web stack
-$PY -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_gpu.py tests/service/test_cache_tiers.py 2>&1 | tail -15 || rc=1
+$PY -m pytest -q -m gpu -p no:cacheprovider --tb=short tests/engine/test_gpu.py tests/service/test_cache_tiers.py 2>&1 | grep -v "it/s\]" | tail -60 || rc=1
 $PY bench/engine_lora.py --device cuda --dtype "$DTYPE" --cold-loads 20 --out "$OUT/engine_lora_cuda_${DTYPE}.json" 2>&1 | grep -v "it/s" || rc=1
 $PY bench/engine_methods.py --device cuda --dtype "$DTYPE" --out "$OUT/engine_methods_cuda_${DTYPE}.json" 2>&1 | grep -v "it/s" || rc=1
 exit $rc

@@ -5,7 +5,6 @@ from typing import Mapping
 
 from service.registry.base import ChangeListener, Registry, TaskRecord
 from service.registry.local import LocalRegistry
-from service.settings import setting_name
 from service.store import BundleStore
 
 
@@ -15,6 +14,7 @@ def open_registry(settings, store: BundleStore,  # settings: service.settings.Se
     settings a command line set (field -> flag), which its messages name by their flag."""
     if settings.redis_url:
         from service.registry.redis_registry import RedisRegistry  # imports redis only when used
+        from service.settings import setting_name  # pydantic: not for what only writes bundles
 
         return RedisRegistry(
             settings.redis_url,
