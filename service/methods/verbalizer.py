@@ -39,7 +39,10 @@ class VerbalizerWeights(TaskWeights):
 
     def label_logits(self, vocab_logits: Tensor) -> Tensor:
         """[n, V] -> [n, labels]: mean logit of each label's words."""
-        return torch.stack([vocab_logits[:, list(ids)].mean(-1) for ids in self.token_ids], dim=-1)
+        # one index of every word, sent without waiting (indexing by a list copies it blocking)
+        index = slots.to_device([i for ids in self.token_ids for i in ids], vocab_logits.device, torch.long)
+        words = vocab_logits.index_select(1, index).split([len(ids) for ids in self.token_ids], dim=1)
+        return torch.stack([w.mean(-1) for w in words], dim=-1)
 
 
 def answer_context(template: Template) -> tuple[str, str]:
