@@ -217,3 +217,50 @@ def test_per_batch_tables_map_rows_to_slots_without_reading_the_device():
     torch.testing.assert_close(rows[1][:2], a)
     torch.testing.assert_close(rows[2], b)
     assert slots.build([None, None], row_part[:2]) is None
+
+
+def _rows(pool: slots.SlotPool, tasks) -> torch.Tensor:
+    return pool.gather(tasks, torch.arange(len(tasks))).rows("k", 0)
+
+
+def test_a_widening_is_held_to_the_byte_cap():
+    """A task wider than the tables (a larger rank) widens every slot of them: where that would pass
+    the cap, the least recently batched slots make way, as they do for growth, and the tables are
+    rebuilt to the slots that fit; slots a batch in flight holds stay, and it keeps reading them."""
+    narrow = [_W(torch.full((2, 4), float(i + 1))) for i in range(7)]  # 32 bytes a slot
+    wide = _W(torch.full((8, 4), 9.0))  # 128 bytes a slot: all 8 slots widened would take 1 KiB
+    pool = slots.SlotPool(lambda w: {"k": (w.t,)}, slots.Budget(512))
+    for w in narrow:
+        _rows(pool, [w])
+    assert pool.nbytes() == 8 * 32 and len(pool) == 7
+    got = _rows(pool, [wide, narrow[6]])
+    # 512 // 128 = 4 slots: slot 0, the wide task and the two most recently batched narrow ones
+    assert pool.nbytes() == 512 and len(pool) == 3 and pool.evictions == 5
+    assert torch.equal(got[0], wide.t) and torch.equal(got[1, :2], narrow[6].t) and float(got[1, 2:].sum()) == 0
+    assert torch.equal(_rows(pool, narrow[:1])[0], narrow[0].t)  # an evicted task comes back, written again
+    # every slot pinned by a batch in flight: the widening still happens, past the cap, as growth does
+    pool = slots.SlotPool(lambda w: {"k": (w.t,)}, slots.Budget(512))
+    held = pool.gather(narrow[:3], torch.arange(3))
+    before = held.rows("k", 0).clone()
+    got = _rows(pool, [wide])
+    assert torch.equal(got[0], wide.t) and len(pool) == 4 and pool.evictions == 0
+    assert torch.equal(held.rows("k", 0), before)
+
+
+def test_the_engine_answers_exactly_while_a_larger_rank_stays_within_the_cap(tmp_path, monkeypatch):
+    """LoRA tasks of rank 2 fill the cap, then rank-16 ones arrive among them: the tables widen 8x
+    in rank, the pool stays within the cap and the answers equal the per-batch tables'."""
+    engine = Engine(tiny_backbone("bert", tmp_path))
+    info, g, store = engine.backbone.info, torch.Generator().manual_seed(6), tmp_path / "store"
+    small = [_publish(engine, store, f"s{i}", {"lora": random_lora(info, g, r=2), "head": random_head(info, g)}) for i in range(6)]
+    large = [_publish(engine, store, f"l{i}", {"lora": random_lora(info, g, r=16), "head": random_head(info, g)}) for i in range(2)]
+    budget = slots.Budget()
+    pool = slots.SlotPool(lora._pool_entries, budget)
+    monkeypatch.setattr(lora, "POOL", pool)
+    assert _pooled_vs_built(engine, small, n_rows=12) <= ATOL
+    budget.max_bytes = 4 * pool.nbytes()  # 32 slots of rank 2, 4 of rank 16 (8 of them would be 8 times those 8)
+    for batch in (small[:2] + large[:1], large, small[2:4] + large[1:], small[3:6], large[:1] + small[:2]):
+        assert _pooled_vs_built(engine, batch, n_rows=12) <= ATOL
+        assert pool.nbytes() <= budget.max_bytes
+    assert pool.evictions > 0
+
