@@ -168,9 +168,10 @@ class SlotPool:
     is written again if it comes back). Slot 0 is all zeros in every table: rows whose task has
     nothing at a key read zeros, so batched ops leave them unchanged; a reused slot is zeroed first.
 
-    Tables are rebuilt smaller (fewer slots, narrower) when a widening would pass the cap. A
-    rebuild makes new tensors and renumbers the pooled tasks' slots: batches in flight keep reading
-    the tables and slots they took, which nothing writes again.
+    Tables are rebuilt smaller (fewer slots, narrower) when collected tasks leave them at most a
+    quarter used, and when a widening would pass the cap. A rebuild makes new tensors and renumbers
+    the pooled tasks' slots: batches in flight keep reading the tables and slots they took, which
+    nothing writes again.
     """
 
     def __init__(self, entries: Callable[[Any], Entries], budget: Budget | None = None):
@@ -407,10 +408,24 @@ class SlotPool:
         while self._unpinned:
             for owner in self._unpinned.popleft():
                 _drop(self._pins, owner)
+        released = False
         while self._released:
             s = self._slot.get(self._released.popleft())
             if s is not None:  # not evicted meanwhile
                 self._release(s)
+                released = True
+        if released:
+            self._shrink()
+
+    def _shrink(self) -> None:
+        """Give memory back once the pooled tasks would fit in a quarter of the tables: rebuild them
+        to twice the slots in use, as wide as those tasks need (no task left: no tables). Only when
+        tasks were collected, so a batch pays nothing for it; halving the slots at most every time
+        they halve twice leaves room to grow back before the next rebuild."""
+        widths = _widest(self._layouts)
+        capacity = 2 * (len(self._lru) + 1) if self._lru else 0
+        if 4 * capacity * self._per_slot(widths) <= self._bytes:
+            self._compact(capacity, widths)
 
 
 class _Pin:

@@ -264,3 +264,27 @@ def test_the_engine_answers_exactly_while_a_larger_rank_stays_within_the_cap(tmp
         assert pool.nbytes() <= budget.max_bytes
     assert pool.evictions > 0
 
+
+def test_tables_shrink_once_collected_tasks_leave_them_mostly_empty():
+    """After a burst of tasks, or a wide one, the tables give memory back when the task cache drops
+    those tasks: to twice the slots still in use, as wide as those tasks need, nothing once none is
+    left. A batch that took its rows before keeps reading them."""
+    pool = slots.SlotPool(lambda w: {"k": (w.t,)}, slots.Budget())
+    burst = [_W(torch.full((2, 3), float(i + 1))) for i in range(30)] + [_W(torch.full((6, 6), 9.0))]
+    _rows(pool, burst)
+    assert pool.nbytes() == 32 * 6 * 6 * 4  # 32 slots, as wide as the wide task
+    kept = [burst[0], burst[29]]
+    held = pool.gather(kept, torch.arange(2))
+    before = held.rows("k", 0).clone()
+    del burst[1:]
+    gc.collect()
+    got = _rows(pool, kept + [_W(torch.full((1, 1), 5.0))])
+    assert pool.nbytes() == 6 * 2 * 3 * 4  # 2 x (2 tasks left + slot 0) slots of 2x3; the new task took one
+    assert torch.equal(got[0], kept[0].t) and torch.equal(got[1], kept[1].t) and float(got[2].sum()) == 5.0
+    assert torch.equal(held.rows("k", 0), before)
+    del burst, kept, got
+    gc.collect()
+    fresh = _W(torch.ones(1, 2))
+    assert torch.equal(_rows(pool, [fresh])[0], fresh.t)
+    assert pool.nbytes() == 8 * 1 * 2 * 4  # the others gone: the tables started afresh, at this task's size
+
