@@ -88,9 +88,13 @@ class Budget:
     tables may grow (in slots or in width) only while the pools together stay within `max_bytes`
     (None: no cap).
 
-    Each pool keeps its own tables and evicts only its own slots; the budget just tells it how
-    many bytes the other pools hold. Two pools growing at once in two threads could each count the
-    other's size from before; serving runs one forward at a time, so that does not arise there."""
+    Each pool keeps its own tables and evicts its own slots; the budget tells it how many bytes the
+    other pools hold and, when that leaves it short, lets it `claim` up to a fair share: the cap
+    split evenly among the pools holding tables. A pool over its share then gives back (evicting
+    its least recently batched slots and rebuilding its tables smaller), so one method's pool that
+    filled the cap in a burst does not leave another's to evict on every new task. Two pools growing
+    at once in two threads could each count the other's size from before; serving runs one forward
+    at a time, so that does not arise there (and a pool busy in another thread is not asked)."""
 
     def __init__(self, max_bytes: int | None = None):
         self.max_bytes = max_bytes
@@ -108,6 +112,24 @@ class Budget:
         if self.max_bytes is None:
             return None
         return self.max_bytes - sum(p.nbytes() for p in list(self._pools) if p is not pool)
+
+    def claim(self, pool: "SlotPool", want: int) -> int | None:
+        """`room(pool)`, after asking the other pools to give back what `pool` lacks of `want` bytes,
+        up to its fair share: the pools over their share give back (down to it, the largest first),
+        and every pool asked first drops the slots of tasks since collected."""
+        room = self.room(pool)
+        if room is None or want <= room:
+            return room
+        others = sorted((p for p in list(self._pools) if p is not pool and p.nbytes()), key=SlotPool.nbytes, reverse=True)
+        share = self.max_bytes // (len(others) + 1)  # type: ignore[operator]
+        short = min(want, share) - room
+        for p in others:
+            if short <= 0:
+                break
+            before = p.nbytes()
+            p.give_back(max(share, before - short) if before > share else None)
+            short -= before - p.nbytes()
+        return self.room(pool)
 
 
 # The service's budget, set from the cache's device budget by `configure`.
@@ -169,9 +191,9 @@ class SlotPool:
     nothing at a key read zeros, so batched ops leave them unchanged; a reused slot is zeroed first.
 
     Tables are rebuilt smaller (fewer slots, narrower) when collected tasks leave them at most a
-    quarter used, and when a widening would pass the cap. A rebuild makes new tensors and renumbers
-    the pooled tasks' slots: batches in flight keep reading the tables and slots they took, which
-    nothing writes again.
+    quarter used, when a widening would pass the cap, and when another pool claims its share. A
+    rebuild makes new tensors and renumbers the pooled tasks' slots: batches in flight keep reading
+    the tables and slots they took, which nothing writes again.
     """
 
     def __init__(self, entries: Callable[[Any], Entries], budget: Budget | None = None):
@@ -236,6 +258,20 @@ class SlotPool:
         single = len({x for x in part_slot if x}) == 1 and all(part_slot)
         return PoolRows(views, slot, single, part_slot[0] if single else 0, pin)
 
+    def give_back(self, max_bytes: int | None) -> None:
+        """Drop the slots of collected tasks, then (`max_bytes` set) rebuild the tables within
+        `max_bytes` as far as the slots no batch in flight uses allow: another pool on the budget
+        claims room. Nothing is done while this pool is busy in another thread."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            with torch.inference_mode():
+                self._reclaim()
+                if max_bytes is not None and self._bytes > max_bytes:
+                    self._fit_within(max_bytes, None, set())
+        finally:
+            self._lock.release()
+
     # -- under the lock --------------------------------------------------------------------------
     def _add(self, weights: Any, batch: set[int]) -> int:
         entries = self._entries(weights)
@@ -262,11 +298,11 @@ class SlotPool:
 
     def _room(self, batch: set[int], need: int) -> int:
         """A slot for a new task (`need`: its bytes in one slot): a new one while the byte cap
-        allows, else the least recently batched slot no batch in flight uses, else (everything
-        pinned) a new one anyway."""
+        allows (claiming up to a fair share from the other pools), else the least recently batched
+        slot no batch in flight uses, else (everything pinned) a new one anyway."""
         if self._next >= self._capacity and self._tables:
             per = self._slot_bytes(need)
-            room = self._budget.room(self)
+            room = self._budget.claim(self, 2 * self._capacity * per)  # what doubling takes
             if room is not None and (self._capacity + 1) * per > room:  # not one more slot fits
                 victim = self._victim(batch)
                 if victim is not None:
@@ -276,9 +312,9 @@ class SlotPool:
 
     def _widen(self, entries: Entries, batch: set[int]) -> None:
         """Make the tables as wide as a task of `entries` needs (a larger rank, a key they lack),
-        held to the byte cap as growth is: when the widened tables would not fit, the least recently
-        batched slots no batch in flight uses are evicted and the tables rebuilt to the slots that
-        fit (those in use stay, even past the cap)."""
+        held to the byte cap as growth is: when the widened tables would not fit (after claiming a
+        fair share), the least recently batched slots no batch in flight uses are evicted and the
+        tables rebuilt to the slots that fit (those in use stay, even past the cap)."""
         widths = {key: [list(c.shape[1:]) for c in cur] for key, cur in self._tables.items()}
         wider = False
         for key, ts in entries.items():
@@ -289,7 +325,7 @@ class SlotPool:
         if not wider:
             return
         want = self._capacity * self._per_slot(widths, entries)
-        room = self._budget.room(self)
+        room = self._budget.claim(self, want)
         if room is not None and want > room:
             self._fit_within(room, entries, batch)
         for key, ts in entries.items():
@@ -365,7 +401,7 @@ class SlotPool:
         self._next += 1
         if s >= self._capacity:  # double every table, within the byte cap (but always to hold slot s)
             cap = max(8, 2 * self._capacity)
-            room = self._budget.room(self)
+            room = self._budget.claim(self, cap * self._slot_bytes(need))
             if room is not None:  # a task near the cap in size gets slot 0 and itself, not 8 slots
                 cap = max(s + 1, min(cap, room // self._slot_bytes(need)))
             for key, ts in self._tables.items():

@@ -288,3 +288,22 @@ def test_tables_shrink_once_collected_tasks_leave_them_mostly_empty():
     assert torch.equal(_rows(pool, [fresh])[0], fresh.t)
     assert pool.nbytes() == 8 * 1 * 2 * 4  # the others gone: the tables started afresh, at this task's size
 
+
+def test_a_pool_claims_a_fair_share_of_the_cap_from_one_that_took_it_all():
+    """One method's pool filled the cap in a burst; another method's pool then claims up to an even
+    share (the first gives back its least recently batched slots) instead of evicting on every new task."""
+    budget = slots.Budget(1024)
+    first, second = (slots.SlotPool(lambda w: {"k": (w.t,)}, budget) for _ in range(2))
+    burst = [_W(torch.full((2, 4), float(i + 1))) for i in range(31)]  # 32 bytes a slot: 32 slots fill the cap
+    _rows(first, burst)
+    assert first.nbytes() == 1024
+    working_set = [_W(torch.full((2, 4), -float(i + 1))) for i in range(14)]
+    for _ in range(3):
+        for w in working_set:
+            assert torch.equal(_rows(second, [w])[0], w.t)
+    assert second.evictions == 0 and second.nbytes() == 512  # its share, 16 slots: all 14 tasks stay pooled
+    assert first.nbytes() + second.nbytes() <= 1024
+    assert first.evictions == 16 and len(first) == 15  # its least recently batched ones went
+    got = _rows(first, burst[16:])
+    assert all(torch.equal(got[i], w.t) for i, w in enumerate(burst[16:]))
+    assert first.evictions == 16  # the most recent stayed
