@@ -124,7 +124,7 @@ async def _start(state: ServiceState, engine: EngineLike | None) -> None:
 
         # The methods' slot pools (padded device copies of recently batched tasks) share one cap,
         # the device tier's budget, on top of the cache (slots batches in flight hold aside:
-        # docs/architecture.md).
+        # docs/architecture.md); on a CPU the start-up check below counts them as host memory.
         slots.configure(settings.cache_max_bytes)
         # On the CPU the device is host memory: the tiers then move tasks without copies or threads.
         device = getattr(getattr(ready_engine, "backbone", None), "device", None)
