@@ -123,8 +123,8 @@ async def _start(state: ServiceState, engine: EngineLike | None) -> None:
             return task.to(ready_engine.backbone.device) if hasattr(task, "to") else task
 
         # The methods' slot pools (padded device copies of recently batched tasks) share one cap,
-        # the device tier's budget, on top of the cache (a widening to a larger rank, and a batch
-        # needing more slots than fit, aside: docs/architecture.md).
+        # the device tier's budget, on top of the cache (slots batches in flight hold aside:
+        # docs/architecture.md); on a CPU the start-up check below counts them as host memory.
         slots.configure(settings.cache_max_bytes)
         # On the CPU the device is host memory: the tiers then move tasks without copies or threads.
         device = getattr(getattr(ready_engine, "backbone", None), "device", None)

@@ -124,16 +124,18 @@ def memory_limit_bytes() -> int | None:
 def check_cache_budget(device_bytes: int, host_bytes: int, on_cpu: bool, limit: int | None,
                        flags: Mapping[str, str] | None = None) -> str | None:
     """A warning when the task cache's tiers may hold more than the process can have (`limit`):
-    on a CPU both tiers are host memory. None when they fit, or the limit is unknown. `flags`: the
-    settings the command line set (field -> flag), named so; the others by their variable."""
+    on a CPU both tiers are host memory, and so are the methods' slot pools, which hold up to the
+    device tier's budget again (`slots.configure`). None when they fit, or the limit is unknown.
+    `flags`: the settings the command line set (field -> flag), named so; the others by their
+    variable."""
     from service.settings import setting_name
 
-    need = device_bytes + host_bytes if on_cpu else host_bytes
+    need = 2 * device_bytes + host_bytes if on_cpu else host_bytes
     if limit is None or need <= limit:
         return None
     host = setting_name("cache_host_max_bytes", flags)
-    tiers = (f"{setting_name('cache_max_bytes', flags)} + {host}: on a CPU both tiers are host memory"
-             if on_cpu else host)
+    tiers = (f"2 x {setting_name('cache_max_bytes', flags)} + {host}: on a CPU both tiers are host memory, "
+             "and the slot pools hold up to the device tier's budget again" if on_cpu else host)
     return (f"the task cache may grow to {need / 2**20:,.0f} MiB ({tiers}), more than the {limit / 2**20:,.0f} MiB "
             "this process can have: a full cache would be killed for memory; lower the budget")
 

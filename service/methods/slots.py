@@ -7,12 +7,13 @@ unchanged because the padded rows and columns meet zeros on the other side.
 """
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Callable, Hashable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -79,15 +80,21 @@ def linear(x: Tensor, table: SlotTable, w: int, b: int | None = None) -> Tensor:
 
 Key = Hashable
 Entries = Mapping[Key, tuple[Tensor, ...]]
+Layout = frozenset[tuple[Key, tuple[torch.Size, ...]]]  # a task's (key, tensor shapes) pairs
 
 
 class Budget:
     """One byte cap shared by every pool on it (all the methods' pools share `BUDGET`): a pool's
-    tables may grow only while the pools together stay within `max_bytes` (None: no cap).
+    tables may grow (in slots or in width) only while the pools together stay within `max_bytes`
+    (None: no cap).
 
-    Each pool keeps its own tables and evicts only its own slots; the budget just tells it how
-    many bytes the other pools hold. Two pools growing at once in two threads could each count the
-    other's size from before; serving runs one forward at a time, so that does not arise there."""
+    Each pool keeps its own tables and evicts its own slots; the budget tells it how many bytes the
+    other pools hold and, when that leaves it short, lets it `claim` up to a fair share: the cap
+    split evenly among the pools holding tables. A pool over its share then gives back (evicting
+    its least recently batched slots and rebuilding its tables smaller), so one method's pool that
+    filled the cap in a burst does not leave another's to evict on every new task. Two pools growing
+    at once in two threads could each count the other's size from before; serving runs one forward
+    at a time, so that does not arise there (and a pool busy in another thread is not asked)."""
 
     def __init__(self, max_bytes: int | None = None):
         self.max_bytes = max_bytes
@@ -105,6 +112,24 @@ class Budget:
         if self.max_bytes is None:
             return None
         return self.max_bytes - sum(p.nbytes() for p in list(self._pools) if p is not pool)
+
+    def claim(self, pool: "SlotPool", want: int) -> int | None:
+        """`room(pool)`, after asking the other pools to give back what `pool` lacks of `want` bytes,
+        up to its fair share: the pools over their share give back (down to it, the largest first),
+        and every pool asked first drops the slots of tasks since collected."""
+        room = self.room(pool)
+        if room is None or want <= room:
+            return room
+        others = sorted((p for p in list(self._pools) if p is not pool and p.nbytes()), key=SlotPool.nbytes, reverse=True)
+        share = self.max_bytes // (len(others) + 1)  # type: ignore[operator]
+        short = min(want, share) - room
+        for p in others:
+            if short <= 0:
+                break
+            before = p.nbytes()
+            p.give_back(max(share, before - short) if before > share else None)
+            short -= before - p.nbytes()
+        return self.room(pool)
 
 
 # The service's budget, set from the cache's device budget by `configure`.
@@ -164,6 +189,11 @@ class SlotPool:
     the least recently batched slot of this pool that no batch in flight uses is evicted (its task
     is written again if it comes back). Slot 0 is all zeros in every table: rows whose task has
     nothing at a key read zeros, so batched ops leave them unchanged; a reused slot is zeroed first.
+
+    Tables are rebuilt smaller (fewer slots, narrower) when collected tasks leave them at most a
+    quarter used, when a widening would pass the cap, and when another pool claims its share. A
+    rebuild makes new tensors and renumbers the pooled tasks' slots: batches in flight keep reading
+    the tables and slots they took, which nothing writes again.
     """
 
     def __init__(self, entries: Callable[[Any], Entries], budget: Budget | None = None):
@@ -177,11 +207,12 @@ class SlotPool:
         self._slot: dict[int, int] = {}  # id(weights) -> slot
         self._owner: dict[int, int] = {}  # slot -> id(weights)
         # slot -> its (key, tensor shapes) pairs; hashable, so tasks of one layout count once per batch
-        self._layout: dict[int, frozenset[tuple[Key, tuple[torch.Size, ...]]]] = {}
+        self._layout: dict[int, Layout] = {}
+        self._layouts: Counter[Layout] = Counter()  # slots per layout: the widths the pooled tasks need
         self._lru: OrderedDict[int, None] = OrderedDict()  # slots in use, least recently batched first
-        self._pins: Counter[int] = Counter()  # slot -> batches in flight using it
-        self._released: deque[tuple[int | None, int]] = deque()  # (owner, slot) of collected weights
-        self._unpinned: deque[frozenset[int]] = deque()  # slots of finished batches
+        self._pins: Counter[int] = Counter()  # id(weights) -> batches in flight using its slot
+        self._released: deque[int] = deque()  # id(weights) of collected weights
+        self._unpinned: deque[frozenset[int]] = deque()  # the weights of finished batches
         self._free: list[int] = []
         self._next = 1
         self._capacity = 0  # slots per table, slot 0 included
@@ -203,47 +234,57 @@ class SlotPool:
         # is in: serving uses inference_mode, evaluation no_grad); reading them is fine in both.
         with self._lock, torch.inference_mode():
             self._reclaim()
-            part_slot: list[int] = []
-            batch: set[int] = set()
+            batch: set[int] = set()  # id(weights) of this batch's tasks: a later task's room never takes theirs
             for p in parts:
                 if p is None:
-                    part_slot.append(0)
                     continue
                 s = self._slot.get(id(p))
                 if s is None:
                     s = self._add(p, batch)
                 self._lru.move_to_end(s)
-                batch.add(s)
-                part_slot.append(s)
+                batch.add(id(p))
+            # read after every task is in: making room for a later one may have renumbered the slots
+            part_slot = [0 if p is None else self._slot[id(p)] for p in parts]
             pin = _Pin()
             self._pins.update(batch)
             weakref.finalize(pin, self._unpinned.append, frozenset(batch))
-            layouts = {self._layout[s] for s in batch}  # tasks of the same method settings (most) count once
+            layouts = {self._layout[s] for s in part_slot if s}  # tasks of the same method settings (most) count once
             tables = dict(self._tables)  # a snapshot: growth later replaces tables, never edits these
         slot = to_device(part_slot, row_part.device).index_select(0, row_part)  # [B]
         # per key, the largest shape among this batch's tasks: tables are sliced to it, so one
         # large-rank task elsewhere in the pool costs this batch nothing
-        widest: dict[Key, list[list[int]]] = {}
-        for layout in layouts:
-            for key, sh in layout:
-                w = widest.get(key)
-                if w is None:
-                    widest[key] = [list(x) for x in sh]
-                else:
-                    for wi, si in zip(w, sh):
-                        wi[:] = [max(a, b) for a, b in zip(wi, si)]
         views = {key: tuple(t[(slice(None), *(slice(0, n) for n in w))] for t, w in zip(tables[key], ws))
-                 for key, ws in widest.items()}
+                 for key, ws in _widest(layouts).items()}
         single = len({x for x in part_slot if x}) == 1 and all(part_slot)
         return PoolRows(views, slot, single, part_slot[0] if single else 0, pin)
+
+    def give_back(self, max_bytes: int | None) -> None:
+        """Drop the slots of collected tasks, then (`max_bytes` set) rebuild the tables within
+        `max_bytes` as far as the slots no batch in flight uses allow: another pool on the budget
+        claims room. Nothing is done while this pool is busy in another thread."""
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            with torch.inference_mode():
+                self._reclaim()
+                if max_bytes is not None and self._bytes > max_bytes:
+                    self._fit_within(max_bytes, None, set())
+        finally:
+            self._lock.release()
 
     # -- under the lock --------------------------------------------------------------------------
     def _add(self, weights: Any, batch: set[int]) -> int:
         entries = self._entries(weights)
         need = sum(t.numel() * t.element_size() for ts in entries.values() for t in ts)  # one slot, this task alone
+        if self._capacity:  # before the slot is taken: a widening within the cap may rebuild the tables
+            self._widen(entries, batch)
         s = self._free.pop() if self._free else self._room(batch, need)
-        self._layout[s] = frozenset((key, tuple(t.shape for t in ts)) for key, ts in entries.items())
+        layout = _layout(entries)
+        self._layout[s] = layout
+        self._layouts[layout] += 1
         self._lru[s] = None
+        self._slot[id(weights)] = s
+        self._owner[s] = id(weights)
         try:
             for key, ts in entries.items():
                 self._fit(key, ts)
@@ -252,35 +293,115 @@ class SlotPool:
         except BaseException:  # e.g. out of device memory while growing: free (and zero) the slot
             self._release(s)
             raise
-        self._slot[id(weights)] = s
-        self._owner[s] = id(weights)
-        weakref.finalize(weights, self._released.append, (id(weights), s))
+        weakref.finalize(weights, self._released.append, id(weights))
         return s
 
     def _room(self, batch: set[int], need: int) -> int:
         """A slot for a new task (`need`: its bytes in one slot): a new one while the byte cap
-        allows, else the least recently batched slot no batch in flight uses, else (everything
-        pinned) a new one anyway."""
+        allows (claiming up to a fair share from the other pools), else the least recently batched
+        slot no batch in flight uses, else (everything pinned) a new one anyway."""
         if self._next >= self._capacity and self._tables:
-            room = self._budget.room(self)
-            if room is not None and (self._capacity + 1) * self._slot_bytes(need) > room:  # not one more slot fits
-                victim = next((s for s in self._lru if s not in batch and not self._pins[s]), None)
+            per = self._slot_bytes(need)
+            room = self._budget.claim(self, 2 * self._capacity * per)  # what doubling takes
+            if room is not None and (self._capacity + 1) * per > room:  # not one more slot fits
+                victim = self._victim(batch)
                 if victim is not None:
-                    self._release(victim)
-                    self.evictions += 1
+                    self._evict(victim)
                     return self._free.pop()
         return self._grab(need)
 
+    def _widen(self, entries: Entries, batch: set[int]) -> None:
+        """Make the tables as wide as a task of `entries` needs (a larger rank, a key they lack),
+        held to the byte cap as growth is: when the widened tables would not fit (after claiming a
+        fair share), the least recently batched slots no batch in flight uses are evicted and the
+        tables rebuilt to the slots that fit (those in use stay, even past the cap)."""
+        widths = {key: [list(c.shape[1:]) for c in cur] for key, cur in self._tables.items()}
+        wider = False
+        for key, ts in entries.items():
+            w = widths.setdefault(key, [[0] * t.dim() for t in ts])
+            for wi, t in zip(w, ts):
+                wider |= any(n > c for n, c in zip(t.shape, wi))
+                wi[:] = [max(c, n) for c, n in zip(wi, t.shape)]
+        if not wider:
+            return
+        want = self._capacity * self._per_slot(widths, entries)
+        room = self._budget.claim(self, want)
+        if room is not None and want > room:
+            self._fit_within(room, entries, batch)
+        for key, ts in entries.items():
+            self._fit(key, ts)
+
+    def _fit_within(self, max_bytes: int, entries: Entries | None, batch: set[int]) -> None:
+        """Rebuild the tables in at most `max_bytes`, as wide as the pooled tasks (and a task of
+        `entries` about to be) need: the least recently batched slots that neither `batch` nor a
+        batch in flight uses are evicted until the rest fit."""
+        held = 1 if entries is None else 2  # slot 0, and the slot of the task about to be pooled
+        extra = () if entries is None else (_layout(entries),)
+        while True:
+            widths = _widest((*self._layouts, *extra))
+            fits = max_bytes // self._per_slot(widths, entries)
+            victim = self._victim(batch) if len(self._lru) + held > fits else None
+            if victim is None:
+                break
+            self._evict(victim)
+        self._compact(max(len(self._lru) + held, min(fits, self._capacity)), widths)
+
+    def _compact(self, capacity: int, widths: dict[Key, list[list[int]]]) -> None:
+        """New tables of `capacity` slots and `widths` (keys left out are dropped; `_fit` makes a
+        missing one), the pooled tasks moved to slots 1, 2, ... in LRU order."""
+        capacity = capacity if widths else 0  # no task, nothing to hold: the next one starts afresh
+        order = list(self._lru)
+        moved = {s: i for i, s in enumerate(order, start=1)}
+        tables: dict[Key, tuple[Tensor, ...]] = {}
+        for key, ws in widths.items():
+            cur = self._tables.get(key)
+            if cur is None or not capacity:
+                continue
+            keep = to_device([0, *order], cur[0].device, torch.long)
+            new = []
+            for t, w in zip(cur, ws):
+                out = t.new_zeros((capacity, *w))
+                corner = tuple(slice(0, min(a, b)) for a, b in zip(w, t.shape[1:]))
+                out[(slice(0, len(order) + 1), *corner)] = t.index_select(0, keep)[(slice(None), *corner)]
+                new.append(out)
+            tables[key] = tuple(new)
+        self._tables = tables
+        self._owner = {moved[s]: o for s, o in self._owner.items()}
+        self._slot = {o: s for s, o in self._owner.items()}
+        self._layout = {moved[s]: layout for s, layout in self._layout.items()}
+        self._lru = OrderedDict((moved[s], None) for s in order)
+        self._free = []
+        self._next = len(order) + 1
+        self._capacity = capacity
+        self._measure()
+
+    def _victim(self, batch: set[int]) -> int | None:
+        """The least recently batched slot that neither `batch` nor a batch in flight uses."""
+        return next((s for s in self._lru if self._owner[s] not in batch and not self._pins[self._owner[s]]), None)
+
+    def _evict(self, s: int) -> None:
+        self._release(s)
+        self.evictions += 1
+
+    def _per_slot(self, widths: dict[Key, list[list[int]]], entries: Entries | None = None) -> int:
+        """Bytes of one slot of tables of `widths` (in the dtypes of the tables, or of `entries`
+        for a key the tables lack)."""
+        total = 0
+        for key, ws in widths.items():
+            like = self._tables[key] if key in self._tables else entries[key]  # type: ignore[index]
+            total += sum(math.prod(w) * t.element_size() for w, t in zip(ws, like))
+        return max(1, total)
+
     def _slot_bytes(self, need: int) -> int:
         """Bytes of one slot across every table once a task of `need` bytes is in (at least)."""
-        return max(1, need, sum(t[0].numel() * t.element_size() for ts in self._tables.values() for t in ts))
+        return max(1, need, sum(math.prod(t.shape[1:]) * t.element_size() for ts in self._tables.values() for t in ts))
 
     def _grab(self, need: int) -> int:
         s = self._next
         self._next += 1
         if s >= self._capacity:  # double every table, within the byte cap (but always to hold slot s)
             cap = max(8, 2 * self._capacity)
-            room = self._budget.room(self)
+            room = self._budget.claim(self, cap * self._slot_bytes(need))
             if room is not None:  # a task near the cap in size gets slot 0 and itself, not 8 slots
                 cap = max(s + 1, min(cap, room // self._slot_bytes(need)))
             for key, ts in self._tables.items():
@@ -310,23 +431,66 @@ class SlotPool:
         owner = self._owner.pop(s, None)
         if owner is not None and self._slot.get(owner) == s:
             del self._slot[owner]
-        for key, _ in self._layout.pop(s, ()):
-            for table in self._tables.get(key, ()):
-                table[s].zero_()
+        layout = self._layout.pop(s, None)
+        if layout is not None:
+            _drop(self._layouts, layout)
+            for key, _ in layout:
+                for table in self._tables.get(key, ()):
+                    table[s].zero_()
         self._lru.pop(s, None)
         self._free.append(s)
 
     def _reclaim(self) -> None:
         while self._unpinned:
-            self._pins.subtract(self._unpinned.popleft())
+            for owner in self._unpinned.popleft():
+                _drop(self._pins, owner)
+        released = False
         while self._released:
-            owner, s = self._released.popleft()
-            if owner is None or self._owner.get(s) == owner:  # not evicted and reused meanwhile
+            s = self._slot.get(self._released.popleft())
+            if s is not None:  # not evicted meanwhile
                 self._release(s)
+                released = True
+        if released:
+            self._shrink()
+
+    def _shrink(self) -> None:
+        """Give memory back once the pooled tasks would fit in a quarter of the tables: rebuild them
+        to twice the slots in use, as wide as those tasks need (no task left: no tables). Only when
+        tasks were collected, so a batch pays nothing for it; halving the slots at most every time
+        they halve twice leaves room to grow back before the next rebuild."""
+        widths = _widest(self._layouts)
+        capacity = 2 * (len(self._lru) + 1) if self._lru else 0
+        if 4 * capacity * self._per_slot(widths) <= self._bytes:
+            self._compact(capacity, widths)
 
 
 class _Pin:
     """Held by a batch's PoolRows and every selection of them: while any lives, its slots stay."""
+
+
+def _layout(entries: Entries) -> Layout:
+    return frozenset((key, tuple(t.shape for t in ts)) for key, ts in entries.items())
+
+
+def _widest(layouts: Iterable[Layout]) -> dict[Key, list[list[int]]]:
+    """Per key, the largest shape of each tensor among `layouts`, dimension by dimension."""
+    widest: dict[Key, list[list[int]]] = {}
+    for layout in layouts:
+        for key, sh in layout:
+            w = widest.get(key)
+            if w is None:
+                widest[key] = [list(x) for x in sh]
+            else:
+                for wi, si in zip(w, sh):
+                    wi[:] = [max(a, b) for a, b in zip(wi, si)]
+    return widest
+
+
+def _drop(counts: Counter, key: Hashable) -> None:
+    """One fewer of `key`, forgotten at zero (the counts stay as many as the keys in use)."""
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]
 
 
 def configure(max_bytes: int | None) -> None:

@@ -217,3 +217,93 @@ def test_per_batch_tables_map_rows_to_slots_without_reading_the_device():
     torch.testing.assert_close(rows[1][:2], a)
     torch.testing.assert_close(rows[2], b)
     assert slots.build([None, None], row_part[:2]) is None
+
+
+def _rows(pool: slots.SlotPool, tasks) -> torch.Tensor:
+    return pool.gather(tasks, torch.arange(len(tasks))).rows("k", 0)
+
+
+def test_a_widening_is_held_to_the_byte_cap():
+    """A task wider than the tables (a larger rank) widens every slot of them: where that would pass
+    the cap, the least recently batched slots make way, as they do for growth, and the tables are
+    rebuilt to the slots that fit; slots a batch in flight holds stay, and it keeps reading them."""
+    narrow = [_W(torch.full((2, 4), float(i + 1))) for i in range(7)]  # 32 bytes a slot
+    wide = _W(torch.full((8, 4), 9.0))  # 128 bytes a slot: all 8 slots widened would take 1 KiB
+    pool = slots.SlotPool(lambda w: {"k": (w.t,)}, slots.Budget(512))
+    for w in narrow:
+        _rows(pool, [w])
+    assert pool.nbytes() == 8 * 32 and len(pool) == 7
+    got = _rows(pool, [wide, narrow[6]])
+    # 512 // 128 = 4 slots: slot 0, the wide task and the two most recently batched narrow ones
+    assert pool.nbytes() == 512 and len(pool) == 3 and pool.evictions == 5
+    assert torch.equal(got[0], wide.t) and torch.equal(got[1, :2], narrow[6].t) and float(got[1, 2:].sum()) == 0
+    assert torch.equal(_rows(pool, narrow[:1])[0], narrow[0].t)  # an evicted task comes back, written again
+    # every slot pinned by a batch in flight: the widening still happens, past the cap, as growth does
+    pool = slots.SlotPool(lambda w: {"k": (w.t,)}, slots.Budget(512))
+    held = pool.gather(narrow[:3], torch.arange(3))
+    before = held.rows("k", 0).clone()
+    got = _rows(pool, [wide])
+    assert torch.equal(got[0], wide.t) and len(pool) == 4 and pool.evictions == 0
+    assert torch.equal(held.rows("k", 0), before)
+
+
+def test_the_engine_answers_exactly_while_a_larger_rank_stays_within_the_cap(tmp_path, monkeypatch):
+    """LoRA tasks of rank 2 fill the cap, then rank-16 ones arrive among them: the tables widen 8x
+    in rank, the pool stays within the cap and the answers equal the per-batch tables'."""
+    engine = Engine(tiny_backbone("bert", tmp_path))
+    info, g, store = engine.backbone.info, torch.Generator().manual_seed(6), tmp_path / "store"
+    small = [_publish(engine, store, f"s{i}", {"lora": random_lora(info, g, r=2), "head": random_head(info, g)}) for i in range(6)]
+    large = [_publish(engine, store, f"l{i}", {"lora": random_lora(info, g, r=16), "head": random_head(info, g)}) for i in range(2)]
+    budget = slots.Budget()
+    pool = slots.SlotPool(lora._pool_entries, budget)
+    monkeypatch.setattr(lora, "POOL", pool)
+    assert _pooled_vs_built(engine, small, n_rows=12) <= ATOL
+    budget.max_bytes = 4 * pool.nbytes()  # 32 slots of rank 2, 4 of rank 16 (8 of them would be 8 times those 8)
+    for batch in (small[:2] + large[:1], large, small[2:4] + large[1:], small[3:6], large[:1] + small[:2]):
+        assert _pooled_vs_built(engine, batch, n_rows=12) <= ATOL
+        assert pool.nbytes() <= budget.max_bytes
+    assert pool.evictions > 0
+
+
+def test_tables_shrink_once_collected_tasks_leave_them_mostly_empty():
+    """After a burst of tasks, or a wide one, the tables give memory back when the task cache drops
+    those tasks: to twice the slots still in use, as wide as those tasks need, nothing once none is
+    left. A batch that took its rows before keeps reading them."""
+    pool = slots.SlotPool(lambda w: {"k": (w.t,)}, slots.Budget())
+    burst = [_W(torch.full((2, 3), float(i + 1))) for i in range(30)] + [_W(torch.full((6, 6), 9.0))]
+    _rows(pool, burst)
+    assert pool.nbytes() == 32 * 6 * 6 * 4  # 32 slots, as wide as the wide task
+    kept = [burst[0], burst[29]]
+    held = pool.gather(kept, torch.arange(2))
+    before = held.rows("k", 0).clone()
+    del burst[1:]
+    gc.collect()
+    got = _rows(pool, kept + [_W(torch.full((1, 1), 5.0))])
+    assert pool.nbytes() == 6 * 2 * 3 * 4  # 2 x (2 tasks left + slot 0) slots of 2x3; the new task took one
+    assert torch.equal(got[0], kept[0].t) and torch.equal(got[1], kept[1].t) and float(got[2].sum()) == 5.0
+    assert torch.equal(held.rows("k", 0), before)
+    del burst, kept, got
+    gc.collect()
+    fresh = _W(torch.ones(1, 2))
+    assert torch.equal(_rows(pool, [fresh])[0], fresh.t)
+    assert pool.nbytes() == 8 * 1 * 2 * 4  # the others gone: the tables started afresh, at this task's size
+
+
+def test_a_pool_claims_a_fair_share_of_the_cap_from_one_that_took_it_all():
+    """One method's pool filled the cap in a burst; another method's pool then claims up to an even
+    share (the first gives back its least recently batched slots) instead of evicting on every new task."""
+    budget = slots.Budget(1024)
+    first, second = (slots.SlotPool(lambda w: {"k": (w.t,)}, budget) for _ in range(2))
+    burst = [_W(torch.full((2, 4), float(i + 1))) for i in range(31)]  # 32 bytes a slot: 32 slots fill the cap
+    _rows(first, burst)
+    assert first.nbytes() == 1024
+    working_set = [_W(torch.full((2, 4), -float(i + 1))) for i in range(14)]
+    for _ in range(3):
+        for w in working_set:
+            assert torch.equal(_rows(second, [w])[0], w.t)
+    assert second.evictions == 0 and second.nbytes() == 512  # its share, 16 slots: all 14 tasks stay pooled
+    assert first.nbytes() + second.nbytes() <= 1024
+    assert first.evictions == 16 and len(first) == 15  # its least recently batched ones went
+    got = _rows(first, burst[16:])
+    assert all(torch.equal(got[i], w.t) for i, w in enumerate(burst[16:]))
+    assert first.evictions == 16  # the most recent stayed

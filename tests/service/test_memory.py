@@ -114,8 +114,9 @@ MiB = 2**20
 
 
 @pytest.mark.parametrize("device, host, on_cpu, fits", [
-    (256 * MiB, 768 * MiB, True, True),  # both tiers host memory: 1 GiB of 1 GiB
-    (256 * MiB, 769 * MiB, True, False),
+    (256 * MiB, 512 * MiB, True, True),  # both tiers and the pools (up to the device tier's budget) host memory: 1 GiB of 1 GiB
+    (256 * MiB, 513 * MiB, True, False),
+    (400 * MiB, 300 * MiB, True, False),  # the tiers alone would fit, not with the pools
     (10**30, 0, True, False),  # a typo'd budget
     (10**30, 512 * MiB, False, True),  # on a GPU the device tier is not host memory
     (0, 2 * 1024 * MiB, False, False),
@@ -138,7 +139,7 @@ def test_a_cache_budget_beyond_the_memory_limit_is_named(device: int, host: int,
 ])
 def test_the_cache_budget_warning_names_each_setting_as_given(flags: dict, device_name: str, host_name: str) -> None:
     warning = check_cache_budget(2048 * MiB, 0, True, limit=1024 * MiB, flags=flags)
-    assert f"({device_name} + {host_name}: on a CPU both tiers are host memory)" in warning
+    assert f"(2 x {device_name} + {host_name}: on a CPU both tiers are host memory, and the slot pools" in warning
     assert host_name in check_cache_budget(0, 2048 * MiB, False, limit=1024 * MiB, flags=flags)
 
 
@@ -156,7 +157,7 @@ def test_the_app_names_the_cache_budget_as_the_command_line_gave_it(
                                  flags={"cache_max_bytes": "--cache-max-bytes"})
     with caplog.at_level(logging.WARNING, logger="service"), TestClient(app) as client:
         wait_ready(client)
-    assert "(--cache-max-bytes + ADAPTSERVE_CACHE_HOST_MAX_BYTES: on a CPU both tiers are host memory)" in caplog.text
+    assert "(2 x --cache-max-bytes + ADAPTSERVE_CACHE_HOST_MAX_BYTES: on a CPU both tiers are host memory" in caplog.text
 
 
 @pytest.mark.parametrize("budget, free, fits", [
