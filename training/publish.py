@@ -184,11 +184,10 @@ def check_url(base_url: str) -> str:
 
 
 def probe(base_url: str, token: str | None = None, timeout: float = 5.0) -> None:
-    """PublishError unless something answers HTTP at `base_url` (its /healthz; any status will do)
-    and takes the token (`token`, else the environment's: `_bearer`) on a read route: run before
-    training, so an unreachable service or a missing or wrong token is found before the work, not
-    after it. (A token that may read but not publish is found only at the upload: no admin route
-    is free of effects to ask.)"""
+    """PublishError unless something answers HTTP at `base_url` (its /healthz; any status will do),
+    takes the token (`token`, else the environment's: `_bearer`) on a read route, and says the
+    token may publish (`GET /v1/token`, free of effects): run before training, so an unreachable
+    service, or a missing, wrong or read-only token, is found before the work, not after it."""
     token, headers = _bearer(token)
     base = check_url(base_url)
     with _reaching(base, base, timeout), httpx.Client(timeout=timeout) as client:
@@ -197,6 +196,7 @@ def probe(base_url: str, token: str | None = None, timeout: float = 5.0) -> None
             raise PublishError(f"{base}: no adaptserve service answers there (GET /healthz: {health.status_code}, "
                                f"{_kind(health)}); check the --publish URL")
         resp = client.get(f"{base}/v1/tasks", headers=headers)
+        scope = client.get(f"{base}/v1/token", headers=headers) if resp.is_success else None
     if resp.status_code == 401:
         reason = _json(resp).get("error") or resp.reason_phrase
         raise PublishError(f"{base}: the service refused the token (401: {reason}); {_token_hint(token)}")
@@ -204,6 +204,11 @@ def probe(base_url: str, token: str | None = None, timeout: float = 5.0) -> None
         reason = _json(resp).get("error") or _text_reason(resp)
         raise PublishError(f"{base}: GET /v1/tasks answered {resp.status_code} ({reason}); the upload goes to /v1 too, "
                            "so check the --publish URL and the service")
+    granted = _json(scope).get("scope") if scope is not None and scope.is_success else None
+    if granted is not None and granted != "admin":  # a server without /v1/token (404) is asked at the upload
+        raise PublishError(f"{base}: the token may classify and read tasks but not publish them (its scope is "
+                           f"{granted!r}, GET /v1/token); pass an admin token (one of the server's ADAPTSERVE_ADMIN_TOKENS) "
+                           f"with --token or {TOKEN_ENV}")
 
 
 def _bearer(token: str | None) -> tuple[str | None, dict[str, str]]:

@@ -127,7 +127,7 @@ def test_upload_needs_an_http_url():
         upload("localhost:8000", "sst2", CFG, WTS)
 
 
-def test_publish_to_the_real_service_then_classify(tiny_dir, tiny, csvs, tmp_path, monkeypatch):
+def test_publish_to_the_real_service_then_classify(tiny_dir, tiny, csvs, tmp_path, monkeypatch, capsys):
     """Train, upload to the real app under uvicorn on a free loopback port, and classify over
     HTTP: the service answers with the trainer's own probabilities."""
     import socket
@@ -145,8 +145,8 @@ def test_publish_to_the_real_service_then_classify(tiny_dir, tiny, csvs, tmp_pat
     from tests.training.conftest import tiny_config
 
     (tmp_path / "store").mkdir()
-    app = create_app(Settings(store=tmp_path / "store", backbone=tiny_dir, admin_tokens="adm1n", device="cpu",
-                              dtype="float32"))
+    app = create_app(Settings(store=tmp_path / "store", backbone=tiny_dir, admin_tokens="adm1n", inference_tokens="r3ad",
+                              device="cpu", dtype="float32"))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -165,6 +165,16 @@ def test_publish_to_the_real_service_then_classify(tiny_dir, tiny, csvs, tmp_pat
         with pytest.raises(PublishError, match=r"refused the token \(401: .*\); check the admin token"):
             probe(url, "wrong")
         probe(url, "adm1n")
+        with pytest.raises(PublishError, match=r"may classify and read tasks but not publish them \(its scope is "
+                           r"'inference', GET /v1/token\); pass an admin token .* with --token or ADAPTSERVE_ADMIN_TOKEN"):
+            probe(url, "r3ad")  # a read-only token: found before training, not at the upload after it
+        from training.cli import main
+
+        capsys.readouterr()
+        assert main(["--task", "t", "--method", "head", "--data", str(csvs["train"]), "--dev", str(csvs["dev"]),
+                     "--backbone", str(tiny_dir), "--epochs", "1", "--no-progress", "--publish", url, "--token", "r3ad"]) == 1
+        err = capsys.readouterr().err
+        assert "not publish them" in err and "(checked before training)" in err and "epoch 1" not in err
         monkeypatch.setenv(SERVER_TOKENS_ENV, " ,adm1n, other")  # the server's own list: its first token
         probe(url)
         monkeypatch.setenv(TOKEN_ENV, "wrong")  # the trainer's own variable comes first
