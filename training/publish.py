@@ -33,6 +33,10 @@ class PublishError(RuntimeError):
     """The task could not be published; the message says why and what to do."""
 
 
+class NoAnswer(PublishError):
+    """The request was sent in full and no answer came in time: the server may have done it."""
+
+
 def require_finite(name: str, weights: Mapping[str, TaskWeights]) -> None:
     """Refuse to publish weights holding NaN or Inf: the service could never load them (every
     bundle tensor is checked) and a task of them would have no sane answer anyway."""
@@ -129,8 +133,17 @@ def upload(base_url: str, task: str, config_bytes: bytes, weights_bytes: bytes, 
         url = shlex.quote(f"{base_url.rstrip('/')}/v1/tasks/{task}/versions")  # a command to paste into a shell
         files = " ".join(f"-F {shlex.quote(f'{name}=@{kept / name}')}" for name in (CONFIG, WEIGHTS))
         # --fail-with-body: a refused re-send exits non-zero (plain curl exits 0 on a 4xx), showing the reason
-        raise PublishError(f"{err}; the bundle is kept in {kept}: once that is fixed, send it with curl --fail-with-body "
-                           f"-H 'Authorization: Bearer <admin token>' {files} {url}") from None
+        send = f"curl --fail-with-body -H 'Authorization: Bearer <admin token>' {files} {url}"
+        if isinstance(err, NoAnswer):
+            # The version id is the content hash (`content_version`), and the service answers a version
+            # it already holds intact with 200, changing nothing (docs/hotswap.md): a re-send is safe.
+            version = content_version(config_bytes, weights_bytes)
+            raise PublishError(
+                f"{err}, so the server may have stored (and activated) {task}@{version} anyway; check with curl "
+                f"-H 'Authorization: Bearer <token>' {url} (is {version} among its versions, and active?). The bundle "
+                f"is kept in {kept}; sending it again is safe, since the version id is the content hash and a version "
+                f"already stored answers 200 and changes nothing: {send}") from None
+        raise PublishError(f"{err}; the bundle is kept in {kept}: once that is fixed, send it with {send}") from None
 
 
 def _keep(task: str, config_bytes: bytes, weights_bytes: bytes) -> Path | None:
@@ -236,8 +249,10 @@ def _reaching(base: str, where: str, timeout: float) -> Iterator[None]:
     """httpx's transport errors inside, as one-line PublishErrors."""
     try:
         yield
+    except httpx.ReadTimeout:  # sent in full, unanswered: unlike a connect or write timeout, it may have been done
+        raise NoAnswer(f"{where}: no answer within {timeout:g} s") from None
     except httpx.TimeoutException:
-        raise PublishError(f"{where}: no answer within {timeout:.0f} s") from None
+        raise PublishError(f"{where}: no answer within {timeout:g} s") from None
     except httpx.HTTPError as err:
         raise PublishError(f"cannot reach {base}: {err}") from None
 

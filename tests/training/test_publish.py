@@ -6,6 +6,7 @@ import contextlib
 import email.parser
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,6 +24,7 @@ class Stand:
     status: int = 201
     body: dict | str = field(default_factory=dict)
     requests: list[dict] = field(default_factory=list)
+    answer_after_s: float = 0.0  # read the whole upload, then wait this long before answering
 
 
 @pytest.fixture
@@ -37,6 +39,7 @@ def stand() -> Iterator[Stand]:
             )
             files = {p.get_param("name", header="content-disposition"): p.get_payload(decode=True) for p in msg.get_payload()}
             state.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "files": files})
+            time.sleep(state.answer_after_s)
             body = state.body if isinstance(state.body, str) else json.dumps(state.body)
             self.send_response(state.status)
             kind = "text/html" if isinstance(state.body, str) and state.body.startswith("<!DOCTYPE") else "text/plain"
@@ -188,6 +191,8 @@ def test_publish_to_the_real_service_then_classify(tiny_dir, tiny, csvs, tmp_pat
             publish_http(result, url, token="wrong")
         sent = publish_http(result, url, token="adm1n")
         assert sent.response["active"] is True
+        again = publish_http(result, url, token="adm1n")  # what a timed-out upload's message calls safe
+        assert (again.version, again.response["created"], again.response["active"]) == (sent.version, False, True)
         texts = ["good movie", "the plot was boring"]
         resp = httpx.post(f"{url}/v1/tasks/via-http/classify", json={"inputs": texts},
                           headers={"Authorization": "Bearer adm1n"}, timeout=30)
@@ -412,6 +417,27 @@ def test_store_publishes_are_in_the_history_a_rollback_goes_by(tiny, csvs, tmp_p
         assert resp.status_code == 200, resp.text
         assert resp.json()["active"] == first == client.post("/v1/tasks/t/classify", json={"inputs": ["good"]},
                                                               headers=auth).json()["version"]
+
+
+def test_an_upload_left_unanswered_says_it_may_be_stored_how_to_check_and_that_a_resend_is_safe(stand):
+    """A timeout after the whole upload was sent used to read like any failure ("no answer within
+    N s; ... send it with curl"): nothing said the server may have stored and activated it."""
+    import re
+    import shutil
+
+    stand.answer_after_s = 3.0
+    with pytest.raises(PublishError) as err:
+        upload(stand.url, "sst2", CFG, WTS, token="t", timeout=0.3)
+    message, version = str(err.value), content_version(CFG, WTS)
+    assert len(stand.requests) == 1 and "\n" not in message  # it was sent, in full
+    assert f"the server may have stored (and activated) sst2@{version} anyway" in message
+    assert f"check with curl -H 'Authorization: Bearer <token>' {stand.url}/v1/tasks/sst2/versions (is {version}" in message
+    assert "sending it again is safe, since the version id is the content hash" in message
+    kept = Path(re.search(r"The bundle is kept in (\S+);", message).group(1))
+    try:
+        assert (kept / CONFIG).read_bytes() == CFG and (kept / WEIGHTS).read_bytes() == WTS
+    finally:
+        shutil.rmtree(kept)
 
 
 def test_the_curl_command_for_a_kept_bundle_survives_a_space_in_its_path(tmp_path, monkeypatch):
