@@ -275,7 +275,8 @@ def _train(args: argparse.Namespace) -> int:
     print(where)
     if args.json_out is not None:
         summary = {"task": args.task, "method": config.method, "trainable_params": result.trainable_params,
-                   "bundle_bytes": bundle_bytes, "published": published, **result.bundle_config()}
+                   "bundle_bytes": bundle_bytes, "published": published, **result.bundle_config(),
+                   "timing": result.timing()}
         write_json(args.json_out, summary)
     return 0
 

@@ -195,7 +195,8 @@ def _pet(args: argparse.Namespace) -> int:
     rows.append(["student", f"{config.student.method} + head on {student_bb.name}", None, None, st.dev_metrics.accuracy,
                  st.test_metrics.accuracy if st.test_metrics else None])
     print(format_table(["model", "pattern", "prior acc", "weight", "dev acc", "test acc"], rows, title=f"PET {args.task}"))
-    summary = {"task": args.task, "unlabelled": result.unlabelled, "seconds": result.seconds, **published,
+    summary = {"task": args.task, "unlabelled": result.unlabelled, "seconds": round(result.seconds, 3),
+               "label_seconds": round(result.label_seconds, 3), **published,
                "pet": result.bundle_config()["training"]["pet"], "dev": st.dev_metrics.as_dict(),
                **({"test": st.test_metrics.as_dict()} if st.test_metrics else {})}
     _report(args, summary)

@@ -191,9 +191,7 @@ class PetResult:
                           "dev_accuracy": t.result.dev_metrics.accuracy,
                           **({"test_accuracy": t.result.test_metrics.accuracy} if t.result.test_metrics else {})}
                          for t in self.teachers],
-            "seconds": round(self.seconds, 3),
-            "label_seconds": round(self.label_seconds, 3),
-        }
+        }  # no wall time: it would make every run a new version (TrainResult.bundle_config)
         return cfg
 
     @property

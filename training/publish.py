@@ -33,6 +33,10 @@ class PublishError(RuntimeError):
     """The task could not be published; the message says why and what to do."""
 
 
+class NoAnswer(PublishError):
+    """The request was sent in full and no answer came in time: the server may have done it."""
+
+
 def require_finite(name: str, weights: Mapping[str, TaskWeights]) -> None:
     """Refuse to publish weights holding NaN or Inf: the service could never load them (every
     bundle tensor is checked) and a task of them would have no sane answer anyway."""
@@ -129,8 +133,17 @@ def upload(base_url: str, task: str, config_bytes: bytes, weights_bytes: bytes, 
         url = shlex.quote(f"{base_url.rstrip('/')}/v1/tasks/{task}/versions")  # a command to paste into a shell
         files = " ".join(f"-F {shlex.quote(f'{name}=@{kept / name}')}" for name in (CONFIG, WEIGHTS))
         # --fail-with-body: a refused re-send exits non-zero (plain curl exits 0 on a 4xx), showing the reason
-        raise PublishError(f"{err}; the bundle is kept in {kept}: once that is fixed, send it with curl --fail-with-body "
-                           f"-H 'Authorization: Bearer <admin token>' {files} {url}") from None
+        send = f"curl --fail-with-body -H 'Authorization: Bearer <admin token>' {files} {url}"
+        if isinstance(err, NoAnswer):
+            # The version id is the content hash (`content_version`), and the service answers a version
+            # it already holds intact with 200, changing nothing (docs/hotswap.md): a re-send is safe.
+            version = content_version(config_bytes, weights_bytes)
+            raise PublishError(
+                f"{err}, so the server may have stored (and activated) {task}@{version} anyway; check with curl "
+                f"-H 'Authorization: Bearer <token>' {url} (is {version} among its versions, and active?). The bundle "
+                f"is kept in {kept}; sending it again is safe, since the version id is the content hash and a version "
+                f"already stored answers 200 and changes nothing: {send}") from None
+        raise PublishError(f"{err}; the bundle is kept in {kept}: once that is fixed, send it with {send}") from None
 
 
 def _keep(task: str, config_bytes: bytes, weights_bytes: bytes) -> Path | None:
@@ -184,11 +197,10 @@ def check_url(base_url: str) -> str:
 
 
 def probe(base_url: str, token: str | None = None, timeout: float = 5.0) -> None:
-    """PublishError unless something answers HTTP at `base_url` (its /healthz; any status will do)
-    and takes the token (`token`, else the environment's: `_bearer`) on a read route: run before
-    training, so an unreachable service or a missing or wrong token is found before the work, not
-    after it. (A token that may read but not publish is found only at the upload: no admin route
-    is free of effects to ask.)"""
+    """PublishError unless something answers HTTP at `base_url` (its /healthz; any status will do),
+    takes the token (`token`, else the environment's: `_bearer`) on a read route, and says the
+    token may publish (`GET /v1/token`, free of effects): run before training, so an unreachable
+    service, or a missing, wrong or read-only token, is found before the work, not after it."""
     token, headers = _bearer(token)
     base = check_url(base_url)
     with _reaching(base, base, timeout), httpx.Client(timeout=timeout) as client:
@@ -197,6 +209,7 @@ def probe(base_url: str, token: str | None = None, timeout: float = 5.0) -> None
             raise PublishError(f"{base}: no adaptserve service answers there (GET /healthz: {health.status_code}, "
                                f"{_kind(health)}); check the --publish URL")
         resp = client.get(f"{base}/v1/tasks", headers=headers)
+        scope = client.get(f"{base}/v1/token", headers=headers) if resp.is_success else None
     if resp.status_code == 401:
         reason = _json(resp).get("error") or resp.reason_phrase
         raise PublishError(f"{base}: the service refused the token (401: {reason}); {_token_hint(token)}")
@@ -204,6 +217,11 @@ def probe(base_url: str, token: str | None = None, timeout: float = 5.0) -> None
         reason = _json(resp).get("error") or _text_reason(resp)
         raise PublishError(f"{base}: GET /v1/tasks answered {resp.status_code} ({reason}); the upload goes to /v1 too, "
                            "so check the --publish URL and the service")
+    granted = _json(scope).get("scope") if scope is not None and scope.is_success else None
+    if granted is not None and granted != "admin":  # a server without /v1/token (404) is asked at the upload
+        raise PublishError(f"{base}: the token may classify and read tasks but not publish them (its scope is "
+                           f"{granted!r}, GET /v1/token); pass an admin token (one of the server's ADAPTSERVE_ADMIN_TOKENS) "
+                           f"with --token or {TOKEN_ENV}")
 
 
 def _bearer(token: str | None) -> tuple[str | None, dict[str, str]]:
@@ -231,8 +249,10 @@ def _reaching(base: str, where: str, timeout: float) -> Iterator[None]:
     """httpx's transport errors inside, as one-line PublishErrors."""
     try:
         yield
+    except httpx.ReadTimeout:  # sent in full, unanswered: unlike a connect or write timeout, it may have been done
+        raise NoAnswer(f"{where}: no answer within {timeout:g} s") from None
     except httpx.TimeoutException:
-        raise PublishError(f"{where}: no answer within {timeout:.0f} s") from None
+        raise PublishError(f"{where}: no answer within {timeout:g} s") from None
     except httpx.HTTPError as err:
         raise PublishError(f"cannot reach {base}: {err}") from None
 

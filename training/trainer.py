@@ -55,9 +55,9 @@ class EpochRecord:
     best: bool
 
     def as_dict(self) -> dict[str, Any]:
+        """The epoch as the bundle records it: no wall time (`TrainResult.timing`)."""
         return {"epoch": self.epoch, "steps": self.steps, "train_loss": round(self.train_loss, 6),
-                "dev_accuracy": self.dev.accuracy, "dev_macro_f1": self.dev.macro_f1,
-                "seconds": round(self.seconds, 3), "best": self.best}
+                "dev_accuracy": self.dev.accuracy, "dev_macro_f1": self.dev.macro_f1, "best": self.best}
 
 
 @dataclass
@@ -110,7 +110,10 @@ class TrainResult:
         return out
 
     def bundle_config(self) -> dict[str, Any]:
-        """The non-tensor part of the bundle (`write_bundle` adds `format` and `methods`)."""
+        """The non-tensor part of the bundle (`write_bundle` adds `format` and `methods`). Only what
+        the run's inputs decide: the version id is the bundle's content hash, so a run repeated
+        with the same seed, data and code publishes the same version. Wall time and the time of
+        day are the run's, not the task's: `timing`."""
         info = self.backbone.info
         metrics = {"dev": self.dev_metrics.as_dict()}
         if self.test_metrics is not None:
@@ -132,14 +135,18 @@ class TrainResult:
                 "seed": self.config.seed,
                 "data_hash": self.data_hash,
                 "data": self.data,
-                "train_seconds": round(self.train_seconds, 3),
                 "trainable_params": self.trainable_params,
                 "history": [r.as_dict() for r in self.history],
                 "torch": torch.__version__,
             },
             "metrics": metrics,
-            "created": self.created,
         }
+
+    def timing(self) -> dict[str, Any]:
+        """How long the run took and when it ended: in the run's summary (`--json`), never in the
+        bundle, where it would make every run a new version (`bundle_config`)."""
+        return {"train_seconds": round(self.train_seconds, 3),
+                "epoch_seconds": [round(r.seconds, 3) for r in self.history], "finished": self.created}
 
 
 # -- the forward both training and evaluation use ----------------------------------------------------

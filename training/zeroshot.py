@@ -16,7 +16,6 @@ serves the head, so the served cosine is exactly the one between the two pooled 
 """
 from __future__ import annotations
 
-import datetime as dt
 import json
 import math
 from dataclasses import dataclass, field
@@ -59,7 +58,6 @@ class ZeroShotTask:
     template: Any = None  # a parsed Template (prompt kind) or None
     template_source: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
-    created: str = ""
 
     @property
     def task(self) -> Task:
@@ -85,8 +83,7 @@ class ZeroShotTask:
             "max_length": self.max_length,
             "backbone": {"fingerprint": info.fingerprint, "name": self.backbone.name, "model_type": info.model_type},
             "training": {"method": "zeroshot", **self.provenance, "trainable_params": 0, "torch": torch.__version__},
-            "created": self.created,
-        }
+        }  # no creation time: the same prompt or descriptions are the same version (content hash)
         if self.template_source is not None:
             cfg["template"] = self.template_source
         return cfg
@@ -112,10 +109,6 @@ def parse_labels(labels: str | Sequence[str] | None) -> tuple[str, ...] | None:
     return tuple(items)
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
 # -- (a) template + verbalizer -----------------------------------------------------------------------
 def prompt_task(name: str, template: str, verbalizer: str | Path | Mapping[str, Any], backbone: Backbone, *,
                 labels: str | Sequence[str] | None = None, pair: bool = False, max_length: int = 128) -> ZeroShotTask:
@@ -133,8 +126,7 @@ def prompt_task(name: str, template: str, verbalizer: str | Path | Mapping[str, 
     return ZeroShotTask(name=name, labels=names, input_kind="pair" if pair else "single", max_length=max_length,
                         weights={"verbalizer": vw}, backbone=backbone, template=parsed, template_source=template,
                         provenance={"zeroshot": {"kind": "prompt", "template": template,
-                                                 "label_words": {k: list(v) for k, v in spec.label_words.items()}}},
-                        created=_now())
+                                                 "label_words": {k: list(v) for k, v in spec.label_words.items()}}})
 
 
 # -- (b) label descriptions --------------------------------------------------------------------------
@@ -224,8 +216,7 @@ def description_task(name: str, descriptions: str | Path | Mapping[str, str], ba
                        out_b=torch.zeros(len(names), device=backbone.device, dtype=backbone.dtype), normalize=True)
     return ZeroShotTask(name=name, labels=names, input_kind="single", max_length=max_length, weights={"head": head},
                         backbone=backbone, provenance={"zeroshot": {"kind": "descriptions", "descriptions": dict(desc),
-                                                                    "scale": scale}},
-                        created=_now())
+                                                                    "scale": scale}})
 
 
 def _check_length(max_length: int, backbone: Backbone) -> None:

@@ -220,6 +220,13 @@ class Deleted(BaseModel):
     deleted: bool = True
 
 
+class TokenScope(BaseModel):
+    """`GET /v1/token`: what the presented token may do. With auth off every caller may do all."""
+
+    scope: Literal["admin", "inference"]
+    auth_enabled: bool
+
+
 class Health(BaseModel):
     status: Literal["ok", "failed"]
     error: str | None = None

@@ -115,16 +115,14 @@ def parse(cfg: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: Backb
     parseable = [m for m in methods_cfg if m in REGISTRY and isinstance(methods_cfg[m], dict)]
     for m in sorted(parseable, key=lambda m: REGISTRY[m].order):
         own = {k: v for k, v in tensors.items() if k.startswith(m + ".")}
+        # exit classifiers answer in the labels' order: their shape is known only here
+        labelled = {"num_labels": len(labels)} if m == "exits" and labels else {}
         try:
-            weights[m] = REGISTRY[m].parse(methods_cfg[m], own, backbone)
+            weights[m] = REGISTRY[m].parse(methods_cfg[m], own, backbone, **labelled)
         except BundleError as e:
             problems.extend(e.problems)
     if "head" in weights and labels and weights["head"].num_labels != len(labels):  # type: ignore[attr-defined]
         problems.append(f"head has {weights['head'].num_labels} outputs but {len(labels)} labels are named")  # type: ignore[attr-defined]
-    if "exits" in weights and labels:
-        n = next(iter(weights["exits"].layers.values()))[0].shape[0]  # type: ignore[attr-defined]
-        if n != len(labels):
-            problems.append(f"exit classifiers have {n} outputs but {len(labels)} labels are named")
     if "exits" in weights and "head" not in weights:
         problems.append("early exit needs the task's head: the last layer is answered by it")
     if problems:

@@ -231,6 +231,18 @@ def _most_common_rows(tensors: Mapping[str, Tensor], layers: Sequence[int], part
     return Counter(rows).most_common(1)[0][0] if rows else None
 
 
+def _classifier_problem(tensors: Mapping[str, Tensor], layers: Sequence[int], n: int, num_labels: int, h: int) -> str:
+    """Exit classifiers whose outputs are not the labels: each misfit shape and its layers."""
+    shapes: dict[tuple[int, ...], list[int]] = {}
+    for layer in layers:
+        t = tensors.get(f"exits.{layer}.out.weight")
+        if t is not None and tuple(t.shape) != (num_labels, h):
+            shapes.setdefault(tuple(t.shape), []).append(layer)
+    found = ", ".join(f"{list(shape)} on layer{'s' if len(at) > 1 else ''} {at}" for shape, at in shapes.items())
+    return (f"exit classifiers have {n} outputs but {num_labels} labels are named: exits.<layer>.out.weight is {found}, "
+            f"expected [{num_labels}, {h}] (and exits.<layer>.out.bias [{num_labels}])")
+
+
 # Policy codes for the per-row tables: the decision is one vectorised comparison per policy.
 _CODES = {"confidence": 1, "entropy": 2, "patience": 3}
 
@@ -322,7 +334,10 @@ class Exits(Method):
     order = 95
     stage = "output"
 
-    def parse(self, section: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: BackboneInfo) -> ExitWeights:
+    def parse(self, section: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: BackboneInfo, *,
+              num_labels: int | None = None) -> ExitWeights:
+        """`num_labels`: the labels the bundle names, when it names them well (each exit classifier
+        has one output per label); without it, the outputs most layers agree on are expected."""
         problems = Problems("exits")
         pooling = section.get("pooling", "cls")
         if pooling not in POOLINGS:
@@ -359,6 +374,12 @@ class Exits(Method):
         n = _most_common_rows(tensors, layers_found, "out")
         if n is None:
             problems.add("no exit classifier tensors (exits.<layer>.out.weight)")
+            problems.raise_if_any()
+        if num_labels is not None and n != num_labels:
+            # Most classifiers misfit the labels: one problem naming their shapes. Taken as the rule,
+            # they would blame every confidence MLP sized for the labels (which read H + labels).
+            problems.add(_classifier_problem(tensors, [x for x in layers_found if x not in bad], n, num_labels,
+                                             backbone.hidden_size))
             problems.raise_if_any()
         k = _most_common_rows(tensors, layers_found, "conf1")
         k, h = CONF_HIDDEN if k is None else k, backbone.hidden_size

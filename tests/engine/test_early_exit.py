@@ -175,6 +175,32 @@ def test_one_malformed_exit_tensor_is_the_one_named(setup, tmp_path, name, edit,
     assert e.value.problems == [f"task 't': exits: {message}"]
 
 
+def test_a_wrong_sized_exit_classifier_on_every_layer_is_named_with_its_shapes(setup, tmp_path):
+    """Exit classifiers with 3 outputs on every layer of a 2-label task (confidence MLPs sized for
+    2): the classifiers' rows were taken as the rule, and every layer's confidence MLP was reported
+    as the wrong shape instead."""
+    from safetensors.torch import load_file, save_file
+
+    from service.engine.bundle import WEIGHTS
+
+    engine, _ = setup
+    info = engine.backbone.info
+    g = torch.Generator().manual_seed(0)
+    v = publish(tmp_path, "t", {"head": random_head(info, g), "exits": random_exits(info, g, 2)}, ["a", "b"])
+    path = tmp_path / "t" / v / WEIGHTS
+    tensors = load_file(path)
+    for layer in range(info.num_layers - 1):
+        tensors[f"exits.{layer}.out.weight"] = torch.randn(3, H, generator=g)
+        tensors[f"exits.{layer}.out.bias"] = torch.zeros(3)
+    save_file(tensors, path)
+    with pytest.raises(BundleError) as e:
+        engine.load_task(tmp_path / "t" / v, TaskKey("t", v))
+    assert e.value.problems[0] == (f"task 't': exits: exit classifiers have 3 outputs but 2 labels are named: "
+                                   f"exits.<layer>.out.weight is [3, {H}] on layers [0, 1, 2], expected [2, {H}] "
+                                   "(and exits.<layer>.out.bias [2])")
+    assert not any("conf1" in problem for problem in e.value.problems)
+
+
 # (policy, threshold) stored in a bundle's exits section -> fragment of the refusal: the rules the
 # request's `early_exit` follows (service/api/schemas.py), so no stored default is one a request
 # could not ask for (confidence 5 never exits; a NaN threshold reads back as null)

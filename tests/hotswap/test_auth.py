@@ -31,6 +31,7 @@ READ_ROUTES = [
     ("GET", "/v1/tasks"),
     ("GET", "/v1/tasks/sentiment"),
     ("GET", "/v1/tasks/sentiment/versions"),
+    ("GET", "/v1/token"),
 ]
 BAD_HEADERS = {
     "missing": {},
@@ -110,6 +111,13 @@ def test_every_get_route_answers_head_as_it_answers_get(client: TestClient, path
     assert (head.status_code, head.headers["content-type"], head.content) == (get.status_code, get.headers["content-type"], b"")
 
 
+@pytest.mark.parametrize("headers, scope", [(AUTH_ADMIN, "admin"), (AUTH_READER, "inference")], ids=["admin", "inference"])
+def test_the_token_route_says_what_the_token_may_do(client: TestClient, headers: dict, scope: str) -> None:
+    """`adaptserve train --publish` asks it before training: a read-only token used to be found
+    only when the upload after the training was refused."""
+    assert client.get("/v1/token", headers=headers).json() == {"scope": scope, "auth_enabled": True}
+
+
 @pytest.mark.parametrize("case", ["no token", "bad content type", "not JSON", "over the limit"])
 def test_a_classify_body_is_not_read_without_a_token(client: TestClient, case: str) -> None:
     """The token is checked before the body is read, buffered or judged: 401 whatever the body."""
@@ -168,6 +176,7 @@ def test_no_tokens_means_auth_off_and_a_loud_warning(make_client, caplog: pytest
     client = make_client(admin_tokens="", inference_tokens="")
     assert client.get("/v1/tasks").status_code == 200
     assert client.post("/v1/tasks/sentiment/rollback").status_code == 404  # reached the route: no auth
+    assert client.get("/v1/token").json() == {"scope": "admin", "auth_enabled": False}  # anyone may change tasks
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "AUTH IS DISABLED" in r.getMessage()]
     assert len(warnings) == 1
 

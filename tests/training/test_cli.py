@@ -263,6 +263,9 @@ def test_train_cli_publishes_a_servable_task(csvs, tiny, tiny_dir, tmp_path, cap
             f"service on a Redis registry serves it once activated: POST /v1/tasks/cli-task/versions/{version}/activate)"
             ) in stdout  # a write into the store does not reach Redis
     assert summary["training"]["hyperparameters"]["adapter"]["kind"] == "houlsby"
+    timing = summary["timing"]  # the run's, kept out of the bundle (its content hash is the version)
+    assert timing["train_seconds"] > 0 and len(timing["epoch_seconds"]) == summary["training"]["epochs_run"]
+    assert timing["finished"].endswith("+00:00")
     task = load_published(Engine(tiny), tmp_path / "store", "cli-task")
     assert task.key.version == summary["published"]["version"]
     assert task.weights["adapter"].bottleneck == 4

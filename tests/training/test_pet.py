@@ -145,7 +145,7 @@ def test_pet_run_publishes_a_student_served_as_trained(pet_setup, tiny, tmp_path
     cfg_json = json.loads((tmp_path / "pet" / version / "adapter_config.json").read_text())
     pet = cfg_json["training"]["pet"]
     assert pet["temperature"] == 2.0 and len(pet["patterns"]) == 3 and pet["unlabelled_rows"] == 12
-    assert 0 < res.label_seconds < res.seconds and pet["label_seconds"] == round(res.label_seconds, 3)
+    assert 0 < res.label_seconds < res.seconds and "seconds" not in pet and "label_seconds" not in pet  # the run's
     assert_served_equals_trained(tiny, tmp_path, "pet", list(splits.test.texts), res.student.logits)
 
 

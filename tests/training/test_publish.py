@@ -6,6 +6,7 @@ import contextlib
 import email.parser
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,6 +24,7 @@ class Stand:
     status: int = 201
     body: dict | str = field(default_factory=dict)
     requests: list[dict] = field(default_factory=list)
+    answer_after_s: float = 0.0  # read the whole upload, then wait this long before answering
 
 
 @pytest.fixture
@@ -37,6 +39,7 @@ def stand() -> Iterator[Stand]:
             )
             files = {p.get_param("name", header="content-disposition"): p.get_payload(decode=True) for p in msg.get_payload()}
             state.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "files": files})
+            time.sleep(state.answer_after_s)
             body = state.body if isinstance(state.body, str) else json.dumps(state.body)
             self.send_response(state.status)
             kind = "text/html" if isinstance(state.body, str) and state.body.startswith("<!DOCTYPE") else "text/plain"
@@ -127,7 +130,7 @@ def test_upload_needs_an_http_url():
         upload("localhost:8000", "sst2", CFG, WTS)
 
 
-def test_publish_to_the_real_service_then_classify(tiny_dir, tiny, csvs, tmp_path, monkeypatch):
+def test_publish_to_the_real_service_then_classify(tiny_dir, tiny, csvs, tmp_path, monkeypatch, capsys):
     """Train, upload to the real app under uvicorn on a free loopback port, and classify over
     HTTP: the service answers with the trainer's own probabilities."""
     import socket
@@ -145,8 +148,8 @@ def test_publish_to_the_real_service_then_classify(tiny_dir, tiny, csvs, tmp_pat
     from tests.training.conftest import tiny_config
 
     (tmp_path / "store").mkdir()
-    app = create_app(Settings(store=tmp_path / "store", backbone=tiny_dir, admin_tokens="adm1n", device="cpu",
-                              dtype="float32"))
+    app = create_app(Settings(store=tmp_path / "store", backbone=tiny_dir, admin_tokens="adm1n", inference_tokens="r3ad",
+                              device="cpu", dtype="float32"))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -165,6 +168,16 @@ def test_publish_to_the_real_service_then_classify(tiny_dir, tiny, csvs, tmp_pat
         with pytest.raises(PublishError, match=r"refused the token \(401: .*\); check the admin token"):
             probe(url, "wrong")
         probe(url, "adm1n")
+        with pytest.raises(PublishError, match=r"may classify and read tasks but not publish them \(its scope is "
+                           r"'inference', GET /v1/token\); pass an admin token .* with --token or ADAPTSERVE_ADMIN_TOKEN"):
+            probe(url, "r3ad")  # a read-only token: found before training, not at the upload after it
+        from training.cli import main
+
+        capsys.readouterr()
+        assert main(["--task", "t", "--method", "head", "--data", str(csvs["train"]), "--dev", str(csvs["dev"]),
+                     "--backbone", str(tiny_dir), "--epochs", "1", "--no-progress", "--publish", url, "--token", "r3ad"]) == 1
+        err = capsys.readouterr().err
+        assert "not publish them" in err and "(checked before training)" in err and "epoch 1" not in err
         monkeypatch.setenv(SERVER_TOKENS_ENV, " ,adm1n, other")  # the server's own list: its first token
         probe(url)
         monkeypatch.setenv(TOKEN_ENV, "wrong")  # the trainer's own variable comes first
@@ -178,6 +191,8 @@ def test_publish_to_the_real_service_then_classify(tiny_dir, tiny, csvs, tmp_pat
             publish_http(result, url, token="wrong")
         sent = publish_http(result, url, token="adm1n")
         assert sent.response["active"] is True
+        again = publish_http(result, url, token="adm1n")  # what a timed-out upload's message calls safe
+        assert (again.version, again.response["created"], again.response["active"]) == (sent.version, False, True)
         texts = ["good movie", "the plot was boring"]
         resp = httpx.post(f"{url}/v1/tasks/via-http/classify", json={"inputs": texts},
                           headers={"Authorization": "Bearer adm1n"}, timeout=30)
@@ -402,6 +417,27 @@ def test_store_publishes_are_in_the_history_a_rollback_goes_by(tiny, csvs, tmp_p
         assert resp.status_code == 200, resp.text
         assert resp.json()["active"] == first == client.post("/v1/tasks/t/classify", json={"inputs": ["good"]},
                                                               headers=auth).json()["version"]
+
+
+def test_an_upload_left_unanswered_says_it_may_be_stored_how_to_check_and_that_a_resend_is_safe(stand):
+    """A timeout after the whole upload was sent used to read like any failure ("no answer within
+    N s; ... send it with curl"): nothing said the server may have stored and activated it."""
+    import re
+    import shutil
+
+    stand.answer_after_s = 3.0
+    with pytest.raises(PublishError) as err:
+        upload(stand.url, "sst2", CFG, WTS, token="t", timeout=0.3)
+    message, version = str(err.value), content_version(CFG, WTS)
+    assert len(stand.requests) == 1 and "\n" not in message  # it was sent, in full
+    assert f"the server may have stored (and activated) sst2@{version} anyway" in message
+    assert f"check with curl -H 'Authorization: Bearer <token>' {stand.url}/v1/tasks/sst2/versions (is {version}" in message
+    assert "sending it again is safe, since the version id is the content hash" in message
+    kept = Path(re.search(r"The bundle is kept in (\S+);", message).group(1))
+    try:
+        assert (kept / CONFIG).read_bytes() == CFG and (kept / WEIGHTS).read_bytes() == WTS
+    finally:
+        shutil.rmtree(kept)
 
 
 def test_the_curl_command_for_a_kept_bundle_survives_a_space_in_its_path(tmp_path, monkeypatch):

@@ -55,7 +55,10 @@ def test_description_zeroshot_is_scaled_cosine(tiny_dir, tmp_path):
     head = zs.weights["head"]
     assert head.pooling == "mean" and head.normalize and torch.equal(head.out_b, torch.zeros(2))
     torch.testing.assert_close(head.out_w.norm(dim=-1), torch.full((2,), DEFAULT_SCALE))
-    save_zeroshot(zs, tmp_path / "store")
+    version = save_zeroshot(zs, tmp_path / "store")
+    assert "created" not in zs.bundle_config()  # no time of day: the same descriptions are the same version
+    assert save_zeroshot(description_task("zs-b", "negative=a bad boring movie;positive=a good fun movie", bb,
+                                          max_length=24), tmp_path / "store") == version
     engine = Engine(bb)
     task = load_published(engine, tmp_path / "store", "zs-b")
     served = _served(engine, task, TEXTS)
