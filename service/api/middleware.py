@@ -253,6 +253,8 @@ class RequestMetricsMiddleware:
             else:
                 assert match is not None
                 name = match["task"]
-                # Only names that exist in the store become labels: clients cannot add series.
-                label = name if self.state.registry.known(name) else UNKNOWN_TASK
+                # Only names that exist in the store become labels: clients cannot add series. A
+                # method the route does not serve (405) never reached the task: no series of its own.
+                reached = scope.get("method") == "POST" and self.state.registry.known(name)
+                label = name if reached else UNKNOWN_TASK
                 self.state.metrics.observe_request(label, status, time.perf_counter() - started)
