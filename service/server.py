@@ -159,6 +159,9 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         self._disarm_head_timer()
         self._head_started = False
         super().on_headers_complete()
+        cycle = self.cycle  # this request's (an Upgrade made none: the previous request's, already wrapped)
+        if cycle is not None and not isinstance(cycle.transport, _AnswerTransport):
+            cycle.transport = _AnswerTransport(self, cycle)
 
     def on_body(self, body: bytes) -> None:
         if not self._discarding:
@@ -227,6 +230,27 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(LINGER_S, self.transport.close)
+
+
+class _AnswerTransport:
+    """The connection as one request's cycle (uvicorn's `RequestResponseCycle`) sees it. The cycle
+    closes the connection once it has answered a request that ends it (`Connection: close`, a 413,
+    HTTP/1.0): an answer given before the request's body was all read (401, 413, 415) was followed
+    by a reset, as the client's body kept coming, and a client could lose the answer. That close
+    is lingering (`HeaderTimeoutProtocol._linger`); every other call goes to the transport."""
+
+    def __init__(self, protocol: HeaderTimeoutProtocol, cycle: Any) -> None:
+        self._protocol = protocol
+        self._cycle = cycle
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._protocol.transport, name)
+
+    def close(self) -> None:
+        if self._cycle.response_complete and self._cycle.more_body:  # answered, its body still arriving
+            self._protocol._linger()
+        else:
+            self._protocol.transport.close()
 
 
 def header_timeout_protocol(seconds: float, max_bytes: int = HeaderTimeoutProtocol.max_header_bytes) -> type[HeaderTimeoutProtocol]:

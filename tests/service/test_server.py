@@ -491,6 +491,50 @@ def test_a_classify_body_that_is_not_json_by_its_type_is_415_and_says_so(served:
             assert answer.status_code == 200, (media, answer.text)
 
 
+@pytest.fixture
+def guarded(tmp_path: Path) -> Iterator[Served]:
+    """A server that takes classify requests with the inference token `good` only."""
+    yield from _serve(tmp_path, inference_tokens="good")
+
+
+CHUNKED = b"Transfer-Encoding: chunked\r\n"
+
+
+@pytest.mark.parametrize(("status", "headers"), [
+    (401, b"Authorization: Bearer wrong\r\nContent-Type: application/json\r\n" + CHUNKED),
+    (413, b"Authorization: Bearer good\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n"),
+    (415, b"Authorization: Bearer good\r\nContent-Type: text/plain\r\n" + CHUNKED),
+])
+def test_a_refusal_before_the_body_is_read_reaches_a_client_still_sending_it(guarded: Served, status: int,
+                                                                             headers: bytes) -> None:
+    """Refused from its head with `Connection: close`, a request's body still coming was met by a
+    reset after the answer (the server closed with its bytes unread): a client that sends its
+    whole body before it reads lost the answer. The close lingers: the answer, then a clean end."""
+    chunked = CHUNKED in headers
+    body = b"x" * 1_000_000
+    if chunked:
+        body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    head = b"POST /v1/tasks/sentiment/classify HTTP/1.1\r\nHost: test\r\nConnection: close\r\n" + headers + b"\r\n"
+    with _send_head(guarded.url, head) as raw:
+        time.sleep(0.2)  # the answer is written (and, unfixed, the connection closed) before the body comes
+        raw.sendall(body)
+        answered, answer = _read_response(raw)  # to the end: a reset raises
+    assert answered == status, answer
+    assert json.loads(answer)["error_type"] == {401: "unauthorized", 413: "payload_too_large", 415: "unsupported_media_type"}[status]
+
+
+def test_a_refused_body_that_never_ends_is_cut_off(guarded: Served) -> None:
+    """The lingering close reads (and drops) what still comes for a bounded time only."""
+    head = (b"POST /v1/tasks/sentiment/classify HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+            b"Authorization: Bearer good\r\nContent-Type: text/plain\r\n" + CHUNKED + b"\r\n")
+    with _send_head(guarded.url, head) as raw:
+        assert raw.recv(65536).startswith(b"HTTP/1.1 415")
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            give_up = time.monotonic() + 60  # LINGER_S is 2 s: this only stops a test that would hang
+            while time.monotonic() < give_up:
+                raw.sendall(b"10000\r\n" + b"x" * 0x10000 + b"\r\n")
+
+
 def test_a_file_sent_as_a_plain_form_field_is_told_how_to_send_it(served: Served) -> None:
     with httpx.Client(base_url=served.url) as client:  # curl -F 'bundle=<file' sends the bytes without a filename
         answer = client.post("/v1/tasks/sentiment/versions", files={"bundle": (None, b"x" * 5000)})
