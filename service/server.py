@@ -31,6 +31,7 @@ import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service.api.middleware import SERVER_ANSWER
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
             return
         self._disarm_head_timer()
         self._head_started = False
+        self.scope.setdefault("extensions", {})[SERVER_ANSWER] = {}  # before the app gets the scope
         super().on_headers_complete()
         cycle = self.cycle  # this request's (an Upgrade made none: the previous request's, already wrapped)
         if cycle is not None and not isinstance(cycle.transport, _AnswerTransport):
@@ -218,6 +220,8 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                              b"connection: close\r\n\r\n%s" % (status, reason.encode(), len(body), body))
         if in_body:  # no lingering: the app, still reading, could answer in the meantime
+            assert self.cycle is not None
+            self.cycle.scope["extensions"][SERVER_ANSWER]["status"] = status  # the app's metrics count this answer
             self.transport.close()
         else:
             self._linger()

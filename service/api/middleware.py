@@ -20,6 +20,12 @@ from service.errors import AdaptserveError, BodyTimeout, ClientDisconnected, Pay
 from service.metrics import UNKNOWN_TASK
 from service.state import ServiceState
 
+# The scope extension in which the server (`service.server`) records an answer it wrote itself to a
+# request the app is serving: a malformed chunk in the body the app is reading gets the server's 400,
+# and the app sees its client gone. The server adds the (empty) dict before the app gets the scope,
+# so that every copy of the scope shares it.
+SERVER_ANSWER = "adaptserve.server_answer"
+
 # No trailing slash: TrailingSlashMiddleware, the outermost, strips it before these see the path.
 CLASSIFY_PATH = re.compile(r"^/v1/tasks/(?P<task>[^/]+)/classify$")
 CHARSET = re.compile(rb"charset\s*=\s*\"?([^\";\s]+)", re.IGNORECASE)
@@ -232,7 +238,8 @@ class RequestMetricsMiddleware:
     """Counts classify requests by task name and status and times them, and admin requests by
     action and outcome, whatever answered them (route, validation, body limit, token check, error
     handler). A client gone mid-body gets its 499 from the body limit (`BodyLimitMiddleware`), as
-    one gone later gets it from the route: a request nothing answered is a failure, a 500."""
+    one gone later gets it from the route: a request nothing answered is a failure, a 500. A
+    request the server answered itself (`SERVER_ANSWER`) counts as that answer."""
 
     def __init__(self, app: ASGIApp, state: ServiceState) -> None:
         self.app = app
@@ -260,6 +267,7 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_watch)
         finally:
+            status = scope.get("extensions", {}).get(SERVER_ANSWER, {}).get("status", status)
             if action is not None:
                 self.state.metrics.observe_admin(action, status)
             else:

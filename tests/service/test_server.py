@@ -434,6 +434,21 @@ def test_a_malformed_request_gets_400_in_the_error_format_and_no_warning(served:
     assert reason in answer["error"] and not warnings
 
 
+def test_a_malformed_chunk_is_counted_as_the_400_it_got_not_a_499(served: Served) -> None:
+    """The server answers a malformed chunk in the body the app is reading and closes: the app saw
+    its client gone and the metrics counted a 499 (client gone) for a request told 400."""
+    upload = b"POST /v1/tasks/sentiment/versions HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    for head in (HEAD, upload):
+        with _send_head(served.url, head + b"Transfer-Encoding: chunked\r\n\r\n5\r\n--b\r\n\r\nzz\r\n") as raw:
+            assert _read_response(raw)[0] == 400
+    with httpx.Client(base_url=served.url) as client:
+        eventually(lambda: "adaptserve_admin_actions_total{" in client.get("/metrics").text)
+        text = client.get("/metrics").text
+    assert 'adaptserve_requests_total{status="400",task="sentiment"} 1.0' in text
+    assert 'adaptserve_admin_actions_total{action="upload",outcome="invalid"} 1.0' in text
+    assert 'status="499"' not in text and "client_gone" not in text
+
+
 def test_an_upgrade_to_http2_is_ignored_without_a_warning(served: Served) -> None:
     warnings: list[str] = []
     handler = logging.Handler(logging.WARNING)
