@@ -209,7 +209,8 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         still being answered (pipelining) no answer is sent: HTTP answers go in order, and one sent
         now would read as the answer to the request before; the connection closes after theirs.
         `in_body`: the bytes refused are the body of the request the app is reading, which has no
-        answer yet: this is its answer, and the close tells the app its client is gone."""
+        answer yet: this is its answer, and the app is told at once that its client is gone (as a
+        close would tell it), so that nothing it answers follows this one."""
         self._disarm_head_timer()
         self._discarding = True
         log.info("closed the connection of %s: %s", self._who(), message)
@@ -219,12 +220,13 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         body = json.dumps({"error": message, "error_type": error_type}).encode()
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                              b"connection: close\r\n\r\n%s" % (status, reason.encode(), len(body), body))
-        if in_body:  # no lingering: the app, still reading, could answer in the meantime
-            assert self.cycle is not None
-            self.cycle.scope["extensions"][SERVER_ANSWER]["status"] = status  # the app's metrics count this answer
-            self.transport.close()
-        else:
-            self._linger()
+        if in_body:
+            cycle = self.cycle
+            assert cycle is not None
+            cycle.scope["extensions"][SERVER_ANSWER]["status"] = status  # the app's metrics count this answer
+            cycle.disconnected = True  # what uvicorn's connection_lost does: the app's writes are dropped
+            cycle.message_event.set()
+        self._linger()
 
     def _linger(self) -> None:
         """A lingering close: closing with the client's bytes still unread makes the kernel send a

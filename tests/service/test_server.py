@@ -515,27 +515,30 @@ def guarded(tmp_path: Path) -> Iterator[Served]:
 CHUNKED = b"Transfer-Encoding: chunked\r\n"
 
 
-@pytest.mark.parametrize(("status", "headers"), [
-    (401, b"Authorization: Bearer wrong\r\nContent-Type: application/json\r\n" + CHUNKED),
-    (413, b"Authorization: Bearer good\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n"),
-    (415, b"Authorization: Bearer good\r\nContent-Type: text/plain\r\n" + CHUNKED),
-])
+MEGABYTE = b"x" * 1_000_000
+GOOD_CHUNKS = b"%x\r\n%s\r\n0\r\n\r\n" % (len(MEGABYTE), MEGABYTE)
+
+
+@pytest.mark.parametrize(("status", "headers", "body"), [
+    (401, b"Authorization: Bearer wrong\r\nContent-Type: application/json\r\n" + CHUNKED, GOOD_CHUNKS),
+    (413, b"Authorization: Bearer good\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n", MEGABYTE),
+    (415, b"Authorization: Bearer good\r\nContent-Type: text/plain\r\n" + CHUNKED, GOOD_CHUNKS),
+    (400, b"Authorization: Bearer good\r\nContent-Type: application/json\r\n" + CHUNKED, b"zz\r\n" + MEGABYTE),
+], ids=["bad token", "too large", "not JSON", "malformed chunk"])
 def test_a_refusal_before_the_body_is_read_reaches_a_client_still_sending_it(guarded: Served, status: int,
-                                                                             headers: bytes) -> None:
-    """Refused from its head with `Connection: close`, a request's body still coming was met by a
-    reset after the answer (the server closed with its bytes unread): a client that sends its
-    whole body before it reads lost the answer. The close lingers: the answer, then a clean end."""
-    chunked = CHUNKED in headers
-    body = b"x" * 1_000_000
-    if chunked:
-        body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+                                                                             headers: bytes, body: bytes) -> None:
+    """Refused before its body was read, on a connection that ends after the answer, a request's
+    body still coming was met by a reset (the server closed with its bytes unread): a client that
+    sends its whole body before it reads lost the answer. The close lingers: the answer, then a
+    clean end."""
     head = b"POST /v1/tasks/sentiment/classify HTTP/1.1\r\nHost: test\r\nConnection: close\r\n" + headers + b"\r\n"
     with _send_head(guarded.url, head) as raw:
         time.sleep(0.2)  # the answer is written (and, unfixed, the connection closed) before the body comes
         raw.sendall(body)
         answered, answer = _read_response(raw)  # to the end: a reset raises
     assert answered == status, answer
-    assert json.loads(answer)["error_type"] == {401: "unauthorized", 413: "payload_too_large", 415: "unsupported_media_type"}[status]
+    assert json.loads(answer)["error_type"] == {401: "unauthorized", 413: "payload_too_large",
+                                                415: "unsupported_media_type", 400: "bad_request"}[status]
 
 
 def test_a_refused_body_that_never_ends_is_cut_off(guarded: Served) -> None:
