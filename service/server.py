@@ -31,6 +31,7 @@ import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service.api.middleware import SERVER_ANSWER
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,11 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
             return
         self._disarm_head_timer()
         self._head_started = False
+        self.scope.setdefault("extensions", {})[SERVER_ANSWER] = {}  # before the app gets the scope
         super().on_headers_complete()
+        cycle = self.cycle  # this request's (an Upgrade made none: the previous request's, already wrapped)
+        if cycle is not None and not isinstance(cycle.transport, _AnswerTransport):
+            cycle.transport = _AnswerTransport(self, cycle)
 
     def on_body(self, body: bytes) -> None:
         if not self._discarding:
@@ -204,7 +209,8 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         still being answered (pipelining) no answer is sent: HTTP answers go in order, and one sent
         now would read as the answer to the request before; the connection closes after theirs.
         `in_body`: the bytes refused are the body of the request the app is reading, which has no
-        answer yet: this is its answer, and the close tells the app its client is gone."""
+        answer yet: this is its answer, and the app is told at once that its client is gone (as a
+        close would tell it), so that nothing it answers follows this one."""
         self._disarm_head_timer()
         self._discarding = True
         log.info("closed the connection of %s: %s", self._who(), message)
@@ -214,10 +220,13 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         body = json.dumps({"error": message, "error_type": error_type}).encode()
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                              b"connection: close\r\n\r\n%s" % (status, reason.encode(), len(body), body))
-        if in_body:  # no lingering: the app, still reading, could answer in the meantime
-            self.transport.close()
-        else:
-            self._linger()
+        if in_body:
+            cycle = self.cycle
+            assert cycle is not None
+            cycle.scope["extensions"][SERVER_ANSWER]["status"] = status  # the app's metrics count this answer
+            cycle.disconnected = True  # what uvicorn's connection_lost does: the app's writes are dropped
+            cycle.message_event.set()
+        self._linger()
 
     def _linger(self) -> None:
         """A lingering close: closing with the client's bytes still unread makes the kernel send a
@@ -227,6 +236,27 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.loop.call_later(LINGER_S, self.transport.close)
+
+
+class _AnswerTransport:
+    """The connection as one request's cycle (uvicorn's `RequestResponseCycle`) sees it. The cycle
+    closes the connection once it has answered a request that ends it (`Connection: close`, a 413,
+    HTTP/1.0): an answer given before the request's body was all read (401, 413, 415) was followed
+    by a reset, as the client's body kept coming, and a client could lose the answer. That close
+    is lingering (`HeaderTimeoutProtocol._linger`); every other call goes to the transport."""
+
+    def __init__(self, protocol: HeaderTimeoutProtocol, cycle: Any) -> None:
+        self._protocol = protocol
+        self._cycle = cycle
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._protocol.transport, name)
+
+    def close(self) -> None:
+        if self._cycle.response_complete and self._cycle.more_body:  # answered, its body still arriving
+            self._protocol._linger()
+        else:
+            self._protocol.transport.close()
 
 
 def header_timeout_protocol(seconds: float, max_bytes: int = HeaderTimeoutProtocol.max_header_bytes) -> type[HeaderTimeoutProtocol]:

@@ -7,6 +7,7 @@ Pure ASGI (not BaseHTTPMiddleware) so neither adds a task per request nor hides 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 
@@ -18,6 +19,12 @@ from service.auth import Tokens, authorization, check
 from service.errors import AdaptserveError, BodyTimeout, ClientDisconnected, PayloadTooLarge
 from service.metrics import UNKNOWN_TASK
 from service.state import ServiceState
+
+# The scope extension in which the server (`service.server`) records an answer it wrote itself to a
+# request the app is serving: a malformed chunk in the body the app is reading gets the server's 400,
+# and the app sees its client gone. The server adds the (empty) dict before the app gets the scope,
+# so that every copy of the scope shares it.
+SERVER_ANSWER = "adaptserve.server_answer"
 
 # No trailing slash: TrailingSlashMiddleware, the outermost, strips it before these see the path.
 CLASSIFY_PATH = re.compile(r"^/v1/tasks/(?P<task>[^/]+)/classify$")
@@ -85,7 +92,8 @@ class BodyLimitMiddleware:
         if upload:
             await self.app(scope, _counting(receive, limit, self.read_timeout_s), send)
             return
-        if scope.get("method") == "POST" and CLASSIFY_PATH.match(scope.get("path", "")):
+        classify = scope.get("method") == "POST" and CLASSIFY_PATH.match(scope.get("path", "")) is not None
+        if classify:
             if self.tokens is not None:  # nobody without a token gets a body of theirs read and buffered
                 try:
                     check(self.tokens, authorization([v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"]),
@@ -104,7 +112,7 @@ class BodyLimitMiddleware:
                 refusal = (f"a classify body is JSON: send it with Content-Type: application/json, "
                            f"not {media[:60].decode('latin-1')!r}")
             elif charset is not None and charset.group(1).lower() not in (b"utf-8", b"utf8"):
-                refusal = f"a classify body is UTF-8 JSON, not {charset.group(1)[:30].decode('latin-1')}: encode it as UTF-8"
+                refusal = _not_utf8(charset.group(1)[:30].decode("latin-1"))
             elif compressed:
                 refusal = f"a classify body is sent uncompressed, not with Content-Encoding {coding[:30].decode('latin-1')!r}"
             if refusal is not None:
@@ -137,6 +145,12 @@ class BodyLimitMiddleware:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
+        # JSON is UTF-8 (RFC 8259 8.1), but the JSON reader takes a body whose first bytes hold zeros
+        # for UTF-16 or UTF-32 (RFC 4627's guess) and read it so: refused as its charset is. (A
+        # UTF-8 byte order mark, which RFC 8259 lets a reader ignore, is read.)
+        if classify and (encoding := json.detect_encoding(body)) not in ("utf-8", "utf-8-sig"):
+            await error_response(415, _not_utf8(encoding), "unsupported_media_type")(scope, receive, send)
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -153,6 +167,10 @@ class BodyLimitMiddleware:
             413, f"request body larger than {limit} bytes", "payload_too_large", {"Connection": "close"}
         )
         await response(scope, receive, send)
+
+
+def _not_utf8(encoding: str) -> str:
+    return f"a classify body is UTF-8 JSON, not {encoding}: encode it as UTF-8"
 
 
 async def _answer(scope: Scope, receive: Receive, send: Send, err: AdaptserveError) -> None:
@@ -220,7 +238,8 @@ class RequestMetricsMiddleware:
     """Counts classify requests by task name and status and times them, and admin requests by
     action and outcome, whatever answered them (route, validation, body limit, token check, error
     handler). A client gone mid-body gets its 499 from the body limit (`BodyLimitMiddleware`), as
-    one gone later gets it from the route: a request nothing answered is a failure, a 500."""
+    one gone later gets it from the route: a request nothing answered is a failure, a 500. A
+    request the server answered itself (`SERVER_ANSWER`) counts as that answer."""
 
     def __init__(self, app: ASGIApp, state: ServiceState) -> None:
         self.app = app
@@ -248,11 +267,14 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_and_watch)
         finally:
+            status = scope.get("extensions", {}).get(SERVER_ANSWER, {}).get("status", status)
             if action is not None:
                 self.state.metrics.observe_admin(action, status)
             else:
                 assert match is not None
                 name = match["task"]
-                # Only names that exist in the store become labels: clients cannot add series.
-                label = name if self.state.registry.known(name) else UNKNOWN_TASK
+                # Only names that exist in the store become labels: clients cannot add series. A
+                # method the route does not serve (405) never reached the task: no series of its own.
+                reached = scope.get("method") == "POST" and self.state.registry.known(name)
+                label = name if reached else UNKNOWN_TASK
                 self.state.metrics.observe_request(label, status, time.perf_counter() - started)

@@ -434,6 +434,21 @@ def test_a_malformed_request_gets_400_in_the_error_format_and_no_warning(served:
     assert reason in answer["error"] and not warnings
 
 
+def test_a_malformed_chunk_is_counted_as_the_400_it_got_not_a_499(served: Served) -> None:
+    """The server answers a malformed chunk in the body the app is reading and closes: the app saw
+    its client gone and the metrics counted a 499 (client gone) for a request told 400."""
+    upload = b"POST /v1/tasks/sentiment/versions HTTP/1.1\r\nHost: test\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    for head in (HEAD, upload):
+        with _send_head(served.url, head + b"Transfer-Encoding: chunked\r\n\r\n5\r\n--b\r\n\r\nzz\r\n") as raw:
+            assert _read_response(raw)[0] == 400
+    with httpx.Client(base_url=served.url) as client:
+        eventually(lambda: "adaptserve_admin_actions_total{" in client.get("/metrics").text)
+        text = client.get("/metrics").text
+    assert 'adaptserve_requests_total{status="400",task="sentiment"} 1.0' in text
+    assert 'adaptserve_admin_actions_total{action="upload",outcome="invalid"} 1.0' in text
+    assert 'status="499"' not in text and "client_gone" not in text
+
+
 def test_an_upgrade_to_http2_is_ignored_without_a_warning(served: Served) -> None:
     warnings: list[str] = []
     handler = logging.Handler(logging.WARNING)
@@ -489,6 +504,53 @@ def test_a_classify_body_that_is_not_json_by_its_type_is_415_and_says_so(served:
             headers = {"content-type": media} if media else {}
             answer = client.post("/v1/tasks/sentiment/classify", content=body, headers=headers)
             assert answer.status_code == 200, (media, answer.text)
+
+
+@pytest.fixture
+def guarded(tmp_path: Path) -> Iterator[Served]:
+    """A server that takes classify requests with the inference token `good` only."""
+    yield from _serve(tmp_path, inference_tokens="good")
+
+
+CHUNKED = b"Transfer-Encoding: chunked\r\n"
+
+
+MEGABYTE = b"x" * 1_000_000
+GOOD_CHUNKS = b"%x\r\n%s\r\n0\r\n\r\n" % (len(MEGABYTE), MEGABYTE)
+
+
+@pytest.mark.parametrize(("status", "headers", "body"), [
+    (401, b"Authorization: Bearer wrong\r\nContent-Type: application/json\r\n" + CHUNKED, GOOD_CHUNKS),
+    (413, b"Authorization: Bearer good\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n", MEGABYTE),
+    (415, b"Authorization: Bearer good\r\nContent-Type: text/plain\r\n" + CHUNKED, GOOD_CHUNKS),
+    (400, b"Authorization: Bearer good\r\nContent-Type: application/json\r\n" + CHUNKED, b"zz\r\n" + MEGABYTE),
+], ids=["bad token", "too large", "not JSON", "malformed chunk"])
+def test_a_refusal_before_the_body_is_read_reaches_a_client_still_sending_it(guarded: Served, status: int,
+                                                                             headers: bytes, body: bytes) -> None:
+    """Refused before its body was read, on a connection that ends after the answer, a request's
+    body still coming was met by a reset (the server closed with its bytes unread): a client that
+    sends its whole body before it reads lost the answer. The close lingers: the answer, then a
+    clean end."""
+    head = b"POST /v1/tasks/sentiment/classify HTTP/1.1\r\nHost: test\r\nConnection: close\r\n" + headers + b"\r\n"
+    with _send_head(guarded.url, head) as raw:
+        time.sleep(0.2)  # the answer is written (and, unfixed, the connection closed) before the body comes
+        raw.sendall(body)
+        answered, answer = _read_response(raw)  # to the end: a reset raises
+    assert answered == status, answer
+    assert json.loads(answer)["error_type"] == {401: "unauthorized", 413: "payload_too_large",
+                                                415: "unsupported_media_type", 400: "bad_request"}[status]
+
+
+def test_a_refused_body_that_never_ends_is_cut_off(guarded: Served) -> None:
+    """The lingering close reads (and drops) what still comes for a bounded time only."""
+    head = (b"POST /v1/tasks/sentiment/classify HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+            b"Authorization: Bearer good\r\nContent-Type: text/plain\r\n" + CHUNKED + b"\r\n")
+    with _send_head(guarded.url, head) as raw:
+        assert raw.recv(65536).startswith(b"HTTP/1.1 415")
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            give_up = time.monotonic() + 60  # LINGER_S is 2 s: this only stops a test that would hang
+            while time.monotonic() < give_up:
+                raw.sendall(b"10000\r\n" + b"x" * 0x10000 + b"\r\n")
 
 
 def test_a_file_sent_as_a_plain_form_field_is_told_how_to_send_it(served: Served) -> None:

@@ -81,7 +81,12 @@ def test_bad_request(client: TestClient, method: str, path: str, kwargs: dict, s
     (b'{"inputs": ' + b"[" * 2000 + b"]" * 2000 + b"}", JSON, 400, "nests arrays or objects too deeply"),
     ('{"inputs": ["x"]}'.encode("utf-16"), {"content-type": "application/json; charset=utf-16"}, 415,
      "UTF-8 JSON, not utf-16"),
+    # JSON is UTF-8 (RFC 8259): UTF-16 or UTF-32 is refused whether a charset names it or not
+    ('{"inputs": ["x"]}'.encode("utf-16"), JSON, 415, "UTF-8 JSON, not utf-16: encode it as UTF-8"),
+    ('{"inputs": ["x"]}'.encode("utf-16-le"), {}, 415, "UTF-8 JSON, not utf-16-le"),
+    ('{"inputs": ["x"]}'.encode("utf-32"), JSON, 415, "UTF-8 JSON, not utf-32"),
     (b'{"inputs": ["x"]}', {"content-type": 'application/json; charset="UTF-8"'}, 200, None),
+    ('{"inputs": ["x"]}'.encode("utf-8-sig"), JSON, 200, None),  # a UTF-8 byte order mark, which a reader may ignore
     (b"\x1f\x8b...", {**JSON, "content-encoding": "gzip"}, 415, "sent uncompressed, not with Content-Encoding 'gzip'"),
 ])
 def test_a_body_that_cannot_be_read_says_why(client: TestClient, content: bytes, headers: dict, status: int,

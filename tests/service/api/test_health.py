@@ -66,6 +66,7 @@ def test_metrics_count_requests_by_task_and_status(client: TestClient) -> None:
     client.post("/v1/tasks/sentiment/classify", json={"inputs": []})
     client.post("/v1/tasks/no-such-task/classify", json={"inputs": ["x"]})
     client.post("/v1/tasks/made-up-1/classify", json={"inputs": ["x"] * 2000})  # 413 from the body limit
+    assert client.get("/v1/tasks/sentiment/classify").status_code == 405  # never reached the task
     response = client.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
     text = response.text
@@ -74,6 +75,7 @@ def test_metrics_count_requests_by_task_and_status(client: TestClient) -> None:
     # Unknown names share one label: clients cannot create series.
     assert 'adaptserve_requests_total{status="404",task="_unknown"} 1.0' in text
     assert 'adaptserve_requests_total{status="413",task="_unknown"} 1.0' in text
+    assert 'adaptserve_requests_total{status="405",task="_unknown"} 1.0' in text
     assert "no-such-task" not in text and "made-up-1" not in text
     assert 'adaptserve_request_duration_seconds_count{task="sentiment"} 3.0' in text
     assert "adaptserve_batch_size_count 2.0" in text
