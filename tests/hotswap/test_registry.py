@@ -577,6 +577,45 @@ async def test_a_registry_that_never_reached_redis_serves_the_store_pointers(tmp
         await registry.stop()
 
 
+@async_test
+async def test_a_replica_that_started_with_redis_and_the_store_away_serves_the_store_once_it_answers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis down and the store unlistable at start (its volume not mounted yet): once the store
+    answers, the replica serves what its ACTIVE pointers say while Redis stays away, as a replica
+    that started with the store up does (before: nothing, until Redis answered); once Redis
+    answers, Redis's records stand."""
+    from tests.hotswap.servers import free_port
+
+    root = tmp_path / "store"
+    write_task(root, "t", "v1")
+    write_task(root, "t", "v2", active=True)
+    port = free_port()
+    registry = _registry(f"redis://127.0.0.1:{port}/0", LocalStore(root))
+    moved = root.rename(tmp_path / "moved")
+    caplog.set_level(logging.INFO, logger="service.registry.redis_registry")
+    await registry.start()
+    redis_server = None
+    try:
+        assert not registry.known("t")
+        moved.rename(root)
+        await wait_until(lambda: registry.known("t"))
+        assert await registry.resolve("t") == TaskKey("t", "v2") and not registry.connected
+        assert any("answers; serving the 1 tasks its ACTIVE pointers name" in r.getMessage() for r in caplog.records)
+        redis_server = RedisServer(tmp_path / "redis", port=port).start()
+        client = redis_server.client()  # a registry other replicas filled: t at v1 there
+        client.set("adaptserve:task:t", activated(TaskRecord("t"), "v1", 10).to_json())
+        client.sadd("adaptserve:tasks", "t")
+        client.set("adaptserve:seeded", "elsewhere")
+        client.close()
+        await wait_until(lambda: registry.connected)
+        assert await registry.resolve("t") == TaskKey("t", "v1")  # Redis, not the pointer
+    finally:
+        await registry.stop()
+        if redis_server is not None:
+            redis_server.kill()
+
+
 def test_redis_urls_are_redacted_for_logs() -> None:
     from service.registry.redis_registry import redact_url
 
