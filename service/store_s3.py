@@ -24,8 +24,10 @@ one used within `CACHE_GRACE_S` (a path just handed out is being read), so the b
 version or task deleted leaves the cache at once: on the replica that deleted it, and on every other
 replica when it hears the delete (`drop_local_copy`, `drop_local_task`); a fetch of it in flight then
 places nothing and fails, saying it was deleted (what it read may be the deleted version's). A
-fetch's temp dir left by a process killed mid-fetch is removed by the next store to start on that
-cache directory, once it is older than any fetch can take (`STALE_FETCH_S`).
+fetch's temp dir left by a process killed mid-fetch (this one before a restart, or another sharing
+the cache directory) is removed once it is older than any fetch can take (`STALE_FETCH_S`): when a
+store starts on that cache directory, and after a fetch at most every `FETCH_SWEEP_EVERY_S`; never
+one of this process's fetches in flight, however old.
 """
 from __future__ import annotations
 
@@ -61,8 +63,12 @@ PARTIAL_GRACE_S = 300.0
 # A fetch's temp directory older than this is a leftover of a process killed mid-fetch: a fetch is two
 # GETs, each bounded within a minute by the client's retries and timeouts in `from_settings` (a read
 # that trickles could take longer), so an hour never catches one in flight, even one of another
-# process sharing the cache directory. Removed when a store starts.
+# process sharing the cache directory. Removed when a store starts, and then by its fetches (below).
 STALE_FETCH_S = 3600.0
+# How often, at most, a fetch also sweeps such leftovers: a long-running replica must not keep what a
+# process sharing its cache left until its own restart. One listing of the cache directory's top level
+# (its task directories and temp dirs) and a stat per temp dir, once in ten minutes of fetches.
+FETCH_SWEEP_EVERY_S = 600.0
 
 
 def _s3_errors(method: F) -> F:
@@ -106,9 +112,12 @@ class S3Store(BundleStore):
                 f"ADAPTSERVE_S3_CACHE_DIR: cannot create {str(self.cache_dir)!r} ({err.strerror or err}); "
                 "point it at a writable directory such as a mounted emptyDir"
             ) from None
-        self._sweep_stale_fetches()
         self._pointer_cache: dict[tuple[str, str], tuple[str | None, float]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the pointer cache, the fetches in flight and the sweep's clock
+        self._fetching: set[str] = set()  # names of this process's fetches' temp dirs in flight: never swept
+        self.fetch_sweep_every_s = FETCH_SWEEP_EVERY_S
+        self._swept_at = time.monotonic()
+        self._sweep_stale_fetches()
         self._trim_lock = threading.Lock()
         # Drops of a version (TaskKey) or of a whole task (its name) since the store was made, and the
         # lock a fetch places its copy under, so no copy lands after a drop that should have taken it.
@@ -284,6 +293,8 @@ class S3Store(BundleStore):
         # Downloaded beside the task directories, not in one: a task dropped meanwhile takes its
         # directory, never a download in flight (the drop count below says what became of it).
         tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=self.cache_dir))
+        with self._lock:
+            self._fetching.add(tmp.name)
         try:
             blobs = {}
             for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -313,7 +324,10 @@ class S3Store(BundleStore):
                         raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            with self._lock:
+                self._fetching.discard(tmp.name)
         _touch(target)
+        self._sweep_now_and_then()
         self.trim_cache()
         return target
 
@@ -347,11 +361,25 @@ class S3Store(BundleStore):
                 dropped.append(TaskKey(version_dir.parent.name, version_dir.name))
             return dropped
 
+    def _sweep_now_and_then(self) -> None:
+        """`_sweep_stale_fetches`, unless it ran within `fetch_sweep_every_s`."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._swept_at < self.fetch_sweep_every_s:
+                return
+            self._swept_at = now
+        self._sweep_stale_fetches()
+
     def _sweep_stale_fetches(self) -> None:
         """Remove the temp directories of fetches that died half way (a killed process leaves its
-        `.fetch-*` there, which `trim_cache` never counts): those untouched for `STALE_FETCH_S`."""
+        `.fetch-*` there, which `trim_cache` never counts): those untouched for `STALE_FETCH_S`,
+        and never one of this process's fetches in flight."""
         now = time.time()
+        with self._lock:
+            in_flight = set(self._fetching)
         for tmp in self.cache_dir.glob(".fetch-*"):
+            if tmp.name in in_flight:
+                continue
             try:
                 # A fetch writes its files at the end: the newest of them says when it was last at work.
                 touched = max(f.stat().st_mtime for f in (tmp, *tmp.iterdir()))

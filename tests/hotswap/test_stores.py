@@ -369,6 +369,56 @@ def test_a_fetch_a_killed_process_left_half_way_is_removed_when_a_store_starts(m
     assert (store.cache_dir / key.name / key.version / WEIGHTS).is_file()  # cached copies stay
 
 
+def test_a_long_running_store_sweeps_a_killed_fetchs_leftover_but_never_its_own_fetch_in_flight(
+        moto, bucket: str, tmp_path: Path, info, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process sharing the cache directory is killed mid-fetch after this store started: a later
+    fetch here removes its leftover once it is stale (before: only the next store to start did, so
+    a replica that ran for weeks kept every one). A fetch of this process still in flight is never
+    removed, however old its temp dir looks (a read that trickles)."""
+    import os
+
+    from service.store_s3 import STALE_FETCH_S, S3Store
+
+    store = S3Store.from_settings(s3_settings(moto, bucket, tmp_path))
+    store.fetch_sweep_every_s = 0.0  # every fetch sweeps (in service: at most every ten minutes)
+    keys = []
+    for seed in (0, 1):
+        config, weights = make_bundle(info, seed=seed)
+        keys.append(TaskKey("sentiment", content_version(config, weights)))
+        store.put_version("sentiment", keys[-1].version, config, weights)
+    long_ago = time.time() - STALE_FETCH_S - 60
+
+    def backdate(tmp: Path) -> None:
+        for path in (*tmp.iterdir(), tmp):
+            os.utime(path, (long_ago, long_ago))
+
+    killed = store.cache_dir / ".fetch-killed"
+    killed.mkdir()
+    (killed / CONFIG).write_bytes(b"{}")  # what a fetch killed between its two downloads leaves
+    backdate(killed)
+    reading, go_on = threading.Event(), threading.Event()
+    real = store._get_bytes
+
+    def held(object_key: str) -> bytes | None:
+        if object_key.endswith(f"{keys[0].version}/{WEIGHTS}"):  # its config is written: still reading
+            reading.set()
+            assert go_on.wait(10)
+        return real(object_key)
+
+    monkeypatch.setattr(store, "_get_bytes", held)
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(store.fetch, keys[0])
+        assert reading.wait(10)
+        (in_flight,) = [tmp for tmp in store.cache_dir.glob(".fetch-*") if tmp != killed]
+        backdate(in_flight)
+        store.bundle_dir(keys[1])  # another fetch: it sweeps
+        assert not killed.exists()
+        assert (in_flight / CONFIG).is_file()
+        go_on.set()
+        assert (slow.result(10) / WEIGHTS).is_file()  # the slow fetch lands whole
+    assert list(store.cache_dir.glob(".fetch-*")) == []
+
+
 def test_deleting_a_task_never_deletes_another_stores_prefix_or_objects_not_its_own(moto, bucket: str, tmp_path: Path,
                                                                                      info) -> None:
     """A store at the bucket root sees a store at `team-a/` as a prefix `team-a/`, like a task named
