@@ -86,6 +86,38 @@ async def test_the_local_registry_follows_a_bare_active_write(tmp_path: Path) ->
 
 
 @async_test
+async def test_the_local_registry_hears_a_task_another_process_deleted(tmp_path: Path) -> None:
+    """A task deleted from a shared store by another replica (or by hand) is told to the listeners
+    as a delete made here is (they drop its cached copies and metric series), once: by the first
+    request that finds it gone, or by the periodic listing of the store when no request comes. A
+    lost store directory is not a delete."""
+    for task in ("asked", "unasked", "kept"):
+        write_task(tmp_path / "store", task, "v1", active=True)
+    registry = LocalRegistry(LocalStore(tmp_path / "store"), resync_s=0.01)
+    heard: list[tuple] = []
+    registry.subscribe(lambda *change: heard.append(change))
+    for task in ("asked", "unasked", "kept"):
+        await registry.resolve(task)
+    await registry.start()
+    try:
+        shutil.rmtree(tmp_path / "store" / "asked")  # the other replica's delete
+        for _ in range(2):
+            with pytest.raises(TaskNotFound):
+                await registry.resolve("asked")
+        assert heard == [("asked", "v1", None)]
+        moved = (tmp_path / "store").rename(tmp_path / "moved")
+        await asyncio.sleep(0.1)  # several listings fail: nothing is taken for deleted
+        moved.rename(tmp_path / "store")
+        shutil.rmtree(tmp_path / "store" / "unasked")
+        await wait_until(lambda: len(heard) == 2)
+        await asyncio.sleep(0.1)
+        assert heard == [("asked", "v1", None), ("unasked", "v1", None)]
+        assert await registry.resolve("kept") == TaskKey("kept", "v1")
+    finally:
+        await registry.stop()
+
+
+@async_test
 async def test_a_local_store_gone_keeps_what_was_resolved_and_known_never_raises(tmp_path: Path) -> None:
     """A local store's directory gone (an unmounted volume): a task resolved before keeps its
     version (its copy in memory serves, as with Redis or S3), one never resolved is a 503, and
