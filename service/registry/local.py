@@ -122,6 +122,9 @@ class LocalRegistry(Registry):
             return hit[0]
         try:
             key = await asyncio.to_thread(self.store.resolve, task)
+        except TaskNotFound:
+            self._gone(task)  # deleted by another process, if it served here
+            raise
         except StoreUnavailable:
             if hit is None:
                 raise

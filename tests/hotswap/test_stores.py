@@ -2,6 +2,8 @@
 HTTP server (moto_server, started here on a loopback port). The app then runs on the S3 store."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import threading
 import time
@@ -19,6 +21,7 @@ from service.engine.types import TaskKey
 from service.errors import ConfigurationError, TaskNotFound, TaskUnavailable
 from service.settings import Settings
 from service.store import ACTIVE_FILE, BundleStore, LocalStore, TaskListing
+from tests.aio import async_test, wait_until
 from tests.hotswap.bundles import CONFIG, WEIGHTS, files, make_bundle
 from tests.hotswap.conftest import ADMIN, AUTH_ADMIN, AUTH_READER, READER
 from tests.hotswap.servers import MotoServer, eventually
@@ -671,6 +674,34 @@ def test_a_dropped_copy_leaves_the_cache_at_once_and_its_files_go_in_another_thr
     (left / keys[1].version / CONFIG).write_bytes(b"{}")
     S3Store.from_settings(s3_settings(moto, bucket, tmp_path))
     assert not left.exists() and (again / WEIGHTS).is_file()
+
+
+@pytest.mark.parametrize("ttl_s", [0.0, 0.05], ids=["pointer-read-every-request", "pointer-cached"])
+@async_test
+async def test_a_task_deleted_from_the_bucket_by_another_replica_is_heard_by_the_first_request(
+        moto, bucket: str, tmp_path: Path, info, ttl_s: float) -> None:
+    """The local registry over S3 (no Redis): the first request for a task another replica deleted
+    tells the listeners (its cached copies and metric series go), with the pointer read on every
+    request or cached (then the background re-read after the TTL finds it gone)."""
+    from service.registry.local import LocalRegistry
+    from service.store_s3 import S3Store
+
+    mine, other = (S3Store.from_settings(s3_settings(moto, bucket, tmp_path / name)) for name in ("mine", "other"))
+    config, weights = make_bundle(info, seed=0)
+    key = TaskKey("sentiment", content_version(config, weights))
+    other.put_version(key.name, key.version, config, weights)
+    registry = LocalRegistry(mine, pointer_ttl_s=ttl_s)
+    heard: list[tuple] = []
+    registry.subscribe(lambda *change: heard.append(change))
+    assert await registry.resolve("sentiment") == key
+    await asyncio.to_thread(other.delete_task, "sentiment")
+    await asyncio.sleep(ttl_s)
+    with contextlib.suppress(TaskNotFound):
+        await registry.resolve("sentiment")  # a cached pointer answers once more, and is read again
+    await wait_until(lambda: heard == [("sentiment", key.version, None)])
+    with pytest.raises(TaskNotFound):
+        await registry.resolve("sentiment")
+    assert heard == [("sentiment", key.version, None)]
 
 
 def test_a_version_another_replica_placed_first_is_already_stored(tmp_path: Path, info, monkeypatch: pytest.MonkeyPatch) -> None:
