@@ -350,9 +350,10 @@ class TaskAdmin:
         copies, which nothing resolves to any more, and so does the store's local copy (an S3
         store's disk cache). A batch holding one finishes with it.
 
-        The local copy goes here on the event loop, not in a thread: a few small files per version,
-        and removed before the next feed entry is applied, so a removal never races the fetch of
-        the same version uploaded again right after (same content, same id)."""
+        The local copy leaves its place here on the event loop, not in a thread, before the next feed
+        entry is applied, so a removal never races the fetch of the same version uploaded again
+        right after (same content, same id): the store renames it aside at once and removes its
+        files in a thread of its own (`S3Store._set_aside`), which may take long for large bundles."""
         runtime = self.state.runtime
         for key in (TaskKey(task, version) for version in versions):
             self.state.store.drop_local_copy(key)

@@ -288,7 +288,9 @@ class Settings(BaseSettings):
         default=60.0, gt=0.0,
         description="Full resync of the registry into memory at least this often, besides the one "
         "after every reconnect: a safety net against any lost change. Default 60 s: one SMEMBERS "
-        "and one MGET a minute per replica.",
+        "and one MGET a minute per replica. Without Redis: how often the store's task list is read, "
+        "so that a task another process deleted leaves this replica's cache and metrics even if no "
+        "request for it comes (one directory read or S3 LIST a minute).",
     )
     registry_history_max: int = Field(
         default=100, ge=2,

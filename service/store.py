@@ -151,7 +151,9 @@ class BundleStore:
     def drop_local_copy(self, key: TaskKey) -> None:
         """Remove this replica's local copy of a version that another replica deleted from the shared
         store (an S3 store's disk cache). A store whose files are the only copy (a local directory,
-        shared by the replicas) has nothing of its own to drop. Never raises."""
+        shared by the replicas) has nothing of its own to drop. Never raises. Called on the event
+        loop (the change feed's listeners): the copy leaves its place at once, and what may take
+        long (removing large files) is left to a thread."""
 
     def drop_local_task(self, task: str) -> None:
         """As `drop_local_copy`, for every version of a task that another replica deleted."""

@@ -23,9 +23,14 @@ bounded (`s3_cache_max_bytes`): after a fetch, the copies used least recently go
 one used within `CACHE_GRACE_S` (a path just handed out is being read), so the bound is soft. A
 version or task deleted leaves the cache at once: on the replica that deleted it, and on every other
 replica when it hears the delete (`drop_local_copy`, `drop_local_task`); a fetch of it in flight then
-places nothing and fails, saying it was deleted (what it read may be the deleted version's). A
-fetch's temp dir left by a process killed mid-fetch is removed by the next store to start on that
-cache directory, once it is older than any fetch can take (`STALE_FETCH_S`).
+places nothing and fails, saying it was deleted (what it read may be the deleted version's). A drop
+takes the copy out of the cache in one rename, at once and in the order the deletes are heard, and
+removes its files in a background thread (a task's cached copies can be hundreds of MB, and a drop
+heard from the feed runs on the event loop). A
+fetch's temp dir left by a process killed mid-fetch (this one before a restart, or another sharing
+the cache directory) is removed once it is older than any fetch can take (`STALE_FETCH_S`): when a
+store starts on that cache directory, and after a fetch at most every `FETCH_SWEEP_EVERY_S`; never
+one of this process's fetches in flight, however old.
 """
 from __future__ import annotations
 
@@ -37,7 +42,9 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
@@ -61,8 +68,12 @@ PARTIAL_GRACE_S = 300.0
 # A fetch's temp directory older than this is a leftover of a process killed mid-fetch: a fetch is two
 # GETs, each bounded within a minute by the client's retries and timeouts in `from_settings` (a read
 # that trickles could take longer), so an hour never catches one in flight, even one of another
-# process sharing the cache directory. Removed when a store starts.
+# process sharing the cache directory. Removed when a store starts, and then by its fetches (below).
 STALE_FETCH_S = 3600.0
+# How often, at most, a fetch also sweeps such leftovers: a long-running replica must not keep what a
+# process sharing its cache left until its own restart. One listing of the cache directory's top level
+# (its task directories and temp dirs) and a stat per temp dir, once in ten minutes of fetches.
+FETCH_SWEEP_EVERY_S = 600.0
 
 
 def _s3_errors(method: F) -> F:
@@ -106,15 +117,20 @@ class S3Store(BundleStore):
                 f"ADAPTSERVE_S3_CACHE_DIR: cannot create {str(self.cache_dir)!r} ({err.strerror or err}); "
                 "point it at a writable directory such as a mounted emptyDir"
             ) from None
-        self._sweep_stale_fetches()
         self._pointer_cache: dict[tuple[str, str], tuple[str | None, float]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the pointer cache, the fetches in flight and the sweep's clock
+        self._fetching: set[str] = set()  # names of this process's fetches' temp dirs in flight: never swept
+        self.fetch_sweep_every_s = FETCH_SWEEP_EVERY_S
+        self._swept_at = time.monotonic()
+        self._sweep_stale_fetches()
         self._trim_lock = threading.Lock()
         # Drops of a version (TaskKey) or of a whole task (its name) since the store was made, and the
         # lock a fetch places its copy under, so no copy lands after a drop that should have taken it.
         # One entry per version or task deleted while this replica ran: a few bytes each.
         self._drops: Counter[TaskKey | str] = Counter()
         self._drop_lock = threading.Lock()
+        # Removes the files of dropped copies, one drop after another (its thread starts at the first).
+        self._remover = ThreadPoolExecutor(1, thread_name_prefix="adaptserve-s3-cache-drop")
 
     @classmethod
     def from_settings(cls, settings: Any, flags: Mapping[str, str] | None = None) -> "S3Store":
@@ -284,6 +300,8 @@ class S3Store(BundleStore):
         # Downloaded beside the task directories, not in one: a task dropped meanwhile takes its
         # directory, never a download in flight (the drop count below says what became of it).
         tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=self.cache_dir))
+        with self._lock:
+            self._fetching.add(tmp.name)
         try:
             blobs = {}
             for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -313,7 +331,10 @@ class S3Store(BundleStore):
                         raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            with self._lock:
+                self._fetching.discard(tmp.name)
         _touch(target)
+        self._sweep_now_and_then()
         self.trim_cache()
         return target
 
@@ -347,11 +368,28 @@ class S3Store(BundleStore):
                 dropped.append(TaskKey(version_dir.parent.name, version_dir.name))
             return dropped
 
+    def _sweep_now_and_then(self) -> None:
+        """`_sweep_stale_fetches`, unless it ran within `fetch_sweep_every_s`."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._swept_at < self.fetch_sweep_every_s:
+                return
+            self._swept_at = now
+        self._sweep_stale_fetches()
+
     def _sweep_stale_fetches(self) -> None:
         """Remove the temp directories of fetches that died half way (a killed process leaves its
-        `.fetch-*` there, which `trim_cache` never counts): those untouched for `STALE_FETCH_S`."""
+        `.fetch-*` there, which `trim_cache` never counts): those untouched for `STALE_FETCH_S`,
+        and never one of this process's fetches in flight. And dropped copies a process killed
+        before it removed them (`_set_aside`): nothing reads one, whatever its age."""
+        for doomed in self.cache_dir.glob(".drop-*"):
+            shutil.rmtree(doomed, ignore_errors=True)
         now = time.time()
+        with self._lock:
+            in_flight = set(self._fetching)
         for tmp in self.cache_dir.glob(".fetch-*"):
+            if tmp.name in in_flight:
+                continue
             try:
                 # A fetch writes its files at the end: the newest of them says when it was last at work.
                 touched = max(f.stat().st_mtime for f in (tmp, *tmp.iterdir()))
@@ -439,13 +477,30 @@ class S3Store(BundleStore):
         if TASK_NAME_RE.fullmatch(key.name) and is_version_id(key.version):
             with self._drop_lock:
                 self._drops[key] += 1
-                shutil.rmtree(self.cache_dir / key.name / key.version, ignore_errors=True)
+                self._set_aside(self.cache_dir / key.name / key.version)
 
     def drop_local_task(self, task: str) -> None:
         if TASK_NAME_RE.fullmatch(task):
             with self._drop_lock:
                 self._drops[task] += 1
-                shutil.rmtree(self.cache_dir / task, ignore_errors=True)
+                self._set_aside(self.cache_dir / task)
+
+    def _set_aside(self, path: Path) -> None:
+        """Take `path` out of the cache now, in one rename, and remove its files in the background.
+        A drop heard from the feed runs on the event loop, where removing a task's cached copies
+        (hundreds of MB: 0.25 s for 640 MB here) would hold up every request; the rename keeps the
+        feed's order, so a copy of the same version fetched after the drop (uploaded again) lands
+        in the freed place and the removal never touches it. A `.drop-*` a killed process left is
+        removed by the next sweep (`_sweep_stale_fetches`)."""
+        doomed = self.cache_dir / f".drop-{uuid.uuid4().hex[:12]}"
+        try:
+            os.rename(path, doomed)
+        except FileNotFoundError:  # no copy here
+            return
+        except OSError:  # cannot be renamed (EACCES, EBUSY): removed in place, as it can be
+            shutil.rmtree(path, ignore_errors=True)
+            return
+        self._remover.submit(shutil.rmtree, doomed, ignore_errors=True)
 
     def _drop_count(self, key: TaskKey) -> int:
         """How often `key`, or its task, was dropped from the cache: a fetch that sees it change

@@ -28,7 +28,8 @@ def open_registry(settings, store: BundleStore,  # settings: service.settings.Se
             stream_maxlen=settings.registry_stream_maxlen,
             url_setting=setting_name("redis_url", flags),
         )
-    return LocalRegistry(store, history_max=settings.registry_history_max, pointer_ttl_s=settings.store_pointer_ttl_s)
+    return LocalRegistry(store, history_max=settings.registry_history_max, pointer_ttl_s=settings.store_pointer_ttl_s,
+                         resync_s=settings.registry_resync_s)
 
 
 __all__ = ["ChangeListener", "LocalRegistry", "Registry", "TaskRecord", "open_registry"]

@@ -4,7 +4,10 @@
 `HISTORY.json` holds the rollback stack, the audit log and per-version metadata, and is reconciled
 with `ACTIVE` when they disagree. Writes are serialised in this process; there is no feed from
 other processes, so this backend is for one replica (or replicas that only read a shared store:
-they see a new `ACTIVE` on their next request, since a local store reads it every time).
+they see a new `ACTIVE` on their next request, since a local store reads it every time). A task
+deleted by another process is heard as this replica's own deletes are (its cached copies and
+metric series go): by the first request for it that finds it gone, or by a listing of the store
+every `resync_s` (one directory read, or one S3 LIST) for a task nobody asks for any more.
 """
 from __future__ import annotations
 
@@ -29,17 +32,52 @@ log = logging.getLogger(__name__)
 class LocalRegistry(Registry):
     backend = "local"
 
-    def __init__(self, store: BundleStore, *, history_max: int = 100, pointer_ttl_s: float = 1.0) -> None:
+    def __init__(self, store: BundleStore, *, history_max: int = 100, pointer_ttl_s: float = 1.0,
+                 resync_s: float = 60.0) -> None:
         super().__init__()
         self.store = store
         self.history_max = history_max
         self.pointer_ttl_s = pointer_ttl_s
+        self.resync_s = resync_s
+        self._watcher: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
         # task -> (active key, loop time read): on a remote store a cache for `pointer_ttl_s`, so a
         # request is not an S3 GET; on either store what is served while the store cannot be read.
         self._resolved: dict[str, tuple[TaskKey, float]] = {}
         self._refreshing: set[str] = set()  # tasks whose pointer is being read again in the background
         self._outage = False  # the store failed a read and has not answered since: warned once
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._watcher = asyncio.create_task(self._watch_deletions(), name="adaptserve-registry-deletions")
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+
+    async def _watch_deletions(self) -> None:
+        """Every `resync_s`, list the store: a task this replica served that is no longer there was
+        deleted by another process, unless a request resolved it again while the store was listed."""
+        while True:
+            await asyncio.sleep(self.resync_s)
+            known = dict(self._resolved)
+            if not known:
+                continue
+            try:
+                names = set(await asyncio.to_thread(self.store.task_names))
+            except Exception:  # noqa: BLE001 - a store away is what requests report; try again later
+                continue
+            for task, entry in known.items():
+                if task not in names and self._resolved.get(task) is entry:
+                    self._gone(task)
+
+    def _gone(self, task: str) -> None:
+        """`task` is no longer in the store: forget it, and tell the listeners it was deleted (its
+        cached copies and metric series go), once."""
+        last = self._resolved.pop(task, None)
+        if last is not None:
+            self._notify(task, last[0].version, None)
 
     # -- reads -----------------------------------------------------------------------------------
     @property
@@ -58,7 +96,7 @@ class LocalRegistry(Registry):
             try:
                 key = self.store.resolve(task)  # a stat and a tiny read: fine on the loop
             except TaskNotFound:
-                self._resolved.pop(task, None)
+                self._gone(task)  # deleted by another process, if it served here
                 raise
             except StoreUnavailable:
                 # The store's directory is gone or unreadable (a lost mount): a task this replica
@@ -84,6 +122,9 @@ class LocalRegistry(Registry):
             return hit[0]
         try:
             key = await asyncio.to_thread(self.store.resolve, task)
+        except TaskNotFound:
+            self._gone(task)  # deleted by another process, if it served here
+            raise
         except StoreUnavailable:
             if hit is None:
                 raise
@@ -97,7 +138,10 @@ class LocalRegistry(Registry):
         loop = asyncio.get_running_loop()
         try:
             key = await asyncio.to_thread(self.store.resolve, task)
-        except (TaskNotFound, TaskUnavailable):
+        except TaskNotFound:
+            self._gone(task)  # deleted by another process
+            return
+        except TaskUnavailable:
             self._resolved.pop(task, None)  # the store's own answer: the next request gets it
             return
         except Exception:  # noqa: BLE001 - the store is away: keep serving what we know, retry after the TTL

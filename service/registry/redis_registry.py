@@ -107,6 +107,7 @@ class RedisRegistry(Registry):
         self._why_not: str | None = None  # why the last connection attempt failed, while not connected
         self._writer: aioredis.Redis | None = None
         self._follower: asyncio.Task[None] | None = None
+        self._store_retry: asyncio.Task[None] | None = None  # lists the store again, while it failed at start
         self._feed_client: aioredis.Redis | None = None
         self._stopping = False
         self.resyncs = 0  # full resyncs done (first sync, reconnects, periodic)
@@ -144,19 +145,47 @@ class RedisRegistry(Registry):
         # Until Redis first answers, serve what the store's ACTIVE pointers say: every write
         # through this registry mirrors its active version there (a hint for exactly this case).
         try:
-            listings = await asyncio.to_thread(self.store.list_tasks)
+            await self._map_from_store()
         except Exception as err:  # noqa: BLE001 - a broken store must not stop the server coming up
-            log.warning("cannot list the store to seed the registry map: %s", err)
-            listings = []
-        for listing in listings:
-            if listing.version is not None:
-                self._records[listing.name] = TaskRecord(listing.name, listing.version, (listing.version,))
+            log.warning("registry: cannot list the store %s to serve its tasks until Redis answers (%s); "
+                        "listing it again until one of them answers", self.store.describe(), err)
+            self._store_retry = asyncio.create_task(self._map_from_store_later(), name="adaptserve-registry-store-seed")
         self._writer = self._client(socket_timeout=self.timeout_s)
         self._follower = asyncio.create_task(self._follow(), name="adaptserve-registry-feed")
         log.info("registry: Redis at %s, prefix %r", redact_url(self.url), self.prefix)
 
+    async def _map_from_store(self) -> None:
+        """Fill the in-memory map from the store's ACTIVE pointers, unless Redis (the authority) was
+        read meanwhile. Raises what listing the store raises."""
+        listings = await asyncio.to_thread(self.store.list_tasks)
+        if self.resyncs:  # Redis answered while the store was listed: its records stand
+            return
+        for listing in listings:
+            if listing.version is not None:
+                self._records[listing.name] = TaskRecord(listing.name, listing.version, (listing.version,))
+
+    async def _map_from_store_later(self) -> None:
+        """The store could not be listed at start: list it again, with Redis's backoff, until it
+        answers or Redis does. Without this, a replica that started while both were away served
+        nothing until Redis came back, however long the store had been answering."""
+        delay = self.reconnect_min_s
+        while not self._stopping and not self.resyncs:
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, self.reconnect_max_s)
+            try:
+                await self._map_from_store()
+            except Exception:  # noqa: BLE001 - still away: said once, at start
+                continue
+            if not self.resyncs:
+                log.warning("registry: the store %s answers; serving the %d tasks its ACTIVE pointers name "
+                            "until Redis answers", self.store.describe(), len(self._records))
+            return
+
     async def stop(self) -> None:
         self._stopping = True
+        if self._store_retry is not None:
+            self._store_retry.cancel()
+            await asyncio.gather(self._store_retry, return_exceptions=True)
         if self._follower is not None:
             self._follower.cancel()
             # A cancellation that lands inside redis-py's read can be absorbed there (seen with

@@ -86,6 +86,38 @@ async def test_the_local_registry_follows_a_bare_active_write(tmp_path: Path) ->
 
 
 @async_test
+async def test_the_local_registry_hears_a_task_another_process_deleted(tmp_path: Path) -> None:
+    """A task deleted from a shared store by another replica (or by hand) is told to the listeners
+    as a delete made here is (they drop its cached copies and metric series), once: by the first
+    request that finds it gone, or by the periodic listing of the store when no request comes. A
+    lost store directory is not a delete."""
+    for task in ("asked", "unasked", "kept"):
+        write_task(tmp_path / "store", task, "v1", active=True)
+    registry = LocalRegistry(LocalStore(tmp_path / "store"), resync_s=0.01)
+    heard: list[tuple] = []
+    registry.subscribe(lambda *change: heard.append(change))
+    for task in ("asked", "unasked", "kept"):
+        await registry.resolve(task)
+    await registry.start()
+    try:
+        shutil.rmtree(tmp_path / "store" / "asked")  # the other replica's delete
+        for _ in range(2):
+            with pytest.raises(TaskNotFound):
+                await registry.resolve("asked")
+        assert heard == [("asked", "v1", None)]
+        moved = (tmp_path / "store").rename(tmp_path / "moved")
+        await asyncio.sleep(0.1)  # several listings fail: nothing is taken for deleted
+        moved.rename(tmp_path / "store")
+        shutil.rmtree(tmp_path / "store" / "unasked")
+        await wait_until(lambda: len(heard) == 2)
+        await asyncio.sleep(0.1)
+        assert heard == [("asked", "v1", None), ("unasked", "v1", None)]
+        assert await registry.resolve("kept") == TaskKey("kept", "v1")
+    finally:
+        await registry.stop()
+
+
+@async_test
 async def test_a_local_store_gone_keeps_what_was_resolved_and_known_never_raises(tmp_path: Path) -> None:
     """A local store's directory gone (an unmounted volume): a task resolved before keeps its
     version (its copy in memory serves, as with Redis or S3), one never resolved is a 503, and
@@ -575,6 +607,45 @@ async def test_a_registry_that_never_reached_redis_serves_the_store_pointers(tmp
             registry.require_writable()
     finally:
         await registry.stop()
+
+
+@async_test
+async def test_a_replica_that_started_with_redis_and_the_store_away_serves_the_store_once_it_answers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis down and the store unlistable at start (its volume not mounted yet): once the store
+    answers, the replica serves what its ACTIVE pointers say while Redis stays away, as a replica
+    that started with the store up does (before: nothing, until Redis answered); once Redis
+    answers, Redis's records stand."""
+    from tests.hotswap.servers import free_port
+
+    root = tmp_path / "store"
+    write_task(root, "t", "v1")
+    write_task(root, "t", "v2", active=True)
+    port = free_port()
+    registry = _registry(f"redis://127.0.0.1:{port}/0", LocalStore(root))
+    moved = root.rename(tmp_path / "moved")
+    caplog.set_level(logging.INFO, logger="service.registry.redis_registry")
+    await registry.start()
+    redis_server = None
+    try:
+        assert not registry.known("t")
+        moved.rename(root)
+        await wait_until(lambda: registry.known("t"))
+        assert await registry.resolve("t") == TaskKey("t", "v2") and not registry.connected
+        assert any("answers; serving the 1 tasks its ACTIVE pointers name" in r.getMessage() for r in caplog.records)
+        redis_server = RedisServer(tmp_path / "redis", port=port).start()
+        client = redis_server.client()  # a registry other replicas filled: t at v1 there
+        client.set("adaptserve:task:t", activated(TaskRecord("t"), "v1", 10).to_json())
+        client.sadd("adaptserve:tasks", "t")
+        client.set("adaptserve:seeded", "elsewhere")
+        client.close()
+        await wait_until(lambda: registry.connected)
+        assert await registry.resolve("t") == TaskKey("t", "v1")  # Redis, not the pointer
+    finally:
+        await registry.stop()
+        if redis_server is not None:
+            redis_server.kill()
 
 
 def test_redis_urls_are_redacted_for_logs() -> None:
