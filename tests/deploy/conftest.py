@@ -43,10 +43,11 @@ def upload_bytes(settings) -> int:
 
 
 def worst_case_rss(settings) -> int:
-    """Baseline plus every byte of task cache that lives in host memory (on CPU both tiers),
-    plus every upload that may be validated at once."""
+    """Baseline plus every byte of task cache that lives in host memory (on CPU both tiers, and the
+    methods' slot pools, which share a cap of the device tier's budget), plus every upload that
+    may be validated at once."""
     device = "cpu" if settings.device == "cpu" else "cuda"
-    cache = settings.cache_host_max_bytes + (settings.cache_max_bytes if device == "cpu" else 0)
+    cache = settings.cache_host_max_bytes + (2 * settings.cache_max_bytes if device == "cpu" else 0)
     return BASELINE_RSS_BYTES[device] + cache + settings.max_concurrent_uploads * upload_bytes(settings)
 
 
