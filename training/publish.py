@@ -161,7 +161,7 @@ def _keep(task: str, config_bytes: bytes, weights_bytes: bytes) -> Path | None:
 
 def _send(base_url: str, task: str, config_bytes: bytes, weights_bytes: bytes, token: str | None,
           timeout: float) -> Published:
-    token, headers = _bearer(token)
+    token, headers, where = _bearer(token)
     base = check_url(base_url)
     url = f"{base}/v1/tasks/{task}/versions"
     files = {
@@ -176,7 +176,7 @@ def _send(base_url: str, task: str, config_bytes: bytes, weights_bytes: bytes, t
         return Published(url=url, version=version, response=body)
     reason = body.get("error") or _text_reason(resp)
     if resp.status_code in (401, 403):
-        raise PublishError(f"{url}: not authorised ({resp.status_code}: {reason}); {_token_hint(token)}")
+        raise PublishError(f"{url}: not authorised ({resp.status_code}: {reason}); {_token_hint(token, where)}")
     if resp.status_code == 404 and body.get("error_type") not in (None, "not_found"):
         raise PublishError(f"{url}: {resp.status_code} {reason}")
     if resp.status_code in (404, 405):
@@ -201,7 +201,7 @@ def probe(base_url: str, token: str | None = None, timeout: float = 5.0) -> None
     takes the token (`token`, else the environment's: `_bearer`) on a read route, and says the
     token may publish (`GET /v1/token`, free of effects): run before training, so an unreachable
     service, or a missing, wrong or read-only token, is found before the work, not after it."""
-    token, headers = _bearer(token)
+    token, headers, where = _bearer(token)
     base = check_url(base_url)
     with _reaching(base, base, timeout), httpx.Client(timeout=timeout) as client:
         health = client.get(f"{base}/healthz")
@@ -212,22 +212,22 @@ def probe(base_url: str, token: str | None = None, timeout: float = 5.0) -> None
         scope = client.get(f"{base}/v1/token", headers=headers) if resp.is_success else None
     if resp.status_code == 401:
         reason = _json(resp).get("error") or resp.reason_phrase
-        raise PublishError(f"{base}: the service refused the token (401: {reason}); {_token_hint(token)}")
+        raise PublishError(f"{base}: the service refused the token (401: {reason}); {_token_hint(token, where)}")
     if not resp.is_success:  # a proxy that answers /healthz but not /v1, a service failing: found now, not after
         reason = _json(resp).get("error") or _text_reason(resp)
         raise PublishError(f"{base}: GET /v1/tasks answered {resp.status_code} ({reason}); the upload goes to /v1 too, "
                            "so check the --publish URL and the service")
     granted = _json(scope).get("scope") if scope is not None and scope.is_success else None
     if granted is not None and granted != "admin":  # a server without /v1/token (404) is asked at the upload
-        raise PublishError(f"{base}: the token may classify and read tasks but not publish them (its scope is "
-                           f"{granted!r}, GET /v1/token); pass an admin token (one of the server's ADAPTSERVE_ADMIN_TOKENS) "
-                           f"with --token or {TOKEN_ENV}")
+        raise PublishError(f"{base}: the token from {where} may classify and read tasks but not publish them (its "
+                           f"scope is {granted!r}, GET /v1/token); pass an admin token (one of the server's "
+                           f"ADAPTSERVE_ADMIN_TOKENS) with --token or {TOKEN_ENV}")
 
 
-def _bearer(token: str | None) -> tuple[str | None, dict[str, str]]:
+def _bearer(token: str | None) -> tuple[str | None, dict[str, str], str]:
     """`token`, else $ADAPTSERVE_ADMIN_TOKEN, else the first of the server's own
-    $ADAPTSERVE_ADMIN_TOKENS (a job run beside the server, with its environment), and the headers
-    that send it."""
+    $ADAPTSERVE_ADMIN_TOKENS (a job run beside the server, with its environment), the headers
+    that send it, and where it came from (what messages about it name)."""
     where = "--token"
     if token is None:
         where = TOKEN_ENV if os.environ.get(TOKEN_ENV, "").strip() else SERVER_TOKENS_ENV
@@ -237,11 +237,11 @@ def _bearer(token: str | None) -> tuple[str | None, dict[str, str]]:
     if token and not all("!" <= c <= "~" for c in token):  # what an HTTP header carries after "Bearer "
         raise PublishError(f"{where}: the admin token holds a space, a control or a non-ASCII character, which no "
                            "bearer token can carry; check the value (tokens are printable ASCII)")
-    return token, {"Authorization": f"Bearer {token}"} if token else {}
+    return token, {"Authorization": f"Bearer {token}"} if token else {}, where
 
 
-def _token_hint(token: str | None) -> str:
-    return f"pass --token or set {TOKEN_ENV}" if not token else "check the admin token"
+def _token_hint(token: str | None, where: str) -> str:
+    return f"pass --token or set {TOKEN_ENV}" if not token else f"check the admin token (it came from {where})"
 
 
 @contextlib.contextmanager

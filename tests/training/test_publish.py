@@ -85,7 +85,7 @@ def test_upload_reads_the_token_from_the_environment(stand, monkeypatch):
     (405, "", "t", "the server has no task upload endpoint (405)"),
     (404, {"error": "task 'x' is archived", "error_type": "task_archived"}, "t", "404 task 'x' is archived"),
     (401, {"error": "missing bearer token", "error_type": "unauthorized"}, None, "pass --token or set ADAPTSERVE_ADMIN_TOKEN"),
-    (403, {"error": "bad token", "error_type": "forbidden"}, "t", "not authorised (403: bad token); check the admin token"),
+    (403, {"error": "bad token", "error_type": "forbidden"}, "t", "not authorised (403: bad token); check the admin token (it came from --token)"),
     (422, {"error": "task 'sst2': head has 3 outputs but 2 labels", "error_type": "invalid_bundle"}, "t",
      "refused the bundle (422: task 'sst2': head has 3 outputs but 2 labels)"),
     (500, "boom", "t", "refused the bundle (500: boom)"),
@@ -165,10 +165,10 @@ def test_publish_to_the_real_service_then_classify(tiny_dir, tiny, csvs, tmp_pat
         monkeypatch.delenv(SERVER_TOKENS_ENV, raising=False)
         with pytest.raises(PublishError, match=r"refused the token \(401: .*\); pass --token or set ADAPTSERVE_ADMIN_TOKEN"):
             probe(url)
-        with pytest.raises(PublishError, match=r"refused the token \(401: .*\); check the admin token"):
+        with pytest.raises(PublishError, match=r"refused the token \(401: .*\); check the admin token \(it came from --token\)"):
             probe(url, "wrong")
         probe(url, "adm1n")
-        with pytest.raises(PublishError, match=r"may classify and read tasks but not publish them \(its scope is "
+        with pytest.raises(PublishError, match=r"the token from --token may classify and read tasks but not publish them \(its scope is "
                            r"'inference', GET /v1/token\); pass an admin token .* with --token or ADAPTSERVE_ADMIN_TOKEN"):
             probe(url, "r3ad")  # a read-only token: found before training, not at the upload after it
         from training.cli import main
@@ -181,7 +181,7 @@ def test_publish_to_the_real_service_then_classify(tiny_dir, tiny, csvs, tmp_pat
         monkeypatch.setenv(SERVER_TOKENS_ENV, " ,adm1n, other")  # the server's own list: its first token
         probe(url)
         monkeypatch.setenv(TOKEN_ENV, "wrong")  # the trainer's own variable comes first
-        with pytest.raises(PublishError, match="check the admin token"):
+        with pytest.raises(PublishError, match="check the admin token \\(it came from ADAPTSERVE_ADMIN_TOKEN\\)"):
             probe(url)
         monkeypatch.delenv(TOKEN_ENV)
         monkeypatch.delenv(SERVER_TOKENS_ENV)
@@ -333,11 +333,14 @@ def test_the_token_loses_a_secret_files_newline_and_nothing_else(monkeypatch):
 
     monkeypatch.delenv(SERVER_TOKENS_ENV, raising=False)
     monkeypatch.setenv(TOKEN_ENV, "adm-secret\n")
-    assert _bearer(None) == ("adm-secret", {"Authorization": "Bearer adm-secret"})
+    assert _bearer(None) == ("adm-secret", {"Authorization": "Bearer adm-secret"}, TOKEN_ENV)
     monkeypatch.setenv(TOKEN_ENV, "adm\x01secret")
     with pytest.raises(PublishError, match=f"{TOKEN_ENV}: the admin token holds a space, a control"):
         _bearer(None)
-    assert _bearer(" t0k ") == ("t0k", {"Authorization": "Bearer t0k"})
+    assert _bearer(" t0k ") == ("t0k", {"Authorization": "Bearer t0k"}, "--token")
+    monkeypatch.delenv(TOKEN_ENV)
+    monkeypatch.setenv(SERVER_TOKENS_ENV, " ,adm1n, other")  # beside the server: its own first admin token
+    assert _bearer(None) == ("adm1n", {"Authorization": "Bearer adm1n"}, SERVER_TOKENS_ENV)
 
 
 @pytest.mark.parametrize("status", [404, 403, 502])
