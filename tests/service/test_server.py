@@ -266,6 +266,7 @@ def strict_heads(tmp_path: Path) -> Iterator[Served]:
 
 
 HEAD = b"POST /v1/tasks/sentiment/classify HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+CHUNKED = b"Transfer-Encoding: chunked\r\n"
 
 
 def _request(close: bool = True) -> bytes:
@@ -449,6 +450,42 @@ def test_a_malformed_chunk_is_counted_as_the_400_it_got_not_a_499(served: Served
     assert 'status="499"' not in text and "client_gone" not in text
 
 
+@pytest.fixture
+def strict(tmp_path: Path) -> Iterator[Served]:
+    """A server that takes heads of at most 1024 bytes, each within 0.5 s."""
+    yield from _serve(tmp_path, max_header_bytes=1024, header_read_timeout_s=0.5)
+
+
+TRAILERS = HEAD + CHUNKED + b"\r\n2\r\n{}\r\n0\r\nX-T: " + b"a" * 2000 + b"\r\nX-U: b\r\n"  # a field is parsed once the next begins
+
+
+@pytest.mark.parametrize(("sent", "status", "reason"), [
+    (_head_of(2000), 431, "headers_too_large"),
+    (TRAILERS, None, "headers_too_large"),  # a body's trailer fields over the cap: dropped unanswered
+    (b"get /healthz HTTP/1.1\r\nHost: test\r\n\r\n", 400, "malformed"),  # the request line
+    (HEAD + b"Content-Length: 12a\r\n\r\n", 400, "malformed"),
+    (HEAD + CHUNKED + b"\r\nzz\r\n", 400, "malformed"),  # in the body the app is reading
+    (HEAD, 408, "header_timeout"),  # a slowloris: the blank line never comes
+    (b"", None, None),  # nothing sent: no request, closed silently and not counted
+], ids=["head over the cap", "trailers over the cap", "bad request line", "bad Content-Length", "bad chunk",
+        "head too slow", "nothing sent"])
+def test_each_request_the_server_refuses_is_counted_by_its_reason(strict: Served, sent: bytes, status: int | None,
+                                                                    reason: str | None) -> None:
+    """The server answers (or drops) these before the app sees them, or instead of it: nothing counted them."""
+    with _send_head(strict.url, sent) as raw:
+        data = b""
+        try:
+            while chunk := raw.recv(65536):
+                data += chunk
+        except ConnectionResetError:  # trailers: closed with the client's bytes unread
+            pass
+    assert (int(data.split()[1]) if data else None) == status, data[:200]
+    counts = {r: 1.0 if r == reason else 0.0 for r in ("headers_too_large", "malformed", "header_timeout")}
+    with httpx.Client(base_url=strict.url) as client:
+        eventually(lambda: all(f'adaptserve_connection_refusals_total{{reason="{r}"}} {n}' in client.get("/metrics").text
+                               for r, n in counts.items()))
+
+
 def test_an_upgrade_to_http2_is_ignored_without_a_warning(served: Served) -> None:
     warnings: list[str] = []
     handler = logging.Handler(logging.WARNING)
@@ -511,8 +548,6 @@ def guarded(tmp_path: Path) -> Iterator[Served]:
     """A server that takes classify requests with the inference token `good` only."""
     yield from _serve(tmp_path, inference_tokens="good")
 
-
-CHUNKED = b"Transfer-Encoding: chunked\r\n"
 
 
 MEGABYTE = b"x" * 1_000_000
