@@ -104,6 +104,8 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as err:
+            if self._discarding:  # refused earlier in this read (431): the parser read on into bytes now dropped
+                return
             # A callback that raised (uvicorn's, on a target it cannot parse) reads "User callback
             # error": name the parser's own reason beneath it, if it gave one.
             cause = err.__context__ if isinstance(err, httptools.HttpParserCallbackError) else err

@@ -486,6 +486,21 @@ def test_each_request_the_server_refuses_is_counted_by_its_reason(strict: Served
                                for r, n in counts.items()))
 
 
+def test_a_head_refused_before_bytes_the_parser_rejects_is_answered_once(strict: Served, caplog) -> None:
+    """The parser reads on past a refused head's callbacks: a bad byte later in the same read made
+    a second refusal, whose answer (written after the first's end) raised a traceback logged as an
+    ERROR, and which counted the request twice."""
+    caplog.set_level(logging.INFO)
+    sent = b"GET /healthz HTTP/1.1\r\nX-Pad: " + b"a" * 2000 + b"\r\nX-B: b\r\n\x01bad\r\n\r\n"
+    with _send_head(strict.url, sent) as raw:
+        assert _read_response(raw)[0] == 431
+    with httpx.Client(base_url=strict.url) as client:
+        eventually(lambda: 'adaptserve_connection_refusals_total{reason="headers_too_large"} 1.0' in client.get("/metrics").text)
+        assert 'adaptserve_connection_refusals_total{reason="malformed"} 0.0' in client.get("/metrics").text
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR or record.exc_info]
+    assert len([record for record in caplog.records if "closed the connection" in record.getMessage()]) == 1
+
+
 def test_an_upgrade_to_http2_is_ignored_without_a_warning(served: Served) -> None:
     warnings: list[str] = []
     handler = logging.Handler(logging.WARNING)
