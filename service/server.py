@@ -33,7 +33,7 @@ import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.api.middleware import SERVER_ANSWER
+from service.api.errors import SERVER_ANSWER
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -233,7 +233,8 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         if in_body:
             cycle = self.cycle
             assert cycle is not None
-            cycle.scope["extensions"][SERVER_ANSWER]["status"] = status  # the app's metrics count this answer
+            # the app's metrics count this answer, and its log says it
+            cycle.scope["extensions"][SERVER_ANSWER].update(status=status, error_type=error_type, error=message)
             cycle.disconnected = True  # what uvicorn's connection_lost does: the app's writes are dropped
             cycle.message_event.set()
         self._linger()

@@ -501,6 +501,22 @@ def test_a_head_refused_before_bytes_the_parser_rejects_is_answered_once(strict:
     assert len([record for record in caplog.records if "closed the connection" in record.getMessage()]) == 1
 
 
+@pytest.mark.parametrize("route", ["classify", "upload"])
+def test_a_malformed_chunk_is_logged_as_the_servers_400_not_a_client_gone(served: Served, route: str, caplog) -> None:
+    """The app learns of the server's 400 as its client gone: it logged `-> 499 client_closed_request`
+    for a client that had not left, sending an operator after the wrong problem."""
+    caplog.set_level(logging.INFO)
+    path = "/v1/tasks/sentiment/classify" if route == "classify" else "/v1/tasks/sentiment/versions"
+    head = (b"POST %s HTTP/1.1\r\nHost: test\r\nContent-Type: " % path.encode()
+            + (b"application/json" if route == "classify" else b"multipart/form-data; boundary=b") + b"\r\n")
+    with _send_head(served.url, head + CHUNKED + b"\r\n5\r\n--b\r\n\r\nzz\r\n") as raw:
+        assert _read_response(raw)[0] == 400
+    eventually(lambda: any(record.name == "service.api.errors" for record in caplog.records))
+    (line,) = [record.getMessage() for record in caplog.records if record.name == "service.api.errors"]
+    assert line.startswith(f"POST {path} -> 400 bad_request: malformed HTTP request: Invalid character in chunk size")
+    assert "answered by the server" in line and "499" not in caplog.text and "client_closed_request" not in caplog.text
+
+
 def test_an_upgrade_to_http2_is_ignored_without_a_warning(served: Served) -> None:
     warnings: list[str] = []
     handler = logging.Handler(logging.WARNING)
