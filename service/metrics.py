@@ -40,6 +40,13 @@ def admin_outcome(status: int) -> str:
     return _ADMIN_OUTCOMES.get(status) or ("invalid" if 400 <= status < 500 else "error")
 
 
+# Why the server itself (`service.server`) refused a request, before or instead of the app: a few
+# fixed words, never anything the client sent. 431 (a head or a body's trailer fields over
+# ADAPTSERVE_MAX_HEADER_BYTES), 400 (a request the HTTP parser rejects), 408 (a head not complete
+# within ADAPTSERVE_HEADER_READ_TIMEOUT_S).
+REFUSAL_REASONS = ("headers_too_large", "malformed", "header_timeout")
+
+
 class Metrics:
     """Every metric the service exports, in its own `CollectorRegistry`."""
 
@@ -83,6 +90,14 @@ class Metrics:
             ["action", "outcome"],
             registry=self.registry,
         )
+        self.connection_refusals = Counter(
+            "adaptserve_connection_refusals",
+            "Requests the server refused itself, closing their connection, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in REFUSAL_REASONS:  # each from 0: an alert's rate() sees the first refusal
+            self.connection_refusals.labels(reason=reason)
         self._live = _LiveCollector()
         self.registry.register(self._live)
 
@@ -92,6 +107,9 @@ class Metrics:
 
     def observe_admin(self, action: str, status: int) -> None:
         self.admin_actions.labels(action=action, outcome=admin_outcome(status)).inc()
+
+    def observe_refusal(self, reason: str) -> None:
+        self.connection_refusals.labels(reason=reason).inc()
 
     def observe_exits(self, task: str, layers: "list[int | None]") -> None:
         histogram = self.exit_layer.labels(task=task)

@@ -16,7 +16,9 @@ reads none). A request the parser rejects gets a 400 in the app's error format, 
 rule of order as the 408 (uvicorn wrote its plain-text 400 at once and closed: behind a request
 still being answered, the client read the 400 as that request's answer, whose own was cut off).
 A client's FIN still means it is gone, as in uvicorn: that is how a request whose client left is
-dropped before its forward, so a client that only half-closes loses its answer.
+dropped before its forward, so a client that only half-closes loses its answer. Each refusal (408,
+431, 400, trailer fields over the cap) counts in `adaptserve_connection_refusals_total`; a connection
+closed having sent nothing does not (it made no request, as one idle after an answer).
 """
 from __future__ import annotations
 
@@ -31,12 +33,15 @@ import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from service.api.middleware import SERVER_ANSWER
+from service.api.errors import SERVER_ANSWER
+from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 LINGER_S = 2.0  # how long a refused connection is read (and dropped) after its answer, before the close
+# `adaptserve_connection_refusals_total`'s reason (service.metrics.REFUSAL_REASONS) for each refusal's status.
+REFUSAL_REASON = {400: "malformed", 408: "header_timeout", 431: "headers_too_large"}
 
 
 class HeaderTimeoutProtocol(HttpToolsProtocol):
@@ -45,8 +50,9 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     Every parser callback is a no-op once the connection is refused (`_discarding`): the read being
     parsed may still hold the rest of the refused request, which must never reach the app."""
 
-    header_timeout_s: float = 15.0  # both set per server by `header_timeout_protocol`
+    header_timeout_s: float = 15.0  # all three set per server by `header_timeout_protocol`
     max_header_bytes: int = 64 * 1024
+    metrics: Metrics | None = None  # the app's, which counts the refusals
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -98,6 +104,8 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as err:
+            if self._discarding:  # refused earlier in this read (431): the parser read on into bytes now dropped
+                return
             # A callback that raised (uvicorn's, on a target it cannot parse) reads "User callback
             # error": name the parser's own reason beneath it, if it gave one.
             cause = err.__context__ if isinstance(err, httptools.HttpParserCallbackError) else err
@@ -147,6 +155,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
             if self._trailer_bytes > self.max_header_bytes:
                 log.info("closed the connection of %s: its body's trailer fields passed %d bytes", self._who(),
                          self.max_header_bytes)
+                self._count_refusal(REFUSAL_REASON[431])
                 self._discarding = True
                 self.transport.close()  # mid-request: the app sees the client gone
             return
@@ -214,6 +223,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         self._disarm_head_timer()
         self._discarding = True
         log.info("closed the connection of %s: %s", self._who(), message)
+        self._count_refusal(REFUSAL_REASON[status])
         if not self._idle() and not in_body:
             self._close_after_answers = True
             return
@@ -223,10 +233,15 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         if in_body:
             cycle = self.cycle
             assert cycle is not None
-            cycle.scope["extensions"][SERVER_ANSWER]["status"] = status  # the app's metrics count this answer
+            # the app's metrics count this answer, and its log says it
+            cycle.scope["extensions"][SERVER_ANSWER].update(status=status, error_type=error_type, error=message)
             cycle.disconnected = True  # what uvicorn's connection_lost does: the app's writes are dropped
             cycle.message_event.set()
         self._linger()
+
+    def _count_refusal(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_refusal(reason)
 
     def _linger(self) -> None:
         """A lingering close: closing with the client's bytes still unread makes the kernel send a
@@ -259,9 +274,11 @@ class _AnswerTransport:
             self._protocol.transport.close()
 
 
-def header_timeout_protocol(seconds: float, max_bytes: int = HeaderTimeoutProtocol.max_header_bytes) -> type[HeaderTimeoutProtocol]:
+def header_timeout_protocol(seconds: float, max_bytes: int = HeaderTimeoutProtocol.max_header_bytes,
+                            metrics: Metrics | None = None) -> type[HeaderTimeoutProtocol]:
     """The protocol class for one server (uvicorn builds a protocol per connection from a class)."""
-    return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,), {"header_timeout_s": seconds, "max_header_bytes": max_bytes})
+    return type("HeaderTimeoutProtocol", (HeaderTimeoutProtocol,),
+                {"header_timeout_s": seconds, "max_header_bytes": max_bytes, "metrics": metrics})
 
 
 class RedactQueryCredentials(logging.Filter):
@@ -310,10 +327,11 @@ def drain_timeout_s(settings: Settings) -> float:
 def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Config:
     """The uvicorn config `adaptserve serve` runs (tests serve through it too). One worker: the
     engine holds the backbone and the task cache in this process; more processes would each load
-    their own copy. Scale out with more replicas instead."""
+    their own copy. Scale out with more replicas instead. `app` is `service.app.create_app`'s: the
+    server counts the requests it refuses itself in the app's metrics."""
+    http = header_timeout_protocol(settings.header_read_timeout_s, settings.max_header_bytes, app.state.service.metrics)
     options: dict[str, Any] = dict(host=settings.host, port=settings.port, workers=1, log_level=settings.log_level,
-                                   lifespan="on", timeout_graceful_shutdown=drain_timeout_s(settings),
-                                   http=header_timeout_protocol(settings.header_read_timeout_s, settings.max_header_bytes))
+                                   lifespan="on", timeout_graceful_shutdown=drain_timeout_s(settings), http=http)
     config = uvicorn.Config(app, **(options | overrides))  # configures uvicorn's loggers (a filter added later stays)
     access = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, RedactQueryCredentials) for f in access.filters):

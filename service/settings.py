@@ -389,6 +389,13 @@ class Settings(BaseSettings):
     inference_tokens_file: Path | None = Field(
         default=None, description="File of inference tokens, as `admin_tokens_file`."
     )
+    metrics_require_token: bool = Field(
+        default=False,
+        description="Make GET /metrics need a known bearer token (an inference token suffices; 401 "
+        "otherwise), as the /v1 routes do: its per-task series name the store's tasks. Needs a token "
+        "configured. Default false, so a cluster's Prometheus scrapes without one; with it on, give "
+        "the scrape config a token (docs/deploy.md). The probes never need one.",
+    )
 
     # --- misc ---------------------------------------------------------------------------------
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
@@ -489,6 +496,11 @@ class Settings(BaseSettings):
     def _check_limits_agree(self) -> "Settings":
         if self.store_backend == "s3" and not self.s3_bucket:
             raise ValueError("ADAPTSERVE_STORE_BACKEND=s3 needs ADAPTSERVE_S3_BUCKET")
+        if self.metrics_require_token and not self.auth_enabled:
+            # With no token configured auth is off: /metrics would stay open to anyone, as the
+            # setting says it is not.
+            raise ValueError("ADAPTSERVE_METRICS_REQUIRE_TOKEN needs a token to require: set ADAPTSERVE_INFERENCE_TOKENS "
+                             "or ADAPTSERVE_ADMIN_TOKENS (or their _FILE variants), or unset it")
         if self.redis_reconnect_min_s > self.redis_reconnect_max_s:
             raise ValueError(f"ADAPTSERVE_REDIS_RECONNECT_MIN_S ({self.redis_reconnect_min_s:g} s) is larger than "
                              f"ADAPTSERVE_REDIS_RECONNECT_MAX_S ({self.redis_reconnect_max_s:g} s)")

@@ -15,10 +15,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match, Route
+from starlette.types import Scope
 
 from service.errors import AdaptserveError, ClientDisconnected, DeadlineExceeded
 
 log = logging.getLogger(__name__)
+
+# The scope extension in which the server (`service.server`) records an answer it wrote itself to a
+# request the app is serving (`status`, `error_type`, `error`): a malformed chunk in the body the app
+# is reading gets the server's 400, and the app sees its client gone. The server adds the (empty)
+# dict before the app gets the scope, so that every copy of the scope shares it.
+SERVER_ANSWER = "adaptserve.server_answer"
 
 _HTTP_ERROR_TYPES = {
     400: "bad_request",
@@ -43,14 +50,20 @@ def error_response(
 
 async def _adaptserve_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AdaptserveError)
-    return adaptserve_error_response(request.method, request.url.path, exc)
+    return adaptserve_error_response(request.scope, exc)
 
 
-def adaptserve_error_response(method: str, path: str, exc: AdaptserveError) -> JSONResponse:
-    """`exc` as its response, logged as the handler logs it (middleware that answers before the
-    routes, and so before the handlers, uses this too)."""
-    line = ("%s %s -> %d %s: %s", method, path, exc.status_code, exc.error_type, exc.message)
-    if isinstance(exc, (ClientDisconnected, DeadlineExceeded)):
+def adaptserve_error_response(scope: Scope, exc: AdaptserveError) -> JSONResponse:
+    """`exc` as its response to the request of `scope`, logged as the handler logs it (middleware
+    that answers before the routes, and so before the handlers, uses this too)."""
+    line = ("%s %s -> %d %s: %s", scope["method"], scope["path"], exc.status_code, exc.error_type, exc.message)
+    answered = scope.get("extensions", {}).get(SERVER_ANSWER, {})
+    if isinstance(exc, ClientDisconnected) and "status" in answered:
+        # The client is not gone: the server answered it and ended the request, which is how the app
+        # learnt of it. Logged as that answer (nobody reads this one: the server's went out).
+        log.info("%s %s -> %d %s: %s (answered by the server)", scope["method"], scope["path"], answered["status"],
+                 answered["error_type"], answered["error"])
+    elif isinstance(exc, (ClientDisconnected, DeadlineExceeded)):
         # Routine, and the client's own choice (it went away, or asked for timeout_ms: 1): a line at
         # INFO, never a WARNING per request that any client could flood the log with.
         log.info(*line)

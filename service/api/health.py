@@ -1,4 +1,5 @@
-"""Probes and metrics: GET /healthz (alive), GET /readyz (ready to classify), GET /metrics."""
+"""Probes and metrics: GET /healthz (alive), GET /readyz (ready to classify), GET /metrics (a
+token only with ADAPTSERVE_METRICS_REQUIRE_TOKEN: its per-task series name the store's tasks)."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 
 from service.api.deps import service_state
 from service.api.schemas import Health, Readiness
+from service.auth import Scope, authorization, check
 
 router = APIRouter()
 
@@ -54,5 +56,8 @@ def _describe_backbone(backbone: Any) -> dict[str, Any]:
 @router.head("/metrics", include_in_schema=False)
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    text, content_type = service_state(request).metrics.render()
+    state = service_state(request)
+    if state.settings.metrics_require_token:
+        check(state.tokens, authorization(request.headers.getlist("authorization")), Scope.inference)
+    text, content_type = state.metrics.render()
     return Response(content=text, media_type=content_type)

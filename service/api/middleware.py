@@ -13,18 +13,12 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.errors import adaptserve_error_response, error_response
+from service.api.errors import SERVER_ANSWER, adaptserve_error_response, error_response
 from service.auth import Scope as Grant
 from service.auth import Tokens, authorization, check
 from service.errors import AdaptserveError, BodyTimeout, ClientDisconnected, PayloadTooLarge
 from service.metrics import UNKNOWN_TASK
 from service.state import ServiceState
-
-# The scope extension in which the server (`service.server`) records an answer it wrote itself to a
-# request the app is serving: a malformed chunk in the body the app is reading gets the server's 400,
-# and the app sees its client gone. The server adds the (empty) dict before the app gets the scope,
-# so that every copy of the scope shares it.
-SERVER_ANSWER = "adaptserve.server_answer"
 
 # No trailing slash: TrailingSlashMiddleware, the outermost, strips it before these see the path.
 CLASSIFY_PATH = re.compile(r"^/v1/tasks/(?P<task>[^/]+)/classify$")
@@ -176,7 +170,7 @@ def _not_utf8(encoding: str) -> str:
 async def _answer(scope: Scope, receive: Receive, send: Send, err: AdaptserveError) -> None:
     """Answer `err` as the app's error handlers would (the routes, and with them the handlers, are
     inside this middleware)."""
-    await adaptserve_error_response(scope["method"], scope["path"], err)(scope, receive, send)
+    await adaptserve_error_response(scope, err)(scope, receive, send)
 
 
 def _counting(receive: Receive, limit: int, timeout_s: float | None = None) -> Receive:

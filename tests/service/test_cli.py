@@ -49,6 +49,7 @@ def test_serve_flags_override_env_and_run_one_worker(
     assert (settings.store, settings.max_batch_size, settings.max_queue) == (tmp_path, 16, 500)
     assert (config.port, config.workers, sockets) == (port, 1, [("127.0.0.1", port)])
     assert issubclass(config.http, HeaderTimeoutProtocol) and config.http.header_timeout_s == 7.0  # slowloris deadline
+    assert config.http.metrics is config.app.state.service.metrics  # it counts the requests it refuses
 
 
 @pytest.mark.parametrize("case", ["port in use", "host that does not resolve", "host not of this machine"])

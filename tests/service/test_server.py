@@ -266,6 +266,7 @@ def strict_heads(tmp_path: Path) -> Iterator[Served]:
 
 
 HEAD = b"POST /v1/tasks/sentiment/classify HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+CHUNKED = b"Transfer-Encoding: chunked\r\n"
 
 
 def _request(close: bool = True) -> bytes:
@@ -449,6 +450,73 @@ def test_a_malformed_chunk_is_counted_as_the_400_it_got_not_a_499(served: Served
     assert 'status="499"' not in text and "client_gone" not in text
 
 
+@pytest.fixture
+def strict(tmp_path: Path) -> Iterator[Served]:
+    """A server that takes heads of at most 1024 bytes, each within 0.5 s."""
+    yield from _serve(tmp_path, max_header_bytes=1024, header_read_timeout_s=0.5)
+
+
+TRAILERS = HEAD + CHUNKED + b"\r\n2\r\n{}\r\n0\r\nX-T: " + b"a" * 2000 + b"\r\nX-U: b\r\n"  # a field is parsed once the next begins
+
+
+@pytest.mark.parametrize(("sent", "status", "reason"), [
+    (_head_of(2000), 431, "headers_too_large"),
+    (TRAILERS, None, "headers_too_large"),  # a body's trailer fields over the cap: dropped unanswered
+    (b"get /healthz HTTP/1.1\r\nHost: test\r\n\r\n", 400, "malformed"),  # the request line
+    (HEAD + b"Content-Length: 12a\r\n\r\n", 400, "malformed"),
+    (HEAD + CHUNKED + b"\r\nzz\r\n", 400, "malformed"),  # in the body the app is reading
+    (HEAD, 408, "header_timeout"),  # a slowloris: the blank line never comes
+    (b"", None, None),  # nothing sent: no request, closed silently and not counted
+], ids=["head over the cap", "trailers over the cap", "bad request line", "bad Content-Length", "bad chunk",
+        "head too slow", "nothing sent"])
+def test_each_request_the_server_refuses_is_counted_by_its_reason(strict: Served, sent: bytes, status: int | None,
+                                                                    reason: str | None) -> None:
+    """The server answers (or drops) these before the app sees them, or instead of it: nothing counted them."""
+    with _send_head(strict.url, sent) as raw:
+        data = b""
+        try:
+            while chunk := raw.recv(65536):
+                data += chunk
+        except ConnectionResetError:  # trailers: closed with the client's bytes unread
+            pass
+    assert (int(data.split()[1]) if data else None) == status, data[:200]
+    counts = {r: 1.0 if r == reason else 0.0 for r in ("headers_too_large", "malformed", "header_timeout")}
+    with httpx.Client(base_url=strict.url) as client:
+        eventually(lambda: all(f'adaptserve_connection_refusals_total{{reason="{r}"}} {n}' in client.get("/metrics").text
+                               for r, n in counts.items()))
+
+
+def test_a_head_refused_before_bytes_the_parser_rejects_is_answered_once(strict: Served, caplog) -> None:
+    """The parser reads on past a refused head's callbacks: a bad byte later in the same read made
+    a second refusal, whose answer (written after the first's end) raised a traceback logged as an
+    ERROR, and which counted the request twice."""
+    caplog.set_level(logging.INFO)
+    sent = b"GET /healthz HTTP/1.1\r\nX-Pad: " + b"a" * 2000 + b"\r\nX-B: b\r\n\x01bad\r\n\r\n"
+    with _send_head(strict.url, sent) as raw:
+        assert _read_response(raw)[0] == 431
+    with httpx.Client(base_url=strict.url) as client:
+        eventually(lambda: 'adaptserve_connection_refusals_total{reason="headers_too_large"} 1.0' in client.get("/metrics").text)
+        assert 'adaptserve_connection_refusals_total{reason="malformed"} 0.0' in client.get("/metrics").text
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR or record.exc_info]
+    assert len([record for record in caplog.records if "closed the connection" in record.getMessage()]) == 1
+
+
+@pytest.mark.parametrize("route", ["classify", "upload"])
+def test_a_malformed_chunk_is_logged_as_the_servers_400_not_a_client_gone(served: Served, route: str, caplog) -> None:
+    """The app learns of the server's 400 as its client gone: it logged `-> 499 client_closed_request`
+    for a client that had not left, sending an operator after the wrong problem."""
+    caplog.set_level(logging.INFO)
+    path = "/v1/tasks/sentiment/classify" if route == "classify" else "/v1/tasks/sentiment/versions"
+    head = (b"POST %s HTTP/1.1\r\nHost: test\r\nContent-Type: " % path.encode()
+            + (b"application/json" if route == "classify" else b"multipart/form-data; boundary=b") + b"\r\n")
+    with _send_head(served.url, head + CHUNKED + b"\r\n5\r\n--b\r\n\r\nzz\r\n") as raw:
+        assert _read_response(raw)[0] == 400
+    eventually(lambda: any(record.name == "service.api.errors" for record in caplog.records))
+    (line,) = [record.getMessage() for record in caplog.records if record.name == "service.api.errors"]
+    assert line.startswith(f"POST {path} -> 400 bad_request: malformed HTTP request: Invalid character in chunk size")
+    assert "answered by the server" in line and "499" not in caplog.text and "client_closed_request" not in caplog.text
+
+
 def test_an_upgrade_to_http2_is_ignored_without_a_warning(served: Served) -> None:
     warnings: list[str] = []
     handler = logging.Handler(logging.WARNING)
@@ -511,8 +579,6 @@ def guarded(tmp_path: Path) -> Iterator[Served]:
     """A server that takes classify requests with the inference token `good` only."""
     yield from _serve(tmp_path, inference_tokens="good")
 
-
-CHUNKED = b"Transfer-Encoding: chunked\r\n"
 
 
 MEGABYTE = b"x" * 1_000_000

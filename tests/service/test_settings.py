@@ -35,6 +35,8 @@ def test_arguments_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"request_timeout_s": 0}, "ADAPTSERVE_REQUEST_TIMEOUT_S: Input should be greater than 0"),
         ({"unknown_knob": 1}, "ADAPTSERVE_UNKNOWN_KNOB: Extra inputs are not permitted"),
         ({"store_backend": "s3"}, "ADAPTSERVE_STORE_BACKEND=s3 needs ADAPTSERVE_S3_BUCKET"),
+        # with no token auth is off: /metrics would stay open, which the setting says it is not
+        ({"metrics_require_token": True}, "ADAPTSERVE_METRICS_REQUIRE_TOKEN needs a token to require"),
         ({"store_backend": "gcs"}, "ADAPTSERVE_STORE_BACKEND: Input should be 'local' or 's3'"),
         ({"redis_prefix": "a b"}, "ADAPTSERVE_REDIS_PREFIX: String should match pattern"),
         ({"redis_reconnect_min_s": 9}, "ADAPTSERVE_REDIS_RECONNECT_MIN_S (9 s) is larger than ADAPTSERVE_REDIS_RECONNECT_MAX_S (5 s)"),

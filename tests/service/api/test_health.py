@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
+import pytest
 import torch
 from fastapi.testclient import TestClient
 
@@ -85,6 +86,30 @@ def test_metrics_count_requests_by_task_and_status(client: TestClient) -> None:
     assert "adaptserve_cache_bytes 1000.0" in text
     assert "adaptserve_queue_depth 0.0" in text
     assert "adaptserve_ready 1.0" in text
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_metrics_need_a_known_token_only_when_the_setting_asks(store: Path, required: bool) -> None:
+    """The per-task series name every task in the store: ADAPTSERVE_METRICS_REQUIRE_TOKEN keeps
+    them from whoever can reach the port; without it Prometheus scrapes with no token, auth on."""
+    app = make_app(store, FakeEngine(), admin_tokens="admin-1", inference_tokens="reader-1",
+                   metrics_require_token=required)
+    with TestClient(app) as client:
+        wait_ready(client)
+        assert client.post("/v1/tasks/sentiment/classify", json={"inputs": ["x"]},
+                           headers={"Authorization": "Bearer reader-1"}).status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic cmVhZGVyLTE="}):
+            for method in ("GET", "HEAD"):
+                answer = client.request(method, "/metrics", headers=headers)
+                assert answer.status_code == (401 if required else 200), (method, headers)
+                assert ('task="sentiment"' in answer.text) is (method == "GET" and not required)
+            if required:
+                assert answer.headers["www-authenticate"].startswith("Bearer")
+                assert client.get("/metrics", headers=headers).json()["error_type"] == "unauthorized"
+        for token in ("reader-1", "admin-1"):  # an inference token suffices
+            answer = client.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+            assert answer.status_code == 200 and 'adaptserve_requests_total{status="200",task="sentiment"} 1.0' in answer.text
+        assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200  # probes: never
 
 
 def test_metrics_report_the_bytes_the_slot_pools_hold(client: TestClient, monkeypatch) -> None:
