@@ -208,6 +208,10 @@ class TaskCache(Generic[T]):
     def host_keys(self) -> list[TaskKey]:
         return list(self._host)
 
+    def held(self) -> set[TaskKey]:
+        """Every key with a copy in a tier (on the device, being copied to host, in the host tier)."""
+        return {*self._entries, *self._demoting, *self._host}
+
     def demote(self, key: TaskKey) -> None:
         """Move `key` from the device to the host tier now (its task was swapped out)."""
         entry = self._entries.pop(key, None)

@@ -97,7 +97,7 @@ class TaskAdmin:
         self._background: set[asyncio.Task[None]] = set()
         self.max_uploads = state.settings.max_concurrent_uploads
         self._upload_slots = asyncio.Semaphore(self.max_uploads)
-        state.registry.subscribe(self.on_change, self.on_versions_deleted)
+        state.registry.subscribe(self.on_change, self.on_versions_deleted, self.holdings)
 
     def _lock(self, task: str) -> asyncio.Lock:
         return self._locks.setdefault(task, asyncio.Lock())
@@ -344,6 +344,15 @@ class TaskAdmin:
             job = asyncio.ensure_future(self._prefetch(TaskKey(task, new)))
             self._background.add(job)
             job.add_done_callback(self._background.discard)
+
+    def holdings(self) -> dict[str, set[str]]:
+        """What this replica holds that a change made elsewhere must reach: task -> the versions with
+        a copy in a cache tier; a task with metric series but no copy maps to an empty set."""
+        held: dict[str, set[str]] = {task: set() for task in self.state.metrics.tasks()}
+        if self.state.runtime is not None:
+            for key in self.state.runtime.cache.held():
+                held.setdefault(key.name, set()).add(key.version)
+        return held
 
     def on_versions_deleted(self, task: str, versions: tuple[str, ...]) -> None:
         """Versions of a task were deleted (own write or another replica's): every tier forgets its

@@ -100,8 +100,11 @@ class Metrics:
             self.connection_refusals.labels(reason=reason)
         self._live = _LiveCollector()
         self.registry.register(self._live)
+        self._tasks: set[str] = set()  # task names with series of their own (`tasks`)
 
     def observe_request(self, task: str, status: int, seconds: float) -> None:
+        if task != UNKNOWN_TASK:
+            self._tasks.add(task)
         self.requests.labels(task=task, status=str(status)).inc()
         self.request_latency.labels(task=task).observe(seconds)
 
@@ -112,6 +115,7 @@ class Metrics:
         self.connection_refusals.labels(reason=reason).inc()
 
     def observe_exits(self, task: str, layers: "list[int | None]") -> None:
+        self._tasks.add(task)
         histogram = self.exit_layer.labels(task=task)
         for layer in layers:
             if layer is not None:
@@ -122,6 +126,11 @@ class Metrics:
         otherwise pile up in every scrape."""
         for metric in (self.requests, self.request_latency, self.exit_layer):
             metric.remove_by_labels({"task": task})
+        self._tasks.discard(task)
+
+    def tasks(self) -> set[str]:
+        """The task names with series (not the one label of unknown names): what a delete must reach."""
+        return set(self._tasks)
 
     def observe_batch(self, rows: int, seconds: float) -> None:
         self.batch_size.observe(rows)

@@ -288,9 +288,10 @@ class Settings(BaseSettings):
         default=60.0, gt=0.0,
         description="Full resync of the registry into memory at least this often, besides the one "
         "after every reconnect: a safety net against any lost change. Default 60 s: one SMEMBERS "
-        "and one MGET a minute per replica. Without Redis: how often the store's task list is read, "
-        "so that a task another process deleted leaves this replica's cache and metrics even if no "
-        "request for it comes (one directory read or S3 LIST a minute).",
+        "and one MGET a minute per replica. Without Redis: how often the store is compared with "
+        "what this replica holds, so that a change another process made (an activation, a deleted "
+        "version or task) reaches its cache and metrics even if no request comes: one listing of "
+        "the store, plus one listing and one ACTIVE read per task in the cache tiers.",
     )
     registry_history_max: int = Field(
         default=100, ge=2,

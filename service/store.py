@@ -174,18 +174,19 @@ class BundleStore:
         except TaskUnavailable as err:
             return TaskListing(task, None, err.message)
 
-    def active_version(self, task: str) -> str:
-        """The version `task` serves: the id in its ACTIVE pointer, else its only version."""
+    def active_version(self, task: str, versions: list[str] | None = None) -> str:
+        """The version `task` serves: the id in its ACTIVE pointer, else its only version.
+        `versions`: the task's `versions()` where the caller has just listed them (not listed again)."""
         validate_task_name(task)
         pointer = self.read_pointer(task, ACTIVE_FILE)
         if pointer is not None:
             version = pointer.strip()
             if not is_version_id(version):
                 raise TaskUnavailable(f"task {task!r}: ACTIVE names an invalid version id {version!r}")
-            if not self.has_version(task, version):
+            if not (version in versions if versions is not None else self.has_version(task, version)):
                 raise TaskUnavailable(f"task {task!r}: ACTIVE names version {version!r}, which is not in the store")
             return version
-        versions = self.versions(task)
+        versions = self.versions(task) if versions is None else versions
         if not versions:  # a first upload still writing its files, or one that stopped: not a task yet
             raise TaskNotFound(f"task {task!r} not found: it has no version in the store yet")
         if len(versions) > 1:

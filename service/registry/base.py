@@ -24,6 +24,9 @@ from service.store import TaskListing, validate_task_name
 ChangeListener = Callable[[str, "str | None", "str | None"], None]
 # Called on the event loop after versions of a task were deleted (never its active one): (task, versions).
 DeletionListener = Callable[[str, "tuple[str, ...]"], None]
+# What a subscriber holds of each task, read now and then: task -> the versions it has copies of (a
+# task it holds only something without a version of, e.g. metric series, maps to an empty set).
+Holdings = Callable[[], "dict[str, set[str]]"]
 
 
 @dataclass(frozen=True)
@@ -139,20 +142,39 @@ class Registry:
     def __init__(self) -> None:
         self._listeners: list[ChangeListener] = []
         self._deletion_listeners: list[DeletionListener] = []
+        self._holdings: list[Holdings] = []
 
-    def subscribe(self, listener: ChangeListener, on_deleted: DeletionListener | None = None) -> None:
+    def subscribe(self, listener: ChangeListener, on_deleted: DeletionListener | None = None,
+                  holdings: Holdings | None = None) -> None:
         """`listener` hears every change of a task's active version, `on_deleted` every deletion of
         versions that were not active (a deleted task is `listener`'s new None), whichever replica
-        made it."""
+        made it. `holdings`: what the subscriber holds, for a backend with no feed of the other
+        replicas' changes, which compares it with the store now and then (`LocalRegistry`)."""
         self._listeners.append(listener)
         if on_deleted is not None:
             self._deletion_listeners.append(on_deleted)
+        if holdings is not None:
+            self._holdings.append(holdings)
+
+    def _held(self) -> dict[str, set[str]]:
+        """Every subscriber's holdings together."""
+        held: dict[str, set[str]] = {}
+        for holdings in self._holdings:
+            for task, versions in holdings().items():
+                held.setdefault(task, set()).update(versions)
+        return held
 
     def _notify(self, task: str, old: str | None, new: str | None) -> None:
         if old == new:
             return
         for listener in self._listeners:
             listener(task, old, new)
+
+    def _notify_task_deleted(self, task: str, active: str | None) -> None:
+        """The whole task was deleted: the listeners hear its active version go to None, even where
+        it had none (it answered 503, and its metric series must go all the same)."""
+        for listener in self._listeners:
+            listener(task, active, None)
 
     def _notify_deleted(self, task: str, versions: tuple[str, ...]) -> None:
         if not versions:
@@ -233,6 +255,6 @@ def require_version(versions: Iterable[str], task: str, version: str) -> None:
 
 
 __all__ = [
-    "ChangeListener", "DeletionListener", "Registry", "TaskRecord", "activated", "rolled_back", "with_upload", "without_version",
+    "ChangeListener", "DeletionListener", "Holdings", "Registry", "TaskRecord", "activated", "rolled_back", "with_upload", "without_version",
     "require_active", "require_version", "validate_task_name",
 ]

@@ -4,10 +4,19 @@
 `HISTORY.json` holds the rollback stack, the audit log and per-version metadata, and is reconciled
 with `ACTIVE` when they disagree. Writes are serialised in this process; there is no feed from
 other processes, so this backend is for one replica (or replicas that only read a shared store:
-they see a new `ACTIVE` on their next request, since a local store reads it every time). A task
-deleted by another process is heard as this replica's own deletes are (its cached copies and
-metric series go): by the first request for it that finds it gone, or by a listing of the store
-every `resync_s` (one directory read, or one S3 LIST) for a task nobody asks for any more.
+they see a new `ACTIVE` on their next request, since a local store reads it every time).
+
+What another process changes is heard as this replica's own changes are, so the listeners keep
+the cache tiers and metric series as the Redis feed would:
+* an activation or rollback (the old version leaves the device): by the first request that reads
+  the new pointer, with no read of its own;
+* a deleted task (its cached copies and metric series go): by the first request that finds it
+  gone;
+* either, and a deleted version of a task (its cached copies go), by a comparison with the store
+  every `resync_s`: one listing of the task names, which takes the tasks this replica served or
+  holds anything of (cached copies, metric series) that are gone; then, for each task with a copy
+  in a cache tier only, one listing of its versions and one read of its `ACTIVE`. The cost is
+  bounded by what the cache tiers hold, not by the store's tasks or versions.
 """
 from __future__ import annotations
 
@@ -49,35 +58,69 @@ class LocalRegistry(Registry):
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
-        self._watcher = asyncio.create_task(self._watch_deletions(), name="adaptserve-registry-deletions")
+        self._watcher = asyncio.create_task(self._watch_store(), name="adaptserve-registry-store-watch")
 
     async def stop(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
 
-    async def _watch_deletions(self) -> None:
-        """Every `resync_s`, list the store: a task this replica served that is no longer there was
-        deleted by another process, unless a request resolved it again while the store was listed."""
+    async def _watch_store(self) -> None:
         while True:
             await asyncio.sleep(self.resync_s)
-            known = dict(self._resolved)
-            if not known:
-                continue
-            try:
-                names = set(await asyncio.to_thread(self.store.task_names))
-            except Exception:  # noqa: BLE001 - a store away is what requests report; try again later
-                continue
-            for task, entry in known.items():
-                if task not in names and self._resolved.get(task) is entry:
-                    self._gone(task)
+            await self._compare_with_store()
 
-    def _gone(self, task: str) -> None:
+    async def _compare_with_store(self) -> None:
+        """What another process changed that no request noticed (see the module docstring). A task
+        a request resolved while the store was read is left to what that request read."""
+        held = self._held()
+        resolved = dict(self._resolved)
+        if not held and not resolved:
+            return
+        try:
+            names = set(await asyncio.to_thread(self.store.task_names))
+        except Exception:  # noqa: BLE001 - a store away is what requests report; try again later
+            return
+        for task in sorted((held.keys() | resolved.keys()) - names):
+            if task in resolved:
+                if self._resolved.get(task) is resolved[task]:
+                    self._gone(task)
+            elif task not in self._resolved:  # held (copies, series), never resolved to a version here
+                self._gone(task, held=True)
+        for task in sorted(t for t, versions in held.items() if versions and t in names):
+            try:
+                versions, key = await asyncio.to_thread(self._survey, task)
+            except Exception:  # noqa: BLE001 - gone meanwhile, or the store away: the next round tells
+                continue
+            if key is not None and task in resolved and self._resolved.get(task) is resolved[task]:
+                self._now_serves(task, key)
+            self._notify_deleted(task, tuple(sorted(held[task].difference(versions))))
+
+    def _survey(self, task: str) -> tuple[list[str], TaskKey | None]:
+        """The versions of `task` in the store, and the one it serves (None: none, it is a 503):
+        one listing of the task and one read of its ACTIVE. Blocking."""
+        versions = self.store.versions(task)
+        try:
+            return versions, TaskKey(task, self.store.active_version(task, versions))
+        except (TaskNotFound, TaskUnavailable):
+            return versions, None
+
+    def _now_serves(self, task: str, key: TaskKey) -> None:
+        """The store says `task` serves `key`, as read now. Another version than this replica read
+        last was activated by another process (an activation, a rollback): the listeners hear it as
+        a change made here (the old version leaves the device)."""
+        last = self._resolved.get(task)
+        self._resolved[task] = (key, 0.0 if self.store.cheap_pointers else asyncio.get_running_loop().time())
+        if last is not None and last[0] != key:
+            self._notify(task, last[0].version, key.version)
+
+    def _gone(self, task: str, *, held: bool = False) -> None:
         """`task` is no longer in the store: forget it, and tell the listeners it was deleted (its
-        cached copies and metric series go), once."""
+        cached copies and metric series go), once: where it served here, or this replica `held`
+        something of it."""
         last = self._resolved.pop(task, None)
-        if last is not None:
-            self._notify(task, last[0].version, None)
+        if last is not None or held:
+            self._notify_task_deleted(task, last[0].version if last is not None else None)
 
     # -- reads -----------------------------------------------------------------------------------
     @property
@@ -108,7 +151,7 @@ class LocalRegistry(Registry):
                 self._warn_stale(last[0])
                 return last[0]
             self._store_answered()
-            self._resolved[task] = (key, 0.0)  # kept for an outage only: a local pointer is read every time
+            self._now_serves(task, key)  # what the next read is compared with, and what an outage serves
             return key
         loop = asyncio.get_running_loop()
         hit = self._resolved.get(task)
@@ -131,11 +174,10 @@ class LocalRegistry(Registry):
             self._stale(task, hit[0])
             return hit[0]
         self._store_answered()
-        self._resolved[task] = (key, loop.time())
+        self._now_serves(task, key)
         return key
 
     async def _refresh(self, task: str, known: TaskKey) -> None:
-        loop = asyncio.get_running_loop()
         try:
             key = await asyncio.to_thread(self.store.resolve, task)
         except TaskNotFound:
@@ -148,7 +190,7 @@ class LocalRegistry(Registry):
             self._stale(task, known)
             return
         self._store_answered()
-        self._resolved[task] = (key, loop.time())
+        self._now_serves(task, key)
 
     def _stale(self, task: str, known: TaskKey) -> None:
         self._resolved[task] = (known, asyncio.get_running_loop().time())
@@ -228,7 +270,7 @@ class LocalRegistry(Registry):
             old = (await asyncio.to_thread(self._read, task)).active
             await remove_files()  # the files are the registry: once they are gone, so is the task
             self._resolved.pop(task, None)  # the next request reads the pointer afresh
-        self._notify(task, old, None)
+        self._notify_task_deleted(task, old)
 
     async def _write(self, task: str, change: Callable[[TaskRecord], TaskRecord], *, implicit: bool = True) -> TaskRecord:
         validate_task_name(task)
@@ -238,8 +280,11 @@ class LocalRegistry(Registry):
             if updated == record:  # a no-op (e.g. the active version re-sent): nothing to write or tell
                 return updated
             await asyncio.to_thread(self._persist, updated)
-            self._resolved.pop(task, None)  # the next request reads the pointer afresh
-        self._notify(task, record.active, updated.active)
+            # The next request reads the pointer afresh. One that read it while it was written has
+            # told the listeners already.
+            noticed = self._resolved.pop(task, None)
+        if noticed is None or noticed[0].version != updated.active:
+            self._notify(task, record.active, updated.active)
         return updated
 
     # -- files -----------------------------------------------------------------------------------

@@ -118,6 +118,81 @@ async def test_the_local_registry_hears_a_task_another_process_deleted(tmp_path:
 
 
 @async_test
+async def test_the_local_registry_hears_an_activation_another_process_made(tmp_path: Path) -> None:
+    """ACTIVE moved by another replica (an activation, a rollback) is told to the listeners as an
+    activation made here is (the old version leaves the device): by the first request that reads
+    it, once, with no read of its own; with no request, by the comparison with the store, for a
+    task with a copy in the cache tiers only (the bound on what that comparison reads)."""
+    store = tmp_path / "store"
+    for task in ("asked", "cached", "uncached"):
+        write_task(store, task, "v1", active=True)
+        write_task(store, task, "v2")
+    registry = LocalRegistry(LocalStore(store), resync_s=0.01)
+    heard: list[tuple] = []
+    registry.subscribe(lambda *change: heard.append(change), holdings=lambda: {"cached": {"v1"}})
+    for task in ("asked", "cached", "uncached"):
+        await registry.resolve(task)
+    (store / "asked" / ACTIVE_FILE).write_text("v2\n")  # the other replica's activation
+    for _ in range(2):
+        assert await registry.resolve("asked") == TaskKey("asked", "v2")
+    assert heard == [("asked", "v1", "v2")]
+    await registry.start()
+    try:
+        for task in ("cached", "uncached"):
+            (store / task / ACTIVE_FILE).write_text("v2\n")
+        await wait_until(lambda: len(heard) == 2)
+        await asyncio.sleep(0.1)
+        assert heard == [("asked", "v1", "v2"), ("cached", "v1", "v2")]
+        await registry.activate("asked", "v1")  # a write here: heard once
+        assert heard[2:] == [("asked", "v2", "v1")]
+    finally:
+        await registry.stop()
+
+
+@async_test
+async def test_the_local_registry_hears_versions_and_tasks_another_process_deleted_that_it_holds(tmp_path: Path) -> None:
+    """The comparison with the store tells the listeners of a version deleted by another replica
+    that this one holds a copy of, and of a deleted task it holds only metric series of (it never
+    served a version: a 503). What it holds nothing of is not its business. Its own delete of a
+    task with no active version is heard too."""
+    store = tmp_path / "store"
+    write_task(store, "t", "v1")
+    write_task(store, "t", "v2", active=True)
+    for task in ("unserved", "mine", "other"):
+        write_task(store, task, "v1")
+        write_task(store, task, "v2")  # two versions, no ACTIVE: a 503
+    held = {"t": {"v1", "v2"}, "unserved": set(), "mine": set()}
+    registry = LocalRegistry(LocalStore(store), resync_s=0.01)
+    heard: list[tuple] = []
+    deleted: list[tuple] = []
+
+    def on_change(task: str, old: str | None, new: str | None) -> None:  # as TaskAdmin's: what it drops goes
+        heard.append((task, old, new))
+        held.pop(task, None)
+
+    def on_deleted(task: str, versions: tuple[str, ...]) -> None:
+        deleted.append((task, versions))
+        held[task].difference_update(versions)
+
+    registry.subscribe(on_change, on_deleted, lambda: held)
+    assert await registry.resolve("t") == TaskKey("t", "v2")
+    await registry.delete_task("mine", lambda: asyncio.to_thread(shutil.rmtree, store / "mine"))
+    assert heard == [("mine", None, None)]
+    await registry.start()
+    try:
+        shutil.rmtree(store / "t" / "v1")
+        await wait_until(lambda: deleted == [("t", ("v1",))])
+        for task in ("unserved", "other"):
+            shutil.rmtree(store / task)
+        await wait_until(lambda: len(heard) == 2)
+        await asyncio.sleep(0.1)
+        assert heard == [("mine", None, None), ("unserved", None, None)]
+        assert deleted == [("t", ("v1",))]
+    finally:
+        await registry.stop()
+
+
+@async_test
 async def test_a_local_store_gone_keeps_what_was_resolved_and_known_never_raises(tmp_path: Path) -> None:
     """A local store's directory gone (an unmounted volume): a task resolved before keeps its
     version (its copy in memory serves, as with Redis or S3), one never resolved is a 503, and

@@ -60,6 +60,7 @@ async def test_evicted_tasks_wait_in_host_memory_and_come_back_without_a_store_r
     await cache.get(A)
     await cache.get(B)
     await cache.get(C)  # 120 > 100 bytes: A leaves the device for host memory
+    assert cache.held() == {A, B, C}  # A being copied or copied: held either way
     await wait_until(lambda: cache.location(A) == "host")
     assert (cache.location(B), cache.location(C)) == ("device", "device")
     assert cache.peek(A).where == "host"
@@ -79,7 +80,7 @@ async def test_the_host_tier_has_its_own_budget() -> None:
         await cache.get(key)
     await wait_until(lambda: cache.stats.demotions == 2)
     assert cache.location(A) == "store" and cache.location(B) == "host"  # A was pushed out of host by B
-    assert cache.stats.host_evictions == 1
+    assert cache.stats.host_evictions == 1 and cache.held() == {B, C, TaskKey("d", "v1")}
     await cache.get(A)
     assert tiers.loads.count(A) == 2  # from the store again
 
