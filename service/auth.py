@@ -6,7 +6,8 @@ Tokens come from settings (`ADAPTSERVE_ADMIN_TOKENS`, `ADAPTSERVE_INFERENCE_TOKE
 configured token, without stopping at a match, so the time taken says nothing about which
 token (or how much of one) matched. With no token configured at all, auth is off and the app
 says so with a WARNING at start-up. Tokens are never logged: error messages never quote them, and
-the access log masks credential-like query parameters (`service.server.RedactQueryCredentials`).
+the access log masks credential-like query parameters and any configured token in a URL
+(`service.server.RedactQueryCredentials`).
 
 401: no token, a malformed Authorization header, or an unknown token. 403: a known token
 whose scope does not cover the route.

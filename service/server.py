@@ -26,7 +26,7 @@ import asyncio
 import json
 import logging
 import re
-from typing import Any
+from typing import Any, Iterable
 from urllib.parse import unquote_plus
 
 import httptools
@@ -285,24 +285,36 @@ class RedactQueryCredentials(logging.Filter):
     """uvicorn's access log writes each request's path with its query string, so a token a client
     put there (`?access_token=...`; this server reads tokens only from the Authorization header,
     and answers such a request 401) landed in the log verbatim. The values of parameters named
-    like a credential are replaced with `***`; the rest of the line is kept."""
+    like a credential are replaced with `***`; the rest of the line is kept. A configured token
+    itself is masked wherever it stands (`?t=<token>`, `?<token>`, `/v1/tasks/<token>`): the names
+    a client may give it are endless, its value is known."""
 
     CREDENTIAL = re.compile(r"token|key|secret|passw|pwd|auth|signature|credential|session|jwt|bearer", re.IGNORECASE)
     PARAMETER = re.compile(r"([?&])([^=&#]*)=([^&#]*)")
 
-    @classmethod
-    def redact(cls, path: str) -> str:
-        """`path` with the values of credential-like query parameters replaced by `***`. A name is
-        judged as the server reads it, percent-decoded (`tok%65n` is `token`)."""
+    def __init__(self, tokens: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.tokens = tuple(t for t in tokens if t)
+
+    def redact(self, path: str) -> str:
+        """`path` with the values of credential-like query parameters replaced by `***`, and every
+        configured token too. A name is judged as the server reads it, percent-decoded (`tok%65n`
+        is `token`); a token found only once the query is decoded masks the whole query."""
         def mask(m: re.Match[str]) -> str:
             name = m.group(2)
-            return f"{m.group(1)}{name}=***" if cls.CREDENTIAL.search(unquote_plus(name)) else m.group(0)
-        return cls.PARAMETER.sub(mask, path)
+            return f"{m.group(1)}{name}=***" if self.CREDENTIAL.search(unquote_plus(name)) else m.group(0)
+        path = self.PARAMETER.sub(mask, path)
+        for token in self.tokens:
+            path = path.replace(token, "***")
+            where, mark, query = path.partition("?")
+            if token in unquote_plus(query):
+                path = f"{where}{mark}***"
+        return path
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
         # uvicorn.access's args: (client, method, path with its query, http version, status)
-        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and ("?" in args[2] or self.tokens):
             record.args = (*args[:2], self.redact(args[2]), *args[3:])
         return True
 
@@ -334,6 +346,7 @@ def uvicorn_config(app: Any, settings: Settings, **overrides: Any) -> uvicorn.Co
                                    lifespan="on", timeout_graceful_shutdown=drain_timeout_s(settings), http=http)
     config = uvicorn.Config(app, **(options | overrides))  # configures uvicorn's loggers (a filter added later stays)
     access = logging.getLogger("uvicorn.access")
-    if not any(isinstance(f, RedactQueryCredentials) for f in access.filters):
-        access.addFilter(RedactQueryCredentials())
+    for stale in [f for f in access.filters if isinstance(f, RedactQueryCredentials)]:  # another app's tokens
+        access.removeFilter(stale)
+    access.addFilter(RedactQueryCredentials(t.get_secret_value() for t in (*settings.admin_tokens, *settings.inference_tokens)))
     return config

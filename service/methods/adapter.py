@@ -170,7 +170,7 @@ class Adapter(Method):
     def parse(self, section: Mapping[str, Any], tensors: Mapping[str, Tensor], backbone: BackboneInfo) -> AdapterWeights:
         problems = Problems("adapter")
         kind = section.get("kind", "pfeiffer")
-        if kind not in PLACEMENTS:
+        if not isinstance(kind, str) or kind not in PLACEMENTS:  # a list or object: not even hashable
             problems.add(f"'kind' must be one of {sorted(PLACEMENTS)}, got {kind!r}")
         act = section.get("activation", "relu")
         if act not in ACTIVATIONS:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -209,10 +210,12 @@ class Lora(Method):
         problems = Problems("lora")
         r = section.get("r")
         alpha = section.get("alpha", r)
-        if not isinstance(r, int) or r < 1:
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             problems.add(f"'r' must be a positive integer, got {r!r}")
-        if not isinstance(alpha, (int, float)) or alpha <= 0:
-            problems.add(f"'alpha' must be a positive number, got {alpha!r}")
+        # JSON's NaN, 1e400 (inf) and 400-digit integers (float() raises) are numbers too: a scale
+        # of them made every score NaN, refused only by the upload's probe forward as "overflow".
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha <= sys.float_info.max:
+            problems.add(f"'alpha' must be a positive finite number, got {alpha!r}")
         problems.raise_if_any()
         pairs: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
         keys = sorted({k.rsplit(".", 1)[0] for k in tensors if k.startswith("lora.")})

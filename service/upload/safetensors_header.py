@@ -11,7 +11,6 @@ section exactly (no hidden bytes). Only then does the safetensors library touch 
 from __future__ import annotations
 
 import json
-import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ ALLOWED_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}
 MAX_NAME_CHARS = 512
 _PICKLE_HINTS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # pickle protocol 2-5 opcodes
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip of pickles)
+_MAX_OFFSET = 2**64 - 1  # data_offsets are u64 in the format
 
 
 @dataclass(frozen=True)
@@ -107,10 +107,31 @@ def _entry_problem(dtype: Any, shape: Any, offsets: Any, data_len: int) -> str |
     begin, end = offsets
     if not begin <= end <= data_len:
         return f"data_offsets [{begin}, {end}] fall outside the {data_len}-byte data section"
-    expected = math.prod(shape) * ALLOWED_DTYPES[dtype]
+    expected = _byte_count(shape, ALLOWED_DTYPES[dtype])
+    if expected is None:
+        return f"shape {_shown(shape)} in {dtype} is larger than a safetensors file can hold (2**64 bytes)"
     if end - begin != expected:
-        return f"{end - begin} bytes of data for shape {shape} in {dtype} ({expected} expected)"
+        return f"{end - begin} bytes of data for shape {_shown(shape)} in {dtype} ({expected} expected)"
     return None
+
+
+def _byte_count(shape: list[int], itemsize: int) -> int | None:
+    """The bytes a tensor of `shape` takes, or None past what safetensors' 64-bit offsets reach.
+    JSON dimensions have no bound: the product of a few hundred 4000-digit ones took seconds, and
+    printing one of over 4300 digits raised."""
+    if 0 in shape:
+        return 0
+    count = itemsize
+    for dim in shape:
+        count *= dim
+        if count > _MAX_OFFSET:
+            return None
+    return count
+
+
+def _shown(shape: list[int]) -> str:
+    text = str(shape)  # each dimension has at most 4300 digits (JSON's own limit), so this never raises
+    return text if len(text) <= 200 else f"[{len(shape)} dimensions, the largest {len(str(max(shape)))} digits long]"
 
 
 def _is_pair_of_counts(value: Any) -> bool:

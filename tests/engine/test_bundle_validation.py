@@ -60,6 +60,12 @@ CASES = [
     ("lora", None, lambda t: t.__setitem__("lora.0.pooler_out.A", torch.zeros(2, H)), "not one of"),
     ("lora", None, lambda t: [t.pop(k) for k in list(t) if k.startswith("lora.")], "would change nothing"),
     ("lora", lambda c: _set(c, "methods.lora.r", 0), None, "'r' must be a positive integer"),
+    ("lora", lambda c: _set(c, "methods.lora.r", True), None, "'r' must be a positive integer, got True"),
+    # numbers no scale can be: they made every score NaN, or float() raised OverflowError
+    ("lora", lambda c: _set(c, "methods.lora.alpha", float("nan")), None, "'alpha' must be a positive finite number, got nan"),
+    ("lora", lambda c: _set(c, "methods.lora.alpha", float("inf")), None, "'alpha' must be a positive finite number, got inf"),
+    ("lora", lambda c: _set(c, "methods.lora.alpha", 10**400), None, "'alpha' must be a positive finite number, got 1000"),
+    ("lora", lambda c: _set(c, "methods.lora.alpha", True), None, "'alpha' must be a positive finite number, got True"),
     ("lora", None, lambda t: t["lora.0.query.A"].__setitem__((0, 0), float("nan")), "NaN or Inf"),
     # `layers` and `targets` are optional, but when stated they must say what the tensors hold
     ("lora", lambda c: _set(c, "methods.lora.layers", [0, 1, 2]), None, "'layers' names layers [2], but the backbone has 2 layers (0..1)"),
@@ -72,6 +78,7 @@ CASES = [
     ("adapter", None, lambda t: t.__setitem__("adapter.4.ffn.up.bias", torch.zeros(H)), "for layer 4, but the backbone has 2 layers"),
     ("adapter", lambda c: _set(c, "methods.adapter.kind", "pfeiffer"), None, "which a pfeiffer adapter does not use"),
     ("adapter", lambda c: _set(c, "methods.adapter.activation", "swish2"), None, "'activation' must be one of"),
+    ("adapter", lambda c: _set(c, "methods.adapter.kind", ["houlsby"]), None, "'kind' must be one of ['houlsby', 'pfeiffer'], got ['houlsby']"),
     ("prefix", None, lambda t: t.__setitem__("prefix.keys", torch.zeros(L + 1, 2, H)), "prefixes for 3 layers, but the backbone has 2"),
     ("prefix", None, lambda t: t.pop("prefix.values"), "missing tensor 'prefix.values'"),
     ("prefix", None, lambda t: t.__setitem__("prefix.values", torch.zeros(L, 2, H + 1)), "expected [2, 2, 32]"),

@@ -152,6 +152,10 @@ CASES: dict[str, tuple[Callable[[BackboneInfo], Upload], int, list[str]]] = {
         "head.out.bias": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, b"x" * 16)), 422, ["8 bytes at offset 0 belong to no tensor"]),
     "shape and byte count disagree": (lambda i: _two(_good(i)[0], raw_safetensors({
         "head.out.bias": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, b"x" * 8)), 422, ["8 bytes of data for shape [4]"]),
+    # a size of over 4300 digits: computing it took seconds, and printing it raised (a 500)
+    "shape of 4000-digit dimensions": (lambda i: _two(_good(i)[0], raw_safetensors({
+        "head.out.bias": {"dtype": "F32", "shape": [10**4000, 10**4000], "data_offsets": [0, 8]}}, b"x" * 8)), 422,
+        ["shape [2 dimensions, the largest 4001 digits long] in F32 is larger than a safetensors file can hold"]),
     # --- the engine's own parse against the backbone
     "tensor shape wrong for the backbone": (lambda i: _two(_good(i)[0], _with(i, lora__0__query__A=torch.zeros(4, 31))), 422, ["'lora.0.query.A' has shape [4, 31], expected [4, 32]"]),
     "more layers than the backbone": (lambda i: _two(_good(i)[0], _with(i, lora__7__query__A=torch.zeros(4, 32), lora__7__query__B=torch.zeros(32, 4))), 422, ["LoRA on layer 7, but the backbone has 2 layers"]),

@@ -38,6 +38,14 @@ CASES = {
     "F64 overlapping a tensor": ({"a": _t("F64", [2], 0, 16), "b": _t("F32", [2], 8, 16)}, 16,
                                 [f"{NAME}: tensor 'a': dtype 'F64' is not allowed (only F32, F16, BF16)",
                                  f"{NAME}: tensor 'b' overlaps another tensor's data (offset 8 < 16)"]),
+    # JSON dimensions have no bound: a size is computed only as far as 64-bit offsets go
+    "a size past 2**64": ({"a": _t("F32", [2**32, 2**31], 0, 8)}, 8,
+                          [f"{NAME}: tensor 'a': shape [4294967296, 2147483648] in F32 is larger than a safetensors "
+                           "file can hold (2**64 bytes)"]),
+    "a size of over 4300 digits": ({"a": _t("F32", [10**2500, 10**2500], 0, 8)}, 8,
+                                   [f"{NAME}: tensor 'a': shape [2 dimensions, the largest 2501 digits long] in F32 is "
+                                    "larger than a safetensors file can hold (2**64 bytes)"]),
+    "a zero dimension beside a huge one": ({"a": _t("F32", [10**3000, 0], 0, 0), "b": _t("F32", [2], 0, 8)}, 8, []),
     "trailing bytes": ({"a": _t("F32", [2], 0, 8)}, 12, [f"{NAME}: 4 trailing bytes after the last tensor"]),
     "sound": ({"a": _t("F32", [2], 0, 8), "b": _t("BF16", [2], 8, 12)}, 12, []),
 }
