@@ -122,9 +122,12 @@ class TaskAdmin:
         runtime = self.state.require_runtime()  # the engine validates the bundle
         self.state.registry.require_writable()  # fail before any work while the registry is away
         try:
-            files = assemble(parts, self.limits)
+            # Unpacking an archive, checking the safetensors header and hashing the content take a
+            # CPU-second per ~500 MB: in a thread, so a large upload does not stall the requests
+            # this replica serves meanwhile.
+            files = await asyncio.to_thread(assemble, parts, self.limits)
             warnings = self.base_model_warnings(files)
-            version = content_version(files.config, files.weights)
+            version = await asyncio.to_thread(content_version, files.config, files.weights)
             loaded = await self._validate_with_engine(task, version, files)
             if activate:  # refused before it is stored: a version that would serve must fit the device tier
                 try:

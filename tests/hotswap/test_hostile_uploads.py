@@ -299,3 +299,33 @@ def test_a_streamed_body_over_the_cap_is_stopped_while_reading(served: Served) -
                            headers={**AUTH_ADMIN, "content-type": "multipart/form-data; boundary=x"})
     assert response.status_code == 413 and response.json()["error_type"] == "payload_too_large"
     assert _snapshot(client, store) == before
+
+
+def test_an_upload_is_unpacked_and_hashed_off_the_event_loop(make_client, info, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unpacking an archive and hashing it take about a CPU-second per 500 MB: on the event loop
+    every request this replica serves would wait that long (a 150 MB zip stalled /healthz 0.3 s)."""
+    import asyncio
+
+    import service.engine.bundle
+    import service.hotswap
+
+    on_loop: list[str] = []
+
+    def off_loop(fn):
+        def spy(*args, **kwargs):
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(fn.__name__)
+            except RuntimeError:  # no loop running in this thread: a worker thread
+                pass
+            return fn(*args, **kwargs)
+        return spy
+
+    monkeypatch.setattr(service.hotswap, "assemble", off_loop(service.hotswap.assemble))
+    monkeypatch.setattr(service.engine.bundle, "content_version", off_loop(service.engine.bundle.content_version))
+    client = make_client()
+    config, weights = make_bundle(info, seed=3)
+    response = client.post("/v1/tasks/offloop/versions", files={"bundle.zip": ("bundle.zip", zip_bytes(
+        {CONFIG: config, WEIGHTS: weights}), "application/zip")}, headers=AUTH_ADMIN)
+    assert response.status_code == 201, response.text
+    assert on_loop == []
