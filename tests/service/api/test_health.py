@@ -192,3 +192,40 @@ def test_a_cache_budget_beyond_the_memory_is_warned_of_at_start(store: Path, eng
     warned = [r.getMessage() for r in caplog.records if "ADAPTSERVE_CACHE_MAX_BYTES" in r.getMessage()]
     assert len(warned) == 1 and "this process can have" in warned[0]
 
+
+
+def test_with_tokens_the_probes_give_their_reasons_only_to_a_caller_holding_one(store: Path) -> None:
+    """The probes need no token, but their reasons name internal hosts and paths (Redis's address,
+    a model folder): with tokens configured a caller without one reads the status alone."""
+    import socket
+
+    from service.api.health import HIDDEN
+
+    with socket.socket() as s:  # a port nothing listens on: Redis is away
+        s.bind(("127.0.0.1", 0))
+        redis_url = f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+    tokens = dict(admin_tokens="adm-7c1e", inference_tokens="inf-3b9d")
+    reader = {"Authorization": "Bearer inf-3b9d"}
+    with TestClient(make_app(store, FakeEngine(), redis_url=redis_url, redis_reconnect_min_s=0.05, **tokens)) as client:
+        wait_ready(client)
+        for _ in range(2000):
+            if "error" in client.get("/readyz", headers=reader).json()["registry"]:
+                break
+        registry = client.get("/readyz", headers=reader).json()["registry"]
+        assert registry["connected"] is False and redis_url.split("//")[1].split("/")[0] in registry["error"]
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            hidden = client.get("/readyz", headers=headers)
+            assert hidden.status_code == 200 and hidden.json()["registry"]["error"] == HIDDEN
+    engine = FakeEngine(warmup_error=RuntimeError("cannot read /models/secret-path/config.json"))
+    with TestClient(make_app(store, engine, **tokens)) as client:
+        for _ in range(1000):
+            if client.get("/healthz").status_code == 503:
+                break
+        for probe in ("/healthz", "/readyz"):
+            assert client.get(probe).json()["error"] == HIDDEN
+            assert "secret-path" in client.get(probe, headers=reader).json()["error"]
+    with TestClient(make_app(store, FakeEngine(warmup_error=RuntimeError("no tokens: shown")))) as client:
+        for _ in range(1000):
+            if client.get("/healthz").status_code == 503:
+                break
+        assert client.get("/readyz").json()["error"].endswith("no tokens: shown")  # auth off: everyone sees it
