@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shlex
 import urllib.parse
@@ -27,6 +28,8 @@ SERVER_TOKENS_ENV = "ADAPTSERVE_ADMIN_TOKENS"  # the server's list (service.sett
 # Uploads are a few hundred KB; the server validates the bundle against the backbone before
 # answering, which takes well under a second. 60 s leaves room for a slow link or a busy server.
 DEFAULT_TIMEOUT_S = 60.0
+
+log = logging.getLogger(__name__)
 
 
 class PublishError(RuntimeError):
@@ -217,6 +220,9 @@ def probe(base_url: str, token: str | None = None, timeout: float = 5.0) -> None
         reason = _json(resp).get("error") or _text_reason(resp)
         raise PublishError(f"{base}: GET /v1/tasks answered {resp.status_code} ({reason}); the upload goes to /v1 too, "
                            "so check the --publish URL and the service")
+    if scope is not None and scope.status_code == 404:  # a release before /v1/token (adaptserve's 404 or a bare one)
+        log.warning("%s has no GET /v1/token (an earlier adaptserve release): whether the token may publish "
+                    "is known only at the upload, after training", base)
     granted = _json(scope).get("scope") if scope is not None and scope.is_success else None
     if granted is not None and granted != "admin":  # a server without /v1/token (404) is asked at the upload
         raise PublishError(f"{base}: the token from {where} may classify and read tasks but not publish them (its "

@@ -365,6 +365,29 @@ def test_the_probe_needs_the_v1_routes_to_answer_too(status):
             probe(url, "t")
 
 
+def test_the_probe_says_when_the_server_cannot_tell_the_tokens_scope(caplog):
+    """A server of a release before GET /v1/token answers it 404: the probe passes (an admin token
+    publishes as before), and says that a read-only token would be found only at the upload."""
+
+    class Earlier(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            code, body = {"/healthz": (200, b'{"status": "ok"}'), "/v1/tasks": (200, b'{"tasks": []}')}.get(
+                self.path, (404, b'{"error": "not found", "error_type": "not_found"}'))
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    with _stand_in(Earlier) as url, caplog.at_level("WARNING", logger="training.publish"):
+        probe(url, "t")
+    assert "has no GET /v1/token (an earlier adaptserve release)" in caplog.text
+    assert "known only at the upload, after training" in caplog.text
+
+
 def test_upload_to_nothing_listening_keeps_the_bundle_and_says_how_to_send_it():
     """The upload comes after the training: a service that went down mid-run used to cost the run."""
     import re
