@@ -360,6 +360,8 @@ async def test_redis_registries_seed_from_the_store_share_writes_and_follow_the_
         assert seen == [("t", "v1", "v2")]
         assert (tmp_path / "store" / "t" / ACTIVE_FILE).read_text().strip() == "v2"  # mirrored
         # Concurrent admins on both replicas: every write lands, none is lost.
+        for i in range(10):  # an upload's files are stored before the registry records it (it checks)
+            write_task(tmp_path / "store", "t", f"x{i}")
         await asyncio.gather(*(r.add_version("t", f"x{i}", {"i": i}, activate=False)
                                for i, r in enumerate([first, second] * 5)))
         record = await first.record("t")
@@ -782,3 +784,60 @@ def test_a_replica_that_never_reached_redis_labels_and_counts_by_what_it_serves(
     assert 'adaptserve_requests_total{status="200",task="sentiment"} 1.0' in text
     assert 'adaptserve_requests_total{status="404",task="_unknown"} 1.0' in text and "made-up" not in text
     assert admin_actions(text) == {("upload", "unavailable"): 1}
+
+
+@pytest.mark.parametrize("deleted", ["task", "version"])
+def test_an_upload_racing_a_delete_on_another_replica_never_leaves_a_version_without_files(
+    make_client, info, redis_server, store: Path, deleted: str
+) -> None:
+    """Replica A deletes the task (or a held-back version) and is held after its commit, before its
+    files go; meanwhile replica B uploads that version (the same content: an intact copy is
+    re-sent as it is). Whichever order the two then take, the registry never names a version
+    whose files the delete removed: B's commit waits for the removal, finds its files gone and
+    writes them again, so the upload, which came last, holds."""
+    import threading
+
+    a, b = make_client(redis_url=redis_server.url), make_client(redis_url=redis_server.url)
+    for client in (a, b):
+        eventually(lambda c=client: c.get("/readyz").json()["registry"]["connected"])
+    first, second = make_bundle(info, seed=1), make_bundle(info, seed=2)
+    assert b.post("/v1/tasks/t/versions", files=files(*first), headers=AUTH_ADMIN).status_code == 201
+    held = b.post("/v1/tasks/t/versions?activate=false", files=files(*second), headers=AUTH_ADMIN)
+    assert held.status_code == 201, held.text
+    version = held.json()["version"]
+
+    entered, release = threading.Event(), threading.Event()
+    a_store = a.app.state.service.store
+    method = "delete_task" if deleted == "task" else "delete_version"
+    remove = getattr(a_store, method)
+
+    def held_removal(*args: object) -> None:  # runs after A's delete committed in Redis
+        entered.set()
+        release.wait(timeout=30)
+        remove(*args)
+
+    answers: dict[str, object] = {}
+    path = "/v1/tasks/t" if deleted == "task" else f"/v1/tasks/t/versions/{version}"
+    setattr(a_store, method, held_removal)
+    deleting = threading.Thread(target=lambda: answers.update(delete=a.delete(path, headers=AUTH_ADMIN)))
+    deleting.start()
+    try:
+        assert entered.wait(timeout=30)
+        uploading = threading.Thread(
+            target=lambda: answers.update(upload=b.post("/v1/tasks/t/versions", files=files(*second), headers=AUTH_ADMIN)))
+        uploading.start()
+        uploading.join(timeout=2)  # unfixed, B commits here, before A removes the files
+    finally:
+        release.set()
+        deleting.join(timeout=30)
+    uploading.join(timeout=30)
+    assert answers["delete"].status_code == 200, answers["delete"].text
+    upload = answers["upload"]
+    assert upload.status_code in (200, 201) and upload.json()["active"], upload.text
+    assert (store / "t" / version / "adapter_model.safetensors").is_file()
+    record = json.loads(redis_server.client().get("adaptserve:task:t"))
+    assert record["active"] == version and version not in record["deleted"]
+    assert (store / "t" / ACTIVE_FILE).read_text().strip() == version
+    for client in (a, b):
+        eventually(lambda c=client: c.post("/v1/tasks/t/classify", json={"inputs": ["great fun"]},
+                                           headers=AUTH_READER).json().get("version") == version)
