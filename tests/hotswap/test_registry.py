@@ -841,3 +841,46 @@ def test_an_upload_racing_a_delete_on_another_replica_never_leaves_a_version_wit
     for client in (a, b):
         eventually(lambda c=client: c.post("/v1/tasks/t/classify", json={"inputs": ["great fun"]},
                                            headers=AUTH_READER).json().get("version") == version)
+
+
+@pytest.mark.parametrize("deleted", ["task", "version"])
+def test_the_same_delete_through_two_replicas_at_once_answers_200_and_404(
+    make_client, info, redis_server, store: Path, deleted: str
+) -> None:
+    """A and B delete the same version (or task) at once: both find it stored and commit, then B
+    removes the files while A is held just before it does. A's removal finds nothing left and
+    answers 404, as a delete of something already gone does, not a 503 or a 500."""
+    import threading
+
+    a, b = make_client(redis_url=redis_server.url), make_client(redis_url=redis_server.url)
+    for client in (a, b):
+        eventually(lambda c=client: c.get("/readyz").json()["registry"]["connected"])
+    assert b.post("/v1/tasks/t/versions", files=files(*make_bundle(info, seed=1)), headers=AUTH_ADMIN).status_code == 201
+    held = b.post("/v1/tasks/t/versions?activate=false", files=files(*make_bundle(info, seed=2)), headers=AUTH_ADMIN)
+    version = held.json()["version"]
+    path = "/v1/tasks/t" if deleted == "task" else f"/v1/tasks/t/versions/{version}"
+
+    entered, release = threading.Event(), threading.Event()
+    a_store = a.app.state.service.store
+    method = "delete_task" if deleted == "task" else "delete_version"
+    remove = getattr(a_store, method)
+
+    def held_removal(*args: object) -> None:  # A committed; B's whole delete runs now
+        entered.set()
+        release.wait(timeout=30)
+        remove(*args)
+
+    setattr(a_store, method, held_removal)
+    answers: dict[str, object] = {}
+    deleting = threading.Thread(target=lambda: answers.update(a=a.delete(path, headers=AUTH_ADMIN)))
+    deleting.start()
+    try:
+        assert entered.wait(timeout=30)
+        answers["b"] = b.delete(path, headers=AUTH_ADMIN)
+    finally:
+        release.set()
+        deleting.join(timeout=30)
+    assert answers["b"].status_code == 200, answers["b"].text
+    expected = "task_not_found" if deleted == "task" else "version_not_found"
+    assert answers["a"].status_code == 404 and answers["a"].json()["error_type"] == expected, answers["a"].text
+    assert not (store / "t" / version).exists()
