@@ -118,6 +118,7 @@ class RedisRegistry(Registry):
         self._stopping = False
         self.resyncs = 0  # full resyncs done (first sync, reconnects, periodic)
         self.changes_applied = 0  # records changed by the feed or own writes
+        self._unsaid_removals: set[tuple[str, str]] = set()  # (task, removal) done while Redis was away
 
     # -- keys ------------------------------------------------------------------------------------
     def _task_key(self, task: str) -> str:
@@ -232,6 +233,7 @@ class RedisRegistry(Registry):
                 last_id = await self._stream_tail(client)  # before the snapshot: no gap after it
                 await self._seed(client)
                 await self._resync(client)
+                await self._say_removals(client)
                 self._connected = True
                 self._why_not = None
                 delay = self.reconnect_min_s
@@ -248,6 +250,7 @@ class RedisRegistry(Registry):
                         # task set and drop every task. One EXISTS when nothing was lost.
                         await self._seed(client)
                         await self._resync(client)
+                        await self._say_removals(client)
                         next_resync = loop.time() + self.resync_s
             except asyncio.CancelledError:
                 raise
@@ -278,6 +281,13 @@ class RedisRegistry(Registry):
                 return
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter: replicas do not reconnect in step
             delay = min(delay * 2, self.reconnect_max_s)
+
+    async def _say_removals(self, client: aioredis.Redis) -> None:
+        """The deletes whose end `_removed` could not tell Redis: told now, so writes of their
+        tasks wait no longer (rather than until the marker expires)."""
+        for task, removal in sorted(self._unsaid_removals):
+            await client.hdel(self._removing_key(task), removal)
+            self._unsaid_removals.discard((task, removal))
 
     async def _stream_tail(self, client: aioredis.Redis) -> bytes | str:
         last = await client.xrevrange(self._stream_key, count=1)
@@ -476,13 +486,12 @@ class RedisRegistry(Registry):
             await self._removed(task, removal)
 
     async def _removed(self, task: str, removal: str) -> None:
-        """A delete's files are gone: writes waiting on it go ahead. Redis away: the field leaves
-        with its key's expiry."""
+        """A delete's files are gone: writes waiting on it go ahead. Redis away: said when it is
+        back (or the field leaves with its key's expiry)."""
         try:
             await self._writer.hdel(self._removing_key(task), removal)  # type: ignore[union-attr]
-        except (RedisError, OSError) as err:
-            log.warning("registry: could not say that the delete of task %s is done (%s); writes of it wait for "
-                        "up to %.0f s", task, err, REMOVAL_WAIT_S)
+        except (RedisError, OSError):
+            self._unsaid_removals.add((task, removal))
 
     def _versions(self, task: str) -> list[str]:
         try:

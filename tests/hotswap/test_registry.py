@@ -475,6 +475,26 @@ async def test_an_activation_racing_a_task_delete_on_another_replica_is_refused(
 
 
 @async_test
+async def test_a_delete_whose_end_redis_missed_holds_up_no_write_once_redis_is_back(redis_server, tmp_path: Path) -> None:
+    """Redis dies while A removes a deleted version's files, so A cannot clear the mark that makes
+    other writes of the task wait for the removal. Once Redis is back (same data) A clears it: an
+    upload through B goes ahead at once instead of waiting out the mark's minute."""
+    async with _two_replicas(redis_server.url, tmp_path, ("v0", "v1"), "v1") as (store, a, b):
+
+        async def remove_files() -> None:  # A's record is committed, and marked as removing files
+            assert redis_server.client().exists("adaptserve:removing:t")
+            redis_server.kill()
+            store.delete_version(TaskKey("t", "v0"))
+
+        await a.forget_version("t", "v0", remove_files)
+        redis_server.start()
+        await wait_until(lambda: a.connected and b.connected, timeout_s=10)
+        await wait_until(lambda: not redis_server.client().exists("adaptserve:removing:t"), timeout_s=10)
+        write_task(tmp_path / "store", "t", "v2")
+        assert (await b.add_version("t", "v2", {"uploaded_at": 1.0}, activate=True)).active == "v2"
+
+
+@async_test
 async def test_a_version_deleted_on_one_replica_is_heard_by_the_other(redis_server, tmp_path: Path) -> None:
     """B's deletion listener hears what A deleted, through the feed or, for a delete made while B
     was away from Redis, through the resync when it is back; the active version is untouched."""
