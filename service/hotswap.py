@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator
 from service.engine.model_id import other_base_model
 from service.engine.types import ClassifyItem, TaskKey
 from service.errors import (
-    AdaptserveError, BundleError, Conflict, Overloaded, TaskNotFound, TaskTooLarge, TaskUnavailable, UploadRejected,
-    VersionNotFound,
+    AdaptserveError, BundleError, Conflict, Overloaded, RegistryUnavailable, TaskNotFound, TaskTooLarge, TaskUnavailable,
+    UploadRejected, VersionNotFound,
 )
 from service.registry.base import TaskRecord
 from service.store import CONFIG_FILE, WEIGHTS_FILE, stored_problem, validate_task_name, validate_version
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 UPLOAD_RETRY_AFTER_S = 2  # a bundle at the default limits is read and validated in about a second or two
+STORE_ATTEMPTS = 3  # an upload's files removed by a concurrent delete are written again, this many times in all
 
 
 @dataclass(frozen=True)
@@ -146,13 +147,26 @@ class TaskAdmin:
                 # hold its first version back, so say so rather than serve it anyway.
                 raise Conflict(f"task {task!r} has no version yet; its first version serves at once: "
                                "upload it without activate=false")
-            created = await asyncio.to_thread(self.state.store.put_version, task, version, files.config, files.weights)
-            runtime.cache.forget_failure(key)  # its files are whole now (a damaged copy was just replaced)
-            if activate:
-                runtime.cache.insert(key, loaded)  # warm before the flip: the first request does not load
             meta = {"uploaded_at": round(time.time(), 3), "bytes": len(files.config) + len(files.weights),
                     "source": files.source, "kind": files.kind, "warnings": list(warnings)}
-            record = await self.state.registry.add_version(task, version, meta, activate=activate, created=created)
+            for attempt in range(1, STORE_ATTEMPTS + 1):
+                created = await asyncio.to_thread(self.state.store.put_version, task, version, files.config, files.weights)
+                runtime.cache.forget_failure(key)  # its files are whole now (a damaged copy was just replaced)
+                if activate:
+                    runtime.cache.insert(key, loaded)  # warm before the flip: the first request does not load
+                try:
+                    record = await self.state.registry.add_version(task, version, meta, activate=activate,
+                                                                   created=created)
+                    break
+                except VersionNotFound:
+                    # A delete of the task or of this very version, made through another replica,
+                    # removed the files between their writing and the registry's commit (which checks
+                    # them): the upload comes after that delete, so its files are written again.
+                    runtime.cache.drop(key)
+                    if attempt == STORE_ATTEMPTS:
+                        raise RegistryUnavailable(f"task {task!r}: deletes made through another replica kept "
+                                                  f"removing version {version} as it was stored; retry") from None
+                    log.info("task %s: version %s was removed by a delete made meanwhile; storing it again", task, version)
         log.info("task %s: %s version %s (%s upload)%s", task, "stored" if created else "re-sent", version,
                  files.source, ", now active" if record.active == version else "")
         for warning in warnings:

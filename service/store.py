@@ -398,17 +398,23 @@ class LocalStore(BundleStore):
         return True
 
     def delete_version(self, key: TaskKey) -> None:
-        path = self.fetch(key)
+        path = self._task_dir(key.name) / validate_version(key.name, key.version)
         # Rename first: the version disappears in one step, then the files go.
         doomed = path.parent / f".deleted-{key.version}-{uuid.uuid4().hex[:8]}"
-        os.rename(path, doomed)
+        try:
+            os.rename(path, doomed)
+        except FileNotFoundError:  # another replica's delete of it (or of the task) got there first
+            raise VersionNotFound(f"task {key.name!r} has no version {key.version!r} (it was deleted meanwhile)") from None
         _fsync_dir(path.parent)
         shutil.rmtree(doomed, ignore_errors=True)
 
     def delete_task(self, task: str) -> None:
         path = self._task_dir(task)
         doomed = self.root / f".deleted-{task}-{uuid.uuid4().hex[:8]}"
-        os.rename(path, doomed)
+        try:
+            os.rename(path, doomed)
+        except FileNotFoundError:  # another replica's delete of it got there first
+            raise TaskNotFound(f"task {task!r} not found (it was deleted meanwhile)") from None
         _fsync_dir(self.root)
         shutil.rmtree(doomed, ignore_errors=True)
 

@@ -6,6 +6,8 @@ Keys (`<p>` = `ADAPTSERVE_REDIS_PREFIX`):
     <p>:tasks         SET of task names (what a full resync reads)
     <p>:changes       STREAM of {task, active, origin}, trimmed to ~registry_stream_maxlen
     <p>:seeded        set once the registry was filled from the store's ACTIVE pointers (first use)
+    <p>:deleted:<name>   a deleted task's tombstone (`DELETED_TTL_S`)
+    <p>:removing:<name>  HASH of the deletes of the task whose files are being removed (one field each)
 
 Why a Stream and not pub/sub: a pub/sub message sent while a replica is disconnected is gone,
 and the replica cannot even tell that it missed something. A Stream has positions: a replica
@@ -54,6 +56,10 @@ _BATCH_REFRESH = 64  # more distinct tasks than this in one read: resync everyth
 # another replica deleted it reaches its transaction well within it (a file check takes
 # milliseconds, an S3 listing seconds), sees the tombstone and is refused.
 DELETED_TTL_S = 60
+# A write that points the task at a version's files waits this long for another replica's delete of
+# the same task to finish removing files: a rename on a local store, a few DELETEs on S3.
+REMOVAL_WAIT_S = 10.0
+_REMOVAL_POLL_S = 0.02
 
 
 def _listing(task: str, record: TaskRecord) -> TaskListing:
@@ -112,6 +118,7 @@ class RedisRegistry(Registry):
         self._stopping = False
         self.resyncs = 0  # full resyncs done (first sync, reconnects, periodic)
         self.changes_applied = 0  # records changed by the feed or own writes
+        self._unsaid_removals: set[tuple[str, str]] = set()  # (task, removal) done while Redis was away
 
     # -- keys ------------------------------------------------------------------------------------
     def _task_key(self, task: str) -> str:
@@ -119,6 +126,9 @@ class RedisRegistry(Registry):
 
     def _deleted_key(self, task: str) -> str:
         return f"{self.prefix}:deleted:{task}"
+
+    def _removing_key(self, task: str) -> str:
+        return f"{self.prefix}:removing:{task}"
 
     @property
     def _tasks_key(self) -> str:
@@ -223,6 +233,7 @@ class RedisRegistry(Registry):
                 last_id = await self._stream_tail(client)  # before the snapshot: no gap after it
                 await self._seed(client)
                 await self._resync(client)
+                await self._say_removals(client)
                 self._connected = True
                 self._why_not = None
                 delay = self.reconnect_min_s
@@ -239,6 +250,7 @@ class RedisRegistry(Registry):
                         # task set and drop every task. One EXISTS when nothing was lost.
                         await self._seed(client)
                         await self._resync(client)
+                        await self._say_removals(client)
                         next_resync = loop.time() + self.resync_s
             except asyncio.CancelledError:
                 raise
@@ -269,6 +281,13 @@ class RedisRegistry(Registry):
                 return
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter: replicas do not reconnect in step
             delay = min(delay * 2, self.reconnect_max_s)
+
+    async def _say_removals(self, client: aioredis.Redis) -> None:
+        """The deletes whose end `_removed` could not tell Redis: told now, so writes of their
+        tasks wait no longer (rather than until the marker expires)."""
+        for task, removal in sorted(self._unsaid_removals):
+            await client.hdel(self._removing_key(task), removal)
+            self._unsaid_removals.discard((task, removal))
 
     async def _stream_tail(self, client: aioredis.Redis) -> bytes | str:
         last = await client.xrevrange(self._stream_key, count=1)
@@ -412,7 +431,7 @@ class RedisRegistry(Registry):
             record = with_upload(record or TaskRecord(task), version, meta, self.history_max, created=created)
             return activated(record, version, self.history_max) if activate else record
 
-        return await self._transact(task, change)  # type: ignore[return-value]
+        return await self._transact(task, change, whole=version)  # type: ignore[return-value]
 
     async def activate(self, task: str, version: str) -> TaskRecord:
         """A stored task Redis has no record of (copied into the store) is registered here, unless
@@ -441,8 +460,12 @@ class RedisRegistry(Registry):
         def change(record: TaskRecord | None) -> TaskRecord:
             return without_version(record or TaskRecord(task), version, self.history_max)
 
-        updated = await self._transact(task, change)
-        await remove_files()
+        removal = uuid.uuid4().hex
+        updated = await self._transact(task, change, removal=removal)
+        try:
+            await remove_files()
+        finally:
+            await self._removed(task, removal)
         return updated  # type: ignore[return-value]
 
     async def delete_task(self, task: str, remove_files: Callable[[], Awaitable[None]]) -> None:
@@ -454,9 +477,21 @@ class RedisRegistry(Registry):
                 raise TaskNotFound(f"task {task!r} not found")
             return None
 
-        await self._transact(task, change)
-        if in_store:
-            await remove_files()
+        removal = uuid.uuid4().hex
+        await self._transact(task, change, removal=removal)
+        try:
+            if in_store:
+                await remove_files()
+        finally:
+            await self._removed(task, removal)
+
+    async def _removed(self, task: str, removal: str) -> None:
+        """A delete's files are gone: writes waiting on it go ahead. Redis away: said when it is
+        back (or the field leaves with its key's expiry)."""
+        try:
+            await self._writer.hdel(self._removing_key(task), removal)  # type: ignore[union-attr]
+        except (RedisError, OSError):
+            self._unsaid_removals.add((task, removal))
 
     def _versions(self, task: str) -> list[str]:
         try:
@@ -465,17 +500,21 @@ class RedisRegistry(Registry):
             return []
 
     async def _transact(self, task: str, change: Callable[[TaskRecord | None], TaskRecord | None], *,
-                        refuse_deleted: bool = False) -> TaskRecord | None:
+                        refuse_deleted: bool = False, whole: str | None = None,
+                        removal: str | None = None) -> TaskRecord | None:
         """WATCH/GET/MULTI/SET+SADD+XADD/EXEC with retries on conflict; then apply locally at once
         (read-your-writes on this replica, without waiting for our own feed entry).
-        `refuse_deleted`: TaskNotFound instead of a new record for a task deleted moments ago."""
+        `refuse_deleted`: TaskNotFound instead of a new record for a task deleted moments ago.
+        `whole`: a version the new record names (an upload's), whose files must be in the store when
+        it commits, as must those of a version it makes active (`_require_whole`).
+        `removal`: this write is a delete whose files go next; `_removed` says when they are gone."""
         validate_task_name(task)
         self.require_writable()
         assert self._writer is not None
         key = self._task_key(task)
         for attempt in (1, 2):  # a pooled connection may have died with the old Redis: one fresh try
             try:
-                new = await self._commit(key, task, change, refuse_deleted)
+                new = await self._commit(key, task, change, refuse_deleted, whole, removal)
                 break
             except WatchError:
                 raise RegistryUnavailable(f"task {task!r} is being changed concurrently; retry") from None
@@ -507,13 +546,17 @@ class RedisRegistry(Registry):
             version = now.active
 
     async def _commit(self, key: str, task: str, change: Callable[[TaskRecord | None], TaskRecord | None],
-                      refuse_deleted: bool = False) -> TaskRecord | None:
+                      refuse_deleted: bool = False, whole: str | None = None,
+                      removal: str | None = None) -> TaskRecord | None:
         assert self._writer is not None
-        deleted = self._deleted_key(task)
+        deleted, removing = self._deleted_key(task), self._removing_key(task)
+        loop = asyncio.get_running_loop()
+        wait_until = loop.time() + REMOVAL_WAIT_S
         async with self._writer.pipeline(transaction=True) as pipe:
-            for _ in range(_MAX_WATCH_RETRIES):
+            conflicts = 0
+            while conflicts < _MAX_WATCH_RETRIES:
                 try:
-                    await pipe.watch(key, deleted)
+                    await pipe.watch(key, deleted, removing)
                     old = _decode(await pipe.get(key), task)
                     if old is None and refuse_deleted and await pipe.exists(deleted):
                         raise TaskNotFound(
@@ -523,7 +566,18 @@ class RedisRegistry(Registry):
                     new = change(old)  # may raise Conflict / TaskNotFound: the pipeline is reset on exit
                     if new is not None and new == old:  # a no-op (e.g. the active version re-sent): no write, no feed entry
                         return new
+                    if not await self._require_whole(pipe, task, old, new, whole):
+                        if loop.time() > wait_until:
+                            raise RegistryUnavailable(
+                                f"a delete of task {task!r} on another replica is still removing its files after "
+                                f"{REMOVAL_WAIT_S:.0f} s; retry")
+                        await pipe.reset()
+                        await asyncio.sleep(_REMOVAL_POLL_S)
+                        continue
                     pipe.multi()
+                    if removal is not None:  # WATCHed by every write that needs files whole: they wait for it
+                        pipe.hset(removing, removal, self.origin)
+                        pipe.expire(removing, DELETED_TTL_S)
                     if new is None:
                         pipe.delete(key)
                         pipe.srem(self._tasks_key, task)
@@ -537,8 +591,32 @@ class RedisRegistry(Registry):
                     await pipe.execute()
                     return new
                 except WatchError:
-                    continue
+                    conflicts += 1
         raise WatchError(f"gave up after {_MAX_WATCH_RETRIES} conflicting writes")
+
+    async def _require_whole(self, pipe: Any, task: str, old: TaskRecord | None, new: TaskRecord | None,
+                             whole: str | None) -> bool:
+        """Inside the WATCH of a write: whether the files of `whole` and of the version `new` makes
+        active are in the store. False while a delete of the task (on any replica) is removing files:
+        the caller waits for it. VersionNotFound when they are missing: a delete that committed
+        after this write's own checks removed them (an upload stores them again). A delete
+        committing from here to EXEC changes a WATCHed key, so this write is retried."""
+        versions = {whole} if whole is not None else set()
+        if new is not None and new.active is not None and new.active != (old.active if old else None):
+            versions.add(new.active)
+        if not versions:
+            return True
+        if await pipe.exists(self._removing_key(task)):
+            return False
+        for version in sorted(versions):
+            try:
+                whole_now = not await asyncio.to_thread(self.store.missing_files, TaskKey(task, version))
+            except TaskNotFound:  # the task's whole directory went
+                whole_now = False
+            if not whole_now:
+                raise VersionNotFound(f"task {task!r} has no version {version!r}: a delete made meanwhile, on "
+                                      "another replica, removed its files")
+        return True
 
     def _mirror_active(self, task: str, version: str) -> None:
         """Best effort: the store's ACTIVE pointer follows Redis, for replicas that start while

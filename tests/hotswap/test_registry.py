@@ -360,6 +360,8 @@ async def test_redis_registries_seed_from_the_store_share_writes_and_follow_the_
         assert seen == [("t", "v1", "v2")]
         assert (tmp_path / "store" / "t" / ACTIVE_FILE).read_text().strip() == "v2"  # mirrored
         # Concurrent admins on both replicas: every write lands, none is lost.
+        for i in range(10):  # an upload's files are stored before the registry records it (it checks)
+            write_task(tmp_path / "store", "t", f"x{i}")
         await asyncio.gather(*(r.add_version("t", f"x{i}", {"i": i}, activate=False)
                                for i, r in enumerate([first, second] * 5)))
         record = await first.record("t")
@@ -470,6 +472,26 @@ async def test_an_activation_racing_a_task_delete_on_another_replica_is_refused(
             assert (await b.activate("t", "v2")).active == "v2"  # the tombstone is gone with the upload
         finally:
             go_on.set()
+
+
+@async_test
+async def test_a_delete_whose_end_redis_missed_holds_up_no_write_once_redis_is_back(redis_server, tmp_path: Path) -> None:
+    """Redis dies while A removes a deleted version's files, so A cannot clear the mark that makes
+    other writes of the task wait for the removal. Once Redis is back (same data) A clears it: an
+    upload through B goes ahead at once instead of waiting out the mark's minute."""
+    async with _two_replicas(redis_server.url, tmp_path, ("v0", "v1"), "v1") as (store, a, b):
+
+        async def remove_files() -> None:  # A's record is committed, and marked as removing files
+            assert redis_server.client().exists("adaptserve:removing:t")
+            redis_server.kill()
+            store.delete_version(TaskKey("t", "v0"))
+
+        await a.forget_version("t", "v0", remove_files)
+        redis_server.start()
+        await wait_until(lambda: a.connected and b.connected, timeout_s=10)
+        await wait_until(lambda: not redis_server.client().exists("adaptserve:removing:t"), timeout_s=10)
+        write_task(tmp_path / "store", "t", "v2")
+        assert (await b.add_version("t", "v2", {"uploaded_at": 1.0}, activate=True)).active == "v2"
 
 
 @async_test
@@ -782,3 +804,103 @@ def test_a_replica_that_never_reached_redis_labels_and_counts_by_what_it_serves(
     assert 'adaptserve_requests_total{status="200",task="sentiment"} 1.0' in text
     assert 'adaptserve_requests_total{status="404",task="_unknown"} 1.0' in text and "made-up" not in text
     assert admin_actions(text) == {("upload", "unavailable"): 1}
+
+
+@pytest.mark.parametrize("deleted", ["task", "version"])
+def test_an_upload_racing_a_delete_on_another_replica_never_leaves_a_version_without_files(
+    make_client, info, redis_server, store: Path, deleted: str
+) -> None:
+    """Replica A deletes the task (or a held-back version) and is held after its commit, before its
+    files go; meanwhile replica B uploads that version (the same content: an intact copy is
+    re-sent as it is). Whichever order the two then take, the registry never names a version
+    whose files the delete removed: B's commit waits for the removal, finds its files gone and
+    writes them again, so the upload, which came last, holds."""
+    import threading
+
+    a, b = make_client(redis_url=redis_server.url), make_client(redis_url=redis_server.url)
+    for client in (a, b):
+        eventually(lambda c=client: c.get("/readyz").json()["registry"]["connected"])
+    first, second = make_bundle(info, seed=1), make_bundle(info, seed=2)
+    assert b.post("/v1/tasks/t/versions", files=files(*first), headers=AUTH_ADMIN).status_code == 201
+    held = b.post("/v1/tasks/t/versions?activate=false", files=files(*second), headers=AUTH_ADMIN)
+    assert held.status_code == 201, held.text
+    version = held.json()["version"]
+
+    entered, release = threading.Event(), threading.Event()
+    a_store = a.app.state.service.store
+    method = "delete_task" if deleted == "task" else "delete_version"
+    remove = getattr(a_store, method)
+
+    def held_removal(*args: object) -> None:  # runs after A's delete committed in Redis
+        entered.set()
+        release.wait(timeout=30)
+        remove(*args)
+
+    answers: dict[str, object] = {}
+    path = "/v1/tasks/t" if deleted == "task" else f"/v1/tasks/t/versions/{version}"
+    setattr(a_store, method, held_removal)
+    deleting = threading.Thread(target=lambda: answers.update(delete=a.delete(path, headers=AUTH_ADMIN)))
+    deleting.start()
+    try:
+        assert entered.wait(timeout=30)
+        uploading = threading.Thread(
+            target=lambda: answers.update(upload=b.post("/v1/tasks/t/versions", files=files(*second), headers=AUTH_ADMIN)))
+        uploading.start()
+        uploading.join(timeout=2)  # unfixed, B commits here, before A removes the files
+    finally:
+        release.set()
+        deleting.join(timeout=30)
+    uploading.join(timeout=30)
+    assert answers["delete"].status_code == 200, answers["delete"].text
+    upload = answers["upload"]
+    assert upload.status_code in (200, 201) and upload.json()["active"], upload.text
+    assert (store / "t" / version / "adapter_model.safetensors").is_file()
+    record = json.loads(redis_server.client().get("adaptserve:task:t"))
+    assert record["active"] == version and version not in record["deleted"]
+    assert (store / "t" / ACTIVE_FILE).read_text().strip() == version
+    for client in (a, b):
+        eventually(lambda c=client: c.post("/v1/tasks/t/classify", json={"inputs": ["great fun"]},
+                                           headers=AUTH_READER).json().get("version") == version)
+
+
+@pytest.mark.parametrize("deleted", ["task", "version"])
+def test_the_same_delete_through_two_replicas_at_once_answers_200_and_404(
+    make_client, info, redis_server, store: Path, deleted: str
+) -> None:
+    """A and B delete the same version (or task) at once: both find it stored and commit, then B
+    removes the files while A is held just before it does. A's removal finds nothing left and
+    answers 404, as a delete of something already gone does, not a 503 or a 500."""
+    import threading
+
+    a, b = make_client(redis_url=redis_server.url), make_client(redis_url=redis_server.url)
+    for client in (a, b):
+        eventually(lambda c=client: c.get("/readyz").json()["registry"]["connected"])
+    assert b.post("/v1/tasks/t/versions", files=files(*make_bundle(info, seed=1)), headers=AUTH_ADMIN).status_code == 201
+    held = b.post("/v1/tasks/t/versions?activate=false", files=files(*make_bundle(info, seed=2)), headers=AUTH_ADMIN)
+    version = held.json()["version"]
+    path = "/v1/tasks/t" if deleted == "task" else f"/v1/tasks/t/versions/{version}"
+
+    entered, release = threading.Event(), threading.Event()
+    a_store = a.app.state.service.store
+    method = "delete_task" if deleted == "task" else "delete_version"
+    remove = getattr(a_store, method)
+
+    def held_removal(*args: object) -> None:  # A committed; B's whole delete runs now
+        entered.set()
+        release.wait(timeout=30)
+        remove(*args)
+
+    setattr(a_store, method, held_removal)
+    answers: dict[str, object] = {}
+    deleting = threading.Thread(target=lambda: answers.update(a=a.delete(path, headers=AUTH_ADMIN)))
+    deleting.start()
+    try:
+        assert entered.wait(timeout=30)
+        answers["b"] = b.delete(path, headers=AUTH_ADMIN)
+    finally:
+        release.set()
+        deleting.join(timeout=30)
+    assert answers["b"].status_code == 200, answers["b"].text
+    expected = "task_not_found" if deleted == "task" else "version_not_found"
+    assert answers["a"].status_code == 404 and answers["a"].json()["error_type"] == expected, answers["a"].text
+    assert not (store / "t" / version).exists()
