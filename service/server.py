@@ -306,10 +306,9 @@ class RedactQueryCredentials(logging.Filter):
         path = self.PARAMETER.sub(mask, path)
         for token in self.tokens:
             path = path.replace(token, "***")
-            where, mark, query = path.partition("?")
-            if token in unquote_plus(query):
-                path = f"{where}{mark}***"
-        return path
+        where, mark, query = path.partition("?")
+        decoded = unquote_plus(query)  # once, not once per token: this runs for every logged request
+        return f"{where}{mark}***" if any(token in decoded for token in self.tokens) else path
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
