@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import json
 import math
 import os
@@ -124,6 +126,8 @@ class Journal:
         self.rss: list[tuple[float, list[int]]] = []  # (t, [rss of each replica])
         self.load: list[tuple[float, float]] = []  # (t, 1-min load average)
         self.redis_down: list[tuple[float, float]] = []
+        self.schedule: dict[str, dict[str, Any]] = {}  # open-loop phase -> how late its requests left
+
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -131,6 +135,48 @@ class Journal:
     def event(self, what: str, **detail: Any) -> None:
         self.events.append(Event(round(self.now(), 3), what, detail))
         print(f"[{self.now():7.1f}s] {what} {json.dumps(detail) if detail else ''}", flush=True)
+
+
+class CollectorPauses:
+    """The harness's own garbage-collector pauses (gc.callbacks), so a window can say whether the
+    load generator stood still while it measured the replicas. A full collection walks every
+    object the harness holds (torch and transformers, imported to build the bundles, and one
+    sample per request): 0.25-0.34 s in a short run, during which no request leaves on schedule and
+    no answer is read, so both the arrivals the replicas see and the latencies measured would
+    carry the pause."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[float, int, float]] = []  # (monotonic end, generation, seconds)
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses.append((time.monotonic(), info["generation"], time.perf_counter() - self._started))
+
+    def between(self, t0: float, t1: float) -> dict[str, Any]:
+        window = [(gen, secs) for at, gen, secs in self.pauses if t0 <= at <= t1]
+        return {"collections": len(window), "full": sum(gen == 2 for gen, _ in window),
+                "total_ms": round(1e3 * sum(secs for _, secs in window), 1),
+                "max_ms": round(1e3 * max((secs for _, secs in window), default=0.0), 1)}
+
+
+@contextlib.contextmanager
+def collector_held(mode: str):
+    """`quiet`: collect and freeze what the harness holds, then keep the collector off for the
+    window (a load generator must not pause; the objects made in a 20-30 s window are a few MB).
+    `on`: Python's default, for comparison (`--harness-gc on`)."""
+    if mode == "quiet":
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+    try:
+        yield
+    finally:
+        if mode == "quiet":
+            gc.enable()
 
 
 # -- tasks -----------------------------------------------------------------------------------------
@@ -273,6 +319,7 @@ async def open_loop(journal: Journal, urls: list[str], tasks: list[str], rate: f
     timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT_S)
     pending: set[asyncio.Task[None]] = set()
     count = int(rate * seconds)
+    late: list[float] = []  # how far behind its schedule each request left, when it did
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         async def one(replica: int, task: str, texts: list[str]) -> None:
             journal.samples.append(await _classify(session, urls[replica], task, texts, replica, phase))
@@ -282,11 +329,15 @@ async def open_loop(journal: Journal, urls: list[str], tasks: list[str], rate: f
             delay = start + k / rate - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
+            else:
+                late.append(-delay)
             job = asyncio.ensure_future(one(rng.randrange(len(urls)), rng.choice(tasks), _texts(rng, 1)))
             pending.add(job)
             job.add_done_callback(pending.discard)
         if pending:
             await asyncio.wait(pending, timeout=CLIENT_TIMEOUT_S + 5)
+    journal.schedule[phase] = {"late_over_5ms": sum(d > 0.005 for d in late), "late_over_20ms": sum(d > 0.020 for d in late),
+                               "late_max_ms": round(1e3 * max(late, default=0.0), 1)}
     return count
 
 
@@ -737,10 +788,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=8, help="each replica's max_batch_size (see env below)")
     p.add_argument("--max-requests", type=int, default=2_000_000, help="hard cap on requests per phase")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--harness-gc", choices=("quiet", "on"), default="quiet",
+                   help="the harness's own garbage collector: frozen at the chaos phase and off in each measured "
+                        "saturation window (quiet), or Python's default (on)")
     p.add_argument("--out", type=Path, default=RESULTS / "chaos.json")
     args = p.parse_args(argv)
 
     journal = Journal()
+    collector = CollectorPauses()
     workspace = Path(tempfile.mkdtemp(prefix="adaptserve-chaos-"))
     store = workspace / "store"
     store.mkdir()
@@ -793,7 +848,11 @@ def main(argv: list[str] | None = None) -> int:
         sampler = threading.Thread(target=sample_rss, args=(journal, replicas, stop_sampling), daemon=True)
         sampler.start()
 
-        # -- chaos phase
+        # -- chaos phase. The collector stays on here (600 s of samples), but what set-up made
+        # (torch, transformers) is frozen out of its full passes.
+        if args.harness_gc == "quiet":
+            gc.collect()
+            gc.freeze()
         start = time.monotonic()
         until = start + args.duration
         admin = Admin(journal, urls, tasks, bundles, args.seed)
@@ -820,6 +879,7 @@ def main(argv: list[str] | None = None) -> int:
         out["chaos"]["admin"] = dict(journal.admin)
         out["chaos"]["slow_clients"] = dict(journal.slow)
         out["chaos"]["redis_outages_s"] = [[round(d, 1), round(u, 1)] for d, u in journal.redis_down]
+        out["chaos"]["harness_gc"] = collector.between(start, chaos_end)
         out["rss"] = rss_verdict(journal, cache_budget, start - journal.t0, chaos_end - journal.t0)
 
         # -- saturation phase (Redis up, no admin changes, no faults). The machine's speed drifts
@@ -830,18 +890,25 @@ def main(argv: list[str] | None = None) -> int:
             rounds = []
             for i in range(args.saturation_rounds):
                 journal.event("saturation: closed loop", round=i, seconds=args.saturation_s, clients=args.clients)
-                t, counters = time.monotonic(), scrape(urls, pids)
-                asyncio.run(closed_loop(journal, urls, tasks, args.clients, t + args.saturation_s, args.seed + 1 + 2 * i,
-                                        f"saturation{i}", args.max_requests, inputs=(1, 1)))
-                saturated = summarize([s for s in journal.samples if s.phase == f"saturation{i}"], time.monotonic() - t)
+                with collector_held(args.harness_gc):
+                    t, counters = time.monotonic(), scrape(urls, pids)
+                    asyncio.run(closed_loop(journal, urls, tasks, args.clients, t + args.saturation_s,
+                                            args.seed + 1 + 2 * i, f"saturation{i}", args.max_requests, inputs=(1, 1)))
+                    t_end = time.monotonic()
+                saturated = summarize([s for s in journal.samples if s.phase == f"saturation{i}"], t_end - t)
                 saturated["servers"] = server_view(counters, scrape(urls, pids), time.monotonic() - t)
+                saturated["harness_gc"] = collector.between(t, t_end)
                 rate = 0.7 * (saturated["requests_per_s"] or 0)
                 journal.event("saturation: open loop at 70%", round=i, rate=round(rate, 1))
-                t, counters = time.monotonic(), scrape(urls, pids)
-                asyncio.run(open_loop(journal, urls, tasks, rate, args.saturation_s, args.seed + 2 + 2 * i, f"at70_{i}"))
+                with collector_held(args.harness_gc):
+                    t, counters = time.monotonic(), scrape(urls, pids)
+                    asyncio.run(open_loop(journal, urls, tasks, rate, args.saturation_s, args.seed + 2 + 2 * i, f"at70_{i}"))
+                    t_end = time.monotonic()
                 phase = [s for s in journal.samples if s.phase == f"at70_{i}"]
-                at70 = summarize(phase, time.monotonic() - t)
+                at70 = summarize(phase, t_end - t)
                 at70["servers"] = server_view(counters, scrape(urls, pids), time.monotonic() - t)
+                at70["harness_gc"] = collector.between(t, t_end)
+                at70["harness_schedule"] = journal.schedule.get(f"at70_{i}")
                 lat = at70["latency_ms"]
                 at70["p99_over_p50"] = round(lat["p99"] / lat["p50"], 2) if lat.get("p50") and lat.get("p99") else None
                 at70["per_second"] = per_second(phase)
@@ -850,10 +917,12 @@ def main(argv: list[str] | None = None) -> int:
                 # the 70% window, in a closed-loop window half as long. `load_vs_after` is the 70%
                 # rate over it: near 0.7 when the machine held its speed, near 1 when the
                 # saturation window caught a fast stretch and "70%" was really the machine's limit.
-                t = time.monotonic()
-                asyncio.run(closed_loop(journal, urls, tasks, args.clients, t + args.saturation_s / 2, args.seed + 101 + 2 * i,
-                                        f"after{i}", args.max_requests, inputs=(1, 1)))
-                after = summarize([s for s in journal.samples if s.phase == f"after{i}"], time.monotonic() - t)
+                with collector_held(args.harness_gc):
+                    t = time.monotonic()
+                    asyncio.run(closed_loop(journal, urls, tasks, args.clients, t + args.saturation_s / 2,
+                                            args.seed + 101 + 2 * i, f"after{i}", args.max_requests, inputs=(1, 1)))
+                    t_end = time.monotonic()
+                after = summarize([s for s in journal.samples if s.phase == f"after{i}"], t_end - t)
                 rounds.append({"max": saturated, "rate_at_70pct": round(rate, 1), "at_70pct": at70,
                                "after": {k: after[k] for k in ("sent", "lost", "5xx", "requests_per_s")},
                                "load_vs_after": round(rate / after["requests_per_s"], 3) if after["requests_per_s"] else None})

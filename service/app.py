@@ -146,6 +146,7 @@ async def _start(state: ServiceState, engine: EngineLike | None) -> None:
             max_wait_s=settings.max_wait_s,
             max_queue=settings.max_queue,
             on_batch=state.metrics.observe_batch,
+            between_batches=state.full_collections.between_batches if state.full_collections else None,
         )
         await scheduler.start()
     except asyncio.CancelledError:
@@ -159,6 +160,8 @@ async def _start(state: ServiceState, engine: EngineLike | None) -> None:
             log.exception("startup failed; the server stays alive but never gets ready")
         return
     state.runtime = Runtime(engine=engine, cache=cache, scheduler=scheduler)
+    if state.on_ready is not None:
+        state.on_ready()
     log.info("ready: backbone %s", getattr(engine.backbone, "name", "?"))
 
 

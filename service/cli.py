@@ -145,7 +145,7 @@ def serve(args: argparse.Namespace) -> int:
     # The process's long-lived heap (torch, transformers, the app) out of every later GC pass;
     # here, not in create_app: tests build many apps in one process and must keep collecting.
     import service.engine.engine  # noqa: F401  (torch and transformers: the bulk of that heap)
-    from service.memory import freeze_startup_heap
+    from service.memory import FullCollections, freeze_startup_heap
 
     freeze_startup_heap()
     server = uvicorn.Server(uvicorn_config(app, settings))
@@ -154,6 +154,9 @@ def serve(args: argparse.Namespace) -> int:
     # so the kubelet or compose restarts it at once with the error in its log, rather than a server
     # alive and never ready that only a probe's deadline would restart.
     state.on_startup_failure = lambda: setattr(server, "should_exit", True)
+    state.on_ready = freeze_startup_heap  # what start-up made since: the backbone, its tokenizer, the warm-up
+    state.full_collections = FullCollections(settings.gc_full_interval_s)
+    state.full_collections.install()
     server.run(sockets=[sock])
     if state.startup_error is not None:
         print(f"adaptserve serve: startup failed: {state.startup_error}", file=sys.stderr)

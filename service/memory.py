@@ -17,9 +17,19 @@ Two things grow a CPython + torch server's footprint that no cache budget sees:
   collection walks all of them, on whichever thread triggers it, holding the GIL (the event loop
   and the forward thread both stall). `freeze_startup_heap` (called by `adaptserve serve` before
   the server starts) moves them to the permanent generation, so later collections only walk what
-  serving allocated.
+  serving allocated. It runs again once the server is ready (`state.on_ready`), for what start-up
+  made after the first freeze (the backbone, its tokenizer, the warm-up).
+* **Full collections at busy moments.** CPython runs an oldest-generation pass when enough
+  objects have moved there since the last one: under load, every 5-15 s per replica, 20-50 ms
+  with the GIL held, on whatever thread tripped it. A pass that lands mid-forward stops the
+  forward and the event loop, so the rows that arrive meanwhile pile up behind it and ride the
+  next, longer forward: the slowest requests of a load test (`bench/chaos.py`). `FullCollections`
+  (installed by `adaptserve serve`, every `gc_full_interval_s`) turns CPython's own full passes
+  off and runs them from the forward thread when it finds no rows waiting, or after four
+  intervals without such a moment. The young generations keep CPython's schedule, and they
+  collect almost all of serving's cyclic garbage.
 
-Both are no-ops where they do not apply (another libc; `interval_s` 0).
+All are no-ops where they do not apply (another libc; `interval_s` 0).
 """
 from __future__ import annotations
 
@@ -91,6 +101,41 @@ class Trimmer:
                 self.maybe_trim()
 
         return trimmed
+
+
+class FullCollections:
+    """Full garbage-collection passes when the forward thread is idle (module docstring).
+    `install()` turns CPython's own full passes off (process-wide: `adaptserve serve` calls it,
+    tests that build apps in one process do not); until then `between_batches` does nothing."""
+
+    OFF = 2**31 - 1  # a gen-2 threshold CPython's count of gen-1 passes never reaches
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._last = clock()
+        self._installed = False
+        self.collections = 0
+
+    def install(self) -> None:
+        if self.interval_s > 0:
+            young, older, _ = gc.get_threshold()
+            gc.set_threshold(young, older, self.OFF)
+            self._installed = True
+
+    def between_batches(self, idle: bool) -> bool:
+        """Called by the forward thread before it takes its next batch; `idle`: no rows waiting.
+        Returns whether it ran a full pass."""
+        if not self._installed:
+            return False
+        now = self._clock()
+        since = now - self._last
+        if since < self.interval_s or (not idle and since < 4 * self.interval_s):
+            return False
+        self._last = now
+        gc.collect()
+        self.collections += 1
+        return True
 
 
 def freeze_startup_heap() -> int:

@@ -80,6 +80,7 @@ class Scheduler:
         max_wait_s: float,
         max_queue: int,
         on_batch: BatchObserver | None = None,
+        between_batches: Callable[[bool], object] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError("max_batch_size and max_queue must be positive, max_wait_s >= 0")
@@ -88,6 +89,7 @@ class Scheduler:
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self._on_batch = on_batch
+        self._between_batches = between_batches  # on the forward thread; its argument: no rows waiting
         self._queue: deque[_Row] = deque()  # guarded by _ready's lock
         self._waiting = 0  # rows in _queue of requests not over yet: queue_depth (guarded by the lock too)
         self._ready = threading.Condition()  # notified when rows arrive and on stop()
@@ -186,6 +188,8 @@ class Scheduler:
         """Wait for rows, let the batch fill until it is full or its first row has waited
         max_wait_s (while stopping, flush what is there at once), and take it. None: stopped
         and drained."""
+        if self._between_batches is not None:
+            self._between_batches(not self._queue)  # a racy peek, outside the lock: a hint
         with self._ready:
             while not self._queue:
                 if self._stopping:

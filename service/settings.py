@@ -154,6 +154,14 @@ class Settings(BaseSettings):
         "on MiniLM, so well under 1% of the forward thread. 0 disables it; no effect on other C "
         "libraries.",
     )
+    gc_full_interval_s: float = Field(
+        default=30.0, ge=0.0, le=3600.0,
+        description="Seconds between full garbage-collection passes, which `adaptserve serve` runs "
+        "itself from the forward thread when no rows are waiting (or after 4 intervals without "
+        "such a moment), instead of CPython's own, which land mid-forward and stall every request "
+        "20-50 ms (docs/reliability.md). The young generations keep CPython's schedule. 0: "
+        "CPython's schedule for all.",
+    )
 
     # --- request limits -----------------------------------------------------------------------
     max_inputs_per_request: int = Field(

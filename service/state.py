@@ -18,6 +18,7 @@ from service.store import BundleStore
 
 if TYPE_CHECKING:
     from service.hotswap import TaskAdmin
+    from service.memory import FullCollections
 
 
 class TaskLike(Protocol):
@@ -81,6 +82,10 @@ class ServiceState:
     # orchestrator restarts it at once. Without it (an app built in a test), the server stays up
     # with /healthz and /readyz saying why.
     on_startup_failure: Callable[[], None] | None = None
+    # Set by `adaptserve serve` (process-wide garbage-collector settings, which a test's app must
+    # not take): called once the server is ready, and the forward thread's full-collection pacer.
+    on_ready: Callable[[], object] | None = None
+    full_collections: FullCollections | None = None
     stopping: bool = False
     # The settings the command line set, field -> flag (`adaptserve serve`): messages name those by
     # their flag, the others by their variable (service.settings.setting_name).

@@ -10,7 +10,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from service.memory import (Trimmer, _malloc_trim, check_cache_budget, check_device_budget, freeze_startup_heap,
+from service.memory import (FullCollections, Trimmer, _malloc_trim, check_cache_budget, check_device_budget, freeze_startup_heap,
                             memory_limit_bytes)
 
 GLIBC = _malloc_trim() is not None
@@ -90,6 +90,40 @@ def test_a_trim_gives_fragmented_free_heap_back_to_the_os() -> None:
     released = before - _rss_bytes()
     libc.free(blocks[-1])
     assert released > 0.5 * size * (count - 1), f"only {released / 2**20:.1f} MiB of {size * count / 2**20:.0f} returned"
+
+
+def test_full_collections_wait_for_an_idle_forward_thread_or_four_intervals() -> None:
+    clock = Clock()
+    pacer = FullCollections(10.0, clock=clock)
+    before = gc.get_threshold()
+    clock.now = 100.0
+    assert pacer.between_batches(idle=True) is False  # not installed (a test's app): CPython's schedule
+    try:
+        pacer.install()
+        assert gc.get_threshold() == (*before[:2], FullCollections.OFF)  # CPython's own full passes off
+        passes = gc.get_stats()[2]["collections"]
+        assert pacer.between_batches(idle=True) is True and pacer.collections == 1
+        assert gc.get_stats()[2]["collections"] == passes + 1  # a real full pass
+        clock.now = 109.0
+        assert pacer.between_batches(idle=True) is False  # within the interval
+        clock.now = 110.0
+        assert pacer.between_batches(idle=False) is False  # rows waiting: not now
+        assert pacer.between_batches(idle=True) is True
+        clock.now = 149.0
+        assert pacer.between_batches(idle=False) is False
+        clock.now = 150.0
+        assert pacer.between_batches(idle=False) is True  # never idle for four intervals: it runs anyway
+        assert pacer.collections == 3
+    finally:
+        gc.set_threshold(*before)
+
+
+def test_full_collections_off_leave_cpythons_schedule() -> None:
+    before = gc.get_threshold()
+    pacer = FullCollections(0.0)
+    pacer.install()
+    assert gc.get_threshold() == before
+    assert pacer.between_batches(idle=True) is False
 
 
 def test_freeze_moves_live_objects_out_of_collections() -> None:
@@ -194,3 +228,27 @@ def test_the_app_checks_the_device_budget_against_the_gpu_it_serves_on(
             wait_ready(client)
         assert ("ADAPTSERVE_CACHE_MAX_BYTES, 200 MiB) and the slot pools" in caplog.text) == warned
     assert asked == ["cuda:0", "cuda:0"]
+
+
+def test_the_app_calls_on_ready_once_and_paces_full_collections_between_batches(tmp_path) -> None:
+    """What `adaptserve serve` sets on the state (the second freeze, the pacer) reaches the running
+    app: on_ready once the engine is up, the pacer from the forward thread around each batch."""
+    import service.app
+    from service.settings import Settings
+    from tests.fakes import FakeEngine, write_task
+    from tests.service.api.harness import wait_ready
+
+    write_task(tmp_path, "sentiment", "v1")
+    app = service.app.create_app(Settings(store=tmp_path), engine=FakeEngine())
+    state = app.state.service
+    ready_calls: list[bool] = []
+    state.on_ready = lambda: ready_calls.append(state.runtime is not None)
+    pacer = FullCollections(30.0)
+    calls: list[bool] = []
+    pacer.between_batches = calls.append  # type: ignore[method-assign]  (the hook, not a collection)
+    state.full_collections = pacer
+    with TestClient(app) as client:
+        wait_ready(client)
+        assert client.post("/v1/tasks/sentiment/classify", json={"inputs": ["hello"]}).status_code == 200
+    assert ready_calls == [True]  # once, with the runtime in place
+    assert calls and calls[-1] is True  # between batches, and idle after the only one

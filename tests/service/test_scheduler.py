@@ -141,6 +141,24 @@ async def test_batch_observer_sees_every_forward() -> None:
 
 
 @async_test
+async def test_the_forward_thread_says_between_batches_whether_rows_wait() -> None:
+    seen: list[bool] = []
+    echo = Echo()
+    echo.gate = threading.Event()
+    scheduler = await started(echo, max_batch_size=2, between_batches=seen.append)
+    await wait_until(lambda: seen == [True])  # started, nothing queued
+    first = asyncio.ensure_future(scheduler.submit(rows("a"), FAR))
+    await wait_until(echo.in_forward.is_set)
+    second = asyncio.ensure_future(scheduler.submit(rows("b", "c"), FAR))  # queued behind the forward
+    await wait_until(lambda: scheduler.queue_depth == 2)
+    echo.gate.set()
+    await asyncio.gather(first, second)
+    await wait_until(lambda: len(seen) == 3)
+    assert seen == [True, False, True]  # after the first forward, two rows were waiting
+    await scheduler.stop()
+
+
+@async_test
 async def test_rows_past_their_deadline_fail_and_never_run() -> None:
     echo = Echo()
     scheduler = await started(echo)
