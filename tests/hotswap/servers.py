@@ -86,6 +86,13 @@ class RedisServer:
         return redis.Redis(port=self.port, password=password, socket_timeout=2)
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """In the child, before exec: SIGINT back to its default. A process started where SIGINT is
+    ignored (a background job of a script, nohup) inherits that, and then a server's SIGINT drain
+    ends without the re-raised signal that makes it exit 130; the tests mean a terminal's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Replica:
     """`python -m service serve` in its own process, logging to a file."""
 
@@ -104,6 +111,7 @@ class Replica:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=_sigint_as_in_a_terminal if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else None,
         )
         log.close()
         return self
