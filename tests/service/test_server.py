@@ -520,7 +520,7 @@ def test_a_malformed_chunk_is_logged_as_the_servers_400_not_a_client_gone(served
     eventually(lambda: any(record.name == "service.api.errors" for record in caplog.records))
     (line,) = [record.getMessage() for record in caplog.records if record.name == "service.api.errors"]
     assert line.startswith(f"POST {path} -> 400 bad_request: malformed HTTP request: Invalid character in chunk size")
-    assert "answered by the server" in line and "499" not in caplog.text and "client_closed_request" not in caplog.text
+    assert "answered by the server" in line and "-> 499" not in caplog.text and "client_closed_request" not in caplog.text
 
 
 def test_an_upgrade_to_http2_is_ignored_without_a_warning(served: Served) -> None:
